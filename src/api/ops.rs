@@ -1,0 +1,49 @@
+//! `GET /healthz` and `GET /metrics`.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::AppState;
+use super::respond::{self, HttpResponse};
+use crate::bus::Publisher;
+use crate::bus::streams::last_sequence;
+
+/// What health and metrics look at.
+pub struct Health {
+    /// The NATS connection (through the publisher).
+    pub publisher: Publisher,
+    /// Name of the events stream, for the lag metric.
+    pub events_stream: String,
+    /// Committed position of each archived table.
+    pub archived: Vec<(&'static str, watch::Receiver<u64>)>,
+}
+
+/// 200 when NATS is connected (the streams and consumers were set up before serving began),
+/// 503 otherwise, with the archive positions either way.
+pub async fn healthz(state: &AppState) -> HttpResponse {
+    let health = &state.health;
+    let connected = health.publisher.is_connected();
+    let archive: serde_json::Map<String, serde_json::Value> = health
+        .archived
+        .iter()
+        .map(|(table, committed)| (table.to_string(), json!({"last_seq": *committed.borrow()})))
+        .collect();
+    let body = json!({
+        "status": if connected { "ok" } else { "unavailable" },
+        "nats": if connected { "connected" } else { "disconnected" },
+        "archive": archive,
+    });
+    respond::json(if connected { 200 } else { 503 }, &body)
+}
+
+/// Prometheus text; refreshes the stream's last sequence first (bounded wait).
+pub async fn metrics(state: &AppState) -> HttpResponse {
+    let health = &state.health;
+    let js = health.publisher.jetstream();
+    if let Ok(Ok(last)) = tokio::time::timeout(Duration::from_millis(500), last_sequence(js, &health.events_stream)).await {
+        state.metrics.stream_last_seq.set(last);
+    }
+    respond::bytes_response(200, "text/plain; version=0.0.4", state.metrics.render().into_bytes())
+}

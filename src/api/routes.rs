@@ -1,0 +1,160 @@
+//! The route table: which handler answers which method and path.
+
+use bytes::Bytes;
+use http::Method;
+use http::request::Parts;
+
+use super::respond::{self, HttpError, HttpResponse};
+use super::{AppState, ingest_routes, ops, sql};
+use crate::config::Config;
+use crate::error::ErrorKind;
+use crate::event::EventType;
+use crate::ingest::Wire;
+
+/// Largest body of non-ingest routes (SQL text, admin JSON).
+const SMALL_BODY_LIMIT: usize = 1024 * 1024;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// An ingest route of a wire.
+    Ingest(Wire),
+    /// A CORS preflight on an ingest route.
+    Preflight,
+    /// `POST /v1/sql`.
+    Sql,
+    /// `GET /healthz`.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+    /// A known path with the wrong method.
+    MethodNotAllowed(&'static str),
+    /// Nothing here.
+    NotFound,
+}
+
+/// Finds the route of a request.
+pub fn route(method: &Method, path: &str) -> Route {
+    let wire = ingest_wire(path);
+    match (method, path) {
+        (&Method::OPTIONS, _) if wire.is_some() => Route::Preflight,
+        (&Method::POST, _) if wire.is_some() => wire.map(Route::Ingest).unwrap_or(Route::NotFound),
+        (_, _) if wire.is_some() => Route::MethodNotAllowed("POST"),
+        (&Method::POST, "/v1/sql") => Route::Sql,
+        (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
+        (&Method::GET | &Method::HEAD, "/healthz") => Route::Health,
+        (&Method::GET, "/metrics") => Route::Metrics,
+        (_, "/healthz" | "/metrics") => Route::MethodNotAllowed("GET"),
+        _ => Route::NotFound,
+    }
+}
+
+/// The wire of an ingest path, Segment's or PostHog's.
+fn ingest_wire(path: &str) -> Option<Wire> {
+    if let Some(name) = path.strip_prefix("/v1/") {
+        let name = name.trim_end_matches('/');
+        return match name {
+            "batch" | "b" => Some(Wire::Segment(None)),
+            other => EventType::parse(other).map(|kind| Wire::Segment(Some(kind))),
+        };
+    }
+    match path.trim_end_matches('/') {
+        "/batch" | "/capture" | "/e" | "/i/v0/e" | "/track" => Some(Wire::PostHog),
+        _ => None,
+    }
+}
+
+impl Route {
+    /// The most body bytes the route reads (ingest bodies may be gzip, so this bounds the
+    /// compressed size; the decoded size is bounded again after decompression).
+    pub fn body_limit(&self, config: &Config) -> usize {
+        match self {
+            Self::Ingest(_) => config.ingest.max_batch_bytes,
+            _ => SMALL_BODY_LIMIT,
+        }
+    }
+
+    /// A short name for metrics and logs.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Ingest(Wire::Segment(_)) => "segment",
+            Self::Ingest(Wire::PostHog) => "posthog",
+            Self::Preflight => "preflight",
+            Self::Sql => "sql",
+            Self::Health => "healthz",
+            Self::Metrics => "metrics",
+            Self::MethodNotAllowed(_) | Self::NotFound => "other",
+        }
+    }
+
+    /// Adds what every answer of this route carries (CORS on ingest routes).
+    pub fn finish(&self, mut response: HttpResponse) -> HttpResponse {
+        if matches!(self, Self::Ingest(_) | Self::Preflight) {
+            respond::allow_cors(&mut response);
+        }
+        response
+    }
+}
+
+/// Runs the handler of `route`.
+pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Bytes) -> HttpResponse {
+    match route {
+        Route::Ingest(wire) => ingest_routes::handle(state, *wire, parts, &body).await,
+        Route::Preflight => respond::preflight(),
+        Route::Sql => sql::handle(state, parts, &body).await,
+        Route::Health => ops::healthz(state).await,
+        Route::Metrics => ops::metrics(state).await,
+        Route::MethodNotAllowed(allowed) => {
+            let mut response = respond::error(&HttpError::new(
+                ErrorKind::MethodNotAllowed,
+                "method_not_allowed",
+                format!("use {allowed} on {}", parts.uri.path()),
+            ));
+            if let Ok(value) = http::HeaderValue::from_str(allowed) {
+                response.headers_mut().insert(http::header::ALLOW, value);
+            }
+            response
+        }
+        Route::NotFound => respond::error(&HttpError::new(
+            ErrorKind::NotFound,
+            "not_found",
+            format!("no route {} {}", parts.method, parts.uri.path()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_ingest_route_is_routed() {
+        for (path, wire) in [
+            ("/v1/batch", Wire::Segment(None)),
+            ("/v1/b", Wire::Segment(None)),
+            ("/v1/track", Wire::Segment(Some(EventType::Track))),
+            ("/v1/t", Wire::Segment(Some(EventType::Track))),
+            ("/v1/identify", Wire::Segment(Some(EventType::Identify))),
+            ("/v1/i", Wire::Segment(Some(EventType::Identify))),
+            ("/v1/page", Wire::Segment(Some(EventType::Page))),
+            ("/v1/p", Wire::Segment(Some(EventType::Page))),
+            ("/v1/screen", Wire::Segment(Some(EventType::Screen))),
+            ("/v1/s", Wire::Segment(Some(EventType::Screen))),
+            ("/v1/group", Wire::Segment(Some(EventType::Group))),
+            ("/v1/g", Wire::Segment(Some(EventType::Group))),
+            ("/v1/alias", Wire::Segment(Some(EventType::Alias))),
+            ("/v1/a", Wire::Segment(Some(EventType::Alias))),
+            ("/batch/", Wire::PostHog),
+            ("/capture/", Wire::PostHog),
+            ("/e/", Wire::PostHog),
+            ("/i/v0/e/", Wire::PostHog),
+            ("/track", Wire::PostHog),
+        ] {
+            assert_eq!(route(&Method::POST, path), Route::Ingest(wire), "{path}");
+        }
+        assert_eq!(route(&Method::OPTIONS, "/v1/t"), Route::Preflight);
+        assert_eq!(route(&Method::GET, "/v1/batch"), Route::MethodNotAllowed("POST"));
+        assert_eq!(route(&Method::POST, "/v1/nope"), Route::NotFound);
+        assert_eq!(route(&Method::POST, "/v1/sql"), Route::Sql);
+    }
+}

@@ -1,0 +1,472 @@
+//! The archiver: the stream's columnar copy, every message in Parquet exactly once.
+//!
+//! - [`format`]: how a stream message becomes a row (events, rejected messages);
+//! - [`commit`]: the on-disk commit protocol and crash recovery;
+//! - [`manifest`]: the committed stream position, the archive's only progress record;
+//! - [`compact`]: merging a day's small files.
+//!
+//! The loop buffers rows per date partition and commits when `maxRowsPerCommit` rows are
+//! buffered or the oldest has waited `commitInterval`. A commit runs on a blocking thread while
+//! the next one fills (at most one in flight, so manifests advance in order); when it is
+//! durable the stream is acked up to its last sequence (AckAll).
+
+pub mod commit;
+pub mod compact;
+pub mod format;
+pub mod manifest;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bus::streams::{DurableSpec, durable_consumer};
+use crate::config::ArchiveSettings;
+use crate::metrics::ArchiveMetrics;
+pub use format::{EventsFormat, RejectedFormat, TableFormat};
+pub use manifest::ArchiveManifest;
+
+/// Failures of the archiver. All are ours (disk, stream); none is the user's input.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Writing a Parquet file failed.
+    #[error("writing Parquet {path}: {source}")]
+    WriteParquet {
+        /// The file being written.
+        path: PathBuf,
+        /// What the Parquet writer said.
+        source: parquet::errors::ParquetError,
+    },
+    /// Reading a Parquet file (for compaction) failed.
+    #[error("reading Parquet {path}: {message}")]
+    ReadParquet {
+        /// The file being read.
+        path: PathBuf,
+        /// What the reader said.
+        message: String,
+    },
+    /// Building or sorting Arrow data failed.
+    #[error("arrow: {0}")]
+    Arrow(String),
+    /// A manifest or journal is unreadable.
+    #[error("{path}: {message}")]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The stream does not match the archive (it was deleted and made anew).
+    #[error("{0}")]
+    StreamMismatch(String),
+    /// The stream or consumer failed.
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+}
+
+/// Where one archiver reads from and writes to.
+pub struct ArchiveTarget {
+    /// Stream to consume.
+    pub stream: String,
+    /// Durable consumer name.
+    pub consumer: String,
+    /// Directory of the table (`data/events`).
+    pub dir: PathBuf,
+}
+
+/// A running archiver: its committed position, and the task to await on shutdown.
+pub struct ArchiverHandle {
+    /// Last committed stream sequence; changes after every commit.
+    pub committed: watch::Receiver<u64>,
+    /// The archiver task; finishes after the final commit on shutdown.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts an archiver task for `format`. It recovers the table directory, resumes after the
+/// manifest, and runs until `shutdown` turns true, committing what it holds before it exits.
+pub async fn start<F: TableFormat>(
+    format: F,
+    js: jetstream::Context,
+    target: ArchiveTarget,
+    settings: ArchiveSettings,
+    metrics: Arc<ArchiveMetrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<ArchiverHandle, ArchiveError> {
+    std::fs::create_dir_all(&target.dir).map_err(|source| ArchiveError::Io {
+        path: target.dir.clone(),
+        source,
+    })?;
+    compact::recover_compactions(&target.dir)?;
+    let manifest = ArchiveManifest::load(&target.dir)?;
+    let recovery = commit::recover(&target.dir, manifest.last_seq)?;
+    if recovery != commit::Recovery::default() {
+        tracing::warn!(table = format.dir(), ?recovery, "recovered from an interrupted commit");
+    }
+    check_stream(&js, &target.stream, &manifest).await?;
+    metrics.last_seq.set(manifest.last_seq);
+    let (committed_tx, committed) = watch::channel(manifest.last_seq);
+    let archiver = Archiver {
+        format: Arc::new(format),
+        js,
+        target,
+        settings,
+        metrics,
+        manifest,
+        committed: committed_tx,
+        compacting: Arc::new(AtomicBool::new(false)),
+    };
+    let task = tokio::spawn(archiver.supervise(shutdown));
+    Ok(ArchiverHandle { committed, task })
+}
+
+/// Refuses to archive a stream that was deleted and made anew under an existing archive: its
+/// sequences would collide with the files already written.
+async fn check_stream(js: &jetstream::Context, stream: &str, manifest: &ArchiveManifest) -> Result<(), ArchiveError> {
+    let mut handle = js.get_stream(stream).await.map_err(|e| crate::bus::BusError::Management {
+        action: "get stream",
+        message: e.to_string(),
+    })?;
+    let info = handle.info().await.map_err(|e| crate::bus::BusError::Management {
+        action: "stream info",
+        message: e.to_string(),
+    })?;
+    let created = info.created.to_string();
+    let recreated = manifest.stream_created.as_ref().is_some_and(|c| *c != created);
+    if manifest.last_seq > info.state.last_sequence || recreated {
+        return Err(ArchiveError::StreamMismatch(format!(
+            "the archive holds stream {stream} up to sequence {} but the stream (created {created}) ends at {}: \
+             it was deleted and made anew. Move the table directory aside to archive the new stream.",
+            manifest.last_seq, info.state.last_sequence
+        )));
+    }
+    Ok(())
+}
+
+struct Archiver<F: TableFormat> {
+    format: Arc<F>,
+    js: jetstream::Context,
+    target: ArchiveTarget,
+    settings: ArchiveSettings,
+    metrics: Arc<ArchiveMetrics>,
+    manifest: ArchiveManifest,
+    committed: watch::Sender<u64>,
+    compacting: Arc<AtomicBool>,
+}
+
+/// Rows waiting for the next commit.
+struct Buffer<R> {
+    partitions: format::Partitions<R>,
+    rows: usize,
+    first_seq: u64,
+    last_seq: u64,
+    opened: Option<Instant>,
+    last_message: Option<jetstream::message::Acker>,
+}
+
+impl<R> Default for Buffer<R> {
+    fn default() -> Self {
+        Self {
+            partitions: Default::default(),
+            rows: 0,
+            first_seq: 0,
+            last_seq: 0,
+            opened: None,
+            last_message: None,
+        }
+    }
+}
+
+/// A commit handed to a blocking thread.
+struct CommitJob<R> {
+    partitions: format::Partitions<R>,
+    rows: usize,
+    first_seq: u64,
+    last_seq: u64,
+    ack: Option<jetstream::message::Acker>,
+}
+
+/// What a finished commit reports back.
+struct CommitDone {
+    manifest: ArchiveManifest,
+    files: usize,
+    took: Duration,
+    ack: Option<jetstream::message::Acker>,
+}
+
+type InFlight = JoinHandle<Result<CommitDone, ArchiveError>>;
+
+impl<F: TableFormat> Archiver<F> {
+    /// Runs the consume loop, restarting it after stream errors, until shutdown.
+    async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            match self.run(&mut shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::error!(table = self.format.dir(), %error, "archiver stopped; restarting from the manifest");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ArchiveError> {
+        let max_pending = (self.settings.max_rows_per_commit as i64).saturating_mul(4).max(10_000);
+        let ack_wait = (self.settings.commit_interval.get() * 10).max(Duration::from_secs(120));
+        let spec = DurableSpec {
+            stream: &self.target.stream,
+            name: &self.target.consumer,
+            after_seq: self.manifest.last_seq,
+            max_ack_pending: max_pending,
+            ack_wait,
+        };
+        let consumer = durable_consumer(&self.js, &spec).await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(2_000)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| crate::bus::BusError::Management {
+                action: "consume",
+                message: e.to_string(),
+            })?;
+
+        let mut buffer: Buffer<F::Rows> = Buffer::default();
+        let mut in_flight: Option<InFlight> = None;
+        let interval = self.settings.commit_interval.get();
+        let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(20)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = wait_for_stop(shutdown) => break Ok(()),
+                done = async { in_flight.as_mut().expect("guarded by the select condition").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    if let Err(e) = self.finish_commit(done).await {
+                        break Err(e);
+                    }
+                }
+                message = messages.next() => match message {
+                    Some(Ok(message)) => {
+                        if let Err(e) = self.take(message, &mut buffer) {
+                            break Err(e);
+                        }
+                        if buffer.rows >= self.settings.max_rows_per_commit
+                            && let Err(e) = self.commit(&mut buffer, &mut in_flight).await
+                        {
+                            break Err(e);
+                        }
+                    }
+                    Some(Err(error)) => tracing::warn!(table = self.format.dir(), %error, "stream read error; continuing"),
+                    None => break Err(crate::bus::BusError::Management { action: "consume", message: "message stream ended".into() }.into()),
+                },
+                _ = tick.tick() => {
+                    if buffer.opened.is_some_and(|t| t.elapsed() >= interval)
+                        && let Err(e) = self.commit(&mut buffer, &mut in_flight).await
+                    {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // Whatever happened, what is buffered is committed and what is in flight finished, so
+        // the manifest is as far along as it can be before this loop returns.
+        let drained = self.commit(&mut buffer, &mut in_flight).await;
+        if let Some(job) = in_flight.take() {
+            self.finish_commit(job.await).await?;
+        }
+        result.and(drained)
+    }
+
+    /// Appends one stream message to the buffer, skipping what is already committed.
+    fn take(&self, message: jetstream::Message, buffer: &mut Buffer<F::Rows>) -> Result<(), ArchiveError> {
+        let seq = match message.info() {
+            Ok(info) => info.stream_sequence,
+            Err(error) => {
+                tracing::warn!(%error, "message without JetStream metadata; skipped");
+                return Ok(());
+            }
+        };
+        let (message, acker) = message.split();
+        if seq <= *self.committed.borrow() || seq <= buffer.last_seq {
+            return Ok(()); // a redelivery of something committed or buffered
+        }
+        match self.format.append(seq, &message.payload, &mut buffer.partitions) {
+            Ok(()) => buffer.rows += 1,
+            Err(error) => {
+                self.metrics.undecodable.inc();
+                tracing::error!(table = self.format.dir(), seq, %error, "undecodable stream message skipped (it stays in the stream)");
+            }
+        }
+        if buffer.first_seq == 0 {
+            buffer.first_seq = seq;
+            buffer.opened = Some(Instant::now());
+        }
+        buffer.last_seq = seq;
+        buffer.last_message = Some(acker);
+        Ok(())
+    }
+
+    /// Hands the buffer to a blocking thread, after waiting for the commit before it.
+    async fn commit(&mut self, buffer: &mut Buffer<F::Rows>, in_flight: &mut Option<InFlight>) -> Result<(), ArchiveError> {
+        if buffer.first_seq == 0 {
+            return Ok(());
+        }
+        if let Some(previous) = in_flight.take() {
+            self.finish_commit(previous.await).await?;
+        }
+        let taken = std::mem::take(buffer);
+        let job = CommitJob {
+            partitions: taken.partitions,
+            rows: taken.rows,
+            first_seq: taken.first_seq,
+            last_seq: taken.last_seq,
+            ack: taken.last_message,
+        };
+        let format = self.format.clone();
+        let dir = self.target.dir.clone();
+        let settings = self.settings.clone();
+        let mut manifest = self.manifest.clone();
+        manifest.stream = self.target.stream.clone();
+        *in_flight = Some(tokio::task::spawn_blocking(move || {
+            write_commit(format.as_ref(), &dir, &settings, manifest, job)
+        }));
+        Ok(())
+    }
+
+    /// Records a finished commit and acks the stream up to it.
+    async fn finish_commit(&mut self, done: Result<Result<CommitDone, ArchiveError>, tokio::task::JoinError>) -> Result<(), ArchiveError> {
+        let done = done.map_err(|e| ArchiveError::Arrow(format!("commit thread failed: {e}")))??;
+        if let Some(ack) = &done.ack
+            && let Err(error) = ack.ack_with(AckKind::Ack).await
+        {
+            // Harmless: the manifest is the truth, and a restart repositions the consumer.
+            tracing::warn!(%error, "ack after commit failed");
+        }
+        let micros = u64::try_from(done.took.as_micros()).unwrap_or(u64::MAX);
+        self.metrics.commits.inc();
+        self.metrics.files.add(done.files as u64);
+        self.metrics.rows.add(done.manifest.rows - self.manifest.rows);
+        self.metrics.commit_micros_sum.add(micros);
+        self.metrics.commit_micros_max.raise(micros);
+        self.metrics.last_seq.set(done.manifest.last_seq);
+        tracing::debug!(table = self.format.dir(), last_seq = done.manifest.last_seq, files = done.files, took = ?done.took, "committed");
+        let last_seq = done.manifest.last_seq;
+        self.manifest = done.manifest;
+        self.committed.send_replace(last_seq);
+        self.maybe_compact(last_seq);
+        Ok(())
+    }
+
+    /// Starts a compaction of the partition with the most small committed files, if any has
+    /// enough of them. Runs beside commits: it only touches committed files.
+    fn maybe_compact(&self, committed_seq: u64) {
+        if self.compacting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let format = self.format.clone();
+        let dir = self.target.dir.clone();
+        let settings = self.settings.clone();
+        let metrics = self.metrics.clone();
+        let compacting = self.compacting.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = compact_once(format.as_ref(), &dir, &settings, committed_seq, &metrics) {
+                tracing::error!(table = format.dir(), %error, "compaction failed; the small files stay");
+            }
+            compacting.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn wait_for_stop(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Writes a commit's files and then its manifest. Runs on a blocking thread.
+fn write_commit<F: TableFormat>(
+    format: &F,
+    dir: &Path,
+    settings: &ArchiveSettings,
+    mut manifest: ArchiveManifest,
+    job: CommitJob<F::Rows>,
+) -> Result<CommitDone, ArchiveError> {
+    let started = Instant::now();
+    let schema = format.schema();
+    let name = commit::PartName {
+        first_seq: job.first_seq,
+        last_seq: job.last_seq,
+        compacted: false,
+    };
+    let mut files = 0;
+    for (date, rows) in job.partitions {
+        if F::len(&rows) == 0 {
+            continue;
+        }
+        let batch = format.finish(rows).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        let batch = commit::sort_batch(&batch, format.sort_columns()).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        let partition = commit::ensure_partition_dir(dir, &date)?;
+        let properties = commit::writer_properties(&schema, format.sort_columns(), settings.zstd_level, settings.row_group_rows);
+        commit::write_parquet_file(&partition.join(name.file_name()), &schema, [&batch], properties)?;
+        files += 1;
+    }
+    manifest.last_seq = job.last_seq;
+    manifest.rows += job.rows as u64;
+    manifest.committed_at = Some(crate::clock::format_micros(crate::clock::system_micros()));
+    manifest.store(dir)?;
+    Ok(CommitDone {
+        manifest,
+        files,
+        took: started.elapsed(),
+        ack: job.ack,
+    })
+}
+
+/// Compacts the partition that has the most small committed files, if it has enough.
+fn compact_once<F: TableFormat>(
+    format: &F,
+    dir: &Path,
+    settings: &ArchiveSettings,
+    committed_seq: u64,
+    metrics: &ArchiveMetrics,
+) -> Result<(), ArchiveError> {
+    let parts = commit::list_parts(dir)?;
+    let mut best: Vec<commit::PartFile> = Vec::new();
+    let mut dates: Vec<&str> = parts.iter().map(|p| p.date.as_str()).collect();
+    dates.dedup();
+    for date in dates {
+        let of_date: Vec<commit::PartFile> = parts.iter().filter(|p| p.date == date).cloned().collect();
+        let picked = compact::pick_inputs(&of_date, committed_seq, settings.compact_min_files, settings.compact_target_bytes);
+        if picked.len() > best.len() {
+            best = picked;
+        }
+    }
+    let Some(first) = best.first() else {
+        return Ok(());
+    };
+    let partition = commit::ensure_partition_dir(dir, &first.date)?;
+    let schema = format.schema();
+    let properties = commit::writer_properties(&schema, format.sort_columns(), settings.zstd_level, settings.row_group_rows);
+    let started = Instant::now();
+    let merged = compact::compact(&partition, &best, &schema, format.sort_columns(), properties)?;
+    metrics.compactions.inc();
+    tracing::info!(table = format.dir(), date = %merged.date, inputs = best.len(), bytes = merged.bytes, took = ?started.elapsed(), "compacted");
+    Ok(())
+}

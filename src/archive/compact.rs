@@ -1,0 +1,376 @@
+//! Compaction: a day's many small commit files merged into one sorted file.
+//!
+//! Commits are frequent so that SQL sees events within seconds; compaction keeps a day to a
+//! few files. The inputs are already sorted, so the merge streams them (a k-way merge on Arrow
+//! row keys) and memory stays at a batch per input whatever the sizes.
+//!
+//! Protocol: write the merged file under a temp name and fsync it; record the swap in
+//! `_compaction.json`; rename the merged file in; remove the inputs; remove the journal. A crash
+//! after the rename is rolled forward on start (inputs removed), a crash before it rolled back
+//! (the temp file removed). Between the rename and the removals — microseconds — a reader that
+//! lists files can see both; the query layer retries a query whose file vanished under it.
+
+use std::fs::File;
+use std::path::Path;
+
+use arrow::array::RecordBatch;
+use arrow::compute::interleave_record_batch;
+use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, Rows, SortField};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use super::ArchiveError;
+use super::commit::{PartFile, PartName, fsync_dir, temp_path, write_atomic};
+
+/// The journal of a compaction in progress, in the partition directory.
+pub const JOURNAL_FILE: &str = "_compaction.json";
+
+/// Rows per merged output batch.
+const MERGE_BATCH_ROWS: usize = 8_192;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    output: String,
+    inputs: Vec<String>,
+}
+
+/// Picks the files of one partition worth merging: committed (at or below `committed_seq`),
+/// smaller than `target_bytes`, oldest first, until their total would pass `target_bytes`.
+/// Returns nothing unless at least `min_files` qualify.
+pub fn pick_inputs(parts: &[PartFile], committed_seq: u64, min_files: usize, target_bytes: u64) -> Vec<PartFile> {
+    let mut picked = Vec::new();
+    let mut total = 0u64;
+    for part in parts {
+        if part.name.last_seq > committed_seq || part.bytes >= target_bytes {
+            continue;
+        }
+        if total + part.bytes > target_bytes && picked.len() >= min_files {
+            break;
+        }
+        total += part.bytes;
+        picked.push(part.clone());
+    }
+    if picked.len() >= min_files { picked } else { Vec::new() }
+}
+
+/// Merges `inputs` (files of one partition, each sorted by `sort_columns`) into one file.
+pub fn compact(
+    partition_dir: &Path,
+    inputs: &[PartFile],
+    schema: &SchemaRef,
+    sort_columns: &[&str],
+    properties: WriterProperties,
+) -> Result<PartFile, ArchiveError> {
+    let name = PartName {
+        first_seq: inputs.iter().map(|p| p.name.first_seq).min().unwrap_or(0),
+        last_seq: inputs.iter().map(|p| p.name.last_seq).max().unwrap_or(0),
+        compacted: true,
+    };
+    let output = partition_dir.join(name.file_name());
+    let temp = temp_path(&output);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ArchiveError::Io { path, source }
+    };
+    let file = File::create(&temp).map_err(io(&temp))?;
+    let handle = file.try_clone().map_err(io(&temp))?;
+    let parquet = |source| ArchiveError::WriteParquet {
+        path: temp.clone(),
+        source,
+    };
+    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet)?;
+    merge_sorted(inputs, schema, sort_columns, |batch| writer.write(&batch).map_err(parquet))?;
+    writer.close().map_err(parquet)?;
+    handle.sync_all().map_err(io(&temp))?;
+    let bytes = handle.metadata().map_err(io(&temp))?.len();
+
+    let journal = Journal {
+        output: name.file_name(),
+        inputs: inputs.iter().map(|p| p.name.file_name()).collect(),
+    };
+    let journal_bytes = serde_json::to_vec(&journal).unwrap_or_default();
+    write_atomic(&partition_dir.join(JOURNAL_FILE), &journal_bytes)?;
+    std::fs::rename(&temp, &output).map_err(io(&output))?;
+    fsync_dir(partition_dir)?;
+    finish_swap(partition_dir, &journal)?;
+    Ok(PartFile {
+        date: inputs.first().map(|p| p.date.clone()).unwrap_or_default(),
+        path: output,
+        name,
+        bytes,
+    })
+}
+
+/// Removes the inputs of a swap whose output is in place, then the journal.
+fn finish_swap(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveError> {
+    for input in &journal.inputs {
+        let path = partition_dir.join(input);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ArchiveError::Io { path, source }),
+        }
+    }
+    fsync_dir(partition_dir)?;
+    let journal_path = partition_dir.join(JOURNAL_FILE);
+    std::fs::remove_file(&journal_path).map_err(|source| ArchiveError::Io {
+        path: journal_path,
+        source,
+    })?;
+    fsync_dir(partition_dir)
+}
+
+/// Completes or undoes a compaction interrupted by a crash. Run before [`super::commit::recover`].
+pub fn recover_compactions(table_dir: &Path) -> Result<usize, ArchiveError> {
+    let mut finished = 0;
+    let Ok(entries) = std::fs::read_dir(table_dir) else {
+        return Ok(0);
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let journal_path = dir.join(JOURNAL_FILE);
+        let Ok(bytes) = std::fs::read(&journal_path) else {
+            continue;
+        };
+        let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
+            path: journal_path.clone(),
+            message: e.to_string(),
+        })?;
+        if dir.join(&journal.output).is_file() {
+            tracing::info!(dir = %dir.display(), "finishing an interrupted compaction");
+            finish_swap(&dir, &journal)?;
+        } else {
+            std::fs::remove_file(&journal_path).map_err(|source| ArchiveError::Io {
+                path: journal_path.clone(),
+                source,
+            })?;
+            fsync_dir(&dir)?;
+        }
+        finished += 1;
+    }
+    Ok(finished)
+}
+
+/// One sorted input being merged.
+struct Cursor {
+    reader: ParquetRecordBatchReader,
+    rows: Rows,
+    batch_slot: usize,
+    position: usize,
+    len: usize,
+}
+
+/// K-way merge of sorted files; `emit` receives output batches in order.
+fn merge_sorted(
+    inputs: &[PartFile],
+    schema: &SchemaRef,
+    sort_columns: &[&str],
+    mut emit: impl FnMut(RecordBatch) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    let arrow_error = |e: arrow::error::ArrowError| ArchiveError::Arrow(e.to_string());
+    let key_indices: Vec<usize> = sort_columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+    let converter = RowConverter::new(
+        key_indices
+            .iter()
+            .map(|i| SortField::new(schema.field(*i).data_type().clone()))
+            .collect(),
+    )
+    .map_err(arrow_error)?;
+    let keys_of = |batch: &RecordBatch| {
+        let columns: Vec<_> = key_indices.iter().map(|i| batch.column(*i).clone()).collect();
+        converter.convert_columns(&columns).map_err(arrow_error)
+    };
+
+    let mut slots: Vec<RecordBatch> = Vec::new();
+    let mut cursors: Vec<Cursor> = Vec::new();
+    for input in inputs {
+        let file = File::open(&input.path).map_err(|source| ArchiveError::Io {
+            path: input.path.clone(),
+            source,
+        })?;
+        let read_error = |e: parquet::errors::ParquetError| ArchiveError::ReadParquet {
+            path: input.path.clone(),
+            message: e.to_string(),
+        };
+        let mut reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(read_error)?
+            .with_batch_size(MERGE_BATCH_ROWS)
+            .build()
+            .map_err(read_error)?;
+        if let Some(batch) = reader.next().transpose().map_err(arrow_error)? {
+            cursors.push(Cursor {
+                rows: keys_of(&batch)?,
+                len: batch.num_rows(),
+                batch_slot: slots.len(),
+                position: 0,
+                reader,
+            });
+            slots.push(batch);
+        }
+    }
+
+    let mut picks: Vec<(usize, usize)> = Vec::with_capacity(MERGE_BATCH_ROWS);
+    loop {
+        let mut smallest: Option<usize> = None;
+        for (i, cursor) in cursors.iter().enumerate() {
+            if cursor.position >= cursor.len {
+                continue;
+            }
+            smallest = match smallest {
+                Some(j) if cursors[j].rows.row(cursors[j].position) <= cursor.rows.row(cursor.position) => Some(j),
+                _ => Some(i),
+            };
+        }
+        let Some(i) = smallest else { break };
+        let cursor = &mut cursors[i];
+        picks.push((cursor.batch_slot, cursor.position));
+        cursor.position += 1;
+        if cursor.position == cursor.len
+            && let Some(batch) = cursor.reader.next().transpose().map_err(arrow_error)?
+        {
+            cursor.rows = keys_of(&batch)?;
+            cursor.len = batch.num_rows();
+            cursor.position = 0;
+            cursor.batch_slot = slots.len();
+            slots.push(batch);
+        }
+        if picks.len() == MERGE_BATCH_ROWS {
+            flush(&mut slots, &mut cursors, &mut picks, &mut emit)?;
+        }
+    }
+    flush(&mut slots, &mut cursors, &mut picks, &mut emit)
+}
+
+/// Emits the picked rows and forgets the batches no cursor still reads.
+fn flush(
+    slots: &mut Vec<RecordBatch>,
+    cursors: &mut [Cursor],
+    picks: &mut Vec<(usize, usize)>,
+    emit: &mut impl FnMut(RecordBatch) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    if !picks.is_empty() {
+        let refs: Vec<&RecordBatch> = slots.iter().collect();
+        let batch = interleave_record_batch(&refs, picks).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        emit(batch)?;
+        picks.clear();
+    }
+    let mut kept = Vec::with_capacity(cursors.len());
+    for cursor in cursors.iter_mut() {
+        kept.push(slots[cursor.batch_slot].clone());
+        cursor.batch_slot = kept.len() - 1;
+    }
+    *slots = kept;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::commit::{ensure_partition_dir, list_parts, sort_batch, write_parquet_file, writer_properties};
+    use arrow::array::{Array, StringArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("customer_id", DataType::Utf8, true),
+            Field::new("seq", DataType::UInt64, false),
+        ]))
+    }
+
+    fn write_part(dir: &Path, first: u64, customers: &[&str]) {
+        let seqs: Vec<u64> = (first..first + customers.len() as u64).collect();
+        let batch = RecordBatch::try_new(schema(), vec![
+            Arc::new(StringArray::from(customers.to_vec())),
+            Arc::new(UInt64Array::from(seqs)),
+        ])
+        .unwrap();
+        let batch = sort_batch(&batch, &["customer_id"]).unwrap();
+        let name = PartName {
+            first_seq: first,
+            last_seq: first + customers.len() as u64 - 1,
+            compacted: false,
+        };
+        let props = writer_properties(&schema(), &["customer_id"], 3, 1024);
+        write_parquet_file(&dir.join(name.file_name()), &schema(), [&batch], props).unwrap();
+    }
+
+    #[test]
+    fn merging_keeps_every_row_once_and_in_order() {
+        let table = tempfile::tempdir().unwrap();
+        let dir = ensure_partition_dir(table.path(), "2026-01-01").unwrap();
+        write_part(&dir, 1, &["c", "a", "e"]);
+        write_part(&dir, 4, &["b", "d"]);
+        write_part(&dir, 6, &["a", "f", "c", "b"]);
+        let parts = list_parts(table.path()).unwrap();
+        let inputs = pick_inputs(&parts, 9, 3, u64::MAX);
+        assert_eq!(inputs.len(), 3);
+        let props = writer_properties(&schema(), &["customer_id"], 3, 1024);
+        let merged = compact(&dir, &inputs, &schema(), &["customer_id"], props).unwrap();
+        assert_eq!((merged.name.first_seq, merged.name.last_seq), (1, 9));
+
+        let parts = list_parts(table.path()).unwrap();
+        assert_eq!(parts.len(), 1, "inputs are gone: {parts:?}");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&parts[0].path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut customers = Vec::new();
+        let mut seqs = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let c = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let s = batch.column(1).as_any().downcast_ref::<UInt64Array>().unwrap();
+            customers.extend((0..c.len()).map(|i| c.value(i).to_string()));
+            seqs.extend(s.values().iter().copied());
+        }
+        assert_eq!(customers, vec!["a", "a", "b", "b", "c", "c", "d", "e", "f"]);
+        seqs.sort();
+        assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
+        assert!(!dir.join(JOURNAL_FILE).exists());
+    }
+
+    #[test]
+    fn uncommitted_or_big_files_are_not_picked() {
+        let part = |first: u64, last: u64, bytes: u64| PartFile {
+            date: "d".into(),
+            path: format!("p{first}").into(),
+            name: PartName {
+                first_seq: first,
+                last_seq: last,
+                compacted: false,
+            },
+            bytes,
+        };
+        let parts = vec![part(1, 10, 100), part(11, 20, 5_000), part(21, 30, 100), part(31, 40, 100)];
+        assert_eq!(pick_inputs(&parts, 30, 2, 1_000).len(), 2, "the big file and the uncommitted one are left");
+        assert!(pick_inputs(&parts, 30, 3, 1_000).is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_rolled_forward() {
+        let table = tempfile::tempdir().unwrap();
+        let dir = ensure_partition_dir(table.path(), "2026-01-01").unwrap();
+        write_part(&dir, 1, &["a"]);
+        write_part(&dir, 2, &["b"]);
+        let parts = list_parts(table.path()).unwrap();
+        // The state right after the rename: output in place, inputs still there, journal present.
+        let output = PartName {
+            first_seq: 1,
+            last_seq: 2,
+            compacted: true,
+        };
+        std::fs::copy(&parts[0].path, dir.join(output.file_name())).unwrap();
+        let journal = Journal {
+            output: output.file_name(),
+            inputs: parts.iter().map(|p| p.name.file_name()).collect(),
+        };
+        std::fs::write(dir.join(JOURNAL_FILE), serde_json::to_vec(&journal).unwrap()).unwrap();
+        assert_eq!(recover_compactions(table.path()).unwrap(), 1);
+        let left: Vec<_> = list_parts(table.path()).unwrap().into_iter().map(|p| p.name).collect();
+        assert_eq!(left, vec![output]);
+    }
+}

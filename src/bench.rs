@@ -1,0 +1,31 @@
+//! `northstar bench`: our numbers next to a baseline measured in the same run, on the same
+//! machine and the same nats-server, printed as a table with ratios.
+//!
+//! - [`ingest`]: HTTP batches → JetStream → Parquet, against raw async-nats publish + consume.
+
+pub mod ingest;
+pub mod report;
+
+use clap::Subcommand;
+
+/// The benchmark suites.
+#[derive(Debug, Subcommand)]
+pub enum Suite {
+    /// End-to-end ingest: events/s acked over HTTP and landed in Parquet, vs raw JetStream.
+    Ingest(ingest::IngestBench),
+}
+
+/// Runs a suite and prints its table.
+pub async fn run(suite: Suite) -> anyhow::Result<()> {
+    match suite {
+        Suite::Ingest(options) => ingest::run(options).await,
+    }
+}
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

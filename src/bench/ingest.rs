@@ -1,0 +1,348 @@
+//! `northstar bench ingest`: end-to-end ingest against raw JetStream, same server, same run.
+//!
+//! Baseline: one async-nats client publishes the very payloads northstar would publish (with
+//! `Nats-Msg-Id`, acks awaited in windows below the in-flight limit) while a durable pull
+//! consumer reads them back, acking every 1,000 — the fastest way to move these bytes through
+//! JetStream and out again without doing anything with them.
+//!
+//! northstar: a real `northstar serve` child process against the same nats-server; concurrent
+//! keep-alive clients post Segment batches to `/v1/batch`. "Acked" is when the last request was
+//! answered (every event acked by JetStream); "landed" is when the archive manifest counts
+//! every event as committed to Parquet.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::report::{Row, mib, print_table, thousands};
+use crate::archive::ArchiveManifest;
+use crate::bus::EmbeddedNats;
+use crate::client::{HttpClient, basic_auth};
+use crate::ingest::segment;
+
+const WRITE_KEY: &str = "bench-write-key-0001";
+
+/// Options of the ingest benchmark.
+#[derive(Debug, clap::Args)]
+pub struct IngestBench {
+    /// Events to send.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Concurrent HTTP clients (keep-alive connections).
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Messages per `/v1/batch` request.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// Use this NATS server instead of starting one.
+    #[arg(long, env = "NORTHSTAR_NATS_URL")]
+    pub nats_url: Option<String>,
+}
+
+/// Runs the benchmark and prints its table.
+pub async fn run(options: IngestBench) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("northstar-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = run_in(&options, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
+    let embedded = match &options.nats_url {
+        Some(_) => None,
+        None => Some(EmbeddedNats::start(&work.join("jetstream")).await?),
+    };
+    let nats_url = options
+        .nats_url
+        .clone()
+        .or_else(|| embedded.as_ref().map(|e| e.url().to_string()))
+        .context("no NATS url")?;
+    eprintln!("generating {} events…", options.events);
+    let messages = messages(options.events);
+    let payloads = bus_payloads(&messages)?;
+    let mean_bytes = payloads.iter().map(|(_, p)| p.len()).sum::<usize>() / payloads.len().max(1);
+
+    eprintln!("baseline: raw JetStream publish + consume…");
+    let raw = raw_jetstream(&nats_url, &payloads).await?;
+    drop(payloads);
+
+    eprintln!("northstar: {} clients × batches of {}…", options.clients, options.batch);
+    let ours = northstar_ingest(options, &nats_url, work, messages).await?;
+
+    let n = options.events as f64;
+    let rows = vec![
+        Row {
+            measure: "publish, acked (events/s)".into(),
+            ours: thousands(n / ours.acked.as_secs_f64()),
+            baseline: thousands(n / raw.published.as_secs_f64()),
+            ratio: Some(raw.published.as_secs_f64() / ours.acked.as_secs_f64()),
+        },
+        Row {
+            measure: "end to end: landed / consumed (events/s)".into(),
+            ours: thousands(n / ours.landed.as_secs_f64()),
+            baseline: thousands(n / raw.consumed.as_secs_f64()),
+            ratio: Some(raw.consumed.as_secs_f64() / ours.landed.as_secs_f64()),
+        },
+        Row {
+            measure: "wall time to land all events".into(),
+            ours: format!("{:.2} s", ours.landed.as_secs_f64()),
+            baseline: format!("{:.2} s", raw.consumed.as_secs_f64()),
+            ratio: None,
+        },
+        Row {
+            measure: "peak RSS of the server process".into(),
+            ours: ours.peak_rss.map(mib).unwrap_or_else(|| "n/a".into()),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: "Parquet bytes per event (zstd)".into(),
+            ours: format!("{:.1}", ours.parquet_bytes as f64 / n),
+            baseline: format!("{mean_bytes} (JSON on the stream)"),
+            ratio: None,
+        },
+    ];
+    print_table(
+        &format!(
+            "northstar bench ingest — {} events, {} clients, batches of {}",
+            thousands(n),
+            options.clients,
+            options.batch
+        ),
+        "raw JetStream",
+        &rows,
+    );
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    Ok(())
+}
+
+/// Segment track messages like an API product sends: ~1,000 customers, 10,000 users.
+fn messages(count: usize) -> Vec<Value> {
+    let mut rng = crate::demo::Rng::new(42);
+    let start = crate::clock::system_micros() - 3_600_000_000;
+    (0..count)
+        .map(|i| {
+            let user = rng.below(10_000);
+            let at = crate::clock::format_micros(start + (i as i64) * 3);
+            json!({
+                "type": "track",
+                "messageId": format!("bench-{i}"),
+                "userId": format!("user-{user}"),
+                "event": "api_call_made",
+                "timestamp": at,
+                "context": {"groupId": format!("customer-{}", user % 1_000), "library": {"name": "bench"}},
+                "properties": {"endpoint": "/v1/search", "latency_ms": rng.below(300), "status": 200}
+            })
+        })
+        .collect()
+}
+
+/// The bytes northstar publishes for each message, and their ids.
+fn bus_payloads(messages: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
+    messages
+        .iter()
+        .map(|message| {
+            let map = message.as_object().cloned().context("message is an object")?;
+            let record = segment::normalize(map, None, segment::Inherited::default(), "bench", crate::clock::system_micros())
+                .map_err(|r| anyhow::anyhow!("bench message rejected: {} {}", r.field, r.message))?;
+            Ok((record.event_id.clone(), Bytes::from(record.to_bus_json())))
+        })
+        .collect()
+}
+
+struct RawTimes {
+    published: Duration,
+    consumed: Duration,
+}
+
+async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Result<RawTimes> {
+    let client = crate::bus::connect_ready(url, Duration::from_secs(10)).await?;
+    let js = jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(65_536)
+        .backpressure_on_inflight(true)
+        .build(client);
+    let name = format!("RAWBENCH_{}", std::process::id());
+    let subject = format!("rawbench.{}", std::process::id());
+    let _ = js.delete_stream(&name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{subject}.>")],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(86_400),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("create baseline stream: {e}"))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("rawbench".into()),
+            ack_policy: consumer::AckPolicy::All,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("create baseline consumer: {e}"))?;
+    let total = payloads.len();
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(2_000)
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("consume: {e}"))?;
+        let mut seen = 0;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("consume: {e}"))?;
+            seen += 1;
+            if seen % 1_000 == 0 || seen == total {
+                message.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+            }
+            if seen == total {
+                break;
+            }
+        }
+        Ok::<Duration, anyhow::Error>(started.elapsed())
+    });
+    for window in payloads.chunks(4_000) {
+        let mut acks = Vec::with_capacity(window.len());
+        for (id, payload) in window {
+            let publish = PublishMessage::build().payload(payload.clone()).message_id(id.as_str());
+            acks.push(
+                js.send_publish(format!("{subject}.track"), publish)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publish: {e}"))?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+        }
+    }
+    let published = started.elapsed();
+    let consumed = reader.await??;
+    let _ = js.delete_stream(&name).await;
+    Ok(RawTimes { published, consumed })
+}
+
+struct OurTimes {
+    acked: Duration,
+    landed: Duration,
+    peak_rss: Option<u64>,
+    parquet_bytes: u64,
+}
+
+async fn northstar_ingest(options: &IngestBench, nats_url: &str, work: &Path, messages: Vec<Value>) -> anyhow::Result<OurTimes> {
+    let data = work.join("data");
+    let config_path = work.join("bench-config.json");
+    let pid = std::process::id();
+    let config = json!({
+        "sources": [{"name": "bench", "writeKeys": [WRITE_KEY]}],
+        "stream": {"name": format!("BENCH_EVENTS_{pid}"), "rejectedName": format!("BENCH_REJECTED_{pid}")},
+    });
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--data")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting northstar serve")?;
+    let child_pid = child.id().context("child pid")?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let base = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .context("northstar did not start within 60 s")??
+            .context("northstar exited before listening")?;
+        if let Some(url) = line.strip_prefix("northstar listening on ") {
+            break url.to_string();
+        }
+    };
+
+    let bodies: Vec<Vec<u8>> = messages
+        .chunks(options.batch.max(1))
+        .map(|chunk| serde_json::to_vec(&json!({"batch": chunk})).unwrap_or_default())
+        .collect();
+    drop(messages);
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let client = HttpClient::new();
+    let auth = basic_auth(WRITE_KEY);
+    let url = format!("{base}/v1/batch");
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..options.clients.max(1) {
+        let (bodies, next, client, auth, url) = (bodies.clone(), next.clone(), client.clone(), auth.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(index) else { return Ok(()) };
+                loop {
+                    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+                    let response = client.send(http::Method::POST, &url, &headers, body.clone()).await?;
+                    match response.status {
+                        200 => break,
+                        503 | 429 => tokio::time::sleep(Duration::from_millis(50)).await,
+                        status => bail!("batch answered {status}: {}", response.text()),
+                    }
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let acked = started.elapsed();
+    let total = options.events as u64;
+    let events_dir = data.join("events");
+    let landed = loop {
+        if ArchiveManifest::load(&events_dir).map(|m| m.rows).unwrap_or(0) >= total {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("events did not land in Parquet within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let peak_rss = super::peak_rss_bytes(child_pid);
+    let parquet_bytes = parquet_size(&events_dir);
+    if let Ok(pid) = libc::pid_t::try_from(child_pid) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    Ok(OurTimes {
+        acked,
+        landed,
+        peak_rss,
+        parquet_bytes,
+    })
+}
+
+fn parquet_size(dir: &Path) -> u64 {
+    crate::archive::commit::list_parts(dir)
+        .map(|parts| parts.iter().map(|p| p.bytes).sum())
+        .unwrap_or(0)
+}

@@ -1,0 +1,88 @@
+//! The bus: NATS JetStream, the log of record.
+//!
+//! - [`embedded`] runs a real `nats-server` as a child process when no `--nats-url` is given;
+//! - [`streams`] creates or updates the streams and the durable consumers northstar needs;
+//! - [`publisher`] publishes accepted and rejected messages and waits for every ack.
+
+pub mod embedded;
+pub mod publisher;
+pub mod streams;
+
+use std::time::Duration;
+
+use crate::error::{Classify, ErrorKind};
+
+pub use embedded::EmbeddedNats;
+pub use publisher::{PublishReport, Publisher};
+pub use streams::{ensure_streams, subject_for};
+
+/// Failures talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The embedded nats-server could not be started.
+    #[error("cannot start nats-server: {0}")]
+    Spawn(String),
+    /// No connection to the server.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// Where we tried.
+        url: String,
+        /// Why it failed.
+        source: async_nats::ConnectError,
+    },
+    /// The connection is down right now; the client reconnects on its own.
+    #[error("the event stream is unavailable (NATS disconnected); retry shortly")]
+    Disconnected,
+    /// JetStream did not ack in time or refused the message.
+    #[error("the event stream did not store the events: {0}")]
+    Publish(String),
+    /// A JetStream management call failed.
+    #[error("JetStream {action} failed: {message}")]
+    Management {
+        /// What we were doing.
+        action: &'static str,
+        /// What the server or client said.
+        message: String,
+    },
+}
+
+impl Classify for BusError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Unavailable
+    }
+
+    fn code(&self) -> &'static str {
+        "stream_unavailable"
+    }
+}
+
+/// Connects to NATS with the options every northstar connection uses.
+pub async fn connect(url: &str) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name("northstar")
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|source| BusError::Connect {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Connects, waiting up to `wait` for a server that is still starting.
+pub async fn connect_ready(url: &str, wait: Duration) -> Result<async_nats::Client, BusError> {
+    let client = connect(url).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(BusError::Management {
+                action: "connect",
+                message: format!("no NATS server answered at {url} within {wait:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}

@@ -1,0 +1,162 @@
+//! The streams and durable consumers northstar owns.
+//!
+//! - `EVENTS` (subjects `events.<shard>.<type>`): accepted events, deduplicated by
+//!   `Nats-Msg-Id` = event id over `duplicateWindow`.
+//! - `REJECTED` (subjects `rejected.<source>`): messages that failed validation, kept with
+//!   their raw payload and reasons.
+//!
+//! Both use file storage and limits retention: Parquet is a copy, the stream stays the log of
+//! record for replaying derived state.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use super::BusError;
+use crate::config::StreamSettings;
+
+/// Subject prefix of accepted events.
+pub const EVENTS_PREFIX: &str = "events";
+/// Subject prefix of rejected messages.
+pub const REJECTED_PREFIX: &str = "rejected";
+
+/// Creates the streams, or updates their limits to match the config.
+pub async fn ensure_streams(js: &jetstream::Context, settings: &StreamSettings) -> Result<(), BusError> {
+    for (name, prefix, description) in [
+        (&settings.name, EVENTS_PREFIX, "northstar accepted events (log of record)"),
+        (&settings.rejected_name, REJECTED_PREFIX, "northstar rejected messages"),
+    ] {
+        let config = stream::Config {
+            name: name.clone(),
+            description: Some(description.into()),
+            subjects: vec![format!("{prefix}.>")],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: settings.duplicate_window.get(),
+            max_age: settings.max_age.get(),
+            max_bytes: settings.max_bytes,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        };
+        js.create_or_update_stream(config)
+            .await
+            .map_err(management("create or update stream"))?;
+    }
+    Ok(())
+}
+
+/// The subject an event is published on: `events.<shard>.<type>`, the shard chosen by
+/// customer so that one archiver or meter per shard sees all of a customer's events.
+pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
+    let shard = if shards <= 1 { 0 } else { fnv1a(shard_key.as_bytes()) % shards };
+    format!("{EVENTS_PREFIX}.{shard}.{kind}")
+}
+
+/// Subject of a rejected message from `source` (sanitised to a single subject token).
+pub fn rejected_subject(source: &str) -> String {
+    let token: String = source
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    format!("{REJECTED_PREFIX}.{token}")
+}
+
+/// Wraps a JetStream management failure with what we were doing.
+fn management<E: std::fmt::Display>(action: &'static str) -> impl Fn(E) -> BusError {
+    move |e| BusError::Management {
+        action,
+        message: e.to_string(),
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(0x811c_9dc5u32, |hash, b| (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+/// Settings of a durable pull consumer that acks in commits.
+pub struct DurableSpec<'a> {
+    /// Stream to read.
+    pub stream: &'a str,
+    /// Durable name (`archiver-events`, …).
+    pub name: &'a str,
+    /// Deliver from the message after this stream sequence (the caller's committed position).
+    pub after_seq: u64,
+    /// Most messages delivered and not yet acked; must exceed what one commit holds.
+    pub max_ack_pending: i64,
+    /// Redeliver what is not acked after this long; must exceed the commit interval.
+    pub ack_wait: Duration,
+}
+
+/// Gets the durable consumer positioned right after `after_seq`, recreating it when its own
+/// position disagrees with the caller's (the caller's commit record is the truth: acks may
+/// be lost in a crash, and a wiped data dir must be refilled from the stream).
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    spec: &DurableSpec<'_>,
+) -> Result<consumer::PullConsumer, BusError> {
+    let stream = js.get_stream(spec.stream).await.map_err(management("get stream"))?;
+    if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(spec.name).await {
+        let info = existing.info().await.map_err(management("consumer info"))?;
+        if info.ack_floor.stream_sequence == spec.after_seq && info.num_ack_pending == 0 {
+            return Ok(existing);
+        }
+        tracing::info!(
+            consumer = spec.name,
+            ack_floor = info.ack_floor.stream_sequence,
+            committed = spec.after_seq,
+            "repositioning consumer to the committed sequence"
+        );
+        stream
+            .delete_consumer(spec.name)
+            .await
+            .map_err(management("delete consumer"))?;
+    }
+    let deliver_policy = if spec.after_seq == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: spec.after_seq + 1,
+        }
+    };
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(spec.name.to_string()),
+            description: Some("northstar: acked after each commit".into()),
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: spec.ack_wait,
+            max_ack_pending: spec.max_ack_pending,
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .map_err(management("create consumer"))
+}
+
+/// Last sequence stored in a stream (0 when empty), for lag metrics and waits.
+pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, BusError> {
+    let mut stream = js.get_stream(stream).await.map_err(management("get stream"))?;
+    let info = stream.info().await.map_err(management("stream info"))?;
+    Ok(info.state.last_sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_stable_per_key() {
+        assert_eq!(subject_for(1, "acme", "track"), "events.0.track");
+        let a = subject_for(8, "acme", "track");
+        assert_eq!(a, subject_for(8, "acme", "track"));
+        assert!(a.starts_with("events."));
+    }
+
+    #[test]
+    fn rejected_subjects_are_one_token() {
+        assert_eq!(rejected_subject("web app.v1"), "rejected.web_app_v1");
+    }
+}

@@ -1,0 +1,245 @@
+//! The configuration file (`schemas/northstar.json`): the seed's template as a strict superset.
+//!
+//! Two stages, as in GreptimeDB: serde structs that mirror the JSON (camelCase, defaults for
+//! everything the seed does not set, unknown keys refused with their path), then
+//! [`Config::validate`] for the rules that span sections (a meter must name a usage feature, a
+//! write key must belong to one source only, …). Only a validated [`Config`] leaves this module.
+
+mod duration;
+mod sections;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+pub use duration::{HumanDuration, format_duration, parse_duration};
+pub use sections::*;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a config could not be loaded. Always the user's fault, never retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file we tried.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The JSON does not fit the schema; `at` is the key path such as `events[1].metering.unit`.
+    #[error("config {origin}: {at}: {message}")]
+    Invalid {
+        /// File name or `<inline>`.
+        origin: String,
+        /// Key path of the offending value (`.` for the root).
+        at: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Version of the event schema as a whole (the seed's `schemaVersion`).
+    #[serde(default = "default_schema_version")]
+    pub schema_version: String,
+    /// The North Star Metric: the one behaviour that predicts retention.
+    #[serde(default)]
+    pub north_star_metric: Option<NorthStarMetric>,
+    /// Planned events: their properties, triggers and meters.
+    #[serde(default)]
+    pub events: Vec<EventSpec>,
+    /// Features that are metered and limited per plan.
+    #[serde(default)]
+    pub usage_features: Vec<UsageFeature>,
+    /// Where events come from, each with its write keys.
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
+    /// Request and message size bounds of the ingest API.
+    #[serde(default)]
+    pub ingest: IngestSettings,
+    /// The JetStream stream that is the log of record.
+    #[serde(default)]
+    pub stream: StreamSettings,
+    /// How the archiver rolls and compacts Parquet files.
+    #[serde(default)]
+    pub archive: ArchiveSettings,
+    /// Limits of the SQL API.
+    #[serde(default)]
+    pub sql: SqlSettings,
+}
+
+fn default_schema_version() -> String {
+    "1.0.0".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            schema_version: default_schema_version(),
+            north_star_metric: None,
+            events: Vec::new(),
+            usage_features: Vec::new(),
+            sources: Vec::new(),
+            ingest: IngestSettings::default(),
+            stream: StreamSettings::default(),
+            archive: ArchiveSettings::default(),
+            sql: SqlSettings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in error messages.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let at = err.path().to_string();
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                at,
+                message: err.inner().to_string(),
+            }
+        })?;
+        config.validate().map_err(|(at, message)| ConfigError::Invalid {
+            origin: origin.to_string(),
+            at,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Adds the write key from `NORTHSTAR_WRITE_KEY` to a source named `default`.
+    pub fn add_default_write_key(&mut self, key: &str) {
+        let key = key.trim();
+        if key.is_empty() || self.sources.iter().any(|s| s.write_keys.iter().any(|k| k == key)) {
+            return;
+        }
+        match self.sources.iter_mut().find(|s| s.name == "default") {
+            Some(source) => source.write_keys.push(key.to_string()),
+            None => self.sources.push(SourceSpec {
+                name: "default".into(),
+                write_keys: vec![key.to_string()],
+            }),
+        }
+    }
+
+    /// The spec of a planned event, if the config names it.
+    pub fn event(&self, name: &str) -> Option<&EventSpec> {
+        self.events.iter().find(|e| e.name == name)
+    }
+
+    /// Rules that span sections; the error is `(key path, message)`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut names = HashSet::new();
+        for (i, event) in self.events.iter().enumerate() {
+            if event.name.trim().is_empty() {
+                return Err((format!("events[{i}].name"), "must not be empty".into()));
+            }
+            if !names.insert(event.name.as_str()) {
+                return Err((format!("events[{i}].name"), format!("event `{}` is listed twice", event.name)));
+            }
+            if let Some(meter) = &event.metering
+                && !self.usage_features.iter().any(|f| f.id == meter.feature_id)
+            {
+                return Err((
+                    format!("events[{i}].metering.featureId"),
+                    format!("`{}` is not an id in usageFeatures", meter.feature_id),
+                ));
+            }
+        }
+        let mut feature_ids = HashSet::new();
+        for (i, feature) in self.usage_features.iter().enumerate() {
+            if !feature_ids.insert(feature.id.as_str()) {
+                return Err((format!("usageFeatures[{i}].id"), format!("feature `{}` is listed twice", feature.id)));
+            }
+        }
+        let mut keys: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if source.name.trim().is_empty() {
+                return Err((format!("sources[{i}].name"), "must not be empty".into()));
+            }
+            for (j, key) in source.write_keys.iter().enumerate() {
+                if key.len() < 8 {
+                    return Err((
+                        format!("sources[{i}].writeKeys[{j}]"),
+                        "write keys must be at least 8 characters".into(),
+                    ));
+                }
+                if let Some(other) = keys.insert(key, &source.name) {
+                    return Err((
+                        format!("sources[{i}].writeKeys[{j}]"),
+                        format!("this key is already a write key of source `{other}`"),
+                    ));
+                }
+            }
+        }
+        self.ingest.validate().map_err(|(at, m)| (format!("ingest.{at}"), m))?;
+        self.stream.validate().map_err(|(at, m)| (format!("stream.{at}"), m))?;
+        self.archive.validate().map_err(|(at, m)| (format!("archive.{at}"), m))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = include_str!("../tests/fixtures/config-template.json");
+
+    #[test]
+    fn accepts_the_seed_template_as_it_stands() {
+        let config = Config::from_json(SEED, "seed").unwrap();
+        assert_eq!(config.north_star_metric.as_ref().unwrap().event, "core_action_completed");
+        assert_eq!(config.events.len(), 2);
+        let meter = config.event("api_call_made").unwrap().metering.as_ref().unwrap();
+        assert_eq!(meter.feature_id, "api_requests");
+        assert_eq!(config.usage_features[0].limits["pro"], 50000);
+        assert_eq!(config.stream.duplicate_window.get().as_secs(), 86400);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let text = SEED.replace("\"unit\": \"request\"", "\"unit\": \"request\", \"colour\": 1");
+        let err = Config::from_json(&text, "x.json").unwrap_err().to_string();
+        assert!(err.contains("events[1].metering"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_meter_must_name_a_usage_feature() {
+        let text = SEED.replace("\"featureId\": \"api_requests\"", "\"featureId\": \"nope\"");
+        let err = Config::from_json(&text, "x.json").unwrap_err().to_string();
+        assert!(err.contains("events[1].metering.featureId"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_name_the_field() {
+        let err = Config::from_json(r#"{"stream": {"duplicateWindow": "a day"}}"#, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stream.duplicateWindow"), "{err}");
+    }
+
+    #[test]
+    fn the_env_write_key_joins_the_default_source() {
+        let mut config = Config::default();
+        config.add_default_write_key("wk_from_env_1");
+        config.add_default_write_key("wk_from_env_1");
+        assert_eq!(config.sources.len(), 1);
+        assert_eq!(config.sources[0].name, "default");
+        assert_eq!(config.sources[0].write_keys, vec!["wk_from_env_1"]);
+    }
+}

@@ -1,0 +1,283 @@
+//! The sections of the config file. Each has defaults for what the seed leaves out.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::HumanDuration;
+
+/// The seed's `northStarMetric`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NorthStarMetric {
+    /// The event that marks value delivered (the activation analysis' North Star event).
+    pub event: String,
+    /// "At least this many times"; replaced at run time by the current activation result.
+    #[serde(default)]
+    pub threshold: Option<u32>,
+    /// "Within this long of signup".
+    #[serde(default)]
+    pub window: Option<HumanDuration>,
+}
+
+/// A planned event.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EventSpec {
+    /// Event name as sent by SDKs (`track` event / PostHog `event`).
+    pub name: String,
+    /// The planned properties: the seed's plain list of names.
+    #[serde(default)]
+    pub properties: Vec<String>,
+    /// Named triggers fired once per accepted event (e.g. `onboarding_start`).
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    /// Makes this event a usage meter.
+    #[serde(default)]
+    pub metering: Option<Metering>,
+}
+
+/// How an event turns into usage of a feature.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metering {
+    /// The usage feature this event counts against (`usageFeatures[].id`).
+    pub feature_id: String,
+    /// How quantities combine within a period.
+    pub aggregation: Aggregation,
+    /// Unit name, for people (`request`, `GB`, …).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Property that carries the quantity; without it each event counts one unit.
+    #[serde(default)]
+    pub value_property: Option<String>,
+    /// Properties that split the meter into separate series.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+}
+
+/// Aggregation of a meter over a period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Sum of quantities.
+    Sum,
+    /// Number of events.
+    Count,
+    /// Largest quantity seen.
+    Max,
+    /// Number of distinct values of `valueProperty`.
+    UniqueCount,
+    /// The last quantity seen (by event time).
+    Latest,
+}
+
+/// A metered feature and its limits per plan.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UsageFeature {
+    /// Feature id that meters refer to.
+    pub id: String,
+    /// Limit per plan name within one usage period.
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
+    /// Prices; `overage` is the price of one unit past the limit.
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+}
+
+/// The seed's `pricing` block.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Pricing {
+    /// Price per unit past the limit, in the account's currency.
+    #[serde(default)]
+    pub overage: Option<f64>,
+}
+
+/// A source of events and the write keys it may use.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// Stored in each event's `source` column.
+    pub name: String,
+    /// Keys accepted for this source (Segment write key / PostHog api_key).
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+}
+
+/// Bounds of the ingest API. Defaults are Segment's documented limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct IngestSettings {
+    /// Largest single message, in bytes of JSON.
+    pub max_message_bytes: usize,
+    /// Largest request body after decompression.
+    pub max_batch_bytes: usize,
+    /// Most messages in one batch.
+    pub max_batch_messages: usize,
+    /// How long a request may take from first byte to answer.
+    pub request_timeout: HumanDuration,
+    /// Most requests handled at once; past it, 503 with `Retry-After`.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 32 * 1024,
+            max_batch_bytes: 500 * 1024,
+            max_batch_messages: 2_500,
+            request_timeout: HumanDuration::secs(30),
+            max_concurrent_requests: 1_024,
+        }
+    }
+}
+
+impl IngestSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_message_bytes == 0 || self.max_message_bytes > self.max_batch_bytes {
+            return Err(("maxMessageBytes".into(), "must be between 1 and maxBatchBytes".into()));
+        }
+        if self.max_batch_messages == 0 {
+            return Err(("maxBatchMessages".into(), "must be at least 1".into()));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(("maxConcurrentRequests".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The JetStream stream that carries events.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct StreamSettings {
+    /// Stream name of the event log.
+    pub name: String,
+    /// Stream name of the rejected-message log.
+    pub rejected_name: String,
+    /// How long JetStream remembers an event id to drop repeats.
+    pub duplicate_window: HumanDuration,
+    /// How long messages stay in the stream (`0`: forever; Parquet is the long-term copy).
+    pub max_age: HumanDuration,
+    /// Largest stream size in bytes (`-1`: unlimited).
+    pub max_bytes: i64,
+    /// Copies of each message in a cluster (1 on a single server, 3 in production clusters).
+    pub replicas: usize,
+    /// Subject shards (`events.<shard>.<type>`), so archivers can split the stream.
+    pub shards: u32,
+    /// How long ingest waits for JetStream to ack a publish before answering 503.
+    pub ack_timeout: HumanDuration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            name: "EVENTS".into(),
+            rejected_name: "REJECTED".into(),
+            duplicate_window: HumanDuration::secs(24 * 3600),
+            max_age: HumanDuration::secs(0),
+            max_bytes: -1,
+            replicas: 1,
+            shards: 1,
+            ack_timeout: HumanDuration::secs(5),
+        }
+    }
+}
+
+impl StreamSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        let valid_name = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name(&self.name) {
+            return Err(("name".into(), "letters, digits, `_` and `-` only".into()));
+        }
+        if !valid_name(&self.rejected_name) || self.rejected_name == self.name {
+            return Err(("rejectedName".into(), "letters, digits, `_` and `-`, and not the event stream's name".into()));
+        }
+        if self.duplicate_window.get().is_zero() {
+            return Err(("duplicateWindow".into(), "must be positive: it is what drops repeated event ids".into()));
+        }
+        if !self.max_age.get().is_zero() && self.max_age < self.duplicate_window {
+            return Err(("maxAge".into(), "must be 0 (forever) or at least duplicateWindow".into()));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(("replicas".into(), "must be between 1 and 5".into()));
+        }
+        if !(1..=1024).contains(&self.shards) {
+            return Err(("shards".into(), "must be between 1 and 1024".into()));
+        }
+        Ok(())
+    }
+}
+
+/// How the archiver turns the stream into Parquet files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ArchiveSettings {
+    /// Longest an event waits in memory before it is committed (the freshness bound of SQL).
+    pub commit_interval: HumanDuration,
+    /// Commit as soon as this many events are buffered.
+    pub max_rows_per_commit: usize,
+    /// Rows per Parquet row group (the unit of pruning).
+    pub row_group_rows: usize,
+    /// zstd level of Parquet pages (1 fast … 22 small).
+    pub zstd_level: i32,
+    /// Merge a day's small files once it has this many of them.
+    pub compact_min_files: usize,
+    /// Files at or above this size are left alone by compaction.
+    pub compact_target_bytes: u64,
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        Self {
+            commit_interval: HumanDuration::secs(2),
+            max_rows_per_commit: 500_000,
+            row_group_rows: 128 * 1024,
+            zstd_level: 3,
+            compact_min_files: 12,
+            compact_target_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl ArchiveSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.commit_interval.get().is_zero() {
+            return Err(("commitInterval".into(), "must be positive".into()));
+        }
+        if self.max_rows_per_commit == 0 || self.row_group_rows == 0 {
+            return Err(("maxRowsPerCommit".into(), "maxRowsPerCommit and rowGroupRows must be positive".into()));
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(("zstdLevel".into(), "must be between 1 and 22".into()));
+        }
+        if self.compact_min_files < 2 {
+            return Err(("compactMinFiles".into(), "must be at least 2".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Limits of `northstar sql` and `POST /v1/sql`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SqlSettings {
+    /// Longest a query may run.
+    pub timeout: HumanDuration,
+    /// Most rows an answer carries; more are cut and the answer says so.
+    pub max_rows: usize,
+    /// Memory a query may use before it fails (MiB).
+    pub memory_limit_mb: usize,
+}
+
+impl Default for SqlSettings {
+    fn default() -> Self {
+        Self {
+            timeout: HumanDuration::secs(30),
+            max_rows: 100_000,
+            memory_limit_mb: 2_048,
+        }
+    }
+}

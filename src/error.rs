@@ -1,0 +1,69 @@
+//! One place that turns any error into an HTTP status and a retry decision.
+//!
+//! Each component keeps its own typed error (thiserror) and says which [`ErrorKind`] each
+//! variant is and which stable `code` it carries; the API answers `{"code", "message"}` with
+//! the status of that kind. Clients decide to retry from the status alone (Segment's and
+//! PostHog's SDKs retry 5xx and 429 and give up on other 4xx), so the kind must be right.
+
+/// What kind of failure an error is: the user's fault or ours, retryable or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input is wrong; sending it again will not help. 400.
+    InvalidInput,
+    /// No valid key was presented. 401.
+    Unauthorized,
+    /// The key is valid but may not do this. 403.
+    Forbidden,
+    /// The thing asked for does not exist. 404.
+    NotFound,
+    /// The method is not supported on this route. 405.
+    MethodNotAllowed,
+    /// The input is over a size bound. 413.
+    TooLarge,
+    /// Too many requests; retry after the given delay. 429.
+    RateLimited,
+    /// A dependency (JetStream) is unavailable; retry later, nothing was half-stored. 503.
+    Unavailable,
+    /// The work took longer than its limit. 504 for queries.
+    Timeout,
+    /// Our fault. 500.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status of this kind.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidInput => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::TooLarge => 413,
+            Self::RateLimited => 429,
+            Self::Unavailable => 503,
+            Self::Timeout => 504,
+            Self::Internal => 500,
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Internal)
+    }
+}
+
+/// Implemented by every error that can reach a client.
+pub trait Classify: std::fmt::Display {
+    /// Which kind of failure this is.
+    fn kind(&self) -> ErrorKind;
+    /// A stable machine-readable code (`invalid_json`, `stream_unavailable`, …).
+    fn code(&self) -> &'static str;
+    /// Seconds the client should wait before retrying, for 429 and 503.
+    fn retry_after(&self) -> Option<u64> {
+        match self.kind() {
+            ErrorKind::Unavailable | ErrorKind::RateLimited => Some(1),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Ingest: SDK requests in, validated events published to JetStream, answer after the acks.
+//!
+//! - [`body`] decodes request bodies (gzip, PostHog's encodings) within the size bound;
+//! - [`auth`] finds the source of a write key;
+//! - [`segment`] and [`posthog`] turn each wire's messages into [`EventRecord`]s;
+//! - [`normalize`] holds the rules both wires share.
+//!
+//! A request is answered 200 only when JetStream has acked every accepted event and every
+//! rejected message; a message that fails validation goes to the rejected store and never
+//! costs its neighbours their place.
+
+pub mod auth;
+pub mod body;
+pub mod normalize;
+pub mod posthog;
+pub mod segment;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::bus::publisher::Outgoing;
+use crate::bus::streams::rejected_subject;
+use crate::bus::{BusError, Publisher, subject_for};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Classify, ErrorKind};
+use crate::event::{EventRecord, EventType};
+use crate::metrics::Metrics;
+use crate::rejected::RejectedRecord;
+
+pub use auth::WriteKeys;
+pub use body::Encoding;
+use normalize::Rejection;
+
+/// Most per-message errors listed in one answer (the counts are always complete).
+const MAX_LISTED_ERRORS: usize = 100;
+
+/// Why a whole request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body could not be decoded (bad gzip, base64, form).
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The body is not the JSON the route expects.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// Over a size or count bound.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No write key anywhere the wire allows one.
+    #[error("missing write key: send it as HTTP Basic user name, `writeKey` or `api_key` in the body")]
+    MissingKey,
+    /// A write key was sent but is not one of ours.
+    #[error("invalid write key")]
+    BadKey,
+    /// JetStream is unavailable; nothing the client needs to know was half-stored.
+    #[error(transparent)]
+    Unavailable(#[from] BusError),
+}
+
+impl Classify for IngestError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidBody(_) | Self::InvalidJson(_) => ErrorKind::InvalidInput,
+            Self::TooLarge(_) => ErrorKind::TooLarge,
+            Self::MissingKey | Self::BadKey => ErrorKind::Unauthorized,
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidBody(_) => "invalid_body",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::TooLarge(_) => "payload_too_large",
+            Self::MissingKey => "missing_write_key",
+            Self::BadKey => "invalid_write_key",
+            Self::Unavailable(_) => "stream_unavailable",
+        }
+    }
+}
+
+/// Which wire a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// Segment `/v1/batch` (`None`) or a single-message route of the given type.
+    Segment(Option<EventType>),
+    /// PostHog capture routes.
+    PostHog,
+}
+
+/// One ingest request, as the HTTP layer hands it over.
+pub struct IngestRequest<'a> {
+    /// The route, recorded with rejected messages.
+    pub route: &'a str,
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// How the body is encoded.
+    pub encoding: Encoding,
+    /// The body as received.
+    pub body: &'a [u8],
+}
+
+/// One message that was not accepted, as listed in the answer.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MessageError {
+    /// Position in the batch (0 for single-message routes).
+    pub index: usize,
+    /// The offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Always true: the request was stored (rejected messages included, in the rejected store).
+    pub success: bool,
+    /// Events newly stored.
+    pub accepted: usize,
+    /// Events whose id was already stored (a retry); not stored twice.
+    pub duplicates: usize,
+    /// Messages sent to the rejected store.
+    pub rejected: usize,
+    /// Why, for the first messages rejected.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<MessageError>,
+}
+
+/// Turns requests into published events.
+#[derive(Clone)]
+pub struct Ingestor {
+    config: Arc<Config>,
+    keys: WriteKeys,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+}
+
+impl Ingestor {
+    /// An ingestor publishing through `publisher`.
+    pub fn new(config: Arc<Config>, publisher: Publisher, metrics: Arc<Metrics>, clock: Clock) -> Self {
+        let keys = WriteKeys::from_config(&config);
+        Self {
+            config,
+            keys,
+            publisher,
+            metrics,
+            clock,
+        }
+    }
+
+    /// Handles one request of either wire.
+    pub async fn ingest(&self, wire: Wire, request: IngestRequest<'_>) -> Result<IngestOutcome, IngestError> {
+        let limits = &self.config.ingest;
+        let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;
+        let received_at = self.clock.now_micros();
+        let header_keys = [
+            auth::basic_user(request.authorization),
+            auth::bearer_token(request.authorization).map(str::to_string),
+        ];
+        let header_source = self
+            .keys
+            .authenticate(&[header_keys[0].as_deref(), header_keys[1].as_deref()])
+            .ok()
+            .map(str::to_string);
+
+        let parsed = match wire {
+            Wire::Segment(route) => self.parse_segment(&body, route, &header_keys, received_at),
+            Wire::PostHog => self.parse_posthog(&body, &header_keys, received_at),
+        };
+        let batch = match parsed {
+            Ok(batch) => batch,
+            Err(error) => {
+                if let (Some(source), IngestError::InvalidJson(reason)) = (&header_source, &error) {
+                    // An authenticated but unreadable body is kept, not dropped.
+                    let record = RejectedRecord::new(&body, vec![Rejection::new(".", reason.clone())], source, request.route, None, received_at);
+                    self.publish(Vec::new(), vec![(0, record)]).await?;
+                }
+                return Err(error);
+            }
+        };
+        self.publish(batch.events, batch.rejected).await
+    }
+
+    fn parse_segment(
+        &self,
+        body: &[u8],
+        route: Option<EventType>,
+        header_keys: &[Option<String>; 2],
+        received_at: i64,
+    ) -> Result<ParsedBatch, IngestError> {
+        let limits = &self.config.ingest;
+        match route {
+            None => {
+                let envelope: segment::BatchEnvelope<'_> = serde_json::from_slice(body)
+                    .map_err(|e| IngestError::InvalidJson(format!("body must be {{\"batch\": [...]}}: {e}")))?;
+                let source = self.authenticate(header_keys, envelope.write_key.as_deref())?;
+                if envelope.batch.len() > limits.max_batch_messages {
+                    return Err(IngestError::TooLarge(format!(
+                        "batch has {} messages; the limit is {}",
+                        envelope.batch.len(),
+                        limits.max_batch_messages
+                    )));
+                }
+                let inherited = segment::Inherited {
+                    context: envelope.context.as_ref(),
+                    integrations: envelope.integrations.as_ref(),
+                };
+                let mut batch = ParsedBatch::default();
+                for (index, raw) in envelope.batch.iter().enumerate() {
+                    let raw = raw.get().as_bytes();
+                    let result = self.check_size(raw).and_then(|()| {
+                        let message = parse_object(raw)?;
+                        segment::normalize(message, None, inherited, &source, received_at)
+                    });
+                    batch.push(index, result, raw, &source, "/v1/batch", received_at);
+                }
+                Ok(batch)
+            }
+            Some(kind) => {
+                if body.len() > limits.max_message_bytes {
+                    return Err(IngestError::TooLarge(format!(
+                        "message is {} bytes; the limit is {}",
+                        body.len(),
+                        limits.max_message_bytes
+                    )));
+                }
+                let message: Map<String, Value> = serde_json::from_slice(body)
+                    .map_err(|e| IngestError::InvalidJson(format!("body must be a JSON object: {e}")))?;
+                let body_key = message.get("writeKey").and_then(Value::as_str);
+                let source = self.authenticate(header_keys, body_key)?;
+                let route_name = format!("/v1/{}", kind.as_str());
+                let mut batch = ParsedBatch::default();
+                let result = segment::normalize(message, Some(kind), segment::Inherited::default(), &source, received_at);
+                batch.push(0, result, body, &source, &route_name, received_at);
+                Ok(batch)
+            }
+        }
+    }
+
+    fn parse_posthog(&self, body: &[u8], header_keys: &[Option<String>; 2], received_at: i64) -> Result<ParsedBatch, IngestError> {
+        let limits = &self.config.ingest;
+        let value: Value = serde_json::from_slice(body).map_err(|e| IngestError::InvalidJson(format!("body is not JSON: {e}")))?;
+        let capture = posthog::split_body(value).map_err(IngestError::InvalidJson)?;
+        let source = self.authenticate(header_keys, capture.api_key.as_deref())?;
+        if capture.events.len() > limits.max_batch_messages {
+            return Err(IngestError::TooLarge(format!(
+                "batch has {} events; the limit is {}",
+                capture.events.len(),
+                limits.max_batch_messages
+            )));
+        }
+        let mut batch = ParsedBatch::default();
+        for (index, event) in capture.events.into_iter().enumerate() {
+            let raw = serde_json::to_vec(&event).unwrap_or_default();
+            let result = self
+                .check_size(&raw)
+                .and_then(|()| posthog::normalize(event, &source, received_at));
+            batch.push(index, result, &raw, &source, "/batch/", received_at);
+        }
+        Ok(batch)
+    }
+
+    /// The source of the first valid key among the header keys and the body key.
+    fn authenticate(&self, header_keys: &[Option<String>; 2], body_key: Option<&str>) -> Result<String, IngestError> {
+        self.keys
+            .authenticate(&[header_keys[0].as_deref(), header_keys[1].as_deref(), body_key])
+            .map(str::to_string)
+            .map_err(|presented| if presented { IngestError::BadKey } else { IngestError::MissingKey })
+    }
+
+    fn check_size(&self, raw: &[u8]) -> Result<(), Rejection> {
+        let limit = self.config.ingest.max_message_bytes;
+        if raw.len() > limit {
+            return Err(Rejection::new(".", format!("message is {} bytes; the limit is {limit}", raw.len())));
+        }
+        Ok(())
+    }
+
+    /// Publishes accepted events and rejected messages, and waits for every ack.
+    async fn publish(&self, events: Vec<EventRecord>, rejected: Vec<(usize, RejectedRecord)>) -> Result<IngestOutcome, IngestError> {
+        let shards = self.config.stream.shards;
+        let mut outgoing = Vec::with_capacity(events.len() + rejected.len());
+        for event in &events {
+            let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
+            outgoing.push(Outgoing {
+                subject: subject_for(shards, shard_key, event.kind.as_str()),
+                msg_id: event.event_id.clone(),
+                payload: Bytes::from(event.to_bus_json()),
+            });
+        }
+        for (_, record) in &rejected {
+            outgoing.push(Outgoing {
+                subject: rejected_subject(&record.source),
+                msg_id: format!("rej-{}", record.rejected_id),
+                payload: Bytes::from(record.to_bus_json()),
+            });
+        }
+        let report = match self.publisher.publish_all(outgoing).await {
+            Ok(report) => report,
+            Err(error) => {
+                self.metrics.ingest_unavailable.inc();
+                return Err(error.into());
+            }
+        };
+        // Rejected messages come after the events; only events count as accepted or duplicate.
+        let duplicates = report.duplicates.iter().filter(|i| **i < events.len()).count();
+        let outcome = IngestOutcome {
+            success: true,
+            accepted: events.len() - duplicates,
+            duplicates,
+            rejected: rejected.len(),
+            errors: rejected
+                .iter()
+                .take(MAX_LISTED_ERRORS)
+                .flat_map(|(index, record)| {
+                    record.reasons.iter().map(|r| MessageError {
+                        index: *index,
+                        field: r.field.clone(),
+                        message: r.message.clone(),
+                    })
+                })
+                .collect(),
+        };
+        self.metrics.ingest_accepted.add(outcome.accepted as u64);
+        self.metrics.ingest_duplicates.add(outcome.duplicates as u64);
+        self.metrics.ingest_rejected.add(outcome.rejected as u64);
+        Ok(outcome)
+    }
+}
+
+/// The messages of one request, sorted into events and rejected messages.
+#[derive(Default)]
+struct ParsedBatch {
+    events: Vec<EventRecord>,
+    rejected: Vec<(usize, RejectedRecord)>,
+}
+
+impl ParsedBatch {
+    fn push(&mut self, index: usize, result: Result<EventRecord, Rejection>, raw: &[u8], source: &str, route: &str, received_at: i64) {
+        match result {
+            Ok(event) => self.events.push(event),
+            Err(reason) => {
+                let event_id = serde_json::from_slice::<Value>(raw).ok().and_then(|v| {
+                    ["messageId", "uuid"]
+                        .iter()
+                        .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
+                });
+                let record = RejectedRecord::new(raw, vec![reason], source, route, event_id, received_at);
+                self.rejected.push((index, record));
+            }
+        }
+    }
+}
+
+fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Rejection::new(".", "each message must be a JSON object")),
+        Err(e) => Err(Rejection::new(".", format!("not valid JSON: {e}"))),
+    }
+}

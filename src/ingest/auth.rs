@@ -1,0 +1,129 @@
+//! Write keys: which source a key belongs to, compared in constant time and never logged.
+//!
+//! The Segment wire carries the key as HTTP Basic user name (`base64("KEY:")`, colon optional),
+//! as `writeKey` in the body, or as a Bearer token beside a body key; PostHog carries it as
+//! `api_key`/`token` in the body. Every presented candidate is checked against every key,
+//! without stopping early, so timing says nothing about how close a guess was.
+
+use base64::Engine;
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+
+/// The write keys of all sources.
+#[derive(Clone, Default)]
+pub struct WriteKeys {
+    keys: Vec<(Vec<u8>, String)>,
+}
+
+impl std::fmt::Debug for WriteKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteKeys({} keys)", self.keys.len())
+    }
+}
+
+impl WriteKeys {
+    /// Collects the keys of every source in the config.
+    pub fn from_config(config: &Config) -> Self {
+        let keys = config
+            .sources
+            .iter()
+            .flat_map(|source| {
+                source
+                    .write_keys
+                    .iter()
+                    .map(move |key| (key.as_bytes().to_vec(), source.name.clone()))
+            })
+            .collect();
+        Self { keys }
+    }
+
+    /// Whether any key is configured at all.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The source owning `candidate`, compared against every key in constant time.
+    pub fn source_of(&self, candidate: &str) -> Option<&str> {
+        let candidate = candidate.as_bytes();
+        let mut found: Option<&str> = None;
+        for (key, source) in &self.keys {
+            if bool::from(key.as_slice().ct_eq(candidate)) {
+                found = Some(source);
+            }
+        }
+        found
+    }
+
+    /// Resolves the first candidate that is a valid key; `Err(true)` if keys were presented but
+    /// none is valid, `Err(false)` if none was presented.
+    pub fn authenticate<'a>(&'a self, candidates: &[Option<&str>]) -> Result<&'a str, bool> {
+        let mut presented = false;
+        let mut found = None;
+        for candidate in candidates.iter().flatten() {
+            if candidate.is_empty() {
+                continue;
+            }
+            presented = true;
+            if let Some(source) = self.source_of(candidate)
+                && found.is_none()
+            {
+                found = Some(source);
+            }
+        }
+        found.ok_or(presented)
+    }
+}
+
+/// The key from `Authorization: Basic base64(key:)` (colon optional).
+pub fn basic_user(authorization: Option<&str>) -> Option<String> {
+    let encoded = strip_scheme(authorization?, "basic")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(match text.split_once(':') {
+        Some((user, _)) => user.to_string(),
+        None => text,
+    })
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(authorization: Option<&str>) -> Option<&str> {
+    strip_scheme(authorization?, "bearer").map(str::trim)
+}
+
+fn strip_scheme<'a>(header: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, rest) = header.trim().split_once(' ')?;
+    given.eq_ignore_ascii_case(scheme).then_some(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SourceSpec;
+
+    fn keys() -> WriteKeys {
+        let mut config = Config::default();
+        config.sources.push(SourceSpec {
+            name: "web".into(),
+            write_keys: vec!["wk_web_123".into()],
+        });
+        WriteKeys::from_config(&config)
+    }
+
+    #[test]
+    fn basic_auth_with_and_without_colon() {
+        let with = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk_web_123:"));
+        let without = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk_web_123"));
+        assert_eq!(basic_user(Some(&with)).as_deref(), Some("wk_web_123"));
+        assert_eq!(basic_user(Some(&without)).as_deref(), Some("wk_web_123"));
+        assert_eq!(basic_user(Some("Bearer x")), None);
+    }
+
+    #[test]
+    fn any_valid_candidate_authenticates() {
+        let keys = keys();
+        assert_eq!(keys.authenticate(&[Some("nope"), Some("wk_web_123")]), Ok("web"));
+        assert_eq!(keys.authenticate(&[Some("nope")]), Err(true));
+        assert_eq!(keys.authenticate(&[None, Some("")]), Err(false));
+    }
+}

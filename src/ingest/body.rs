@@ -1,0 +1,166 @@
+//! Request bodies: gzip (by header or magic bytes), PostHog's form and base64 encodings,
+//! and the size bound applied *after* decompression so a gzip bomb costs at most the bound.
+
+use std::io::Read;
+
+use base64::Engine;
+use flate2::read::GzDecoder;
+
+use super::IngestError;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// How the body was sent, from headers and query string.
+#[derive(Debug, Default, Clone)]
+pub struct Encoding {
+    /// `Content-Encoding: gzip` (or PostHog's `?compression=gzip-js`).
+    pub gzip: bool,
+    /// `Content-Type: application/x-www-form-urlencoded` (older posthog-js: `data=<base64>`).
+    pub form: bool,
+    /// PostHog's `?compression=base64`.
+    pub base64: bool,
+}
+
+/// Decodes a request body into JSON bytes no longer than `limit`.
+pub fn decode(raw: &[u8], encoding: &Encoding, limit: usize) -> Result<Vec<u8>, IngestError> {
+    let mut bytes = if encoding.form {
+        form_data_field(raw)?
+    } else {
+        raw.to_vec()
+    };
+    if encoding.base64 || (encoding.form && !looks_like_json(&bytes)) {
+        bytes = decode_base64(&bytes)?;
+    }
+    if encoding.gzip || bytes.starts_with(&GZIP_MAGIC) {
+        bytes = gunzip(&bytes, limit)?;
+    }
+    if bytes.len() > limit {
+        return Err(IngestError::TooLarge(format!(
+            "request body is {} bytes; the limit is {limit} bytes (after decompression)",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn looks_like_json(bytes: &[u8]) -> bool {
+    matches!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+}
+
+fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit + 1));
+    let read = GzDecoder::new(bytes)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::InvalidBody(format!("body is not valid gzip: {e}")))?;
+    if read > limit {
+        return Err(IngestError::TooLarge(format!(
+            "request body is over {limit} bytes after decompression"
+        )));
+    }
+    Ok(out)
+}
+
+fn decode_base64(bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
+    let trimmed: Vec<u8> = bytes.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&trimmed)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&trimmed))
+        .map_err(|e| IngestError::InvalidBody(format!("body is not valid base64: {e}")))
+}
+
+/// The `data` field of a urlencoded form body.
+fn form_data_field(raw: &[u8]) -> Result<Vec<u8>, IngestError> {
+    for pair in raw.split(|b| *b == b'&') {
+        if let Some(value) = pair.strip_prefix(b"data=") {
+            return Ok(percent_decode(value));
+        }
+    }
+    Err(IngestError::InvalidBody("form body has no `data` field".into()))
+}
+
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < input.len() => {
+                let hex = std::str::from_utf8(&input[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn plain_json_passes_through() {
+        let body = decode(br#"{"a":1}"#, &Encoding::default(), 100).unwrap();
+        assert_eq!(body, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn gzip_is_found_by_magic_bytes() {
+        let body = decode(&gzip(br#"{"a":1}"#), &Encoding::default(), 100).unwrap();
+        assert_eq!(body, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_limit() {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        encoder.write_all(&vec![b' '; 50_000_000]).unwrap();
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 100_000);
+        let err = decode(&bomb, &Encoding::default(), 500 * 1024).unwrap_err();
+        assert!(matches!(err, IngestError::TooLarge(_)));
+    }
+
+    #[test]
+    fn posthog_form_base64() {
+        let data = base64::engine::general_purpose::STANDARD.encode(br#"{"event":"x"}"#);
+        let form = format!("data={}&ver=1", data.replace('=', "%3D"));
+        let encoding = Encoding {
+            form: true,
+            ..Default::default()
+        };
+        assert_eq!(decode(form.as_bytes(), &encoding, 100).unwrap(), br#"{"event":"x"}"#);
+    }
+
+    #[test]
+    fn broken_gzip_is_a_clear_error() {
+        let encoding = Encoding {
+            gzip: true,
+            ..Default::default()
+        };
+        let err = decode(b"\x1f\x8bnot gzip at all", &encoding, 100).unwrap_err();
+        assert!(err.to_string().contains("gzip"), "{err}");
+    }
+
+    #[test]
+    fn percent_decoding_survives_truncation() {
+        assert_eq!(percent_decode(b"a%4"), b"a%4");
+        assert_eq!(percent_decode(b"a%41"), b"aA");
+        assert_eq!(percent_decode(b"%"), b"%");
+    }
+}

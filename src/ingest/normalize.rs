@@ -1,0 +1,186 @@
+//! Rules shared by the Segment and PostHog wires: ids, timestamps, the billed customer.
+
+use serde_json::{Map, Value};
+
+/// Longest id (message, user, anonymous, customer) we store.
+pub const MAX_ID_CHARS: usize = 255;
+/// Longest event name we store.
+pub const MAX_EVENT_NAME_CHARS: usize = 255;
+
+/// Why one message was not accepted: the offending field and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// JSON path of the field (`properties.amount`, `userId`, `.` for the whole message).
+    pub field: String,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection of `field` with `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An id field: a non-empty string or a number (some SDKs send numeric user ids); JSON null
+/// or absence is `None`.
+pub fn id_field(message: &Map<String, Value>, field: &str) -> Result<Option<String>, Rejection> {
+    match message.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => id_value(value, field),
+    }
+}
+
+/// See [`id_field`].
+pub fn id_value(value: &Value, field: &str) -> Result<Option<String>, Rejection> {
+    let text = match value {
+        Value::Null => return Ok(None),
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => return Err(Rejection::new(field, "must be a string or a number")),
+    };
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.chars().count() > MAX_ID_CHARS {
+        return Err(Rejection::new(field, format!("longer than {MAX_ID_CHARS} characters")));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Rejection::new(field, "contains control characters"));
+    }
+    Ok(Some(text))
+}
+
+/// A message's dedup id, or a new UUIDv7 when the sender gave none.
+pub fn event_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// An event name: a non-empty string of sane length.
+pub fn event_name(value: Option<&Value>, field: &str) -> Result<String, Rejection> {
+    match value {
+        Some(Value::String(name)) if !name.trim().is_empty() => {
+            if name.chars().count() > MAX_EVENT_NAME_CHARS {
+                return Err(Rejection::new(field, format!("longer than {MAX_EVENT_NAME_CHARS} characters")));
+            }
+            Ok(name.clone())
+        }
+        Some(Value::String(_)) | None | Some(Value::Null) => Err(Rejection::new(field, "is required")),
+        Some(_) => Err(Rejection::new(field, "must be a string")),
+    }
+}
+
+/// An object field, empty when absent or null.
+pub fn object_field(message: &mut Map<String, Value>, field: &str) -> Result<Map<String, Value>, Rejection> {
+    match message.remove(field) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(Rejection::new(field, "must be a JSON object")),
+    }
+}
+
+/// Parses an event time: RFC 3339 / ISO 8601 text (a missing zone means UTC), or a number of
+/// milliseconds since the epoch. Returns UTC microseconds.
+pub fn timestamp(value: &Value, field: &str) -> Result<i64, Rejection> {
+    let micros = match value {
+        Value::String(text) => parse_time_text(text.trim()),
+        Value::Number(n) => n.as_i64().and_then(|ms| ms.checked_mul(1_000)),
+        _ => None,
+    };
+    let micros = micros.ok_or_else(|| {
+        Rejection::new(field, "must be an ISO 8601 time such as 2026-01-02T03:04:05.678Z")
+    })?;
+    // Years 1970..=9999: earlier or later is a client bug, not history.
+    if !(0..=253_402_300_799_000_000).contains(&micros) {
+        return Err(Rejection::new(field, "is outside the years 1970 to 9999"));
+    }
+    Ok(micros)
+}
+
+fn parse_time_text(text: &str) -> Option<i64> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(time.timestamp_micros());
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+        if let Ok(time) = chrono::DateTime::parse_from_str(text, format) {
+            return Some(time.timestamp_micros());
+        }
+        if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Some(time.and_utc().timestamp_micros());
+        }
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_micros())
+}
+
+/// The billed account, in DESIGN.md's order: a top-level `customerId`, `context.groupId`,
+/// `properties.customer_id`, `properties.$groups.customer`, else the user id.
+pub fn customer_id(
+    top_level: Option<String>,
+    context: &Map<String, Value>,
+    properties: &Map<String, Value>,
+    user_id: Option<&String>,
+) -> Option<String> {
+    let from = |value: Option<&Value>| value.and_then(|v| id_value(v, "").ok().flatten());
+    top_level
+        .or_else(|| from(context.get("groupId")))
+        .or_else(|| from(properties.get("customer_id")))
+        .or_else(|| from(properties.get("$groups").and_then(|g| g.get("customer"))))
+        .or_else(|| user_id.cloned())
+}
+
+/// Fills `into` with the keys of `defaults` it lacks (batch-level context under the message's).
+pub fn merge_missing(into: &mut Map<String, Value>, defaults: Option<&Map<String, Value>>) {
+    if let Some(defaults) = defaults {
+        for (key, value) in defaults {
+            into.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn timestamps_in_the_forms_sdks_send() {
+        let t = |v: Value| timestamp(&v, "timestamp");
+        assert_eq!(t(json!("2026-01-02T03:04:05.678Z")).unwrap(), 1_767_323_045_678_000);
+        assert_eq!(t(json!("2026-01-02T04:04:05.678+01:00")).unwrap(), 1_767_323_045_678_000);
+        assert_eq!(t(json!("2026-01-02T03:04:05.678")).unwrap(), 1_767_323_045_678_000);
+        assert_eq!(t(json!(1_767_323_045_678i64)).unwrap(), 1_767_323_045_678_000);
+        assert_eq!(t(json!("yesterday")).unwrap_err().field, "timestamp");
+        assert!(t(json!("0001-01-01T00:00:00Z")).is_err());
+    }
+
+    #[test]
+    fn customer_precedence_follows_the_design() {
+        let ctx = json!({"groupId": "ctx-group"}).as_object().cloned().unwrap();
+        let props = json!({"customer_id": "prop-cust", "$groups": {"customer": "ph-group"}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let user = Some("u1".to_string());
+        assert_eq!(customer_id(Some("top".into()), &ctx, &props, user.as_ref()).unwrap(), "top");
+        assert_eq!(customer_id(None, &ctx, &props, user.as_ref()).unwrap(), "ctx-group");
+        assert_eq!(customer_id(None, &Map::new(), &props, user.as_ref()).unwrap(), "prop-cust");
+        let ph = json!({"$groups": {"customer": "ph-group"}}).as_object().cloned().unwrap();
+        assert_eq!(customer_id(None, &Map::new(), &ph, user.as_ref()).unwrap(), "ph-group");
+        assert_eq!(customer_id(None, &Map::new(), &Map::new(), user.as_ref()).unwrap(), "u1");
+    }
+
+    #[test]
+    fn ids_refuse_objects_and_control_characters() {
+        assert_eq!(id_value(&json!(42), "userId").unwrap().unwrap(), "42");
+        assert_eq!(id_value(&json!("  "), "userId").unwrap(), None);
+        assert_eq!(id_value(&json!({"a": 1}), "userId").unwrap_err().field, "userId");
+        assert!(id_value(&json!("a\r\nNats-Msg-Id: x"), "messageId").is_err());
+    }
+}

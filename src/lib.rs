@@ -1,0 +1,38 @@
+//! northstar: a product-led-growth event pipeline.
+//!
+//! Product events arrive from SDKs over HTTP, NATS JetStream carries them into Parquet
+//! partitions, and DataFusion answers SQL over them. See `DESIGN.md` in the team's shared
+//! folder for the contracts; this crate is the one binary that serves them.
+//!
+//! # Layout
+//!
+//! Data flows down this list; dependencies point the same way (nothing reaches back up).
+//!
+//! - [`config`]: the config file (the seed's template as a strict superset), validated once;
+//! - [`ingest`]: Segment and PostHog wires → validated [`event::EventRecord`]s;
+//! - [`bus`]: NATS JetStream, embedded or external: streams, consumers, acked publishing;
+//! - [`archive`]: the stream's exactly-once Parquet copy (commit protocol, recovery, compaction);
+//! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
+//! - [`api`]: the HTTP server that fronts all of the above;
+//! - [`server`]: `serve`, which starts and stops the components in order;
+//! - [`bench`]: `northstar bench`, our numbers next to a baseline measured in the same run.
+//!
+//! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
+//! status), [`metrics`], [`clock`] (injectable time), [`client`] (a loopback HTTP client),
+//! [`demo`] (the `make run` workload).
+
+pub mod api;
+pub mod archive;
+pub mod bench;
+pub mod bus;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod event;
+pub mod ingest;
+pub mod metrics;
+pub mod query;
+pub mod rejected;
+pub mod server;

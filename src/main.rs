@@ -1,0 +1,167 @@
+//! The `northstar` binary: parses the command line, loads config, sets up logging, and calls
+//! into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use northstar::config::Config;
+use northstar::query::{Format, QueryEngine, output};
+
+#[derive(Parser)]
+#[command(name = "northstar", version, about = "Product-led-growth event pipeline: HTTP → NATS JetStream → Parquet → SQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: ingest API, archiver, SQL API (embedded nats-server unless --nats-url).
+    Serve {
+        /// Config file (the seed's template is a valid one).
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+        /// Data dir: Parquet tables, manifests, the embedded JetStream store.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// HTTP listen address (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// External NATS server or cluster; without it northstar runs its own nats-server.
+        #[arg(long, env = "NORTHSTAR_NATS_URL")]
+        nats_url: Option<String>,
+        /// After start, send this many demo events and print what to try next.
+        #[arg(long)]
+        demo: Option<usize>,
+    },
+    /// Run one read-only SQL statement over the data dir (no server needed).
+    Sql {
+        /// The statement, e.g. "SELECT event, count(*) FROM events GROUP BY event".
+        query: String,
+        /// Data dir to read.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Config file (for SQL limits).
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+    },
+    /// Benchmarks, each next to a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        suite: northstar::bench::Suite,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,datafusion=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("NORTHSTAR_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Loads the config, or the defaults when the default path does not exist.
+fn load_config(path: &PathBuf) -> anyhow::Result<Config> {
+    if !path.exists() && path == &PathBuf::from("schemas/northstar.json") {
+        tracing::warn!("{} not found; using built-in defaults", path.display());
+        return Ok(Config::default());
+    }
+    Ok(Config::load(path)?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            data,
+            listen,
+            nats_url,
+            demo,
+        } => {
+            let mut config = load_config(&config)?;
+            let write_key = std::env::var("NORTHSTAR_WRITE_KEY").ok().filter(|k| !k.is_empty());
+            if let Some(key) = &write_key {
+                config.add_default_write_key(key);
+            }
+            let demo_key = write_key.or_else(|| config.sources.iter().flat_map(|s| s.write_keys.first()).next().cloned());
+            let options = northstar::server::ServeOptions {
+                config,
+                data_dir: data.clone(),
+                listen,
+                nats_url,
+                admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
+                clock: northstar::clock::Clock::system(),
+            };
+            let server = northstar::server::start(options).await?;
+            let base = format!("http://{}", server.addr);
+            println!("northstar listening on {base}");
+            if let Some(count) = demo {
+                let key = demo_key.context("--demo needs a write key: set NORTHSTAR_WRITE_KEY or add one to the config")?;
+                print_demo(&base, &key, count, &data).await;
+            }
+            northstar::server::shutdown_signal().await;
+            eprintln!("stopping: committing what is buffered…");
+            server.stop().await;
+            Ok(())
+        }
+        Command::Sql {
+            query,
+            data,
+            format,
+            config,
+        } => {
+            let config = load_config(&config)?;
+            let engine = QueryEngine::open(&data, config.sql)?;
+            let result = engine.run(&query).await?;
+            let bytes = output::render(&result, format)?;
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes)?;
+            if format == Format::Json || format == Format::Csv {
+                eprintln!("{}", output::summary(&result));
+            }
+            Ok(())
+        }
+        Command::Bench { suite } => northstar::bench::run(suite).await,
+    }
+}
+
+/// Sends the demo workload and prints what to try next.
+async fn print_demo(base: &str, write_key: &str, count: usize, data: &std::path::Path) {
+    let now = northstar::clock::system_micros();
+    match northstar::demo::send_demo(base, write_key, count, now).await {
+        Ok(report) => {
+            let exe = std::env::args().next().unwrap_or_else(|| "northstar".into());
+            println!(
+                "\nDemo: {} events stored ({} already there from an earlier run).\n\n\
+                 Write key: {write_key}\n\n\
+                 Send an event:\n  curl -s -u '{write_key}:' {base}/v1/track -H 'content-type: application/json' \\\n    \
+                 -d '{{\"userId\":\"u1\",\"event\":\"api_call_made\",\"properties\":{{\"endpoint\":\"/v1/search\"}}}}'\n\n\
+                 Query it (events are in Parquet within a few seconds):\n  \
+                 {exe} sql --data {} \"SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC\"\n\n\
+                 Stop with Ctrl-C (buffered events are committed first).",
+                report.accepted,
+                report.duplicates,
+                data.display()
+            );
+        }
+        Err(error) => eprintln!("demo workload failed: {error}"),
+    }
+}

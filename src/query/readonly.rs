@@ -1,0 +1,101 @@
+//! The SQL sandbox's first wall: only one read-only statement per request.
+//!
+//! The statement is parsed with DataFusion's own parser and must be a query, `EXPLAIN`, `SHOW`
+//! or `DESCRIBE`. DataFusion's [`SQLOptions`](datafusion::execution::context::SQLOptions) are
+//! the second wall (no DDL, DML or `SET` even inside an `EXPLAIN`), and the session registers
+//! no file-reading table functions and no URL tables, so only northstar's tables are visible.
+
+use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::sqlparser::ast::Statement;
+
+/// Why a statement is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The text does not parse.
+    Syntax(String),
+    /// Not exactly one statement.
+    StatementCount(usize),
+    /// A statement that writes, changes settings, or reads files.
+    NotReadOnly(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Syntax(message) => write!(f, "SQL syntax error: {message}"),
+            Self::StatementCount(n) => write!(f, "send exactly one statement (got {n})"),
+            Self::NotReadOnly(kind) => write!(
+                f,
+                "only read-only statements are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); refused: {kind}"
+            ),
+        }
+    }
+}
+
+/// Checks that `sql` is one read-only statement.
+pub fn check(sql: &str) -> Result<(), Refusal> {
+    let statements = DFParser::parse_sql(sql).map_err(|e| Refusal::Syntax(e.to_string()))?;
+    if statements.len() != 1 {
+        return Err(Refusal::StatementCount(statements.len()));
+    }
+    match &statements[0] {
+        DfStatement::Statement(statement) => check_statement(statement),
+        DfStatement::Explain(explain) => match explain.statement.as_ref() {
+            DfStatement::Statement(inner) => check_statement(inner),
+            other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+        },
+        other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+    }
+}
+
+fn check_statement(statement: &Statement) -> Result<(), Refusal> {
+    match statement {
+        Statement::Query(_)
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ExplainTable { .. } => Ok(()),
+        Statement::Explain { statement, .. } => check_statement(statement),
+        other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+    }
+}
+
+fn first_word(text: &str) -> String {
+    text.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pass() {
+        for sql in [
+            "SELECT 1",
+            "WITH a AS (SELECT 1 AS x) SELECT x FROM a",
+            "EXPLAIN SELECT * FROM events",
+            "SHOW TABLES",
+            "SHOW COLUMNS FROM events",
+            "DESCRIBE events",
+        ] {
+            assert_eq!(check(sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_and_escapes_are_refused() {
+        for sql in [
+            "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+            "COPY events TO '/tmp/out.parquet'",
+            "INSERT INTO events VALUES (1)",
+            "DROP TABLE events",
+            "SET datafusion.execution.batch_size = 1",
+            "CREATE TABLE t AS SELECT 1",
+            "EXPLAIN COPY events TO '/tmp/x.csv'",
+            "EXPLAIN CREATE TABLE t AS SELECT 1",
+        ] {
+            assert!(matches!(check(sql), Err(Refusal::NotReadOnly(_))), "{sql}");
+        }
+        assert_eq!(check("SELECT 1; SELECT 2"), Err(Refusal::StatementCount(2)));
+        assert!(matches!(check("SELEC 1"), Err(Refusal::Syntax(_))));
+    }
+}

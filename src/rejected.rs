@@ -1,0 +1,138 @@
+//! The rejected store: every message that failed validation, kept with its raw payload and the
+//! reasons, so it can be inspected in SQL (`rejected_events`) and re-submitted once fixed.
+//! Rejected messages travel through their own JetStream stream and are archived to
+//! `data/rejected/date=…/` by the same commit protocol as events.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::{Deserialize, Serialize};
+
+use crate::event::timestamp_type;
+use crate::ingest::normalize::Rejection;
+
+/// Most bytes of a raw payload kept; longer payloads are cut and say so in their reasons.
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// A rejected message as published on the rejected stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectedRecord {
+    /// Deterministic id (hash of source and payload): re-sending the same bad message is kept once.
+    pub rejected_id: String,
+    /// When northstar received it, UTC microseconds.
+    pub received_at: i64,
+    /// Source whose write key sent it (empty if the request was not authenticated).
+    pub source: String,
+    /// The route it came in on (`/v1/batch`, `/batch/`, `import`, …).
+    pub route: String,
+    /// The message's own id, if it had a readable one.
+    pub event_id: Option<String>,
+    /// Why it was rejected.
+    pub reasons: Vec<Rejection>,
+    /// The message as sent (UTF-8, lossy for invalid bytes), at most [`MAX_PAYLOAD_BYTES`].
+    pub payload: String,
+}
+
+impl RejectedRecord {
+    /// Builds a record from a raw payload and its reasons.
+    pub fn new(
+        payload: &[u8],
+        reasons: Vec<Rejection>,
+        source: &str,
+        route: &str,
+        event_id: Option<String>,
+        received_at: i64,
+    ) -> Self {
+        let mut reasons = reasons;
+        let cut = payload.len() > MAX_PAYLOAD_BYTES;
+        if cut {
+            reasons.push(Rejection::new(
+                ".",
+                format!("payload of {} bytes cut to {MAX_PAYLOAD_BYTES} in the rejected store", payload.len()),
+            ));
+        }
+        let kept = &payload[..payload.len().min(MAX_PAYLOAD_BYTES)];
+        let mut name = Vec::with_capacity(source.len() + kept.len() + 1);
+        name.extend_from_slice(source.as_bytes());
+        name.push(b'\n');
+        name.extend_from_slice(kept);
+        let rejected_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name).to_string();
+        Self {
+            rejected_id,
+            received_at,
+            source: source.to_string(),
+            route: route.to_string(),
+            event_id,
+            reasons,
+            payload: String::from_utf8_lossy(kept).into_owned(),
+        }
+    }
+
+    /// The bytes published on the rejected stream.
+    pub fn to_bus_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A rejected record read back from the stream.
+#[derive(Debug, Deserialize)]
+pub struct RejectedView<'a> {
+    /// See [`RejectedRecord::rejected_id`].
+    #[serde(borrow)]
+    pub rejected_id: Cow<'a, str>,
+    /// See [`RejectedRecord::received_at`].
+    pub received_at: i64,
+    /// See [`RejectedRecord::source`].
+    #[serde(borrow)]
+    pub source: Cow<'a, str>,
+    /// See [`RejectedRecord::route`].
+    #[serde(borrow)]
+    pub route: Cow<'a, str>,
+    /// See [`RejectedRecord::event_id`].
+    #[serde(borrow, default)]
+    pub event_id: Option<Cow<'a, str>>,
+    /// Reasons as JSON text.
+    #[serde(borrow)]
+    pub reasons: &'a serde_json::value::RawValue,
+    /// See [`RejectedRecord::payload`].
+    #[serde(borrow)]
+    pub payload: Cow<'a, str>,
+}
+
+/// Schema of the `rejected_events` table, without the `date` partition column.
+pub fn rejected_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("rejected_id", DataType::Utf8, false),
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("received_at", timestamp_type(), false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("route", DataType::Utf8, false),
+        Field::new("event_id", DataType::Utf8, true),
+        Field::new("reasons", DataType::Utf8, false),
+        Field::new("payload", DataType::Utf8, false),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_bad_message_gets_the_same_id() {
+        let reasons = vec![Rejection::new("event", "is required")];
+        let a = RejectedRecord::new(b"{}", reasons.clone(), "web", "/v1/batch", None, 1);
+        let b = RejectedRecord::new(b"{}", reasons.clone(), "web", "/v1/batch", None, 2);
+        let c = RejectedRecord::new(b"{}", reasons, "ios", "/v1/batch", None, 2);
+        assert_eq!(a.rejected_id, b.rejected_id);
+        assert_ne!(a.rejected_id, c.rejected_id);
+    }
+
+    #[test]
+    fn huge_payloads_are_cut_and_say_so() {
+        let big = vec![b'x'; MAX_PAYLOAD_BYTES + 10];
+        let record = RejectedRecord::new(&big, vec![], "web", "/v1/t", None, 0);
+        assert_eq!(record.payload.len(), MAX_PAYLOAD_BYTES);
+        assert!(record.reasons[0].message.contains("cut"));
+    }
+}

@@ -1,0 +1,217 @@
+//! `northstar serve`: wires the components together and takes them down in order.
+//!
+//! Start: NATS (embedded child or `--nats-url`) → streams → archivers (recover, resume after
+//! their manifests) → HTTP. Stop (SIGTERM, Ctrl-C): HTTP stops accepting and finishes the
+//! requests in flight → archivers commit what they hold and ack → the embedded server stops.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState, ops::Health};
+use crate::archive::{self, ArchiveTarget, EventsFormat, RejectedFormat};
+use crate::bus::{self, EmbeddedNats, Publisher, ensure_streams};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
+use crate::query::QueryEngine;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// NATS could not be started or reached.
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    /// The archive could not be recovered or opened.
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
+    /// The SQL engine could not open the tables.
+    #[error(transparent)]
+    Query(#[from] crate::query::QueryError),
+    /// The listen address could not be bound, or the data dir created.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Everything `serve` needs.
+pub struct ServeOptions {
+    /// The validated config (with `NORTHSTAR_WRITE_KEY` already added).
+    pub config: Config,
+    /// The data dir (Parquet tables, manifests, the embedded JetStream store).
+    pub data_dir: PathBuf,
+    /// Where to listen (loopback by default).
+    pub listen: SocketAddr,
+    /// An external NATS server or cluster; `None` runs the embedded one.
+    pub nats_url: Option<String>,
+    /// The admin key; admin routes are closed without one.
+    pub admin_key: Option<String>,
+    /// The clock events are stamped with.
+    pub clock: Clock,
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// The address HTTP listens on.
+    pub addr: SocketAddr,
+    /// The NATS URL in use (the embedded server's when embedded).
+    pub nats_url: String,
+    /// Committed sequence of the events archive.
+    pub events_committed: watch::Receiver<u64>,
+    stop_http: watch::Sender<bool>,
+    stop_archivers: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    archivers: Vec<JoinHandle<()>>,
+    client: async_nats::Client,
+    embedded: Option<EmbeddedNats>,
+}
+
+/// Starts everything and returns once HTTP is accepting requests.
+pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
+    let ServeOptions {
+        config,
+        data_dir,
+        listen,
+        nats_url,
+        admin_key,
+        clock,
+    } = options;
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::Io {
+        context: format!("creating data dir {}", data_dir.display()),
+        source,
+    })?;
+    if config.sources.iter().all(|s| s.write_keys.is_empty()) {
+        tracing::warn!("no write keys configured: every ingest request will get 401; set NORTHSTAR_WRITE_KEY or add sources[] to the config");
+    }
+    let config = Arc::new(config);
+    let (embedded, nats_url) = match nats_url {
+        Some(url) => (None, url),
+        None => {
+            let server = EmbeddedNats::start(&data_dir.join("jetstream")).await?;
+            let url = server.url().to_string();
+            (Some(server), url)
+        }
+    };
+    let client = bus::connect_ready(&nats_url, Duration::from_secs(30)).await?;
+    let publisher = Publisher::new(client.clone(), &config.stream);
+    ensure_streams(publisher.jetstream(), &config.stream).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let (stop_archivers, archivers_stop) = watch::channel(false);
+    let events = archive::start(
+        EventsFormat,
+        publisher.jetstream().clone(),
+        ArchiveTarget {
+            stream: config.stream.name.clone(),
+            consumer: "archiver-events".into(),
+            dir: data_dir.join("events"),
+        },
+        config.archive.clone(),
+        metrics.archive_events.clone(),
+        archivers_stop.clone(),
+    )
+    .await?;
+    let rejected = archive::start(
+        RejectedFormat,
+        publisher.jetstream().clone(),
+        ArchiveTarget {
+            stream: config.stream.rejected_name.clone(),
+            consumer: "archiver-rejected".into(),
+            dir: data_dir.join("rejected"),
+        },
+        config.archive.clone(),
+        metrics.archive_rejected.clone(),
+        archivers_stop,
+    )
+    .await?;
+
+    let query = Arc::new(QueryEngine::open(&data_dir, config.sql.clone())?);
+    let ingestor = Ingestor::new(config.clone(), publisher.clone(), metrics.clone(), clock);
+    let state = Arc::new(AppState {
+        permits: Arc::new(Semaphore::new(config.ingest.max_concurrent_requests)),
+        config: config.clone(),
+        ingestor,
+        query,
+        metrics,
+        admin_key: admin_key.filter(|k| !k.is_empty()),
+        health: Health {
+            publisher,
+            events_stream: config.stream.name.clone(),
+            archived: vec![("events", events.committed.clone()), ("rejected_events", rejected.committed.clone())],
+        },
+    });
+    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Io {
+        context: format!("binding {listen}"),
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        context: "reading the bound address".into(),
+        source,
+    })?;
+    let (stop_http, mut http_stop) = watch::channel(false);
+    let http = tokio::spawn(api::serve(listener, state, async move {
+        let _ = http_stop.wait_for(|stop| *stop).await;
+    }));
+    tracing::info!(%addr, nats = %nats_url, data = %data_dir.display(), "northstar serving");
+    Ok(RunningServer {
+        addr,
+        nats_url,
+        events_committed: events.committed,
+        stop_http,
+        stop_archivers,
+        http,
+        archivers: vec![events.task, rejected.task],
+        client,
+        embedded,
+    })
+}
+
+impl RunningServer {
+    /// Stops in order: HTTP drains, archivers commit and ack, NATS stops.
+    pub async fn stop(self) {
+        let _ = self.stop_http.send(true);
+        let _ = self.http.await;
+        let _ = self.stop_archivers.send(true);
+        for task in self.archivers {
+            let _ = task.await;
+        }
+        let _ = self.client.flush().await;
+        drop(self.client);
+        if let Some(embedded) = self.embedded {
+            embedded.stop().await;
+        }
+        tracing::info!("northstar stopped");
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
