@@ -66,18 +66,36 @@ impl AppState {
             ));
         };
         let token = crate::ingest::auth::bearer_token(request_auth).ok_or_else(|| {
-            HttpError::new(ErrorKind::Unauthorized, "missing_admin_key", "send Authorization: Bearer <admin key>")
+            HttpError::new(
+                ErrorKind::Unauthorized,
+                "missing_admin_key",
+                "send Authorization: Bearer <admin key>",
+            )
         })?;
         if bool::from(token.as_bytes().ct_eq(admin.as_bytes())) {
             Ok(())
+        } else if self.ingestor.write_keys().source_of(token).is_some() {
+            Err(HttpError::new(
+                ErrorKind::Forbidden,
+                "write_key_not_allowed",
+                "write keys may only send events; use the admin key",
+            ))
         } else {
-            Err(HttpError::new(ErrorKind::Unauthorized, "invalid_admin_key", "invalid admin key"))
+            Err(HttpError::new(
+                ErrorKind::Unauthorized,
+                "invalid_admin_key",
+                "invalid admin key",
+            ))
         }
     }
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets requests in flight finish.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -122,7 +140,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 }
 
 /// One request: admission, body, route, time limit.
-async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+async fn handle(
+    state: Arc<AppState>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> HttpResponse {
     let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
         return respond::error(&HttpError::new(
             ErrorKind::Unavailable,
@@ -138,11 +160,21 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: SocketAd
         let body: Bytes = match Limited::new(body, limit).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
-                let too_large = error.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                let too_large = error
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
                 let (kind, code, message) = if too_large {
-                    (ErrorKind::TooLarge, "payload_too_large", format!("request body is over {limit} bytes"))
+                    (
+                        ErrorKind::TooLarge,
+                        "payload_too_large",
+                        format!("request body is over {limit} bytes"),
+                    )
                 } else {
-                    (ErrorKind::InvalidInput, "invalid_body", format!("could not read the request body: {error}"))
+                    (
+                        ErrorKind::InvalidInput,
+                        "invalid_body",
+                        format!("could not read the request body: {error}"),
+                    )
                 };
                 return route.finish(respond::error(&HttpError::new(kind, code, message)));
             }
@@ -158,7 +190,9 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: SocketAd
             format!("the request took longer than {timeout:?}; retry"),
         ))),
     };
-    state.metrics.http_answered(route.family(), response.status().as_u16());
+    state
+        .metrics
+        .http_answered(route.family(), response.status().as_u16());
     tracing::debug!(%peer, route = route.family(), status = response.status().as_u16(), "answered");
     response
 }

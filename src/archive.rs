@@ -113,7 +113,11 @@ pub async fn start<F: TableFormat>(
     let manifest = ArchiveManifest::load(&target.dir)?;
     let recovery = commit::recover(&target.dir, manifest.last_seq)?;
     if recovery != commit::Recovery::default() {
-        tracing::warn!(table = format.dir(), ?recovery, "recovered from an interrupted commit");
+        tracing::warn!(
+            table = format.dir(),
+            ?recovery,
+            "recovered from an interrupted commit"
+        );
     }
     check_stream(&js, &target.stream, &manifest).await?;
     metrics.last_seq.set(manifest.last_seq);
@@ -134,17 +138,30 @@ pub async fn start<F: TableFormat>(
 
 /// Refuses to archive a stream that was deleted and made anew under an existing archive: its
 /// sequences would collide with the files already written.
-async fn check_stream(js: &jetstream::Context, stream: &str, manifest: &ArchiveManifest) -> Result<(), ArchiveError> {
-    let mut handle = js.get_stream(stream).await.map_err(|e| crate::bus::BusError::Management {
-        action: "get stream",
-        message: e.to_string(),
-    })?;
-    let info = handle.info().await.map_err(|e| crate::bus::BusError::Management {
-        action: "stream info",
-        message: e.to_string(),
-    })?;
+async fn check_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    manifest: &ArchiveManifest,
+) -> Result<(), ArchiveError> {
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| crate::bus::BusError::Management {
+            action: "get stream",
+            message: e.to_string(),
+        })?;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| crate::bus::BusError::Management {
+            action: "stream info",
+            message: e.to_string(),
+        })?;
     let created = info.created.to_string();
-    let recreated = manifest.stream_created.as_ref().is_some_and(|c| *c != created);
+    let recreated = manifest
+        .stream_created
+        .as_ref()
+        .is_some_and(|c| *c != created);
     if manifest.last_seq > info.state.last_sequence || recreated {
         return Err(ArchiveError::StreamMismatch(format!(
             "the archive holds stream {stream} up to sequence {} but the stream (created {created}) ends at {}: \
@@ -226,7 +243,9 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ArchiveError> {
-        let max_pending = (self.settings.max_rows_per_commit as i64).saturating_mul(4).max(10_000);
+        let max_pending = (self.settings.max_rows_per_commit as i64)
+            .saturating_mul(4)
+            .max(10_000);
         let ack_wait = (self.settings.commit_interval.get() * 10).max(Duration::from_secs(120));
         let spec = DurableSpec {
             stream: &self.target.stream,
@@ -296,7 +315,11 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     /// Appends one stream message to the buffer, skipping what is already committed.
-    fn take(&self, message: jetstream::Message, buffer: &mut Buffer<F::Rows>) -> Result<(), ArchiveError> {
+    fn take(
+        &self,
+        message: jetstream::Message,
+        buffer: &mut Buffer<F::Rows>,
+    ) -> Result<(), ArchiveError> {
         let seq = match message.info() {
             Ok(info) => info.stream_sequence,
             Err(error) => {
@@ -308,7 +331,10 @@ impl<F: TableFormat> Archiver<F> {
         if seq <= *self.committed.borrow() || seq <= buffer.last_seq {
             return Ok(()); // a redelivery of something committed or buffered
         }
-        match self.format.append(seq, &message.payload, &mut buffer.partitions) {
+        match self
+            .format
+            .append(seq, &message.payload, &mut buffer.partitions)
+        {
             Ok(()) => buffer.rows += 1,
             Err(error) => {
                 self.metrics.undecodable.inc();
@@ -325,7 +351,11 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     /// Hands the buffer to a blocking thread, after waiting for the commit before it.
-    async fn commit(&mut self, buffer: &mut Buffer<F::Rows>, in_flight: &mut Option<InFlight>) -> Result<(), ArchiveError> {
+    async fn commit(
+        &mut self,
+        buffer: &mut Buffer<F::Rows>,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<(), ArchiveError> {
         if buffer.first_seq == 0 {
             return Ok(());
         }
@@ -352,8 +382,12 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     /// Records a finished commit and acks the stream up to it.
-    async fn finish_commit(&mut self, done: Result<Result<CommitDone, ArchiveError>, tokio::task::JoinError>) -> Result<(), ArchiveError> {
-        let done = done.map_err(|e| ArchiveError::Arrow(format!("commit thread failed: {e}")))??;
+    async fn finish_commit(
+        &mut self,
+        done: Result<Result<CommitDone, ArchiveError>, tokio::task::JoinError>,
+    ) -> Result<(), ArchiveError> {
+        let done =
+            done.map_err(|e| ArchiveError::Arrow(format!("commit thread failed: {e}")))??;
         if let Some(ack) = &done.ack
             && let Err(error) = ack.ack_with(AckKind::Ack).await
         {
@@ -363,7 +397,9 @@ impl<F: TableFormat> Archiver<F> {
         let micros = u64::try_from(done.took.as_micros()).unwrap_or(u64::MAX);
         self.metrics.commits.inc();
         self.metrics.files.add(done.files as u64);
-        self.metrics.rows.add(done.manifest.rows - self.manifest.rows);
+        self.metrics
+            .rows
+            .add(done.manifest.rows - self.manifest.rows);
         self.metrics.commit_micros_sum.add(micros);
         self.metrics.commit_micros_max.raise(micros);
         self.metrics.last_seq.set(done.manifest.last_seq);
@@ -387,7 +423,9 @@ impl<F: TableFormat> Archiver<F> {
         let metrics = self.metrics.clone();
         let compacting = self.compacting.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(error) = compact_once(format.as_ref(), &dir, &settings, committed_seq, &metrics) {
+            if let Err(error) =
+                compact_once(format.as_ref(), &dir, &settings, committed_seq, &metrics)
+            {
                 tracing::error!(table = format.dir(), %error, "compaction failed; the small files stay");
             }
             compacting.store(false, Ordering::SeqCst);
@@ -420,11 +458,24 @@ fn write_commit<F: TableFormat>(
         if F::len(&rows) == 0 {
             continue;
         }
-        let batch = format.finish(rows).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
-        let batch = commit::sort_batch(&batch, format.sort_columns()).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        let batch = format
+            .finish(rows)
+            .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        let batch = commit::sort_batch(&batch, format.sort_columns())
+            .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
         let partition = commit::ensure_partition_dir(dir, &date)?;
-        let properties = commit::writer_properties(&schema, format.sort_columns(), settings.zstd_level, settings.row_group_rows);
-        commit::write_parquet_file(&partition.join(name.file_name()), &schema, [&batch], properties)?;
+        let properties = commit::writer_properties(
+            &schema,
+            format.sort_columns(),
+            settings.zstd_level,
+            settings.row_group_rows,
+        );
+        commit::write_parquet_file(
+            &partition.join(name.file_name()),
+            &schema,
+            [&batch],
+            properties,
+        )?;
         files += 1;
     }
     manifest.last_seq = job.last_seq;
@@ -452,8 +503,14 @@ fn compact_once<F: TableFormat>(
     let mut dates: Vec<&str> = parts.iter().map(|p| p.date.as_str()).collect();
     dates.dedup();
     for date in dates {
-        let of_date: Vec<commit::PartFile> = parts.iter().filter(|p| p.date == date).cloned().collect();
-        let picked = compact::pick_inputs(&of_date, committed_seq, settings.compact_min_files, settings.compact_target_bytes);
+        let of_date: Vec<commit::PartFile> =
+            parts.iter().filter(|p| p.date == date).cloned().collect();
+        let picked = compact::pick_inputs(
+            &of_date,
+            committed_seq,
+            settings.compact_min_files,
+            settings.compact_target_bytes,
+        );
         if picked.len() > best.len() {
             best = picked;
         }
@@ -463,9 +520,20 @@ fn compact_once<F: TableFormat>(
     };
     let partition = commit::ensure_partition_dir(dir, &first.date)?;
     let schema = format.schema();
-    let properties = commit::writer_properties(&schema, format.sort_columns(), settings.zstd_level, settings.row_group_rows);
+    let properties = commit::writer_properties(
+        &schema,
+        format.sort_columns(),
+        settings.zstd_level,
+        settings.row_group_rows,
+    );
     let started = Instant::now();
-    let merged = compact::compact(&partition, &best, &schema, format.sort_columns(), properties)?;
+    let merged = compact::compact(
+        &partition,
+        &best,
+        &schema,
+        format.sort_columns(),
+        properties,
+    )?;
     metrics.compactions.inc();
     tracing::info!(table = format.dir(), date = %merged.date, inputs = best.len(), bytes = merged.bytes, took = ?started.elapsed(), "compacted");
     Ok(())

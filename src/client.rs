@@ -60,7 +60,13 @@ impl HttpClient {
     }
 
     /// Sends a request and reads the whole answer.
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<ClientResponse, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<ClientResponse, ClientError> {
         let mut builder = Request::builder().method(method).uri(url);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
@@ -81,18 +87,37 @@ impl HttpClient {
             .await
             .map_err(|e| ClientError(format!("{url}: reading the answer: {e}")))?
             .to_bytes();
-        Ok(ClientResponse { status, headers, body })
+        Ok(ClientResponse {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// `POST` a JSON body.
-    pub async fn post_json(&self, url: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> Result<ClientResponse, ClientError> {
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> Result<ClientResponse, ClientError> {
         let mut all = vec![("content-type", "application/json")];
         all.extend_from_slice(headers);
-        self.send(Method::POST, url, &all, serde_json::to_vec(body).unwrap_or_default()).await
+        self.send(
+            Method::POST,
+            url,
+            &all,
+            serde_json::to_vec(body).unwrap_or_default(),
+        )
+        .await
     }
 
     /// `GET` a URL.
-    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ClientResponse, ClientError> {
+    pub async fn get(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<ClientResponse, ClientError> {
         self.send(Method::GET, url, headers, Vec::new()).await
     }
 }
@@ -100,5 +125,8 @@ impl HttpClient {
 /// `Authorization: Basic base64("<write key>:")`, as Segment's SDKs send it.
 pub fn basic_auth(write_key: &str) -> String {
     use base64::Engine;
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))
+    )
 }

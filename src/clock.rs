@@ -35,7 +35,10 @@ impl Clock {
     /// Moves a manual clock forward; no effect on the system clock.
     pub fn advance(&self, by: Duration) {
         if let Some(now) = &self.manual {
-            now.fetch_add(i64::try_from(by.as_micros()).unwrap_or(i64::MAX), Ordering::SeqCst);
+            now.fetch_add(
+                i64::try_from(by.as_micros()).unwrap_or(i64::MAX),
+                Ordering::SeqCst,
+            );
         }
     }
 

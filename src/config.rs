@@ -105,26 +105,34 @@ impl Config {
     /// Parses and validates config text; `origin` names it in error messages.
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let at = err.path().to_string();
-            ConfigError::Invalid {
+        let config: Config =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+                let at = err.path().to_string();
+                ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    at,
+                    message: err.inner().to_string(),
+                }
+            })?;
+        config
+            .validate()
+            .map_err(|(at, message)| ConfigError::Invalid {
                 origin: origin.to_string(),
                 at,
-                message: err.inner().to_string(),
-            }
-        })?;
-        config.validate().map_err(|(at, message)| ConfigError::Invalid {
-            origin: origin.to_string(),
-            at,
-            message,
-        })?;
+                message,
+            })?;
         Ok(config)
     }
 
     /// Adds the write key from `NORTHSTAR_WRITE_KEY` to a source named `default`.
     pub fn add_default_write_key(&mut self, key: &str) {
         let key = key.trim();
-        if key.is_empty() || self.sources.iter().any(|s| s.write_keys.iter().any(|k| k == key)) {
+        if key.is_empty()
+            || self
+                .sources
+                .iter()
+                .any(|s| s.write_keys.iter().any(|k| k == key))
+        {
             return;
         }
         match self.sources.iter_mut().find(|s| s.name == "default") {
@@ -149,7 +157,10 @@ impl Config {
                 return Err((format!("events[{i}].name"), "must not be empty".into()));
             }
             if !names.insert(event.name.as_str()) {
-                return Err((format!("events[{i}].name"), format!("event `{}` is listed twice", event.name)));
+                return Err((
+                    format!("events[{i}].name"),
+                    format!("event `{}` is listed twice", event.name),
+                ));
             }
             if let Some(meter) = &event.metering
                 && !self.usage_features.iter().any(|f| f.id == meter.feature_id)
@@ -163,7 +174,10 @@ impl Config {
         let mut feature_ids = HashSet::new();
         for (i, feature) in self.usage_features.iter().enumerate() {
             if !feature_ids.insert(feature.id.as_str()) {
-                return Err((format!("usageFeatures[{i}].id"), format!("feature `{}` is listed twice", feature.id)));
+                return Err((
+                    format!("usageFeatures[{i}].id"),
+                    format!("feature `{}` is listed twice", feature.id),
+                ));
             }
         }
         let mut keys: BTreeMap<&str, &str> = BTreeMap::new();
@@ -186,9 +200,15 @@ impl Config {
                 }
             }
         }
-        self.ingest.validate().map_err(|(at, m)| (format!("ingest.{at}"), m))?;
-        self.stream.validate().map_err(|(at, m)| (format!("stream.{at}"), m))?;
-        self.archive.validate().map_err(|(at, m)| (format!("archive.{at}"), m))?;
+        self.ingest
+            .validate()
+            .map_err(|(at, m)| (format!("ingest.{at}"), m))?;
+        self.stream
+            .validate()
+            .map_err(|(at, m)| (format!("stream.{at}"), m))?;
+        self.archive
+            .validate()
+            .map_err(|(at, m)| (format!("archive.{at}"), m))?;
         Ok(())
     }
 }
@@ -202,9 +222,17 @@ mod tests {
     #[test]
     fn accepts_the_seed_template_as_it_stands() {
         let config = Config::from_json(SEED, "seed").unwrap();
-        assert_eq!(config.north_star_metric.as_ref().unwrap().event, "core_action_completed");
+        assert_eq!(
+            config.north_star_metric.as_ref().unwrap().event,
+            "core_action_completed"
+        );
         assert_eq!(config.events.len(), 2);
-        let meter = config.event("api_call_made").unwrap().metering.as_ref().unwrap();
+        let meter = config
+            .event("api_call_made")
+            .unwrap()
+            .metering
+            .as_ref()
+            .unwrap();
         assert_eq!(meter.feature_id, "api_requests");
         assert_eq!(config.usage_features[0].limits["pro"], 50000);
         assert_eq!(config.stream.duplicate_window.get().as_secs(), 86400);
@@ -212,7 +240,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_path() {
-        let text = SEED.replace("\"unit\": \"request\"", "\"unit\": \"request\", \"colour\": 1");
+        let text = SEED.replace(
+            "\"unit\": \"request\"",
+            "\"unit\": \"request\", \"colour\": 1",
+        );
         let err = Config::from_json(&text, "x.json").unwrap_err().to_string();
         assert!(err.contains("events[1].metering"), "{err}");
         assert!(err.contains("colour"), "{err}");

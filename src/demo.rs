@@ -31,7 +31,9 @@ impl Rng {
     }
 }
 
-const CUSTOMERS: &[&str] = &["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka"];
+const CUSTOMERS: &[&str] = &[
+    "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka",
+];
 const ENDPOINTS: &[&str] = &["/v1/search", "/v1/export", "/v1/report", "/v1/sync"];
 const PAGES: &[&str] = &["Home", "Pricing", "Docs", "Dashboard", "Settings"];
 
@@ -57,7 +59,7 @@ pub fn demo_messages(count: usize, now_micros: i64, seed: u64) -> Vec<Value> {
                             "properties": {"plan": "free", "source": "demo", "referral_code": null}}),
                 1 => json!({"type": "identify", "userId": user_id, "anonymousId": format!("anon-{user}"),
                             "messageId": message_id, "timestamp": timestamp, "context": context,
-                            "traits": {"plan": if user % 3 == 0 { "pro" } else { "free" }}}),
+                            "traits": {"plan": if user.is_multiple_of(3) { "pro" } else { "free" }}}),
                 2..=4 => json!({"type": "page", "name": PAGES[rng.below(PAGES.len() as u64) as usize],
                                 "anonymousId": format!("anon-{user}"), "messageId": message_id,
                                 "timestamp": timestamp, "context": context}),
@@ -83,18 +85,31 @@ pub struct DemoReport {
 }
 
 /// Sends the demo to a running server's `/v1/batch` in batches of 500.
-pub async fn send_demo(base_url: &str, write_key: &str, count: usize, now_micros: i64) -> Result<DemoReport, String> {
+pub async fn send_demo(
+    base_url: &str,
+    write_key: &str,
+    count: usize,
+    now_micros: i64,
+) -> Result<DemoReport, String> {
     let client = HttpClient::new();
     let auth = basic_auth(write_key);
     let mut report = DemoReport::default();
     for chunk in demo_messages(count, now_micros, 7).chunks(500) {
         let body = json!({"batch": chunk, "sentAt": crate::clock::format_micros(now_micros)});
         let response = client
-            .post_json(&format!("{base_url}/v1/batch"), &[("authorization", &auth)], &body)
+            .post_json(
+                &format!("{base_url}/v1/batch"),
+                &[("authorization", &auth)],
+                &body,
+            )
             .await
             .map_err(|e| e.to_string())?;
         if response.status != 200 {
-            return Err(format!("demo batch answered {}: {}", response.status, response.text()));
+            return Err(format!(
+                "demo batch answered {}: {}",
+                response.status,
+                response.text()
+            ));
         }
         let answer = response.json();
         report.accepted += answer["accepted"].as_u64().unwrap_or(0);

@@ -49,7 +49,10 @@ impl ErrorKind {
 
     /// Whether the same request may succeed later.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Internal)
+        matches!(
+            self,
+            Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Internal
+        )
     }
 }
 

@@ -51,7 +51,9 @@ pub enum IngestError {
     #[error("{0}")]
     TooLarge(String),
     /// No write key anywhere the wire allows one.
-    #[error("missing write key: send it as HTTP Basic user name, `writeKey` or `api_key` in the body")]
+    #[error(
+        "missing write key: send it as HTTP Basic user name, `writeKey` or `api_key` in the body"
+    )]
     MissingKey,
     /// A write key was sent but is not one of ours.
     #[error("invalid write key")]
@@ -143,7 +145,12 @@ pub struct Ingestor {
 
 impl Ingestor {
     /// An ingestor publishing through `publisher`.
-    pub fn new(config: Arc<Config>, publisher: Publisher, metrics: Arc<Metrics>, clock: Clock) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        publisher: Publisher,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
         let keys = WriteKeys::from_config(&config);
         Self {
             config,
@@ -154,8 +161,17 @@ impl Ingestor {
         }
     }
 
+    /// The write keys of every source.
+    pub fn write_keys(&self) -> &WriteKeys {
+        &self.keys
+    }
+
     /// Handles one request of either wire.
-    pub async fn ingest(&self, wire: Wire, request: IngestRequest<'_>) -> Result<IngestOutcome, IngestError> {
+    pub async fn ingest(
+        &self,
+        wire: Wire,
+        request: IngestRequest<'_>,
+    ) -> Result<IngestOutcome, IngestError> {
         let limits = &self.config.ingest;
         let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;
         let received_at = self.clock.now_micros();
@@ -178,7 +194,14 @@ impl Ingestor {
             Err(error) => {
                 if let (Some(source), IngestError::InvalidJson(reason)) = (&header_source, &error) {
                     // An authenticated but unreadable body is kept, not dropped.
-                    let record = RejectedRecord::new(&body, vec![Rejection::new(".", reason.clone())], source, request.route, None, received_at);
+                    let record = RejectedRecord::new(
+                        &body,
+                        vec![Rejection::new(".", reason.clone())],
+                        source,
+                        request.route,
+                        None,
+                        received_at,
+                    );
                     self.publish(Vec::new(), vec![(0, record)]).await?;
                 }
                 return Err(error);
@@ -197,8 +220,10 @@ impl Ingestor {
         let limits = &self.config.ingest;
         match route {
             None => {
-                let envelope: segment::BatchEnvelope<'_> = serde_json::from_slice(body)
-                    .map_err(|e| IngestError::InvalidJson(format!("body must be {{\"batch\": [...]}}: {e}")))?;
+                let envelope: segment::BatchEnvelope<'_> =
+                    serde_json::from_slice(body).map_err(|e| {
+                        IngestError::InvalidJson(format!("body must be {{\"batch\": [...]}}: {e}"))
+                    })?;
                 let source = self.authenticate(header_keys, envelope.write_key.as_deref())?;
                 if envelope.batch.len() > limits.max_batch_messages {
                     return Err(IngestError::TooLarge(format!(
@@ -230,22 +255,35 @@ impl Ingestor {
                         limits.max_message_bytes
                     )));
                 }
-                let message: Map<String, Value> = serde_json::from_slice(body)
-                    .map_err(|e| IngestError::InvalidJson(format!("body must be a JSON object: {e}")))?;
+                let message: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
+                    IngestError::InvalidJson(format!("body must be a JSON object: {e}"))
+                })?;
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key)?;
                 let route_name = format!("/v1/{}", kind.as_str());
                 let mut batch = ParsedBatch::default();
-                let result = segment::normalize(message, Some(kind), segment::Inherited::default(), &source, received_at);
+                let result = segment::normalize(
+                    message,
+                    Some(kind),
+                    segment::Inherited::default(),
+                    &source,
+                    received_at,
+                );
                 batch.push(0, result, body, &source, &route_name, received_at);
                 Ok(batch)
             }
         }
     }
 
-    fn parse_posthog(&self, body: &[u8], header_keys: &[Option<String>; 2], received_at: i64) -> Result<ParsedBatch, IngestError> {
+    fn parse_posthog(
+        &self,
+        body: &[u8],
+        header_keys: &[Option<String>; 2],
+        received_at: i64,
+    ) -> Result<ParsedBatch, IngestError> {
         let limits = &self.config.ingest;
-        let value: Value = serde_json::from_slice(body).map_err(|e| IngestError::InvalidJson(format!("body is not JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| IngestError::InvalidJson(format!("body is not JSON: {e}")))?;
         let capture = posthog::split_body(value).map_err(IngestError::InvalidJson)?;
         let source = self.authenticate(header_keys, capture.api_key.as_deref())?;
         if capture.events.len() > limits.max_batch_messages {
@@ -267,23 +305,44 @@ impl Ingestor {
     }
 
     /// The source of the first valid key among the header keys and the body key.
-    fn authenticate(&self, header_keys: &[Option<String>; 2], body_key: Option<&str>) -> Result<String, IngestError> {
+    fn authenticate(
+        &self,
+        header_keys: &[Option<String>; 2],
+        body_key: Option<&str>,
+    ) -> Result<String, IngestError> {
         self.keys
-            .authenticate(&[header_keys[0].as_deref(), header_keys[1].as_deref(), body_key])
+            .authenticate(&[
+                header_keys[0].as_deref(),
+                header_keys[1].as_deref(),
+                body_key,
+            ])
             .map(str::to_string)
-            .map_err(|presented| if presented { IngestError::BadKey } else { IngestError::MissingKey })
+            .map_err(|presented| {
+                if presented {
+                    IngestError::BadKey
+                } else {
+                    IngestError::MissingKey
+                }
+            })
     }
 
     fn check_size(&self, raw: &[u8]) -> Result<(), Rejection> {
         let limit = self.config.ingest.max_message_bytes;
         if raw.len() > limit {
-            return Err(Rejection::new(".", format!("message is {} bytes; the limit is {limit}", raw.len())));
+            return Err(Rejection::new(
+                ".",
+                format!("message is {} bytes; the limit is {limit}", raw.len()),
+            ));
         }
         Ok(())
     }
 
     /// Publishes accepted events and rejected messages, and waits for every ack.
-    async fn publish(&self, events: Vec<EventRecord>, rejected: Vec<(usize, RejectedRecord)>) -> Result<IngestOutcome, IngestError> {
+    async fn publish(
+        &self,
+        events: Vec<EventRecord>,
+        rejected: Vec<(usize, RejectedRecord)>,
+    ) -> Result<IngestOutcome, IngestError> {
         let shards = self.config.stream.shards;
         let mut outgoing = Vec::with_capacity(events.len() + rejected.len());
         for event in &events {
@@ -309,7 +368,11 @@ impl Ingestor {
             }
         };
         // Rejected messages come after the events; only events count as accepted or duplicate.
-        let duplicates = report.duplicates.iter().filter(|i| **i < events.len()).count();
+        let duplicates = report
+            .duplicates
+            .iter()
+            .filter(|i| **i < events.len())
+            .count();
         let outcome = IngestOutcome {
             success: true,
             accepted: events.len() - duplicates,
@@ -328,7 +391,9 @@ impl Ingestor {
                 .collect(),
         };
         self.metrics.ingest_accepted.add(outcome.accepted as u64);
-        self.metrics.ingest_duplicates.add(outcome.duplicates as u64);
+        self.metrics
+            .ingest_duplicates
+            .add(outcome.duplicates as u64);
         self.metrics.ingest_rejected.add(outcome.rejected as u64);
         Ok(outcome)
     }
@@ -342,7 +407,15 @@ struct ParsedBatch {
 }
 
 impl ParsedBatch {
-    fn push(&mut self, index: usize, result: Result<EventRecord, Rejection>, raw: &[u8], source: &str, route: &str, received_at: i64) {
+    fn push(
+        &mut self,
+        index: usize,
+        result: Result<EventRecord, Rejection>,
+        raw: &[u8],
+        source: &str,
+        route: &str,
+        received_at: i64,
+    ) {
         match result {
             Ok(event) => self.events.push(event),
             Err(reason) => {
@@ -351,7 +424,8 @@ impl ParsedBatch {
                         .iter()
                         .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
                 });
-                let record = RejectedRecord::new(raw, vec![reason], source, route, event_id, received_at);
+                let record =
+                    RejectedRecord::new(raw, vec![reason], source, route, event_id, received_at);
                 self.rejected.push((index, record));
             }
         }

@@ -10,7 +10,11 @@ use northstar::config::Config;
 use northstar::query::{Format, QueryEngine, output};
 
 #[derive(Parser)]
-#[command(name = "northstar", version, about = "Product-led-growth event pipeline: HTTP → NATS JetStream → Parquet → SQL")]
+#[command(
+    name = "northstar",
+    version,
+    about = "Product-led-growth event pipeline: HTTP → NATS JetStream → Parquet → SQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,9 +72,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,datafusion=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,async_nats=warn,datafusion=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("NORTHSTAR_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -97,11 +104,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo,
         } => {
             let mut config = load_config(&config)?;
-            let write_key = std::env::var("NORTHSTAR_WRITE_KEY").ok().filter(|k| !k.is_empty());
+            let write_key = std::env::var("NORTHSTAR_WRITE_KEY")
+                .ok()
+                .filter(|k| !k.is_empty());
             if let Some(key) = &write_key {
                 config.add_default_write_key(key);
             }
-            let demo_key = write_key.or_else(|| config.sources.iter().flat_map(|s| s.write_keys.first()).next().cloned());
+            let demo_key = write_key.or_else(|| {
+                config
+                    .sources
+                    .iter()
+                    .flat_map(|s| s.write_keys.first())
+                    .next()
+                    .cloned()
+            });
             let options = northstar::server::ServeOptions {
                 config,
                 data_dir: data.clone(),
@@ -114,7 +130,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let base = format!("http://{}", server.addr);
             println!("northstar listening on {base}");
             if let Some(count) = demo {
-                let key = demo_key.context("--demo needs a write key: set NORTHSTAR_WRITE_KEY or add one to the config")?;
+                let key = demo_key.context(
+                    "--demo needs a write key: set NORTHSTAR_WRITE_KEY or add one to the config",
+                )?;
                 print_demo(&base, &key, count, &data).await;
             }
             northstar::server::shutdown_signal().await;
@@ -148,7 +166,9 @@ async fn print_demo(base: &str, write_key: &str, count: usize, data: &std::path:
     let now = northstar::clock::system_micros();
     match northstar::demo::send_demo(base, write_key, count, now).await {
         Ok(report) => {
-            let exe = std::env::args().next().unwrap_or_else(|| "northstar".into());
+            let exe = std::env::args()
+                .next()
+                .unwrap_or_else(|| "northstar".into());
             println!(
                 "\nDemo: {} events stored ({} already there from an earlier run).\n\n\
                  Write key: {write_key}\n\n\

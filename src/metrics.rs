@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -100,42 +100,124 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("northstar_ingest_events_accepted_total", "Events newly stored.", self.ingest_accepted.get());
-        counter("northstar_ingest_events_duplicate_total", "Events whose id was already stored.", self.ingest_duplicates.get());
-        counter("northstar_ingest_events_rejected_total", "Messages sent to the rejected store.", self.ingest_rejected.get());
-        counter("northstar_ingest_unavailable_total", "Requests answered 503 (stream unavailable).", self.ingest_unavailable.get());
-        counter("northstar_sql_queries_total", "SQL queries run.", self.sql_queries.get());
-        counter("northstar_sql_failures_total", "SQL queries that failed.", self.sql_failures.get());
-        let _ = writeln!(out, "# HELP northstar_http_responses_total HTTP answers by route family and status.");
+        counter(
+            "northstar_ingest_events_accepted_total",
+            "Events newly stored.",
+            self.ingest_accepted.get(),
+        );
+        counter(
+            "northstar_ingest_events_duplicate_total",
+            "Events whose id was already stored.",
+            self.ingest_duplicates.get(),
+        );
+        counter(
+            "northstar_ingest_events_rejected_total",
+            "Messages sent to the rejected store.",
+            self.ingest_rejected.get(),
+        );
+        counter(
+            "northstar_ingest_unavailable_total",
+            "Requests answered 503 (stream unavailable).",
+            self.ingest_unavailable.get(),
+        );
+        counter(
+            "northstar_sql_queries_total",
+            "SQL queries run.",
+            self.sql_queries.get(),
+        );
+        counter(
+            "northstar_sql_failures_total",
+            "SQL queries that failed.",
+            self.sql_failures.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_http_responses_total HTTP answers by route family and status."
+        );
         let _ = writeln!(out, "# TYPE northstar_http_responses_total counter");
         if let Ok(map) = self.http.lock() {
             for ((family, status), count) in map.iter() {
-                let _ = writeln!(out, "northstar_http_responses_total{{route=\"{family}\",status=\"{status}\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "northstar_http_responses_total{{route=\"{family}\",status=\"{status}\"}} {count}"
+                );
             }
         }
         let stream_last = self.stream_last_seq.get();
-        let _ = writeln!(out, "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}");
+        let _ = writeln!(
+            out,
+            "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
+        );
         type Read = fn(&ArchiveMetrics) -> f64;
         let archive_lines: [(&str, &str, &str, Read); 8] = [
-            ("northstar_archive_rows_total", "counter", "Rows committed to Parquet.", |a| a.rows.get() as f64),
-            ("northstar_archive_commits_total", "counter", "Parquet commits.", |a| a.commits.get() as f64),
-            ("northstar_archive_files_total", "counter", "Parquet files written by commits.", |a| a.files.get() as f64),
-            ("northstar_archive_compactions_total", "counter", "Compactions of small files.", |a| a.compactions.get() as f64),
-            ("northstar_archive_undecodable_total", "counter", "Stream messages skipped as undecodable.", |a| a.undecodable.get() as f64),
-            ("northstar_archive_last_seq", "gauge", "Last stream sequence committed to Parquet.", |a| a.last_seq.get() as f64),
-            ("northstar_archive_commit_seconds_sum", "counter", "Total time spent committing.", |a| a.commit_micros_sum.get() as f64 / 1e6),
-            ("northstar_archive_commit_seconds_max", "gauge", "Longest commit.", |a| a.commit_micros_max.get() as f64 / 1e6),
+            (
+                "northstar_archive_rows_total",
+                "counter",
+                "Rows committed to Parquet.",
+                |a| a.rows.get() as f64,
+            ),
+            (
+                "northstar_archive_commits_total",
+                "counter",
+                "Parquet commits.",
+                |a| a.commits.get() as f64,
+            ),
+            (
+                "northstar_archive_files_total",
+                "counter",
+                "Parquet files written by commits.",
+                |a| a.files.get() as f64,
+            ),
+            (
+                "northstar_archive_compactions_total",
+                "counter",
+                "Compactions of small files.",
+                |a| a.compactions.get() as f64,
+            ),
+            (
+                "northstar_archive_undecodable_total",
+                "counter",
+                "Stream messages skipped as undecodable.",
+                |a| a.undecodable.get() as f64,
+            ),
+            (
+                "northstar_archive_last_seq",
+                "gauge",
+                "Last stream sequence committed to Parquet.",
+                |a| a.last_seq.get() as f64,
+            ),
+            (
+                "northstar_archive_commit_seconds_sum",
+                "counter",
+                "Total time spent committing.",
+                |a| a.commit_micros_sum.get() as f64 / 1e6,
+            ),
+            (
+                "northstar_archive_commit_seconds_max",
+                "gauge",
+                "Longest commit.",
+                |a| a.commit_micros_max.get() as f64 / 1e6,
+            ),
         ];
         for (name, kind, help, read) in archive_lines {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (table, archive) in [("events", &*self.archive_events), ("rejected_events", &*self.archive_rejected)] {
+            for (table, archive) in [
+                ("events", &*self.archive_events),
+                ("rejected_events", &*self.archive_rejected),
+            ] {
                 let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", read(archive));
             }
         }
         let lag = stream_last.saturating_sub(self.archive_events.last_seq.get());
-        let _ = writeln!(out, "# HELP northstar_stream_lag Events in the stream not yet committed to Parquet.\n# TYPE northstar_stream_lag gauge\nnorthstar_stream_lag {lag}");
+        let _ = writeln!(
+            out,
+            "# HELP northstar_stream_lag Events in the stream not yet committed to Parquet.\n# TYPE northstar_stream_lag gauge\nnorthstar_stream_lag {lag}"
+        );
         out
     }
 }
@@ -152,6 +234,8 @@ mod tests {
         metrics.http_answered("segment", 200);
         let text = metrics.render();
         assert!(text.contains("northstar_stream_lag 20"), "{text}");
-        assert!(text.contains("northstar_http_responses_total{route=\"segment\",status=\"200\"} 1"));
+        assert!(
+            text.contains("northstar_http_responses_total{route=\"segment\",status=\"200\"} 1")
+        );
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -50,7 +51,9 @@ pub enum QueryError {
 impl Classify for QueryError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Refused(_) | Self::Invalid(_) | Self::ResourcesExhausted(_) => ErrorKind::InvalidInput,
+            Self::Refused(_) | Self::Invalid(_) | Self::ResourcesExhausted(_) => {
+                ErrorKind::InvalidInput
+            }
             Self::Timeout(_) => ErrorKind::Timeout,
             Self::Internal(_) => ErrorKind::Internal,
         }
@@ -75,7 +78,9 @@ impl From<DataFusionError> for QueryError {
             | DataFusionError::Plan(_)
             | DataFusionError::SchemaError(..)
             | DataFusionError::NotImplemented(_) => Self::Invalid(error.to_string()),
-            DataFusionError::ResourcesExhausted(message) => Self::ResourcesExhausted(message.clone()),
+            DataFusionError::ResourcesExhausted(message) => {
+                Self::ResourcesExhausted(message.clone())
+            }
             _ => Self::Internal(error.to_string()),
         }
     }
@@ -111,12 +116,20 @@ pub struct QueryEngine {
 impl QueryEngine {
     /// Opens the tables of `data_dir`.
     pub fn open(data_dir: &Path, settings: SqlSettings) -> Result<Self, QueryError> {
+        // No list-files cache: DataFusion's default keeps a table's file list forever, and the
+        // archive adds a file every commit and swaps files on compaction.
+        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(settings.memory_limit_mb.saturating_mul(1024 * 1024), 1.0)
+            .with_cache_manager(caches)
             .build_arc()?;
         let config = SessionConfig::new()
             .with_information_schema(true)
-            .with_target_partitions(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+            .with_target_partitions(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            );
         let mut ctx = SessionContext::new_with_config_rt(config, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
         tables::register_all(&ctx, data_dir)?;
@@ -146,7 +159,9 @@ impl QueryEngine {
             Err(_) => Err(QueryError::Timeout(limit)),
             // A compaction can remove a file between listing and reading; the second listing
             // sees the merged file instead.
-            Ok(Err(QueryError::Internal(message))) if message.contains("No such file") || message.contains("NotFound") => {
+            Ok(Err(QueryError::Internal(message)))
+                if message.contains("No such file") || message.contains("NotFound") =>
+            {
                 tokio::time::timeout(limit, self.execute(sql))
                     .await
                     .map_err(|_| QueryError::Timeout(limit))?

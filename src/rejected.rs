@@ -49,7 +49,10 @@ impl RejectedRecord {
         if cut {
             reasons.push(Rejection::new(
                 ".",
-                format!("payload of {} bytes cut to {MAX_PAYLOAD_BYTES} in the rejected store", payload.len()),
+                format!(
+                    "payload of {} bytes cut to {MAX_PAYLOAD_BYTES} in the rejected store",
+                    payload.len()
+                ),
             ));
         }
         let kept = &payload[..payload.len().min(MAX_PAYLOAD_BYTES)];

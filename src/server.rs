@@ -91,7 +91,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         source,
     })?;
     if config.sources.iter().all(|s| s.write_keys.is_empty()) {
-        tracing::warn!("no write keys configured: every ingest request will get 401; set NORTHSTAR_WRITE_KEY or add sources[] to the config");
+        tracing::warn!(
+            "no write keys configured: every ingest request will get 401; set NORTHSTAR_WRITE_KEY or add sources[] to the config"
+        );
     }
     let config = Arc::new(config);
     let (embedded, nats_url) = match nats_url {
@@ -147,13 +149,18 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         health: Health {
             publisher,
             events_stream: config.stream.name.clone(),
-            archived: vec![("events", events.committed.clone()), ("rejected_events", rejected.committed.clone())],
+            archived: vec![
+                ("events", events.committed.clone()),
+                ("rejected_events", rejected.committed.clone()),
+            ],
         },
     });
-    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Io {
-        context: format!("binding {listen}"),
-        source,
-    })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            context: format!("binding {listen}"),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| ServeError::Io {
         context: "reading the bound address".into(),
         source,

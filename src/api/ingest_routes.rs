@@ -13,8 +13,12 @@ pub async fn handle(state: &AppState, wire: Wire, parts: &Parts, body: &[u8]) ->
     let query = parts.uri.query().unwrap_or_default();
     let compression = query_param(query, "compression").unwrap_or_default();
     let encoding = Encoding {
-        gzip: header(header::CONTENT_ENCODING).is_some_and(|e| e.eq_ignore_ascii_case("gzip")) || compression == "gzip-js",
-        form: header(header::CONTENT_TYPE).is_some_and(|t| t.starts_with("application/x-www-form-urlencoded")),
+        gzip: header(header::CONTENT_ENCODING).is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
+            || compression == "gzip-js",
+        // Only older posthog-js posts forms; curl's default form type on a Segment route is JSON.
+        form: wire == Wire::PostHog
+            && header(header::CONTENT_TYPE)
+                .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded")),
         base64: compression == "base64",
     };
     let request = IngestRequest {

@@ -42,8 +42,17 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
 pub async fn metrics(state: &AppState) -> HttpResponse {
     let health = &state.health;
     let js = health.publisher.jetstream();
-    if let Ok(Ok(last)) = tokio::time::timeout(Duration::from_millis(500), last_sequence(js, &health.events_stream)).await {
+    if let Ok(Ok(last)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        last_sequence(js, &health.events_stream),
+    )
+    .await
+    {
         state.metrics.stream_last_seq.set(last);
     }
-    respond::bytes_response(200, "text/plain; version=0.0.4", state.metrics.render().into_bytes())
+    respond::bytes_response(
+        200,
+        "text/plain; version=0.0.4",
+        state.metrics.render().into_bytes(),
+    )
 }

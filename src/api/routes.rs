@@ -153,7 +153,10 @@ mod tests {
             assert_eq!(route(&Method::POST, path), Route::Ingest(wire), "{path}");
         }
         assert_eq!(route(&Method::OPTIONS, "/v1/t"), Route::Preflight);
-        assert_eq!(route(&Method::GET, "/v1/batch"), Route::MethodNotAllowed("POST"));
+        assert_eq!(
+            route(&Method::GET, "/v1/batch"),
+            Route::MethodNotAllowed("POST")
+        );
         assert_eq!(route(&Method::POST, "/v1/nope"), Route::NotFound);
         assert_eq!(route(&Method::POST, "/v1/sql"), Route::Sql);
     }

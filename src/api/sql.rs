@@ -42,7 +42,11 @@ pub async fn handle(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespons
         match std::str::from_utf8(body) {
             Ok(text) => (text.to_string(), None),
             Err(_) => {
-                return respond::error(&HttpError::new(ErrorKind::InvalidInput, "invalid_body", "SQL text must be UTF-8"));
+                return respond::error(&HttpError::new(
+                    ErrorKind::InvalidInput,
+                    "invalid_body",
+                    "SQL text must be UTF-8",
+                ));
             }
         }
     };
@@ -72,12 +76,17 @@ pub async fn handle(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespons
         Ok(bytes) => {
             let mut response = respond::bytes_response(200, format.content_type(), bytes);
             if result.truncated {
-                response
-                    .headers_mut()
-                    .insert("x-northstar-truncated", http::HeaderValue::from_static("true"));
+                response.headers_mut().insert(
+                    "x-northstar-truncated",
+                    http::HeaderValue::from_static("true"),
+                );
             }
             response
         }
-        Err(error) => respond::error(&HttpError::new(ErrorKind::Internal, "render_failed", error.to_string())),
+        Err(error) => respond::error(&HttpError::new(
+            ErrorKind::Internal,
+            "render_failed",
+            error.to_string(),
+        )),
     }
 }

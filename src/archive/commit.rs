@@ -14,14 +14,21 @@ use arrow::compute::{SortColumn, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::Schema;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use super::ArchiveError;
 
 /// Columns with (nearly) unique values: dictionary encoding only costs time there.
-const UNIQUE_COLUMNS: &[&str] = &["event_id", "rejected_id", "properties", "context", "payload", "reasons"];
+const UNIQUE_COLUMNS: &[&str] = &[
+    "event_id",
+    "rejected_id",
+    "properties",
+    "context",
+    "payload",
+    "reasons",
+];
 
 /// The sequence range a Parquet file holds, parsed from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +45,10 @@ impl PartName {
     /// The file name: `part-<first>-<last>.parquet`, `-c` before the extension when compacted.
     pub fn file_name(&self) -> String {
         let suffix = if self.compacted { "-c" } else { "" };
-        format!("part-{:020}-{:020}{suffix}.parquet", self.first_seq, self.last_seq)
+        format!(
+            "part-{:020}-{:020}{suffix}.parquet",
+            self.first_seq, self.last_seq
+        )
     }
 
     /// Parses a file name written by [`PartName::file_name`].
@@ -72,7 +82,12 @@ pub struct PartFile {
 
 /// Parquet settings of every file: zstd, page statistics, sorted-by metadata, row groups of
 /// `row_group_rows` so pruning has a useful granularity.
-pub fn writer_properties(schema: &Schema, sort_columns: &[&str], zstd_level: i32, row_group_rows: usize) -> WriterProperties {
+pub fn writer_properties(
+    schema: &Schema,
+    sort_columns: &[&str],
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> WriterProperties {
     let level = ZstdLevel::try_new(zstd_level).unwrap_or_default();
     let sorting: Vec<SortingColumn> = sort_columns
         .iter()
@@ -99,7 +114,10 @@ pub fn writer_properties(schema: &Schema, sort_columns: &[&str], zstd_level: i32
 }
 
 /// Sorts a batch by the given columns (ascending, nulls first).
-pub fn sort_batch(batch: &RecordBatch, columns: &[&str]) -> Result<RecordBatch, arrow::error::ArrowError> {
+pub fn sort_batch(
+    batch: &RecordBatch,
+    columns: &[&str],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let keys: Vec<SortColumn> = columns
         .iter()
         .filter_map(|name| batch.column_by_name(name))
@@ -135,7 +153,8 @@ pub fn write_parquet_file<'a>(
         path: temp.clone(),
         source,
     };
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet)?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet)?;
     for batch in batches {
         writer.write(batch).map_err(parquet)?;
     }
@@ -198,7 +217,10 @@ pub fn ensure_partition_dir(table_dir: &Path, date: &str) -> Result<PathBuf, Arc
 
 /// The temp name of `path`: hidden, and not ending in `.parquet`.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -242,7 +264,13 @@ pub fn list_parts(table_dir: &Path) -> Result<Vec<PartFile>, ArchiveError> {
             }
         }
     }
-    parts.sort_by(|a, b| (&a.date, a.name.first_seq, a.name.last_seq).cmp(&(&b.date, b.name.first_seq, b.name.last_seq)));
+    parts.sort_by(|a, b| {
+        (&a.date, a.name.first_seq, a.name.last_seq).cmp(&(
+            &b.date,
+            b.name.first_seq,
+            b.name.last_seq,
+        ))
+    });
     Ok(parts)
 }
 
@@ -307,9 +335,15 @@ mod tests {
             last_seq: 500,
             compacted: false,
         };
-        assert_eq!(name.file_name(), "part-00000000000000000001-00000000000000000500.parquet");
+        assert_eq!(
+            name.file_name(),
+            "part-00000000000000000001-00000000000000000500.parquet"
+        );
         assert_eq!(PartName::parse(&name.file_name()), Some(name));
-        let compacted = PartName { compacted: true, ..name };
+        let compacted = PartName {
+            compacted: true,
+            ..name
+        };
         assert_eq!(PartName::parse(&compacted.file_name()), Some(compacted));
         assert_eq!(PartName::parse(".part-1-2.parquet.tmp"), None);
         assert_eq!(PartName::parse("part-x-2.parquet"), None);
@@ -333,11 +367,18 @@ mod tests {
         std::fs::write(dir.join(unfinished.file_name()), b"x").unwrap();
         std::fs::write(temp_path(&dir.join("part-21-30.parquet")), b"x").unwrap();
         let recovery = recover(table.path(), 10).unwrap();
-        assert_eq!(recovery, Recovery {
-            temp_files: 1,
-            uncommitted_files: 1
-        });
-        let left: Vec<_> = list_parts(table.path()).unwrap().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            recovery,
+            Recovery {
+                temp_files: 1,
+                uncommitted_files: 1
+            }
+        );
+        let left: Vec<_> = list_parts(table.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         assert_eq!(left, vec![committed]);
     }
 }

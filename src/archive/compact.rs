@@ -40,7 +40,12 @@ struct Journal {
 /// Picks the files of one partition worth merging: committed (at or below `committed_seq`),
 /// smaller than `target_bytes`, oldest first, until their total would pass `target_bytes`.
 /// Returns nothing unless at least `min_files` qualify.
-pub fn pick_inputs(parts: &[PartFile], committed_seq: u64, min_files: usize, target_bytes: u64) -> Vec<PartFile> {
+pub fn pick_inputs(
+    parts: &[PartFile],
+    committed_seq: u64,
+    min_files: usize,
+    target_bytes: u64,
+) -> Vec<PartFile> {
     let mut picked = Vec::new();
     let mut total = 0u64;
     for part in parts {
@@ -53,7 +58,11 @@ pub fn pick_inputs(parts: &[PartFile], committed_seq: u64, min_files: usize, tar
         total += part.bytes;
         picked.push(part.clone());
     }
-    if picked.len() >= min_files { picked } else { Vec::new() }
+    if picked.len() >= min_files {
+        picked
+    } else {
+        Vec::new()
+    }
 }
 
 /// Merges `inputs` (files of one partition, each sorted by `sort_columns`) into one file.
@@ -81,8 +90,11 @@ pub fn compact(
         path: temp.clone(),
         source,
     };
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet)?;
-    merge_sorted(inputs, schema, sort_columns, |batch| writer.write(&batch).map_err(parquet))?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet)?;
+    merge_sorted(inputs, schema, sort_columns, |batch| {
+        writer.write(&batch).map_err(parquet)
+    })?;
     writer.close().map_err(parquet)?;
     handle.sync_all().map_err(io(&temp))?;
     let bytes = handle.metadata().map_err(io(&temp))?.len();
@@ -135,10 +147,11 @@ pub fn recover_compactions(table_dir: &Path) -> Result<usize, ArchiveError> {
         let Ok(bytes) = std::fs::read(&journal_path) else {
             continue;
         };
-        let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
-            path: journal_path.clone(),
-            message: e.to_string(),
-        })?;
+        let journal: Journal =
+            serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
+                path: journal_path.clone(),
+                message: e.to_string(),
+            })?;
         if dir.join(&journal.output).is_file() {
             tracing::info!(dir = %dir.display(), "finishing an interrupted compaction");
             finish_swap(&dir, &journal)?;
@@ -171,7 +184,10 @@ fn merge_sorted(
     mut emit: impl FnMut(RecordBatch) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
     let arrow_error = |e: arrow::error::ArrowError| ArchiveError::Arrow(e.to_string());
-    let key_indices: Vec<usize> = sort_columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+    let key_indices: Vec<usize> = sort_columns
+        .iter()
+        .filter_map(|c| schema.index_of(c).ok())
+        .collect();
     let converter = RowConverter::new(
         key_indices
             .iter()
@@ -180,7 +196,10 @@ fn merge_sorted(
     )
     .map_err(arrow_error)?;
     let keys_of = |batch: &RecordBatch| {
-        let columns: Vec<_> = key_indices.iter().map(|i| batch.column(*i).clone()).collect();
+        let columns: Vec<_> = key_indices
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
         converter.convert_columns(&columns).map_err(arrow_error)
     };
 
@@ -220,7 +239,12 @@ fn merge_sorted(
                 continue;
             }
             smallest = match smallest {
-                Some(j) if cursors[j].rows.row(cursors[j].position) <= cursor.rows.row(cursor.position) => Some(j),
+                Some(j)
+                    if cursors[j].rows.row(cursors[j].position)
+                        <= cursor.rows.row(cursor.position) =>
+                {
+                    Some(j)
+                }
                 _ => Some(i),
             };
         }
@@ -253,7 +277,8 @@ fn flush(
 ) -> Result<(), ArchiveError> {
     if !picks.is_empty() {
         let refs: Vec<&RecordBatch> = slots.iter().collect();
-        let batch = interleave_record_batch(&refs, picks).map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        let batch = interleave_record_batch(&refs, picks)
+            .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
         emit(batch)?;
         picks.clear();
     }
@@ -269,7 +294,9 @@ fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::commit::{ensure_partition_dir, list_parts, sort_batch, write_parquet_file, writer_properties};
+    use crate::archive::commit::{
+        ensure_partition_dir, list_parts, sort_batch, write_parquet_file, writer_properties,
+    };
     use arrow::array::{Array, StringArray, UInt64Array};
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
@@ -283,10 +310,13 @@ mod tests {
 
     fn write_part(dir: &Path, first: u64, customers: &[&str]) {
         let seqs: Vec<u64> = (first..first + customers.len() as u64).collect();
-        let batch = RecordBatch::try_new(schema(), vec![
-            Arc::new(StringArray::from(customers.to_vec())),
-            Arc::new(UInt64Array::from(seqs)),
-        ])
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from(customers.to_vec())),
+                Arc::new(UInt64Array::from(seqs)),
+            ],
+        )
         .unwrap();
         let batch = sort_batch(&batch, &["customer_id"]).unwrap();
         let name = PartName {
@@ -322,8 +352,16 @@ mod tests {
         let mut seqs = Vec::new();
         for batch in reader {
             let batch = batch.unwrap();
-            let c = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-            let s = batch.column(1).as_any().downcast_ref::<UInt64Array>().unwrap();
+            let c = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let s = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap();
             customers.extend((0..c.len()).map(|i| c.value(i).to_string()));
             seqs.extend(s.values().iter().copied());
         }
@@ -345,8 +383,17 @@ mod tests {
             },
             bytes,
         };
-        let parts = vec![part(1, 10, 100), part(11, 20, 5_000), part(21, 30, 100), part(31, 40, 100)];
-        assert_eq!(pick_inputs(&parts, 30, 2, 1_000).len(), 2, "the big file and the uncommitted one are left");
+        let parts = vec![
+            part(1, 10, 100),
+            part(11, 20, 5_000),
+            part(21, 30, 100),
+            part(31, 40, 100),
+        ];
+        assert_eq!(
+            pick_inputs(&parts, 30, 2, 1_000).len(),
+            2,
+            "the big file and the uncommitted one are left"
+        );
         assert!(pick_inputs(&parts, 30, 3, 1_000).is_empty());
     }
 
@@ -368,9 +415,17 @@ mod tests {
             output: output.file_name(),
             inputs: parts.iter().map(|p| p.name.file_name()).collect(),
         };
-        std::fs::write(dir.join(JOURNAL_FILE), serde_json::to_vec(&journal).unwrap()).unwrap();
+        std::fs::write(
+            dir.join(JOURNAL_FILE),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
         assert_eq!(recover_compactions(table.path()).unwrap(), 1);
-        let left: Vec<_> = list_parts(table.path()).unwrap().into_iter().map(|p| p.name).collect();
+        let left: Vec<_> = list_parts(table.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         assert_eq!(left, vec![output]);
     }
 }

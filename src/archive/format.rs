@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayBuilder, ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder};
+use arrow::array::{
+    ArrayBuilder, ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 
@@ -27,7 +29,12 @@ pub trait TableFormat: Send + Sync + 'static {
     /// Columns each file is sorted by, so row-group statistics prune on them.
     fn sort_columns(&self) -> &'static [&'static str];
     /// Decodes one stream message and appends it to its partition.
-    fn append(&self, seq: u64, payload: &[u8], partitions: &mut Partitions<Self::Rows>) -> Result<(), serde_json::Error>;
+    fn append(
+        &self,
+        seq: u64,
+        payload: &[u8],
+        partitions: &mut Partitions<Self::Rows>,
+    ) -> Result<(), serde_json::Error>;
     /// Rows buffered in one partition.
     fn len(rows: &Self::Rows) -> usize;
     /// Turns a partition's builders into a record batch.
@@ -74,26 +81,35 @@ impl TableFormat for EventsFormat {
         &["customer_id", "timestamp"]
     }
 
-    fn append(&self, seq: u64, payload: &[u8], partitions: &mut Partitions<EventRows>) -> Result<(), serde_json::Error> {
+    fn append(
+        &self,
+        seq: u64,
+        payload: &[u8],
+        partitions: &mut Partitions<EventRows>,
+    ) -> Result<(), serde_json::Error> {
         let view = EventView::decode(payload)?;
-        let rows = partitions.entry(partition_date(view.timestamp)).or_insert_with(|| EventRows {
-            timestamp: timestamps(),
-            received_at: timestamps(),
-            ..Default::default()
-        });
+        let rows = partitions
+            .entry(partition_date(view.timestamp))
+            .or_insert_with(|| EventRows {
+                timestamp: timestamps(),
+                received_at: timestamps(),
+                ..Default::default()
+            });
         rows.event_id.append_value(&view.event_id);
         rows.seq.append_value(seq);
         rows.kind.append_value(view.kind.as_str());
         rows.event.append_option(view.event.as_deref());
         rows.user_id.append_option(view.user_id.as_deref());
-        rows.anonymous_id.append_option(view.anonymous_id.as_deref());
+        rows.anonymous_id
+            .append_option(view.anonymous_id.as_deref());
         rows.customer_id.append_option(view.customer_id.as_deref());
         rows.timestamp.append_value(view.timestamp);
         rows.received_at.append_value(view.received_at);
         rows.properties.append_value(view.properties.get());
         rows.context.append_value(view.context.get());
         rows.source.append_value(&view.source);
-        rows.schema_version.append_option(view.schema_version.as_deref());
+        rows.schema_version
+            .append_option(view.schema_version.as_deref());
         Ok(())
     }
 
@@ -152,12 +168,19 @@ impl TableFormat for RejectedFormat {
         &["received_at"]
     }
 
-    fn append(&self, seq: u64, payload: &[u8], partitions: &mut Partitions<RejectedRows>) -> Result<(), serde_json::Error> {
+    fn append(
+        &self,
+        seq: u64,
+        payload: &[u8],
+        partitions: &mut Partitions<RejectedRows>,
+    ) -> Result<(), serde_json::Error> {
         let view: RejectedView<'_> = serde_json::from_slice(payload)?;
-        let rows = partitions.entry(partition_date(view.received_at)).or_insert_with(|| RejectedRows {
-            received_at: timestamps(),
-            ..Default::default()
-        });
+        let rows = partitions
+            .entry(partition_date(view.received_at))
+            .or_insert_with(|| RejectedRows {
+                received_at: timestamps(),
+                ..Default::default()
+            });
         rows.rejected_id.append_value(&view.rejected_id);
         rows.seq.append_value(seq);
         rows.received_at.append_value(view.received_at);

@@ -76,7 +76,10 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
     let raw = raw_jetstream(&nats_url, &payloads).await?;
     drop(payloads);
 
-    eprintln!("northstar: {} clients × batches of {}…", options.clients, options.batch);
+    eprintln!(
+        "northstar: {} clients × batches of {}…",
+        options.clients, options.batch
+    );
     let ours = northstar_ingest(options, &nats_url, work, messages).await?;
 
     let n = options.events as f64;
@@ -154,9 +157,18 @@ fn bus_payloads(messages: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
     messages
         .iter()
         .map(|message| {
-            let map = message.as_object().cloned().context("message is an object")?;
-            let record = segment::normalize(map, None, segment::Inherited::default(), "bench", crate::clock::system_micros())
-                .map_err(|r| anyhow::anyhow!("bench message rejected: {} {}", r.field, r.message))?;
+            let map = message
+                .as_object()
+                .cloned()
+                .context("message is an object")?;
+            let record = segment::normalize(
+                map,
+                None,
+                segment::Inherited::default(),
+                "bench",
+                crate::clock::system_micros(),
+            )
+            .map_err(|r| anyhow::anyhow!("bench message rejected: {} {}", r.field, r.message))?;
             Ok((record.event_id.clone(), Bytes::from(record.to_bus_json())))
         })
         .collect()
@@ -209,7 +221,10 @@ async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Resul
             let message = message.map_err(|e| anyhow::anyhow!("consume: {e}"))?;
             seen += 1;
             if seen % 1_000 == 0 || seen == total {
-                message.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                message
+                    .ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
             }
             if seen == total {
                 break;
@@ -220,7 +235,9 @@ async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Resul
     for window in payloads.chunks(4_000) {
         let mut acks = Vec::with_capacity(window.len());
         for (id, payload) in window {
-            let publish = PublishMessage::build().payload(payload.clone()).message_id(id.as_str());
+            let publish = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.as_str());
             acks.push(
                 js.send_publish(format!("{subject}.track"), publish)
                     .await
@@ -234,7 +251,10 @@ async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Resul
     let published = started.elapsed();
     let consumed = reader.await??;
     let _ = js.delete_stream(&name).await;
-    Ok(RawTimes { published, consumed })
+    Ok(RawTimes {
+        published,
+        consumed,
+    })
 }
 
 struct OurTimes {
@@ -244,7 +264,12 @@ struct OurTimes {
     parquet_bytes: u64,
 }
 
-async fn northstar_ingest(options: &IngestBench, nats_url: &str, work: &Path, messages: Vec<Value>) -> anyhow::Result<OurTimes> {
+async fn northstar_ingest(
+    options: &IngestBench,
+    nats_url: &str,
+    work: &Path,
+    messages: Vec<Value>,
+) -> anyhow::Result<OurTimes> {
     let data = work.join("data");
     let config_path = work.join("bench-config.json");
     let pid = std::process::id();
@@ -292,14 +317,27 @@ async fn northstar_ingest(options: &IngestBench, nats_url: &str, work: &Path, me
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..options.clients.max(1) {
-        let (bodies, next, client, auth, url) = (bodies.clone(), next.clone(), client.clone(), auth.clone(), url.clone());
+        let (bodies, next, client, auth, url) = (
+            bodies.clone(),
+            next.clone(),
+            client.clone(),
+            auth.clone(),
+            url.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(index) else { return Ok(()) };
+                let Some(body) = bodies.get(index) else {
+                    return Ok(());
+                };
                 loop {
-                    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-                    let response = client.send(http::Method::POST, &url, &headers, body.clone()).await?;
+                    let headers = [
+                        ("authorization", auth.as_str()),
+                        ("content-type", "application/json"),
+                    ];
+                    let response = client
+                        .send(http::Method::POST, &url, &headers, body.clone())
+                        .await?;
                     match response.status {
                         200 => break,
                         503 | 429 => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -316,7 +354,11 @@ async fn northstar_ingest(options: &IngestBench, nats_url: &str, work: &Path, me
     let total = options.events as u64;
     let events_dir = data.join("events");
     let landed = loop {
-        if ArchiveManifest::load(&events_dir).map(|m| m.rows).unwrap_or(0) >= total {
+        if ArchiveManifest::load(&events_dir)
+            .map(|m| m.rows)
+            .unwrap_or(0)
+            >= total
+        {
             break started.elapsed();
         }
         if started.elapsed() > Duration::from_secs(600) {

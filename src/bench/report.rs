@@ -19,7 +19,10 @@ pub fn print_table(title: &str, baseline_name: &str, rows: &[Row]) {
     println!("|---|---:|---:|---:|");
     for row in rows {
         let ratio = row.ratio.map(|r| format!("{r:.2}×")).unwrap_or_default();
-        println!("| {} | {} | {} | {ratio} |", row.measure, row.ours, row.baseline);
+        println!(
+            "| {} | {} | {} | {ratio} |",
+            row.measure, row.ours, row.baseline
+        );
     }
     println!();
 }
@@ -30,7 +33,7 @@ pub fn thousands(value: f64) -> String {
     let digits = rounded.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

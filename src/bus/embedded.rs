@@ -45,7 +45,14 @@ impl EmbeddedNats {
             .arg("--jetstream")
             .arg("--store_dir")
             .arg(store_dir)
-            .args(["--addr", "127.0.0.1", "--port", "-1", "--server_name", "northstar-embedded"])
+            .args([
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                "-1",
+                "--server_name",
+                "northstar-embedded",
+            ])
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .arg("--pid")
@@ -79,7 +86,10 @@ impl EmbeddedNats {
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             signal(pid, libc::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = self.child.kill().await;
             }
         }

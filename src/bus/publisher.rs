@@ -70,7 +70,9 @@ impl Publisher {
         }
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
-            let publish = PublishMessage::build().payload(message.payload).message_id(message.msg_id);
+            let publish = PublishMessage::build()
+                .payload(message.payload)
+                .message_id(message.msg_id);
             let ack = self
                 .js
                 .send_publish(message.subject, publish)

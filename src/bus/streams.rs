@@ -21,10 +21,21 @@ pub const EVENTS_PREFIX: &str = "events";
 pub const REJECTED_PREFIX: &str = "rejected";
 
 /// Creates the streams, or updates their limits to match the config.
-pub async fn ensure_streams(js: &jetstream::Context, settings: &StreamSettings) -> Result<(), BusError> {
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), BusError> {
     for (name, prefix, description) in [
-        (&settings.name, EVENTS_PREFIX, "northstar accepted events (log of record)"),
-        (&settings.rejected_name, REJECTED_PREFIX, "northstar rejected messages"),
+        (
+            &settings.name,
+            EVENTS_PREFIX,
+            "northstar accepted events (log of record)",
+        ),
+        (
+            &settings.rejected_name,
+            REJECTED_PREFIX,
+            "northstar rejected messages",
+        ),
     ] {
         let config = stream::Config {
             name: name.clone(),
@@ -49,7 +60,11 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &StreamSettings) 
 /// The subject an event is published on: `events.<shard>.<type>`, the shard chosen by
 /// customer so that one archiver or meter per shard sees all of a customer's events.
 pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
-    let shard = if shards <= 1 { 0 } else { fnv1a(shard_key.as_bytes()) % shards };
+    let shard = if shards <= 1 {
+        0
+    } else {
+        fnv1a(shard_key.as_bytes()) % shards
+    };
     format!("{EVENTS_PREFIX}.{shard}.{kind}")
 }
 
@@ -57,7 +72,13 @@ pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
 pub fn rejected_subject(source: &str) -> String {
     let token: String = source
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{REJECTED_PREFIX}.{token}")
 }
@@ -71,9 +92,9 @@ fn management<E: std::fmt::Display>(action: &'static str) -> impl Fn(E) -> BusEr
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes
-        .iter()
-        .fold(0x811c_9dc5u32, |hash, b| (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5u32, |hash, b| {
+        (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Settings of a durable pull consumer that acks in commits.
@@ -97,8 +118,14 @@ pub async fn durable_consumer(
     js: &jetstream::Context,
     spec: &DurableSpec<'_>,
 ) -> Result<consumer::PullConsumer, BusError> {
-    let stream = js.get_stream(spec.stream).await.map_err(management("get stream"))?;
-    if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(spec.name).await {
+    let stream = js
+        .get_stream(spec.stream)
+        .await
+        .map_err(management("get stream"))?;
+    if let Ok(mut existing) = stream
+        .get_consumer::<consumer::pull::Config>(spec.name)
+        .await
+    {
         let info = existing.info().await.map_err(management("consumer info"))?;
         if info.ack_floor.stream_sequence == spec.after_seq && info.num_ack_pending == 0 {
             return Ok(existing);
@@ -138,7 +165,10 @@ pub async fn durable_consumer(
 
 /// Last sequence stored in a stream (0 when empty), for lag metrics and waits.
 pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, BusError> {
-    let mut stream = js.get_stream(stream).await.map_err(management("get stream"))?;
+    let mut stream = js
+        .get_stream(stream)
+        .await
+        .map_err(management("get stream"))?;
     let info = stream.info().await.map_err(management("stream info"))?;
     Ok(info.state.last_sequence)
 }

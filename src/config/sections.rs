@@ -137,7 +137,10 @@ impl Default for IngestSettings {
 impl IngestSettings {
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
         if self.max_message_bytes == 0 || self.max_message_bytes > self.max_batch_bytes {
-            return Err(("maxMessageBytes".into(), "must be between 1 and maxBatchBytes".into()));
+            return Err((
+                "maxMessageBytes".into(),
+                "must be between 1 and maxBatchBytes".into(),
+            ));
         }
         if self.max_batch_messages == 0 {
             return Err(("maxBatchMessages".into(), "must be at least 1".into()));
@@ -188,18 +191,31 @@ impl Default for StreamSettings {
 
 impl StreamSettings {
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
-        let valid_name = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
         if !valid_name(&self.name) {
             return Err(("name".into(), "letters, digits, `_` and `-` only".into()));
         }
         if !valid_name(&self.rejected_name) || self.rejected_name == self.name {
-            return Err(("rejectedName".into(), "letters, digits, `_` and `-`, and not the event stream's name".into()));
+            return Err((
+                "rejectedName".into(),
+                "letters, digits, `_` and `-`, and not the event stream's name".into(),
+            ));
         }
         if self.duplicate_window.get().is_zero() {
-            return Err(("duplicateWindow".into(), "must be positive: it is what drops repeated event ids".into()));
+            return Err((
+                "duplicateWindow".into(),
+                "must be positive: it is what drops repeated event ids".into(),
+            ));
         }
         if !self.max_age.get().is_zero() && self.max_age < self.duplicate_window {
-            return Err(("maxAge".into(), "must be 0 (forever) or at least duplicateWindow".into()));
+            return Err((
+                "maxAge".into(),
+                "must be 0 (forever) or at least duplicateWindow".into(),
+            ));
         }
         if !(1..=5).contains(&self.replicas) {
             return Err(("replicas".into(), "must be between 1 and 5".into()));
@@ -248,7 +264,10 @@ impl ArchiveSettings {
             return Err(("commitInterval".into(), "must be positive".into()));
         }
         if self.max_rows_per_commit == 0 || self.row_group_rows == 0 {
-            return Err(("maxRowsPerCommit".into(), "maxRowsPerCommit and rowGroupRows must be positive".into()));
+            return Err((
+                "maxRowsPerCommit".into(),
+                "maxRowsPerCommit and rowGroupRows must be positive".into(),
+            ));
         }
         if !(1..=22).contains(&self.zstd_level) {
             return Err(("zstdLevel".into(), "must be between 1 and 22".into()));

@@ -78,7 +78,9 @@ impl WriteKeys {
 /// The key from `Authorization: Basic base64(key:)` (colon optional).
 pub fn basic_user(authorization: Option<&str>) -> Option<String> {
     let encoded = strip_scheme(authorization?, "basic")?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     Some(match text.split_once(':') {
         Some((user, _)) => user.to_string(),
@@ -112,8 +114,14 @@ mod tests {
 
     #[test]
     fn basic_auth_with_and_without_colon() {
-        let with = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk_web_123:"));
-        let without = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("wk_web_123"));
+        let with = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("wk_web_123:")
+        );
+        let without = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("wk_web_123")
+        );
         assert_eq!(basic_user(Some(&with)).as_deref(), Some("wk_web_123"));
         assert_eq!(basic_user(Some(&without)).as_deref(), Some("wk_web_123"));
         assert_eq!(basic_user(Some("Bearer x")), None);
@@ -122,7 +130,10 @@ mod tests {
     #[test]
     fn any_valid_candidate_authenticates() {
         let keys = keys();
-        assert_eq!(keys.authenticate(&[Some("nope"), Some("wk_web_123")]), Ok("web"));
+        assert_eq!(
+            keys.authenticate(&[Some("nope"), Some("wk_web_123")]),
+            Ok("web")
+        );
         assert_eq!(keys.authenticate(&[Some("nope")]), Err(true));
         assert_eq!(keys.authenticate(&[None, Some("")]), Err(false));
     }

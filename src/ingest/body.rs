@@ -23,7 +23,7 @@ pub struct Encoding {
 
 /// Decodes a request body into JSON bytes no longer than `limit`.
 pub fn decode(raw: &[u8], encoding: &Encoding, limit: usize) -> Result<Vec<u8>, IngestError> {
-    let mut bytes = if encoding.form {
+    let mut bytes = if encoding.form && !looks_like_json(raw) {
         form_data_field(raw)?
     } else {
         raw.to_vec()
@@ -44,7 +44,10 @@ pub fn decode(raw: &[u8], encoding: &Encoding, limit: usize) -> Result<Vec<u8>, 
 }
 
 fn looks_like_json(bytes: &[u8]) -> bool {
-    matches!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+    matches!(
+        bytes.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
 }
 
 fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
@@ -62,7 +65,11 @@ fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
 }
 
 fn decode_base64(bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
-    let trimmed: Vec<u8> = bytes.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let trimmed: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     base64::engine::general_purpose::STANDARD
         .decode(&trimmed)
         .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&trimmed))
@@ -76,7 +83,9 @@ fn form_data_field(raw: &[u8]) -> Result<Vec<u8>, IngestError> {
             return Ok(percent_decode(value));
         }
     }
-    Err(IngestError::InvalidBody("form body has no `data` field".into()))
+    Err(IngestError::InvalidBody(
+        "form body has no `data` field".into(),
+    ))
 }
 
 fn percent_decode(input: &[u8]) -> Vec<u8> {
@@ -144,7 +153,10 @@ mod tests {
             form: true,
             ..Default::default()
         };
-        assert_eq!(decode(form.as_bytes(), &encoding, 100).unwrap(), br#"{"event":"x"}"#);
+        assert_eq!(
+            decode(form.as_bytes(), &encoding, 100).unwrap(),
+            br#"{"event":"x"}"#
+        );
     }
 
     #[test]

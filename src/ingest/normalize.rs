@@ -47,7 +47,10 @@ pub fn id_value(value: &Value, field: &str) -> Result<Option<String>, Rejection>
         return Ok(None);
     }
     if text.chars().count() > MAX_ID_CHARS {
-        return Err(Rejection::new(field, format!("longer than {MAX_ID_CHARS} characters")));
+        return Err(Rejection::new(
+            field,
+            format!("longer than {MAX_ID_CHARS} characters"),
+        ));
     }
     if text.chars().any(char::is_control) {
         return Err(Rejection::new(field, "contains control characters"));
@@ -65,17 +68,25 @@ pub fn event_name(value: Option<&Value>, field: &str) -> Result<String, Rejectio
     match value {
         Some(Value::String(name)) if !name.trim().is_empty() => {
             if name.chars().count() > MAX_EVENT_NAME_CHARS {
-                return Err(Rejection::new(field, format!("longer than {MAX_EVENT_NAME_CHARS} characters")));
+                return Err(Rejection::new(
+                    field,
+                    format!("longer than {MAX_EVENT_NAME_CHARS} characters"),
+                ));
             }
             Ok(name.clone())
         }
-        Some(Value::String(_)) | None | Some(Value::Null) => Err(Rejection::new(field, "is required")),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            Err(Rejection::new(field, "is required"))
+        }
         Some(_) => Err(Rejection::new(field, "must be a string")),
     }
 }
 
 /// An object field, empty when absent or null.
-pub fn object_field(message: &mut Map<String, Value>, field: &str) -> Result<Map<String, Value>, Rejection> {
+pub fn object_field(
+    message: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Map<String, Value>, Rejection> {
     match message.remove(field) {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(map)) => Ok(map),
@@ -92,7 +103,10 @@ pub fn timestamp(value: &Value, field: &str) -> Result<i64, Rejection> {
         _ => None,
     };
     let micros = micros.ok_or_else(|| {
-        Rejection::new(field, "must be an ISO 8601 time such as 2026-01-02T03:04:05.678Z")
+        Rejection::new(
+            field,
+            "must be an ISO 8601 time such as 2026-01-02T03:04:05.678Z",
+        )
     })?;
     // Years 1970..=9999: earlier or later is a client bug, not history.
     if !(0..=253_402_300_799_000_000).contains(&micros) {
@@ -105,7 +119,12 @@ fn parse_time_text(text: &str) -> Option<i64> {
     if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
         return Some(time.timestamp_micros());
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f%z",
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+    ] {
         if let Ok(time) = chrono::DateTime::parse_from_str(text, format) {
             return Some(time.timestamp_micros());
         }
@@ -152,35 +171,71 @@ mod tests {
     #[test]
     fn timestamps_in_the_forms_sdks_send() {
         let t = |v: Value| timestamp(&v, "timestamp");
-        assert_eq!(t(json!("2026-01-02T03:04:05.678Z")).unwrap(), 1_767_323_045_678_000);
-        assert_eq!(t(json!("2026-01-02T04:04:05.678+01:00")).unwrap(), 1_767_323_045_678_000);
-        assert_eq!(t(json!("2026-01-02T03:04:05.678")).unwrap(), 1_767_323_045_678_000);
-        assert_eq!(t(json!(1_767_323_045_678i64)).unwrap(), 1_767_323_045_678_000);
+        assert_eq!(
+            t(json!("2026-01-02T03:04:05.678Z")).unwrap(),
+            1_767_323_045_678_000
+        );
+        assert_eq!(
+            t(json!("2026-01-02T04:04:05.678+01:00")).unwrap(),
+            1_767_323_045_678_000
+        );
+        assert_eq!(
+            t(json!("2026-01-02T03:04:05.678")).unwrap(),
+            1_767_323_045_678_000
+        );
+        assert_eq!(
+            t(json!(1_767_323_045_678i64)).unwrap(),
+            1_767_323_045_678_000
+        );
         assert_eq!(t(json!("yesterday")).unwrap_err().field, "timestamp");
         assert!(t(json!("0001-01-01T00:00:00Z")).is_err());
     }
 
     #[test]
     fn customer_precedence_follows_the_design() {
-        let ctx = json!({"groupId": "ctx-group"}).as_object().cloned().unwrap();
+        let ctx = json!({"groupId": "ctx-group"})
+            .as_object()
+            .cloned()
+            .unwrap();
         let props = json!({"customer_id": "prop-cust", "$groups": {"customer": "ph-group"}})
             .as_object()
             .cloned()
             .unwrap();
         let user = Some("u1".to_string());
-        assert_eq!(customer_id(Some("top".into()), &ctx, &props, user.as_ref()).unwrap(), "top");
-        assert_eq!(customer_id(None, &ctx, &props, user.as_ref()).unwrap(), "ctx-group");
-        assert_eq!(customer_id(None, &Map::new(), &props, user.as_ref()).unwrap(), "prop-cust");
-        let ph = json!({"$groups": {"customer": "ph-group"}}).as_object().cloned().unwrap();
-        assert_eq!(customer_id(None, &Map::new(), &ph, user.as_ref()).unwrap(), "ph-group");
-        assert_eq!(customer_id(None, &Map::new(), &Map::new(), user.as_ref()).unwrap(), "u1");
+        assert_eq!(
+            customer_id(Some("top".into()), &ctx, &props, user.as_ref()).unwrap(),
+            "top"
+        );
+        assert_eq!(
+            customer_id(None, &ctx, &props, user.as_ref()).unwrap(),
+            "ctx-group"
+        );
+        assert_eq!(
+            customer_id(None, &Map::new(), &props, user.as_ref()).unwrap(),
+            "prop-cust"
+        );
+        let ph = json!({"$groups": {"customer": "ph-group"}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            customer_id(None, &Map::new(), &ph, user.as_ref()).unwrap(),
+            "ph-group"
+        );
+        assert_eq!(
+            customer_id(None, &Map::new(), &Map::new(), user.as_ref()).unwrap(),
+            "u1"
+        );
     }
 
     #[test]
     fn ids_refuse_objects_and_control_characters() {
         assert_eq!(id_value(&json!(42), "userId").unwrap().unwrap(), "42");
         assert_eq!(id_value(&json!("  "), "userId").unwrap(), None);
-        assert_eq!(id_value(&json!({"a": 1}), "userId").unwrap_err().field, "userId");
+        assert_eq!(
+            id_value(&json!({"a": 1}), "userId").unwrap_err().field,
+            "userId"
+        );
         assert!(id_value(&json!("a\r\nNats-Msg-Id: x"), "messageId").is_err());
     }
 }

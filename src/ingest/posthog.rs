@@ -59,7 +59,8 @@ pub fn split_body(body: Value) -> Result<CaptureBody, String> {
             let batch = map.remove("batch").or_else(|| map.remove("data"));
             match batch {
                 Some(Value::Array(events)) => {
-                    let api_key = key_of(&map).or_else(|| events.iter().filter_map(Value::as_object).find_map(key_of));
+                    let api_key = key_of(&map)
+                        .or_else(|| events.iter().filter_map(Value::as_object).find_map(key_of));
                     Ok(CaptureBody { events, api_key })
                 }
                 Some(_) => Err("`batch` must be an array of events".into()),
@@ -72,7 +73,9 @@ pub fn split_body(body: Value) -> Result<CaptureBody, String> {
                 }
             }
         }
-        _ => Err("body must be an event, an array of events, or {\"api_key\", \"batch\": [...]}".into()),
+        _ => Err(
+            "body must be an event, an array of events, or {\"api_key\", \"batch\": [...]}".into(),
+        ),
     }
 }
 
@@ -88,9 +91,15 @@ pub fn normalize(event: Value, source: &str, received_at: i64) -> Result<EventRe
             properties.entry(key).or_insert(value);
         }
     }
-    let distinct_id = match ["distinct_id", "$distinct_id"].iter().find_map(|k| event.get(*k)) {
+    let distinct_id = match ["distinct_id", "$distinct_id"]
+        .iter()
+        .find_map(|k| event.get(*k))
+    {
         Some(value) => normalize::id_value(value, "distinct_id")?,
-        None => match properties.get("distinct_id").or_else(|| properties.get("$distinct_id")) {
+        None => match properties
+            .get("distinct_id")
+            .or_else(|| properties.get("$distinct_id"))
+        {
             Some(value) => normalize::id_value(value, "properties.distinct_id")?,
             None => None,
         },
@@ -145,12 +154,17 @@ pub fn normalize(event: Value, source: &str, received_at: i64) -> Result<EventRe
     if !extra.is_empty() {
         context.insert("extra".into(), Value::Object(extra));
     }
-    let group_customer = if kind == EventType::Group && properties.get("$group_type").and_then(Value::as_str) == Some("customer") {
-        properties.get("$group_key").and_then(|v| normalize::id_value(v, "").ok().flatten())
+    let group_customer = if kind == EventType::Group
+        && properties.get("$group_type").and_then(Value::as_str) == Some("customer")
+    {
+        properties
+            .get("$group_key")
+            .and_then(|v| normalize::id_value(v, "").ok().flatten())
     } else {
         None
     };
-    let customer_id = normalize::customer_id(group_customer, &context, &properties, user_id.as_ref());
+    let customer_id =
+        normalize::customer_id(group_customer, &context, &properties, user_id.as_ref());
     Ok(EventRecord {
         event_id,
         kind,
@@ -178,8 +192,12 @@ mod tests {
         assert_eq!((one.events.len(), one.api_key.as_deref()), (1, Some("k")));
         let array = split_body(json!([{"event": "e", "properties": {"token": "k2"}}])).unwrap();
         assert_eq!(array.api_key.as_deref(), Some("k2"));
-        let batch = split_body(json!({"api_key": "k3", "batch": [{"event": "a"}, {"event": "b"}]})).unwrap();
-        assert_eq!((batch.events.len(), batch.api_key.as_deref()), (2, Some("k3")));
+        let batch = split_body(json!({"api_key": "k3", "batch": [{"event": "a"}, {"event": "b"}]}))
+            .unwrap();
+        assert_eq!(
+            (batch.events.len(), batch.api_key.as_deref()),
+            (2, Some("k3"))
+        );
         assert!(split_body(json!("text")).is_err());
     }
 

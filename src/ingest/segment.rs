@@ -72,10 +72,16 @@ pub fn normalize(
 ) -> Result<EventRecord, Rejection> {
     let kind = match message.get("type") {
         Some(Value::String(text)) => EventType::parse(text).ok_or_else(|| {
-            Rejection::new("type", format!("`{text}` is not one of track, identify, page, screen, group, alias"))
+            Rejection::new(
+                "type",
+                format!("`{text}` is not one of track, identify, page, screen, group, alias"),
+            )
         })?,
         Some(Value::Null) | None => route.ok_or_else(|| {
-            Rejection::new("type", "is required (track, identify, page, screen, group or alias)")
+            Rejection::new(
+                "type",
+                "is required (track, identify, page, screen, group or alias)",
+            )
         })?,
         Some(_) => return Err(Rejection::new("type", "must be a string")),
     };
@@ -83,9 +89,15 @@ pub fn normalize(
     let user_id = normalize::id_field(&message, "userId")?;
     let anonymous_id = normalize::id_field(&message, "anonymousId")?;
     if user_id.is_none() && anonymous_id.is_none() {
-        return Err(Rejection::new("userId", "userId or anonymousId is required"));
+        return Err(Rejection::new(
+            "userId",
+            "userId or anonymousId is required",
+        ));
     }
-    let timestamp = match message.get("timestamp").or_else(|| message.get("originalTimestamp")) {
+    let timestamp = match message
+        .get("timestamp")
+        .or_else(|| message.get("originalTimestamp"))
+    {
         Some(Value::Null) | None => received_at,
         Some(value) => normalize::timestamp(value, "timestamp")?,
     };
@@ -95,7 +107,10 @@ pub fn normalize(
     let (event, properties) = match kind {
         EventType::Track => {
             let name = normalize::event_name(message.get("event"), "event")?;
-            (Some(name), normalize::object_field(&mut message, "properties")?)
+            (
+                Some(name),
+                normalize::object_field(&mut message, "properties")?,
+            )
         }
         EventType::Page | EventType::Screen => {
             let name = match message.get("name") {
@@ -143,7 +158,12 @@ pub fn normalize(
         context.insert("extra".into(), Value::Object(extra));
     }
 
-    let customer_id = normalize::customer_id(top_customer.or(group_id), &context, &properties, user_id.as_ref());
+    let customer_id = normalize::customer_id(
+        top_customer.or(group_id),
+        &context,
+        &properties,
+        user_id.as_ref(),
+    );
     Ok(EventRecord {
         event_id,
         kind,
@@ -166,7 +186,13 @@ mod tests {
     use serde_json::json;
 
     fn run(message: Value, route: Option<EventType>) -> Result<EventRecord, Rejection> {
-        normalize(message.as_object().cloned().unwrap(), route, Inherited::default(), "web", 7)
+        normalize(
+            message.as_object().cloned().unwrap(),
+            route,
+            Inherited::default(),
+            "web",
+            7,
+        )
     }
 
     #[test]
@@ -186,7 +212,11 @@ mod tests {
 
     #[test]
     fn route_type_and_generated_id() {
-        let record = run(json!({"anonymousId": "a1", "event": "x"}), Some(EventType::Track)).unwrap();
+        let record = run(
+            json!({"anonymousId": "a1", "event": "x"}),
+            Some(EventType::Track),
+        )
+        .unwrap();
         assert_eq!(record.kind, EventType::Track);
         assert_eq!(record.timestamp, 7);
         assert_eq!(record.event_id.len(), 36);
@@ -194,14 +224,24 @@ mod tests {
 
     #[test]
     fn batch_context_fills_in_and_message_context_wins() {
-        let batch_context = json!({"library": {"name": "batch"}, "ip": "1.2.3.4"}).as_object().cloned().unwrap();
+        let batch_context = json!({"library": {"name": "batch"}, "ip": "1.2.3.4"})
+            .as_object()
+            .cloned()
+            .unwrap();
         let inherited = Inherited {
             context: Some(&batch_context),
             integrations: None,
         };
         let message = json!({"type": "identify", "userId": "u1", "context": {"library": {"name": "msg"}},
                              "traits": {"plan": "pro"}, "sentAt": "x", "custom": 1});
-        let record = normalize(message.as_object().cloned().unwrap(), None, inherited, "web", 0).unwrap();
+        let record = normalize(
+            message.as_object().cloned().unwrap(),
+            None,
+            inherited,
+            "web",
+            0,
+        )
+        .unwrap();
         assert_eq!(record.context["library"]["name"], "msg");
         assert_eq!(record.context["ip"], "1.2.3.4");
         assert_eq!(record.context["extra"]["custom"], 1);
@@ -214,8 +254,14 @@ mod tests {
         assert_eq!(field(json!({"type": "track", "userId": "u"})), "event");
         assert_eq!(field(json!({"type": "track", "event": "e"})), "userId");
         assert_eq!(field(json!({"type": "bogus", "userId": "u"})), "type");
-        assert_eq!(field(json!({"type": "track", "userId": "u", "event": "e", "properties": [1]})), "properties");
-        assert_eq!(field(json!({"type": "track", "userId": "u", "event": "e", "timestamp": "soon"})), "timestamp");
+        assert_eq!(
+            field(json!({"type": "track", "userId": "u", "event": "e", "properties": [1]})),
+            "properties"
+        );
+        assert_eq!(
+            field(json!({"type": "track", "userId": "u", "event": "e", "timestamp": "soon"})),
+            "timestamp"
+        );
         assert_eq!(field(json!({"type": "alias", "userId": "u"})), "previousId");
         assert_eq!(field(json!({"type": "group", "userId": "u"})), "groupId");
         assert_eq!(field(json!({"userId": "u", "event": "e"})), "type");
@@ -223,7 +269,11 @@ mod tests {
 
     #[test]
     fn group_calls_bill_the_group() {
-        let record = run(json!({"type": "group", "userId": "u", "groupId": "acme", "traits": {}}), None).unwrap();
+        let record = run(
+            json!({"type": "group", "userId": "u", "groupId": "acme", "traits": {}}),
+            None,
+        )
+        .unwrap();
         assert_eq!(record.customer_id.as_deref(), Some("acme"));
     }
 }

@@ -58,7 +58,9 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ArrowErro
         }
         Format::Csv => {
             let mut out = Vec::new();
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
             if result.batches.is_empty() {
                 writer.write(&RecordBatch::new_empty(result.schema.clone()))?;
             }
@@ -95,7 +97,10 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ArrowErro
 pub fn summary(result: &QueryResult) -> String {
     let rows = result.row_count();
     let noun = if rows == 1 { "row" } else { "rows" };
-    let mut text = format!("{rows} {noun} in {:.1} ms", result.elapsed.as_secs_f64() * 1000.0);
+    let mut text = format!(
+        "{rows} {noun} in {:.1} ms",
+        result.elapsed.as_secs_f64() * 1000.0
+    );
     if result.truncated {
         text.push_str(" (cut at the row limit; add LIMIT or raise sql.maxRows)");
     }

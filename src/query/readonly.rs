@@ -60,7 +60,10 @@ fn check_statement(statement: &Statement) -> Result<(), Refusal> {
 }
 
 fn first_word(text: &str) -> String {
-    text.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks to run and test northstar:
+#   nats-server (Debian's package; JetStream included) and, with --test, the Python SDK clients
+#   the wire tests drive (segment-analytics-python, posthog).
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+want_test=false
+[ "${1:-}" = "--test" ] && want_test=true
+
+have_nats() {
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || [ -n "${NORTHSTAR_NATS_SERVER:-}" ]
+}
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; exit 1; fi
+}
+
+if ! have_nats; then
+  echo "installing nats-server (Debian package)…"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get install -y nats-server >/dev/null 2>&1 || {
+    as_root apt-get update -qq
+    as_root apt-get install -y nats-server
+  }
+  # Debian's package starts a system nats-server on 4222; northstar runs its own, so stop it.
+  as_root systemctl disable --now nats-server >/dev/null 2>&1 || true
+fi
+
+if $want_test; then
+  if ! python3 -c 'import segment.analytics, posthog' >/dev/null 2>&1; then
+    echo "installing the Python SDK clients for the wire tests…"
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  fi
+fi

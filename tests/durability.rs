@@ -1,0 +1,269 @@
+//! Guarantees 1–3 under failure: acked ⇒ durable; repeats stored once; every stream message
+//! in Parquet exactly once across kill -9 of northstar, a NATS outage and a graceful stop.
+
+mod harness;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::{Nats, Northstar, WRITE_KEY, query, scalar, test_config, tracks};
+use northstar::client::{HttpClient, basic_auth};
+use serde_json::json;
+
+/// Messages in the events stream and its last sequence, read from JetStream itself.
+async fn stream_state(nats_url: &str) -> (u64, u64) {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("EVENTS").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    (info.state.messages, info.state.last_sequence)
+}
+
+/// Waits until the archive has committed everything the stream holds.
+async fn wait_caught_up(nats_url: &str, data: &std::path::Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, last) = stream_state(nats_url).await;
+        let manifest =
+            northstar::archive::ArchiveManifest::load(&data.join("events")).unwrap_or_default();
+        if manifest.last_seq >= last {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archive at {} of {last} after 90 s",
+            manifest.last_seq
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Clients that post batches until told to stop or the server vanishes; returns acked ids.
+fn spawn_clients(
+    base: String,
+    round: usize,
+    clients: usize,
+    acked: Arc<Mutex<HashSet<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|c| {
+            let (base, acked) = (base.clone(), acked.clone());
+            tokio::spawn(async move {
+                let http = HttpClient::new();
+                let auth = basic_auth(WRITE_KEY);
+                for i in 0.. {
+                    let prefix = format!("r{round}-c{c}-b{i}");
+                    let batch = tracks(&prefix, 0..100);
+                    let ids: Vec<String> = batch
+                        .iter()
+                        .map(|m| m["messageId"].as_str().unwrap().to_string())
+                        .collect();
+                    match http
+                        .post_json(
+                            &format!("{base}/v1/batch"),
+                            &[("authorization", &auth)],
+                            &json!({"batch": batch}),
+                        )
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => acked.lock().unwrap().extend(ids),
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_ingest_then_restart_keeps_every_acked_event_exactly_once() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    // Commit constantly, so the kills land inside commits, renames and manifest writes.
+    config["archive"] =
+        json!({"commitInterval": "20ms", "maxRowsPerCommit": 250, "compactMinFiles": 4});
+    let mut server = Northstar::start(&nats, &config);
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    for (round, pause) in [700u64, 450, 900, 300].into_iter().enumerate() {
+        let clients = spawn_clients(server.base.clone(), round, 4, acked.clone());
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        server.kill9();
+        for client in clients {
+            let _ = client.await;
+        }
+        server.restart();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 1_000,
+        "the test must ingest a real amount: {}",
+        acked.len()
+    );
+
+    let last_seq = wait_caught_up(&nats.url, &server.data).await;
+    let (messages, _) = stream_state(&nats.url).await;
+    let total = scalar(&server.data, "SELECT count(*) FROM events").await as u64;
+    let distinct = scalar(&server.data, "SELECT count(DISTINCT event_id) FROM events").await as u64;
+    let distinct_seq = scalar(&server.data, "SELECT count(DISTINCT seq) FROM events").await as u64;
+    assert_eq!(total, messages, "every stream message is in Parquet");
+    assert_eq!(total, distinct, "no event twice");
+    assert_eq!(total, distinct_seq, "no stream message twice");
+    assert_eq!(
+        scalar(&server.data, "SELECT max(seq) FROM events").await as u64,
+        last_seq
+    );
+    let stored: HashSet<String> = query(&server.data, "SELECT event_id FROM events")
+        .await
+        .into_iter()
+        .map(|r| r["event_id"].as_str().unwrap().to_string())
+        .collect();
+    let missing: Vec<&String> = acked.difference(&stored).take(5).collect();
+    assert!(missing.is_empty(), "acked but not stored: {missing:?}");
+    // No temp files or journals left behind once caught up.
+    for part in northstar::archive::commit::list_parts(&server.data.join("events")).unwrap() {
+        assert!(part.path.extension().is_some_and(|e| e == "parquet"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_outage_answers_503_then_ingest_resumes_with_nothing_lost() {
+    let mut nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    let before = server
+        .post("/v1/batch", &json!({"batch": tracks("before", 0..20)}))
+        .await;
+    assert_eq!(before.status, 200);
+
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let r = server
+            .post("/v1/batch", &json!({"batch": tracks("during", 0..20)}))
+            .await;
+        if r.status == 503 {
+            break r;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(Instant::now() < deadline, "no 503 while NATS is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.json()["code"], "stream_unavailable");
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "503 says when to retry"
+    );
+    assert_eq!(server.get("/healthz").await.status, 503);
+
+    nats.restart();
+    // The SDK's retry: the same batch until it is accepted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = server
+            .post("/v1/batch", &json!({"batch": tracks("during", 0..20)}))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not resume after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = server
+        .post("/v1/batch", &json!({"batch": tracks("after", 0..20)}))
+        .await;
+    assert_eq!(after.status, 200);
+    assert_eq!(server.get("/healthz").await.status, 200);
+
+    wait_caught_up(&nats.url, &server.data).await;
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        60
+    );
+    assert_eq!(
+        scalar(&server.data, "SELECT count(DISTINCT event_id) FROM events").await,
+        60
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_commits_what_is_buffered_before_exiting() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    // Nothing would commit on its own for an hour: only the shutdown path can.
+    config["archive"] = json!({"commitInterval": "1h", "maxRowsPerCommit": 1000000});
+    let mut server = Northstar::start(&nats, &config);
+    let r = server
+        .post("/v1/batch", &json!({"batch": tracks("term", 0..500)}))
+        .await;
+    assert_eq!(r.status, 200);
+    // Wait until the archiver holds them (delivered), then stop gracefully.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        northstar::archive::ArchiveManifest::load(&server.data.join("events"))
+            .unwrap()
+            .rows,
+        0
+    );
+    server.terminate();
+    let manifest = northstar::archive::ArchiveManifest::load(&server.data.join("events")).unwrap();
+    assert_eq!(manifest.rows, 500, "SIGTERM committed the buffer");
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_nats_server_lives_and_dies_with_northstar() {
+    let mut server = Northstar::start_embedded(&test_config());
+    let r = server
+        .post("/v1/batch", &json!({"batch": tracks("emb", 0..30)}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.wait_archived(30).await;
+    let pid_file = server.data.join("jetstream/nats-server.pid");
+    let nats_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{nats_pid}")).exists());
+
+    server.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(nats_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server outlived a kill -9 of northstar"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.restart();
+    let r = server
+        .post("/v1/batch", &json!({"batch": tracks("emb2", 0..30)}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.wait_archived(60).await;
+    assert_eq!(
+        scalar(&server.data, "SELECT count(DISTINCT event_id) FROM events").await,
+        60
+    );
+    server.terminate();
+    let nats_pid: u32 = std::fs::read_to_string(&pid_file)
+        .map(|t| t.trim().parse().unwrap_or(0))
+        .unwrap_or(0);
+    assert!(
+        nats_pid == 0 || !is_alive(nats_pid),
+        "a graceful stop stops the embedded server too"
+    );
+}
+
+/// Whether a process is alive (and not a zombie).
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.split_whitespace().nth(2) != Some("Z"))
+}

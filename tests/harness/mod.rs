@@ -1,0 +1,371 @@
+//! The integration-test harness: a real nats-server on a free port in a temp dir, a real
+//! `northstar serve` process against it on 127.0.0.1:0, and helpers that read like the
+//! scenarios they check. Everything is cleaned up on drop; either process can be killed with
+//! SIGKILL and restarted on the same store.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use northstar::client::{ClientResponse, HttpClient, basic_auth};
+use northstar::config::Config;
+use northstar::query::QueryEngine;
+use serde_json::{Value, json};
+
+/// The write key every test config carries.
+pub const WRITE_KEY: &str = "wk_test_0123456789";
+/// The admin key every test server gets.
+pub const ADMIN_KEY: &str = "ak_test_0123456789";
+
+/// A nats-server child process with JetStream, its store in a temp dir.
+pub struct Nats {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Nats {
+    /// Starts a server on a port it picks itself (reported through its ports file).
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (child, port) = spawn_nats(dir.path(), None);
+        Self {
+            child: Some(child),
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+            port,
+        }
+    }
+
+    /// SIGKILL: the server disappears mid-whatever.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, _) = spawn_nats(self.dir.path(), Some(self.port));
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn nats_binary() -> PathBuf {
+    northstar::bus::embedded::find_nats_server()
+        .expect("nats-server is not installed: run ./scripts/install-deps.sh")
+}
+
+// The child is handed to `Nats`, which kills and waits for it on drop.
+#[allow(clippy::zombie_processes)]
+fn spawn_nats(dir: &Path, port: Option<u16>) -> (Child, u16) {
+    let ports = dir.join("ports");
+    let _ = std::fs::remove_dir_all(&ports);
+    std::fs::create_dir_all(&ports).expect("ports dir");
+    let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+    let mut child = Command::new(nats_binary())
+        .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
+        .arg("-sd")
+        .arg(dir.join("store"))
+        .arg("--ports_file_dir")
+        .arg(&ports)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nats-server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = std::fs::read_dir(&ports)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| std::fs::read_to_string(e.path()).ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|v| v["nats"][0].as_str().map(str::to_string));
+        if let Some(url) = found {
+            let port = url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            return (child, port);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nats-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The config every test starts from: the seed's template plus a test source.
+pub fn test_config() -> Value {
+    let mut config: Value = serde_json::from_str(include_str!("../fixtures/config-template.json"))
+        .expect("seed template");
+    config["sources"] = json!([{"name": "test", "writeKeys": [WRITE_KEY]}]);
+    config["archive"] = json!({"commitInterval": "200ms"});
+    config
+}
+
+/// A `northstar serve` child process.
+pub struct Northstar {
+    child: Option<Child>,
+    pub base: String,
+    pub data: PathBuf,
+    config_path: PathBuf,
+    nats_url: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+    pub client: HttpClient,
+}
+
+impl Northstar {
+    /// Starts northstar against `nats` with `config`, in a fresh data dir.
+    pub fn start(nats: &Nats, config: &Value) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let config_path = dir.path().join("northstar.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        let mut server = Self {
+            child: None,
+            base: String::new(),
+            data,
+            config_path,
+            nats_url: Some(nats.url.clone()),
+            _dir: Some(dir),
+            client: HttpClient::new(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts northstar with its own embedded nats-server (the `make run` default).
+    pub fn start_embedded(config: &Value) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let config_path = dir.path().join("northstar.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        let mut server = Self {
+            child: None,
+            base: String::new(),
+            data,
+            config_path,
+            nats_url: None,
+            _dir: Some(dir),
+            client: HttpClient::new(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_northstar"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("NORTHSTAR_ADMIN_KEY", ADMIN_KEY)
+            .env_remove("NORTHSTAR_WRITE_KEY")
+            .env_remove("NORTHSTAR_NATS_URL")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = &self.nats_url {
+            command.arg("--nats-url").arg(url);
+        }
+        let mut child = command.spawn().expect("spawn northstar");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(url) = line.strip_prefix("northstar listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        self.base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("northstar did not start listening within 60 s");
+        self.child = Some(child);
+    }
+
+    /// The pid of the server process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// `kill -9`: no shutdown, no final commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path (drain, commit, ack).
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data dir (a new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// POST `body` to `path` with the test write key as Basic auth.
+    pub async fn post(&self, path: &str, body: &Value) -> ClientResponse {
+        let auth = basic_auth(WRITE_KEY);
+        self.client
+            .post_json(
+                &format!("{}{path}", self.base),
+                &[("authorization", &auth)],
+                body,
+            )
+            .await
+            .expect("request answered")
+    }
+
+    /// POST raw bytes with the given headers.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> ClientResponse {
+        self.client
+            .send(
+                http::Method::POST,
+                &format!("{}{path}", self.base),
+                headers,
+                body,
+            )
+            .await
+            .expect("request answered")
+    }
+
+    /// GET a path.
+    pub async fn get(&self, path: &str) -> ClientResponse {
+        self.client
+            .get(&format!("{}{path}", self.base), &[])
+            .await
+            .expect("request answered")
+    }
+
+    /// POST /v1/sql as admin; returns the JSON answer.
+    pub async fn sql_api(&self, sql: &str) -> ClientResponse {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        self.client
+            .post_json(
+                &format!("{}/v1/sql", self.base),
+                &[("authorization", &auth)],
+                &json!({"sql": sql}),
+            )
+            .await
+            .expect("request answered")
+    }
+
+    /// Runs SQL over the data dir with the real engine (no server involved), rows as JSON.
+    pub async fn sql(&self, sql: &str) -> Vec<Value> {
+        query(&self.data, sql).await
+    }
+
+    /// Waits until the events archive has committed at least `rows` rows (per its manifest).
+    pub async fn wait_archived(&self, rows: u64) {
+        wait_archived(&self.data, rows).await
+    }
+}
+
+impl Drop for Northstar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs SQL over a data dir with the real engine, rows as JSON objects.
+pub async fn query(data: &Path, sql: &str) -> Vec<Value> {
+    let engine = QueryEngine::open(data, Config::default().sql).expect("open tables");
+    let result = engine
+        .run(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    match northstar::query::output::rows_json(&result.batches).expect("rows as JSON") {
+        Value::Array(rows) => rows,
+        other => panic!("not rows: {other}"),
+    }
+}
+
+/// A single number from SQL (`SELECT count(*) …`).
+pub async fn scalar(data: &Path, sql: &str) -> i64 {
+    let rows = query(data, sql).await;
+    let row = rows.first().and_then(Value::as_object).expect("one row");
+    row.values()
+        .next()
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("{sql}: not a number: {row:?}"))
+}
+
+/// Waits (up to a minute) until the events manifest counts `rows` committed rows.
+pub async fn wait_archived(data: &Path, rows: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let manifest =
+            northstar::archive::ArchiveManifest::load(&data.join("events")).unwrap_or_default();
+        if manifest.rows >= rows {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {rows} rows archived after 60 s",
+            manifest.rows
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Segment track messages with ids `"{prefix}-{i}"` for `i` in `range`.
+pub fn tracks(prefix: &str, range: std::ops::Range<usize>) -> Vec<Value> {
+    range
+        .map(|i| {
+            json!({
+                "type": "track",
+                "messageId": format!("{prefix}-{i}"),
+                "userId": format!("user-{}", i % 17),
+                "event": "api_call_made",
+                "timestamp": "2026-03-04T05:06:07.000Z",
+                "context": {"groupId": format!("cust-{}", i % 5)},
+                "properties": {"endpoint": "/v1/search", "n": i}
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,223 @@
+//! SQL: `POST /v1/sql` (admin key, read-only, limits, JSON/CSV/Arrow) and `northstar sql`.
+
+mod harness;
+
+use harness::{ADMIN_KEY, Nats, Northstar, test_config, tracks};
+use serde_json::json;
+
+async fn sql_with(
+    server: &Northstar,
+    auth: Option<&str>,
+    accept: Option<&str>,
+    sql: &str,
+) -> northstar::client::ClientResponse {
+    let mut headers = vec![("content-type", "application/json")];
+    let bearer = auth.map(|key| format!("Bearer {key}"));
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer));
+    }
+    if let Some(accept) = accept {
+        headers.push(("accept", accept));
+    }
+    server
+        .client
+        .send(
+            http::Method::POST,
+            &format!("{}/v1/sql", server.base),
+            &headers,
+            json!({"sql": sql}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sql_api_answers_admins_in_three_formats_and_refuses_writes() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["sql"] = json!({"maxRows": 5, "timeout": "2s"});
+    let server = Northstar::start(&nats, &config);
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": tracks("sql", 0..20)}))
+            .await
+            .status,
+        200
+    );
+    server.wait_archived(20).await;
+
+    // Keys: none, wrong, a write key.
+    let q =
+        "SELECT customer_id, count(*) AS n FROM events GROUP BY customer_id ORDER BY customer_id";
+    assert_eq!(sql_with(&server, None, None, q).await.status, 401);
+    assert_eq!(
+        sql_with(&server, Some("wrong-key-xxxx"), None, q)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        sql_with(&server, Some(harness::WRITE_KEY), None, q)
+            .await
+            .status,
+        403
+    );
+
+    // JSON.
+    let r = sql_with(&server, Some(ADMIN_KEY), None, q).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["columns"][0]["name"], "customer_id");
+    assert_eq!(body["rows"][0], json!({"customer_id": "cust-0", "n": 4}));
+    assert_eq!(body["row_count"], 5);
+    assert_eq!(body["truncated"], false);
+    // JSON properties.
+    let r = sql_with(&server, Some(ADMIN_KEY), None, "SELECT max(CAST(properties->>'n' AS BIGINT)) AS top FROM events WHERE (properties->>'endpoint') = '/v1/search'").await;
+    assert_eq!(r.json()["rows"][0]["top"], 19, "{}", r.text());
+    // CSV.
+    let r = sql_with(&server, Some(ADMIN_KEY), Some("text/csv"), q).await;
+    assert_eq!(r.headers["content-type"], "text/csv; charset=utf-8");
+    assert!(
+        r.text().starts_with("customer_id,n\ncust-0,4\n"),
+        "{}",
+        r.text()
+    );
+    // Arrow IPC.
+    let r = sql_with(
+        &server,
+        Some(ADMIN_KEY),
+        Some("application/vnd.apache.arrow.stream"),
+        q,
+    )
+    .await;
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(r.body.to_vec()), None)
+            .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 5);
+    // The row cap.
+    let r = sql_with(&server, Some(ADMIN_KEY), None, "SELECT * FROM events").await;
+    assert_eq!(
+        (
+            r.json()["row_count"].as_u64(),
+            r.json()["truncated"].as_bool()
+        ),
+        (Some(5), Some(true))
+    );
+    assert_eq!(r.headers["x-northstar-truncated"], "true");
+    // The time limit.
+    let r = sql_with(
+        &server,
+        Some(ADMIN_KEY),
+        None,
+        "SELECT count(*) FROM generate_series(1, 100000000000)",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (504, Some("query_timeout")),
+        "{}",
+        r.text()
+    );
+
+    // Read-only: writes, settings and file access are refused with 400.
+    for statement in [
+        "COPY events TO '/tmp/northstar-escape.csv'",
+        "CREATE EXTERNAL TABLE pw (line VARCHAR) STORED AS CSV LOCATION '/etc/passwd'",
+        "INSERT INTO events SELECT * FROM events",
+        "SET datafusion.execution.batch_size = 1",
+        "DROP TABLE events",
+        "SELECT 1; SELECT 2",
+    ] {
+        let r = sql_with(&server, Some(ADMIN_KEY), None, statement).await;
+        assert_eq!(
+            (r.status, r.json()["code"].as_str()),
+            (400, Some("statement_not_allowed")),
+            "{statement}: {}",
+            r.text()
+        );
+    }
+    for escape in [
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_parquet('/etc/passwd')",
+    ] {
+        let r = sql_with(&server, Some(ADMIN_KEY), None, escape).await;
+        assert_eq!(r.status, 400, "{escape}: {}", r.text());
+    }
+    assert!(!std::path::Path::new("/tmp/northstar-escape.csv").exists());
+    // Mistakes are the user's, with a clear code.
+    let r = sql_with(&server, Some(ADMIN_KEY), None, "SELECT nope FROM events").await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    // SHOW and DESCRIBE work.
+    let r = sql_with(&server, Some(ADMIN_KEY), None, "SHOW TABLES").await;
+    assert!(r.text().contains("rejected_events"), "{}", r.text());
+    let r = sql_with(&server, Some(ADMIN_KEY), None, "DESCRIBE events").await;
+    assert!(r.text().contains("event_id"), "{}", r.text());
+    // The server's engine sees files committed after its first query.
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": tracks("sql-later", 0..3)}))
+            .await
+            .status,
+        200
+    );
+    server.wait_archived(23).await;
+    let r = sql_with(
+        &server,
+        Some(ADMIN_KEY),
+        None,
+        "SELECT count(*) AS n FROM events",
+    )
+    .await;
+    assert_eq!(r.json()["rows"][0]["n"], 23, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sql_command_works_without_a_server() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &test_config());
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": tracks("cli", 0..10)}))
+            .await
+            .status,
+        200
+    );
+    server.wait_archived(10).await;
+    server.terminate();
+    let run = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+            .args([
+                "sql",
+                "SELECT count(*) AS n, count(DISTINCT customer_id) AS c FROM events",
+                "--format",
+                format,
+                "--data",
+            ])
+            .arg(&server.data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("csv"), "n,c\n10,5\n");
+    let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(json["rows"][0], json!({"n": 10, "c": 5}));
+    let table = run("table");
+    assert!(table.contains("| 10 | 5 |"), "{table}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(["sql", "DELETE FROM events", "--data"])
+        .arg(&server.data)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("read-only"));
+}
