@@ -97,6 +97,7 @@ pub struct ArchiverHandle {
 
 /// Starts an archiver task for `format`. It recovers the table directory, resumes after the
 /// manifest, and runs until `shutdown` turns true, committing what it holds before it exits.
+/// Fails fast when the directory cannot be recovered or the stream does not match it.
 pub async fn start<F: TableFormat>(
     format: F,
     js: jetstream::Context,
@@ -109,40 +110,31 @@ pub async fn start<F: TableFormat>(
         path: target.dir.clone(),
         source,
     })?;
-    compact::recover_compactions(&target.dir)?;
-    let manifest = ArchiveManifest::load(&target.dir)?;
-    let recovery = commit::recover(&target.dir, manifest.last_seq)?;
-    if recovery != commit::Recovery::default() {
-        tracing::warn!(
-            table = format.dir(),
-            ?recovery,
-            "recovered from an interrupted commit"
-        );
-    }
-    check_stream(&js, &target.stream, &manifest).await?;
-    metrics.last_seq.set(manifest.last_seq);
-    let (committed_tx, committed) = watch::channel(manifest.last_seq);
-    let archiver = Archiver {
+    let (committed_tx, committed) = watch::channel(0);
+    let mut archiver = Archiver {
         format: Arc::new(format),
         js,
         target,
         settings,
         metrics,
-        manifest,
+        manifest: ArchiveManifest::default(),
         committed: committed_tx,
         compacting: Arc::new(AtomicBool::new(false)),
+        high_water: 0,
     };
+    archiver.prepare().await?;
     let task = tokio::spawn(archiver.supervise(shutdown));
     Ok(ArchiverHandle { committed, task })
 }
 
-/// Refuses to archive a stream that was deleted and made anew under an existing archive: its
-/// sequences would collide with the files already written.
+/// Checks the stream against the manifest and returns the stream's creation time. Refuses a
+/// stream that was deleted and made anew under an existing archive: its sequences would
+/// collide with the files already written.
 async fn check_stream(
     js: &jetstream::Context,
     stream: &str,
     manifest: &ArchiveManifest,
-) -> Result<(), ArchiveError> {
+) -> Result<String, ArchiveError> {
     let mut handle = js
         .get_stream(stream)
         .await
@@ -169,7 +161,7 @@ async fn check_stream(
             manifest.last_seq, info.state.last_sequence
         )));
     }
-    Ok(())
+    Ok(created)
 }
 
 struct Archiver<F: TableFormat> {
@@ -181,12 +173,16 @@ struct Archiver<F: TableFormat> {
     manifest: ArchiveManifest,
     committed: watch::Sender<u64>,
     compacting: Arc<AtomicBool>,
+    /// Highest stream sequence committed, in flight or buffered: anything at or below it that
+    /// arrives again is a redelivery and is skipped.
+    high_water: u64,
 }
 
 /// Rows waiting for the next commit.
 struct Buffer<R> {
     partitions: format::Partitions<R>,
     rows: usize,
+    bytes: usize,
     first_seq: u64,
     last_seq: u64,
     opened: Option<Instant>,
@@ -198,6 +194,7 @@ impl<R> Default for Buffer<R> {
         Self {
             partitions: Default::default(),
             rows: 0,
+            bytes: 0,
             first_seq: 0,
             last_seq: 0,
             opened: None,
@@ -225,24 +222,94 @@ struct CommitDone {
 
 type InFlight = JoinHandle<Result<CommitDone, ArchiveError>>;
 
+/// Why the consume loop stopped.
+enum Stop {
+    /// Shutdown was asked for: commit what is held.
+    Shutdown,
+    /// A sequence was skipped in delivery (messages lost on a reconnect, or deleted from the
+    /// stream): commit what is held, which is contiguous, and reposition after it.
+    Gap { expected: u64, got: u64 },
+    /// Anything else: what is held is dropped (it is not acked and comes again).
+    Failed(ArchiveError),
+}
+
 impl<F: TableFormat> Archiver<F> {
+    /// Brings the directory to the manifest's state and checks the stream, before every
+    /// (re)start of the consume loop: a failed commit may have left files behind.
+    async fn prepare(&mut self) -> Result<(), ArchiveError> {
+        while self.compacting.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dir = self.target.dir.clone();
+        compact::recover_compactions(&dir)?;
+        let mut manifest = ArchiveManifest::load(&dir)?;
+        let recovery = commit::recover(&dir, manifest.last_seq)?;
+        if recovery != commit::Recovery::default() {
+            tracing::warn!(
+                table = self.format.dir(),
+                ?recovery,
+                "recovered from an interrupted commit"
+            );
+        }
+        let created = check_stream(&self.js, &self.target.stream, &manifest).await?;
+        manifest.stream = self.target.stream.clone();
+        manifest.stream_created = Some(created);
+        self.high_water = manifest.last_seq;
+        self.metrics.last_seq.set(manifest.last_seq);
+        self.committed.send_replace(manifest.last_seq);
+        self.manifest = manifest;
+        Ok(())
+    }
+
     /// Runs the consume loop, restarting it after stream errors, until shutdown.
     async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut prepared = true;
         loop {
-            match self.run(&mut shutdown).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::error!(table = self.format.dir(), %error, "archiver stopped; restarting from the manifest");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                }
+            if *shutdown.borrow() {
+                return;
             }
+            let outcome = if prepared {
+                self.run(&mut shutdown).await
+            } else {
+                Err(None)
+            };
+            let pause = match outcome {
+                Ok(()) => return,
+                Err(Some(Stop::Gap { expected, got })) => {
+                    self.metrics.repositions.inc();
+                    tracing::warn!(
+                        table = self.format.dir(),
+                        expected,
+                        got,
+                        "delivery skipped sequences; repositioning"
+                    );
+                    Duration::ZERO
+                }
+                Err(Some(Stop::Failed(error))) => {
+                    tracing::error!(table = self.format.dir(), %error, "archiver stopped; restarting from the manifest");
+                    Duration::from_secs(1)
+                }
+                Err(_) => Duration::from_secs(1),
+            };
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = wait_for_stop(&mut shutdown) => return,
+            }
+            prepared = match self.prepare().await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::error!(table = self.format.dir(), %error, "cannot resume the archive; retrying");
+                    false
+                }
+            };
         }
     }
 
-    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ArchiveError> {
+    /// One life of the consume loop. `Ok` on shutdown (everything held is committed).
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Option<Stop>> {
         let max_pending = (self.settings.max_rows_per_commit as i64)
             .saturating_mul(4)
             .max(10_000);
@@ -254,88 +321,108 @@ impl<F: TableFormat> Archiver<F> {
             max_ack_pending: max_pending,
             ack_wait,
         };
-        let consumer = durable_consumer(&self.js, &spec).await?;
+        let failed = |e: crate::bus::BusError| Some(Stop::Failed(e.into()));
+        let consumer = durable_consumer(&self.js, &spec).await.map_err(failed)?;
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(2_000)
+            .max_messages_per_batch(1_000)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await
-            .map_err(|e| crate::bus::BusError::Management {
-                action: "consume",
-                message: e.to_string(),
+            .map_err(|e| {
+                failed(crate::bus::BusError::Management {
+                    action: "consume",
+                    message: e.to_string(),
+                })
             })?;
 
         let mut buffer: Buffer<F::Rows> = Buffer::default();
         let mut in_flight: Option<InFlight> = None;
         let interval = self.settings.commit_interval.get();
-        let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(20)));
+        let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(5)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
+        let stop = loop {
             tokio::select! {
                 biased;
-                () = wait_for_stop(shutdown) => break Ok(()),
+                () = wait_for_stop(shutdown) => break Stop::Shutdown,
                 done = async { in_flight.as_mut().expect("guarded by the select condition").await }, if in_flight.is_some() => {
                     in_flight = None;
                     if let Err(e) = self.finish_commit(done).await {
-                        break Err(e);
+                        break Stop::Failed(e);
                     }
                 }
-                message = messages.next() => match message {
-                    Some(Ok(message)) => {
-                        if let Err(e) = self.take(message, &mut buffer) {
-                            break Err(e);
-                        }
-                        if buffer.rows >= self.settings.max_rows_per_commit
-                            && let Err(e) = self.commit(&mut buffer, &mut in_flight).await
-                        {
-                            break Err(e);
-                        }
-                    }
-                    Some(Err(error)) => tracing::warn!(table = self.format.dir(), %error, "stream read error; continuing"),
-                    None => break Err(crate::bus::BusError::Management { action: "consume", message: "message stream ended".into() }.into()),
-                },
                 _ = tick.tick() => {
                     if buffer.opened.is_some_and(|t| t.elapsed() >= interval)
                         && let Err(e) = self.commit(&mut buffer, &mut in_flight).await
                     {
-                        break Err(e);
+                        break Stop::Failed(e);
                     }
                 }
+                message = messages.next() => match message {
+                    Some(Ok(message)) => {
+                        let Some(seq) = sequence_of(&message) else { continue };
+                        if seq <= self.high_water {
+                            continue; // a redelivery of something committed, in flight or held
+                        }
+                        let expected = self.high_water + 1;
+                        if seq != expected && self.stream_has(expected).await {
+                            // Delivered but never received (a reconnect): with AckAll, acking
+                            // past it would lose it for good.
+                            break Stop::Gap { expected, got: seq };
+                        }
+                        self.take(seq, message, &mut buffer);
+                        let full = buffer.rows >= self.settings.max_rows_per_commit
+                            || buffer.bytes >= self.settings.max_bytes_per_commit;
+                        if full && let Err(e) = self.commit(&mut buffer, &mut in_flight).await {
+                            break Stop::Failed(e);
+                        }
+                    }
+                    Some(Err(error)) => tracing::warn!(table = self.format.dir(), %error, "stream read error; continuing"),
+                    None => break Stop::Failed(crate::bus::BusError::Management { action: "consume", message: "message stream ended".into() }.into()),
+                },
             }
         };
-        // Whatever happened, what is buffered is committed and what is in flight finished, so
-        // the manifest is as far along as it can be before this loop returns.
-        let drained = self.commit(&mut buffer, &mut in_flight).await;
-        if let Some(job) = in_flight.take() {
-            self.finish_commit(job.await).await?;
+        match stop {
+            Stop::Shutdown | Stop::Gap { .. } => {
+                // What is held is contiguous after the last commit: commit it, then let the
+                // last commit finish, so the manifest is as far along as it can be.
+                let drained = self.commit(&mut buffer, &mut in_flight).await;
+                if let Some(job) = in_flight.take() {
+                    self.finish_commit(job.await)
+                        .await
+                        .map_err(|e| Some(Stop::Failed(e)))?;
+                }
+                drained.map_err(|e| Some(Stop::Failed(e)))?;
+                match stop {
+                    Stop::Shutdown => Ok(()),
+                    gap => Err(Some(gap)),
+                }
+            }
+            Stop::Failed(error) => {
+                // Nothing more is committed on a failure: the buffer is dropped unacked and
+                // comes again after `prepare` puts the directory back to the manifest.
+                if let Some(job) = in_flight.take()
+                    && let Err(e) = self.finish_commit(job.await).await
+                {
+                    tracing::error!(table = self.format.dir(), error = %e, "commit in flight failed too");
+                }
+                Err(Some(Stop::Failed(error)))
+            }
         }
-        result.and(drained)
     }
 
-    /// Appends one stream message to the buffer, skipping what is already committed.
-    fn take(
-        &self,
-        message: jetstream::Message,
-        buffer: &mut Buffer<F::Rows>,
-    ) -> Result<(), ArchiveError> {
-        let seq = match message.info() {
-            Ok(info) => info.stream_sequence,
-            Err(error) => {
-                tracing::warn!(%error, "message without JetStream metadata; skipped");
-                return Ok(());
-            }
-        };
+    /// Appends one stream message to the buffer.
+    fn take(&mut self, seq: u64, message: jetstream::Message, buffer: &mut Buffer<F::Rows>) {
         let (message, acker) = message.split();
-        if seq <= *self.committed.borrow() || seq <= buffer.last_seq {
-            return Ok(()); // a redelivery of something committed or buffered
-        }
         match self
             .format
             .append(seq, &message.payload, &mut buffer.partitions)
         {
-            Ok(()) => buffer.rows += 1,
+            Ok(()) => {
+                buffer.rows += 1;
+                buffer.bytes += message.payload.len();
+            }
             Err(error) => {
                 self.metrics.undecodable.inc();
                 tracing::error!(table = self.format.dir(), seq, %error, "undecodable stream message skipped (it stays in the stream)");
@@ -347,7 +434,24 @@ impl<F: TableFormat> Archiver<F> {
         }
         buffer.last_seq = seq;
         buffer.last_message = Some(acker);
-        Ok(())
+        self.high_water = seq;
+    }
+
+    /// Whether the stream still holds message `seq` (a skipped sequence that is not in the
+    /// stream was deleted or aged out, and skipping it is right). Unsure means yes.
+    async fn stream_has(&self, seq: u64) -> bool {
+        let Ok(stream) = self.js.get_stream_no_info(&self.target.stream).await else {
+            return true;
+        };
+        match stream.get_raw_message(seq).await {
+            Ok(_) => true,
+            Err(error) => {
+                !matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) && !error.to_string().contains("no message found")
+            }
+        }
     }
 
     /// Hands the buffer to a blocking thread, after waiting for the commit before it.
@@ -373,8 +477,7 @@ impl<F: TableFormat> Archiver<F> {
         let format = self.format.clone();
         let dir = self.target.dir.clone();
         let settings = self.settings.clone();
-        let mut manifest = self.manifest.clone();
-        manifest.stream = self.target.stream.clone();
+        let manifest = self.manifest.clone();
         *in_flight = Some(tokio::task::spawn_blocking(move || {
             write_commit(format.as_ref(), &dir, &settings, manifest, job)
         }));
@@ -430,6 +533,17 @@ impl<F: TableFormat> Archiver<F> {
             }
             compacting.store(false, Ordering::SeqCst);
         });
+    }
+}
+
+/// The stream sequence of a delivered message.
+fn sequence_of(message: &jetstream::Message) -> Option<u64> {
+    match message.info() {
+        Ok(info) => Some(info.stream_sequence),
+        Err(error) => {
+            tracing::warn!(%error, "message without JetStream metadata; skipped");
+            None
+        }
     }
 }
 

@@ -209,6 +209,9 @@ impl Config {
         self.archive
             .validate()
             .map_err(|(at, m)| (format!("archive.{at}"), m))?;
+        self.sql
+            .validate()
+            .map_err(|(at, m)| (format!("sql.{at}"), m))?;
         Ok(())
     }
 }

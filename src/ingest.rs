@@ -187,7 +187,7 @@ impl Ingestor {
 
         let parsed = match wire {
             Wire::Segment(route) => self.parse_segment(&body, route, &header_keys, received_at),
-            Wire::PostHog => self.parse_posthog(&body, &header_keys, received_at),
+            Wire::PostHog => self.parse_posthog(&body, request.route, &header_keys, received_at),
         };
         let batch = match parsed {
             Ok(batch) => batch,
@@ -224,7 +224,7 @@ impl Ingestor {
                     serde_json::from_slice(body).map_err(|e| {
                         IngestError::InvalidJson(format!("body must be {{\"batch\": [...]}}: {e}"))
                     })?;
-                let source = self.authenticate(header_keys, envelope.write_key.as_deref())?;
+                let source = self.authenticate(header_keys, envelope.write_key())?;
                 if envelope.batch.len() > limits.max_batch_messages {
                     return Err(IngestError::TooLarge(format!(
                         "batch has {} messages; the limit is {}",
@@ -232,11 +232,8 @@ impl Ingestor {
                         limits.max_batch_messages
                     )));
                 }
-                let inherited = segment::Inherited {
-                    context: envelope.context.as_ref(),
-                    integrations: envelope.integrations.as_ref(),
-                };
-                let mut batch = ParsedBatch::default();
+                let inherited = envelope.inherited();
+                let mut batch = ParsedBatch::new(&self.config);
                 for (index, raw) in envelope.batch.iter().enumerate() {
                     let raw = raw.get().as_bytes();
                     let result = self.check_size(raw).and_then(|()| {
@@ -261,7 +258,7 @@ impl Ingestor {
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key)?;
                 let route_name = format!("/v1/{}", kind.as_str());
-                let mut batch = ParsedBatch::default();
+                let mut batch = ParsedBatch::new(&self.config);
                 let result = segment::normalize(
                     message,
                     Some(kind),
@@ -278,6 +275,7 @@ impl Ingestor {
     fn parse_posthog(
         &self,
         body: &[u8],
+        route: &str,
         header_keys: &[Option<String>; 2],
         received_at: i64,
     ) -> Result<ParsedBatch, IngestError> {
@@ -293,13 +291,13 @@ impl Ingestor {
                 limits.max_batch_messages
             )));
         }
-        let mut batch = ParsedBatch::default();
+        let mut batch = ParsedBatch::new(&self.config);
         for (index, event) in capture.events.into_iter().enumerate() {
             let raw = serde_json::to_vec(&event).unwrap_or_default();
             let result = self
                 .check_size(&raw)
                 .and_then(|()| posthog::normalize(event, &source, received_at));
-            batch.push(index, result, &raw, &source, "/batch/", received_at);
+            batch.push(index, result, &raw, &source, route, received_at);
         }
         Ok(batch)
     }
@@ -340,19 +338,12 @@ impl Ingestor {
     /// Publishes accepted events and rejected messages, and waits for every ack.
     async fn publish(
         &self,
-        events: Vec<EventRecord>,
+        events: Vec<Outgoing>,
         rejected: Vec<(usize, RejectedRecord)>,
     ) -> Result<IngestOutcome, IngestError> {
-        let shards = self.config.stream.shards;
-        let mut outgoing = Vec::with_capacity(events.len() + rejected.len());
-        for event in &events {
-            let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
-            outgoing.push(Outgoing {
-                subject: subject_for(shards, shard_key, event.kind.as_str()),
-                msg_id: event.event_id.clone(),
-                payload: Bytes::from(event.to_bus_json()),
-            });
-        }
+        let event_count = events.len();
+        let mut outgoing = events;
+        outgoing.reserve(rejected.len());
         for (_, record) in &rejected {
             outgoing.push(Outgoing {
                 subject: rejected_subject(&record.source),
@@ -371,11 +362,11 @@ impl Ingestor {
         let duplicates = report
             .duplicates
             .iter()
-            .filter(|i| **i < events.len())
+            .filter(|i| **i < event_count)
             .count();
         let outcome = IngestOutcome {
             success: true,
-            accepted: events.len() - duplicates,
+            accepted: event_count - duplicates,
             duplicates,
             rejected: rejected.len(),
             errors: rejected
@@ -399,14 +390,26 @@ impl Ingestor {
     }
 }
 
-/// The messages of one request, sorted into events and rejected messages.
-#[derive(Default)]
+/// The messages of one request, sorted into events (ready to publish) and rejected messages.
 struct ParsedBatch {
-    events: Vec<EventRecord>,
+    events: Vec<Outgoing>,
     rejected: Vec<(usize, RejectedRecord)>,
+    max_message_bytes: usize,
+    shards: u32,
 }
 
 impl ParsedBatch {
+    fn new(config: &Config) -> Self {
+        Self {
+            events: Vec::new(),
+            rejected: Vec::new(),
+            max_message_bytes: config.ingest.max_message_bytes,
+            shards: config.stream.shards,
+        }
+    }
+
+    /// Adds one message's outcome. The size bound is checked again on the event as it will
+    /// be stored, so a large batch-level context cannot multiply a small request.
     fn push(
         &mut self,
         index: usize,
@@ -416,8 +419,27 @@ impl ParsedBatch {
         route: &str,
         received_at: i64,
     ) {
+        let result = result.and_then(|event| {
+            let payload = event.to_bus_json();
+            if payload.len() > self.max_message_bytes {
+                return Err(Rejection::new(
+                    "context",
+                    format!(
+                        "message with the batch context merged in is {} bytes; the limit is {}",
+                        payload.len(),
+                        self.max_message_bytes
+                    ),
+                ));
+            }
+            let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
+            Ok(Outgoing {
+                subject: subject_for(self.shards, shard_key, event.kind.as_str()),
+                msg_id: event.event_id,
+                payload: Bytes::from(payload),
+            })
+        });
         match result {
-            Ok(event) => self.events.push(event),
+            Ok(outgoing) => self.events.push(outgoing),
             Err(reason) => {
                 let event_id = serde_json::from_slice::<Value>(raw).ok().and_then(|v| {
                     ["messageId", "uuid"]

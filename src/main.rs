@@ -43,7 +43,11 @@ enum Command {
     /// Run one read-only SQL statement over the data dir (no server needed).
     Sql {
         /// The statement, e.g. "SELECT event, count(*) FROM events GROUP BY event".
-        query: String,
+        #[arg(required_unless_present = "file")]
+        query: Option<String>,
+        /// Read the statement from a file instead (e.g. queries/top_events.sql).
+        #[arg(long, conflicts_with = "query")]
+        file: Option<PathBuf>,
         /// Data dir to read.
         #[arg(long, default_value = "data")]
         data: PathBuf,
@@ -142,10 +146,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sql {
             query,
+            file,
             data,
             format,
             config,
         } => {
+            let query = match (query, file) {
+                (Some(query), _) => query,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                (None, None) => anyhow::bail!("give a statement or --file"),
+            };
             let config = load_config(&config)?;
             let engine = QueryEngine::open(&data, config.sql)?;
             let result = engine.run(&query).await?;

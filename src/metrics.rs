@@ -62,6 +62,8 @@ pub struct ArchiveMetrics {
     pub compactions: Counter,
     /// Stream messages that could not be decoded (skipped and logged).
     pub undecodable: Counter,
+    /// Times delivery skipped sequences still in the stream and the consumer was repositioned.
+    pub repositions: Counter,
 }
 
 /// Every metric of a running server.
@@ -154,7 +156,7 @@ impl Metrics {
             "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 8] = [
+        let archive_lines: [(&str, &str, &str, Read); 9] = [
             (
                 "northstar_archive_rows_total",
                 "counter",
@@ -184,6 +186,12 @@ impl Metrics {
                 "counter",
                 "Stream messages skipped as undecodable.",
                 |a| a.undecodable.get() as f64,
+            ),
+            (
+                "northstar_archive_repositions_total",
+                "counter",
+                "Deliveries that skipped sequences still in the stream, repositioned.",
+                |a| a.repositions.get() as f64,
             ),
             (
                 "northstar_archive_last_seq",

@@ -106,11 +106,24 @@ impl QueryResult {
     }
 }
 
-/// Runs SQL over a data dir.
+/// Runs SQL over a data dir, on threads of its own so that a heavy query never delays the
+/// ingest path's acks.
 pub struct QueryEngine {
     ctx: SessionContext,
     settings: SqlSettings,
     data_dir: PathBuf,
+    runtime: SqlRuntime,
+}
+
+/// The query threads; shut down without blocking when the engine is dropped.
+struct SqlRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SqlRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl QueryEngine {
@@ -123,20 +136,26 @@ impl QueryEngine {
             .with_memory_limit(settings.memory_limit_mb.saturating_mul(1024 * 1024), 1.0)
             .with_cache_manager(caches)
             .build_arc()?;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let config = SessionConfig::new()
             .with_information_schema(true)
-            .with_target_partitions(
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2),
-            );
+            .with_target_partitions(threads);
         let mut ctx = SessionContext::new_with_config_rt(config, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
         tables::register_all(&ctx, data_dir)?;
+        let threads = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("northstar-sql")
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Internal(format!("starting query threads: {e}")))?;
         Ok(Self {
             ctx,
             settings,
             data_dir: data_dir.to_path_buf(),
+            runtime: SqlRuntime(Some(threads)),
         })
     }
 
@@ -153,51 +172,75 @@ impl QueryEngine {
     /// Runs one read-only statement under the time limit and row cap.
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
         readonly::check(sql).map_err(QueryError::Refused)?;
-        let limit = self.settings.timeout.get();
-        let first = tokio::time::timeout(limit, self.execute(sql)).await;
-        match first {
-            Err(_) => Err(QueryError::Timeout(limit)),
-            // A compaction can remove a file between listing and reading; the second listing
-            // sees the merged file instead.
-            Ok(Err(QueryError::Internal(message)))
+        match self.run_once(sql).await {
+            // Another process's compaction can remove a file between listing and reading; the
+            // second listing sees the merged file instead.
+            Err(QueryError::Internal(message))
                 if message.contains("No such file") || message.contains("NotFound") =>
             {
-                tokio::time::timeout(limit, self.execute(sql))
-                    .await
-                    .map_err(|_| QueryError::Timeout(limit))?
+                self.run_once(sql).await
             }
-            Ok(result) => result,
+            other => other,
         }
     }
 
-    async fn execute(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        let started = Instant::now();
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let frame = self.ctx.sql_with_options(sql, options).await?;
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let mut stream = frame.execute_stream().await?;
-        let mut batches = Vec::new();
-        let mut rows = 0;
-        let mut truncated = false;
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            let room = self.settings.max_rows - rows;
-            if batch.num_rows() > room {
-                batches.push(batch.slice(0, room));
-                truncated = true;
-                break;
+    async fn run_once(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        let limit = self.settings.timeout.get();
+        let Some(runtime) = self.runtime.0.as_ref() else {
+            return Err(QueryError::Internal("query threads are gone".into()));
+        };
+        let ctx = self.ctx.clone();
+        let sql = sql.to_string();
+        let max_rows = self.settings.max_rows;
+        let mut task = runtime.spawn(async move {
+            // In-process compactions wait while a query runs, so it never sees a day twice.
+            let _files = crate::archive::compact::SWAP_LOCK.read().await;
+            execute(&ctx, &sql, max_rows).await
+        });
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => {
+                joined.map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?
             }
-            rows += batch.num_rows();
-            batches.push(batch);
+            Err(_) => {
+                task.abort();
+                Err(QueryError::Timeout(limit))
+            }
         }
-        Ok(QueryResult {
-            schema,
-            batches,
-            truncated,
-            elapsed: started.elapsed(),
-        })
     }
+}
+
+/// Plans and runs one statement, keeping at most `max_rows` rows.
+async fn execute(
+    ctx: &SessionContext,
+    sql: &str,
+    max_rows: usize,
+) -> Result<QueryResult, QueryError> {
+    let started = Instant::now();
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let frame = ctx.sql_with_options(sql, options).await?;
+    let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let mut stream = frame.execute_stream().await?;
+    let mut batches = Vec::new();
+    let mut rows = 0;
+    let mut truncated = false;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let room = max_rows - rows;
+        if batch.num_rows() > room {
+            batches.push(batch.slice(0, room));
+            truncated = true;
+            break;
+        }
+        rows += batch.num_rows();
+        batches.push(batch);
+    }
+    Ok(QueryResult {
+        schema,
+        batches,
+        truncated,
+        elapsed: started.elapsed(),
+    })
 }

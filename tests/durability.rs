@@ -120,10 +120,136 @@ async fn kill_9_mid_ingest_then_restart_keeps_every_acked_event_exactly_once() {
         .collect();
     let missing: Vec<&String> = acked.difference(&stored).take(5).collect();
     assert!(missing.is_empty(), "acked but not stored: {missing:?}");
-    // No temp files or journals left behind once caught up.
-    for part in northstar::archive::commit::list_parts(&server.data.join("events")).unwrap() {
-        assert!(part.path.extension().is_some_and(|e| e == "parquet"));
+    assert_eq!(
+        scalar(&server.data, "SELECT count(DISTINCT date) FROM events").await,
+        3,
+        "commits spanned partitions"
+    );
+    // No temp files or journals left behind once caught up and stopped.
+    server.terminate();
+    let left = harness::leftovers(&server.data.join("events"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_killed_while_the_archiver_drains_a_backlog_loses_nothing() {
+    let mut nats = Nats::start();
+    let mut config = test_config();
+    config["archive"] = json!({"commitInterval": "100ms", "maxRowsPerCommit": 2000});
+    let mut server = Northstar::start(&nats, &config);
+    server.terminate();
+    // A backlog builds while northstar is down …
+    let sent = 30_000;
+    publish_directly(&nats.url, "backlog", 0..sent).await;
+    // … and NATS dies while northstar is draining it.
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.restart();
+    let last = wait_caught_up(&nats.url, &server.data).await;
+    assert_eq!(last, sent as u64);
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        sent as i64
+    );
+    assert_eq!(
+        scalar(&server.data, "SELECT count(DISTINCT seq) FROM events").await,
+        sent as i64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_cut_mid_delivery_lose_nothing() {
+    // The server stays up and remembers what it delivered; the messages in the cut
+    // connection never arrive. Acking past them (AckAll) would lose them for good.
+    let nats = Nats::start();
+    let proxy = harness::CutProxy::start(nats.port).await;
+    let mut config = test_config();
+    config["archive"] = json!({"commitInterval": "100ms", "maxRowsPerCommit": 2000});
+    let mut server = Northstar::start_at(&proxy.url(), &config);
+    server.terminate();
+    let sent = 30_000;
+    publish_directly(&nats.url, "cut", 0..sent).await;
+    server.restart();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        proxy.cut();
     }
+    let last = wait_caught_up(&nats.url, &server.data).await;
+    assert_eq!(last, sent as u64);
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        sent as i64
+    );
+    assert_eq!(
+        scalar(&server.data, "SELECT count(DISTINCT seq) FROM events").await,
+        sent as i64
+    );
+    let metrics = server.get("/metrics").await.text();
+    let repositions = metrics
+        .lines()
+        .find(|l| l.starts_with("northstar_archive_repositions_total{table=\"events\"}"))
+        .unwrap_or_default();
+    eprintln!("{repositions}");
+}
+
+/// Publishes events straight to the stream, as northstar's ingest would have.
+async fn publish_directly(nats_url: &str, prefix: &str, range: std::ops::Range<usize>) {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let messages = tracks(prefix, range);
+    for chunk in messages.chunks(2_000) {
+        let mut acks = Vec::new();
+        for message in chunk {
+            let record = northstar::ingest::segment::normalize(
+                message.as_object().cloned().unwrap(),
+                None,
+                Default::default(),
+                "test",
+                0,
+            )
+            .unwrap();
+            acks.push(
+                js.publish("events.0.track", record.to_bus_json().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_deleted_from_the_stream_does_not_stall_the_archive() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &test_config());
+    server.terminate();
+    // While northstar is down, ten events reach the stream and an operator deletes the fifth.
+    publish_directly(&nats.url, "del", 0..10).await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("EVENTS").await.unwrap();
+    assert!(stream.delete_message(5).await.unwrap());
+    server.restart();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": tracks("del-after", 0..5)}))
+            .await
+            .status,
+        200
+    );
+    wait_caught_up(&nats.url, &server.data).await;
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        14
+    );
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events WHERE seq = 5").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -444,22 +444,48 @@ async fn bad_input_gets_the_right_4xx_and_never_costs_a_neighbour() {
     assert_eq!(fields, ["event", "userId", ".", ".", "type", "timestamp"]);
     assert_eq!(answer["errors"][0]["index"], 2);
 
+    // A batch context that would multiply a small message past the bound costs only that message.
+    let ctx = json!({"batch": [
+            {"type": "track", "messageId": "ctx-ok", "userId": "u", "event": "e"},
+            {"type": "track", "messageId": "ctx-big", "userId": "u", "event": "e", "properties": {"p": "y".repeat(20_000)}}
+        ], "context": {"blob": "x".repeat(20_000)}});
+    let r = server.post("/v1/batch", &ctx).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (r.json()["accepted"].as_u64(), r.json()["rejected"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(r.json()["errors"][0]["field"], "context");
+    // A batch-level field of the wrong type is ignored, not fatal to the batch.
+    let r = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": tracks("typed", 0..2), "context": "oops", "integrations": 5}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["accepted"].as_u64()),
+        (200, Some(2)),
+        "{}",
+        r.text()
+    );
+
     // Still serving.
     let r = server
         .post("/v1/batch", &json!({"batch": tracks("after", 0..3)}))
         .await;
     assert_eq!(r.status, 200);
-    server.wait_archived(13).await;
+    server.wait_archived(16).await;
     assert_eq!(
         scalar(&server.data, "SELECT count(*) FROM events").await,
-        13
+        16
     );
 
     // Every rejected message is in rejected_events, with its reason and raw payload.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let n = scalar(&server.data, "SELECT count(*) FROM rejected_events").await;
-        if n >= 7 {
+        if n >= 8 {
             break;
         }
         assert!(
@@ -504,4 +530,40 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(bytes).unwrap();
     encoder.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_template_as_it_stands_with_the_env_write_key() {
+    let nats = Nats::start();
+    let seed: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/config-template.json")).unwrap();
+    let server = Northstar::start_with_env(
+        &nats,
+        &seed,
+        &[("NORTHSTAR_WRITE_KEY", "wk_from_the_environment")],
+    );
+    let r = server
+        .post_raw(
+            "/v1/track",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &basic_auth("wk_from_the_environment")),
+            ],
+            json!({"userId": "u", "event": "signup_completed", "messageId": "env-1"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.wait_archived(1).await;
+    let rows = server.sql("SELECT source FROM events").await;
+    assert_eq!(
+        rows[0]["source"], "default",
+        "NORTHSTAR_WRITE_KEY belongs to source `default`"
+    );
+    // Another key is still refused.
+    let r = server
+        .post("/v1/track", &json!({"userId": "u", "event": "e"}))
+        .await;
+    assert_eq!(r.status, 401);
 }

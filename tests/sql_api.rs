@@ -221,3 +221,35 @@ async fn the_sql_command_works_without_a_server() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("read-only"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_saved_queries_run() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    let now = northstar::clock::system_micros();
+    let demo = northstar::demo::demo_messages(300, now, 1);
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": demo}))
+            .await
+            .status,
+        200
+    );
+    let bad = json!({"batch": [{"type": "track", "userId": "u"}]});
+    assert_eq!(server.post("/v1/batch", &bad).await.status, 200);
+    server.wait_archived(300).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+    let mut ran = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sql") {
+            let sql = std::fs::read_to_string(&path).unwrap();
+            let rows = server.sql(&sql).await;
+            if path.ends_with("top_events.sql") || path.ends_with("daily_active_users.sql") {
+                assert!(!rows.is_empty(), "{} returned nothing", path.display());
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4);
+}

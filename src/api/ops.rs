@@ -20,22 +20,32 @@ pub struct Health {
     pub archived: Vec<(&'static str, watch::Receiver<u64>)>,
 }
 
-/// 200 when NATS is connected (the streams and consumers were set up before serving began),
-/// 503 otherwise, with the archive positions either way.
+/// 200 when NATS is connected and the archivers run (the streams and consumers were set up
+/// before serving began), 503 otherwise, with the archive positions either way.
 pub async fn healthz(state: &AppState) -> HttpResponse {
     let health = &state.health;
     let connected = health.publisher.is_connected();
+    let mut archivers_running = true;
     let archive: serde_json::Map<String, serde_json::Value> = health
         .archived
         .iter()
-        .map(|(table, committed)| (table.to_string(), json!({"last_seq": *committed.borrow()})))
+        .map(|(table, committed)| {
+            // The archiver holds the sender; if it is gone, the archiver task has ended.
+            let running = committed.has_changed().is_ok();
+            archivers_running &= running;
+            (
+                table.to_string(),
+                json!({"last_seq": *committed.borrow(), "running": running}),
+            )
+        })
         .collect();
+    let ok = connected && archivers_running;
     let body = json!({
-        "status": if connected { "ok" } else { "unavailable" },
+        "status": if ok { "ok" } else { "unavailable" },
         "nats": if connected { "connected" } else { "disconnected" },
         "archive": archive,
     });
-    respond::json(if connected { 200 } else { 503 }, &body)
+    respond::json(if ok { 200 } else { 503 }, &body)
 }
 
 /// Prometheus text; refreshes the stream's last sequence first (bounded wait).

@@ -69,6 +69,8 @@ impl Route {
     /// compressed size; the decoded size is bounded again after decompression).
     pub fn body_limit(&self, config: &Config) -> usize {
         match self {
+            // PostHog may send the batch base64-encoded: a third larger before decoding.
+            Self::Ingest(Wire::PostHog) => config.ingest.max_batch_bytes / 3 * 4 + 4_096,
             Self::Ingest(_) => config.ingest.max_batch_bytes,
             _ => SMALL_BODY_LIMIT,
         }

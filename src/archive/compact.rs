@@ -28,6 +28,11 @@ use super::commit::{PartFile, PartName, fsync_dir, temp_path, write_atomic};
 /// The journal of a compaction in progress, in the partition directory.
 pub const JOURNAL_FILE: &str = "_compaction.json";
 
+/// Held for reading by in-process queries and for writing by the swap of a compaction, so
+/// that a query of this process never lists a day's merged file beside its inputs.
+pub static SWAP_LOCK: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
+
 /// Rows per merged output batch.
 const MERGE_BATCH_ROWS: usize = 8_192;
 
@@ -105,8 +110,12 @@ pub fn compact(
     };
     let journal_bytes = serde_json::to_vec(&journal).unwrap_or_default();
     write_atomic(&partition_dir.join(JOURNAL_FILE), &journal_bytes)?;
-    std::fs::rename(&temp, &output).map_err(io(&output))?;
-    fsync_dir(partition_dir)?;
+    {
+        // The rename and the removals are back to back, and durable together after.
+        let _swap = SWAP_LOCK.blocking_write();
+        std::fs::rename(&temp, &output).map_err(io(&output))?;
+        remove_inputs(partition_dir, &journal)?;
+    }
     finish_swap(partition_dir, &journal)?;
     Ok(PartFile {
         date: inputs.first().map(|p| p.date.clone()).unwrap_or_default(),
@@ -116,8 +125,8 @@ pub fn compact(
     })
 }
 
-/// Removes the inputs of a swap whose output is in place, then the journal.
-fn finish_swap(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveError> {
+/// Removes the inputs of a swap (those still there).
+fn remove_inputs(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveError> {
     for input in &journal.inputs {
         let path = partition_dir.join(input);
         match std::fs::remove_file(&path) {
@@ -126,6 +135,12 @@ fn finish_swap(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveErr
             Err(source) => return Err(ArchiveError::Io { path, source }),
         }
     }
+    Ok(())
+}
+
+/// Makes a swap whose output is in place durable: inputs removed, then the journal.
+fn finish_swap(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveError> {
+    remove_inputs(partition_dir, journal)?;
     fsync_dir(partition_dir)?;
     let journal_path = partition_dir.join(JOURNAL_FILE);
     std::fs::remove_file(&journal_path).map_err(|source| ArchiveError::Io {

@@ -2,14 +2,22 @@
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, message::PublishMessage};
+use std::sync::Arc;
+
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 
 use super::BusError;
 use crate::config::StreamSettings;
 
-/// Most publishes awaiting their ack at once, over all requests. Past it, publishing waits
-/// (backpressure) instead of failing; async-nats' default of 5,000 is below one busy second.
+/// Most publishes awaiting their ack at once, over all requests; async-nats' default of 5,000
+/// is below one busy second.
 const MAX_ACKS_IN_FLIGHT: usize = 65_536;
+
+/// Publishes a request may have in flight before it must wait its turn. Each request takes all
+/// the permits it needs at once, below the client's own limit, so requests queue in order
+/// instead of each holding part of the client's permits and all waiting on each other.
+const GATE_PERMITS: usize = MAX_ACKS_IN_FLIGHT - 4_096;
 
 /// One message to publish, with its dedup id.
 #[derive(Debug, Clone)]
@@ -38,6 +46,7 @@ pub struct PublishReport {
 pub struct Publisher {
     client: async_nats::Client,
     js: jetstream::Context,
+    gate: Arc<Semaphore>,
 }
 
 impl Publisher {
@@ -48,7 +57,11 @@ impl Publisher {
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Self { client, js }
+        Self {
+            client,
+            js,
+            gate: Arc::new(Semaphore::new(GATE_PERMITS)),
+        }
     }
 
     /// The JetStream context, for management calls.
@@ -68,6 +81,12 @@ impl Publisher {
         if !self.is_connected() {
             return Err(BusError::Disconnected);
         }
+        let wanted = u32::try_from(messages.len().clamp(1, GATE_PERMITS)).unwrap_or(1);
+        let _turn = self
+            .gate
+            .acquire_many(wanted)
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
             let publish = PublishMessage::build()

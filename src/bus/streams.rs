@@ -25,18 +25,21 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(), BusError> {
-    for (name, prefix, description) in [
+    let streams = [
         (
             &settings.name,
             EVENTS_PREFIX,
             "northstar accepted events (log of record)",
+            settings.max_age,
         ),
         (
             &settings.rejected_name,
             REJECTED_PREFIX,
             "northstar rejected messages",
+            settings.rejected_max_age,
         ),
-    ] {
+    ];
+    for (name, prefix, description, max_age) in streams {
         let config = stream::Config {
             name: name.clone(),
             description: Some(description.into()),
@@ -45,7 +48,7 @@ pub async fn ensure_streams(
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
             duplicate_window: settings.duplicate_window.get(),
-            max_age: settings.max_age.get(),
+            max_age: max_age.get(),
             max_bytes: settings.max_bytes,
             num_replicas: settings.replicas,
             ..Default::default()
@@ -122,24 +125,30 @@ pub async fn durable_consumer(
         .get_stream(spec.stream)
         .await
         .map_err(management("get stream"))?;
-    if let Ok(mut existing) = stream
+    match stream
         .get_consumer::<consumer::pull::Config>(spec.name)
         .await
     {
-        let info = existing.info().await.map_err(management("consumer info"))?;
-        if info.ack_floor.stream_sequence == spec.after_seq && info.num_ack_pending == 0 {
-            return Ok(existing);
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(management("consumer info"))?;
+            if info.ack_floor.stream_sequence == spec.after_seq && info.num_ack_pending == 0 {
+                return Ok(existing);
+            }
+            tracing::info!(
+                consumer = spec.name,
+                ack_floor = info.ack_floor.stream_sequence,
+                committed = spec.after_seq,
+                "repositioning consumer to the committed sequence"
+            );
+            stream
+                .delete_consumer(spec.name)
+                .await
+                .map_err(management("delete consumer"))?;
         }
-        tracing::info!(
-            consumer = spec.name,
-            ack_floor = info.ack_floor.stream_sequence,
-            committed = spec.after_seq,
-            "repositioning consumer to the committed sequence"
-        );
-        stream
-            .delete_consumer(spec.name)
-            .await
-            .map_err(management("delete consumer"))?;
+        // Only a consumer that is really absent is created; any other failure is retried by
+        // the caller, so a transient error never updates a consumer in place.
+        Err(error) if error.to_string().contains("not found") => {}
+        Err(error) => return Err(management("get consumer")(error)),
     }
     let deliver_policy = if spec.after_seq == 0 {
         consumer::DeliverPolicy::All

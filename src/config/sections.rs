@@ -166,6 +166,8 @@ pub struct StreamSettings {
     pub max_age: HumanDuration,
     /// Largest stream size in bytes (`-1`: unlimited).
     pub max_bytes: i64,
+    /// How long rejected messages stay in their stream (they are archived to Parquet at once).
+    pub rejected_max_age: HumanDuration,
     /// Copies of each message in a cluster (1 on a single server, 3 in production clusters).
     pub replicas: usize,
     /// Subject shards (`events.<shard>.<type>`), so archivers can split the stream.
@@ -182,6 +184,7 @@ impl Default for StreamSettings {
             duplicate_window: HumanDuration::secs(24 * 3600),
             max_age: HumanDuration::secs(0),
             max_bytes: -1,
+            rejected_max_age: HumanDuration::secs(7 * 86_400),
             replicas: 1,
             shards: 1,
             ack_timeout: HumanDuration::secs(5),
@@ -217,6 +220,12 @@ impl StreamSettings {
                 "must be 0 (forever) or at least duplicateWindow".into(),
             ));
         }
+        if !self.rejected_max_age.get().is_zero() && self.rejected_max_age < self.duplicate_window {
+            return Err((
+                "rejectedMaxAge".into(),
+                "must be 0 (forever) or at least duplicateWindow".into(),
+            ));
+        }
         if !(1..=5).contains(&self.replicas) {
             return Err(("replicas".into(), "must be between 1 and 5".into()));
         }
@@ -235,6 +244,9 @@ pub struct ArchiveSettings {
     pub commit_interval: HumanDuration,
     /// Commit as soon as this many events are buffered.
     pub max_rows_per_commit: usize,
+    /// Commit as soon as this many bytes of events are buffered (bounds memory, and keeps
+    /// every Arrow column far below its 2 GiB offset limit).
+    pub max_bytes_per_commit: usize,
     /// Rows per Parquet row group (the unit of pruning).
     pub row_group_rows: usize,
     /// zstd level of Parquet pages (1 fast … 22 small).
@@ -250,6 +262,7 @@ impl Default for ArchiveSettings {
         Self {
             commit_interval: HumanDuration::secs(2),
             max_rows_per_commit: 500_000,
+            max_bytes_per_commit: 128 * 1024 * 1024,
             row_group_rows: 128 * 1024,
             zstd_level: 3,
             compact_min_files: 12,
@@ -262,6 +275,12 @@ impl ArchiveSettings {
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
         if self.commit_interval.get().is_zero() {
             return Err(("commitInterval".into(), "must be positive".into()));
+        }
+        if !(1..=1024 * 1024 * 1024).contains(&self.max_bytes_per_commit) {
+            return Err((
+                "maxBytesPerCommit".into(),
+                "must be between 1 and 1 GiB".into(),
+            ));
         }
         if self.max_rows_per_commit == 0 || self.row_group_rows == 0 {
             return Err((
@@ -289,6 +308,21 @@ pub struct SqlSettings {
     pub max_rows: usize,
     /// Memory a query may use before it fails (MiB).
     pub memory_limit_mb: usize,
+}
+
+impl SqlSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_rows == 0 {
+            return Err(("maxRows".into(), "must be at least 1".into()));
+        }
+        if self.timeout.get().is_zero() {
+            return Err(("timeout".into(), "must be positive".into()));
+        }
+        if self.memory_limit_mb < 16 {
+            return Err(("memoryLimitMb".into(), "must be at least 16".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SqlSettings {

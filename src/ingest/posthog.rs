@@ -112,7 +112,8 @@ pub fn normalize(event: Value, source: &str, received_at: i64) -> Result<EventRe
             let offset_ms = offset
                 .as_i64()
                 .ok_or_else(|| Rejection::new("offset", "must be whole milliseconds"))?;
-            received_at.saturating_sub(offset_ms.saturating_mul(1_000))
+            let at = received_at.saturating_sub(offset_ms.saturating_mul(1_000));
+            normalize::timestamp(&Value::from(at / 1_000), "offset")?
         }
         _ => received_at,
     };

@@ -41,15 +41,31 @@ pub struct BatchEnvelope<'a> {
     /// The messages, kept as raw JSON so each can be bounded, parsed and rejected on its own.
     #[serde(borrow)]
     pub batch: Vec<&'a RawValue>,
-    /// Write key in the body.
+    /// Write key in the body (anything but a string counts as absent).
     #[serde(rename = "writeKey", default)]
-    pub write_key: Option<String>,
-    /// Merged into each message's context.
+    pub write_key: Option<Value>,
+    /// Merged into each message's context (anything but an object is ignored).
     #[serde(default)]
-    pub context: Option<Map<String, Value>>,
-    /// Merged into each message's integrations.
+    pub context: Option<Value>,
+    /// Merged into each message's integrations (anything but an object is ignored).
     #[serde(default)]
-    pub integrations: Option<Map<String, Value>>,
+    pub integrations: Option<Value>,
+}
+
+impl BatchEnvelope<'_> {
+    /// The body's write key, if it is a string.
+    pub fn write_key(&self) -> Option<&str> {
+        self.write_key.as_ref().and_then(Value::as_str)
+    }
+
+    /// What each message inherits. A batch-level field of the wrong type costs no message:
+    /// it is ignored.
+    pub fn inherited(&self) -> Inherited<'_> {
+        Inherited {
+            context: self.context.as_ref().and_then(Value::as_object),
+            integrations: self.integrations.as_ref().and_then(Value::as_object),
+        }
+    }
 }
 
 /// What batch-level fields every message inherits.

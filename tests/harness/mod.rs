@@ -126,6 +126,7 @@ pub struct Northstar {
     pub data: PathBuf,
     config_path: PathBuf,
     nats_url: Option<String>,
+    env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
     pub client: HttpClient,
 }
@@ -133,25 +134,25 @@ pub struct Northstar {
 impl Northstar {
     /// Starts northstar against `nats` with `config`, in a fresh data dir.
     pub fn start(nats: &Nats, config: &Value) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = dir.path().join("data");
-        let config_path = dir.path().join("northstar.json");
-        std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-        let mut server = Self {
-            child: None,
-            base: String::new(),
-            data,
-            config_path,
-            nats_url: Some(nats.url.clone()),
-            _dir: Some(dir),
-            client: HttpClient::new(),
-        };
-        server.spawn();
-        server
+        Self::launch(Some(nats.url.clone()), config, &[])
     }
 
     /// Starts northstar with its own embedded nats-server (the `make run` default).
     pub fn start_embedded(config: &Value) -> Self {
+        Self::launch(None, config, &[])
+    }
+
+    /// Starts northstar against a NATS URL of the caller's (a proxy in front of the server).
+    pub fn start_at(nats_url: &str, config: &Value) -> Self {
+        Self::launch(Some(nats_url.to_string()), config, &[])
+    }
+
+    /// Starts northstar against `nats` with extra environment variables.
+    pub fn start_with_env(nats: &Nats, config: &Value, env: &[(&str, &str)]) -> Self {
+        Self::launch(Some(nats.url.clone()), config, env)
+    }
+
+    fn launch(nats_url: Option<String>, config: &Value, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let config_path = dir.path().join("northstar.json");
@@ -161,7 +162,11 @@ impl Northstar {
             base: String::new(),
             data,
             config_path,
-            nats_url: None,
+            nats_url,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _dir: Some(dir),
             client: HttpClient::new(),
         };
@@ -189,6 +194,9 @@ impl Northstar {
             .stderr(Stdio::inherit());
         if let Some(url) = &self.nats_url {
             command.arg("--nats-url").arg(url);
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
         }
         let mut child = command.spawn().expect("spawn northstar");
         let stdout = child.stdout.take().expect("stdout");
@@ -353,7 +361,8 @@ pub async fn wait_archived(data: &Path, rows: u64) {
     }
 }
 
-/// Segment track messages with ids `"{prefix}-{i}"` for `i` in `range`.
+/// Segment track messages with ids `"{prefix}-{i}"` for `i` in `range`, spread over three
+/// days (so commits touch several partitions) and five customers.
 pub fn tracks(prefix: &str, range: std::ops::Range<usize>) -> Vec<Value> {
     range
         .map(|i| {
@@ -362,10 +371,77 @@ pub fn tracks(prefix: &str, range: std::ops::Range<usize>) -> Vec<Value> {
                 "messageId": format!("{prefix}-{i}"),
                 "userId": format!("user-{}", i % 17),
                 "event": "api_call_made",
-                "timestamp": "2026-03-04T05:06:07.000Z",
+                "timestamp": format!("2026-03-0{}T05:06:07.000Z", 4 + i % 3),
                 "context": {"groupId": format!("cust-{}", i % 5)},
                 "properties": {"endpoint": "/v1/search", "n": i}
             })
         })
         .collect()
+}
+
+/// Every file under `dir` that is neither a committed Parquet file nor a manifest: temp
+/// files and compaction journals left behind.
+pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !(name.starts_with("part-") && name.ends_with(".parquet"))
+                && name != "_manifest.json"
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// A TCP proxy in front of a server, whose connections can be cut while the server stays up:
+/// a network failure between northstar and NATS, without losing the server's state.
+pub struct CutProxy {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl CutProxy {
+    /// Listens on a free port and forwards every connection to `127.0.0.1:upstream`.
+    pub async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every open connection (new ones are accepted again).
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
 }
