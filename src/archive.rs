@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -203,6 +203,15 @@ impl<R> Default for Buffer<R> {
     }
 }
 
+/// Why a commit happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitCause {
+    /// The buffer filled: the archiver is working through a backlog.
+    Full,
+    /// The oldest row waited the commit interval (or shutdown): the archiver is caught up.
+    Interval,
+}
+
 /// A commit handed to a blocking thread.
 struct CommitJob<R> {
     partitions: format::Partitions<R>,
@@ -210,6 +219,7 @@ struct CommitJob<R> {
     first_seq: u64,
     last_seq: u64,
     ack: Option<jetstream::message::Acker>,
+    cause: CommitCause,
 }
 
 /// What a finished commit reports back.
@@ -218,6 +228,7 @@ struct CommitDone {
     files: usize,
     took: Duration,
     ack: Option<jetstream::message::Acker>,
+    cause: CommitCause,
 }
 
 type InFlight = JoinHandle<Result<CommitDone, ArchiveError>>;
@@ -354,40 +365,62 @@ impl<F: TableFormat> Archiver<F> {
                 }
                 _ = tick.tick() => {
                     if buffer.opened.is_some_and(|t| t.elapsed() >= interval)
-                        && let Err(e) = self.commit(&mut buffer, &mut in_flight).await
+                        && let Err(e) = self.commit(&mut buffer, &mut in_flight, CommitCause::Interval).await
                     {
                         break Stop::Failed(e);
                     }
                 }
-                message = messages.next() => match message {
-                    Some(Ok(message)) => {
-                        let Some(seq) = sequence_of(&message) else { continue };
-                        if seq <= self.high_water {
-                            continue; // a redelivery of something committed, in flight or held
+                first = messages.next() => {
+                    // Take what else has already arrived without another trip through select.
+                    let mut next = Some(first);
+                    let mut burst = 0;
+                    let mut stop = None;
+                    while let Some(message) = next.take() {
+                        match message {
+                            Some(Ok(message)) => {
+                                let Some(seq) = sequence_of(&message) else { continue };
+                                if seq <= self.high_water {
+                                    continue; // a redelivery of something committed, in flight or held
+                                }
+                                let expected = self.high_water + 1;
+                                if seq != expected && self.stream_has(expected).await {
+                                    // Delivered but never received (a reconnect): with AckAll,
+                                    // acking past it would lose it for good.
+                                    stop = Some(Stop::Gap { expected, got: seq });
+                                    break;
+                                }
+                                self.take(seq, message, &mut buffer);
+                                let full = buffer.rows >= self.settings.max_rows_per_commit
+                                    || buffer.bytes >= self.settings.max_bytes_per_commit;
+                                if full && let Err(e) = self.commit(&mut buffer, &mut in_flight, CommitCause::Full).await {
+                                    stop = Some(Stop::Failed(e));
+                                    break;
+                                }
+                            }
+                            Some(Err(error)) => tracing::warn!(table = self.format.dir(), %error, "stream read error; continuing"),
+                            None => {
+                                stop = Some(Stop::Failed(crate::bus::BusError::Management { action: "consume", message: "message stream ended".into() }.into()));
+                                break;
+                            }
                         }
-                        let expected = self.high_water + 1;
-                        if seq != expected && self.stream_has(expected).await {
-                            // Delivered but never received (a reconnect): with AckAll, acking
-                            // past it would lose it for good.
-                            break Stop::Gap { expected, got: seq };
-                        }
-                        self.take(seq, message, &mut buffer);
-                        let full = buffer.rows >= self.settings.max_rows_per_commit
-                            || buffer.bytes >= self.settings.max_bytes_per_commit;
-                        if full && let Err(e) = self.commit(&mut buffer, &mut in_flight).await {
-                            break Stop::Failed(e);
+                        burst += 1;
+                        if burst < 1_024 {
+                            next = messages.next().now_or_never();
                         }
                     }
-                    Some(Err(error)) => tracing::warn!(table = self.format.dir(), %error, "stream read error; continuing"),
-                    None => break Stop::Failed(crate::bus::BusError::Management { action: "consume", message: "message stream ended".into() }.into()),
-                },
+                    if let Some(stop) = stop {
+                        break stop;
+                    }
+                }
             }
         };
         match stop {
             Stop::Shutdown | Stop::Gap { .. } => {
                 // What is held is contiguous after the last commit: commit it, then let the
                 // last commit finish, so the manifest is as far along as it can be.
-                let drained = self.commit(&mut buffer, &mut in_flight).await;
+                let drained = self
+                    .commit(&mut buffer, &mut in_flight, CommitCause::Interval)
+                    .await;
                 if let Some(job) = in_flight.take() {
                     self.finish_commit(job.await)
                         .await
@@ -459,6 +492,7 @@ impl<F: TableFormat> Archiver<F> {
         &mut self,
         buffer: &mut Buffer<F::Rows>,
         in_flight: &mut Option<InFlight>,
+        cause: CommitCause,
     ) -> Result<(), ArchiveError> {
         if buffer.first_seq == 0 {
             return Ok(());
@@ -473,6 +507,7 @@ impl<F: TableFormat> Archiver<F> {
             first_seq: taken.first_seq,
             last_seq: taken.last_seq,
             ack: taken.last_message,
+            cause,
         };
         let format = self.format.clone();
         let dir = self.target.dir.clone();
@@ -510,7 +545,11 @@ impl<F: TableFormat> Archiver<F> {
         let last_seq = done.manifest.last_seq;
         self.manifest = done.manifest;
         self.committed.send_replace(last_seq);
-        self.maybe_compact(last_seq);
+        // Compaction waits while a backlog is worked through: it would take the CPU that
+        // catching up needs, and backlog commits are large files anyway.
+        if done.cause == CommitCause::Interval {
+            self.maybe_compact(last_seq);
+        }
         Ok(())
     }
 
@@ -568,10 +607,11 @@ fn write_commit<F: TableFormat>(
         compacted: false,
     };
     let mut files = 0;
-    for (date, rows) in job.partitions {
+    for (day, rows) in job.partitions {
         if F::len(&rows) == 0 {
             continue;
         }
+        let date = crate::event::partition_date(day * 86_400_000_000);
         let batch = format
             .finish(rows)
             .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
@@ -601,6 +641,7 @@ fn write_commit<F: TableFormat>(
         files,
         took: started.elapsed(),
         ack: job.ack,
+        cause: job.cause,
     })
 }
 

@@ -12,11 +12,17 @@ use arrow::array::{
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 
-use crate::event::{EventView, events_schema, partition_date};
+use crate::event::{EventView, events_schema};
 use crate::rejected::{RejectedView, rejected_schema};
 
-/// Buffered rows by partition date (`YYYY-MM-DD`).
-pub type Partitions<R> = BTreeMap<String, R>;
+/// Buffered rows by partition day (days since the Unix epoch, UTC); the `YYYY-MM-DD` text
+/// is only made at commit time.
+pub type Partitions<R> = BTreeMap<i64, R>;
+
+/// The UTC day (since the epoch) of a timestamp in microseconds.
+pub fn day_of(micros: i64) -> i64 {
+    micros.div_euclid(86_400_000_000)
+}
 
 /// A table the archiver writes: two real implementations, events and rejected messages.
 pub trait TableFormat: Send + Sync + 'static {
@@ -89,7 +95,7 @@ impl TableFormat for EventsFormat {
     ) -> Result<(), serde_json::Error> {
         let view = EventView::decode(payload)?;
         let rows = partitions
-            .entry(partition_date(view.timestamp))
+            .entry(day_of(view.timestamp))
             .or_insert_with(|| EventRows {
                 timestamp: timestamps(),
                 received_at: timestamps(),
@@ -176,7 +182,7 @@ impl TableFormat for RejectedFormat {
     ) -> Result<(), serde_json::Error> {
         let view: RejectedView<'_> = serde_json::from_slice(payload)?;
         let rows = partitions
-            .entry(partition_date(view.received_at))
+            .entry(day_of(view.received_at))
             .or_insert_with(|| RejectedRows {
                 received_at: timestamps(),
                 ..Default::default()

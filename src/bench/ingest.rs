@@ -97,9 +97,21 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
             ratio: Some(raw.consumed.as_secs_f64() / ours.landed.as_secs_f64()),
         },
         Row {
+            measure: "archive alone: stream backlog → Parquet / consume only (events/s)".into(),
+            ours: thousands(n / ours.rebuilt.as_secs_f64()),
+            baseline: thousands(n / raw.consume_only.as_secs_f64()),
+            ratio: Some(raw.consume_only.as_secs_f64() / ours.rebuilt.as_secs_f64()),
+        },
+        Row {
             measure: "wall time to land all events".into(),
             ours: format!("{:.2} s", ours.landed.as_secs_f64()),
             baseline: format!("{:.2} s", raw.consumed.as_secs_f64()),
+            ratio: None,
+        },
+        Row {
+            measure: "archiver: commits, time spent committing".into(),
+            ours: format!("{:.0} commits, {:.2} s", ours.commits, ours.commit_seconds),
+            baseline: String::new(),
             ratio: None,
         },
         Row {
@@ -177,6 +189,7 @@ fn bus_payloads(messages: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
 struct RawTimes {
     published: Duration,
     consumed: Duration,
+    consume_only: Duration,
 }
 
 async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Result<RawTimes> {
@@ -250,18 +263,128 @@ async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Resul
     }
     let published = started.elapsed();
     let consumed = reader.await??;
+    // Consume only: a second consumer reads the whole stream as a backlog.
+    let backlog = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("rawbench-backlog".into()),
+            ack_policy: consumer::AckPolicy::All,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("create baseline consumer: {e}"))?;
+    let started = Instant::now();
+    let mut messages = backlog
+        .stream()
+        .max_messages_per_batch(2_000)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("consume: {e}"))?;
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| anyhow::anyhow!("consume: {e}"))?;
+        seen += 1;
+        if seen % 1_000 == 0 || seen == total {
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        }
+        if seen == total {
+            break;
+        }
+    }
+    let consume_only = started.elapsed();
     let _ = js.delete_stream(&name).await;
     Ok(RawTimes {
         published,
         consumed,
+        consume_only,
     })
 }
 
 struct OurTimes {
     acked: Duration,
     landed: Duration,
+    rebuilt: Duration,
     peak_rss: Option<u64>,
     parquet_bytes: u64,
+    commit_seconds: f64,
+    commits: f64,
+}
+
+/// A sample's value from Prometheus text.
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A `northstar serve` child process of the benchmark.
+struct ServerChild {
+    child: tokio::process::Child,
+    pid: u32,
+    base: String,
+}
+
+impl ServerChild {
+    async fn spawn(config_path: &Path, data: &Path, nats_url: &str) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(config_path)
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting northstar serve")?;
+        let pid = child.id().context("child pid")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .context("northstar did not start within 60 s")??
+                .context("northstar exited before listening")?;
+            if let Some(url) = line.strip_prefix("northstar listening on ") {
+                break url.to_string();
+            }
+        };
+        Ok(Self { child, pid, base })
+    }
+
+    /// SIGTERM (the graceful path) and wait.
+    async fn stop(mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// Waits until the events manifest counts `total` rows; returns the time since `started`.
+async fn wait_landed(events_dir: &Path, total: u64, started: Instant) -> anyhow::Result<Duration> {
+    loop {
+        if ArchiveManifest::load(events_dir)
+            .map(|m| m.rows)
+            .unwrap_or(0)
+            >= total
+        {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("events did not land in Parquet within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn northstar_ingest(
@@ -278,31 +401,8 @@ async fn northstar_ingest(
         "stream": {"name": format!("BENCH_EVENTS_{pid}"), "rejectedName": format!("BENCH_REJECTED_{pid}")},
     });
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--data")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting northstar serve")?;
-    let child_pid = child.id().context("child pid")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let base = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .context("northstar did not start within 60 s")??
-            .context("northstar exited before listening")?;
-        if let Some(url) = line.strip_prefix("northstar listening on ") {
-            break url.to_string();
-        }
-    };
+    let server = ServerChild::spawn(&config_path, &data, nats_url).await?;
+    let base = server.base.clone();
 
     let bodies: Vec<Vec<u8>> = messages
         .chunks(options.batch.max(1))
@@ -353,33 +453,38 @@ async fn northstar_ingest(
     let acked = started.elapsed();
     let total = options.events as u64;
     let events_dir = data.join("events");
-    let landed = loop {
-        if ArchiveManifest::load(&events_dir)
-            .map(|m| m.rows)
-            .unwrap_or(0)
-            >= total
-        {
-            break started.elapsed();
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("events did not land in Parquet within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    let peak_rss = super::peak_rss_bytes(child_pid);
+    let landed = wait_landed(&events_dir, total, started).await?;
+    let peak_rss = super::peak_rss_bytes(server.pid);
+    let metrics = client
+        .get(&format!("{base}/metrics"), &[])
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    let commit_seconds = metric_value(
+        &metrics,
+        "northstar_archive_commit_seconds_sum{table=\"events\"}",
+    );
+    let commits = metric_value(
+        &metrics,
+        "northstar_archive_commits_total{table=\"events\"}",
+    );
     let parquet_bytes = parquet_size(&events_dir);
-    if let Ok(pid) = libc::pid_t::try_from(child_pid) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    server.stop().await;
+
+    // The archiver alone: the same stream archived again from scratch, as after losing data/.
+    std::fs::remove_dir_all(&events_dir)?;
+    let started = Instant::now();
+    let server = ServerChild::spawn(&config_path, &data, nats_url).await?;
+    let rebuilt = wait_landed(&events_dir, total, started).await?;
+    server.stop().await;
     Ok(OurTimes {
         acked,
         landed,
+        rebuilt,
         peak_rss,
         parquet_bytes,
+        commit_seconds,
+        commits,
     })
 }
 

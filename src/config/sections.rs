@@ -261,8 +261,8 @@ impl Default for ArchiveSettings {
     fn default() -> Self {
         Self {
             commit_interval: HumanDuration::secs(2),
-            max_rows_per_commit: 500_000,
-            max_bytes_per_commit: 128 * 1024 * 1024,
+            max_rows_per_commit: 250_000,
+            max_bytes_per_commit: 64 * 1024 * 1024,
             row_group_rows: 128 * 1024,
             zstd_level: 3,
             compact_min_files: 12,
