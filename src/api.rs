@@ -10,6 +10,7 @@
 //! - [`ingest_routes`], [`sql`], [`ops`]: the handlers.
 
 pub mod ingest_routes;
+pub mod limits;
 pub mod ops;
 pub mod respond;
 pub mod routes;
@@ -49,6 +50,14 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The admin key (`NORTHSTAR_ADMIN_KEY`); admin routes are closed without one.
     pub admin_key: Option<String>,
+    /// Keys of services allowed on the limits API (config `serviceKeys`, `NORTHSTAR_SERVICE_KEY`).
+    pub service_keys: Vec<String>,
+    /// The usage meter and limits.
+    pub meter: Arc<crate::meter::Meter>,
+    /// Time for answers and stored records.
+    pub clock: crate::clock::Clock,
+    /// Where the meter, archive and pipelines are, for `POST /v1/usage/verify`.
+    pub verify: crate::meter::verify::Positions,
     /// What `/healthz` reports.
     pub health: ops::Health,
     /// Bounds concurrent requests.
@@ -56,6 +65,36 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Checks `Authorization: Bearer <service or admin key>` in constant time.
+    pub fn require_service(&self, request_auth: Option<&str>) -> Result<(), HttpError> {
+        let token = crate::ingest::auth::bearer_token(request_auth).ok_or_else(|| {
+            HttpError::new(
+                ErrorKind::Unauthorized,
+                "missing_service_key",
+                "send Authorization: Bearer <service key>",
+            )
+        })?;
+        let mut valid = false;
+        for key in self.service_keys.iter().chain(self.admin_key.iter()) {
+            valid |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
+        }
+        if valid {
+            Ok(())
+        } else if self.ingestor.write_keys().source_of(token).is_some() {
+            Err(HttpError::new(
+                ErrorKind::Forbidden,
+                "write_key_not_allowed",
+                "write keys may only send events; use a service key",
+            ))
+        } else {
+            Err(HttpError::new(
+                ErrorKind::Unauthorized,
+                "invalid_service_key",
+                "invalid service key",
+            ))
+        }
+    }
+
     /// Checks `Authorization: Bearer <admin key>` in constant time.
     pub fn require_admin(&self, request_auth: Option<&str>) -> Result<(), HttpError> {
         let Some(admin) = &self.admin_key else {

@@ -25,9 +25,10 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bus::streams::{DurableSpec, durable_consumer};
+use crate::bus::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
 use crate::config::ArchiveSettings;
 use crate::metrics::ArchiveMetrics;
+use crate::shutdown::wait_for_stop;
 pub use format::{EventsFormat, RejectedFormat, TableFormat};
 pub use manifest::ArchiveManifest;
 
@@ -331,6 +332,7 @@ impl<F: TableFormat> Archiver<F> {
             after_seq: self.manifest.last_seq,
             max_ack_pending: max_pending,
             ack_wait,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
         };
         let failed = |e: crate::bus::BusError| Some(Stop::Failed(e.into()));
         let consumer = durable_consumer(&self.js, &spec).await.map_err(failed)?;
@@ -383,7 +385,7 @@ impl<F: TableFormat> Archiver<F> {
                                     continue; // a redelivery of something committed, in flight or held
                                 }
                                 let expected = self.high_water + 1;
-                                if seq != expected && self.stream_has(expected).await {
+                                if seq != expected && stream_has(&self.js, &self.target.stream, expected).await {
                                     // Delivered but never received (a reconnect): with AckAll,
                                     // acking past it would lose it for good.
                                     stop = Some(Stop::Gap { expected, got: seq });
@@ -468,23 +470,6 @@ impl<F: TableFormat> Archiver<F> {
         buffer.last_seq = seq;
         buffer.last_message = Some(acker);
         self.high_water = seq;
-    }
-
-    /// Whether the stream still holds message `seq` (a skipped sequence that is not in the
-    /// stream was deleted or aged out, and skipping it is right). Unsure means yes.
-    async fn stream_has(&self, seq: u64) -> bool {
-        let Ok(stream) = self.js.get_stream_no_info(&self.target.stream).await else {
-            return true;
-        };
-        match stream.get_raw_message(seq).await {
-            Ok(_) => true,
-            Err(error) => {
-                !matches!(
-                    error.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) && !error.to_string().contains("no message found")
-            }
-        }
     }
 
     /// Hands the buffer to a blocking thread, after waiting for the commit before it.
@@ -573,22 +558,6 @@ impl<F: TableFormat> Archiver<F> {
             compacting.store(false, Ordering::SeqCst);
         });
     }
-}
-
-/// The stream sequence of a delivered message.
-fn sequence_of(message: &jetstream::Message) -> Option<u64> {
-    match message.info() {
-        Ok(info) => Some(info.stream_sequence),
-        Err(error) => {
-            tracing::warn!(%error, "message without JetStream metadata; skipped");
-            None
-        }
-    }
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-async fn wait_for_stop(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Writes a commit's files and then its manifest. Runs on a blocking thread.

@@ -70,6 +70,12 @@ pub struct Config {
     /// Limits of the SQL API.
     #[serde(default)]
     pub sql: SqlSettings,
+    /// Metering, plans and the limits API.
+    #[serde(default)]
+    pub metering: MeteringSettings,
+    /// Keys of services that call the limits API (check, usage, entitlements).
+    #[serde(default)]
+    pub service_keys: Vec<String>,
 }
 
 fn default_schema_version() -> String {
@@ -88,6 +94,8 @@ impl Default for Config {
             stream: StreamSettings::default(),
             archive: ArchiveSettings::default(),
             sql: SqlSettings::default(),
+            metering: MeteringSettings::default(),
+            service_keys: Vec::new(),
         }
     }
 }
@@ -144,6 +152,17 @@ impl Config {
         }
     }
 
+    /// Every plan the config knows: the default plan and each plan named in a feature's limits.
+    pub fn known_plans(&self) -> std::collections::BTreeSet<&str> {
+        let mut plans: std::collections::BTreeSet<&str> = self
+            .usage_features
+            .iter()
+            .flat_map(|f| f.limits.keys().map(String::as_str))
+            .collect();
+        plans.insert(self.metering.default_plan.as_str());
+        plans
+    }
+
     /// The spec of a planned event, if the config names it.
     pub fn event(&self, name: &str) -> Option<&EventSpec> {
         self.events.iter().find(|e| e.name == name)
@@ -180,6 +199,26 @@ impl Config {
                 ));
             }
         }
+        for (i, feature) in self.usage_features.iter().enumerate() {
+            for plan in feature.soft_limits.iter().chain(feature.hard_caps.keys()) {
+                if !feature.limits.contains_key(plan) {
+                    return Err((
+                        format!("usageFeatures[{i}]"),
+                        format!(
+                            "plan `{plan}` has a soft limit or hard cap but no entry in limits"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, key) in self.service_keys.iter().enumerate() {
+            if key.len() < 16 {
+                return Err((
+                    format!("serviceKeys[{i}]"),
+                    "service keys must be at least 16 characters".into(),
+                ));
+            }
+        }
         let mut keys: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, source) in self.sources.iter().enumerate() {
             if source.name.trim().is_empty() {
@@ -212,6 +251,9 @@ impl Config {
         self.sql
             .validate()
             .map_err(|(at, m)| (format!("sql.{at}"), m))?;
+        self.metering
+            .validate()
+            .map_err(|(at, m)| (format!("metering.{at}"), m))?;
         Ok(())
     }
 }
@@ -237,7 +279,7 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(meter.feature_id, "api_requests");
-        assert_eq!(config.usage_features[0].limits["pro"], 50000);
+        assert_eq!(config.usage_features[0].limits["pro"], Some(50000));
         assert_eq!(config.stream.duplicate_window.get().as_secs(), 86400);
     }
 

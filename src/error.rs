@@ -12,6 +12,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// No valid key was presented. 401.
     Unauthorized,
+    /// A usage limit refuses the request; the body carries the upgrade path. 402.
+    PaymentRequired,
     /// The key is valid but may not do this. 403.
     Forbidden,
     /// The thing asked for does not exist. 404.
@@ -36,6 +38,7 @@ impl ErrorKind {
         match self {
             Self::InvalidInput => 400,
             Self::Unauthorized => 401,
+            Self::PaymentRequired => 402,
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,

@@ -30,6 +30,7 @@ use crate::error::{Classify, ErrorKind};
 use crate::event::{EventRecord, EventType};
 use crate::metrics::Metrics;
 use crate::rejected::RejectedRecord;
+use crate::schema::EventRules;
 
 pub use auth::WriteKeys;
 pub use body::Encoding;
@@ -138,6 +139,7 @@ pub struct IngestOutcome {
 pub struct Ingestor {
     config: Arc<Config>,
     keys: WriteKeys,
+    rules: Arc<EventRules>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     clock: Clock,
@@ -152,9 +154,11 @@ impl Ingestor {
         clock: Clock,
     ) -> Self {
         let keys = WriteKeys::from_config(&config);
+        let rules = Arc::new(EventRules::from_config(&config));
         Self {
             config,
             keys,
+            rules,
             publisher,
             metrics,
             clock,
@@ -216,7 +220,7 @@ impl Ingestor {
         route: Option<EventType>,
         header_keys: &[Option<String>; 2],
         received_at: i64,
-    ) -> Result<ParsedBatch, IngestError> {
+    ) -> Result<ParsedBatch<'_>, IngestError> {
         let limits = &self.config.ingest;
         match route {
             None => {
@@ -233,7 +237,7 @@ impl Ingestor {
                     )));
                 }
                 let inherited = envelope.inherited();
-                let mut batch = ParsedBatch::new(&self.config);
+                let mut batch = ParsedBatch::new(&self.config, &self.rules);
                 for (index, raw) in envelope.batch.iter().enumerate() {
                     let raw = raw.get().as_bytes();
                     let result = self.check_size(raw).and_then(|()| {
@@ -258,7 +262,7 @@ impl Ingestor {
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key)?;
                 let route_name = format!("/v1/{}", kind.as_str());
-                let mut batch = ParsedBatch::new(&self.config);
+                let mut batch = ParsedBatch::new(&self.config, &self.rules);
                 let result = segment::normalize(
                     message,
                     Some(kind),
@@ -278,7 +282,7 @@ impl Ingestor {
         route: &str,
         header_keys: &[Option<String>; 2],
         received_at: i64,
-    ) -> Result<ParsedBatch, IngestError> {
+    ) -> Result<ParsedBatch<'_>, IngestError> {
         let limits = &self.config.ingest;
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| IngestError::InvalidJson(format!("body is not JSON: {e}")))?;
@@ -291,7 +295,7 @@ impl Ingestor {
                 limits.max_batch_messages
             )));
         }
-        let mut batch = ParsedBatch::new(&self.config);
+        let mut batch = ParsedBatch::new(&self.config, &self.rules);
         for (index, event) in capture.events.into_iter().enumerate() {
             let raw = serde_json::to_vec(&event).unwrap_or_default();
             let result = self
@@ -391,20 +395,22 @@ impl Ingestor {
 }
 
 /// The messages of one request, sorted into events (ready to publish) and rejected messages.
-struct ParsedBatch {
+struct ParsedBatch<'a> {
     events: Vec<Outgoing>,
     rejected: Vec<(usize, RejectedRecord)>,
     max_message_bytes: usize,
     shards: u32,
+    rules: &'a EventRules,
 }
 
-impl ParsedBatch {
-    fn new(config: &Config) -> Self {
+impl<'a> ParsedBatch<'a> {
+    fn new(config: &Config, rules: &'a EventRules) -> Self {
         Self {
             events: Vec::new(),
             rejected: Vec::new(),
             max_message_bytes: config.ingest.max_message_bytes,
             shards: config.stream.shards,
+            rules,
         }
     }
 
@@ -420,6 +426,9 @@ impl ParsedBatch {
         received_at: i64,
     ) {
         let result = result.and_then(|event| {
+            if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
+                self.rules.validate(name, &event.properties)?;
+            }
             let payload = event.to_bus_json();
             if payload.len() > self.max_message_bytes {
                 return Err(Rejection::new(

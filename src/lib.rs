@@ -11,15 +11,19 @@
 //! - [`config`]: the config file (the seed's template as a strict superset), validated once;
 //! - [`ingest`]: Segment and PostHog wires → validated [`event::EventRecord`]s;
 //! - [`bus`]: NATS JetStream, embedded or external: streams, consumers, acked publishing;
+//! - [`schema`]: what a valid event is (metered quantities today, the registry tomorrow);
 //! - [`archive`]: the stream's exactly-once Parquet copy (commit protocol, recovery, compaction);
+//! - [`meter`]: real-time usage per customer, feature and period; plans, limits, consume;
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
+//! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`api`]: the HTTP server that fronts all of the above;
 //! - [`server`]: `serve`, which starts and stops the components in order;
 //! - [`bench`]: `northstar bench`, our numbers next to a baseline measured in the same run.
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
-//! status), [`metrics`], [`clock`] (injectable time), [`client`] (a loopback HTTP client),
-//! [`demo`] (the `make run` workload).
+//! status), [`metrics`], [`clock`] (injectable time), [`files`] (atomic durable writes),
+//! [`shutdown`] (stop signals), [`client`] (a loopback HTTP client), [`demo`] (the `make run`
+//! workload).
 
 pub mod api;
 pub mod archive;
@@ -31,8 +35,13 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
+pub mod files;
 pub mod ingest;
+pub mod meter;
 pub mod metrics;
+pub mod pipelines;
 pub mod query;
 pub mod rejected;
+pub mod schema;
 pub mod server;
+pub mod shutdown;

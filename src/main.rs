@@ -39,6 +39,9 @@ enum Command {
         /// After start, send this many demo events and print what to try next.
         #[arg(long)]
         demo: Option<usize>,
+        /// Directory of the windowed usage pipelines.
+        #[arg(long, default_value = "pipelines")]
+        pipelines: PathBuf,
     },
     /// Run one read-only SQL statement over the data dir (no server needed).
     Sql {
@@ -58,10 +61,29 @@ enum Command {
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
     },
+    /// Usage tools: `verify` proves meter = SQL over events = usage windows.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
     /// Benchmarks, each next to a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
         suite: northstar::bench::Suite,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Ask a running server to compare its meter with SQL over events and the usage windows
+    /// (exit 1 on any difference).
+    Verify {
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        url: String,
+        /// Admin key.
+        #[arg(long, env = "NORTHSTAR_ADMIN_KEY", hide_env_values = true)]
+        admin_key: String,
     },
 }
 
@@ -106,6 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             nats_url,
             demo,
+            pipelines,
         } => {
             let mut config = load_config(&config)?;
             let write_key = std::env::var("NORTHSTAR_WRITE_KEY")
@@ -128,7 +151,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 nats_url,
                 admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
+                service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
                 clock: northstar::clock::Clock::system(),
+                pipelines_dir: pipelines,
             };
             let server = northstar::server::start(options).await?;
             let base = format!("http://{}", server.addr);
@@ -158,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give a statement or --file"),
             };
             let config = load_config(&config)?;
-            let engine = QueryEngine::open(&data, config.sql)?;
+            let engine = QueryEngine::open(&data, &config).await?;
             let result = engine.run(&query).await?;
             let bytes = output::render(&result, format)?;
             use std::io::Write;
@@ -169,6 +194,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { suite } => northstar::bench::run(suite).await,
+        Command::Usage {
+            command: UsageCommand::Verify { url, admin_key },
+        } => {
+            let client = northstar::client::HttpClient::new();
+            let bearer = format!("Bearer {admin_key}");
+            let response = client
+                .send(
+                    http::Method::POST,
+                    &format!("{url}/v1/usage/verify"),
+                    &[("authorization", &bearer)],
+                    Vec::new(),
+                )
+                .await?;
+            let report = response.json();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if response.status != 200 || report["ok"] != serde_json::Value::Bool(true) {
+                anyhow::bail!("usage verification failed");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -83,6 +83,12 @@ pub struct Metrics {
     pub archive_rejected: Arc<ArchiveMetrics>,
     /// Last sequence in the events stream, as of the last scrape.
     pub stream_last_seq: Gauge,
+    /// Metered events applied to counters.
+    pub meter_applied: Counter,
+    /// Metered events for a period older than the two the meter keeps.
+    pub meter_late: Counter,
+    /// Metered events without a valid quantity (not counted).
+    pub meter_skipped: Counter,
     /// SQL queries run, and those that failed.
     pub sql_queries: Counter,
     /// SQL queries that failed or timed out.

@@ -24,7 +24,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
 
-use crate::config::SqlSettings;
+use crate::config::{Config, SqlSettings};
 use crate::error::{Classify, ErrorKind};
 pub use output::Format;
 
@@ -127,8 +127,9 @@ impl Drop for SqlRuntime {
 }
 
 impl QueryEngine {
-    /// Opens the tables of `data_dir`.
-    pub fn open(data_dir: &Path, settings: SqlSettings) -> Result<Self, QueryError> {
+    /// Opens the tables of `data_dir` and the views of `config`.
+    pub async fn open(data_dir: &Path, config: &Config) -> Result<Self, QueryError> {
+        let settings = config.sql.clone();
         // No list-files cache: DataFusion's default keeps a table's file list forever, and the
         // archive adds a file every commit and swaps files on compaction.
         let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
@@ -139,12 +140,12 @@ impl QueryEngine {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let config = SessionConfig::new()
+        let session = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(threads);
-        let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+        let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
-        tables::register_all(&ctx, data_dir)?;
+        tables::register_all(&ctx, data_dir, config).await?;
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("northstar-sql")
@@ -181,6 +182,32 @@ impl QueryEngine {
                 self.run_once(sql).await
             }
             other => other,
+        }
+    }
+
+    /// Runs a statement of northstar's own (pipelines, verification): no read-only check and
+    /// no row cap, but the same threads and time limit.
+    pub async fn collect_internal(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
+        let limit = self.settings.timeout.get();
+        let Some(runtime) = self.runtime.0.as_ref() else {
+            return Err(QueryError::Internal("query threads are gone".into()));
+        };
+        let ctx = self.ctx.clone();
+        let sql = sql.to_string();
+        let mut task = runtime.spawn(async move {
+            let _files = crate::archive::compact::SWAP_LOCK.read().await;
+            let frame = ctx.sql(&sql).await?;
+            frame.collect().await
+        });
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => {
+                Ok(joined
+                    .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))??)
+            }
+            Err(_) => {
+                task.abort();
+                Err(QueryError::Timeout(limit))
+            }
         }
     }
 

@@ -10,7 +10,25 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
 use crate::event::timestamp_type;
-use crate::ingest::normalize::Rejection;
+
+/// Why one message was not accepted: the offending field and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// JSON path of the field (`properties.amount`, `userId`, `.` for the whole message).
+    pub field: String,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection of `field` with `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// Most bytes of a raw payload kept; longer payloads are cut and say so in their reasons.
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;

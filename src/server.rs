@@ -1,8 +1,9 @@
 //! `northstar serve`: wires the components together and takes them down in order.
 //!
 //! Start: NATS (embedded child or `--nats-url`) → streams → archivers (recover, resume after
-//! their manifests) → HTTP. Stop (SIGTERM, Ctrl-C): HTTP stops accepting and finishes the
-//! requests in flight → archivers commit what they hold and ack → the embedded server stops.
+//! their manifests) → customers and meter (snapshot + replay) → HTTP. Stop (SIGTERM, Ctrl-C):
+//! HTTP stops accepting and finishes the requests in flight → archivers commit what they hold
+//! and ack, the meter writes its snapshot → the embedded server stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,9 @@ use crate::bus::{self, EmbeddedNats, Publisher, ensure_streams};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ingest::Ingestor;
+use crate::meter::customers::CustomerStore;
+use crate::meter::runner::{self, MeterTarget};
+use crate::meter::{Meter, notices};
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
 
@@ -34,6 +38,9 @@ pub enum ServeError {
     /// The SQL engine could not open the tables.
     #[error(transparent)]
     Query(#[from] crate::query::QueryError),
+    /// A pipeline definition is wrong.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipelines::PipelineError),
     /// The listen address could not be bound, or the data dir created.
     #[error("{context}: {source}")]
     Io {
@@ -56,8 +63,12 @@ pub struct ServeOptions {
     pub nats_url: Option<String>,
     /// The admin key; admin routes are closed without one.
     pub admin_key: Option<String>,
+    /// A service key for the limits API, beside the config's `serviceKeys`.
+    pub service_key: Option<String>,
     /// The clock events are stamped with.
     pub clock: Clock,
+    /// Directory of the windowed usage pipelines (`pipelines/*.sql`).
+    pub pipelines_dir: PathBuf,
 }
 
 /// A started server.
@@ -70,6 +81,8 @@ pub struct RunningServer {
     pub events_committed: watch::Receiver<u64>,
     stop_http: watch::Sender<bool>,
     stop_archivers: watch::Sender<bool>,
+    stop_meter: watch::Sender<bool>,
+    meter: JoinHandle<()>,
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
@@ -84,7 +97,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         listen,
         nats_url,
         admin_key,
+        service_key,
         clock,
+        pipelines_dir,
     } = options;
     std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::Io {
         context: format!("creating data dir {}", data_dir.display()),
@@ -133,12 +148,69 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         },
         config.archive.clone(),
         metrics.archive_rejected.clone(),
-        archivers_stop,
+        archivers_stop.clone(),
     )
     .await?;
+    let archivers_stop_for_pipelines = archivers_stop;
 
-    let query = Arc::new(QueryEngine::open(&data_dir, config.sql.clone())?);
-    let ingestor = Ingestor::new(config.clone(), publisher.clone(), metrics.clone(), clock);
+    let customers = Arc::new(
+        CustomerStore::open(
+            publisher.jetstream(),
+            config.stream.replicas,
+            &config.metering.default_plan,
+            config.metering.period,
+        )
+        .await?,
+    );
+    tokio::spawn(customers.clone().follow());
+    let (notice_tx, notice_rx) = notices::channel();
+    let meter = Arc::new(Meter::new(
+        &config,
+        customers.clone(),
+        publisher.clone(),
+        notice_tx,
+        metrics.clone(),
+        clock.clone(),
+    ));
+    let (stop_meter, meter_stop) = watch::channel(false);
+    let meter_task = runner::start(
+        meter.clone(),
+        publisher.jetstream().clone(),
+        MeterTarget {
+            stream: config.stream.name.clone(),
+            consumer: "meter".into(),
+            dir: data_dir.join("meter"),
+            snapshot_interval: config.metering.snapshot_interval.get(),
+        },
+        meter_stop,
+    )
+    .await?;
+    tokio::spawn(notices::run(
+        notice_rx,
+        client.clone(),
+        customers,
+        config.metering.threshold_webhook.clone(),
+        clock.clone(),
+    ));
+
+    let query = Arc::new(QueryEngine::open(&data_dir, &config).await?);
+    let definitions = crate::pipelines::load(&pipelines_dir)?;
+    let (pipelines_tx, pipelines_progress) = watch::channel(0);
+    let pipelines_task = tokio::spawn(crate::pipelines::run(
+        definitions,
+        query.clone(),
+        events.committed.clone(),
+        pipelines_tx,
+        archivers_stop_for_pipelines,
+    ));
+    let ingestor = Ingestor::new(
+        config.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        clock.clone(),
+    );
+    let mut service_keys = config.service_keys.clone();
+    service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
         permits: Arc::new(Semaphore::new(config.ingest.max_concurrent_requests)),
         config: config.clone(),
@@ -146,6 +218,15 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         query,
         metrics,
         admin_key: admin_key.filter(|k| !k.is_empty()),
+        service_keys,
+        meter,
+        clock,
+        verify: crate::meter::verify::Positions {
+            js: publisher.jetstream().clone(),
+            stream: config.stream.name.clone(),
+            archived: events.committed.clone(),
+            pipelines: pipelines_progress,
+        },
         health: Health {
             publisher,
             events_stream: config.stream.name.clone(),
@@ -176,8 +257,10 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         events_committed: events.committed,
         stop_http,
         stop_archivers,
+        stop_meter,
+        meter: meter_task,
         http,
-        archivers: vec![events.task, rejected.task],
+        archivers: vec![events.task, rejected.task, pipelines_task],
         client,
         embedded,
     })
@@ -189,9 +272,11 @@ impl RunningServer {
         let _ = self.stop_http.send(true);
         let _ = self.http.await;
         let _ = self.stop_archivers.send(true);
+        let _ = self.stop_meter.send(true);
         for task in self.archivers {
             let _ = task.await;
         }
+        let _ = self.meter.await;
         let _ = self.client.flush().await;
         drop(self.client);
         if let Some(embedded) = self.embedded {

@@ -5,7 +5,7 @@ use http::Method;
 use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
-use super::{AppState, ingest_routes, ops, sql};
+use super::{AppState, ingest_routes, limits, ops, sql};
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::event::EventType;
@@ -23,6 +23,16 @@ pub enum Route {
     Preflight,
     /// `POST /v1/sql`.
     Sql,
+    /// `POST /v1/check`.
+    Check,
+    /// `POST /v1/usage/verify`.
+    Verify,
+    /// `GET /v1/customers/{id}/usage`.
+    Usage(String),
+    /// `GET /v1/customers/{id}/entitlements/{feature}`.
+    Entitlement(String, String),
+    /// `GET` or `PUT /v1/customers/{id}`.
+    Customer(String),
     /// `GET /healthz`.
     Health,
     /// `GET /metrics`.
@@ -42,11 +52,57 @@ pub fn route(method: &Method, path: &str) -> Route {
         (_, _) if wire.is_some() => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/sql") => Route::Sql,
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
+        (&Method::POST, "/v1/check") => Route::Check,
+        (&Method::POST, "/v1/usage/verify") => Route::Verify,
+        (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
+        (_, "/v1/check") => Route::MethodNotAllowed("POST"),
+        (method, path) if path.starts_with("/v1/customers/") => customer_route(method, path),
         (&Method::GET | &Method::HEAD, "/healthz") => Route::Health,
         (&Method::GET, "/metrics") => Route::Metrics,
         (_, "/healthz" | "/metrics") => Route::MethodNotAllowed("GET"),
         _ => Route::NotFound,
     }
+}
+
+/// The customer routes: `/v1/customers/{id}[/usage | /entitlements/{feature}]`.
+fn customer_route(method: &Method, path: &str) -> Route {
+    let rest = path.trim_start_matches("/v1/customers/");
+    let segments: Vec<String> = rest.split('/').map(percent_decode).collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET | &Method::PUT, [id]) if !id.is_empty() => Route::Customer(id.clone()),
+        (_, [id]) if !id.is_empty() => Route::MethodNotAllowed("GET, PUT"),
+        (&Method::GET, [id, usage]) if usage == "usage" && !id.is_empty() => {
+            Route::Usage(id.clone())
+        }
+        (&Method::GET, [id, e, feature]) if e == "entitlements" && !id.is_empty() => {
+            Route::Entitlement(id.clone(), feature.clone())
+        }
+        (_, [_, usage]) if usage == "usage" => Route::MethodNotAllowed("GET"),
+        (_, [_, e, _]) if e == "entitlements" => Route::MethodNotAllowed("GET"),
+        _ => Route::NotFound,
+    }
+}
+
+/// Decodes `%XX` escapes of a path segment (invalid escapes are kept as they are).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(byte) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The wire of an ingest path, Segment's or PostHog's.
@@ -83,6 +139,10 @@ impl Route {
             Self::Ingest(Wire::PostHog) => "posthog",
             Self::Preflight => "preflight",
             Self::Sql => "sql",
+            Self::Check => "check",
+            Self::Verify => "verify",
+            Self::Usage(_) | Self::Entitlement(..) => "usage",
+            Self::Customer(_) => "customers",
             Self::Health => "healthz",
             Self::Metrics => "metrics",
             Self::MethodNotAllowed(_) | Self::NotFound => "other",
@@ -104,6 +164,16 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Ingest(wire) => ingest_routes::handle(state, *wire, parts, &body).await,
         Route::Preflight => respond::preflight(),
         Route::Sql => sql::handle(state, parts, &body).await,
+        Route::Check => limits::check(state, parts, &body).await,
+        Route::Verify => limits::verify(state, parts).await,
+        Route::Usage(customer) => limits::usage(state, parts, customer).await,
+        Route::Entitlement(customer, feature) => {
+            limits::entitlement(state, parts, customer, feature).await
+        }
+        Route::Customer(customer) if parts.method == Method::PUT => {
+            limits::put_customer(state, parts, customer, &body).await
+        }
+        Route::Customer(customer) => limits::get_customer(state, parts, customer).await,
         Route::Health => ops::healthz(state).await,
         Route::Metrics => ops::metrics(state).await,
         Route::MethodNotAllowed(allowed) => {
@@ -161,5 +231,23 @@ mod tests {
         );
         assert_eq!(route(&Method::POST, "/v1/nope"), Route::NotFound);
         assert_eq!(route(&Method::POST, "/v1/sql"), Route::Sql);
+        assert_eq!(route(&Method::POST, "/v1/check"), Route::Check);
+        assert_eq!(
+            route(&Method::GET, "/v1/customers/ac%20me/usage"),
+            Route::Usage("ac me".into())
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/customers/acme/entitlements/api_requests"),
+            Route::Entitlement("acme".into(), "api_requests".into())
+        );
+        assert_eq!(
+            route(&Method::PUT, "/v1/customers/acme"),
+            Route::Customer("acme".into())
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/v1/customers/acme"),
+            Route::MethodNotAllowed("GET, PUT")
+        );
+        assert_eq!(route(&Method::GET, "/v1/customers/"), Route::NotFound);
     }
 }

@@ -171,35 +171,18 @@ pub fn write_parquet_file<'a>(
 
 /// Writes a small file atomically: temp, fsync, rename, directory fsync.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
-    use std::io::Write;
-    let dir = parent(path)?;
-    std::fs::create_dir_all(dir).map_err(|source| ArchiveError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let temp = temp_path(path);
-    let io = |source: std::io::Error| ArchiveError::Io {
-        path: temp.clone(),
-        source,
-    };
-    let mut file = File::create(&temp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&temp, path).map_err(|source| ArchiveError::Io {
+    crate::files::write_atomic(path, bytes).map_err(|source| ArchiveError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    fsync_dir(dir)
+    })
 }
 
 /// Makes a directory's entries (new names, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), ArchiveError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| ArchiveError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    crate::files::fsync_dir(dir).map_err(|source| ArchiveError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Creates a partition directory, making its name durable in the table directory.
@@ -215,14 +198,7 @@ pub fn ensure_partition_dir(table_dir: &Path, date: &str) -> Result<PathBuf, Arc
     Ok(dir)
 }
 
-/// The temp name of `path`: hidden, and not ending in `.parquet`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
+pub use crate::files::temp_path;
 
 fn parent(path: &Path) -> Result<&Path, ArchiveError> {
     path.parent().ok_or_else(|| ArchiveError::Io {

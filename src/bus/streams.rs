@@ -112,6 +112,9 @@ pub struct DurableSpec<'a> {
     pub max_ack_pending: i64,
     /// Redeliver what is not acked after this long; must exceed the commit interval.
     pub ack_wait: Duration,
+    /// `All` for consumers that ack after each commit (the archiver); `None` for consumers
+    /// whose position lives in their own snapshot (the meter).
+    pub ack_policy: consumer::AckPolicy,
 }
 
 /// Gets the durable consumer positioned right after `after_seq`, recreating it when its own
@@ -162,9 +165,13 @@ pub async fn durable_consumer(
             durable_name: Some(spec.name.to_string()),
             description: Some("northstar: acked after each commit".into()),
             deliver_policy,
-            ack_policy: consumer::AckPolicy::All,
+            ack_policy: spec.ack_policy,
             ack_wait: spec.ack_wait,
-            max_ack_pending: spec.max_ack_pending,
+            max_ack_pending: if spec.ack_policy == consumer::AckPolicy::None {
+                -1
+            } else {
+                spec.max_ack_pending
+            },
             max_deliver: -1,
             ..Default::default()
         })
@@ -180,6 +187,36 @@ pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64,
         .map_err(management("get stream"))?;
     let info = stream.info().await.map_err(management("stream info"))?;
     Ok(info.state.last_sequence)
+}
+
+/// The stream sequence of a delivered message.
+pub fn sequence_of(message: &jetstream::Message) -> Option<u64> {
+    match message.info() {
+        Ok(info) => Some(info.stream_sequence),
+        Err(error) => {
+            tracing::warn!(%error, "message without JetStream metadata; skipped");
+            None
+        }
+    }
+}
+
+/// Whether the stream still holds message `seq`. A consumer that sees a delivery skip a
+/// sequence asks this: a skipped sequence that is not in the stream was deleted or aged out
+/// (skipping it is right); one that is there was delivered and lost on the way (a cut
+/// connection), and acking past it would lose it for good. Unsure means yes.
+pub async fn stream_has(js: &jetstream::Context, stream: &str, seq: u64) -> bool {
+    let Ok(stream) = js.get_stream_no_info(stream).await else {
+        return true;
+    };
+    match stream.get_raw_message(seq).await {
+        Ok(_) => true,
+        Err(error) => {
+            !matches!(
+                error.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) && !error.to_string().contains("no message found")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -78,9 +78,18 @@ pub enum Aggregation {
 pub struct UsageFeature {
     /// Feature id that meters refer to.
     pub id: String,
-    /// Limit per plan name within one usage period.
+    /// Limit per plan name within one usage period; `null` means unlimited. A plan that is
+    /// not listed has no access to the feature.
     #[serde(default)]
-    pub limits: BTreeMap<String, u64>,
+    pub limits: BTreeMap<String, Option<u64>>,
+    /// Plans whose limit is soft: usage past it is allowed and reported as overage. Limits
+    /// are hard everywhere else (the seed's pitfall 4).
+    #[serde(default)]
+    pub soft_limits: Vec<String>,
+    /// Usage per plan at which the customer is suspended (403 `customer_suspended`) until an
+    /// admin lifts it: the free-tier abuse cap of the seed's pitfall 3.
+    #[serde(default)]
+    pub hard_caps: BTreeMap<String, u64>,
     /// Prices; `overage` is the price of one unit past the limit.
     #[serde(default)]
     pub pricing: Option<Pricing>,
@@ -333,4 +342,76 @@ impl Default for SqlSettings {
             memory_limit_mb: 2_048,
         }
     }
+}
+
+/// How usage is metered and limits are answered.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MeteringSettings {
+    /// Plan of a customer nobody has put on a plan yet.
+    pub default_plan: String,
+    /// Usage period of a customer without one of their own: daily, weekly, monthly, yearly.
+    pub period: PeriodKind,
+    /// Where a customer upgrades; `{customer_id}`, `{feature}` and `{plan}` are filled in.
+    pub upgrade_url: String,
+    /// Fractions of a limit at which a threshold event is published (once per period).
+    pub thresholds: Vec<f64>,
+    /// Where threshold events are also POSTed (JSON, `Idempotency-Key` header), if anywhere.
+    pub threshold_webhook: Option<String>,
+    /// How often the meter writes its snapshot (restart = snapshot + replay of the rest).
+    pub snapshot_interval: HumanDuration,
+    /// Most units one `/v1/check` may consume.
+    pub max_consume: u64,
+}
+
+impl Default for MeteringSettings {
+    fn default() -> Self {
+        Self {
+            default_plan: "free".into(),
+            period: PeriodKind::Monthly,
+            upgrade_url:
+                "https://example.com/upgrade?customer={customer_id}&feature={feature}&plan={plan}"
+                    .into(),
+            thresholds: vec![0.8, 1.0],
+            threshold_webhook: None,
+            snapshot_interval: HumanDuration::secs(10),
+            max_consume: 1_000,
+        }
+    }
+}
+
+impl MeteringSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.default_plan.trim().is_empty() {
+            return Err(("defaultPlan".into(), "must not be empty".into()));
+        }
+        if let Some(bad) = self.thresholds.iter().find(|t| !(**t > 0.0 && **t <= 10.0)) {
+            return Err((
+                "thresholds".into(),
+                format!("{bad} is not a fraction between 0 and 10"),
+            ));
+        }
+        if self.snapshot_interval.get().is_zero() {
+            return Err(("snapshotInterval".into(), "must be positive".into()));
+        }
+        if self.max_consume == 0 {
+            return Err(("maxConsume".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The length of a usage period; periods start at the customer's billing anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeriodKind {
+    /// From the anchor's hour to the same hour next day.
+    Daily,
+    /// Seven days from the anchor.
+    Weekly,
+    /// From the anchor's day of month (the month's last day when it has fewer).
+    #[default]
+    Monthly,
+    /// From the anchor's day of year.
+    Yearly,
 }

@@ -7,24 +7,7 @@ pub const MAX_ID_CHARS: usize = 255;
 /// Longest event name we store.
 pub const MAX_EVENT_NAME_CHARS: usize = 255;
 
-/// Why one message was not accepted: the offending field and the rule it broke.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Rejection {
-    /// JSON path of the field (`properties.amount`, `userId`, `.` for the whole message).
-    pub field: String,
-    /// What is wrong, for people.
-    pub message: String,
-}
-
-impl Rejection {
-    /// A rejection of `field` with `message`.
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::rejected::Rejection;
 
 /// An id field: a non-empty string or a number (some SDKs send numeric user ids); JSON null
 /// or absence is `None`.

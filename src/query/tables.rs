@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -11,7 +11,8 @@ use datafusion::datasource::listing::{
 use datafusion::error::Result;
 use datafusion::prelude::{SessionContext, col};
 
-use crate::event::events_schema;
+use crate::config::{Aggregation, Config};
+use crate::event::{events_schema, timestamp_type};
 use crate::rejected::rejected_schema;
 
 /// A hive-partitioned Parquet table under the data dir.
@@ -24,6 +25,24 @@ pub struct TableDef {
     pub schema: fn() -> SchemaRef,
     /// Order each file is sorted in, so plans can use it.
     pub sorted_by: &'static [&'static str],
+}
+
+/// Decimal type of usage quantities: exact, 28 integer and 10 fractional digits.
+pub const QUANTITY_TYPE: DataType = DataType::Decimal128(38, 10);
+
+/// Schema of the `usage` table (pipeline outputs), without its `pipeline` and `date`
+/// partition columns.
+pub fn usage_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("customer_id", DataType::Utf8, true),
+        Field::new("feature", DataType::Utf8, false),
+        Field::new("window_start", timestamp_type(), false),
+        Field::new("window_end", timestamp_type(), false),
+        Field::new("quantity", QUANTITY_TYPE, true),
+        Field::new("max_quantity", QUANTITY_TYPE, true),
+        Field::new("events", DataType::Int64, false),
+        Field::new("max_seq", DataType::UInt64, true),
+    ]))
 }
 
 /// The archived tables.
@@ -42,31 +61,99 @@ pub const TABLES: &[TableDef] = &[
     },
 ];
 
-/// Registers every table of `data_dir` in `ctx`. A table whose directory does not exist yet
-/// is created empty, so queries on a new install answer with no rows rather than an error.
-pub fn register_all(ctx: &SessionContext, data_dir: &Path) -> Result<()> {
+/// Registers every table of `data_dir` in `ctx`, and the `metered_events` view of `config`'s
+/// meters. A table whose directory does not exist yet is created empty, so queries on a new
+/// install answer with no rows rather than an error.
+pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config) -> Result<()> {
     for table in TABLES {
         let dir = data_dir.join(table.dir);
         std::fs::create_dir_all(&dir)?;
-        register_parquet_dir(ctx, table, &dir)?;
+        let order = table
+            .sorted_by
+            .iter()
+            .map(|c| col(*c).sort(true, true))
+            .collect::<Vec<_>>();
+        register_parquet_dir(
+            ctx,
+            table.name,
+            &dir,
+            (table.schema)(),
+            &["date"],
+            vec![order],
+        )?;
     }
+    let usage = data_dir.join("usage");
+    std::fs::create_dir_all(&usage)?;
+    register_parquet_dir(
+        ctx,
+        "usage",
+        &usage,
+        usage_schema(),
+        &["pipeline", "date"],
+        vec![],
+    )?;
+    ctx.sql(&format!(
+        "CREATE VIEW metered_events AS {}",
+        metered_events_sql(config)
+    ))
+    .await?;
     Ok(())
 }
 
-fn register_parquet_dir(ctx: &SessionContext, table: &TableDef, dir: &Path) -> Result<()> {
-    let order = table
-        .sorted_by
-        .iter()
-        .map(|c| col(*c).sort(true, true))
-        .collect::<Vec<_>>();
+fn register_parquet_dir(
+    ctx: &SessionContext,
+    name: &str,
+    dir: &Path,
+    schema: SchemaRef,
+    partitions: &[&str],
+    order: Vec<Vec<datafusion::logical_expr::SortExpr>>,
+) -> Result<()> {
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
-        .with_table_partition_cols(vec![("date".to_string(), DataType::Utf8)])
-        .with_file_sort_order(vec![order]);
+        .with_table_partition_cols(
+            partitions
+                .iter()
+                .map(|p| (p.to_string(), DataType::Utf8))
+                .collect(),
+        )
+        .with_file_sort_order(order);
     let url = ListingTableUrl::parse(format!("{}/", dir.canonicalize()?.display()))?;
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
-        .with_schema((table.schema)());
-    ctx.register_table(table.name, Arc::new(ListingTable::try_new(config)?))?;
+        .with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
+}
+
+/// The `metered_events` view: one row per event and meter it counts for, with the feature and
+/// its exact quantity (1 per event without a value property), as the meter counts them.
+pub fn metered_events_sql(config: &Config) -> String {
+    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let mut parts = Vec::new();
+    for event in &config.events {
+        let Some(metering) = &event.metering else {
+            continue;
+        };
+        let quantity = match (&metering.value_property, metering.aggregation) {
+            (Some(property), Aggregation::Sum | Aggregation::Max | Aggregation::Latest) => {
+                format!(
+                    "CAST(json_as_text(properties, {}) AS DECIMAL(38, 10))",
+                    quote(property)
+                )
+            }
+            _ => "CAST(1 AS DECIMAL(38, 10))".to_string(),
+        };
+        parts.push(format!(
+            "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity \
+             FROM events WHERE event = {event} AND customer_id IS NOT NULL",
+            feature = quote(&metering.feature_id),
+            event = quote(&event.name),
+        ));
+    }
+    if parts.is_empty() {
+        return "SELECT customer_id, CAST(NULL AS VARCHAR) AS feature, event_id, seq, \"timestamp\", date, \
+                CAST(1 AS DECIMAL(38, 10)) AS quantity FROM events WHERE false"
+            .to_string();
+    }
+    parts.join(" UNION ALL ")
 }

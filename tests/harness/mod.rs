@@ -322,7 +322,9 @@ impl Drop for Northstar {
 
 /// Runs SQL over a data dir with the real engine, rows as JSON objects.
 pub async fn query(data: &Path, sql: &str) -> Vec<Value> {
-    let engine = QueryEngine::open(data, Config::default().sql).expect("open tables");
+    let config: Config =
+        Config::from_json(&test_config().to_string(), "test").expect("test config");
+    let engine = QueryEngine::open(data, &config).await.expect("open tables");
     let result = engine
         .run(sql)
         .await

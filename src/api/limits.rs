@@ -1,0 +1,162 @@
+//! The limits API for services: check (and consume), usage, entitlements; and the admin
+//! customer routes.
+
+use http::header;
+use http::request::Parts;
+
+use super::AppState;
+use super::respond::{self, HttpError, HttpResponse};
+use crate::error::{Classify, ErrorKind};
+use crate::meter::customers::CustomerUpdate;
+use crate::meter::{CheckRequest, LimitError};
+
+/// `POST /v1/check`.
+pub async fn check(state: &AppState, parts: &Parts, body: &[u8]) -> HttpResponse {
+    if let Err(error) = state.require_service(auth(parts)) {
+        return respond::error(&error);
+    }
+    let request: CheckRequest = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(e) => {
+            return respond::error(&HttpError::new(
+                ErrorKind::InvalidInput,
+                "invalid_json",
+                format!(
+                    "body must be {{\"customer_id\", \"feature\", \"quantity\"?, \"consume\"?}}: {e}"
+                ),
+            ));
+        }
+    };
+    match state.meter.check(request).await {
+        Ok(standing) => respond::json(200, &standing),
+        Err(error) => limit_error(&error),
+    }
+}
+
+/// `GET /v1/customers/{id}/usage`.
+pub async fn usage(state: &AppState, parts: &Parts, customer: &str) -> HttpResponse {
+    if let Err(error) = state.require_service(auth(parts)) {
+        return respond::error(&error);
+    }
+    let (customer, features) = state.meter.usage(customer);
+    let body = serde_json::json!({
+        "customer_id": customer.id,
+        "plan": customer.plan,
+        "suspended": customer.suspended,
+        "features": features,
+        "as_of": state.meter.as_of(),
+    });
+    respond::json(200, &body)
+}
+
+/// `GET /v1/customers/{id}/entitlements/{feature}`.
+pub async fn entitlement(
+    state: &AppState,
+    parts: &Parts,
+    customer: &str,
+    feature: &str,
+) -> HttpResponse {
+    if let Err(error) = state.require_service(auth(parts)) {
+        return respond::error(&error);
+    }
+    match state.meter.entitlement(customer, feature) {
+        Ok(standing) => {
+            let body = serde_json::json!({
+                "customer_id": standing.customer_id,
+                "feature": standing.feature,
+                "plan": standing.plan,
+                "has_access": standing.allowed,
+                "used": standing.used,
+                "limit": standing.limit,
+                "remaining": standing.remaining,
+                "overage": standing.overage,
+                "soft_limit": standing.soft_limit,
+                "reset_at": standing.period_end,
+                "period_start": standing.period_start,
+                "as_of": standing.as_of,
+            });
+            respond::json(200, &body)
+        }
+        Err(error) => limit_error(&error),
+    }
+}
+
+/// `GET /v1/customers/{id}` (admin).
+pub async fn get_customer(state: &AppState, parts: &Parts, customer: &str) -> HttpResponse {
+    if let Err(error) = state.require_admin(auth(parts)) {
+        return respond::error(&error);
+    }
+    respond::json(200, &*state.meter.customers().get(customer))
+}
+
+/// `PUT /v1/customers/{id}` (admin): plan, billing anchor, period, Stripe id, suspension.
+pub async fn put_customer(
+    state: &AppState,
+    parts: &Parts,
+    customer: &str,
+    body: &[u8],
+) -> HttpResponse {
+    if let Err(error) = state.require_admin(auth(parts)) {
+        return respond::error(&error);
+    }
+    let update: CustomerUpdate = match serde_json::from_slice(body) {
+        Ok(update) => update,
+        Err(e) => {
+            return respond::error(&HttpError::new(
+                ErrorKind::InvalidInput,
+                "invalid_json",
+                format!(
+                    "body must be {{\"plan\"?, \"billingAnchor\"?, \"period\"?, \"stripeCustomerId\"?, \"suspended\"?}}: {e}"
+                ),
+            ));
+        }
+    };
+    let now = state.clock.now_micros();
+    match state
+        .meter
+        .customers()
+        .update(customer, update, state.meter.known_plans(), now)
+        .await
+    {
+        Ok(customer) => respond::json(200, &*customer),
+        Err(crate::meter::customers::CustomerError::Invalid { field, message }) => {
+            respond::error(&HttpError::new(
+                ErrorKind::InvalidInput,
+                "invalid_customer",
+                format!("{field}: {message}"),
+            ))
+        }
+        Err(crate::meter::customers::CustomerError::Store(error)) => respond::error(&error),
+    }
+}
+
+/// `POST /v1/usage/verify` (admin): meter = SQL over events = usage windows, at one sequence.
+pub async fn verify(state: &AppState, parts: &Parts) -> HttpResponse {
+    if let Err(error) = state.require_admin(auth(parts)) {
+        return respond::error(&error);
+    }
+    let wait = std::time::Duration::from_secs(60);
+    match crate::meter::verify::verify(&state.meter, &state.query, &state.verify, wait).await {
+        Ok(report) => respond::json(200, &report),
+        Err(error) => respond::error(&error),
+    }
+}
+
+fn auth(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// 402 answers carry the whole denial (limit, usage, upgrade path); the rest `{code, message}`.
+fn limit_error(error: &LimitError) -> HttpResponse {
+    match error {
+        LimitError::Exceeded(denial) => respond::json(402, denial.as_ref()),
+        LimitError::Suspended { customer, reason } => respond::json(
+            403,
+            &serde_json::json!({"code": error.code(), "message": error.to_string(), "customer_id": customer, "reason": reason}),
+        ),
+        other => respond::error(other),
+    }
+}

@@ -1,0 +1,722 @@
+//! The real-time usage meter and the limits it answers.
+//!
+//! - [`spec`]: meters compiled from the config (features, events, limits per plan);
+//! - [`period`]: usage periods from billing anchors;
+//! - [`state`]: the counters (sharded, with reservations for atomic consume);
+//! - [`snapshot`]: shard-by-shard snapshots, so a restart is snapshot + replay;
+//! - [`customers`]: customers and plans in a JetStream key-value bucket;
+//! - [`runner`]: the stream consumer that applies events;
+//! - [`notices`]: threshold events and hard-cap suspensions, off the hot path.
+//!
+//! Usage is a function of the stream: the runner applies every event in stream order, and a
+//! `/v1/check` that consumes publishes an event like any other (so meter = SQL over events).
+//! An acked event is visible to checks as soon as the runner has applied it, milliseconds
+//! later, with no call to the billing provider on the way.
+
+pub mod customers;
+pub mod notices;
+pub mod period;
+pub mod runner;
+pub mod snapshot;
+pub mod spec;
+pub mod state;
+pub mod verify;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::bus::publisher::Outgoing;
+use crate::bus::{BusError, Publisher, subject_for};
+use crate::clock::{Clock, format_micros};
+use crate::config::{Aggregation, Config, MeteringSettings};
+use crate::error::{Classify, ErrorKind};
+use crate::event::{EventRecord, EventType, EventView};
+use crate::metrics::Metrics;
+use crate::schema::quantity;
+use customers::{Customer, CustomerStore};
+use notices::Notice;
+use spec::{Allowance, MeterSpec};
+use state::Counters;
+
+/// Why a limits request got no usual answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    /// No such feature in the config.
+    #[error("unknown feature `{0}`")]
+    UnknownFeature(String),
+    /// The request is malformed (quantity, customer id).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The customer is suspended.
+    #[error("customer `{customer}` is suspended: {reason}")]
+    Suspended {
+        /// The customer.
+        customer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The limit does not allow the request.
+    #[error("{}", .0.message)]
+    Exceeded(Box<Denial>),
+    /// The consumed units could not be recorded (nothing was taken).
+    #[error(transparent)]
+    Unavailable(#[from] BusError),
+}
+
+impl Classify for LimitError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownFeature(_) => ErrorKind::NotFound,
+            Self::Invalid { .. } => ErrorKind::InvalidInput,
+            Self::Suspended { .. } => ErrorKind::Forbidden,
+            Self::Exceeded(_) => ErrorKind::PaymentRequired,
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownFeature(_) => "unknown_feature",
+            Self::Invalid { .. } => "invalid_request",
+            Self::Suspended { .. } => "customer_suspended",
+            Self::Exceeded(_) => "usage_limit_exceeded",
+            Self::Unavailable(_) => "stream_unavailable",
+        }
+    }
+}
+
+/// The body of a 402: what was asked, what is left, and the way to upgrade.
+#[derive(Debug, Clone, Serialize)]
+pub struct Denial {
+    /// Always `usage_limit_exceeded`.
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// The customer.
+    pub customer_id: String,
+    /// The feature.
+    pub feature: String,
+    /// The customer's plan.
+    pub plan: String,
+    /// The plan's limit (0 when the plan has no access).
+    #[serde(with = "rust_decimal::serde::float")]
+    pub limit: Decimal,
+    /// Usage this period, consumed-but-not-yet-streamed units included.
+    #[serde(with = "rust_decimal::serde::float")]
+    pub used: Decimal,
+    /// Units asked for.
+    #[serde(with = "rust_decimal::serde::float")]
+    pub requested: Decimal,
+    /// Start of the period (RFC 3339).
+    pub period_start: String,
+    /// When usage resets (RFC 3339).
+    pub period_end: String,
+    /// Where to upgrade: a subscription page and, once billing is set up, a Checkout Session.
+    pub upgrade: Upgrade,
+    /// What the answer is based on.
+    pub as_of: AsOf,
+}
+
+/// The upgrade path of a 402.
+#[derive(Debug, Clone, Serialize)]
+pub struct Upgrade {
+    /// The config's `metering.upgradeUrl`, filled in.
+    pub subscription_url: String,
+    /// A Stripe Checkout Session for the next plan (null until billing is configured).
+    pub checkout_session_id: Option<String>,
+}
+
+/// The point in the stream an answer reflects.
+#[derive(Debug, Clone, Serialize)]
+pub struct AsOf {
+    /// When the answer was made (RFC 3339).
+    pub time: String,
+    /// Every event up to this stream sequence is counted.
+    pub seq: u64,
+}
+
+/// `POST /v1/check`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// The billed account.
+    pub customer_id: String,
+    /// The feature id.
+    pub feature: String,
+    /// Units wanted (default 1); a number or a numeric string.
+    #[serde(default)]
+    pub quantity: Option<Value>,
+    /// Record the units when allowed, atomically with the check.
+    #[serde(default)]
+    pub consume: bool,
+    /// Id of the usage event a consume records; a retry with the same id records it once.
+    #[serde(default)]
+    pub event_id: Option<String>,
+}
+
+/// A 200 answer of check, usage and entitlements: one feature's standing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Standing {
+    /// Whether the request is allowed (checks) / the feature is usable (entitlements).
+    pub allowed: bool,
+    /// The customer.
+    pub customer_id: String,
+    /// The feature.
+    pub feature: String,
+    /// The customer's plan.
+    pub plan: String,
+    /// Usage this period.
+    #[serde(with = "rust_decimal::serde::float")]
+    pub used: Decimal,
+    /// The plan's limit (`null`: unlimited).
+    #[serde(with = "rust_decimal::serde::float_option")]
+    pub limit: Option<Decimal>,
+    /// What is left (`null`: unlimited).
+    #[serde(with = "rust_decimal::serde::float_option")]
+    pub remaining: Option<Decimal>,
+    /// Usage past a soft limit.
+    #[serde(with = "rust_decimal::serde::float")]
+    pub overage: Decimal,
+    /// Whether the limit is soft.
+    pub soft_limit: bool,
+    /// Unit name.
+    pub unit: Option<String>,
+    /// Start of the period (RFC 3339).
+    pub period_start: String,
+    /// When usage resets (RFC 3339).
+    pub period_end: String,
+    /// Units this request consumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(with = "rust_decimal::serde::float_option")]
+    pub consumed: Option<Decimal>,
+    /// Usage by `groupBy` series, if the meter has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Map<String, Value>>,
+    /// What the answer is based on.
+    pub as_of: AsOf,
+}
+
+/// The meter: counters, customers, and the limits logic.
+pub struct Meter {
+    spec: MeterSpec,
+    feature_ids: Vec<String>,
+    counters: Counters,
+    customers: Arc<CustomerStore>,
+    settings: MeteringSettings,
+    known_plans: Vec<String>,
+    shards: u32,
+    clock: Clock,
+    publisher: Publisher,
+    notices: notices::Sender,
+    metrics: Arc<Metrics>,
+}
+
+impl Meter {
+    /// A meter over `customers`, publishing consumed usage through `publisher`.
+    pub fn new(
+        config: &Config,
+        customers: Arc<CustomerStore>,
+        publisher: Publisher,
+        notices: notices::Sender,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
+        let spec = MeterSpec::from_config(config);
+        Self {
+            feature_ids: spec.features.iter().map(|f| f.id.clone()).collect(),
+            spec,
+            counters: Counters::default(),
+            customers,
+            settings: config.metering.clone(),
+            known_plans: config
+                .known_plans()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            shards: config.stream.shards,
+            clock,
+            publisher,
+            notices,
+            metrics,
+        }
+    }
+
+    /// The counters (for snapshots and benchmarks).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Feature ids by counter index.
+    pub fn feature_ids(&self) -> &[String] {
+        &self.feature_ids
+    }
+
+    /// The customer store.
+    pub fn customers(&self) -> &Arc<CustomerStore> {
+        &self.customers
+    }
+
+    /// Every plan the config knows.
+    pub fn known_plans(&self) -> &[String] {
+        &self.known_plans
+    }
+
+    /// The compiled meters.
+    pub fn spec(&self) -> &MeterSpec {
+        &self.spec
+    }
+
+    /// What answers are based on right now.
+    pub fn as_of(&self) -> AsOf {
+        AsOf {
+            time: format_micros(self.clock.now_micros()),
+            seq: self.counters.applied_seq(),
+        }
+    }
+
+    /// Applies one stream event (the runner calls this in stream order).
+    pub fn apply(&self, seq: u64, event: &EventView<'_>) {
+        let meters = event
+            .event
+            .as_deref()
+            .and_then(|name| self.spec.by_event.get(name));
+        let (Some(meters), Some(customer_id)) = (meters, event.customer_id.as_deref()) else {
+            self.counters.set_applied(seq);
+            return;
+        };
+        let properties: Map<String, Value> =
+            serde_json::from_str(event.properties.get()).unwrap_or_default();
+        let customer = self.customers.get(customer_id);
+        let period = customer.period_at(event.timestamp);
+        let mut shard = self.counters.lock(customer_id);
+        if seq > shard.applied_seq {
+            for meter in meters {
+                let feature = &self.spec.features[meter.feature];
+                let contribution = match quantity::quantity(
+                    meter.value_property.as_deref(),
+                    feature.aggregation,
+                    &properties,
+                ) {
+                    Ok(contribution) => contribution,
+                    Err(rejection) => {
+                        self.metrics.meter_skipped.inc();
+                        tracing::warn!(seq, customer = customer_id, field = %rejection.field, "metered event without a valid quantity; not counted");
+                        continue;
+                    }
+                };
+                let group = (!meter.group_by.is_empty())
+                    .then(|| quantity::group_key(&meter.group_by, &properties));
+                let index = u16::try_from(meter.feature).unwrap_or(u16::MAX);
+                let Some(applied) = shard.apply(
+                    customer_id,
+                    index,
+                    feature.aggregation,
+                    period.start,
+                    &contribution,
+                    group.as_deref(),
+                    event.timestamp,
+                    &event.event_id,
+                ) else {
+                    self.metrics.meter_late.inc();
+                    continue;
+                };
+                self.metrics.meter_applied.inc();
+                self.notice_crossings(&mut shard, &customer, meter.feature, &applied, seq);
+            }
+        }
+        self.counters.set_applied(seq);
+    }
+
+    /// Threshold and hard-cap crossings of one applied event.
+    fn notice_crossings(
+        &self,
+        shard: &mut state::Shard,
+        customer: &Customer,
+        feature_index: usize,
+        applied: &state::Applied,
+        seq: u64,
+    ) {
+        let feature = &self.spec.features[feature_index];
+        if let Allowance::Limited { limit, .. } = feature.allowance(&customer.plan) {
+            let limit = Decimal::from(limit);
+            for (bit, fraction) in self.settings.thresholds.iter().enumerate() {
+                let Ok(fraction) = Decimal::try_from(*fraction) else {
+                    continue;
+                };
+                let line = limit * fraction;
+                let bit = u8::try_from(bit).unwrap_or(7);
+                if applied.before < line
+                    && applied.after >= line
+                    && shard.fire(&customer.id, applied.feature, applied.period_start, bit)
+                {
+                    self.notices.send(Notice::Threshold {
+                        customer_id: customer.id.clone(),
+                        feature: feature.id.clone(),
+                        plan: customer.plan.clone(),
+                        threshold: fraction,
+                        used: applied.after,
+                        limit,
+                        period_start: applied.period_start,
+                        seq,
+                    });
+                }
+            }
+        }
+        if let Some(cap) = feature.hard_caps.get(&customer.plan) {
+            let cap = Decimal::from(*cap);
+            if applied.before < cap && applied.after >= cap && customer.suspended.is_none() {
+                self.notices.send(Notice::Suspend {
+                    customer_id: customer.id.clone(),
+                    reason: format!(
+                        "{} reached the hard cap of {cap} {} on plan {}",
+                        feature.id,
+                        feature.unit.as_deref().unwrap_or("units"),
+                        customer.plan
+                    ),
+                });
+            }
+        }
+    }
+
+    /// `GET /v1/customers/{id}/usage`: every feature's standing.
+    pub fn usage(&self, customer_id: &str) -> (Arc<Customer>, Vec<Standing>) {
+        let customer = self.customers.get(customer_id);
+        let standings = (0..self.spec.features.len())
+            .map(|i| self.standing(&customer, i, Decimal::ZERO, None))
+            .collect();
+        (customer, standings)
+    }
+
+    /// `GET /v1/customers/{id}/entitlements/{feature}`.
+    pub fn entitlement(&self, customer_id: &str, feature: &str) -> Result<Standing, LimitError> {
+        let (index, _) = self
+            .spec
+            .feature(feature)
+            .ok_or_else(|| LimitError::UnknownFeature(feature.to_string()))?;
+        let customer = self.customers.get(customer_id);
+        let mut standing = self.standing(&customer, index, Decimal::ZERO, None);
+        standing.allowed &= customer.suspended.is_none();
+        Ok(standing)
+    }
+
+    /// The standing of one feature, as if `extra` more units were used.
+    fn standing(
+        &self,
+        customer: &Customer,
+        index: usize,
+        extra: Decimal,
+        consumed: Option<Decimal>,
+    ) -> Standing {
+        let feature = &self.spec.features[index];
+        let now = self.clock.now_micros();
+        let period = customer.period_at(now);
+        let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
+        let (used, groups) = {
+            let shard = self.counters.lock(&customer.id);
+            let used = shard.used(&customer.id, counter_index, period.start)
+                + shard.reserved(&customer.id, counter_index, period.start);
+            let groups = shard
+                .customers
+                .get(customer.id.as_str())
+                .and_then(|u| u.counter(counter_index, period.start))
+                .and_then(|c| c.groups.as_ref())
+                .map(|g| {
+                    g.iter()
+                        .map(|(k, v)| (k.to_string(), decimal_json(*v)))
+                        .collect()
+                });
+            (used + extra, groups)
+        };
+        let (limit, soft, allowed) = match feature.allowance(&customer.plan) {
+            Allowance::None => (Some(Decimal::ZERO), false, false),
+            Allowance::Unlimited => (None, false, true),
+            Allowance::Limited { limit, soft } => {
+                let limit = Decimal::from(limit);
+                (Some(limit), soft, soft || used <= limit)
+            }
+        };
+        Standing {
+            allowed,
+            customer_id: customer.id.clone(),
+            feature: feature.id.clone(),
+            plan: customer.plan.clone(),
+            used,
+            remaining: limit.map(|l| (l - used).max(Decimal::ZERO)),
+            overage: limit
+                .map(|l| (used - l).max(Decimal::ZERO))
+                .unwrap_or_default(),
+            limit,
+            soft_limit: soft,
+            unit: feature.unit.clone(),
+            period_start: format_micros(period.start),
+            period_end: format_micros(period.end),
+            consumed,
+            groups,
+            as_of: self.as_of(),
+        }
+    }
+
+    /// `POST /v1/check`: may the customer use `quantity` more units now? With `consume`, the
+    /// units are reserved under the counter's lock and published as usage events before the
+    /// answer, so two callers can never both take the last unit.
+    pub async fn check(&self, request: CheckRequest) -> Result<Standing, LimitError> {
+        let (index, feature) = self
+            .spec
+            .feature(&request.feature)
+            .ok_or_else(|| LimitError::UnknownFeature(request.feature.clone()))?;
+        if request.customer_id.is_empty() || request.customer_id.len() > 255 {
+            return Err(LimitError::Invalid {
+                field: "customer_id",
+                message: "must be 1 to 255 characters".into(),
+            });
+        }
+        let quantity = match &request.quantity {
+            None => Some(Decimal::ONE),
+            Some(Value::Number(n)) => quantity::parse_decimal(&n.to_string()),
+            Some(Value::String(s)) => quantity::parse_decimal(s.trim()),
+            Some(_) => None,
+        }
+        .filter(|q| !q.is_sign_negative())
+        .ok_or_else(|| LimitError::Invalid {
+            field: "quantity",
+            message: "must be a number at least 0".into(),
+        })?;
+        let customer = self.customers.get(&request.customer_id);
+        if let Some(suspension) = &customer.suspended {
+            return Err(LimitError::Suspended {
+                customer: customer.id.clone(),
+                reason: suspension.reason.clone(),
+            });
+        }
+        let consume_events = if request.consume {
+            self.consume_events(feature, quantity)?
+        } else {
+            0
+        };
+        let now = self.clock.now_micros();
+        let period = customer.period_at(now);
+        let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
+        let event_id = request
+            .event_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let ids: Vec<String> = match consume_events {
+            0 => Vec::new(),
+            1 => vec![event_id.clone()],
+            n => (0..n).map(|i| format!("{event_id}-{i}")).collect(),
+        };
+        {
+            let mut shard = self.counters.lock(&customer.id);
+            let used = shard.used(&customer.id, counter_index, period.start)
+                + shard.reserved(&customer.id, counter_index, period.start);
+            let projected = match feature.aggregation {
+                Aggregation::Max | Aggregation::Latest => used.max(quantity),
+                _ => used + quantity,
+            };
+            let refusal = match feature.allowance(&customer.plan) {
+                Allowance::None => Some(Decimal::ZERO),
+                Allowance::Limited { limit, soft: false } if projected > Decimal::from(limit) => {
+                    Some(Decimal::from(limit))
+                }
+                _ => None,
+            };
+            if let Some(limit) = refusal {
+                drop(shard);
+                return Err(LimitError::Exceeded(Box::new(
+                    self.denial(&customer, feature, limit, used, quantity, period),
+                )));
+            }
+            let per_event = if ids.len() > 1 {
+                Decimal::ONE
+            } else {
+                quantity
+            };
+            for id in &ids {
+                shard.reserve(id, &customer.id, counter_index, period.start, per_event);
+            }
+        }
+        if !ids.is_empty()
+            && let Err(error) = self
+                .publish_usage(&customer, feature, quantity, &ids, now)
+                .await
+        {
+            let mut shard = self.counters.lock(&customer.id);
+            for id in &ids {
+                shard.cancel(id);
+            }
+            return Err(error.into());
+        }
+        let consumed = request.consume.then_some(quantity);
+        Ok(self.standing(&customer, index, Decimal::ZERO, consumed))
+    }
+
+    /// How many events a consume of `quantity` records: one carrying the quantity when the
+    /// meter has a value property, else one per unit (each event counts one).
+    fn consume_events(
+        &self,
+        feature: &spec::Feature,
+        quantity: Decimal,
+    ) -> Result<usize, LimitError> {
+        let invalid = |message: String| LimitError::Invalid {
+            field: "quantity",
+            message,
+        };
+        match feature.aggregation {
+            Aggregation::Sum | Aggregation::Count => {}
+            _ => return Err(invalid(
+                "consume records usage of sum and count meters only; send other usage as events"
+                    .into(),
+            )),
+        }
+        if quantity.is_zero() {
+            return Ok(0);
+        }
+        if quantity > Decimal::from(self.settings.max_consume) {
+            return Err(invalid(format!(
+                "at most {} units per consume (metering.maxConsume)",
+                self.settings.max_consume
+            )));
+        }
+        if feature.value_property.is_some() && feature.aggregation == Aggregation::Sum {
+            return Ok(1);
+        }
+        if !quantity.fract().is_zero() {
+            return Err(invalid(
+                "this meter counts events: consume whole units".into(),
+            ));
+        }
+        usize::try_from(quantity.trunc().mantissa()).map_err(|_| invalid("too many units".into()))
+    }
+
+    /// Publishes the usage events of a consume and waits for their acks.
+    async fn publish_usage(
+        &self,
+        customer: &Customer,
+        feature: &spec::Feature,
+        quantity: Decimal,
+        ids: &[String],
+        now: i64,
+    ) -> Result<(), BusError> {
+        let mut properties = Map::new();
+        if let (Some(property), 1) = (&feature.value_property, ids.len()) {
+            properties.insert(property.clone(), decimal_json(quantity));
+        }
+        let mut context = Map::new();
+        context.insert(
+            "library".into(),
+            json!({"name": "northstar-check", "version": env!("CARGO_PKG_VERSION")}),
+        );
+        let messages = ids
+            .iter()
+            .map(|id| {
+                let record = EventRecord {
+                    event_id: id.clone(),
+                    kind: EventType::Track,
+                    event: Some(feature.event.clone()),
+                    user_id: None,
+                    anonymous_id: None,
+                    customer_id: Some(customer.id.clone()),
+                    timestamp: now,
+                    received_at: now,
+                    properties: properties.clone(),
+                    context: context.clone(),
+                    source: "limits-api".into(),
+                    schema_version: None,
+                };
+                Outgoing {
+                    subject: subject_for(self.shards, &customer.id, "track"),
+                    msg_id: id.clone(),
+                    payload: Bytes::from(record.to_bus_json()),
+                }
+            })
+            .collect();
+        self.publisher.publish_all(messages).await.map(|_| ())
+    }
+
+    fn denial(
+        &self,
+        customer: &Customer,
+        feature: &spec::Feature,
+        limit: Decimal,
+        used: Decimal,
+        requested: Decimal,
+        period: period::Period,
+    ) -> Denial {
+        let message = if limit.is_zero() {
+            format!("plan {} has no access to {}", customer.plan, feature.id)
+        } else {
+            format!(
+                "{} would exceed the {} limit of {limit} {} on plan {} (used {used}, asked {requested})",
+                feature.id,
+                "period",
+                feature.unit.as_deref().unwrap_or("units"),
+                customer.plan
+            )
+        };
+        Denial {
+            code: "usage_limit_exceeded",
+            message,
+            customer_id: customer.id.clone(),
+            feature: feature.id.clone(),
+            plan: customer.plan.clone(),
+            limit,
+            used,
+            requested,
+            period_start: format_micros(period.start),
+            period_end: format_micros(period.end),
+            upgrade: Upgrade {
+                subscription_url: self
+                    .settings
+                    .upgrade_url
+                    .replace("{customer_id}", &url_encode(&customer.id))
+                    .replace("{feature}", &url_encode(&feature.id))
+                    .replace("{plan}", &url_encode(&customer.plan)),
+                checkout_session_id: None,
+            },
+            as_of: self.as_of(),
+        }
+    }
+}
+
+/// A decimal as JSON: an integer when whole, else its exact text.
+fn decimal_json(value: Decimal) -> Value {
+    if value.fract().is_zero()
+        && let Ok(n) = i64::try_from(value.trunc())
+    {
+        return Value::from(n);
+    }
+    Value::String(value.normalize().to_string())
+}
+
+/// Percent-encodes a URL component.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_become_exact_json() {
+        assert_eq!(decimal_json(Decimal::from(3)), json!(3));
+        assert_eq!(decimal_json("0.25".parse().unwrap()), json!("0.25"));
+        assert_eq!(url_encode("a b&c"), "a%20b%26c");
+    }
+}

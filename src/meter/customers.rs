@@ -1,0 +1,338 @@
+//! Customers and their plans, stored in a JetStream key-value bucket (durable, replicated
+//! with the cluster, watchable) and cached in memory for the limits path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_nats::jetstream::{self, kv};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::period::{DEFAULT_ANCHOR, Period, anchor_hour, period_at};
+use crate::bus::BusError;
+use crate::config::PeriodKind;
+
+/// Name of the key-value bucket of customers.
+pub const BUCKET: &str = "northstar_customers";
+
+/// A customer: the billed account usage is metered for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Customer {
+    /// The id events carry as `customer_id`.
+    pub id: String,
+    /// Plan whose limits apply.
+    pub plan: String,
+    /// Where usage periods start (UTC µs, a whole hour).
+    pub billing_anchor: i64,
+    /// Length of a usage period.
+    pub period: PeriodKind,
+    /// The customer in Stripe, for billing.
+    #[serde(default)]
+    pub stripe_customer_id: Option<String>,
+    /// Why and since when the customer is suspended, if they are.
+    #[serde(default)]
+    pub suspended: Option<Suspension>,
+    /// Whether anyone ever put this customer on a plan (a default customer is not stored).
+    #[serde(default)]
+    pub stored: bool,
+    /// Last change (RFC 3339).
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+/// A suspension: all checks answer 403 until an admin lifts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Suspension {
+    /// Why (which hard cap).
+    pub reason: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
+
+impl Customer {
+    /// The period containing `at`.
+    pub fn period_at(&self, at: i64) -> Period {
+        period_at(self.period, self.billing_anchor, at)
+    }
+}
+
+/// A change to a customer (`PUT /v1/customers/{id}`); absent fields keep their value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CustomerUpdate {
+    /// New plan.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// New billing anchor (RFC 3339; cut to the hour).
+    #[serde(default)]
+    pub billing_anchor: Option<String>,
+    /// New period length.
+    #[serde(default)]
+    pub period: Option<PeriodKind>,
+    /// New Stripe customer id.
+    #[serde(default)]
+    pub stripe_customer_id: Option<String>,
+    /// `false` lifts a suspension; `true` suspends by hand.
+    #[serde(default)]
+    pub suspended: Option<bool>,
+}
+
+/// Why a customer could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CustomerError {
+    /// The update names something that does not exist or is malformed.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The key-value store failed.
+    #[error(transparent)]
+    Store(#[from] BusError),
+}
+
+/// The customers, in the key-value bucket and in memory.
+pub struct CustomerStore {
+    kv: kv::Store,
+    cache: RwLock<HashMap<String, Arc<Customer>>>,
+    default_plan: String,
+    default_period: PeriodKind,
+}
+
+impl CustomerStore {
+    /// Opens (creating if needed) the bucket and loads every customer.
+    pub async fn open(
+        js: &jetstream::Context,
+        replicas: usize,
+        default_plan: &str,
+        default_period: PeriodKind,
+    ) -> Result<Self, BusError> {
+        let kv = match js.get_key_value(BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => {
+                // The bucket's stream is made by hand: async-nats' own bucket creation cannot
+                // read nats-server 2.9's answer, and the stream is all a bucket is.
+                js.create_stream(jetstream::stream::Config {
+                    name: format!("KV_{BUCKET}"),
+                    description: Some("northstar customers and plans (key-value bucket)".into()),
+                    subjects: vec![format!("$KV.{BUCKET}.>")],
+                    max_messages_per_subject: 5,
+                    discard: jetstream::stream::DiscardPolicy::New,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(management("create customer bucket"))?;
+                js.get_key_value(BUCKET)
+                    .await
+                    .map_err(management("open customer bucket"))?
+            }
+        };
+        let store = Self {
+            kv,
+            cache: RwLock::new(HashMap::new()),
+            default_plan: default_plan.to_string(),
+            default_period,
+        };
+        let mut keys = store
+            .kv
+            .keys()
+            .await
+            .map_err(management("list customers"))?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(management("list customers"))?;
+            if let Ok(Some(bytes)) = store.kv.get(&key).await
+                && let Ok(customer) = serde_json::from_slice::<Customer>(&bytes)
+            {
+                store.remember(customer);
+            }
+        }
+        Ok(store)
+    }
+
+    /// The customer with `id`, or the default customer (default plan, calendar periods).
+    pub fn get(&self, id: &str) -> Arc<Customer> {
+        if let Ok(cache) = self.cache.read()
+            && let Some(customer) = cache.get(id)
+        {
+            return customer.clone();
+        }
+        Arc::new(self.default_customer(id))
+    }
+
+    fn default_customer(&self, id: &str) -> Customer {
+        Customer {
+            id: id.to_string(),
+            plan: self.default_plan.clone(),
+            billing_anchor: DEFAULT_ANCHOR,
+            period: self.default_period,
+            stripe_customer_id: None,
+            suspended: None,
+            stored: false,
+            updated_at: None,
+        }
+    }
+
+    /// Applies an update (validated against `known_plans`) and stores the result.
+    pub async fn update(
+        &self,
+        id: &str,
+        update: CustomerUpdate,
+        known_plans: &[String],
+        now: i64,
+    ) -> Result<Arc<Customer>, CustomerError> {
+        if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+            return Err(CustomerError::Invalid {
+                field: "id",
+                message: "customer ids are 1 to 255 printable characters".into(),
+            });
+        }
+        let mut customer = (*self.get(id)).clone();
+        if let Some(plan) = update.plan {
+            if !known_plans.contains(&plan) {
+                return Err(CustomerError::Invalid {
+                    field: "plan",
+                    message: format!(
+                        "`{plan}` is not a plan of the config (known: {})",
+                        known_plans.join(", ")
+                    ),
+                });
+            }
+            customer.plan = plan;
+        }
+        if let Some(anchor) = update.billing_anchor {
+            let parsed = chrono::DateTime::parse_from_rfc3339(&anchor).map_err(|e| {
+                CustomerError::Invalid {
+                    field: "billingAnchor",
+                    message: format!("`{anchor}` is not an RFC 3339 time: {e}"),
+                }
+            })?;
+            customer.billing_anchor = anchor_hour(parsed.timestamp_micros());
+        }
+        if let Some(period) = update.period {
+            customer.period = period;
+        }
+        if let Some(stripe) = update.stripe_customer_id {
+            customer.stripe_customer_id = Some(stripe).filter(|s| !s.is_empty());
+        }
+        match update.suspended {
+            Some(false) => customer.suspended = None,
+            Some(true) if customer.suspended.is_none() => {
+                customer.suspended = Some(Suspension {
+                    reason: "suspended by an admin".into(),
+                    since: crate::clock::format_micros(now),
+                });
+            }
+            _ => {}
+        }
+        self.store(customer, now).await
+    }
+
+    /// Suspends a customer (a hard cap was crossed). Idempotent.
+    pub async fn suspend(
+        &self,
+        id: &str,
+        reason: String,
+        now: i64,
+    ) -> Result<Arc<Customer>, CustomerError> {
+        let mut customer = (*self.get(id)).clone();
+        if customer.suspended.is_some() {
+            return Ok(Arc::new(customer));
+        }
+        customer.suspended = Some(Suspension {
+            reason,
+            since: crate::clock::format_micros(now),
+        });
+        self.store(customer, now).await
+    }
+
+    async fn store(
+        &self,
+        mut customer: Customer,
+        now: i64,
+    ) -> Result<Arc<Customer>, CustomerError> {
+        customer.stored = true;
+        customer.updated_at = Some(crate::clock::format_micros(now));
+        let bytes = serde_json::to_vec(&customer).unwrap_or_default();
+        self.kv
+            .put(key_for(&customer.id), bytes.into())
+            .await
+            .map_err(|e| BusError::Management {
+                action: "store customer",
+                message: e.to_string(),
+            })?;
+        Ok(self.remember(customer))
+    }
+
+    fn remember(&self, customer: Customer) -> Arc<Customer> {
+        let customer = Arc::new(customer);
+        if let Ok(mut cache) = self.cache.write() {
+            cache.insert(customer.id.clone(), customer.clone());
+        }
+        customer
+    }
+
+    /// Follows changes other nodes make, until the watch ends.
+    pub async fn follow(self: Arc<Self>) {
+        let Ok(mut watch) = self.kv.watch_all().await else {
+            tracing::warn!(
+                "cannot watch the customer bucket; changes made by other nodes are not seen"
+            );
+            return;
+        };
+        while let Some(entry) = watch.next().await {
+            if let Ok(entry) = entry
+                && let Ok(customer) = serde_json::from_slice::<Customer>(&entry.value)
+            {
+                self.remember(customer);
+            }
+        }
+    }
+}
+
+/// Wraps a key-value failure with what we were doing.
+fn management<E: std::fmt::Display>(action: &'static str) -> impl Fn(E) -> BusError {
+    move |e| BusError::Management {
+        action,
+        message: e.to_string(),
+    }
+}
+
+/// The key of a customer id: itself when it is a valid key, else `x.` and its hex bytes.
+pub fn key_for(id: &str) -> String {
+    let plain = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if plain {
+        id.to_string()
+    } else {
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x.{hex}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_for_any_id() {
+        assert_eq!(key_for("acme_1"), "acme_1");
+        assert_eq!(key_for("a b/c"), "x.6120622f63");
+        assert_ne!(
+            key_for("x.61"),
+            "x.61",
+            "an id that looks encoded is encoded too"
+        );
+    }
+}

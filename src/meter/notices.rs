@@ -1,0 +1,180 @@
+//! What the meter tells the world, off its hot path: threshold events (on the NATS subject
+//! `northstar.usage.threshold` and, if configured, POSTed to a webhook) and suspensions of
+//! customers past a hard cap.
+//!
+//! A threshold event carries a deterministic `id` (customer, feature, period, threshold) sent
+//! as `Nats-Msg-Id` and as the webhook's `Idempotency-Key`: it fires once per period, and if a
+//! crash makes the replay cross the line again, receivers see the same id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::customers::CustomerStore;
+use crate::client::HttpClient;
+use crate::clock::{Clock, format_micros};
+
+/// The subject threshold events are published on.
+pub const THRESHOLD_SUBJECT: &str = "northstar.usage.threshold";
+
+/// Something the meter noticed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Usage crossed a fraction of the limit.
+    Threshold {
+        /// The customer.
+        customer_id: String,
+        /// The feature.
+        feature: String,
+        /// The customer's plan.
+        plan: String,
+        /// The fraction crossed (0.8, 1.0, …).
+        threshold: Decimal,
+        /// Usage after the crossing event.
+        used: Decimal,
+        /// The plan's limit.
+        limit: Decimal,
+        /// Start of the period (UTC µs).
+        period_start: i64,
+        /// Stream sequence of the crossing event.
+        seq: u64,
+    },
+    /// A hard cap was reached: suspend the customer.
+    Suspend {
+        /// The customer.
+        customer_id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Notice {
+    /// The threshold event's JSON body and its idempotency id.
+    pub fn threshold_event(&self) -> Option<(String, serde_json::Value)> {
+        let Self::Threshold {
+            customer_id,
+            feature,
+            plan,
+            threshold,
+            used,
+            limit,
+            period_start,
+            seq,
+        } = self
+        else {
+            return None;
+        };
+        let id = format!("threshold:{customer_id}:{feature}:{period_start}:{threshold}");
+        let body = json!({
+            "id": id,
+            "type": "usage.threshold",
+            "customer_id": customer_id,
+            "feature": feature,
+            "plan": plan,
+            "threshold": threshold.to_f64(),
+            "used": used.to_f64(),
+            "limit": limit.to_f64(),
+            "period_start": format_micros(*period_start),
+            "seq": seq,
+        });
+        Some((id, body))
+    }
+}
+
+/// Hands notices to the notifier task without blocking the meter.
+#[derive(Clone, Debug)]
+pub struct Sender(mpsc::UnboundedSender<Notice>);
+
+impl Sender {
+    /// Queues a notice.
+    pub fn send(&self, notice: Notice) {
+        let _ = self.0.send(notice);
+    }
+}
+
+/// A notice channel: the sender for the meter, the receiver for [`run`].
+pub fn channel() -> (Sender, mpsc::UnboundedReceiver<Notice>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Sender(tx), rx)
+}
+
+/// Delivers notices until every sender is gone.
+pub async fn run(
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    client: async_nats::Client,
+    customers: Arc<CustomerStore>,
+    webhook: Option<String>,
+    clock: Clock,
+) {
+    let http = HttpClient::new();
+    while let Some(notice) = notices.recv().await {
+        match &notice {
+            Notice::Suspend {
+                customer_id,
+                reason,
+            } => {
+                tracing::warn!(customer = %customer_id, %reason, "suspending customer");
+                if let Err(error) = customers
+                    .suspend(customer_id, reason.clone(), clock.now_micros())
+                    .await
+                {
+                    tracing::error!(customer = %customer_id, %error, "could not store the suspension");
+                }
+            }
+            Notice::Threshold { .. } => {
+                let Some((id, body)) = notice.threshold_event() else {
+                    continue;
+                };
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.as_str());
+                if let Err(error) = client
+                    .publish_with_headers(THRESHOLD_SUBJECT, headers, bytes.clone().into())
+                    .await
+                {
+                    tracing::warn!(%error, "threshold event not published");
+                }
+                if let Some(url) = &webhook {
+                    post_with_retries(&http, url, &id, bytes).await;
+                }
+            }
+        }
+    }
+}
+
+async fn post_with_retries(http: &HttpClient, url: &str, id: &str, body: Vec<u8>) {
+    let headers = [
+        ("content-type", "application/json"),
+        ("idempotency-key", id),
+    ];
+    for attempt in 0..5u32 {
+        match http
+            .send(http::Method::POST, url, &headers, body.clone())
+            .await
+        {
+            Ok(response) if response.status < 300 => return,
+            Ok(response) if (400..500).contains(&response.status) && response.status != 429 => {
+                tracing::warn!(
+                    url,
+                    status = response.status,
+                    "threshold webhook refused the event"
+                );
+                return;
+            }
+            Ok(response) => tracing::warn!(
+                url,
+                status = response.status,
+                attempt,
+                "threshold webhook failed; retrying"
+            ),
+            Err(error) => {
+                tracing::warn!(url, %error, attempt, "threshold webhook unreachable; retrying")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+    }
+}

@@ -1,0 +1,528 @@
+//! The meter's counters: per customer, feature and period, sharded by customer.
+//!
+//! The stream consumer is the only writer of usage; `/v1/check` with `consume` adds
+//! reservations (units published but not yet seen on the stream) under the same shard lock, so
+//! a check-and-consume is atomic and two callers can never both take the last unit. Each
+//! shard also records the stream sequence it has applied up to, which lets a snapshot be
+//! taken shard by shard without stopping the consumer (see [`super::snapshot`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Aggregation;
+use crate::schema::quantity::Contribution;
+
+/// Number of shards (independent locks) of the counters.
+pub const SHARDS: usize = 16;
+
+/// An aggregate of one feature in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    /// Sum of quantities.
+    Sum(Decimal),
+    /// Number of events.
+    Count(u64),
+    /// Largest quantity.
+    Max(Decimal),
+    /// Quantity of the latest event by event time (ties: the later in the stream).
+    Latest {
+        /// Event time of the value.
+        at: i64,
+        /// The value.
+        value: Decimal,
+    },
+    /// Distinct values seen.
+    Unique(Box<HashSet<Box<str>>>),
+}
+
+impl Aggregate {
+    /// An empty aggregate of `aggregation`.
+    pub fn empty(aggregation: Aggregation) -> Self {
+        match aggregation {
+            Aggregation::Sum => Self::Sum(Decimal::ZERO),
+            Aggregation::Count => Self::Count(0),
+            Aggregation::Max => Self::Max(Decimal::ZERO),
+            Aggregation::Latest => Self::Latest {
+                at: i64::MIN,
+                value: Decimal::ZERO,
+            },
+            Aggregation::UniqueCount => Self::Unique(Box::default()),
+        }
+    }
+
+    /// The usage this aggregate stands for.
+    pub fn used(&self) -> Decimal {
+        match self {
+            Self::Sum(d) | Self::Max(d) => *d,
+            Self::Count(n) => Decimal::from(*n),
+            Self::Latest { value, .. } => *value,
+            Self::Unique(set) => Decimal::from(set.len()),
+        }
+    }
+
+    fn add(&mut self, contribution: &Contribution, at: i64) {
+        match (&mut *self, contribution) {
+            (Self::Sum(total), Contribution::Amount(a)) => *total += *a,
+            (Self::Count(n), _) => *n += 1,
+            (Self::Max(max), Contribution::Amount(a)) => *max = (*max).max(*a),
+            (Self::Latest { at: seen, value }, Contribution::Amount(a)) => {
+                if at >= *seen {
+                    *seen = at;
+                    *value = *a;
+                }
+            }
+            (Self::Unique(set), Contribution::Distinct(v)) => {
+                set.insert(v.as_str().into());
+            }
+            (Self::Unique(set), Contribution::Amount(a)) => {
+                set.insert(a.to_string().into());
+            }
+            (_, Contribution::Distinct(_)) => {}
+        }
+    }
+}
+
+/// Usage of one feature in one period.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counter {
+    /// Index of the feature in the meter spec.
+    pub feature: u16,
+    /// Start of the period (UTC µs).
+    pub period_start: i64,
+    /// The aggregate.
+    pub value: Aggregate,
+    /// Bit i set: threshold i of the config already fired this period.
+    pub fired: u8,
+    /// Breakdown by `groupBy` series, when the meter has one (sum of quantities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Box<BTreeMap<Box<str>, Decimal>>>,
+}
+
+/// A customer's counters (a few: current and previous period of each feature).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CustomerUsage {
+    /// The counters.
+    pub counters: Vec<Counter>,
+}
+
+impl CustomerUsage {
+    /// The counter of `feature` in the period starting at `period_start`.
+    pub fn counter(&self, feature: u16, period_start: i64) -> Option<&Counter> {
+        self.counters
+            .iter()
+            .find(|c| c.feature == feature && c.period_start == period_start)
+    }
+}
+
+/// Units a consume took that the stream has not delivered yet.
+#[derive(Debug, Clone)]
+struct Reservation {
+    customer: Box<str>,
+    feature: u16,
+    period_start: i64,
+    amount: Decimal,
+}
+
+/// One shard: the customers whose id hashes to it.
+#[derive(Debug, Default)]
+pub struct Shard {
+    /// Usage by customer.
+    pub customers: HashMap<Box<str>, CustomerUsage>,
+    /// The stream sequence this shard has applied up to (every event at or below it that
+    /// belongs to this shard is in its counters).
+    pub applied_seq: u64,
+    reservations: HashMap<Box<str>, Reservation>,
+    reserved: HashMap<(Box<str>, u16, i64), Decimal>,
+}
+
+/// What applying an event changed, for thresholds and hard caps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// Feature index.
+    pub feature: u16,
+    /// Period start.
+    pub period_start: i64,
+    /// Usage before the event.
+    pub before: Decimal,
+    /// Usage after it.
+    pub after: Decimal,
+}
+
+/// All counters, sharded.
+#[derive(Debug)]
+pub struct Counters {
+    shards: Vec<Mutex<Shard>>,
+    applied: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            applied: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The shard of a customer id (stable across runs: FNV-1a).
+pub fn shard_of(customer: &str) -> usize {
+    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    customer.hash(&mut hasher);
+    (hasher.finish() % SHARDS as u64) as usize
+}
+
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+impl Counters {
+    /// Locks the shard of `customer`.
+    pub fn lock(&self, customer: &str) -> MutexGuard<'_, Shard> {
+        self.lock_shard(shard_of(customer))
+    }
+
+    /// Locks shard `index`.
+    pub fn lock_shard(&self, index: usize) -> MutexGuard<'_, Shard> {
+        match self.shards[index % SHARDS].lock() {
+            Ok(guard) => guard,
+            // A panic while holding the lock cannot leave a counter half-updated (every
+            // update is a single assignment), so the data is still good.
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The last stream sequence applied (every event at or below it is counted).
+    pub fn applied_seq(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Records that everything up to `seq` is applied. Call with the event's shard still
+    /// locked (or for events that touch no shard), so a snapshot of a shard taken under its
+    /// lock never claims an event it does not hold.
+    pub fn set_applied(&self, seq: u64) {
+        self.applied.store(seq, Ordering::SeqCst);
+    }
+
+    /// Number of counters (for metrics and the memory benchmark).
+    pub fn counter_count(&self) -> usize {
+        (0..SHARDS)
+            .map(|i| {
+                self.lock_shard(i)
+                    .customers
+                    .values()
+                    .map(|c| c.counters.len())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+impl Shard {
+    /// Applies one event's contribution to the counter of (`customer`, `feature`,
+    /// `period_start`), keeping at most two periods per feature (the current and the one
+    /// before; an event for an older period is ignored and `None` is returned).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        customer: &str,
+        feature: u16,
+        aggregation: Aggregation,
+        period_start: i64,
+        contribution: &Contribution,
+        group: Option<&str>,
+        at: i64,
+        event_id: &str,
+    ) -> Option<Applied> {
+        if let Some(reservation) = self.reservations.remove(event_id) {
+            self.release(&reservation);
+        }
+        let usage = self.customers.entry(customer.into()).or_default();
+        let newest = usage
+            .counters
+            .iter()
+            .filter(|c| c.feature == feature)
+            .map(|c| c.period_start)
+            .max()
+            .unwrap_or(i64::MIN);
+        let index = match usage
+            .counters
+            .iter()
+            .position(|c| c.feature == feature && c.period_start == period_start)
+        {
+            Some(index) => index,
+            None => {
+                let older_kept = usage
+                    .counters
+                    .iter()
+                    .filter(|c| c.feature == feature)
+                    .count();
+                if period_start < newest && older_kept >= 2 {
+                    return None;
+                }
+                usage.counters.push(Counter {
+                    feature,
+                    period_start,
+                    value: Aggregate::empty(aggregation),
+                    fired: 0,
+                    groups: None,
+                });
+                // Keep the two most recent periods of the feature.
+                let mut starts: Vec<i64> = usage
+                    .counters
+                    .iter()
+                    .filter(|c| c.feature == feature)
+                    .map(|c| c.period_start)
+                    .collect();
+                if starts.len() > 2 {
+                    starts.sort_unstable();
+                    let oldest = starts[0];
+                    usage
+                        .counters
+                        .retain(|c| c.feature != feature || c.period_start != oldest);
+                }
+                usage
+                    .counters
+                    .iter()
+                    .position(|c| c.feature == feature && c.period_start == period_start)?
+            }
+        };
+        let counter = &mut usage.counters[index];
+        let before = counter.value.used();
+        counter.value.add(contribution, at);
+        if let (Some(group), Contribution::Amount(amount)) = (group, contribution) {
+            *counter
+                .groups
+                .get_or_insert_with(Box::default)
+                .entry(group.into())
+                .or_default() += *amount;
+        }
+        Some(Applied {
+            feature,
+            period_start,
+            before,
+            after: counter.value.used(),
+        })
+    }
+
+    /// Usage of a feature in a period (zero when nothing was counted).
+    pub fn used(&self, customer: &str, feature: u16, period_start: i64) -> Decimal {
+        self.customers
+            .get(customer)
+            .and_then(|u| u.counter(feature, period_start))
+            .map(|c| c.value.used())
+            .unwrap_or_default()
+    }
+
+    /// Units consumed through `/v1/check` that the stream has not delivered yet.
+    pub fn reserved(&self, customer: &str, feature: u16, period_start: i64) -> Decimal {
+        self.reserved
+            .get(&(Box::from(customer), feature, period_start))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Reserves units for an event about to be published with `event_id`.
+    pub fn reserve(
+        &mut self,
+        event_id: &str,
+        customer: &str,
+        feature: u16,
+        period_start: i64,
+        amount: Decimal,
+    ) {
+        let reservation = Reservation {
+            customer: customer.into(),
+            feature,
+            period_start,
+            amount,
+        };
+        *self
+            .reserved
+            .entry((customer.into(), feature, period_start))
+            .or_default() += amount;
+        self.reservations.insert(event_id.into(), reservation);
+    }
+
+    /// Drops a reservation whose event was not stored (its publish failed).
+    pub fn cancel(&mut self, event_id: &str) {
+        if let Some(reservation) = self.reservations.remove(event_id) {
+            self.release(&reservation);
+        }
+    }
+
+    fn release(&mut self, reservation: &Reservation) {
+        let key = (
+            reservation.customer.clone(),
+            reservation.feature,
+            reservation.period_start,
+        );
+        if let Some(total) = self.reserved.get_mut(&key) {
+            *total -= reservation.amount;
+            if total.is_zero() || total.is_sign_negative() {
+                self.reserved.remove(&key);
+            }
+        }
+    }
+
+    /// Marks threshold `bit` fired for a counter; returns false if it had fired already.
+    pub fn fire(&mut self, customer: &str, feature: u16, period_start: i64, bit: u8) -> bool {
+        let Some(counter) = self.customers.get_mut(customer).and_then(|u| {
+            u.counters
+                .iter_mut()
+                .find(|c| c.feature == feature && c.period_start == period_start)
+        }) else {
+            return false;
+        };
+        let mask = 1u8 << bit.min(7);
+        let first = counter.fired & mask == 0;
+        counter.fired |= mask;
+        first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amount(n: i64) -> Contribution {
+        Contribution::Amount(Decimal::from(n))
+    }
+
+    #[test]
+    fn sums_and_reservations_add_up() {
+        let counters = Counters::default();
+        let mut shard = counters.lock("acme");
+        shard.reserve("e1", "acme", 0, 100, Decimal::from(3));
+        assert_eq!(shard.reserved("acme", 0, 100), Decimal::from(3));
+        let applied = shard
+            .apply("acme", 0, Aggregation::Sum, 100, &amount(3), None, 5, "e1")
+            .unwrap();
+        assert_eq!(
+            (applied.before, applied.after),
+            (Decimal::ZERO, Decimal::from(3))
+        );
+        assert_eq!(
+            shard.reserved("acme", 0, 100),
+            Decimal::ZERO,
+            "the stream took over the reservation"
+        );
+        shard.apply("acme", 0, Aggregation::Sum, 100, &amount(2), None, 6, "e2");
+        assert_eq!(shard.used("acme", 0, 100), Decimal::from(5));
+        shard.reserve("e3", "acme", 0, 100, Decimal::ONE);
+        shard.cancel("e3");
+        assert_eq!(shard.reserved("acme", 0, 100), Decimal::ZERO);
+    }
+
+    #[test]
+    fn only_two_periods_are_kept_and_older_events_are_ignored() {
+        let counters = Counters::default();
+        let mut shard = counters.lock("c");
+        for period in [100, 200, 300] {
+            shard.apply(
+                "c",
+                0,
+                Aggregation::Count,
+                period,
+                &amount(1),
+                None,
+                period,
+                "x",
+            );
+        }
+        let starts: Vec<i64> = shard.customers["c"]
+            .counters
+            .iter()
+            .map(|c| c.period_start)
+            .collect();
+        assert_eq!(starts, [200, 300]);
+        assert!(
+            shard
+                .apply(
+                    "c",
+                    0,
+                    Aggregation::Count,
+                    100,
+                    &amount(1),
+                    None,
+                    100,
+                    "late"
+                )
+                .is_none()
+        );
+        assert!(
+            shard
+                .apply(
+                    "c",
+                    0,
+                    Aggregation::Count,
+                    200,
+                    &amount(1),
+                    None,
+                    250,
+                    "late-ok"
+                )
+                .is_some()
+        );
+        assert_eq!(shard.used("c", 0, 200), Decimal::from(2));
+    }
+
+    #[test]
+    fn max_latest_and_unique() {
+        let counters = Counters::default();
+        let mut shard = counters.lock("c");
+        shard.apply("c", 0, Aggregation::Max, 0, &amount(5), None, 1, "a");
+        shard.apply("c", 0, Aggregation::Max, 0, &amount(3), None, 2, "b");
+        assert_eq!(shard.used("c", 0, 0), Decimal::from(5));
+        shard.apply("c", 1, Aggregation::Latest, 0, &amount(7), None, 10, "c");
+        shard.apply("c", 1, Aggregation::Latest, 0, &amount(9), None, 5, "d");
+        assert_eq!(
+            shard.used("c", 1, 0),
+            Decimal::from(7),
+            "an older event does not replace the latest"
+        );
+        for v in ["u1", "u2", "u1"] {
+            shard.apply(
+                "c",
+                2,
+                Aggregation::UniqueCount,
+                0,
+                &Contribution::Distinct(v.into()),
+                None,
+                1,
+                v,
+            );
+        }
+        assert_eq!(shard.used("c", 2, 0), Decimal::from(2));
+    }
+
+    #[test]
+    fn thresholds_fire_once() {
+        let counters = Counters::default();
+        let mut shard = counters.lock("c");
+        shard.apply("c", 0, Aggregation::Sum, 0, &amount(1), None, 1, "a");
+        assert!(shard.fire("c", 0, 0, 0));
+        assert!(!shard.fire("c", 0, 0, 0));
+        assert!(shard.fire("c", 0, 0, 1));
+    }
+
+    #[test]
+    fn shards_are_stable() {
+        assert_eq!(shard_of("acme"), shard_of("acme"));
+        assert!(shard_of("acme") < SHARDS);
+    }
+}

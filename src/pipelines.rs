@@ -1,0 +1,291 @@
+//! Windowed usage pipelines: `pipelines/*.sql`, run by DataFusion over committed Parquet.
+//!
+//! A pipeline file is one SELECT over the `metered_events` view with `{date}` where the day
+//! goes, and a `-- window: 1h` header. After each archive commit the runner finds the days
+//! whose events changed (`seq` past what the pipeline has seen), runs each pipeline for each of
+//! those days, and replaces that day's file under `data/usage/pipeline=<name>/date=<day>/`.
+//! A late event re-runs its day, so windows are corrected, never left stale. The results are
+//! the `usage` table.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::compute::cast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::parse_duration;
+use crate::files;
+use crate::query::QueryEngine;
+use crate::query::tables::usage_schema;
+use crate::shutdown::{Shutdown, wait_for_stop};
+
+/// A pipeline definition.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// File stem (`usage_hourly`), the `pipeline` partition value.
+    pub name: String,
+    /// Window length, from the `-- window:` header.
+    pub window: Duration,
+    /// The SELECT, with `{date}` to fill in.
+    pub sql: String,
+}
+
+/// Why pipelines could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A pipeline file is malformed.
+    #[error("{path}: {message}")]
+    Definition {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Running a pipeline failed.
+    #[error("pipeline {name}: {message}")]
+    Run {
+        /// The pipeline.
+        name: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Loads every `*.sql` of `dir` (none if the directory is missing).
+pub fn load(dir: &Path) -> Result<Vec<Pipeline>, PipelineError> {
+    let mut pipelines = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(pipelines);
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let err = |message: String| PipelineError::Definition {
+            path: path.clone(),
+            message,
+        };
+        let sql = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(err(
+                "pipeline names (file stems) are letters, digits, `_` and `-`".into(),
+            ));
+        }
+        let window = sql
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("-- window:"))
+            .ok_or_else(|| err("missing `-- window: 1h` header".into()))
+            .and_then(|text| parse_duration(text).map_err(|e| err(format!("window: {e}"))))?;
+        if !sql.contains("{date}") {
+            return Err(err(
+                "the query must restrict itself to one day with `date = '{date}'`".into(),
+            ));
+        }
+        pipelines.push(Pipeline { name, window, sql });
+    }
+    Ok(pipelines)
+}
+
+/// How far a pipeline has run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PipelineManifest {
+    /// Every event up to this stream sequence is reflected in the pipeline's output.
+    pub last_seq: u64,
+}
+
+impl PipelineManifest {
+    fn path(data_dir: &Path, name: &str) -> PathBuf {
+        data_dir
+            .join("usage")
+            .join(format!("pipeline={name}"))
+            .join("_manifest.json")
+    }
+
+    /// The manifest of pipeline `name` (zero if it never ran).
+    pub fn load(data_dir: &Path, name: &str) -> Self {
+        std::fs::read(Self::path(data_dir, name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn store(&self, data_dir: &Path, name: &str) -> std::io::Result<()> {
+        files::write_atomic(
+            &Self::path(data_dir, name),
+            &serde_json::to_vec(self).unwrap_or_default(),
+        )
+    }
+}
+
+/// Runs the pipelines as the archive commits, until shutdown. `progress` reports the least
+/// advanced pipeline's sequence.
+pub async fn run(
+    pipelines: Vec<Pipeline>,
+    engine: Arc<QueryEngine>,
+    mut committed: watch::Receiver<u64>,
+    progress: watch::Sender<u64>,
+    mut shutdown: Shutdown,
+) {
+    let data_dir = engine.data_dir().to_path_buf();
+    let initial = pipelines
+        .iter()
+        .map(|p| PipelineManifest::load(&data_dir, &p.name).last_seq)
+        .min()
+        .unwrap_or(u64::MAX);
+    progress.send_replace(initial);
+    loop {
+        let target = *committed.borrow_and_update();
+        for pipeline in &pipelines {
+            let manifest = PipelineManifest::load(&data_dir, &pipeline.name);
+            if manifest.last_seq >= target {
+                continue;
+            }
+            if let Err(error) =
+                run_once(pipeline, &engine, &data_dir, manifest.last_seq, target).await
+            {
+                tracing::error!(%error, "pipeline run failed; retrying at the next commit");
+            }
+        }
+        let done = pipelines
+            .iter()
+            .map(|p| PipelineManifest::load(&data_dir, &p.name).last_seq)
+            .min()
+            .unwrap_or(target);
+        progress.send_replace(done);
+        tokio::select! {
+            changed = committed.changed() => if changed.is_err() { return },
+            () = wait_for_stop(&mut shutdown) => return,
+            // Retry failed runs even when nothing new is committed.
+            _ = tokio::time::sleep(Duration::from_secs(5)), if done < target => {}
+        }
+    }
+}
+
+/// Re-runs one pipeline for every day with events in `(after, upto]`, then records `upto`.
+pub async fn run_once(
+    pipeline: &Pipeline,
+    engine: &QueryEngine,
+    data_dir: &Path,
+    after: u64,
+    upto: u64,
+) -> Result<(), PipelineError> {
+    let err = |e: &dyn std::fmt::Display| PipelineError::Run {
+        name: pipeline.name.clone(),
+        message: e.to_string(),
+    };
+    let days = engine
+        .collect_internal(&format!(
+            "SELECT DISTINCT date FROM metered_events WHERE seq > {after} AND seq <= {upto}"
+        ))
+        .await
+        .map_err(|e| err(&e))?;
+    let mut dates: Vec<String> = Vec::new();
+    for batch in &days {
+        let column =
+            cast(batch.column(0), &arrow::datatypes::DataType::Utf8).map_err(|e| err(&e))?;
+        if let Some(strings) = column.as_any().downcast_ref::<arrow::array::StringArray>() {
+            dates.extend(strings.iter().flatten().map(str::to_string));
+        }
+    }
+    for date in dates {
+        if !valid_date(&date) {
+            continue;
+        }
+        // The day as committed now: at least up to `upto`, perhaps a little past it (a later
+        // run then re-runs the day, which changes nothing that was right).
+        let batches = engine
+            .collect_internal(&pipeline.sql.replace("{date}", &date))
+            .await
+            .map_err(|e| err(&e))?;
+        write_day(data_dir, &pipeline.name, &date, &batches).map_err(|e| err(&e))?;
+    }
+    PipelineManifest { last_seq: upto }
+        .store(data_dir, &pipeline.name)
+        .map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn valid_date(date: &str) -> bool {
+    date.len() == 10 && date.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+}
+
+/// Replaces one day's output of a pipeline (cast to the `usage` schema).
+fn write_day(
+    data_dir: &Path,
+    name: &str,
+    date: &str,
+    batches: &[RecordBatch],
+) -> Result<(), String> {
+    let schema = usage_schema();
+    let dir = data_dir
+        .join("usage")
+        .join(format!("pipeline={name}"))
+        .join(format!("date={date}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut converted = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| match batch.column_by_name(field.name()) {
+                Some(column) => cast(column, field.data_type())
+                    .map_err(|e| format!("column {}: {e}", field.name())),
+                None if field.is_nullable() => Ok(arrow::array::new_null_array(
+                    field.data_type(),
+                    batch.num_rows(),
+                )),
+                None => Err(format!(
+                    "the pipeline's SELECT must return column `{}`",
+                    field.name()
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        converted.push(RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?);
+    }
+    let path = dir.join("usage.parquet");
+    let properties = crate::archive::commit::writer_properties(
+        &schema,
+        &["customer_id", "window_start"],
+        3,
+        128 * 1024,
+    );
+    crate::archive::commit::write_parquet_file(&path, &schema, converted.iter(), properties)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_pipelines_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let pipelines = load(&dir).unwrap();
+        let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["usage_daily", "usage_hourly"]);
+        assert_eq!(pipelines[1].window, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_pipeline_without_a_window_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.sql"), "SELECT 1 WHERE date = '{date}'").unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("window"), "{err}");
+    }
+}

@@ -1,0 +1,128 @@
+//! Quantities of metered events: exact decimals, never floats that drift.
+
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use crate::config::Aggregation;
+use crate::rejected::Rejection;
+
+/// What one event contributes to a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Contribution {
+    /// A number (sum, max, latest; `count` contributes one).
+    Amount(Decimal),
+    /// A value counted once per period (`unique_count`).
+    Distinct(String),
+}
+
+/// The contribution of an event's properties to a meter.
+pub fn quantity(
+    value_property: Option<&str>,
+    aggregation: Aggregation,
+    properties: &Map<String, Value>,
+) -> Result<Contribution, Rejection> {
+    let Some(property) = value_property else {
+        return Ok(Contribution::Amount(Decimal::ONE));
+    };
+    let field = format!("properties.{property}");
+    let value = properties.get(property).filter(|v| !v.is_null());
+    if aggregation == Aggregation::Count {
+        return Ok(Contribution::Amount(Decimal::ONE));
+    }
+    if aggregation == Aggregation::UniqueCount {
+        return match value {
+            Some(Value::String(s)) if !s.is_empty() => Ok(Contribution::Distinct(s.clone())),
+            Some(Value::Number(n)) => Ok(Contribution::Distinct(n.to_string())),
+            _ => Err(Rejection::new(
+                field,
+                "is required: the value this meter counts once per period",
+            )),
+        };
+    }
+    let amount = match value {
+        None => {
+            return Err(Rejection::new(
+                field,
+                "is required: it is this meter's quantity",
+            ));
+        }
+        Some(Value::Number(n)) => parse_decimal(&n.to_string()),
+        Some(Value::String(s)) => parse_decimal(s.trim()),
+        Some(_) => None,
+    }
+    .ok_or_else(|| Rejection::new(&field, "must be a number (the meter's quantity)"))?;
+    if amount.is_sign_negative() && !amount.is_zero() {
+        return Err(Rejection::new(field, "must not be negative"));
+    }
+    Ok(Contribution::Amount(amount))
+}
+
+/// Exact decimal from JSON number text (`12`, `0.001`, `1e3`); floats never enter.
+pub fn parse_decimal(text: &str) -> Option<Decimal> {
+    if text.is_empty() || text.len() > 64 {
+        return None;
+    }
+    text.parse::<Decimal>()
+        .ok()
+        .or_else(|| Decimal::from_scientific(text).ok())
+        .map(|d| d.normalize())
+}
+
+/// The series key of an event for a meter with `group_by` (empty without one).
+pub fn group_key(group_by: &[String], properties: &Map<String, Value>) -> String {
+    group_by
+        .iter()
+        .map(|p| match properties.get(p) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn props(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn quantities_are_exact_decimals() {
+        let m = Some("gb");
+        let q = |v: Value| quantity(m, Aggregation::Sum, &props(json!({"gb": v})));
+        assert_eq!(
+            q(json!(0.1)).unwrap(),
+            Contribution::Amount("0.1".parse().unwrap())
+        );
+        assert_eq!(
+            q(json!("2.50")).unwrap(),
+            Contribution::Amount("2.5".parse().unwrap())
+        );
+        assert_eq!(
+            q(json!(1e3)).unwrap(),
+            Contribution::Amount(Decimal::from(1000))
+        );
+        assert_eq!(q(json!(-1)).unwrap_err().message, "must not be negative");
+        assert_eq!(q(json!("lots")).unwrap_err().field, "properties.gb");
+        assert!(q(json!([1])).is_err());
+        let missing = quantity(m, Aggregation::Sum, &props(json!({}))).unwrap_err();
+        assert!(missing.message.contains("required"));
+    }
+
+    #[test]
+    fn without_a_value_property_each_event_is_one() {
+        let q = quantity(None, Aggregation::Sum, &Map::new()).unwrap();
+        assert_eq!(q, Contribution::Amount(Decimal::ONE));
+    }
+
+    #[test]
+    fn unique_counts_take_the_value_itself() {
+        let m = Some("user");
+        let q = quantity(m, Aggregation::UniqueCount, &props(json!({"user": "u1"}))).unwrap();
+        assert_eq!(q, Contribution::Distinct("u1".into()));
+    }
+}
