@@ -61,20 +61,14 @@ pub async fn entitlement(
     }
     match state.meter.entitlement(customer, feature) {
         Ok(standing) => {
-            let body = serde_json::json!({
-                "customer_id": standing.customer_id,
-                "feature": standing.feature,
-                "plan": standing.plan,
-                "has_access": standing.allowed,
-                "used": standing.used,
-                "limit": standing.limit,
-                "remaining": standing.remaining,
-                "overage": standing.overage,
-                "soft_limit": standing.soft_limit,
-                "reset_at": standing.period_end,
-                "period_start": standing.period_start,
-                "as_of": standing.as_of,
-            });
+            // The standing's own serialisation carries the numbers as JSON numbers.
+            let mut body = serde_json::to_value(&standing).unwrap_or_default();
+            if let Some(object) = body.as_object_mut() {
+                let allowed = object.remove("allowed").unwrap_or_default();
+                object.insert("has_access".into(), allowed);
+                let end = object.get("period_end").cloned().unwrap_or_default();
+                object.insert("reset_at".into(), end);
+            }
             respond::json(200, &body)
         }
         Err(error) => limit_error(&error),

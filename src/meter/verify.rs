@@ -206,6 +206,9 @@ pub async fn verify(
             }
         }
     }
+    report.meter_total = report.meter_total.normalize();
+    report.events_total = report.events_total.normalize();
+    report.usage_total = report.usage_total.normalize();
     Ok(report)
 }
 
@@ -216,11 +219,9 @@ fn sums(
     let mut out = std::collections::HashMap::new();
     for batch in batches {
         let text = |i: usize| {
-            batch
-                .column(i)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .cloned()
+            arrow::compute::cast(batch.column(i), &DataType::Utf8)
+                .ok()
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
         };
         let (Some(customers), Some(features), Some(quantities)) = (text(0), text(1), text(2))
         else {

@@ -182,6 +182,8 @@ impl Northstar {
             .arg(&self.config_path)
             .arg("--data")
             .arg(&self.data)
+            .arg("--pipelines")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"))
             .args(["--listen", "127.0.0.1:0"])
             .env("NORTHSTAR_ADMIN_KEY", ADMIN_KEY)
             .env_remove("NORTHSTAR_WRITE_KEY")
@@ -445,5 +447,206 @@ impl CutProxy {
     /// Drops every open connection (new ones are accepted again).
     pub fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+/// The service key every test server accepts on the limits API.
+pub const SERVICE_KEY: &str = "sk_test_0123456789abcdef";
+
+/// A northstar server inside the test process, on a clock the test controls.
+pub struct InProcess {
+    pub server: Option<northstar::server::RunningServer>,
+    pub base: String,
+    pub data: PathBuf,
+    pub client: HttpClient,
+    pub clock: northstar::clock::Clock,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// Starts the whole server in-process against `nats`, with `clock`.
+    pub async fn start(nats: &Nats, config: &Value, clock: northstar::clock::Clock) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let config = Config::from_json(&config.to_string(), "test").expect("valid test config");
+        let options = northstar::server::ServeOptions {
+            config,
+            data_dir: data.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            nats_url: Some(nats.url.clone()),
+            admin_key: Some(ADMIN_KEY.into()),
+            service_key: Some(SERVICE_KEY.into()),
+            clock: clock.clone(),
+            pipelines_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines")),
+        };
+        let server = northstar::server::start(options)
+            .await
+            .expect("server starts");
+        let base = format!("http://{}", server.addr);
+        Self {
+            server: Some(server),
+            base,
+            data,
+            client: HttpClient::new(),
+            clock,
+            _dir: dir,
+        }
+    }
+
+    /// Stops it gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+    }
+
+    /// POST a Segment batch with the test write key.
+    pub async fn post(&self, path: &str, body: &Value) -> ClientResponse {
+        let auth = basic_auth(WRITE_KEY);
+        self.client
+            .post_json(
+                &format!("{}{path}", self.base),
+                &[("authorization", &auth)],
+                body,
+            )
+            .await
+            .expect("answered")
+    }
+
+    /// POST with a bearer key.
+    pub async fn post_as(&self, key: &str, path: &str, body: &Value) -> ClientResponse {
+        let bearer = format!("Bearer {key}");
+        self.client
+            .post_json(
+                &format!("{}{path}", self.base),
+                &[("authorization", &bearer)],
+                body,
+            )
+            .await
+            .expect("answered")
+    }
+
+    /// GET with a bearer key.
+    pub async fn get_as(&self, key: &str, path: &str) -> ClientResponse {
+        let bearer = format!("Bearer {key}");
+        self.client
+            .get(
+                &format!("{}{path}", self.base),
+                &[("authorization", &bearer)],
+            )
+            .await
+            .expect("answered")
+    }
+
+    /// PUT JSON with the admin key.
+    pub async fn put_admin(&self, path: &str, body: &Value) -> ClientResponse {
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        self.client
+            .send(
+                http::Method::PUT,
+                &format!("{}{path}", self.base),
+                &[
+                    ("authorization", &bearer),
+                    ("content-type", "application/json"),
+                ],
+                body.to_string().into_bytes(),
+            )
+            .await
+            .expect("answered")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // A server not stopped by the test is dropped with its runtime; its embedded parts
+        // (none here: NATS is the test's) need nothing more.
+        let _ = self.server.take();
+    }
+}
+
+/// The seed config plus a second, fractional meter: `storage_used` sums `properties.gb` into
+/// feature `storage_gb` (free: 10, pro: 100 soft, hard cap 50 on free).
+pub fn limits_config() -> Value {
+    let mut config = test_config();
+    config["serviceKeys"] = json!([SERVICE_KEY]);
+    config["events"].as_array_mut().unwrap().push(json!({
+        "name": "storage_used",
+        "properties": ["gb"],
+        "metering": {"featureId": "storage_gb", "aggregation": "sum", "unit": "GB", "valueProperty": "gb"}
+    }));
+    config["usageFeatures"].as_array_mut().unwrap().push(json!({
+        "id": "storage_gb",
+        "limits": {"free": 10, "pro": 100},
+        "softLimits": ["pro"],
+        "hardCaps": {"free": 50}
+    }));
+    config["usageFeatures"][0]["limits"] = json!({"free": 20, "pro": 50000, "enterprise": null});
+    config["metering"] = json!({"snapshotInterval": "200ms", "upgradeUrl": "https://app.example/upgrade?c={customer_id}&f={feature}"});
+    config
+}
+
+/// A local HTTP server that records the JSON bodies POSTed to it (a webhook receiver).
+pub struct Recorder {
+    pub base: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Recorder {
+    /// Listens on a free loopback port and answers every request 200.
+    pub async fn start() -> Self {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind recorder");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let store = store.clone();
+                            async move {
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                                    store.lock().unwrap().push(value);
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { base, received }
+    }
+
+    /// Waits (up to 20 s) until `n` bodies arrived; returns them all.
+    pub async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.received.lock().unwrap().clone();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} webhook calls arrived",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

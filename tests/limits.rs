@@ -1,0 +1,553 @@
+//! The meter and the limits API: exact, fresh, atomic, and the same after a crash.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{ADMIN_KEY, InProcess, Nats, Northstar, SERVICE_KEY, limits_config, scalar};
+use northstar::clock::Clock;
+use serde_json::{Value, json};
+
+fn call(id: &str, customer: &str, at: &str) -> Value {
+    json!({"type": "track", "messageId": id, "userId": format!("{customer}-user"), "event": "api_call_made",
+           "timestamp": at, "context": {"groupId": customer}, "properties": {"endpoint": "/x"}})
+}
+
+fn storage(id: &str, customer: &str, gb: Value, at: &str) -> Value {
+    json!({"type": "track", "messageId": id, "userId": "u", "event": "storage_used", "timestamp": at,
+           "context": {"groupId": customer}, "properties": {"gb": gb}})
+}
+
+/// 2026-03-10T12:00:00Z in microseconds.
+const MARCH_10: i64 = 1_773_144_000_000_000;
+
+/// Polls `check` until `f` holds (the meter applies acked events within milliseconds).
+async fn eventually<F: Fn(&Value) -> bool>(server: &InProcess, path: &str, f: F) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = server.get_as(SERVICE_KEY, path).await.json();
+        if f(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never satisfied the condition; last answer {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_exact_fresh_and_answers_every_feature() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..7)
+        .map(|i| call(&format!("c-{i}"), "acme", "2026-03-10T10:00:00Z"))
+        .chain([
+            storage("s-1", "acme", json!(0.1), "2026-03-10T10:00:00Z"),
+            storage("s-2", "acme", json!("0.2"), "2026-03-10T11:00:00Z"),
+        ])
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+
+    let usage = eventually(&server, "/v1/customers/acme/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(9)
+    })
+    .await;
+    let features = usage["features"].as_array().unwrap();
+    let api = features
+        .iter()
+        .find(|f| f["feature"] == "api_requests")
+        .unwrap();
+    assert_eq!(api["used"], 7.0);
+    assert_eq!(api["limit"], 20.0);
+    assert_eq!(api["remaining"], 13.0);
+    assert_eq!(api["plan"], "free");
+    assert_eq!(api["period_start"], "2026-03-01T00:00:00.000Z");
+    assert_eq!(api["period_end"], "2026-04-01T00:00:00.000Z");
+    let storage_gb = features
+        .iter()
+        .find(|f| f["feature"] == "storage_gb")
+        .unwrap();
+    assert_eq!(
+        storage_gb["used"], 0.3,
+        "0.1 + 0.2 is exactly 0.3 here: {storage_gb}"
+    );
+
+    let entitlement = server
+        .get_as(SERVICE_KEY, "/v1/customers/acme/entitlements/api_requests")
+        .await
+        .json();
+    assert_eq!(entitlement["has_access"], true);
+    assert_eq!(entitlement["reset_at"], "2026-04-01T00:00:00.000Z");
+    assert_eq!(
+        server
+            .get_as(SERVICE_KEY, "/v1/customers/acme/entitlements/nope")
+            .await
+            .status,
+        404
+    );
+    // Keys: none, a write key, the admin key.
+    assert_eq!(
+        server
+            .client
+            .get(&format!("{}/v1/customers/acme/usage", server.base), &[])
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .get_as(harness::WRITE_KEY, "/v1/customers/acme/usage")
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        server
+            .get_as(ADMIN_KEY, "/v1/customers/acme/usage")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hard_limit_refuses_with_the_upgrade_path_and_a_plan_change_lifts_it() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..20)
+        .map(|i| call(&format!("h-{i}"), "globex", "2026-03-10T10:00:00Z"))
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    eventually(&server, "/v1/customers/globex/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(20)
+    })
+    .await;
+
+    let check = json!({"customer_id": "globex", "feature": "api_requests", "quantity": 1});
+    let refused = server.post_as(SERVICE_KEY, "/v1/check", &check).await;
+    assert_eq!(refused.status, 402, "{}", refused.text());
+    let body = refused.json();
+    assert_eq!(body["code"], "usage_limit_exceeded");
+    assert_eq!(
+        (body["limit"].as_f64(), body["used"].as_f64()),
+        (Some(20.0), Some(20.0))
+    );
+    assert_eq!(
+        body["upgrade"]["subscription_url"],
+        "https://app.example/upgrade?c=globex&f=api_requests"
+    );
+    assert!(
+        body["upgrade"]
+            .as_object()
+            .unwrap()
+            .contains_key("checkout_session_id")
+    );
+    assert!(body["message"].as_str().unwrap().contains("limit"));
+
+    let put = server
+        .put_admin("/v1/customers/globex", &json!({"plan": "pro"}))
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let allowed = server.post_as(SERVICE_KEY, "/v1/check", &check).await;
+    assert_eq!(
+        allowed.status,
+        200,
+        "the next check already sees the new plan: {}",
+        allowed.text()
+    );
+    assert_eq!(allowed.json()["allowed"], true);
+    assert_eq!(allowed.json()["limit"], 50000.0);
+    // An unknown plan is refused with the field named; an unlimited plan has no limit.
+    let bad = server
+        .put_admin("/v1/customers/globex", &json!({"plan": "platinum"}))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("plan"));
+    server
+        .put_admin("/v1/customers/globex", &json!({"plan": "enterprise"}))
+        .await;
+    let unlimited = server
+        .post_as(SERVICE_KEY, "/v1/check", &check)
+        .await
+        .json();
+    assert_eq!(
+        (unlimited["allowed"].as_bool(), unlimited["limit"].is_null()),
+        (Some(true), true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_consumes_never_both_take_the_last_unit() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    // 15 of 20 used: 5 left, 40 callers race for them.
+    let batch: Vec<Value> = (0..15)
+        .map(|i| call(&format!("r-{i}"), "initech", "2026-03-10T10:00:00Z"))
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    eventually(&server, "/v1/customers/initech/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(15)
+    })
+    .await;
+    let mut racers = Vec::new();
+    for i in 0..40 {
+        let (client, base) = (server.client.clone(), server.base.clone());
+        racers.push(tokio::spawn(async move {
+            let body = json!({"customer_id": "initech", "feature": "api_requests", "quantity": 1, "consume": true, "event_id": format!("race-{i}")});
+            let bearer = format!("Bearer {SERVICE_KEY}");
+            client.post_json(&format!("{base}/v1/check"), &[("authorization", &bearer)], &body).await.unwrap().status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for racer in racers {
+        statuses.push(racer.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 402).count(), 35);
+    let usage = eventually(&server, "/v1/customers/initech/usage", |b| {
+        b["features"][0]["used"] == 20.0
+    })
+    .await;
+    assert_eq!(usage["features"][0]["remaining"], 0.0);
+    // The consumed units are events like any other: SQL sees them.
+    northstar_wait(&server, 20).await;
+    assert_eq!(
+        scalar(
+            &server.data,
+            "SELECT count(*) FROM events WHERE customer_id = 'initech' AND event = 'api_call_made'"
+        )
+        .await,
+        20
+    );
+    // A retried consume with the same event id is recorded once (and still refused here).
+    let retry = json!({"customer_id": "initech", "feature": "api_requests", "consume": true, "event_id": "race-0"});
+    assert_eq!(
+        server
+            .post_as(SERVICE_KEY, "/v1/check", &retry)
+            .await
+            .status,
+        402
+    );
+}
+
+async fn northstar_wait(server: &InProcess, rows: u64) {
+    harness::wait_archived(&server.data, rows).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn periods_roll_over_at_the_billing_anchor() {
+    let nats = Nats::start();
+    let clock = Clock::manual(MARCH_10);
+    let server = InProcess::start(&nats, &limits_config(), clock.clone()).await;
+    let put = server
+        .put_admin(
+            "/v1/customers/hooli",
+            &json!({"billingAnchor": "2026-01-15T09:30:00Z"}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let batch: Vec<Value> = (0..3)
+        .map(|i| call(&format!("p-{i}"), "hooli", "2026-03-10T10:00:00Z"))
+        .chain((0..2).map(|i| call(&format!("q-{i}"), "hooli", "2026-03-15T10:00:00Z")))
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    let before = eventually(&server, "/v1/customers/hooli/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(5)
+    })
+    .await;
+    assert_eq!(
+        before["features"][0]["used"], 3.0,
+        "events after the anchor belong to the next period"
+    );
+    assert_eq!(
+        before["features"][0]["period_start"],
+        "2026-02-15T09:00:00.000Z"
+    );
+    assert_eq!(
+        before["features"][0]["period_end"],
+        "2026-03-15T09:00:00.000Z"
+    );
+    clock.set(MARCH_10 + 6 * 86_400_000_000); // March 16
+    let after = server
+        .get_as(SERVICE_KEY, "/v1/customers/hooli/usage")
+        .await
+        .json();
+    assert_eq!(after["features"][0]["used"], 2.0);
+    assert_eq!(
+        after["features"][0]["period_start"],
+        "2026-03-15T09:00:00.000Z"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_quantities_go_to_the_rejected_store_and_cost_no_usage() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch = vec![
+        storage("ok-1", "wonka", json!(2), "2026-03-10T10:00:00Z"),
+        storage("bad-missing", "wonka", Value::Null, "2026-03-10T10:00:00Z"),
+        storage("bad-negative", "wonka", json!(-5), "2026-03-10T10:00:00Z"),
+        storage("bad-text", "wonka", json!("lots"), "2026-03-10T10:00:00Z"),
+        storage("ok-2", "wonka", json!("1.5"), "2026-03-10T10:00:00Z"),
+    ];
+    let r = server.post("/v1/batch", &json!({"batch": batch})).await;
+    assert_eq!(r.status, 200);
+    let answer = r.json();
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["rejected"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let fields: Vec<&str> = answer["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["properties.gb"; 3]);
+    let messages: Vec<&str> = answer["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(messages[1].contains("negative"), "{messages:?}");
+    let usage = eventually(
+        &server,
+        "/v1/customers/wonka/entitlements/storage_gb",
+        |b| b["used"] == 3.5,
+    )
+    .await;
+    assert_eq!(usage["remaining"], 6.5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thresholds_fire_once_and_a_hard_cap_suspends() {
+    let nats = Nats::start();
+    let hook = harness::Recorder::start().await;
+    let mut config = limits_config();
+    config["metering"]["thresholdWebhook"] = json!(format!("{}/hook", hook.base));
+    let server = InProcess::start(&nats, &config, Clock::manual(MARCH_10)).await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut thresholds = client.subscribe("northstar.usage.threshold").await.unwrap();
+
+    // 7 + 2 GB: past 80% of 10 (free) at the second event; 12 GB more: past 100%.
+    let r = server.post("/v1/batch", &json!({"batch": [storage("t-1", "stark", json!(7), "2026-03-10T10:00:00Z"), storage("t-2", "stark", json!(2), "2026-03-10T10:01:00Z")]})).await;
+    assert_eq!(r.status, 200);
+    let r = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [storage("t-3", "stark", json!(12), "2026-03-10T10:02:00Z")]}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let message = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::StreamExt::next(&mut thresholds),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let event: Value = serde_json::from_slice(&message.payload).unwrap();
+        seen.push((
+            event["threshold"].as_f64().unwrap(),
+            event["customer_id"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [(0.8, "stark".to_string()), (1.0, "stark".to_string())]
+    );
+    // More usage in the same period fires nothing new.
+    server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [storage("t-4", "stark", json!(1), "2026-03-10T10:03:00Z")]}),
+        )
+        .await;
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut thresholds)
+        )
+        .await
+        .is_err()
+    );
+    let posted = hook.wait_for(2).await;
+    assert_eq!(posted[0]["threshold"], 0.8);
+    assert!(posted.iter().all(|p| {
+        p["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("threshold:stark:storage_gb:")
+    }));
+
+    // Past the hard cap of 50 GB on free: suspended, every check 403 until an admin lifts it.
+    server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [storage("t-5", "stark", json!(40), "2026-03-10T10:04:00Z")]}),
+        )
+        .await;
+    let check = json!({"customer_id": "stark", "feature": "api_requests"});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = server.post_as(SERVICE_KEY, "/v1/check", &check).await;
+        if r.status == 403 {
+            assert_eq!(r.json()["code"], "customer_suspended");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not suspended: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lift = server
+        .put_admin("/v1/customers/stark", &json!({"suspended": false}))
+        .await;
+    assert_eq!(lift.status, 200);
+    assert_eq!(
+        server
+            .post_as(SERVICE_KEY, "/v1/check", &check)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &limits_config());
+    let customers = ["acme", "globex", "initech", "hooli"];
+    let now = northstar::clock::format_micros(northstar::clock::system_micros());
+    for round in 0..3 {
+        let batch: Vec<Value> = (0..200)
+            .map(|i| {
+                let customer = customers[i % customers.len()];
+                if i % 3 == 0 {
+                    storage(
+                        &format!("k{round}-{i}"),
+                        customer,
+                        json!(format!("0.{}", i % 10)),
+                        &now,
+                    )
+                } else {
+                    call(&format!("k{round}-{i}"), customer, &now)
+                }
+            })
+            .collect();
+        assert_eq!(
+            server
+                .post("/v1/batch", &json!({"batch": batch}))
+                .await
+                .status,
+            200
+        );
+    }
+    let usage = |server: &Northstar| {
+        let (client, base) = (server.client.clone(), server.base.clone());
+        async move {
+            let mut out = Vec::new();
+            for customer in customers {
+                let bearer = format!("Bearer {SERVICE_KEY}");
+                let mut body = client
+                    .get(
+                        &format!("{base}/v1/customers/{customer}/usage"),
+                        &[("authorization", &bearer)],
+                    )
+                    .await
+                    .unwrap()
+                    .json();
+                let seq = body["as_of"]["seq"].as_u64().unwrap();
+                let mut features = body["features"].take();
+                for feature in features.as_array_mut().unwrap() {
+                    feature.as_object_mut().unwrap().remove("as_of");
+                }
+                out.push((seq, features));
+            }
+            out
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let now = usage(&server).await;
+        if now.iter().all(|(seq, _)| *seq == 600) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meter never reached 600: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Let a snapshot happen mid-way for some shards, then crash.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill9();
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let now = usage(&server).await;
+        if now.iter().all(|(seq, _)| *seq == 600) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meter never caught up after restart: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        before, after,
+        "usage after the crash equals usage before, exactly"
+    );
+
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let report = server
+        .client
+        .send(
+            http::Method::POST,
+            &format!("{}/v1/usage/verify", server.base),
+            &[("authorization", &bearer)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.status, 200, "{}", report.text());
+    let report = report.json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["seq"], 600);
+    assert_eq!(report["compared"], 8, "4 customers × 2 features");
+    assert_eq!(report["meter_total"], report["events_total"]);
+    assert_eq!(report["meter_total"], report["usage_total"]);
+}
