@@ -24,6 +24,7 @@ test: test-deps
 ## Benchmarks on the release build, each next to a baseline measured in the same run.
 bench: deps release
 	$(REL_BIN) bench ingest
+	$(REL_BIN) bench limits
 
 build:
 	$(CARGO) build

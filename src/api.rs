@@ -221,13 +221,19 @@ async fn handle(
         let response = routes::dispatch(&state, &route, &parts, body).await;
         route.finish(response)
     };
-    let response = match tokio::time::timeout(timeout, work).await {
-        Ok(response) => response,
-        Err(_) => route.finish(respond::error(&HttpError::new(
-            ErrorKind::Unavailable,
-            "request_timeout",
-            format!("the request took longer than {timeout:?}; retry"),
-        ))),
+    // The limits routes answer from memory (a consume's publish has its own ack timeout), so
+    // they skip the per-request timer that the routes which wait on bodies and I/O need.
+    let response = if route.answers_from_memory() {
+        work.await
+    } else {
+        match tokio::time::timeout(timeout, work).await {
+            Ok(response) => response,
+            Err(_) => route.finish(respond::error(&HttpError::new(
+                ErrorKind::Unavailable,
+                "request_timeout",
+                format!("the request took longer than {timeout:?}; retry"),
+            ))),
+        }
     };
     state
         .metrics

@@ -1,9 +1,12 @@
 //! `northstar bench`: our numbers next to a baseline measured in the same run, on the same
 //! machine and the same nats-server, printed as a table with ratios.
 //!
-//! - [`ingest`]: HTTP batches → JetStream → Parquet, against raw async-nats publish + consume.
+//! - [`ingest`]: HTTP batches → JetStream → Parquet, against raw async-nats publish + consume;
+//! - [`limits`]: `/v1/check` latency and throughput against a bare hyper server, freshness,
+//!   and the memory of a million counters.
 
 pub mod ingest;
+pub mod limits;
 pub mod report;
 
 use clap::Subcommand;
@@ -13,12 +16,19 @@ use clap::Subcommand;
 pub enum Suite {
     /// End-to-end ingest: events/s acked over HTTP and landed in Parquet, vs raw JetStream.
     Ingest(ingest::IngestBench),
+    /// The limits API: check latency and throughput vs a bare hyper server; freshness; memory.
+    Limits(limits::LimitsBench),
+    /// The bare hyper server of `bench limits` (run as its own process, like northstar).
+    #[command(hide = true)]
+    BareServer,
 }
 
 /// Runs a suite and prints its table.
 pub async fn run(suite: Suite) -> anyhow::Result<()> {
     match suite {
         Suite::Ingest(options) => ingest::run(options).await,
+        Suite::Limits(options) => limits::run(options).await,
+        Suite::BareServer => limits::bare_server().await,
     }
 }
 

@@ -330,7 +330,14 @@ impl Meter {
                     continue;
                 };
                 self.metrics.meter_applied.inc();
-                self.notice_crossings(&mut shard, &customer, meter.feature, &applied, seq);
+                self.notice_crossings(
+                    &mut shard,
+                    customer_id,
+                    &customer,
+                    meter.feature,
+                    &applied,
+                    seq,
+                );
             }
         }
         self.counters.set_applied(seq);
@@ -340,6 +347,7 @@ impl Meter {
     fn notice_crossings(
         &self,
         shard: &mut state::Shard,
+        customer_id: &str,
         customer: &Customer,
         feature_index: usize,
         applied: &state::Applied,
@@ -356,10 +364,10 @@ impl Meter {
                 let bit = u8::try_from(bit).unwrap_or(7);
                 if applied.before < line
                     && applied.after >= line
-                    && shard.fire(&customer.id, applied.feature, applied.period_start, bit)
+                    && shard.fire(customer_id, applied.feature, applied.period_start, bit)
                 {
                     self.notices.send(Notice::Threshold {
-                        customer_id: customer.id.clone(),
+                        customer_id: customer_id.to_string(),
                         feature: feature.id.clone(),
                         plan: customer.plan.clone(),
                         threshold: fraction,
@@ -375,7 +383,7 @@ impl Meter {
             let cap = Decimal::from(*cap);
             if applied.before < cap && applied.after >= cap && customer.suspended.is_none() {
                 self.notices.send(Notice::Suspend {
-                    customer_id: customer.id.clone(),
+                    customer_id: customer_id.to_string(),
                     reason: format!(
                         "{} reached the hard cap of {cap} {} on plan {}",
                         feature.id,
@@ -408,7 +416,7 @@ impl Meter {
         Ok(standing)
     }
 
-    /// The standing of one feature, as if `extra` more units were used.
+    /// The standing of one feature now.
     fn standing(
         &self,
         customer: &Customer,
@@ -416,26 +424,30 @@ impl Meter {
         extra: Decimal,
         consumed: Option<Decimal>,
     ) -> Standing {
-        let feature = &self.spec.features[index];
-        let now = self.clock.now_micros();
-        let period = customer.period_at(now);
+        let period = customer.period_at(self.clock.now_micros());
         let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
         let (used, groups) = {
             let shard = self.counters.lock(&customer.id);
-            let used = shard.used(&customer.id, counter_index, period.start)
-                + shard.reserved(&customer.id, counter_index, period.start);
-            let groups = shard
-                .customers
-                .get(customer.id.as_str())
-                .and_then(|u| u.counter(counter_index, period.start))
-                .and_then(|c| c.groups.as_ref())
-                .map(|g| {
-                    g.iter()
-                        .map(|(k, v)| (k.to_string(), decimal_json(*v)))
-                        .collect()
-                });
-            (used + extra, groups)
+            (
+                shard.used(&customer.id, counter_index, period.start)
+                    + shard.reserved(&customer.id, counter_index, period.start),
+                groups_of(&shard, &customer.id, counter_index, period.start),
+            )
         };
+        self.standing_from(customer, index, period, used + extra, groups, consumed)
+    }
+
+    /// A standing from numbers already read under the shard's lock.
+    fn standing_from(
+        &self,
+        customer: &Customer,
+        index: usize,
+        period: period::Period,
+        used: Decimal,
+        groups: Option<Map<String, Value>>,
+        consumed: Option<Decimal>,
+    ) -> Standing {
+        let feature = &self.spec.features[index];
         let (limit, soft, allowed) = match feature.allowance(&customer.plan) {
             Allowance::None => (Some(Decimal::ZERO), false, false),
             Allowance::Unlimited => (None, false, true),
@@ -505,16 +517,22 @@ impl Meter {
         let now = self.clock.now_micros();
         let period = customer.period_at(now);
         let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
-        let event_id = request
-            .event_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        // A fresh id costs a random draw: only a consume needs one.
+        let event_id = || {
+            request
+                .event_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+        };
         let ids: Vec<String> = match consume_events {
             0 => Vec::new(),
-            1 => vec![event_id.clone()],
-            n => (0..n).map(|i| format!("{event_id}-{i}")).collect(),
+            1 => vec![event_id()],
+            n => {
+                let base = event_id();
+                (0..n).map(|i| format!("{base}-{i}")).collect()
+            }
         };
-        {
+        let (used_after, groups) = {
             let mut shard = self.counters.lock(&customer.id);
             let used = shard.used(&customer.id, counter_index, period.start)
                 + shard.reserved(&customer.id, counter_index, period.start);
@@ -543,7 +561,16 @@ impl Meter {
             for id in &ids {
                 shard.reserve(id, &customer.id, counter_index, period.start, per_event);
             }
-        }
+            let after = if ids.is_empty() {
+                used
+            } else {
+                used + quantity
+            };
+            (
+                after,
+                groups_of(&shard, &customer.id, counter_index, period.start),
+            )
+        };
         if !ids.is_empty()
             && let Err(error) = self
                 .publish_usage(&customer, feature, quantity, &ids, now)
@@ -556,7 +583,7 @@ impl Meter {
             return Err(error.into());
         }
         let consumed = request.consume.then_some(quantity);
-        Ok(self.standing(&customer, index, Decimal::ZERO, consumed))
+        Ok(self.standing_from(&customer, index, period, used_after, groups, consumed))
     }
 
     /// How many events a consume of `quantity` records: one carrying the quantity when the
@@ -685,6 +712,25 @@ impl Meter {
             as_of: self.as_of(),
         }
     }
+}
+
+/// The `groupBy` breakdown of a counter, if it has one.
+fn groups_of(
+    shard: &state::Shard,
+    customer: &str,
+    feature: u16,
+    period_start: i64,
+) -> Option<Map<String, Value>> {
+    shard
+        .customers
+        .get(customer)
+        .and_then(|u| u.counter(feature, period_start))
+        .and_then(|c| c.groups.as_ref())
+        .map(|g| {
+            g.iter()
+                .map(|(k, v)| (k.to_string(), decimal_json(*v)))
+                .collect()
+        })
 }
 
 /// A decimal as JSON: an integer when whole, else its exact text.

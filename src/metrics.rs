@@ -1,9 +1,8 @@
 //! Operational metrics, rendered as Prometheus text at `GET /metrics`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -93,15 +92,47 @@ pub struct Metrics {
     pub sql_queries: Counter,
     /// SQL queries that failed or timed out.
     pub sql_failures: Counter,
-    http: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    http: HttpCounts,
+}
+
+/// Route families counted separately; anything else counts as `other`.
+const FAMILIES: &[&str] = &[
+    "segment",
+    "posthog",
+    "preflight",
+    "sql",
+    "check",
+    "verify",
+    "usage",
+    "customers",
+    "healthz",
+    "metrics",
+    "other",
+];
+
+/// HTTP answers by route family and status, lock-free (the limits path counts every request).
+#[derive(Debug)]
+struct HttpCounts(Vec<AtomicU64>);
+
+impl Default for HttpCounts {
+    fn default() -> Self {
+        Self(
+            (0..FAMILIES.len() * 500)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
 }
 
 impl Metrics {
     /// Counts one HTTP answer of a route family (`segment`, `posthog`, `sql`, …).
     pub fn http_answered(&self, family: &'static str, status: u16) {
-        if let Ok(mut map) = self.http.lock() {
-            *map.entry((family, status)).or_default() += 1;
-        }
+        let row = FAMILIES
+            .iter()
+            .position(|f| *f == family)
+            .unwrap_or(FAMILIES.len() - 1);
+        let column = usize::from(status.clamp(100, 599) - 100);
+        self.http.0[row * 500 + column].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -148,12 +179,16 @@ impl Metrics {
             "# HELP northstar_http_responses_total HTTP answers by route family and status."
         );
         let _ = writeln!(out, "# TYPE northstar_http_responses_total counter");
-        if let Ok(map) = self.http.lock() {
-            for ((family, status), count) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "northstar_http_responses_total{{route=\"{family}\",status=\"{status}\"}} {count}"
-                );
+        for (row, family) in FAMILIES.iter().enumerate() {
+            for column in 0..500 {
+                let count = self.http.0[row * 500 + column].load(Ordering::Relaxed);
+                if count > 0 {
+                    let status = column + 100;
+                    let _ = writeln!(
+                        out,
+                        "northstar_http_responses_total{{route=\"{family}\",status=\"{status}\"}} {count}"
+                    );
+                }
             }
         }
         let stream_last = self.stream_last_seq.get();

@@ -131,13 +131,14 @@ impl PipelineManifest {
     }
 }
 
-/// Runs the pipelines as the archive commits, until shutdown. `progress` reports the least
-/// advanced pipeline's sequence.
+/// Runs the pipelines as the archive commits (at most once per `min_interval`), until
+/// shutdown. `progress` reports the least advanced pipeline's sequence.
 pub async fn run(
     pipelines: Vec<Pipeline>,
     engine: Arc<QueryEngine>,
     mut committed: watch::Receiver<u64>,
     progress: watch::Sender<u64>,
+    min_interval: Duration,
     mut shutdown: Shutdown,
 ) {
     let data_dir = engine.data_dir().to_path_buf();
@@ -148,6 +149,7 @@ pub async fn run(
         .unwrap_or(u64::MAX);
     progress.send_replace(initial);
     loop {
+        let started = tokio::time::Instant::now();
         let target = *committed.borrow_and_update();
         for pipeline in &pipelines {
             let manifest = PipelineManifest::load(&data_dir, &pipeline.name);
@@ -166,6 +168,12 @@ pub async fn run(
             .min()
             .unwrap_or(target);
         progress.send_replace(done);
+        // A day is re-read whole on every run: runs are spaced so a busy day is not re-read
+        // after every commit (the freshness of `usage` is this interval plus the archive's).
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + min_interval) => {}
+            () = wait_for_stop(&mut shutdown) => return,
+        }
         tokio::select! {
             changed = committed.changed() => if changed.is_err() { return },
             () = wait_for_stop(&mut shutdown) => return,

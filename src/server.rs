@@ -201,6 +201,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         query.clone(),
         events.committed.clone(),
         pipelines_tx,
+        config.metering.pipeline_interval.get(),
         archivers_stop_for_pipelines,
     ));
     let ingestor = Ingestor::new(

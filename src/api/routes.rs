@@ -132,6 +132,14 @@ impl Route {
         }
     }
 
+    /// Routes answered from in-memory state, with small bodies.
+    pub fn answers_from_memory(&self) -> bool {
+        matches!(
+            self,
+            Self::Check | Self::Usage(_) | Self::Entitlement(..) | Self::Health
+        )
+    }
+
     /// A short name for metrics and logs.
     pub fn family(&self) -> &'static str {
         match self {

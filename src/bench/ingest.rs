@@ -30,6 +30,7 @@ use crate::client::{HttpClient, basic_auth};
 use crate::ingest::segment;
 
 const WRITE_KEY: &str = "bench-write-key-0001";
+const ADMIN_KEY: &str = "bench-admin-key-0001";
 
 /// Options of the ingest benchmark.
 #[derive(Debug, clap::Args)]
@@ -338,6 +339,7 @@ impl ServerChild {
             .arg(data)
             .args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
             .env("RUST_LOG", "warn")
+            .env("NORTHSTAR_ADMIN_KEY", ADMIN_KEY)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -396,10 +398,12 @@ async fn northstar_ingest(
     let data = work.join("data");
     let config_path = work.join("bench-config.json");
     let pid = std::process::id();
-    let config = json!({
-        "sources": [{"name": "bench", "writeKeys": [WRITE_KEY]}],
-        "stream": {"name": format!("BENCH_EVENTS_{pid}"), "rejectedName": format!("BENCH_REJECTED_{pid}")},
-    });
+    // The seed's config as it stands (api_call_made is metered), plus a source and streams of
+    // this run's own.
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
+    config["sources"] = json!([{"name": "bench", "writeKeys": [WRITE_KEY]}]);
+    config["stream"] = json!({"name": format!("BENCH_EVENTS_{pid}"), "rejectedName": format!("BENCH_REJECTED_{pid}")});
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
     let server = ServerChild::spawn(&config_path, &data, nats_url).await?;
     let base = server.base.clone();
@@ -469,6 +473,28 @@ async fn northstar_ingest(
         "northstar_archive_commits_total{table=\"events\"}",
     );
     let parquet_bytes = parquet_size(&events_dir);
+    // Every event is metered (api_call_made): meter = SQL over events = usage windows?
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let verify = client
+        .send(
+            http::Method::POST,
+            &format!("{base}/v1/usage/verify"),
+            &[("authorization", &bearer)],
+            Vec::new(),
+        )
+        .await
+        .map(|r| r.json())
+        .unwrap_or_default();
+    eprintln!(
+        "usage verify after {} events: ok={} compared={} meter={} events={} usage={} at seq {}",
+        options.events,
+        verify["ok"],
+        verify["compared"],
+        verify["meter_total"],
+        verify["events_total"],
+        verify["usage_total"],
+        verify["seq"]
+    );
     server.stop().await;
 
     // The archiver alone: the same stream archived again from scratch, as after losing data/.

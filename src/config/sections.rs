@@ -362,6 +362,8 @@ pub struct MeteringSettings {
     pub snapshot_interval: HumanDuration,
     /// Most units one `/v1/check` may consume.
     pub max_consume: u64,
+    /// Shortest time between two runs of the usage pipelines.
+    pub pipeline_interval: HumanDuration,
 }
 
 impl Default for MeteringSettings {
@@ -376,6 +378,7 @@ impl Default for MeteringSettings {
             threshold_webhook: None,
             snapshot_interval: HumanDuration::secs(10),
             max_consume: 1_000,
+            pipeline_interval: HumanDuration::secs(5),
         }
     }
 }

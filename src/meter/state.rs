@@ -274,6 +274,8 @@ impl Shard {
                 if period_start < newest && older_kept >= 2 {
                     return None;
                 }
+                // Most customers have one counter per feature: no room for four.
+                usage.counters.reserve_exact(1);
                 usage.counters.push(Counter {
                     feature,
                     period_start,

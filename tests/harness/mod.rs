@@ -581,7 +581,7 @@ pub fn limits_config() -> Value {
         "hardCaps": {"free": 50}
     }));
     config["usageFeatures"][0]["limits"] = json!({"free": 20, "pro": 50000, "enterprise": null});
-    config["metering"] = json!({"snapshotInterval": "200ms", "upgradeUrl": "https://app.example/upgrade?c={customer_id}&f={feature}"});
+    config["metering"] = json!({"snapshotInterval": "200ms", "pipelineInterval": "100ms", "upgradeUrl": "https://app.example/upgrade?c={customer_id}&f={feature}"});
     config
 }
 
