@@ -2,9 +2,11 @@
 //!
 //! - [`embedded`] runs a real `nats-server` as a child process when no `--nats-url` is given;
 //! - [`streams`] creates or updates the streams and the durable consumers northstar needs;
-//! - [`publisher`] publishes accepted and rejected messages and waits for every ack.
+//! - [`publisher`] publishes accepted and rejected messages and waits for every ack;
+//! - [`follower`] reads the stream in order for state derived from it (meter, identities).
 
 pub mod embedded;
+pub mod follower;
 pub mod publisher;
 pub mod streams;
 

@@ -14,6 +14,7 @@
 //! - [`schema`]: what a valid event is (metered quantities today, the registry tomorrow);
 //! - [`archive`]: the stream's exactly-once Parquet copy (commit protocol, recovery, compaction);
 //! - [`meter`]: real-time usage per customer, feature and period; plans, limits, consume;
+//! - [`identity`]: anonymous and identified ids joined into people (`events_resolved`);
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`api`]: the HTTP server that fronts all of the above;
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod files;
+pub mod identity;
 pub mod ingest;
 pub mod meter;
 pub mod metrics;

@@ -83,6 +83,7 @@ pub struct RunningServer {
     stop_archivers: watch::Sender<bool>,
     stop_meter: watch::Sender<bool>,
     meter: JoinHandle<()>,
+    identity: JoinHandle<()>,
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
@@ -185,6 +186,16 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         meter_stop,
     )
     .await?;
+    let (identity_task, _identity_stats) = crate::identity::start(
+        publisher.jetstream().clone(),
+        crate::identity::IdentityTarget {
+            stream: config.stream.name.clone(),
+            data_dir: data_dir.clone(),
+            snapshot_interval: Duration::from_secs(1),
+        },
+        stop_meter.subscribe(),
+    )
+    .await?;
     tokio::spawn(notices::run(
         notice_rx,
         client.clone(),
@@ -260,6 +271,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         stop_archivers,
         stop_meter,
         meter: meter_task,
+        identity: identity_task,
         http,
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
@@ -278,6 +290,7 @@ impl RunningServer {
             let _ = task.await;
         }
         let _ = self.meter.await;
+        let _ = self.identity.await;
         let _ = self.client.flush().await;
         drop(self.client);
         if let Some(embedded) = self.embedded {

@@ -1,26 +1,21 @@
-//! The meter's stream consumer: applies every event in stream order, snapshots the counters,
-//! and resumes after a restart (kill -9 included) from the snapshot plus a replay of the rest.
-//!
-//! The consumer acks nothing (AckPolicy None): its position lives in the snapshot and in the
-//! applied sequence, and the durable consumer is repositioned from them on every start. A
-//! delivery that skips sequences still in the stream (lost in a cut connection) repositions it
-//! too, so no event is ever skipped.
+//! The meter's stream follower: applies every event in stream order, snapshots the counters,
+//! and resumes after a restart (kill -9 included) from the snapshot plus a replay of the rest
+//! (see [`crate::bus::follower`] for how the position is kept).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use futures::{FutureExt, StreamExt};
+use async_nats::jetstream;
 use tokio::task::JoinHandle;
 
 use super::Meter;
 use super::snapshot;
 use crate::bus::BusError;
-use crate::bus::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
+use crate::bus::follower::{Follow, FollowSpec, follow};
 use crate::event::EventView;
-use crate::shutdown::{Shutdown, wait_for_stop};
+use crate::shutdown::Shutdown;
 
 /// Where the meter reads from and keeps its snapshot.
 pub struct MeterTarget {
@@ -72,15 +67,20 @@ pub async fn start(
     let resume = restored.resume_after();
     meter.counters().set_applied(resume);
     tracing::info!(resume_after = resume, "meter resuming");
-    let runner = Runner {
+    let follower = MeterFollower {
         meter,
-        js,
-        target,
+        dir: target.dir.clone(),
+        stream: target.stream.clone(),
         created,
-        high_water: resume,
         snapshotting: Arc::new(AtomicBool::new(false)),
     };
-    Ok(tokio::spawn(runner.supervise(shutdown)))
+    let spec = FollowSpec {
+        stream: target.stream,
+        consumer: target.consumer,
+        after_seq: resume,
+        snapshot_interval: target.snapshot_interval,
+    };
+    Ok(tokio::spawn(follow(js, spec, follower, shutdown)))
 }
 
 async fn stream_info(
@@ -118,142 +118,66 @@ fn clear(meter: &Meter) {
     }
 }
 
-struct Runner {
+/// The meter as a stream follower.
+struct MeterFollower {
     meter: Arc<Meter>,
-    js: jetstream::Context,
-    target: MeterTarget,
+    dir: PathBuf,
+    stream: String,
     created: String,
-    high_water: u64,
     snapshotting: Arc<AtomicBool>,
 }
 
-impl Runner {
-    async fn supervise(mut self, mut shutdown: Shutdown) {
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            match self.run(&mut shutdown).await {
-                Ok(()) => break,
-                Err(Stop::Gap { expected, got }) => {
-                    tracing::warn!(
-                        expected,
-                        got,
-                        "meter delivery skipped sequences; repositioning"
-                    );
-                }
-                Err(Stop::Failed(error)) => {
-                    tracing::error!(%error, "meter consumer stopped; restarting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = wait_for_stop(&mut shutdown) => break,
-                    }
-                }
-            }
-        }
-        self.snapshot_now().await;
+impl Follow for MeterFollower {
+    fn name(&self) -> &'static str {
+        "meter"
     }
 
-    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<(), Stop> {
-        let spec = DurableSpec {
-            stream: &self.target.stream,
-            name: &self.target.consumer,
-            after_seq: self.high_water,
-            max_ack_pending: -1,
-            ack_wait: Duration::from_secs(30),
-            ack_policy: consumer::AckPolicy::None,
-        };
-        let consumer = durable_consumer(&self.js, &spec)
-            .await
-            .map_err(Stop::Failed)?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1_000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| {
-                Stop::Failed(BusError::Management {
-                    action: "consume",
-                    message: e.to_string(),
-                })
-            })?;
-        let mut tick = tokio::time::interval(self.target.snapshot_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                biased;
-                () = wait_for_stop(shutdown) => return Ok(()),
-                _ = tick.tick() => self.snapshot_in_background(),
-                first = messages.next() => {
-                    let mut next = Some(first);
-                    let mut burst = 0;
-                    while let Some(message) = next.take() {
-                        match message {
-                            Some(Ok(message)) => {
-                                let Some(seq) = sequence_of(&message) else { continue };
-                                if seq <= self.high_water {
-                                    continue;
-                                }
-                                let expected = self.high_water + 1;
-                                if seq != expected && stream_has(&self.js, &self.target.stream, expected).await {
-                                    return Err(Stop::Gap { expected, got: seq });
-                                }
-                                match EventView::decode(&message.payload) {
-                                    Ok(view) => self.meter.apply(seq, &view),
-                                    Err(error) => {
-                                        tracing::error!(seq, %error, "undecodable stream message; not metered");
-                                        self.meter.counters().set_applied(seq);
-                                    }
-                                }
-                                self.high_water = seq;
-                            }
-                            Some(Err(error)) => tracing::warn!(%error, "meter stream read error; continuing"),
-                            None => return Err(Stop::Failed(BusError::Management { action: "consume", message: "message stream ended".into() })),
-                        }
-                        burst += 1;
-                        if burst < 1_024 {
-                            next = messages.next().now_or_never();
-                        }
-                    }
-                }
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        match EventView::decode(payload) {
+            Ok(view) => self.meter.apply(seq, &view),
+            Err(error) => {
+                tracing::error!(seq, %error, "undecodable stream message; not metered");
+                self.meter.counters().set_applied(seq);
             }
         }
     }
 
-    /// Starts a snapshot on a blocking thread unless one is running.
-    fn snapshot_in_background(&self) {
+    /// Shards are copied under their own locks while the consumer goes on (see
+    /// [`snapshot`]), so the snapshot is written on a blocking thread; one at a time.
+    fn snapshot(&mut self) {
         if self.snapshotting.swap(true, Ordering::SeqCst) {
             return;
         }
-        let meter = self.meter.clone();
-        let dir = self.target.dir.clone();
-        let stream = self.target.stream.clone();
-        let created = self.created.clone();
-        let flag = self.snapshotting.clone();
+        let (meter, dir, stream, created, flag) = (
+            self.meter.clone(),
+            self.dir.clone(),
+            self.stream.clone(),
+            self.created.clone(),
+            self.snapshotting.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             write_snapshot(&meter, &dir, &stream, &created);
             flag.store(false, Ordering::SeqCst);
         });
     }
 
-    /// A final snapshot (on shutdown), after any running one.
-    async fn snapshot_now(&self) {
-        while self.snapshotting.swap(true, Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let (meter, dir, stream, created) = (
+    fn final_snapshot(&mut self) -> JoinHandle<()> {
+        let (meter, dir, stream, created, flag) = (
             self.meter.clone(),
-            self.target.dir.clone(),
-            self.target.stream.clone(),
+            self.dir.clone(),
+            self.stream.clone(),
             self.created.clone(),
+            self.snapshotting.clone(),
         );
-        let _ =
-            tokio::task::spawn_blocking(move || write_snapshot(&meter, &dir, &stream, &created))
-                .await;
-        self.snapshotting.store(false, Ordering::SeqCst);
+        tokio::spawn(async move {
+            while flag.swap(true, Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                write_snapshot(&meter, &dir, &stream, &created)
+            })
+            .await;
+        })
     }
 }
 
@@ -269,9 +193,4 @@ fn write_snapshot(meter: &Meter, dir: &std::path::Path, stream: &str, created: &
         Ok(seq) => tracing::debug!(seq, took = ?started.elapsed(), "meter snapshot written"),
         Err(error) => tracing::error!(%error, "meter snapshot failed; the next one retries"),
     }
-}
-
-enum Stop {
-    Gap { expected: u64, got: u64 },
-    Failed(BusError),
 }

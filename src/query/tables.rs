@@ -92,11 +92,22 @@ pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config
         &["pipeline", "date"],
         vec![],
     )?;
+    let identities = data_dir.join(crate::identity::DIR);
+    std::fs::create_dir_all(&identities)?;
+    register_parquet_dir(
+        ctx,
+        "identities",
+        &identities,
+        crate::identity::identities_schema(),
+        &[],
+        vec![],
+    )?;
     ctx.sql(&format!(
         "CREATE VIEW metered_events AS {}",
         metered_events_sql(config)
     ))
     .await?;
+    ctx.sql(EVENTS_RESOLVED).await?;
     Ok(())
 }
 
@@ -124,6 +135,14 @@ fn register_parquet_dir(
     ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }
+
+/// `events_resolved`: every event with the person it belongs to, through identity merges
+/// (an anonymous id that was identified, an alias, a merged user id), else its own id.
+const EVENTS_RESOLVED: &str = "CREATE VIEW events_resolved AS \
+    SELECT e.*, coalesce(iu.person_id, e.user_id, ia.person_id, e.anonymous_id) AS person_id \
+    FROM events e \
+    LEFT JOIN identities iu ON iu.id = e.user_id \
+    LEFT JOIN identities ia ON ia.id = e.anonymous_id";
 
 /// The `metered_events` view: one row per event and meter it counts for, with the feature and
 /// its exact quantity (1 per event without a value property), as the meter counts them.

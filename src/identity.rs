@@ -1,0 +1,299 @@
+//! Identity: anonymous and identified activity joined into one person.
+//!
+//! - [`graph`]: the merge rules (placeholders refused, no silent merge of identified people);
+//!
+//! The identity follower reads every event in stream order, feeds identify/alias events into
+//! the graph, and writes it as `data/identities/identities.parquet` (table `identities`: `id`,
+//! `person_id`, `kind`, `linked_at`, `seq`) plus a state file to resume from. SQL resolves any
+//! event to its person through the view `events_resolved` (`events` plus `person_id`). The graph
+//! is a function of the stream: deleting `data/identities/` rebuilds it by replay.
+
+pub mod graph;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_nats::jetstream;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::bus::BusError;
+use crate::bus::follower::{Follow, FollowSpec, follow};
+use crate::event::{EventType, EventView, timestamp_type};
+use crate::shutdown::Shutdown;
+pub use graph::{IdentityGraph, Outcome, is_placeholder};
+
+/// Directory of the identity state and table under the data dir.
+pub const DIR: &str = "identities";
+const STATE_FILE: &str = "_state.json";
+const TABLE_FILE: &str = "identities.parquet";
+
+/// Schema of the `identities` table.
+pub fn identities_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("person_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("linked_at", timestamp_type(), false),
+        Field::new("seq", DataType::UInt64, false),
+    ]))
+}
+
+/// The resumable state: the graph and the last sequence it includes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    seq: u64,
+    stream_created: Option<String>,
+    graph: IdentityGraph,
+}
+
+/// Counters of the follower, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct IdentityStats {
+    /// Links made.
+    pub linked: AtomicU64,
+    /// Merges refused (placeholders, conflicts).
+    pub refused: AtomicU64,
+    /// Last sequence applied.
+    pub applied_seq: AtomicU64,
+    /// Last sequence written to the table.
+    pub written_seq: AtomicU64,
+}
+
+struct IdentityFollower {
+    state: State,
+    dir: PathBuf,
+    dirty: bool,
+    writing: Arc<AtomicBool>,
+    stats: Arc<IdentityStats>,
+}
+
+impl IdentityFollower {
+    fn observe(&mut self, seq: u64, event: &EventView<'_>) {
+        if let Some(user) = event.user_id.as_deref() {
+            self.state.graph.observe_user(user);
+        }
+        let properties = || {
+            serde_json::from_str::<serde_json::Value>(event.properties.get()).unwrap_or_default()
+        };
+        let name = event.event.as_deref().unwrap_or_default();
+        let outcome = match (event.kind, event.user_id.as_deref()) {
+            (EventType::Identify, Some(user)) => {
+                let Some(anonymous) = event.anonymous_id.as_deref() else {
+                    return;
+                };
+                self.state
+                    .graph
+                    .identify(anonymous, user, seq, event.timestamp)
+            }
+            (EventType::Alias, Some(user)) => {
+                let props = properties();
+                // Segment carries `previousId`; PostHog's `$create_alias` carries `alias`.
+                let Some(previous) = props
+                    .get("previousId")
+                    .or_else(|| props.get("alias"))
+                    .and_then(|v| v.as_str())
+                else {
+                    return;
+                };
+                self.state
+                    .graph
+                    .alias(previous, user, seq, event.timestamp, false)
+            }
+            (EventType::Track, Some(user)) if name == "$merge_dangerously" => {
+                let props = properties();
+                let Some(other) = props.get("alias").and_then(|v| v.as_str()) else {
+                    return;
+                };
+                self.state
+                    .graph
+                    .alias(other, user, seq, event.timestamp, true)
+            }
+            _ => return,
+        };
+        match outcome {
+            Outcome::Linked => {
+                self.stats.linked.fetch_add(1, Ordering::Relaxed);
+                self.dirty = true;
+            }
+            Outcome::Unchanged => {}
+            Outcome::Refused(reason) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(seq, %reason, "identity merge refused");
+            }
+        }
+    }
+
+    fn write_in_background(&mut self) -> JoinHandle<()> {
+        let state = self.state.clone();
+        let dir = self.dir.clone();
+        let flag = self.writing.clone();
+        let stats = self.stats.clone();
+        self.dirty = false;
+        tokio::task::spawn_blocking(move || {
+            match write(&dir, &state) {
+                Ok(()) => stats.written_seq.store(state.seq, Ordering::SeqCst),
+                Err(error) => {
+                    tracing::error!(%error, "identity snapshot failed; the next one retries")
+                }
+            }
+            flag.store(false, Ordering::SeqCst);
+        })
+    }
+}
+
+impl Follow for IdentityFollower {
+    fn name(&self) -> &'static str {
+        "identity"
+    }
+
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        if let Ok(event) = EventView::decode(payload) {
+            self.observe(seq, &event);
+        }
+        self.state.seq = seq;
+        self.stats.applied_seq.store(seq, Ordering::SeqCst);
+    }
+
+    fn snapshot(&mut self) {
+        // The table only changes with links; the position is saved along with them.
+        if !self.dirty && self.stats.written_seq.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        if self.writing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.write_in_background();
+    }
+
+    fn final_snapshot(&mut self) -> JoinHandle<()> {
+        let flag = self.writing.clone();
+        let state = self.state.clone();
+        let dir = self.dir.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            while flag.swap(true, Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                if write(&dir, &state).is_ok() {
+                    stats.written_seq.store(state.seq, Ordering::SeqCst);
+                }
+            })
+            .await;
+            flag.store(false, Ordering::SeqCst);
+        })
+    }
+}
+
+/// Writes the table (Parquet) and then the state (JSON), each atomically.
+fn write(dir: &Path, state: &State) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    let mut persons = Vec::new();
+    let mut kinds = Vec::new();
+    let mut times = Vec::new();
+    let mut seqs = Vec::new();
+    let mut links: Vec<_> = state.graph.links().collect();
+    links.sort_by(|a, b| a.0.cmp(b.0));
+    for (id, link) in links {
+        ids.push(id.as_str());
+        persons.push(link.person.as_str());
+        kinds.push(link.kind.as_str());
+        times.push(link.at);
+        seqs.push(link.seq);
+    }
+    let schema = identities_schema();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(ids)),
+        Arc::new(StringArray::from(persons)),
+        Arc::new(StringArray::from(kinds)),
+        Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC")),
+        Arc::new(UInt64Array::from(seqs)),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?;
+    let properties = crate::archive::commit::writer_properties(&schema, &["id"], 3, 128 * 1024);
+    crate::archive::commit::write_parquet_file(
+        &dir.join(TABLE_FILE),
+        &schema,
+        [&batch],
+        properties,
+    )
+    .map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+    crate::files::write_atomic(&dir.join(STATE_FILE), &bytes).map_err(|e| e.to_string())
+}
+
+/// Where the identity follower reads and writes.
+pub struct IdentityTarget {
+    /// The events stream.
+    pub stream: String,
+    /// Data dir (the table goes to `identities/` under it).
+    pub data_dir: PathBuf,
+    /// How often a changed graph is written.
+    pub snapshot_interval: Duration,
+}
+
+/// Loads the state and starts the identity follower.
+pub async fn start(
+    js: jetstream::Context,
+    target: IdentityTarget,
+    shutdown: Shutdown,
+) -> Result<(JoinHandle<()>, Arc<IdentityStats>), BusError> {
+    let dir = target.data_dir.join(DIR);
+    let mut stream = js
+        .get_stream(&target.stream)
+        .await
+        .map_err(|e| BusError::Management {
+            action: "get stream",
+            message: e.to_string(),
+        })?;
+    let info = stream.info().await.map_err(|e| BusError::Management {
+        action: "stream info",
+        message: e.to_string(),
+    })?;
+    let created = info.created.to_string();
+    let saved: Option<State> = std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let state = match saved {
+        Some(state)
+            if state.stream_created.as_deref().is_none_or(|c| c == created)
+                && state.seq <= info.state.last_sequence =>
+        {
+            state
+        }
+        Some(_) => {
+            tracing::warn!(
+                "the identity state belongs to another stream; rebuilding identities from the stream"
+            );
+            State::default()
+        }
+        None => State::default(),
+    };
+    let state = State {
+        stream_created: Some(created),
+        ..state
+    };
+    let stats = Arc::new(IdentityStats::default());
+    stats.applied_seq.store(state.seq, Ordering::SeqCst);
+    stats.written_seq.store(state.seq, Ordering::SeqCst);
+    let spec = FollowSpec {
+        stream: target.stream,
+        consumer: "identity".into(),
+        after_seq: state.seq,
+        snapshot_interval: target.snapshot_interval,
+    };
+    let follower = IdentityFollower {
+        state,
+        dir,
+        dirty: true,
+        writing: Arc::new(AtomicBool::new(false)),
+        stats: stats.clone(),
+    };
+    Ok((tokio::spawn(follow(js, spec, follower, shutdown)), stats))
+}

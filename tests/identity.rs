@@ -1,0 +1,174 @@
+//! Identity merges end to end: anonymous activity joins its person in SQL, placeholders never
+//! merge, identified people are not silently merged, and the graph is rebuilt by replay.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Nats, Northstar, WRITE_KEY, query, test_config};
+use serde_json::{Value, json};
+
+fn msg(id: &str, kind: &str, fields: Value) -> Value {
+    let mut m = json!({"type": kind, "messageId": id, "timestamp": "2026-03-04T05:06:07Z"});
+    for (k, v) in fields.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    m
+}
+
+/// Waits until `identities` has `n` rows.
+async fn wait_identities(server: &Northstar, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = query(&server.data, "SELECT id FROM identities").await;
+        if rows.len() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "identities has {} of {n} rows",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_activity_resolves_to_its_person_and_strangers_stay_apart() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &test_config());
+    let batch = vec![
+        msg(
+            "e1",
+            "page",
+            json!({"anonymousId": "anon-1", "name": "Home"}),
+        ),
+        msg(
+            "e2",
+            "track",
+            json!({"anonymousId": "anon-1", "event": "core_action_completed"}),
+        ),
+        msg(
+            "e3",
+            "identify",
+            json!({"anonymousId": "anon-1", "userId": "u1"}),
+        ),
+        msg(
+            "e4",
+            "track",
+            json!({"userId": "u1", "event": "core_action_completed"}),
+        ),
+        // Placeholders never merge.
+        msg(
+            "e5",
+            "identify",
+            json!({"anonymousId": "anonymous", "userId": "u2"}),
+        ),
+        msg(
+            "e6",
+            "track",
+            json!({"anonymousId": "anonymous", "event": "x"}),
+        ),
+        // An id already linked is not moved to someone else.
+        msg(
+            "e7",
+            "identify",
+            json!({"anonymousId": "anon-1", "userId": "u3"}),
+        ),
+        // Aliases, and two identified people are not merged by a plain alias.
+        msg(
+            "e8",
+            "alias",
+            json!({"userId": "u1", "previousId": "device-9"}),
+        ),
+        msg(
+            "e9",
+            "track",
+            json!({"anonymousId": "device-9", "event": "x"}),
+        ),
+        msg("e10", "alias", json!({"userId": "u1", "previousId": "u3"})),
+    ];
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    // PostHog: $identify with $anon_distinct_id, and $create_alias.
+    let ph = json!({"api_key": WRITE_KEY, "batch": [
+        {"event": "$pageview", "distinct_id": "ph-anon", "uuid": "0190d5a0-0000-7000-8000-0000000000b1", "properties": {"$is_identified": false}},
+        {"event": "$identify", "distinct_id": "ph-user", "uuid": "0190d5a0-0000-7000-8000-0000000000b2", "properties": {"$anon_distinct_id": "ph-anon"}},
+        {"event": "$create_alias", "distinct_id": "ph-user", "uuid": "0190d5a0-0000-7000-8000-0000000000b3", "properties": {"alias": "ph-other"}}
+    ]});
+    assert_eq!(
+        server
+            .post_raw("/batch/", &[], ph.to_string().into_bytes())
+            .await
+            .status,
+        200
+    );
+    server.wait_archived(13).await;
+    wait_identities(&server, 4).await;
+
+    let person = |rows: &[Value], id: &str| {
+        rows.iter()
+            .find(|r| r["event_id"] == id)
+            .map(|r| r["person_id"].clone())
+            .unwrap_or_default()
+    };
+    let rows = query(
+        &server.data,
+        "SELECT event_id, person_id FROM events_resolved",
+    )
+    .await;
+    assert_eq!(
+        person(&rows, "e1"),
+        "u1",
+        "pre-identify anonymous events belong to the person"
+    );
+    assert_eq!(person(&rows, "e2"), "u1");
+    assert_eq!(person(&rows, "e4"), "u1");
+    assert_eq!(
+        person(&rows, "e6"),
+        "anonymous",
+        "a placeholder stays itself"
+    );
+    assert_eq!(person(&rows, "e9"), "u1", "an aliased device id");
+    assert_eq!(
+        person(&rows, "0190d5a0-0000-7000-8000-0000000000b1"),
+        "ph-user"
+    );
+    let table = query(
+        &server.data,
+        "SELECT id, person_id, kind FROM identities ORDER BY id",
+    )
+    .await;
+    let ids: Vec<(String, String)> = table
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["person_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(ids.contains(&("anon-1".into(), "u1".into())));
+    assert!(ids.contains(&("ph-other".into(), "ph-user".into())));
+    assert!(
+        !ids.iter().any(|(id, _)| id == "anonymous" || id == "u3"),
+        "{ids:?}"
+    );
+
+    // Replayable: without its files the graph is rebuilt from the stream, the same.
+    server.terminate();
+    std::fs::remove_dir_all(server.data.join("identities")).unwrap();
+    server.restart();
+    wait_identities(&server, ids.len()).await;
+    let again = query(
+        &server.data,
+        "SELECT id, person_id, kind FROM identities ORDER BY id",
+    )
+    .await;
+    assert_eq!(again, table);
+}
