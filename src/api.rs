@@ -12,6 +12,7 @@
 pub mod ingest_routes;
 pub mod limits;
 pub mod ops;
+pub mod rejected;
 pub mod respond;
 pub mod routes;
 pub mod sql;

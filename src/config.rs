@@ -76,6 +76,9 @@ pub struct Config {
     /// Keys of services that call the limits API (check, usage, entitlements).
     #[serde(default)]
     pub service_keys: Vec<String>,
+    /// Schema registry defaults.
+    #[serde(default)]
+    pub registry: RegistrySettings,
 }
 
 fn default_schema_version() -> String {
@@ -96,6 +99,7 @@ impl Default for Config {
             sql: SqlSettings::default(),
             metering: MeteringSettings::default(),
             service_keys: Vec::new(),
+            registry: RegistrySettings::default(),
         }
     }
 }
@@ -179,6 +183,29 @@ impl Config {
                 return Err((
                     format!("events[{i}].name"),
                     format!("event `{}` is listed twice", event.name),
+                ));
+            }
+            if let Some(rate) = event.sample_rate {
+                if !(rate > 0.0 && rate <= 1.0) {
+                    return Err((
+                        format!("events[{i}].sampleRate"),
+                        "must be in (0, 1]".into(),
+                    ));
+                }
+                if event.metering.is_some() && rate < 1.0 {
+                    return Err((
+                        format!("events[{i}].sampleRate"),
+                        "a metered event is never sampled: usage and bills must count every event"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(version) = &event.version
+                && crate::schema::schemaver::SchemaVer::parse(version).is_none()
+            {
+                return Err((
+                    format!("events[{i}].version"),
+                    format!("`{version}` is not SchemaVer MODEL-REVISION-ADDITION (e.g. 1-0-0)"),
                 ));
             }
             if let Some(meter) = &event.metering

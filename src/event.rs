@@ -84,6 +84,9 @@ pub struct EventRecord {
     pub source: String,
     /// Version of the event's schema when it was accepted.
     pub schema_version: Option<String>,
+    /// The rate a sampled event was kept at (weight rows by 1 / rate in SQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<f64>,
 }
 
 impl EventRecord {
@@ -131,6 +134,9 @@ pub struct EventView<'a> {
     /// See [`EventRecord::schema_version`].
     #[serde(borrow, default)]
     pub schema_version: Option<Cow<'a, str>>,
+    /// See [`EventRecord::sample_rate`].
+    #[serde(default)]
+    pub sample_rate: Option<f64>,
 }
 
 impl<'a> EventView<'a> {
@@ -173,6 +179,7 @@ pub fn events_schema() -> SchemaRef {
         Field::new("context", DataType::Utf8, false),
         Field::new("source", DataType::Utf8, false),
         Field::new("schema_version", DataType::Utf8, true),
+        Field::new("sample_rate", DataType::Float64, true),
     ]))
 }
 
@@ -197,6 +204,7 @@ mod tests {
             context: serde_json::Map::new(),
             source: "web".into(),
             schema_version: None,
+            sample_rate: None,
         };
         let bytes = record.to_bus_json();
         let view = EventView::decode(&bytes).unwrap();

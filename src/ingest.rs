@@ -30,7 +30,7 @@ use crate::error::{Classify, ErrorKind};
 use crate::event::{EventRecord, EventType};
 use crate::metrics::Metrics;
 use crate::rejected::RejectedRecord;
-use crate::schema::EventRules;
+use crate::schema::{Decision, Registry};
 
 pub use auth::WriteKeys;
 pub use body::Encoding;
@@ -129,9 +129,16 @@ pub struct IngestOutcome {
     pub duplicates: usize,
     /// Messages sent to the rejected store.
     pub rejected: usize,
+    /// Events of a sampled event type that fell outside the sample (not stored, by design).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sampled_out: usize,
     /// Why, for the first messages rejected.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<MessageError>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Turns requests into published events.
@@ -139,26 +146,26 @@ pub struct IngestOutcome {
 pub struct Ingestor {
     config: Arc<Config>,
     keys: WriteKeys,
-    rules: Arc<EventRules>,
+    registry: Arc<Registry>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     clock: Clock,
 }
 
 impl Ingestor {
-    /// An ingestor publishing through `publisher`.
+    /// An ingestor publishing through `publisher`, validating with `registry`.
     pub fn new(
         config: Arc<Config>,
+        registry: Arc<Registry>,
         publisher: Publisher,
         metrics: Arc<Metrics>,
         clock: Clock,
     ) -> Self {
         let keys = WriteKeys::from_config(&config);
-        let rules = Arc::new(EventRules::from_config(&config));
         Self {
             config,
             keys,
-            rules,
+            registry,
             publisher,
             metrics,
             clock,
@@ -211,7 +218,9 @@ impl Ingestor {
                 return Err(error);
             }
         };
-        self.publish(batch.events, batch.rejected).await
+        let mut outcome = self.publish(batch.events, batch.rejected).await?;
+        outcome.sampled_out = batch.sampled_out;
+        Ok(outcome)
     }
 
     fn parse_segment(
@@ -237,7 +246,7 @@ impl Ingestor {
                     )));
                 }
                 let inherited = envelope.inherited();
-                let mut batch = ParsedBatch::new(&self.config, &self.rules);
+                let mut batch = ParsedBatch::new(&self.config, &self.registry);
                 for (index, raw) in envelope.batch.iter().enumerate() {
                     let raw = raw.get().as_bytes();
                     let result = self.check_size(raw).and_then(|()| {
@@ -262,7 +271,7 @@ impl Ingestor {
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key)?;
                 let route_name = format!("/v1/{}", kind.as_str());
-                let mut batch = ParsedBatch::new(&self.config, &self.rules);
+                let mut batch = ParsedBatch::new(&self.config, &self.registry);
                 let result = segment::normalize(
                     message,
                     Some(kind),
@@ -295,7 +304,7 @@ impl Ingestor {
                 limits.max_batch_messages
             )));
         }
-        let mut batch = ParsedBatch::new(&self.config, &self.rules);
+        let mut batch = ParsedBatch::new(&self.config, &self.registry);
         for (index, event) in capture.events.into_iter().enumerate() {
             let raw = serde_json::to_vec(&event).unwrap_or_default();
             let result = self
@@ -339,6 +348,48 @@ impl Ingestor {
         Ok(())
     }
 
+    /// Re-submits one message from the rejected store (after a schema fix) through the same
+    /// validation as live ingest, as its original source. A message that still fails is left
+    /// where it is (no second rejected copy); one accepted before is a duplicate, not stored
+    /// twice (its id dedups in JetStream, and the caller skips ids already in Parquet).
+    pub async fn resubmit(
+        &self,
+        route: &str,
+        source: &str,
+        payload: &[u8],
+    ) -> Result<Resubmitted, IngestError> {
+        let received_at = self.clock.now_micros();
+        let mut batch = ParsedBatch::new(&self.config, &self.registry);
+        let result = match parse_object(payload) {
+            Err(rejection) => Err(rejection),
+            Ok(message) if route.starts_with("/v1/") => {
+                let kind = route.trim_start_matches("/v1/").trim_end_matches('/');
+                let route_type = EventType::parse(kind);
+                segment::normalize(
+                    message,
+                    route_type,
+                    segment::Inherited::default(),
+                    source,
+                    received_at,
+                )
+            }
+            Ok(message) => posthog::normalize(Value::Object(message), source, received_at),
+        };
+        batch.push(0, result, payload, source, route, received_at);
+        if let Some((_, record)) = batch.rejected.first() {
+            return Ok(Resubmitted::StillRejected(record.reasons.clone()));
+        }
+        if batch.events.is_empty() {
+            return Ok(Resubmitted::SampledOut);
+        }
+        let outcome = self.publish(batch.events, Vec::new()).await?;
+        Ok(if outcome.accepted > 0 {
+            Resubmitted::Accepted
+        } else {
+            Resubmitted::Duplicate
+        })
+    }
+
     /// Publishes accepted events and rejected messages, and waits for every ack.
     async fn publish(
         &self,
@@ -373,6 +424,7 @@ impl Ingestor {
             accepted: event_count - duplicates,
             duplicates,
             rejected: rejected.len(),
+            sampled_out: 0,
             errors: rejected
                 .iter()
                 .take(MAX_LISTED_ERRORS)
@@ -394,23 +446,38 @@ impl Ingestor {
     }
 }
 
+/// What became of a re-submitted rejected message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resubmitted {
+    /// Stored now.
+    Accepted,
+    /// Its id was already stored.
+    Duplicate,
+    /// Its event type is sampled and it fell outside the sample.
+    SampledOut,
+    /// Still invalid, for these reasons.
+    StillRejected(Vec<Rejection>),
+}
+
 /// The messages of one request, sorted into events (ready to publish) and rejected messages.
 struct ParsedBatch<'a> {
     events: Vec<Outgoing>,
     rejected: Vec<(usize, RejectedRecord)>,
+    sampled_out: usize,
     max_message_bytes: usize,
     shards: u32,
-    rules: &'a EventRules,
+    registry: &'a Registry,
 }
 
 impl<'a> ParsedBatch<'a> {
-    fn new(config: &Config, rules: &'a EventRules) -> Self {
+    fn new(config: &Config, registry: &'a Registry) -> Self {
         Self {
             events: Vec::new(),
             rejected: Vec::new(),
+            sampled_out: 0,
             max_message_bytes: config.ingest.max_message_bytes,
             shards: config.stream.shards,
-            rules,
+            registry,
         }
     }
 
@@ -425,9 +492,34 @@ impl<'a> ParsedBatch<'a> {
         route: &str,
         received_at: i64,
     ) {
-        let result = result.and_then(|event| {
+        let result = result.and_then(|mut event| {
             if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
-                self.rules.validate(name, &event.properties)?;
+                match self.registry.decide(
+                    name,
+                    &event.event_id,
+                    &event.properties,
+                    &mut event.context,
+                ) {
+                    Decision::Accept {
+                        schema_version,
+                        sample_rate,
+                    } => {
+                        event.schema_version = schema_version;
+                        event.sample_rate = sample_rate;
+                    }
+                    Decision::SampledOut => return Ok(None),
+                    Decision::Reject(mut violations) => {
+                        let first = violations.remove(0);
+                        let more = violations
+                            .iter()
+                            .map(|v| format!("; {}: {}", v.field, v.message))
+                            .collect::<String>();
+                        return Err(Rejection::new(
+                            first.field,
+                            format!("{}{more}", first.message),
+                        ));
+                    }
+                }
             }
             let payload = event.to_bus_json();
             if payload.len() > self.max_message_bytes {
@@ -441,14 +533,15 @@ impl<'a> ParsedBatch<'a> {
                 ));
             }
             let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
-            Ok(Outgoing {
+            Ok(Some(Outgoing {
                 subject: subject_for(self.shards, shard_key, event.kind.as_str()),
                 msg_id: event.event_id,
                 payload: Bytes::from(payload),
-            })
+            }))
         });
         match result {
-            Ok(outgoing) => self.events.push(outgoing),
+            Ok(Some(outgoing)) => self.events.push(outgoing),
+            Ok(None) => self.sampled_out += 1,
             Err(reason) => {
                 let event_id = serde_json::from_slice::<Value>(raw).ok().and_then(|v| {
                     ["messageId", "uuid"]

@@ -61,6 +61,16 @@ enum Command {
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
     },
+    /// The schema registry in CI: check event files, generate types, diff versions.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+    /// The rejected store: re-submit rejected messages after a schema fix.
+    Rejected {
+        #[command(subcommand)]
+        command: RejectedCommand,
+    },
     /// Usage tools: `verify` proves meter = SQL over events = usage windows.
     Usage {
         #[command(subcommand)]
@@ -70,6 +80,55 @@ enum Command {
     Bench {
         #[command(subcommand)]
         suite: northstar::bench::Suite,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Check a JSON-lines file of Segment or PostHog events (.jsonl or .jsonl.gz) against the
+    /// registry; prints every violation with its line and exits 1 if there is any.
+    Check {
+        /// The file.
+        file: PathBuf,
+        /// Config file (the registry).
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+    },
+    /// Print types for every planned event.
+    Codegen {
+        /// Target language.
+        #[arg(long, value_enum, default_value = "typescript")]
+        lang: northstar::schema::tools::Lang,
+        /// Config file (the registry).
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+    },
+    /// Compare two configs' event schemas; exits 1 if a breaking change lacks a MODEL bump (or
+    /// any change lacks a version bump).
+    Diff {
+        /// The old config.
+        old: PathBuf,
+        /// The new config.
+        new: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RejectedCommand {
+    /// Re-submit rejected messages through today's validation (as their original source).
+    Replay {
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        url: String,
+        /// Admin key.
+        #[arg(long, env = "NORTHSTAR_ADMIN_KEY", hide_env_values = true)]
+        admin_key: String,
+        /// Only messages received since (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only messages of this source.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -194,6 +253,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { suite } => northstar::bench::run(suite).await,
+        Command::Schema { command } => run_schema(command),
+        Command::Rejected {
+            command:
+                RejectedCommand::Replay {
+                    url,
+                    admin_key,
+                    since,
+                    source,
+                },
+        } => {
+            let client = northstar::client::HttpClient::new();
+            let bearer = format!("Bearer {admin_key}");
+            let body = serde_json::json!({"since": since, "source": source});
+            let response = client
+                .post_json(
+                    &format!("{url}/v1/rejected/replay"),
+                    &[("authorization", &bearer)],
+                    &body,
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&response.json())?);
+            anyhow::ensure!(
+                response.status == 200,
+                "replay failed with status {}",
+                response.status
+            );
+            Ok(())
+        }
         Command::Usage {
             command: UsageCommand::Verify { url, admin_key },
         } => {
@@ -211,6 +298,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             if response.status != 200 || report["ok"] != serde_json::Value::Bool(true) {
                 anyhow::bail!("usage verification failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `northstar schema …`: exit codes are the interface for users' CI.
+fn run_schema(command: SchemaCommand) -> anyhow::Result<()> {
+    use northstar::schema::tools;
+    match command {
+        SchemaCommand::Check { file, config } => {
+            let config = load_config(&config)?;
+            let schema_dir = PathBuf::from(&config.registry.schema_dir);
+            let registry = northstar::schema::Registry::load(&config, Some(&schema_dir))?;
+            let (lines, violations) = tools::check(&registry, &file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            for v in &violations {
+                println!("{}:{}: {}: {}", file.display(), v.line, v.field, v.message);
+            }
+            let bad: std::collections::BTreeSet<usize> =
+                violations.iter().map(|v| v.line).collect();
+            eprintln!("{} of {lines} lines have violations", bad.len());
+            if !violations.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        SchemaCommand::Codegen { lang, config } => {
+            print!("{}", tools::codegen(&load_config(&config)?, lang));
+            Ok(())
+        }
+        SchemaCommand::Diff { old, new } => {
+            let (old, new) = (Config::load(&old)?, Config::load(&new)?);
+            let (changes, problems) = tools::diff(&old, &new);
+            for change in &changes {
+                let impact = match change.impact {
+                    tools::Impact::Breaking => "BREAKING",
+                    tools::Impact::Addition => "addition",
+                };
+                println!("{impact:9} {}: {}", change.event, change.message);
+            }
+            for problem in &problems {
+                println!("VERSION   {problem}");
+            }
+            if changes.is_empty() {
+                println!("no changes");
+            }
+            if !problems.is_empty() {
+                std::process::exit(1);
             }
             Ok(())
         }

@@ -658,6 +658,7 @@ impl Meter {
                     context: context.clone(),
                     source: "limits-api".into(),
                     schema_version: None,
+                    sample_rate: None,
                 };
                 Outgoing {
                     subject: subject_for(self.shards, &customer.id, "track"),

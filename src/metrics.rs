@@ -102,7 +102,7 @@ const FAMILIES: &[&str] = &[
     "preflight",
     "sql",
     "check",
-    "verify",
+    "admin",
     "usage",
     "customers",
     "healthz",

@@ -41,6 +41,9 @@ pub enum ServeError {
     /// A pipeline definition is wrong.
     #[error(transparent)]
     Pipeline(#[from] crate::pipelines::PipelineError),
+    /// An event schema is wrong.
+    #[error(transparent)]
+    Registry(#[from] crate::schema::RegistryError),
     /// The listen address could not be bound, or the data dir created.
     #[error("{context}: {source}")]
     Io {
@@ -215,8 +218,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         config.metering.pipeline_interval.get(),
         archivers_stop_for_pipelines,
     ));
+    let schema_dir = PathBuf::from(&config.registry.schema_dir);
+    let registry = Arc::new(crate::schema::Registry::load(&config, Some(&schema_dir))?);
     let ingestor = Ingestor::new(
         config.clone(),
+        registry,
         publisher.clone(),
         metrics.clone(),
         clock.clone(),

@@ -5,7 +5,7 @@ use http::Method;
 use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
-use super::{AppState, ingest_routes, limits, ops, sql};
+use super::{AppState, ingest_routes, limits, ops, rejected, sql};
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::event::EventType;
@@ -27,6 +27,8 @@ pub enum Route {
     Check,
     /// `POST /v1/usage/verify`.
     Verify,
+    /// `POST /v1/rejected/replay`.
+    RejectedReplay,
     /// `GET /v1/customers/{id}/usage`.
     Usage(String),
     /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -54,6 +56,8 @@ pub fn route(method: &Method, path: &str) -> Route {
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
+        (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
+        (_, "/v1/rejected/replay") => Route::MethodNotAllowed("POST"),
         (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
         (_, "/v1/check") => Route::MethodNotAllowed("POST"),
         (method, path) if path.starts_with("/v1/customers/") => customer_route(method, path),
@@ -148,7 +152,7 @@ impl Route {
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
-            Self::Verify => "verify",
+            Self::Verify | Self::RejectedReplay => "admin",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
             Self::Health => "healthz",
@@ -174,6 +178,7 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Sql => sql::handle(state, parts, &body).await,
         Route::Check => limits::check(state, parts, &body).await,
         Route::Verify => limits::verify(state, parts).await,
+        Route::RejectedReplay => rejected::replay(state, parts, &body).await,
         Route::Usage(customer) => limits::usage(state, parts, customer).await,
         Route::Entitlement(customer, feature) => {
             limits::entitlement(state, parts, customer, feature).await

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    ArrayBuilder, ArrayRef, Float64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
@@ -70,6 +71,7 @@ pub struct EventRows {
     context: StringBuilder,
     source: StringBuilder,
     schema_version: StringBuilder,
+    sample_rate: Float64Builder,
 }
 
 impl TableFormat for EventsFormat {
@@ -116,6 +118,7 @@ impl TableFormat for EventsFormat {
         rows.source.append_value(&view.source);
         rows.schema_version
             .append_option(view.schema_version.as_deref());
+        rows.sample_rate.append_option(view.sample_rate);
         Ok(())
     }
 
@@ -138,6 +141,7 @@ impl TableFormat for EventsFormat {
             Arc::new(rows.context.finish()),
             Arc::new(rows.source.finish()),
             Arc::new(rows.schema_version.finish()),
+            Arc::new(rows.sample_rate.finish()),
         ];
         RecordBatch::try_new(self.schema(), columns)
     }

@@ -26,15 +26,79 @@ pub struct NorthStarMetric {
 pub struct EventSpec {
     /// Event name as sent by SDKs (`track` event / PostHog `event`).
     pub name: String,
-    /// The planned properties: the seed's plain list of names.
+    /// The planned properties: the seed's plain list of names, or a JSON Schema (draft
+    /// 2020-12) of the properties object.
     #[serde(default)]
-    pub properties: Vec<String>,
+    pub properties: PropertySpec,
+    /// SchemaVer of the event's schema (`MODEL-REVISION-ADDITION`), stored on each event.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// What happens to an event that breaks its schema (default: `tag`).
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// Keep only this fraction of the events (deterministic by event id; the rate is stored
+    /// on each kept row). Not allowed on metered events.
+    #[serde(default)]
+    pub sample_rate: Option<f64>,
     /// Named triggers fired once per accepted event (e.g. `onboarding_start`).
     #[serde(default)]
     pub triggers: Vec<String>,
     /// Makes this event a usage meter.
     #[serde(default)]
     pub metering: Option<Metering>,
+}
+
+/// The properties of a planned event.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PropertySpec {
+    /// The seed's form: the names of the planned properties.
+    Names(Vec<String>),
+    /// A JSON Schema of the properties object.
+    Schema(serde_json::Map<String, serde_json::Value>),
+}
+
+impl Default for PropertySpec {
+    fn default() -> Self {
+        Self::Names(Vec::new())
+    }
+}
+
+/// What the registry does with an event that breaks its schema (or is unplanned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Send it to the rejected store with the violations.
+    Reject,
+    /// Accept it, with the violations recorded in `context.schema_violations`.
+    Tag,
+    /// Accept it as it is.
+    Allow,
+}
+
+/// The schema registry's defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RegistrySettings {
+    /// Events the config does not plan.
+    pub unplanned: Policy,
+    /// Properties a planned event's property list does not name.
+    pub unplanned_properties: Policy,
+    /// Default policy of planned events that break their schema.
+    pub violations: Policy,
+    /// Directory of `<event>.json` JSON Schemas (beside those in the config).
+    pub schema_dir: String,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            unplanned: Policy::Tag,
+            unplanned_properties: Policy::Tag,
+            violations: Policy::Tag,
+            schema_dir: "schemas/events".into(),
+        }
+    }
 }
 
 /// How an event turns into usage of a feature.
@@ -129,6 +193,11 @@ pub struct IngestSettings {
     pub request_timeout: HumanDuration,
     /// Most requests handled at once; past it, 503 with `Retry-After`.
     pub max_concurrent_requests: usize,
+    /// Events per second each write key may send (token bucket; past it, 429 with
+    /// `Retry-After`).
+    pub rate_limit_per_second: u32,
+    /// Events a write key may send in a burst above its rate.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for IngestSettings {
@@ -139,6 +208,8 @@ impl Default for IngestSettings {
             max_batch_messages: 2_500,
             request_timeout: HumanDuration::secs(30),
             max_concurrent_requests: 1_024,
+            rate_limit_per_second: 100_000,
+            rate_limit_burst: 500_000,
         }
     }
 }
@@ -156,6 +227,14 @@ impl IngestSettings {
         }
         if self.max_concurrent_requests == 0 {
             return Err(("maxConcurrentRequests".into(), "must be at least 1".into()));
+        }
+        if self.rate_limit_per_second == 0
+            || (self.rate_limit_burst as usize) < self.max_batch_messages
+        {
+            return Err((
+                "rateLimitBurst".into(),
+                "the rate must be positive and the burst at least maxBatchMessages (else a full batch never fits)".into(),
+            ));
         }
         Ok(())
     }
@@ -364,6 +443,11 @@ pub struct MeteringSettings {
     pub max_consume: u64,
     /// Shortest time between two runs of the usage pipelines.
     pub pipeline_interval: HumanDuration,
+    /// A customer is flagged when a minute's metered events exceed this many times their
+    /// trailing per-minute baseline.
+    pub anomaly_factor: f64,
+    /// …and at least this many events in that minute (small customers are not flagged).
+    pub anomaly_min_events: u64,
 }
 
 impl Default for MeteringSettings {
@@ -379,6 +463,8 @@ impl Default for MeteringSettings {
             snapshot_interval: HumanDuration::secs(10),
             max_consume: 1_000,
             pipeline_interval: HumanDuration::secs(5),
+            anomaly_factor: 10.0,
+            anomaly_min_events: 1_000,
         }
     }
 }

@@ -179,6 +179,7 @@ pub fn normalize(event: Value, source: &str, received_at: i64) -> Result<EventRe
         context,
         source: source.to_string(),
         schema_version: None,
+        sample_rate: None,
     })
 }
 

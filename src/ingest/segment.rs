@@ -193,6 +193,7 @@ pub fn normalize(
         context,
         source: source.to_string(),
         schema_version: None,
+        sample_rate: None,
     })
 }
 
