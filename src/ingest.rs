@@ -59,6 +59,12 @@ pub enum IngestError {
     /// A write key was sent but is not one of ours.
     #[error("invalid write key")]
     BadKey,
+    /// The write key sent more events than its rate allows.
+    #[error("rate limit of this write key exceeded; retry in {retry_after} s")]
+    RateLimited {
+        /// Seconds until the request would fit.
+        retry_after: u64,
+    },
     /// JetStream is unavailable; nothing the client needs to know was half-stored.
     #[error(transparent)]
     Unavailable(#[from] BusError),
@@ -70,7 +76,16 @@ impl Classify for IngestError {
             Self::InvalidBody(_) | Self::InvalidJson(_) => ErrorKind::InvalidInput,
             Self::TooLarge(_) => ErrorKind::TooLarge,
             Self::MissingKey | Self::BadKey => ErrorKind::Unauthorized,
+            Self::RateLimited { .. } => ErrorKind::RateLimited,
             Self::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::Unavailable(_) => Some(1),
+            _ => None,
         }
     }
 
@@ -81,6 +96,7 @@ impl Classify for IngestError {
             Self::TooLarge(_) => "payload_too_large",
             Self::MissingKey => "missing_write_key",
             Self::BadKey => "invalid_write_key",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "stream_unavailable",
         }
     }
@@ -146,6 +162,7 @@ fn is_zero(n: &usize) -> bool {
 pub struct Ingestor {
     config: Arc<Config>,
     keys: WriteKeys,
+    limiters: Arc<Vec<governor::DefaultDirectRateLimiter>>,
     registry: Arc<Registry>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
@@ -162,9 +179,19 @@ impl Ingestor {
         clock: Clock,
     ) -> Self {
         let keys = WriteKeys::from_config(&config);
+        let per_second = std::num::NonZeroU32::new(config.ingest.rate_limit_per_second)
+            .unwrap_or(std::num::NonZeroU32::MAX);
+        let burst = std::num::NonZeroU32::new(config.ingest.rate_limit_burst).unwrap_or(per_second);
+        let quota = governor::Quota::per_second(per_second).allow_burst(burst);
+        let limiters = Arc::new(
+            (0..keys.len())
+                .map(|_| governor::RateLimiter::direct(quota))
+                .collect(),
+        );
         Self {
             config,
             keys,
+            limiters,
             registry,
             publisher,
             metrics,
@@ -237,7 +264,6 @@ impl Ingestor {
                     serde_json::from_slice(body).map_err(|e| {
                         IngestError::InvalidJson(format!("body must be {{\"batch\": [...]}}: {e}"))
                     })?;
-                let source = self.authenticate(header_keys, envelope.write_key())?;
                 if envelope.batch.len() > limits.max_batch_messages {
                     return Err(IngestError::TooLarge(format!(
                         "batch has {} messages; the limit is {}",
@@ -245,6 +271,8 @@ impl Ingestor {
                         limits.max_batch_messages
                     )));
                 }
+                let source =
+                    self.authenticate(header_keys, envelope.write_key(), envelope.batch.len())?;
                 let inherited = envelope.inherited();
                 let mut batch = ParsedBatch::new(&self.config, &self.registry);
                 for (index, raw) in envelope.batch.iter().enumerate() {
@@ -269,7 +297,7 @@ impl Ingestor {
                     IngestError::InvalidJson(format!("body must be a JSON object: {e}"))
                 })?;
                 let body_key = message.get("writeKey").and_then(Value::as_str);
-                let source = self.authenticate(header_keys, body_key)?;
+                let source = self.authenticate(header_keys, body_key, 1)?;
                 let route_name = format!("/v1/{}", kind.as_str());
                 let mut batch = ParsedBatch::new(&self.config, &self.registry);
                 let result = segment::normalize(
@@ -296,7 +324,6 @@ impl Ingestor {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| IngestError::InvalidJson(format!("body is not JSON: {e}")))?;
         let capture = posthog::split_body(value).map_err(IngestError::InvalidJson)?;
-        let source = self.authenticate(header_keys, capture.api_key.as_deref())?;
         if capture.events.len() > limits.max_batch_messages {
             return Err(IngestError::TooLarge(format!(
                 "batch has {} events; the limit is {}",
@@ -304,6 +331,11 @@ impl Ingestor {
                 limits.max_batch_messages
             )));
         }
+        let source = self.authenticate(
+            header_keys,
+            capture.api_key.as_deref(),
+            capture.events.len(),
+        )?;
         let mut batch = ParsedBatch::new(&self.config, &self.registry);
         for (index, event) in capture.events.into_iter().enumerate() {
             let raw = serde_json::to_vec(&event).unwrap_or_default();
@@ -316,25 +348,50 @@ impl Ingestor {
     }
 
     /// The source of the first valid key among the header keys and the body key.
+    /// The source of the first valid key among the header keys and the body key, after
+    /// taking `messages` tokens from that key's rate limiter.
     fn authenticate(
         &self,
         header_keys: &[Option<String>; 2],
         body_key: Option<&str>,
+        messages: usize,
     ) -> Result<String, IngestError> {
-        self.keys
-            .authenticate(&[
+        let (index, source) = self
+            .keys
+            .authenticate_key(&[
                 header_keys[0].as_deref(),
                 header_keys[1].as_deref(),
                 body_key,
             ])
-            .map(str::to_string)
             .map_err(|presented| {
                 if presented {
                     IngestError::BadKey
                 } else {
                     IngestError::MissingKey
                 }
-            })
+            })?;
+        if let Some(limiter) = self.limiters.get(index) {
+            let n = std::num::NonZeroU32::new(u32::try_from(messages.max(1)).unwrap_or(u32::MAX))
+                .unwrap_or(std::num::NonZeroU32::MIN);
+            match limiter.check_n(n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
+                    self.metrics.ingest_rate_limited.inc();
+                    return Err(IngestError::RateLimited {
+                        retry_after: wait.as_secs().max(1),
+                    });
+                }
+                Err(_) => {
+                    return Err(IngestError::TooLarge(format!(
+                        "{messages} messages exceed the key's burst limit"
+                    )));
+                }
+            }
+        }
+        Ok(source.to_string())
     }
 
     fn check_size(&self, raw: &[u8]) -> Result<(), Rejection> {

@@ -13,6 +13,7 @@
 //! An acked event is visible to checks as soon as the runner has applied it, milliseconds
 //! later, with no call to the billing provider on the way.
 
+pub mod anomaly;
 pub mod customers;
 pub mod notices;
 pub mod period;
@@ -218,6 +219,7 @@ pub struct Meter {
     publisher: Publisher,
     notices: notices::Sender,
     metrics: Arc<Metrics>,
+    flagged: std::sync::Mutex<std::collections::BTreeMap<String, anomaly::Spike>>,
 }
 
 impl Meter {
@@ -247,6 +249,7 @@ impl Meter {
             publisher,
             notices,
             metrics,
+            flagged: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -340,7 +343,36 @@ impl Meter {
                 );
             }
         }
+        if let Some(spike) = shard.record_arrival(
+            customer_id,
+            event.received_at,
+            self.settings.anomaly_factor,
+            self.settings.anomaly_min_events,
+        ) {
+            tracing::warn!(
+                customer = customer_id,
+                events_per_minute = spike.events_per_minute,
+                baseline = spike.baseline_per_minute,
+                "usage anomaly: flagged"
+            );
+            self.metrics.meter_anomalies.inc();
+            if let Ok(mut flagged) = self.flagged.lock() {
+                flagged.insert(customer_id.to_string(), spike.clone());
+            }
+            self.notices.send(Notice::Anomaly {
+                customer_id: customer_id.to_string(),
+                spike,
+            });
+        }
         self.counters.set_applied(seq);
+    }
+
+    /// Customers flagged for usage far above their own baseline, with their latest spike.
+    pub fn flagged(&self) -> Vec<(String, anomaly::Spike)> {
+        self.flagged
+            .lock()
+            .map(|f| f.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Threshold and hard-cap crossings of one applied event.

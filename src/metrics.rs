@@ -76,6 +76,8 @@ pub struct Metrics {
     pub ingest_rejected: Counter,
     /// Requests answered 503 because the stream was unavailable.
     pub ingest_unavailable: Counter,
+    /// Requests answered 429 (a write key over its rate).
+    pub ingest_rate_limited: Counter,
     /// Archive of the `events` table.
     pub archive_events: Arc<ArchiveMetrics>,
     /// Archive of the `rejected_events` table.
@@ -88,6 +90,8 @@ pub struct Metrics {
     pub meter_late: Counter,
     /// Metered events without a valid quantity (not counted).
     pub meter_skipped: Counter,
+    /// Usage anomalies flagged.
+    pub meter_anomalies: Counter,
     /// SQL queries run, and those that failed.
     pub sql_queries: Counter,
     /// SQL queries that failed or timed out.
@@ -163,6 +167,16 @@ impl Metrics {
             "northstar_ingest_unavailable_total",
             "Requests answered 503 (stream unavailable).",
             self.ingest_unavailable.get(),
+        );
+        counter(
+            "northstar_ingest_rate_limited_total",
+            "Requests answered 429 (write key over its rate).",
+            self.ingest_rate_limited.get(),
+        );
+        counter(
+            "northstar_meter_anomalies_total",
+            "Customers flagged for usage far above their own baseline.",
+            self.meter_anomalies.get(),
         );
         counter(
             "northstar_sql_queries_total",

@@ -136,6 +136,30 @@ pub async fn verify(state: &AppState, parts: &Parts) -> HttpResponse {
     }
 }
 
+/// `GET /v1/anomalies` (admin): customers flagged for usage far above their own baseline.
+pub async fn anomalies(state: &AppState, parts: &Parts) -> HttpResponse {
+    if let Err(error) = state.require_admin(auth(parts)) {
+        return respond::error(&error);
+    }
+    let flagged: Vec<serde_json::Value> = state
+        .meter
+        .flagged()
+        .into_iter()
+        .map(|(customer_id, spike)| {
+            let customer = state.meter.customers().get(&customer_id);
+            serde_json::json!({
+                "customer_id": customer_id,
+                "plan": customer.plan,
+                "suspended": customer.suspended,
+                "events_per_minute": spike.events_per_minute,
+                "baseline_per_minute": spike.baseline_per_minute,
+                "minute_start": crate::clock::format_micros(spike.minute_start),
+            })
+        })
+        .collect();
+    respond::json(200, &serde_json::json!({"flagged": flagged}))
+}
+
 fn auth(parts: &Parts) -> Option<&str> {
     parts
         .headers

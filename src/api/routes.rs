@@ -29,6 +29,8 @@ pub enum Route {
     Verify,
     /// `POST /v1/rejected/replay`.
     RejectedReplay,
+    /// `GET /v1/anomalies`.
+    Anomalies,
     /// `GET /v1/customers/{id}/usage`.
     Usage(String),
     /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -57,6 +59,8 @@ pub fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/check") => Route::Check,
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
+        (&Method::GET, "/v1/anomalies") => Route::Anomalies,
+        (_, "/v1/anomalies") => Route::MethodNotAllowed("GET"),
         (_, "/v1/rejected/replay") => Route::MethodNotAllowed("POST"),
         (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
         (_, "/v1/check") => Route::MethodNotAllowed("POST"),
@@ -152,7 +156,7 @@ impl Route {
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
-            Self::Verify | Self::RejectedReplay => "admin",
+            Self::Verify | Self::RejectedReplay | Self::Anomalies => "admin",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
             Self::Health => "healthz",
@@ -179,6 +183,7 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Check => limits::check(state, parts, &body).await,
         Route::Verify => limits::verify(state, parts).await,
         Route::RejectedReplay => rejected::replay(state, parts, &body).await,
+        Route::Anomalies => limits::anomalies(state, parts).await,
         Route::Usage(customer) => limits::usage(state, parts, customer).await,
         Route::Entitlement(customer, feature) => {
             limits::entitlement(state, parts, customer, feature).await

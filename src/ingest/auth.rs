@@ -58,6 +58,15 @@ impl WriteKeys {
     /// Resolves the first candidate that is a valid key; `Err(true)` if keys were presented but
     /// none is valid, `Err(false)` if none was presented.
     pub fn authenticate<'a>(&'a self, candidates: &[Option<&str>]) -> Result<&'a str, bool> {
+        self.authenticate_key(candidates).map(|(_, source)| source)
+    }
+
+    /// Like [`WriteKeys::authenticate`], with the index of the matching key (for its rate
+    /// limiter).
+    pub fn authenticate_key<'a>(
+        &'a self,
+        candidates: &[Option<&str>],
+    ) -> Result<(usize, &'a str), bool> {
         let mut presented = false;
         let mut found = None;
         for candidate in candidates.iter().flatten() {
@@ -65,13 +74,19 @@ impl WriteKeys {
                 continue;
             }
             presented = true;
-            if let Some(source) = self.source_of(candidate)
-                && found.is_none()
-            {
-                found = Some(source);
+            let bytes = candidate.as_bytes();
+            for (index, (key, source)) in self.keys.iter().enumerate() {
+                if bool::from(key.as_slice().ct_eq(bytes)) && found.is_none() {
+                    found = Some((index, source.as_str()));
+                }
             }
         }
         found.ok_or(presented)
+    }
+
+    /// Number of keys (one rate limiter each).
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
 }
 

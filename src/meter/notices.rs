@@ -20,6 +20,8 @@ use crate::clock::{Clock, format_micros};
 
 /// The subject threshold events are published on.
 pub const THRESHOLD_SUBJECT: &str = "northstar.usage.threshold";
+/// The subject usage anomalies are published on.
+pub const ANOMALY_SUBJECT: &str = "northstar.usage.anomaly";
 
 /// Something the meter noticed.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +44,13 @@ pub enum Notice {
         period_start: i64,
         /// Stream sequence of the crossing event.
         seq: u64,
+    },
+    /// A customer's usage rate spiked far above their own baseline.
+    Anomaly {
+        /// The customer.
+        customer_id: String,
+        /// The spike.
+        spike: super::anomaly::Spike,
     },
     /// A hard cap was reached: suspend the customer.
     Suspend {
@@ -123,6 +132,19 @@ pub async fn run(
                     .await
                 {
                     tracing::error!(customer = %customer_id, %error, "could not store the suspension");
+                }
+            }
+            Notice::Anomaly { customer_id, spike } => {
+                let body =
+                    json!({"type": "usage.anomaly", "customer_id": customer_id, "spike": spike});
+                if let Err(error) = client
+                    .publish(
+                        ANOMALY_SUBJECT,
+                        serde_json::to_vec(&body).unwrap_or_default().into(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, "anomaly event not published");
                 }
             }
             Notice::Threshold { .. } => {

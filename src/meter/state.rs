@@ -109,6 +109,9 @@ pub struct Counter {
 pub struct CustomerUsage {
     /// The counters.
     pub counters: Vec<Counter>,
+    /// Arrival rate of metered events, for abuse detection (rebuilt after a restart).
+    #[serde(skip)]
+    pub rate: super::anomaly::RateWindow,
 }
 
 impl CustomerUsage {
@@ -319,6 +322,20 @@ impl Shard {
             before,
             after: counter.value.used(),
         })
+    }
+
+    /// Counts a metered event's arrival for abuse detection.
+    pub fn record_arrival(
+        &mut self,
+        customer: &str,
+        received_at: i64,
+        factor: f64,
+        min_events: u64,
+    ) -> Option<super::anomaly::Spike> {
+        self.customers
+            .get_mut(customer)?
+            .rate
+            .record(received_at, factor, min_events)
     }
 
     /// Usage of a feature in a period (zero when nothing was counted).

@@ -1,0 +1,307 @@
+//! The schema registry at ingest, the rejected-event workflow, the registry tools for users'
+//! CI, and abuse controls (rate limits, anomaly flags).
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{ADMIN_KEY, InProcess, Nats, Northstar, WRITE_KEY, query, scalar, test_config};
+use northstar::client::basic_auth;
+use northstar::clock::Clock;
+use serde_json::{Value, json};
+
+/// The seed config plus a JSON-Schema event with policy `reject`, and a sampled event.
+fn registry_config() -> Value {
+    let mut config = test_config();
+    config["events"].as_array_mut().unwrap().push(json!({
+        "name": "order_placed", "version": "2-0-0", "policy": "reject",
+        "properties": {"type": "object", "required": ["total"],
+                       "properties": {"total": {"type": "number", "minimum": 0}, "currency": {"enum": ["EUR", "USD"]}}}
+    }));
+    config["events"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "mouse_moved", "sampleRate": 0.25}));
+    config
+}
+
+fn order(id: &str, properties: Value) -> Value {
+    json!({"type": "track", "messageId": id, "userId": "u1", "event": "order_placed", "properties": properties})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &registry_config());
+    let mut batch = vec![
+        order("o-1", json!({"total": 12.5, "currency": "EUR"})),
+        order("o-2", json!({"total": -1})),
+        order("o-3", json!({"currency": "GBP", "total": 3})),
+        json!({"type": "track", "messageId": "s-1", "userId": "u1", "event": "signup_completed",
+               "properties": {"plan": "free", "colour": "red"}}),
+        json!({"type": "track", "messageId": "x-1", "userId": "u1", "event": "something_unplanned"}),
+    ];
+    batch.extend((0..400).map(|i| json!({"type": "track", "messageId": format!("m-{i}"), "userId": "u1", "event": "mouse_moved"})));
+    let r = server.post("/v1/batch", &json!({"batch": batch})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert_eq!(answer["rejected"], 2);
+    let sampled_out = answer["sampled_out"].as_u64().unwrap();
+    assert!(
+        (250..350).contains(&sampled_out),
+        "about 3/4 of 400 sampled out: {sampled_out}"
+    );
+    let errors = answer["errors"].as_array().unwrap();
+    assert_eq!(errors[0]["field"], "properties.total");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("minimum"),
+        "{errors:?}"
+    );
+    assert_eq!(errors[1]["field"], "properties.currency");
+    let stored = 3 + (400 - sampled_out);
+    server.wait_archived(stored).await;
+
+    let rows = query(&server.data, "SELECT event_id, schema_version, context->'schema_violations'->0->>'field' AS tagged FROM events WHERE event_id IN ('o-1', 's-1', 'x-1') ORDER BY event_id").await;
+    assert_eq!(rows[0]["schema_version"], "2-0-0");
+    assert!(rows[0]["tagged"].is_null());
+    assert_eq!(
+        rows[1]["tagged"], "properties.colour",
+        "unplanned property tagged"
+    );
+    assert_eq!(rows[2]["tagged"], "event", "unplanned event tagged");
+    // Sampled rows carry their rate, so SQL can re-weight: the estimate is close to 400.
+    let estimate = scalar(&server.data, "SELECT CAST(round(sum(1.0 / sample_rate)) AS BIGINT) FROM events WHERE event = 'mouse_moved'").await;
+    assert!((300..=500).contains(&estimate), "{estimate}");
+
+    // The schema is fixed (GBP allowed, negative totals still refused) and the rejected replayed.
+    let mut fixed = registry_config();
+    fixed["events"][2]["properties"]["properties"]["currency"]["enum"] =
+        json!(["EUR", "USD", "GBP"]);
+    std::fs::write(
+        server.data.parent().unwrap().join("northstar.json"),
+        serde_json::to_vec(&fixed).unwrap(),
+    )
+    .unwrap();
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar(&server.data, "SELECT count(*) FROM rejected_events").await < 2 {
+        assert!(Instant::now() < deadline, "rejected events not archived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let replay = |client: northstar::client::HttpClient, base: String, bearer: String| async move {
+        client
+            .post_json(
+                &format!("{base}/v1/rejected/replay"),
+                &[("authorization", &bearer)],
+                &json!({}),
+            )
+            .await
+            .unwrap()
+            .json()
+    };
+    let first = replay(server.client.clone(), server.base.clone(), bearer.clone()).await;
+    assert_eq!(
+        (first["accepted"].as_u64(), first["still_rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{first}"
+    );
+    assert!(
+        first["still_rejected_examples"][0]["reasons"]
+            .to_string()
+            .contains("properties.total")
+    );
+    server.wait_archived(stored + 1).await;
+    // A second replay stores nothing twice.
+    let second = replay(server.client.clone(), server.base.clone(), bearer).await;
+    assert_eq!(
+        (
+            second["accepted"].as_u64(),
+            second["already_accepted"].as_u64()
+        ),
+        (Some(0), Some(1)),
+        "{second}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(
+            &server.data,
+            "SELECT count(*) FROM events WHERE event_id = 'o-3'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schema_tools_work_for_users_ci() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("northstar.json");
+    std::fs::write(
+        &config_path,
+        serde_json::to_vec(&registry_config()).unwrap(),
+    )
+    .unwrap();
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(&good, format!("{}\n{}\n", order("a", json!({"total": 1})), json!({"type": "track", "userId": "u", "event": "api_call_made", "properties": {"endpoint": "/x"}}))).unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\nnot json\n{}\n",
+            order("a", json!({"total": 1})),
+            order("b", json!({"total": "ten"}))
+        ),
+    )
+    .unwrap();
+    let northstar = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let config = config_path.to_str().unwrap();
+
+    let ok = northstar(&[
+        "schema",
+        "check",
+        good.to_str().unwrap(),
+        "--config",
+        config,
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let failed = northstar(&["schema", "check", bad.to_str().unwrap(), "--config", config]);
+    assert_eq!(failed.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert!(out.contains(":2: .: not valid JSON"), "{out}");
+    assert!(out.contains(":3: properties.total: type"), "{out}");
+
+    let ts = northstar(&[
+        "schema",
+        "codegen",
+        "--lang",
+        "typescript",
+        "--config",
+        config,
+    ]);
+    let ts = String::from_utf8_lossy(&ts.stdout);
+    assert!(
+        ts.contains("export interface OrderPlacedProperties"),
+        "{ts}"
+    );
+    assert!(ts.contains("currency?: \"EUR\" | \"USD\";"));
+    let rs = northstar(&["schema", "codegen", "--lang", "rust", "--config", config]);
+    assert!(String::from_utf8_lossy(&rs.stdout).contains("pub total: f64,"));
+
+    let mut breaking = registry_config();
+    breaking["events"][2]["properties"]["properties"]["total"]["type"] = json!("string");
+    let new_path = dir.path().join("new.json");
+    std::fs::write(&new_path, serde_json::to_vec(&breaking).unwrap()).unwrap();
+    let diff = northstar(&["schema", "diff", config, new_path.to_str().unwrap()]);
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "a breaking change without a MODEL bump fails CI"
+    );
+    let out = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        out.contains("BREAKING  order_placed: property `total` type"),
+        "{out}"
+    );
+    breaking["events"][2]["version"] = json!("3-0-0");
+    std::fs::write(&new_path, serde_json::to_vec(&breaking).unwrap()).unwrap();
+    assert!(
+        northstar(&["schema", "diff", config, new_path.to_str().unwrap()])
+            .status
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_key_over_its_rate_gets_429_with_retry_after() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["ingest"] =
+        json!({"maxBatchMessages": 100, "rateLimitPerSecond": 10, "rateLimitBurst": 100});
+    config["sources"] = json!([{"name": "test", "writeKeys": [WRITE_KEY]}, {"name": "other", "writeKeys": ["wk_other_0123456789"]}]);
+    let server = Northstar::start(&nats, &config);
+    let batch = |prefix: &str| json!({"batch": harness::tracks(prefix, 0..60)});
+    assert_eq!(server.post("/v1/batch", &batch("a")).await.status, 200);
+    let limited = server.post("/v1/batch", &batch("b")).await;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    assert_eq!(limited.json()["code"], "rate_limited");
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    // Another key has its own bucket.
+    let auth = basic_auth("wk_other_0123456789");
+    let other = server
+        .client
+        .post_json(
+            &format!("{}/v1/batch", server.base),
+            &[("authorization", &auth)],
+            &batch("c"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(other.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_customer_far_above_their_own_baseline_is_flagged() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["metering"] = json!({"anomalyFactor": 5.0, "anomalyMinEvents": 50});
+    let start = 1_773_144_000_000_000i64;
+    let server = InProcess::start(&nats, &config, Clock::manual(start)).await;
+    let call = |id: String| json!({"type": "track", "messageId": id, "userId": "u", "event": "api_call_made", "context": {"groupId": "spiky"}});
+    for minute in 0..12 {
+        let batch: Vec<Value> = (0..5).map(|i| call(format!("n-{minute}-{i}"))).collect();
+        assert_eq!(
+            server
+                .post("/v1/batch", &json!({"batch": batch}))
+                .await
+                .status,
+            200
+        );
+        server.clock.advance(Duration::from_secs(60));
+    }
+    let burst: Vec<Value> = (0..200).map(|i| call(format!("burst-{i}"))).collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": burst}))
+            .await
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let flagged = server.get_as(ADMIN_KEY, "/v1/anomalies").await.json();
+        if let Some(first) = flagged["flagged"].as_array().and_then(|f| f.first()) {
+            assert_eq!(first["customer_id"], "spiky");
+            assert!(first["events_per_minute"].as_u64().unwrap() >= 50);
+            assert!(first["baseline_per_minute"].as_f64().unwrap() < 5.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never flagged: {flagged}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server
+            .get_as(harness::SERVICE_KEY, "/v1/anomalies")
+            .await
+            .status,
+        401,
+        "admin only"
+    );
+}
