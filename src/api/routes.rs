@@ -11,6 +11,9 @@ use crate::error::ErrorKind;
 use crate::event::EventType;
 use crate::ingest::Wire;
 
+/// The OpenAPI 3.1 document of every route here (a test keeps the two in step).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// Largest body of non-ingest routes (SQL text, admin JSON).
 const SMALL_BODY_LIMIT: usize = 1024 * 1024;
 
@@ -31,6 +34,8 @@ pub enum Route {
     RejectedReplay,
     /// `GET /v1/anomalies`.
     Anomalies,
+    /// `GET /openapi.json`.
+    OpenApi,
     /// `GET /v1/customers/{id}/usage`.
     Usage(String),
     /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -60,6 +65,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
+        (&Method::GET, "/openapi.json") => Route::OpenApi,
         (_, "/v1/anomalies") => Route::MethodNotAllowed("GET"),
         (_, "/v1/rejected/replay") => Route::MethodNotAllowed("POST"),
         (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
@@ -159,7 +165,7 @@ impl Route {
             Self::Verify | Self::RejectedReplay | Self::Anomalies => "admin",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
-            Self::Health => "healthz",
+            Self::Health | Self::OpenApi => "healthz",
             Self::Metrics => "metrics",
             Self::MethodNotAllowed(_) | Self::NotFound => "other",
         }
@@ -184,6 +190,9 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Verify => limits::verify(state, parts).await,
         Route::RejectedReplay => rejected::replay(state, parts, &body).await,
         Route::Anomalies => limits::anomalies(state, parts).await,
+        Route::OpenApi => {
+            respond::bytes_response(200, "application/json", OPENAPI.as_bytes().to_vec())
+        }
         Route::Usage(customer) => limits::usage(state, parts, customer).await,
         Route::Entitlement(customer, feature) => {
             limits::entitlement(state, parts, customer, feature).await
@@ -267,5 +276,50 @@ mod tests {
             Route::MethodNotAllowed("GET, PUT")
         );
         assert_eq!(route(&Method::GET, "/v1/customers/"), Route::NotFound);
+    }
+
+    #[test]
+    fn every_documented_operation_is_routed_and_every_route_is_documented() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let concrete = path
+                .replace("{id}", "acme")
+                .replace("{feature}", "api_requests");
+            for method in ["get", "put", "post"] {
+                if item.get(method).is_some() {
+                    let m: Method = method.to_uppercase().parse().unwrap();
+                    let routed = route(&m, &concrete);
+                    assert!(
+                        !matches!(routed, Route::NotFound | Route::MethodNotAllowed(_)),
+                        "{method} {path} is documented but not routed"
+                    );
+                    documented.push(routed);
+                }
+            }
+        }
+        // Every kind of route has a documented operation.
+        let kinds = [
+            route(&Method::POST, "/v1/batch"),
+            route(&Method::POST, "/v1/track"),
+            route(&Method::POST, "/batch/"),
+            route(&Method::POST, "/v1/sql"),
+            route(&Method::POST, "/v1/check"),
+            route(&Method::POST, "/v1/usage/verify"),
+            route(&Method::POST, "/v1/rejected/replay"),
+            route(&Method::GET, "/v1/anomalies"),
+            route(&Method::GET, "/v1/customers/acme"),
+            route(&Method::GET, "/v1/customers/acme/usage"),
+            route(&Method::GET, "/v1/customers/acme/entitlements/api_requests"),
+            route(&Method::GET, "/healthz"),
+            route(&Method::GET, "/metrics"),
+            route(&Method::GET, "/openapi.json"),
+        ];
+        for kind in kinds {
+            assert!(
+                documented.contains(&kind),
+                "{kind:?} is routed but not documented"
+            );
+        }
     }
 }

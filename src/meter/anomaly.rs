@@ -89,7 +89,10 @@ mod tests {
             spikes.extend(w.record(20 * MINUTE + i, 10.0, 100));
         }
         assert_eq!(spikes.len(), 1, "flagged once per minute");
-        assert_eq!(spikes[0].events_per_minute, 100, "flagged at min_events, past 10x the baseline");
+        assert_eq!(
+            spikes[0].events_per_minute, 100,
+            "flagged at min_events, past 10x the baseline"
+        );
         assert!(spikes[0].baseline_per_minute < 6.0);
     }
 
