@@ -9,6 +9,9 @@ use harness::{Nats, Northstar, WRITE_KEY, scalar, test_config, tracks};
 use northstar::client::basic_auth;
 use serde_json::json;
 
+/// A hostile request: path, extra headers, body, and the status it must get.
+type Hostile = (&'static str, Vec<(&'static str, String)>, Vec<u8>, u16);
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     encoder.write_all(bytes).unwrap();
@@ -40,7 +43,7 @@ async fn a_hostile_corpus_gets_4xx_and_costs_no_good_event() {
     let bomb = gzip(&vec![b'{'; 30_000_000]);
 
     // (path, headers, body, expected status)
-    let corpus: Vec<(&str, Vec<(&str, String)>, Vec<u8>, u16)> = vec![
+    let corpus: Vec<Hostile> = vec![
         ("/v1/batch", vec![], b"{".to_vec(), 400),
         ("/v1/batch", vec![], b"[1,2,3]".to_vec(), 400),
         ("/v1/batch", vec![], b"\"just a string\"".to_vec(), 400),
