@@ -9,6 +9,7 @@
 //! - [`routes`]: the route table;
 //! - [`ingest_routes`], [`sql`], [`ops`]: the handlers.
 
+pub mod activation;
 pub mod ingest_routes;
 pub mod limits;
 pub mod ops;
@@ -57,6 +58,10 @@ pub struct AppState {
     pub meter: Arc<crate::meter::Meter>,
     /// Time for answers and stored records.
     pub clock: crate::clock::Clock,
+    /// Versioned activation results.
+    pub activation: std::sync::Arc<crate::activation::ActivationStore>,
+    /// The activation question of the config.
+    pub question: crate::activation::Question,
     /// Where the meter, archive and pipelines are, for `POST /v1/usage/verify`.
     pub verify: crate::meter::verify::Positions,
     /// What `/healthz` reports.

@@ -79,6 +79,9 @@ pub struct Config {
     /// Schema registry defaults.
     #[serde(default)]
     pub registry: RegistrySettings,
+    /// The activation ("aha") analysis.
+    #[serde(default)]
+    pub activation: ActivationSettings,
 }
 
 fn default_schema_version() -> String {
@@ -100,6 +103,7 @@ impl Default for Config {
             metering: MeteringSettings::default(),
             service_keys: Vec::new(),
             registry: RegistrySettings::default(),
+            activation: ActivationSettings::default(),
         }
     }
 }
@@ -281,6 +285,9 @@ impl Config {
         self.metering
             .validate()
             .map_err(|(at, m)| (format!("metering.{at}"), m))?;
+        self.activation
+            .validate()
+            .map_err(|(at, m)| (format!("activation.{at}"), m))?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod import;
 pub mod normalize;
 pub mod posthog;
 pub mod segment;

@@ -15,6 +15,7 @@
 //! - [`archive`]: the stream's exactly-once Parquet copy (commit protocol, recovery, compaction);
 //! - [`meter`]: real-time usage per customer, feature and period; plans, limits, consume;
 //! - [`identity`]: anonymous and identified ids joined into people (`events_resolved`);
+//! - [`activation`]: "aha" thresholds from retained vs churned users, versioned;
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`api`]: the HTTP server that fronts all of the above;
@@ -26,6 +27,7 @@
 //! [`shutdown`] (stop signals), [`client`] (a loopback HTTP client), [`demo`] (the `make run`
 //! workload).
 
+pub mod activation;
 pub mod api;
 pub mod archive;
 pub mod bench;

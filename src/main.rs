@@ -71,6 +71,42 @@ enum Command {
         #[command(subcommand)]
         command: RejectedCommand,
     },
+    /// Activation ("aha") analysis: which "at least x times within y days" of the North Star
+    /// event best predicts retention. Prints the top candidates, writes a picture, stores a version.
+    Aha {
+        /// Data dir to read (no server needed).
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Config file.
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Judge the cohort against this time (RFC 3339) instead of the last event's.
+        #[arg(long)]
+        as_of: Option<String>,
+        /// Candidates to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Backfill a JSON-lines file (.jsonl or .jsonl.gz) of Segment- or PostHog-shaped events
+    /// through a running server's ingest (same validation and dedup as live events).
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        url: String,
+        /// A write key of the source the history belongs to.
+        #[arg(long, env = "NORTHSTAR_WRITE_KEY", hide_env_values = true)]
+        write_key: String,
+    },
+    /// Demo data.
+    Demo {
+        #[command(subcommand)]
+        command: DemoCommand,
+    },
     /// Usage tools: `verify` proves meter = SQL over events = usage windows.
     Usage {
         #[command(subcommand)]
@@ -80,6 +116,30 @@ enum Command {
     Bench {
         #[command(subcommand)]
         suite: northstar::bench::Suite,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCommand {
+    /// Write a synthetic product history with a planted activation threshold (users who do the
+    /// North Star event at least x0 times within y0 days retain far better), anonymous
+    /// pre-signup activity and identity merges, as Segment JSON lines.
+    Generate {
+        /// Output file (.jsonl).
+        #[arg(long, default_value = "demo-history.jsonl")]
+        out: PathBuf,
+        /// Users.
+        #[arg(long, default_value_t = 2_000)]
+        users: usize,
+        /// The planted x0.
+        #[arg(long, default_value_t = 3)]
+        times: u32,
+        /// The planted y0.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
@@ -254,6 +314,101 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { suite } => northstar::bench::run(suite).await,
         Command::Schema { command } => run_schema(command),
+        Command::Aha {
+            data,
+            config,
+            format,
+            as_of,
+            top,
+        } => {
+            let config = load_config(&config)?;
+            let as_of = match as_of {
+                Some(text) => Some(
+                    chrono::DateTime::parse_from_rfc3339(&text)
+                        .with_context(|| format!("--as-of {text}"))?
+                        .timestamp_micros(),
+                ),
+                None => None,
+            };
+            let engine = QueryEngine::open(&data, &config).await?;
+            let question = northstar::activation::Question::from_config(&config);
+            let store = northstar::activation::ActivationStore::open(&data);
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            let progress = |step: &str| bar.set_message(step.to_string());
+            let result = northstar::activation::recompute(
+                &engine,
+                &question,
+                &store,
+                as_of,
+                northstar::clock::system_micros(),
+                &progress,
+            )
+            .await;
+            bar.finish_and_clear();
+            let (analysis, version) = result?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"version": version, "analysis": analysis})
+                    )?
+                ),
+                _ => {
+                    print!("{}", northstar::activation::analysis::table(&analysis, top));
+                    println!("picture: {}", store.picture(version.version).display());
+                }
+            }
+            Ok(())
+        }
+        Command::Import {
+            file,
+            url,
+            write_key,
+        } => {
+            let report = northstar::ingest::import::run(&file, &url, &write_key)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "{} lines: {} stored, {} already stored, {} rejected, {} sampled out",
+                report.lines,
+                report.accepted,
+                report.duplicates,
+                report.rejected,
+                report.sampled_out
+            );
+            Ok(())
+        }
+        Command::Demo {
+            command:
+                DemoCommand::Generate {
+                    out,
+                    users,
+                    times,
+                    days,
+                    seed,
+                },
+        } => {
+            use northstar::activation::generate::{HistorySpec, generate};
+            let spec = HistorySpec {
+                users,
+                seed,
+                planted_times: times,
+                planted_days: days,
+                ..HistorySpec::default()
+            };
+            let mut text = String::new();
+            for message in generate(&spec) {
+                text.push_str(&message.to_string());
+                text.push('\n');
+            }
+            std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({users} users, planted: at least {times} times within {days} days)",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Rejected {
             command:
                 RejectedCommand::Replay {

@@ -227,6 +227,18 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         clock.clone(),
     );
+    let activation_store = crate::activation::ActivationStore::open(&data_dir);
+    let question = crate::activation::Question::from_config(&config);
+    if !config.activation.schedule.get().is_zero() {
+        tokio::spawn(recompute_on_schedule(
+            query.clone(),
+            question.clone(),
+            activation_store.clone(),
+            config.activation.schedule.get(),
+            clock.clone(),
+            stop_meter.subscribe(),
+        ));
+    }
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
@@ -239,6 +251,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         service_keys,
         meter,
         clock,
+        activation: activation_store.clone(),
+        question: question.clone(),
         verify: crate::meter::verify::Positions {
             js: publisher.jetstream().clone(),
             stream: config.stream.name.clone(),
@@ -303,6 +317,39 @@ impl RunningServer {
             embedded.stop().await;
         }
         tracing::info!("northstar stopped");
+    }
+}
+
+/// Recomputes the activation threshold every `every`, starting one period after start (a
+/// recompute also happens on `POST /v1/activation/recompute` and `northstar aha`).
+async fn recompute_on_schedule(
+    engine: Arc<QueryEngine>,
+    question: crate::activation::Question,
+    store: Arc<crate::activation::ActivationStore>,
+    every: Duration,
+    clock: Clock,
+    mut stop: crate::shutdown::Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            () = crate::shutdown::wait_for_stop(&mut stop) => return,
+        }
+        match crate::activation::recompute(
+            &engine,
+            &question,
+            &store,
+            None,
+            clock.now_micros(),
+            &|_| {},
+        )
+        .await
+        {
+            Ok((_, version)) => {
+                tracing::info!(version = version.version, chosen = ?version.chosen.map(|c| (c.times, c.days)), "activation recomputed")
+            }
+            Err(error) => tracing::warn!(%error, "scheduled activation recompute gave no answer"),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use http::Method;
 use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
-use super::{AppState, ingest_routes, limits, ops, rejected, sql};
+use super::{AppState, activation, ingest_routes, limits, ops, rejected, sql};
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::event::EventType;
@@ -36,6 +36,12 @@ pub enum Route {
     Anomalies,
     /// `GET /openapi.json`.
     OpenApi,
+    /// `GET /v1/activation`.
+    Activation,
+    /// `POST /v1/activation/recompute`.
+    ActivationRecompute,
+    /// `GET /v1/northstar`.
+    NorthStar,
     /// `GET /v1/customers/{id}/usage`.
     Usage(String),
     /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -66,6 +72,11 @@ pub fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
         (&Method::GET, "/openapi.json") => Route::OpenApi,
+        (&Method::GET, "/v1/activation") => Route::Activation,
+        (&Method::POST, "/v1/activation/recompute") => Route::ActivationRecompute,
+        (&Method::GET, "/v1/northstar") => Route::NorthStar,
+        (_, "/v1/activation" | "/v1/northstar") => Route::MethodNotAllowed("GET"),
+        (_, "/v1/activation/recompute") => Route::MethodNotAllowed("POST"),
         (_, "/v1/anomalies") => Route::MethodNotAllowed("GET"),
         (_, "/v1/rejected/replay") => Route::MethodNotAllowed("POST"),
         (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
@@ -162,7 +173,10 @@ impl Route {
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
-            Self::Verify | Self::RejectedReplay | Self::Anomalies => "admin",
+            Self::Verify | Self::RejectedReplay | Self::Anomalies | Self::ActivationRecompute => {
+                "admin"
+            }
+            Self::Activation | Self::NorthStar => "usage",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
@@ -190,6 +204,9 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Verify => limits::verify(state, parts).await,
         Route::RejectedReplay => rejected::replay(state, parts, &body).await,
         Route::Anomalies => limits::anomalies(state, parts).await,
+        Route::Activation => activation::get(state, parts).await,
+        Route::ActivationRecompute => activation::recompute(state, parts).await,
+        Route::NorthStar => activation::northstar(state, parts).await,
         Route::OpenApi => {
             respond::bytes_response(200, "application/json", OPENAPI.as_bytes().to_vec())
         }

@@ -73,6 +73,9 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
     let payloads = bus_payloads(&messages)?;
     let mean_bytes = payloads.iter().map(|(_, p)| p.len()).sum::<usize>() / payloads.len().max(1);
 
+    eprintln!("validation cost: normalise + registry, one thread…");
+    let validation = validation_cost(&messages)?;
+
     eprintln!("baseline: raw JetStream publish + consume…");
     let raw = raw_jetstream(&nats_url, &payloads).await?;
     drop(payloads);
@@ -84,7 +87,23 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
     let ours = northstar_ingest(options, &nats_url, work, messages).await?;
 
     let n = options.events as f64;
+    let per_event =
+        |d: Duration, count: usize| format!("{:.2} µs", d.as_secs_f64() * 1e6 / count as f64);
     let rows = vec![
+        Row {
+            measure: "validation: normalise + registry, one thread (events/s)".into(),
+            ours: format!(
+                "{} ({})",
+                thousands(validation.count as f64 / validation.with_registry.as_secs_f64()),
+                per_event(validation.with_registry, validation.count)
+            ),
+            baseline: format!(
+                "{} ({}) without the registry",
+                thousands(validation.count as f64 / validation.without.as_secs_f64()),
+                per_event(validation.without, validation.count)
+            ),
+            ratio: Some(validation.without.as_secs_f64() / validation.with_registry.as_secs_f64()),
+        },
         Row {
             measure: "publish, acked (events/s)".into(),
             ours: thousands(n / ours.acked.as_secs_f64()),
@@ -185,6 +204,60 @@ fn bus_payloads(messages: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
             Ok((record.event_id.clone(), Bytes::from(record.to_bus_json())))
         })
         .collect()
+}
+
+/// Time to normalise (and validate) the same messages with and without a registry.
+struct ValidationCost {
+    count: usize,
+    without: Duration,
+    with_registry: Duration,
+}
+
+/// The ingest path's per-event CPU cost with the registry (the seed's property lists plus a
+/// JSON Schema for the benchmark's event) and without one, on one thread.
+fn validation_cost(messages: &[Value]) -> anyhow::Result<ValidationCost> {
+    let count = messages.len().min(200_000);
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
+    config["events"][1]["properties"] = json!({
+        "type": "object",
+        "properties": {"endpoint": {"type": "string"}, "latency_ms": {"type": "integer", "minimum": 0}, "status": {"type": "integer"}}
+    });
+    let config = crate::config::Config::from_json(&config.to_string(), "bench")?;
+    let registry = crate::schema::Registry::load(&config, None)?;
+    let run = |validate: bool| {
+        let started = Instant::now();
+        let mut kept = 0usize;
+        for message in &messages[..count] {
+            let Some(map) = message.as_object().cloned() else {
+                continue;
+            };
+            let Ok(mut record) =
+                segment::normalize(map, None, segment::Inherited::default(), "bench", 0)
+            else {
+                continue;
+            };
+            if validate && let Some(name) = record.event.clone() {
+                let decision = registry.decide(
+                    &name,
+                    &record.event_id,
+                    &record.properties,
+                    &mut record.context,
+                );
+                kept += usize::from(matches!(decision, crate::schema::Decision::Accept { .. }));
+            }
+            kept += record.to_bus_json().len() & 1;
+        }
+        std::hint::black_box(kept);
+        started.elapsed()
+    };
+    let without = run(false);
+    let with_registry = run(true);
+    Ok(ValidationCost {
+        count,
+        without,
+        with_registry,
+    })
 }
 
 struct RawTimes {

@@ -504,3 +504,76 @@ pub enum PeriodKind {
     /// From the anchor's day of year.
     Yearly,
 }
+
+/// The activation ("aha") analysis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ActivationSettings {
+    /// The North Star event (default: `northStarMetric.event`).
+    pub north_star_event: Option<String>,
+    /// The event that starts a person's clock.
+    pub signup_event: String,
+    /// Candidate counts x (at least x times): from 1 to this.
+    pub max_times: u32,
+    /// Candidate windows y (within y days of signup): from 1 to this.
+    pub max_days: u32,
+    /// Retained = active in days [retainedFrom, retainedTo) after signup.
+    pub retained_from_day: u32,
+    /// End of the retention window (exclusive); also the minimum cohort age.
+    pub retained_to_day: u32,
+    /// Events that count as active for retention (empty: any event).
+    pub active_events: Vec<String>,
+    /// Smallest count every cell of a chosen candidate needs.
+    pub min_cell: u64,
+    /// Lowest share of the cohort above a chosen threshold.
+    pub share_min: f64,
+    /// Highest share of the cohort above a chosen threshold.
+    pub share_max: f64,
+    /// How often `serve` recomputes (`0`: never on its own).
+    pub schedule: HumanDuration,
+}
+
+impl Default for ActivationSettings {
+    fn default() -> Self {
+        Self {
+            north_star_event: None,
+            signup_event: "signup_completed".into(),
+            max_times: 10,
+            max_days: 15,
+            retained_from_day: 28,
+            retained_to_day: 56,
+            active_events: Vec::new(),
+            min_cell: 10,
+            share_min: 0.05,
+            share_max: 0.95,
+            schedule: HumanDuration::secs(7 * 86_400),
+        }
+    }
+}
+
+impl ActivationSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if !(1..=100).contains(&self.max_times) {
+            return Err(("maxTimes".into(), "must be between 1 and 100".into()));
+        }
+        if self.max_days < 1 || self.max_days > self.retained_from_day {
+            return Err(("maxDays".into(), "must be at least 1 and at most retainedFromDay (the window must end before retention is judged)".into()));
+        }
+        if self.retained_to_day <= self.retained_from_day || self.retained_to_day > 400 {
+            return Err((
+                "retainedToDay".into(),
+                "must be after retainedFromDay and at most 400".into(),
+            ));
+        }
+        if !((0.0..1.0).contains(&self.share_min)
+            && self.share_min < self.share_max
+            && self.share_max <= 1.0)
+        {
+            return Err((
+                "shareMin".into(),
+                "the band must satisfy 0 <= shareMin < shareMax <= 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -92,6 +92,16 @@ pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config
         &["pipeline", "date"],
         vec![],
     )?;
+    let activation = data_dir.join(crate::activation::store::DIR);
+    std::fs::create_dir_all(&activation)?;
+    register_parquet_dir(
+        ctx,
+        "activation",
+        &activation,
+        crate::activation::store::activation_schema(),
+        &[],
+        vec![],
+    )?;
     let identities = data_dir.join(crate::identity::DIR);
     std::fs::create_dir_all(&identities)?;
     register_parquet_dir(

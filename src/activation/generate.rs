@@ -1,0 +1,921 @@
+//! Synthetic product history with a planted activation threshold, as Segment-shaped JSON messages,
+//! plus a plain-loop hand count of the 2x2 table to test the SQL implementation against.
+//!
+//! Definitions (shared with `stats`):
+//! - day k after signup is `[signup + k·24h, signup + (k+1)·24h)`;
+//! - "within y days" means a timestamp in `[signup, signup + y·24h)`;
+//! - a user is "retained" when they have at least one message of any type in days `[28, 56)`;
+//! - the cohort is every user whose signup is at least 56 days before the end of the data.
+//!
+//! Ground truth planted by [`generate`]: about half of the users do the North Star event at least
+//! `planted_times` (x0) times within `planted_days` (y0) days of signup ("activated"), the others
+//! fewer; activated users are retained with probability `retain_if_activated`, the others with
+//! `retain_otherwise`. Churned users have no activity from day 28 on. The generator assumes
+//! `x0 ≥ 1` and `1 ≤ y0 ≤ 25` (so the window and its "late" events end before day 28).
+//!
+//! Anonymous users: a share of users browse anonymously before signup, and their first North
+//! Star events after signup carry only `anonymousId` until an `identify` with both `userId` and
+//! `anonymousId` links them. Those events count toward the threshold only when identity
+//! resolution works, so the planted split is exact only with resolution on.
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+
+use serde_json::{Map, Value, json};
+
+use super::stats::Cell;
+
+/// Microseconds in one day, the unit of every window.
+pub const DAY_MICROS: i64 = 86_400_000_000;
+/// Timestamps are emitted with millisecond precision, so every generated time is a whole ms.
+const MS: i64 = 1_000;
+/// Activity from this day on counts as retention; churned users stop before it.
+const RETENTION_START_DAY: i64 = 28;
+/// End (exclusive) of the retention window.
+const RETENTION_END_DAY: i64 = 56;
+/// Days after the last possible signup where the data ends (≥ 56 so everyone is in the cohort).
+const DATA_TAIL_DAYS: i64 = 60;
+/// Non-North-Star event names used for background and retention activity.
+const OTHER_EVENTS: [&str; 3] = ["dashboard_viewed", "report_exported", "settings_updated"];
+
+/// Everything that shapes a synthetic history, so tests and demos can plant a known threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistorySpec {
+    /// Number of users (people) to generate.
+    pub users: usize,
+    /// PRNG seed; the same spec always yields the same messages.
+    pub seed: u64,
+    /// Earliest possible signup time, µs since the Unix epoch.
+    pub start_micros: i64,
+    /// Signups are spread uniformly over this many days from `start_micros`.
+    pub signup_spread_days: u32,
+    /// Planted x0: activated users do the North Star event at least this many times…
+    pub planted_times: u32,
+    /// …within this many days (y0) of signup.
+    pub planted_days: u32,
+    /// Probability that an activated user is retained.
+    pub retain_if_activated: f64,
+    /// Probability that a non-activated user is retained.
+    pub retain_otherwise: f64,
+    /// Name of the North Star track event.
+    pub north_star_event: String,
+    /// Name of the signup track event.
+    pub signup_event: String,
+    /// Fraction of users whose early events are anonymous until an identify links them.
+    pub anonymous_share: f64,
+}
+
+impl Default for HistorySpec {
+    /// A demo-sized history: 2,000 users over 30 days, planted "3 times in 7 days", 80% vs 15%.
+    fn default() -> Self {
+        Self {
+            users: 2_000,
+            seed: 42,
+            start_micros: 1_735_689_600_000_000, // 2025-01-01T00:00:00Z
+            signup_spread_days: 30,
+            planted_times: 3,
+            planted_days: 7,
+            retain_if_activated: 0.8,
+            retain_otherwise: 0.15,
+            north_star_event: "core_action_completed".to_string(),
+            signup_event: "signup_completed".to_string(),
+            anonymous_share: 0.3,
+        }
+    }
+}
+
+/// splitmix64: a tiny, well-mixed deterministic PRNG, so the crate needs no `rand`.
+struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform integer in `0..n` (0 when n is 0); the modulo bias is negligible for small n.
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+
+    /// Uniform float in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+
+    /// Uniform whole-millisecond time in `[lo, hi)`; `lo` when the range is empty.
+    fn time_in(&mut self, lo: i64, hi: i64) -> i64 {
+        let slots = ((hi - lo) / MS).max(0) as u64;
+        lo + self.below(slots) as i64 * MS
+    }
+
+    /// Between `counts.start()` and `counts.end()` sorted whole-ms times in `[lo, hi)`.
+    fn sorted_times(&mut self, counts: RangeInclusive<u64>, lo: i64, hi: i64) -> Vec<i64> {
+        let count = counts.start() + self.below(counts.end().saturating_sub(*counts.start()) + 1);
+        let mut times: Vec<i64> = (0..count).map(|_| self.time_in(lo, hi)).collect();
+        times.sort_unstable();
+        times
+    }
+}
+
+/// The planted threshold (x0, y0) that a correct analysis should recover.
+pub fn planted_truth(spec: &HistorySpec) -> (u32, u32) {
+    (spec.planted_times, spec.planted_days)
+}
+
+/// End of the generated data: the last possible signup plus 60 days, so every user is ≥ 56 days old.
+pub fn data_end_micros(spec: &HistorySpec) -> i64 {
+    spec.start_micros + (spec.signup_spread_days as i64 + DATA_TAIL_DAYS) * DAY_MICROS
+}
+
+/// `(year, month, day)` of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Day count since 1970-01-01 of a civil date (inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 UTC with milliseconds and `Z` (e.g. `2025-01-01T00:00:00.000Z`), as Segment sends.
+pub fn format_timestamp(micros: i64) -> String {
+    let (year, month, day) = civil_from_days(micros.div_euclid(DAY_MICROS));
+    let in_day = micros.rem_euclid(DAY_MICROS);
+    let (secs, millis) = (in_day / 1_000_000, (in_day % 1_000_000) / MS);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Parse a fixed-width decimal field of a timestamp.
+fn field(text: &str, range: std::ops::Range<usize>) -> Option<i64> {
+    let part = text.get(range)?;
+    if part.bytes().all(|b| b.is_ascii_digit()) {
+        part.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Microseconds of an optional fraction (`.123456…`), and the rest of the string after it.
+fn parse_fraction(rest: &str) -> Option<(i64, &str)> {
+    let Some(digits_and_zone) = rest.strip_prefix('.') else {
+        return Some((0, rest));
+    };
+    let len = digits_and_zone
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    let digits = digits_and_zone.get(..len)?;
+    let padded: String = digits.chars().chain("000000".chars()).take(6).collect();
+    Some((padded.parse().ok()?, digits_and_zone.get(len..)?))
+}
+
+/// Offset in µs of a `Z`, `+HH:MM` or `-HH:MM` zone suffix.
+fn parse_zone(zone: &str) -> Option<i64> {
+    if zone == "Z" || zone == "z" {
+        return Some(0);
+    }
+    let sign = match zone.get(..1)? {
+        "+" => 1,
+        "-" => -1,
+        _ => return None,
+    };
+    if zone.len() != 6 || zone.get(3..4)? != ":" {
+        return None;
+    }
+    Some(sign * (field(zone, 1..3)? * 3_600 + field(zone, 4..6)? * 60) * 1_000_000)
+}
+
+/// Parse an RFC 3339 timestamp into µs since the epoch; `None` when it is not one.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    let separators = [(4, "-"), (7, "-"), (13, ":"), (16, ":")];
+    if separators
+        .iter()
+        .any(|&(at, sep)| text.get(at..at + 1) != Some(sep))
+    {
+        return None;
+    }
+    if !matches!(text.get(10..11), Some("T" | "t" | " ")) {
+        return None;
+    }
+    let days = days_from_civil(field(text, 0..4)?, field(text, 5..7)?, field(text, 8..10)?);
+    let secs = field(text, 11..13)? * 3_600 + field(text, 14..16)? * 60 + field(text, 17..19)?;
+    let (fraction, zone) = parse_fraction(text.get(19..)?)?;
+    Some(days * DAY_MICROS + secs * 1_000_000 + fraction - parse_zone(zone)?)
+}
+
+/// Who a message names: the fields Segment puts at the top level.
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    User(&'a str),
+    Anonymous(&'a str),
+    Both { user: &'a str, anonymous: &'a str },
+}
+
+/// One generated person, with the ids and customer every message of theirs carries.
+struct Person {
+    index: usize,
+    user_id: String,
+    anonymous_id: Option<String>,
+    customer: String,
+    plan: &'static str,
+}
+
+/// Collects one history's messages with unique, deterministic message ids.
+struct Sink {
+    seed: u64,
+    messages: Vec<(i64, String, Value)>,
+    next_id: HashMap<usize, u32>,
+}
+
+impl Sink {
+    fn message_id(&mut self, person: &Person) -> String {
+        let counter = self.next_id.entry(person.index).or_insert(0);
+        *counter += 1;
+        format!("gen-{:016x}-{:06}-{:04}", self.seed, person.index, counter)
+    }
+
+    /// Fields every message has: id, type, timestamp, ids, context.
+    fn base(
+        &mut self,
+        person: &Person,
+        kind: &str,
+        at: i64,
+        ids: Ids<'_>,
+    ) -> (String, Map<String, Value>) {
+        let id = self.message_id(person);
+        let mut message = Map::new();
+        message.insert("messageId".into(), json!(id));
+        message.insert("type".into(), json!(kind));
+        message.insert("timestamp".into(), json!(format_timestamp(at)));
+        let (user, anonymous) = match ids {
+            Ids::User(user) => (Some(user), None),
+            Ids::Anonymous(anonymous) => (None, Some(anonymous)),
+            Ids::Both { user, anonymous } => (Some(user), Some(anonymous)),
+        };
+        if let Some(user) = user {
+            message.insert("userId".into(), json!(user));
+        }
+        if let Some(anonymous) = anonymous {
+            message.insert("anonymousId".into(), json!(anonymous));
+        }
+        message.insert("context".into(), json!({ "groupId": person.customer }));
+        (id, message)
+    }
+
+    fn track(&mut self, person: &Person, ids: Ids<'_>, event: &str, at: i64, properties: Value) {
+        let (id, mut message) = self.base(person, "track", at, ids);
+        message.insert("event".into(), json!(event));
+        message.insert("properties".into(), properties);
+        self.messages.push((at, id, Value::Object(message)));
+    }
+
+    fn identify(&mut self, person: &Person, ids: Ids<'_>, at: i64) {
+        let (id, mut message) = self.base(person, "identify", at, ids);
+        let traits =
+            json!({ "email": format!("{}@example.com", person.user_id), "plan": person.plan });
+        message.insert("traits".into(), traits);
+        self.messages.push((at, id, Value::Object(message)));
+    }
+}
+
+/// The random choices that define one user's history before it is written out.
+struct Plan {
+    signup: i64,
+    activated: bool,
+    retained: bool,
+    /// North Star times inside the planted window, sorted.
+    in_window: Vec<i64>,
+    /// When the anonymous part of the history ends (identify time); `None` for identified users.
+    identify_at: Option<i64>,
+}
+
+/// Decide signup, activation, the in-window North Star times, retention and identify time.
+fn plan_user(spec: &HistorySpec, rng: &mut SplitMix64, anonymous: bool) -> Plan {
+    let x0 = u64::from(spec.planted_times);
+    let signup = rng.time_in(
+        spec.start_micros,
+        spec.start_micros + i64::from(spec.signup_spread_days) * DAY_MICROS,
+    );
+    let activated = x0 == 0 || rng.chance(0.5);
+    // Activated: x0..=2·x0 events in the window; otherwise 0..x0 (strictly below the threshold).
+    let count = if activated {
+        x0 + rng.below(x0 + 1)
+    } else {
+        rng.below(x0)
+    };
+    let window_end = signup + i64::from(spec.planted_days) * DAY_MICROS;
+    let in_window = rng.sorted_times(count..=count, signup, window_end);
+    let retained = rng.chance(if activated {
+        spec.retain_if_activated
+    } else {
+        spec.retain_otherwise
+    });
+    let identify_at = anonymous.then(|| match in_window.len() as u64 {
+        0 => rng.time_in(signup + MS, signup + DAY_MICROS),
+        len => in_window
+            .get(rng.below(len) as usize)
+            .map_or(signup, |&at| at + MS),
+    });
+    Plan {
+        signup,
+        activated,
+        retained,
+        in_window,
+        identify_at,
+    }
+}
+
+/// Ids for a user event at `at`: anonymous-only before the identify, the user id after.
+fn ids_at<'a>(person: &'a Person, plan: &Plan, at: i64) -> Ids<'a> {
+    match (&person.anonymous_id, plan.identify_at) {
+        (Some(anonymous), Some(identify_at)) if at < identify_at => Ids::Anonymous(anonymous),
+        _ => Ids::User(&person.user_id),
+    }
+}
+
+/// Write one user's messages into the sink from their plan.
+fn write_user(
+    spec: &HistorySpec,
+    rng: &mut SplitMix64,
+    sink: &mut Sink,
+    person: &Person,
+    plan: &Plan,
+) {
+    let signup = plan.signup;
+    let day = |k: i64| signup + k * DAY_MICROS;
+    let window_end = day(i64::from(spec.planted_days));
+    let method = if rng.chance(0.5) { "email" } else { "google" };
+    let signup_props = json!({ "plan": person.plan, "method": method });
+    sink.track(
+        person,
+        Ids::User(&person.user_id),
+        &spec.signup_event,
+        signup,
+        signup_props,
+    );
+    if let Some(anonymous) = &person.anonymous_id {
+        for at in rng.sorted_times(1..=2, day(-2), signup) {
+            let props = json!({ "path": "/pricing", "referrer": "https://www.example.com/" });
+            sink.track(
+                person,
+                Ids::Anonymous(anonymous),
+                "landing_page_viewed",
+                at,
+                props,
+            );
+        }
+        let identify_at = plan.identify_at.unwrap_or(signup);
+        sink.identify(
+            person,
+            Ids::Both {
+                user: &person.user_id,
+                anonymous,
+            },
+            identify_at,
+        );
+    } else {
+        sink.identify(person, Ids::User(&person.user_id), signup);
+    }
+    // Late North Star events just after the window (never before day 28), so neighbouring
+    // candidates such as (x0, y0 + 1) mix non-activated users in.
+    let late_counts = if plan.activated { 0..=1 } else { 0..=2 };
+    let late_end = window_end
+        .saturating_add(3 * DAY_MICROS)
+        .min(day(RETENTION_START_DAY));
+    let late = rng.sorted_times(late_counts, window_end, late_end);
+    for at in plan.in_window.iter().copied().chain(late) {
+        let props = json!({ "duration_ms": 200 + rng.below(5_000), "plan": person.plan });
+        sink.track(
+            person,
+            ids_at(person, plan, at),
+            &spec.north_star_event,
+            at,
+            props,
+        );
+    }
+    for at in rng.sorted_times(0..=3, signup, day(RETENTION_START_DAY)) {
+        sink.track(
+            person,
+            ids_at(person, plan, at),
+            OTHER_EVENTS[0],
+            at,
+            json!({ "path": "/dashboard" }),
+        );
+    }
+    if plan.retained {
+        write_retained_activity(spec, rng, sink, person, signup);
+    }
+}
+
+/// Activity of a retained user: some events in days [28, 56), and maybe some later.
+fn write_retained_activity(
+    spec: &HistorySpec,
+    rng: &mut SplitMix64,
+    sink: &mut Sink,
+    person: &Person,
+    signup: i64,
+) {
+    let in_retention = rng.sorted_times(
+        1..=4,
+        signup + RETENTION_START_DAY * DAY_MICROS,
+        signup + RETENTION_END_DAY * DAY_MICROS,
+    );
+    let later = rng.sorted_times(
+        0..=2,
+        signup + RETENTION_END_DAY * DAY_MICROS,
+        data_end_micros(spec),
+    );
+    for at in in_retention.into_iter().chain(later) {
+        let pick = rng.below(OTHER_EVENTS.len() as u64 + 1) as usize;
+        let event = OTHER_EVENTS
+            .get(pick)
+            .copied()
+            .unwrap_or(spec.north_star_event.as_str());
+        sink.track(
+            person,
+            Ids::User(&person.user_id),
+            event,
+            at,
+            json!({ "plan": person.plan }),
+        );
+    }
+}
+
+/// Generate the whole history, sorted by timestamp then messageId.
+///
+/// Message shape (Segment): `{"messageId", "type": "track"|"identify", "event" (tracks),
+/// "timestamp": "YYYY-MM-DDTHH:MM:SS.mmmZ", "userId" and/or "anonymousId",
+/// "context": {"groupId": "cust_NNNN"}, "properties" (tracks) | "traits" (identifies)}`.
+pub fn generate(spec: &HistorySpec) -> Vec<Value> {
+    let mut rng = SplitMix64::new(spec.seed);
+    let mut sink = Sink {
+        seed: spec.seed,
+        messages: Vec::new(),
+        next_id: HashMap::new(),
+    };
+    let (mut customer, mut left_in_customer, mut plan_name) = (0usize, 0u64, "free");
+    for index in 0..spec.users {
+        if left_in_customer == 0 {
+            customer += 1;
+            left_in_customer = 1 + rng.below(4);
+            plan_name = if rng.chance(0.3) { "pro" } else { "free" };
+        }
+        left_in_customer -= 1;
+        let anonymous = rng.chance(spec.anonymous_share);
+        let person = Person {
+            index,
+            user_id: format!("user_{index:05}"),
+            anonymous_id: anonymous
+                .then(|| format!("anon_{index:05}_{:08x}", rng.next_u64() as u32)),
+            customer: format!("cust_{customer:04}"),
+            plan: plan_name,
+        };
+        let plan = plan_user(spec, &mut rng, anonymous);
+        write_user(spec, &mut rng, &mut sink, &person, &plan);
+    }
+    sink.messages
+        .sort_by(|x, y| x.0.cmp(&y.0).then_with(|| x.1.cmp(&y.1)));
+    sink.messages
+        .into_iter()
+        .map(|(_, _, message)| message)
+        .collect()
+}
+
+/// How to hand-count a candidate: event names, retention window and identity resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountOptions {
+    /// Track event that marks signup (the earliest one per person counts).
+    pub signup_event: String,
+    /// The North Star track event.
+    pub north_star_event: String,
+    /// Retention window in days after signup, half-open `[start, end)`; default (28, 56).
+    pub retention_days: (u32, u32),
+    /// Resolve `anonymousId`s to people through identify (both ids) and alias messages.
+    pub resolve_identities: bool,
+    /// End of the data (µs); `None` means the latest message timestamp.
+    pub data_end_micros: Option<i64>,
+}
+
+impl Default for CountOptions {
+    /// The DESIGN defaults: signup_completed, core_action_completed, days 28–56, resolution on.
+    fn default() -> Self {
+        Self {
+            signup_event: "signup_completed".to_string(),
+            north_star_event: "core_action_completed".to_string(),
+            retention_days: (RETENTION_START_DAY as u32, RETENTION_END_DAY as u32),
+            resolve_identities: true,
+            data_end_micros: None,
+        }
+    }
+}
+
+impl CountOptions {
+    /// Options matching a generated history (its event names and its end of data).
+    pub fn for_spec(spec: &HistorySpec) -> Self {
+        Self {
+            signup_event: spec.signup_event.clone(),
+            north_star_event: spec.north_star_event.clone(),
+            data_end_micros: Some(data_end_micros(spec)),
+            ..Self::default()
+        }
+    }
+}
+
+/// The fields of a message the hand count needs.
+struct Parsed<'a> {
+    kind: &'a str,
+    event: Option<&'a str>,
+    user_id: Option<&'a str>,
+    anonymous_id: Option<&'a str>,
+    previous_id: Option<&'a str>,
+    at: i64,
+}
+
+/// Non-empty string field of a message.
+fn str_field<'a>(message: &'a Value, key: &str) -> Option<&'a str> {
+    message
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn parse_message(message: &Value) -> Option<Parsed<'_>> {
+    Some(Parsed {
+        kind: str_field(message, "type")?,
+        event: str_field(message, "event"),
+        user_id: str_field(message, "userId"),
+        anonymous_id: str_field(message, "anonymousId"),
+        previous_id: str_field(message, "previousId"),
+        at: parse_timestamp(str_field(message, "timestamp")?)?,
+    })
+}
+
+/// anonymousId/previousId → userId links from identify and alias messages (first link wins).
+fn identity_links<'a>(messages: &[Parsed<'a>]) -> HashMap<&'a str, &'a str> {
+    let mut links = HashMap::new();
+    for message in messages {
+        let other = match message.kind {
+            "identify" => message.anonymous_id,
+            "alias" => message.previous_id,
+            _ => None,
+        };
+        if let (Some(other), Some(user)) = (other, message.user_id) {
+            links.entry(other).or_insert(user);
+        }
+    }
+    links
+}
+
+/// Per-person timestamps: signup, North Star events and all activity, sorted.
+#[derive(Default)]
+struct Timeline {
+    signup: Option<i64>,
+    north_star: Vec<i64>,
+    activity: Vec<i64>,
+}
+
+/// Everything the hand count needs, built once per message list.
+struct Histories {
+    people: HashMap<String, Timeline>,
+    end: i64,
+}
+
+impl Histories {
+    fn build(messages: &[Value], options: &CountOptions) -> Self {
+        let parsed: Vec<Parsed<'_>> = messages.iter().filter_map(parse_message).collect();
+        let links = if options.resolve_identities {
+            identity_links(&parsed)
+        } else {
+            HashMap::new()
+        };
+        let mut people: HashMap<String, Timeline> = HashMap::new();
+        for message in &parsed {
+            let person = message
+                .user_id
+                .or_else(|| message.anonymous_id.and_then(|a| links.get(a).copied()));
+            let Some(person) = person else { continue };
+            let timeline = people.entry(person.to_string()).or_default();
+            timeline.activity.push(message.at);
+            if message.kind == "track" && message.event == Some(options.north_star_event.as_str()) {
+                timeline.north_star.push(message.at);
+            }
+            if message.kind == "track" && message.event == Some(options.signup_event.as_str()) {
+                timeline.signup = Some(timeline.signup.map_or(message.at, |s| s.min(message.at)));
+            }
+        }
+        for timeline in people.values_mut() {
+            timeline.north_star.sort_unstable();
+            timeline.activity.sort_unstable();
+        }
+        let latest = parsed.iter().map(|m| m.at).max().unwrap_or(0);
+        Self {
+            people,
+            end: options.data_end_micros.unwrap_or(latest),
+        }
+    }
+
+    fn cell(&self, times: u32, days: u32, options: &CountOptions) -> Cell {
+        let (ret_start, ret_end) = (
+            i64::from(options.retention_days.0),
+            i64::from(options.retention_days.1),
+        );
+        let mut cell = Cell {
+            times,
+            days,
+            a: 0,
+            b: 0,
+            c: 0,
+            d: 0,
+        };
+        for timeline in self.people.values() {
+            let Some(signup) = timeline.signup else {
+                continue;
+            };
+            if signup > self.end - ret_end * DAY_MICROS {
+                continue; // too young to be judged
+            }
+            let window = signup..signup + i64::from(days) * DAY_MICROS;
+            let did = count_in(&timeline.north_star, &window) >= times as usize;
+            let retention = signup + ret_start * DAY_MICROS..signup + ret_end * DAY_MICROS;
+            let retained = count_in(&timeline.activity, &retention) > 0;
+            match (did, retained) {
+                (true, true) => cell.a += 1,
+                (true, false) => cell.b += 1,
+                (false, true) => cell.c += 1,
+                (false, false) => cell.d += 1,
+            }
+        }
+        cell
+    }
+}
+
+/// Number of sorted timestamps inside a half-open range.
+fn count_in(sorted: &[i64], range: &std::ops::Range<i64>) -> usize {
+    let start = sorted.partition_point(|&t| t < range.start);
+    let end = sorted.partition_point(|&t| t < range.end);
+    end.saturating_sub(start)
+}
+
+/// Hand count of a, b, c, d for "at least `times` North Star events within `days` days".
+///
+/// Deliberately plain (per-person loops, no SQL) so that it can serve as the reference the
+/// DataFusion implementation is tested against.
+pub fn count_cells(messages: &[Value], times: u32, days: u32, options: &CountOptions) -> Cell {
+    Histories::build(messages, options).cell(times, days, options)
+}
+
+/// Hand count of a whole grid, parsing the messages once; cells ordered by times, then days.
+pub fn count_grid(
+    messages: &[Value],
+    times: RangeInclusive<u32>,
+    days: RangeInclusive<u32>,
+    options: &CountOptions,
+) -> Vec<Cell> {
+    let histories = Histories::build(messages, options);
+    times
+        .flat_map(|t| days.clone().map(move |d| (t, d)))
+        .map(|(t, d)| histories.cell(t, d, options))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stats::{Candidate, Guards, evaluate, phi};
+    use super::*;
+    use std::collections::HashSet;
+
+    fn small_spec() -> HistorySpec {
+        HistorySpec {
+            users: 2_000,
+            seed: 7,
+            ..HistorySpec::default()
+        }
+    }
+
+    fn phi_at(messages: &[Value], times: u32, days: u32, options: &CountOptions) -> f64 {
+        phi(&count_cells(messages, times, days, options)).unwrap_or(f64::NAN)
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        for micros in [
+            0,
+            1_735_689_600_000_000,
+            951_782_400_123_000,
+            4_102_444_799_999_000,
+            -86_400_000_000,
+        ] {
+            let text = format_timestamp(micros);
+            assert_eq!(parse_timestamp(&text), Some(micros), "{text}");
+        }
+        assert_eq!(
+            format_timestamp(1_735_689_600_000_000),
+            "2025-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_timestamp(951_782_400_123_000),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            parse_timestamp("2025-01-01T01:00:00+01:00"),
+            Some(1_735_689_600_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("2025-01-01T00:00:00.5Z"),
+            Some(1_735_689_600_500_000)
+        );
+        assert_eq!(parse_timestamp("not a time"), None);
+        assert_eq!(parse_timestamp("2025-01-01T00:00:00"), None);
+    }
+
+    #[test]
+    fn same_seed_same_output() {
+        let spec = HistorySpec {
+            users: 200,
+            ..HistorySpec::default()
+        };
+        assert_eq!(generate(&spec), generate(&spec));
+        assert_ne!(
+            generate(&spec),
+            generate(&HistorySpec {
+                seed: spec.seed + 1,
+                ..spec.clone()
+            })
+        );
+    }
+
+    #[test]
+    fn messages_are_segment_shaped() {
+        let spec = HistorySpec {
+            users: 300,
+            ..HistorySpec::default()
+        };
+        let messages = generate(&spec);
+        let mut ids = HashSet::new();
+        let mut previous = i64::MIN;
+        for message in &messages {
+            assert!(
+                ids.insert(str_field(message, "messageId").map(str::to_string)),
+                "duplicate id"
+            );
+            let kind = str_field(message, "type").unwrap_or_default();
+            assert!(kind == "track" || kind == "identify");
+            assert_eq!(kind == "track", message.get("event").is_some());
+            let at = str_field(message, "timestamp")
+                .and_then(parse_timestamp)
+                .unwrap_or(i64::MIN);
+            assert!(
+                at >= previous && at < data_end_micros(&spec),
+                "sorted and before the end of data"
+            );
+            previous = at;
+            assert!(message.get("userId").is_some() || message.get("anonymousId").is_some());
+            assert!(
+                message
+                    .pointer("/context/groupId")
+                    .and_then(Value::as_str)
+                    .is_some()
+            );
+        }
+        let linked = messages
+            .iter()
+            .filter(|m| str_field(m, "type") == Some("identify") && m.get("anonymousId").is_some())
+            .count();
+        assert!(
+            (50..=130).contains(&linked),
+            "about 30% of 300 users are anonymous first: {linked}"
+        );
+        let customers: HashSet<_> = messages
+            .iter()
+            .filter_map(|m| m.pointer("/context/groupId"))
+            .collect();
+        assert!(
+            customers.len() > 300 / 5 && customers.len() < 300,
+            "a few users per customer"
+        );
+    }
+
+    #[test]
+    fn planted_split_is_about_half_and_retention_as_specified() {
+        let spec = small_spec();
+        let messages = generate(&spec);
+        let (x0, y0) = planted_truth(&spec);
+        let cell = count_cells(&messages, x0, y0, &CountOptions::for_spec(&spec));
+        assert_eq!(
+            cell.n(),
+            spec.users as u64,
+            "every user is old enough to be judged"
+        );
+        let c = Candidate::from_cell(&cell, &Guards::default());
+        assert!(
+            (0.45..=0.55).contains(&c.share_above),
+            "share above {}",
+            c.share_above
+        );
+        let above = c.retention_above.unwrap_or_default();
+        let below = c.retention_below.unwrap_or_default();
+        assert!((above - 0.8).abs() < 0.05, "retention above {above}");
+        assert!((below - 0.15).abs() < 0.05, "retention below {below}");
+        // With the latest message as the end of data the cohort only loses the youngest users.
+        let by_latest = count_cells(&messages, x0, y0, &CountOptions::default());
+        assert!(by_latest.n() <= cell.n() && by_latest.n() > cell.n() * 8 / 10);
+    }
+
+    #[test]
+    fn planted_candidate_beats_neighbours() {
+        let spec = small_spec();
+        let messages = generate(&spec);
+        let options = CountOptions::for_spec(&spec);
+        let (x0, y0) = planted_truth(&spec);
+        let best = phi_at(&messages, x0, y0, &options);
+        assert!(best > 0.5, "planted phi {best}");
+        for (times, days) in [
+            (x0 - 1, y0),
+            (x0 + 1, y0),
+            (x0, y0 - 1),
+            (x0, y0 + 1),
+            (1, 1),
+        ] {
+            let other = phi_at(&messages, times, days, &options);
+            assert!(
+                best > other + 0.03,
+                "({times}, {days}) phi {other} vs planted {best}"
+            );
+        }
+        let grid = count_grid(&messages, 1..=10, 1..=15, &options);
+        assert_eq!(grid.len(), 150);
+        let evaluation = evaluate(&grid, &Guards::default());
+        assert_eq!(evaluation.chosen.map(|c| (c.times, c.days)), Some((x0, y0)));
+    }
+
+    #[test]
+    fn anonymous_events_count_only_with_identity_resolution() {
+        let spec = small_spec();
+        let messages = generate(&spec);
+        let (x0, y0) = planted_truth(&spec);
+        let on = count_cells(&messages, x0, y0, &CountOptions::for_spec(&spec));
+        let off_options = CountOptions {
+            resolve_identities: false,
+            ..CountOptions::for_spec(&spec)
+        };
+        let off = count_cells(&messages, x0, y0, &off_options);
+        assert_eq!(
+            on.n(),
+            off.n(),
+            "signups carry the userId, so the cohort is the same"
+        );
+        assert!(
+            off.a + off.b < on.a + on.b,
+            "lost anonymous events drop users below the threshold"
+        );
+        assert!(phi(&off).unwrap_or(1.0) < phi(&on).unwrap_or(0.0));
+        let without_anonymous = HistorySpec {
+            anonymous_share: 0.0,
+            ..spec.clone()
+        };
+        let plain = generate(&without_anonymous);
+        let options = CountOptions::for_spec(&without_anonymous);
+        let plain_off = CountOptions {
+            resolve_identities: false,
+            ..options.clone()
+        };
+        assert_eq!(
+            count_cells(&plain, x0, y0, &options),
+            count_cells(&plain, x0, y0, &plain_off)
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Activation thresholds end to end: a synthetic history with a planted threshold is imported
+//! through ingest, the DataFusion analysis recovers the threshold, its cells equal a hand count,
+//! and the result is versioned, served and drawn.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
+use northstar::activation::generate::{
+    CountOptions, HistorySpec, count_grid, data_end_micros, generate,
+};
+use serde_json::{Value, json};
+
+fn northstar_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
+    let spec = HistorySpec {
+        users: 800,
+        ..HistorySpec::default()
+    };
+    let messages = generate(&spec);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("history.jsonl");
+    std::fs::write(
+        &file,
+        messages
+            .iter()
+            .map(|m| format!("{m}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["activation"] = json!({"schedule": "0"});
+    let server = Northstar::start(&nats, &config);
+    let imported = northstar_cli(&[
+        "import",
+        file.to_str().unwrap(),
+        "--url",
+        &server.base,
+        "--write-key",
+        WRITE_KEY,
+    ]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let report = String::from_utf8_lossy(&imported.stdout).to_string();
+    assert!(
+        report.contains(&format!(
+            "{} lines: {} stored",
+            messages.len(),
+            messages.len()
+        )),
+        "{report}"
+    );
+    // Re-importing stores nothing twice.
+    let again = northstar_cli(&[
+        "import",
+        file.to_str().unwrap(),
+        "--url",
+        &server.base,
+        "--write-key",
+        WRITE_KEY,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout)
+            .contains(&format!("0 stored, {} already stored", messages.len()))
+    );
+
+    server.wait_archived(messages.len() as u64).await;
+    let identified = messages
+        .iter()
+        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query(&server.data, "SELECT id FROM identities").await.len() < identified {
+        assert!(Instant::now() < deadline, "identities not written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config_path = server.data.parent().unwrap().join("northstar.json");
+    let as_of = northstar::clock::format_micros(data_end_micros(&spec));
+    let out = northstar_cli(&[
+        "aha",
+        "--data",
+        server.data.to_str().unwrap(),
+        "--config",
+        config_path.to_str().unwrap(),
+        "--format",
+        "json",
+        "--as-of",
+        &as_of,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chosen = &result["analysis"]["evaluation"]["chosen"];
+    assert_eq!(
+        (chosen["times"].as_u64(), chosen["days"].as_u64()),
+        (Some(3), Some(7)),
+        "the planted threshold: {chosen}"
+    );
+    assert!(chosen["phi"].as_f64().unwrap() > 0.4);
+    assert_eq!(result["analysis"]["cohort"], spec.users as u64);
+
+    // Every cell equals the hand count of the generator's messages (identities resolved).
+    let hand = count_grid(&messages, 1..=10, 1..=15, &CountOptions::for_spec(&spec));
+    let candidates = result["analysis"]["evaluation"]["candidates"]
+        .as_array()
+        .unwrap();
+    assert_eq!(candidates.len(), hand.len());
+    for cell in &hand {
+        let ours = candidates
+            .iter()
+            .find(|c| c["times"] == cell.times && c["days"] == cell.days)
+            .unwrap();
+        assert_eq!(
+            (
+                ours["a"].as_u64(),
+                ours["b"].as_u64(),
+                ours["c"].as_u64(),
+                ours["d"].as_u64()
+            ),
+            (Some(cell.a), Some(cell.b), Some(cell.c), Some(cell.d)),
+            "cell x={} y={}",
+            cell.times,
+            cell.days
+        );
+    }
+    // The text form and the picture.
+    let table = northstar_cli(&[
+        "aha",
+        "--data",
+        server.data.to_str().unwrap(),
+        "--config",
+        config_path.to_str().unwrap(),
+        "--as-of",
+        &as_of,
+    ]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("chosen: at least 3 times in 7 days"),
+        "{text}"
+    );
+    let picture = server.data.join("activation/v2.svg");
+    let svg = std::fs::read_to_string(&picture).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("class=\"chosen\""));
+    // Versioned in SQL, served over HTTP.
+    let versions = query(
+        &server.data,
+        "SELECT DISTINCT version FROM activation ORDER BY version",
+    )
+    .await;
+    assert_eq!(versions.len(), 2);
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let served = server
+        .client
+        .get(
+            &format!("{}/v1/activation", server.base),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(served["current"]["times"], 3);
+    assert_eq!(served["current"]["days"], 7);
+    assert_eq!(served["history"].as_array().unwrap().len(), 2);
+    let series = server
+        .client
+        .get(
+            &format!("{}/v1/northstar", server.base),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (series["times"].as_u64(), series["threshold_from"].as_str()),
+        (Some(3), Some("activation"))
+    );
+    let activated: i64 = series["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["activated"].as_i64().unwrap())
+        .sum();
+    assert!(activated > 0, "{series}");
+    // Recompute over HTTP (cohort judged at the last event).
+    let recomputed = server
+        .client
+        .post_json(
+            &format!("{}/v1/activation/recompute", server.base),
+            &[("authorization", &bearer)],
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(recomputed.status, 200, "{}", recomputed.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_questions_get_clear_answers_not_wrong_numbers() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &test_config());
+    let batch: Vec<Value> = (0..5)
+        .map(|i| json!({"type": "track", "messageId": format!("b-{i}"), "userId": format!("u{i}"), "event": "signup_completed"}))
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    server.wait_archived(5).await;
+    server.terminate();
+    let config_path = server.data.parent().unwrap().join("northstar.json");
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            "aha",
+            "--data",
+            server.data.to_str().unwrap(),
+            "--config",
+            config_path.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let out = northstar_cli(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("`core_action_completed` (North Star) never occurs"),
+        "{err}"
+    );
+
+    let mut config = test_config();
+    config["activation"] = json!({"northStarEvent": "signup_completed"});
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let (ok, err) = run(&[]);
+    assert!(!ok);
+    assert!(err.contains("too young"), "{err}");
+
+    config["activation"] = json!({"maxDays": 40});
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let (ok, err) = run(&[]);
+    assert!(!ok);
+    assert!(err.contains("activation.maxDays"), "{err}");
+}
