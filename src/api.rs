@@ -62,6 +62,8 @@ pub struct AppState {
     pub activation: std::sync::Arc<crate::activation::ActivationStore>,
     /// The activation question of the config.
     pub question: crate::activation::Question,
+    /// The onboarding engine and flags.
+    pub onboarding: std::sync::Arc<crate::onboarding::Onboarding>,
     /// Where the meter, archive and pipelines are, for `POST /v1/usage/verify`.
     pub verify: crate::meter::verify::Positions,
     /// What `/healthz` reports.

@@ -82,6 +82,12 @@ pub struct Config {
     /// The activation ("aha") analysis.
     #[serde(default)]
     pub activation: ActivationSettings,
+    /// The onboarding engine and triggers.
+    #[serde(default)]
+    pub onboarding: OnboardingSettings,
+    /// Feature flags.
+    #[serde(default)]
+    pub flags: Vec<FlagSpec>,
 }
 
 fn default_schema_version() -> String {
@@ -104,6 +110,8 @@ impl Default for Config {
             service_keys: Vec::new(),
             registry: RegistrySettings::default(),
             activation: ActivationSettings::default(),
+            onboarding: OnboardingSettings::default(),
+            flags: Vec::new(),
         }
     }
 }
@@ -288,6 +296,30 @@ impl Config {
         self.activation
             .validate()
             .map_err(|(at, m)| (format!("activation.{at}"), m))?;
+        let mut step_ids = HashSet::new();
+        for (i, step) in self.onboarding.steps.iter().enumerate() {
+            if !step_ids.insert(step.id.as_str()) {
+                return Err((
+                    format!("onboarding.steps[{i}].id"),
+                    format!("step `{}` is listed twice", step.id),
+                ));
+            }
+        }
+        let mut flag_keys = HashSet::new();
+        for (i, flag) in self.flags.iter().enumerate() {
+            if !flag_keys.insert(flag.key.as_str()) {
+                return Err((
+                    format!("flags[{i}].key"),
+                    format!("flag `{}` is listed twice", flag.key),
+                ));
+            }
+            if !(0.0..=1.0).contains(&flag.rollout) {
+                return Err((
+                    format!("flags[{i}].rollout"),
+                    "must be between 0 and 1".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }

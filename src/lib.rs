@@ -16,6 +16,7 @@
 //! - [`meter`]: real-time usage per customer, feature and period; plans, limits, consume;
 //! - [`identity`]: anonymous and identified ids joined into people (`events_resolved`);
 //! - [`activation`]: "aha" thresholds from retained vs churned users, versioned;
+//! - [`onboarding`]: per-person facts, triggers, onboarding steps and feature flags;
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`api`]: the HTTP server that fronts all of the above;
@@ -43,6 +44,7 @@ pub mod identity;
 pub mod ingest;
 pub mod meter;
 pub mod metrics;
+pub mod onboarding;
 pub mod pipelines;
 pub mod query;
 pub mod rejected;

@@ -87,6 +87,7 @@ pub struct RunningServer {
     stop_meter: watch::Sender<bool>,
     meter: JoinHandle<()>,
     identity: JoinHandle<()>,
+    onboarding: JoinHandle<()>,
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
@@ -239,6 +240,22 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             stop_meter.subscribe(),
         ));
     }
+    let plans_of = meter.customers().clone();
+    let onboarding = Arc::new(crate::onboarding::Onboarding::new(
+        &config,
+        activation_store.clone(),
+        Box::new(move |customer| plans_of.terms(customer).plan.clone()),
+    ));
+    let onboarding_task = crate::onboarding::start(
+        onboarding.clone(),
+        publisher.jetstream().clone(),
+        client.clone(),
+        config.stream.name.clone(),
+        &data_dir,
+        config.onboarding.trigger_webhook.clone(),
+        stop_meter.subscribe(),
+    )
+    .await?;
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
@@ -252,6 +269,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         meter,
         clock,
         activation: activation_store.clone(),
+        onboarding,
         question: question.clone(),
         verify: crate::meter::verify::Positions {
             js: publisher.jetstream().clone(),
@@ -292,6 +310,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         stop_meter,
         meter: meter_task,
         identity: identity_task,
+        onboarding: onboarding_task,
         http,
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
@@ -311,6 +330,7 @@ impl RunningServer {
         }
         let _ = self.meter.await;
         let _ = self.identity.await;
+        let _ = self.onboarding.await;
         let _ = self.client.flush().await;
         drop(self.client);
         if let Some(embedded) = self.embedded {

@@ -133,6 +133,36 @@ pub async fn northstar(state: &AppState, parts: &Parts) -> HttpResponse {
     }
 }
 
+/// `GET /v1/users/{id}/onboarding` and `GET /v1/users/{id}/flags` (service key).
+pub async fn user(state: &AppState, parts: &Parts, user: &str, what: &str) -> HttpResponse {
+    if let Err(error) = state.require_service(auth(parts)) {
+        return respond::error(&error);
+    }
+    let metric = state.config.north_star_metric.as_ref();
+    let fallback = metric.and_then(|m| m.threshold).map(|x| {
+        (
+            x,
+            metric
+                .and_then(|m| m.window)
+                .map(|w| (w.get().as_secs() / 86_400) as u32)
+                .unwrap_or(30),
+        )
+    });
+    let answer = if what == "flags" {
+        state.onboarding.flags(user, fallback)
+    } else {
+        state.onboarding.onboarding(user, fallback)
+    };
+    match answer {
+        Ok(body) => respond::json(200, &body),
+        Err(error) => respond::error(&HttpError::new(
+            ErrorKind::Unavailable,
+            "onboarding_unavailable",
+            error.to_string(),
+        )),
+    }
+}
+
 fn auth(parts: &Parts) -> Option<&str> {
     parts
         .headers

@@ -42,6 +42,8 @@ pub enum Route {
     ActivationRecompute,
     /// `GET /v1/northstar`.
     NorthStar,
+    /// `GET /v1/users/{id}/onboarding` or `/flags`.
+    User(String, &'static str),
     /// `GET /v1/customers/{id}/usage`.
     Usage(String),
     /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -82,6 +84,25 @@ pub fn route(method: &Method, path: &str) -> Route {
         (_, "/v1/usage/verify") => Route::MethodNotAllowed("POST"),
         (_, "/v1/check") => Route::MethodNotAllowed("POST"),
         (method, path) if path.starts_with("/v1/customers/") => customer_route(method, path),
+        (method, path) if path.starts_with("/v1/users/") => {
+            let segments: Vec<String> = path
+                .trim_start_matches("/v1/users/")
+                .split('/')
+                .map(percent_decode)
+                .collect();
+            match (method, segments.as_slice()) {
+                (&Method::GET, [id, what]) if !id.is_empty() && what == "onboarding" => {
+                    Route::User(id.clone(), "onboarding")
+                }
+                (&Method::GET, [id, what]) if !id.is_empty() && what == "flags" => {
+                    Route::User(id.clone(), "flags")
+                }
+                (_, [_, what]) if what == "onboarding" || what == "flags" => {
+                    Route::MethodNotAllowed("GET")
+                }
+                _ => Route::NotFound,
+            }
+        }
         (&Method::GET | &Method::HEAD, "/healthz") => Route::Health,
         (&Method::GET, "/metrics") => Route::Metrics,
         (_, "/healthz" | "/metrics") => Route::MethodNotAllowed("GET"),
@@ -176,7 +197,7 @@ impl Route {
             Self::Verify | Self::RejectedReplay | Self::Anomalies | Self::ActivationRecompute => {
                 "admin"
             }
-            Self::Activation | Self::NorthStar => "usage",
+            Self::Activation | Self::NorthStar | Self::User(..) => "usage",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
@@ -207,6 +228,7 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
         Route::Activation => activation::get(state, parts).await,
         Route::ActivationRecompute => activation::recompute(state, parts).await,
         Route::NorthStar => activation::northstar(state, parts).await,
+        Route::User(user, what) => activation::user(state, parts, user, what).await,
         Route::OpenApi => {
             respond::bytes_response(200, "application/json", OPENAPI.as_bytes().to_vec())
         }
@@ -301,6 +323,7 @@ mod tests {
         let mut documented = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             let concrete = path
+                .replace("/v1/users/{id}", "/v1/users/u1")
                 .replace("{id}", "acme")
                 .replace("{feature}", "api_requests");
             for method in ["get", "put", "post"] {
@@ -331,6 +354,11 @@ mod tests {
             route(&Method::GET, "/healthz"),
             route(&Method::GET, "/metrics"),
             route(&Method::GET, "/openapi.json"),
+            route(&Method::GET, "/v1/activation"),
+            route(&Method::POST, "/v1/activation/recompute"),
+            route(&Method::GET, "/v1/northstar"),
+            route(&Method::GET, "/v1/users/u1/onboarding"),
+            route(&Method::GET, "/v1/users/u1/flags"),
         ];
         for kind in kinds {
             assert!(

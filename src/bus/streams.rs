@@ -71,10 +71,14 @@ pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
     format!("{EVENTS_PREFIX}.{shard}.{kind}")
 }
 
-/// Subject of a rejected message from `source` (sanitised to a single subject token).
+/// Subject of a rejected message from `source`.
 pub fn rejected_subject(source: &str) -> String {
-    let token: String = source
-        .chars()
+    format!("{REJECTED_PREFIX}.{}", subject_token(source))
+}
+
+/// A name as a single NATS subject token (anything but letters, digits, `_`, `-` becomes `_`).
+pub fn subject_token(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                 c
@@ -82,8 +86,7 @@ pub fn rejected_subject(source: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{REJECTED_PREFIX}.{token}")
+        .collect()
 }
 
 /// Wraps a JetStream management failure with what we were doing.

@@ -577,3 +577,80 @@ impl ActivationSettings {
         Ok(())
     }
 }
+
+/// Conditions over a person's facts; every condition given must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Condition {
+    /// The person's customer is on one of these plans.
+    #[serde(default)]
+    pub plan: Option<Vec<String>>,
+    /// The person reached (or has not reached) the current activation threshold.
+    #[serde(default)]
+    pub activated: Option<bool>,
+    /// The person did each event at least this many times.
+    #[serde(default)]
+    pub event_count_at_least: BTreeMap<String, u64>,
+    /// The person did each event fewer than this many times.
+    #[serde(default)]
+    pub event_count_below: BTreeMap<String, u64>,
+    /// The person's traits (from identify) have these values.
+    #[serde(default)]
+    pub trait_equals: BTreeMap<String, serde_json::Value>,
+}
+
+/// One onboarding step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OnboardingStep {
+    /// Step id.
+    pub id: String,
+    /// For people.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The event that completes the step.
+    pub complete_on: String,
+    /// When the step applies (absent: always).
+    #[serde(default)]
+    pub when: Condition,
+}
+
+/// The onboarding engine.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct OnboardingSettings {
+    /// The steps, in order of priority.
+    pub steps: Vec<OnboardingStep>,
+    /// The trigger that starts a person's flow.
+    pub start_trigger: String,
+    /// Where fired triggers are also POSTed (JSON, `Idempotency-Key` header).
+    pub trigger_webhook: Option<String>,
+}
+
+impl Default for OnboardingSettings {
+    fn default() -> Self {
+        Self {
+            steps: Vec::new(),
+            start_trigger: "onboarding_start".into(),
+            trigger_webhook: None,
+        }
+    }
+}
+
+/// A feature flag for experiment groups.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlagSpec {
+    /// Flag key.
+    pub key: String,
+    /// Share of targeted people who get the flag (deterministic by person and key).
+    #[serde(default = "full_rollout")]
+    pub rollout: f64,
+    /// Who is targeted (absent: everyone).
+    #[serde(default)]
+    pub when: Condition,
+}
+
+fn full_rollout() -> f64 {
+    1.0
+}

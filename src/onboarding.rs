@@ -1,0 +1,481 @@
+//! The onboarding loop: per-person facts from the stream, triggers, onboarding steps and
+//! feature flags, fed by the same data as the activation analysis.
+//!
+//! A stream follower keeps, per person (identity merges resolved in stream order), the count of
+//! each event, the latest traits, the customer, the signup time and when the person reached the
+//! current activation threshold. It fires the config's `events[].triggers` once per event (NATS
+//! subject `northstar.triggers.<name>`, and a webhook if configured) and starts a person's
+//! onboarding flow on the start trigger. The engine is isolated: if it fails, its routes answer
+//! 503 and the rest of northstar keeps serving (the seed: onboarding must never take the product
+//! down).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::activation::ActivationStore;
+use crate::bus::BusError;
+use crate::bus::follower::{Follow, FollowSpec, follow};
+use crate::config::{Condition, Config, FlagSpec, OnboardingStep};
+use crate::event::{EventType, EventView};
+use crate::identity::IdentityGraph;
+use crate::shutdown::Shutdown;
+
+/// Subject prefix of fired triggers.
+pub const TRIGGER_PREFIX: &str = "northstar.triggers";
+
+/// What is known about a person.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    /// Count of each event name.
+    pub counts: BTreeMap<String, u64>,
+    /// Latest traits (identify).
+    pub traits: serde_json::Map<String, Value>,
+    /// The billed account of the latest event.
+    pub customer_id: Option<String>,
+    /// First signup (UTC µs).
+    pub signup_at: Option<i64>,
+    /// Times of the North Star events in the first days after signup (enough to judge any
+    /// threshold within the analysis window).
+    pub north_star_times: Vec<i64>,
+    /// When the onboarding flow started (UTC µs).
+    pub onboarding_started: Option<i64>,
+}
+
+/// Everything the engine keeps; a function of the stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    seq: u64,
+    people: HashMap<String, Facts>,
+    graph: IdentityGraph,
+}
+
+/// A fired trigger, to deliver.
+#[derive(Debug, Clone)]
+struct Fired {
+    name: String,
+    body: Value,
+    id: String,
+}
+
+/// The engine: shared state for the API, and the follower that feeds it.
+pub struct Onboarding {
+    state: RwLock<State>,
+    steps: Vec<OnboardingStep>,
+    flags: Vec<FlagSpec>,
+    start_trigger: String,
+    north_star: String,
+    signup: String,
+    triggers: HashMap<String, Vec<String>>,
+    max_days: u32,
+    activation: Arc<ActivationStore>,
+    plans: Box<dyn Fn(&str) -> String + Send + Sync>,
+    failed: AtomicBool,
+    applied: AtomicU64,
+}
+
+/// Why an onboarding answer is not available.
+#[derive(Debug, thiserror::Error)]
+#[error("the onboarding engine is unavailable; everything else keeps serving")]
+pub struct Unavailable;
+
+impl Onboarding {
+    /// An engine for `config`; `plans` gives a customer's plan.
+    pub fn new(
+        config: &Config,
+        activation: Arc<ActivationStore>,
+        plans: Box<dyn Fn(&str) -> String + Send + Sync>,
+    ) -> Self {
+        let question = crate::activation::Question::from_config(config);
+        Self {
+            state: RwLock::new(State::default()),
+            steps: config.onboarding.steps.clone(),
+            flags: config.flags.clone(),
+            start_trigger: config.onboarding.start_trigger.clone(),
+            north_star: question.north_star_event,
+            signup: question.signup_event,
+            triggers: config
+                .events
+                .iter()
+                .filter(|e| !e.triggers.is_empty())
+                .map(|e| (e.name.clone(), e.triggers.clone()))
+                .collect(),
+            max_days: config.activation.max_days.max(60),
+            activation,
+            plans,
+            failed: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+        }
+    }
+
+    /// The person an id belongs to.
+    fn person(&self, id: &str) -> Result<(String, Facts), Unavailable> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Unavailable);
+        }
+        let state = self.state.read().map_err(|_| Unavailable)?;
+        let person = state.graph.person_of(id).to_string();
+        let facts = state.people.get(&person).cloned().unwrap_or_default();
+        Ok((person, facts))
+    }
+
+    /// Whether the person reached the current activation threshold (or, without one yet, the
+    /// config's `northStarMetric`).
+    fn activated(&self, facts: &Facts, fallback: Option<(u32, u32)>) -> bool {
+        let Some((times, days)) = self.activation.current_threshold().or(fallback) else {
+            return false;
+        };
+        let Some(signup) = facts.signup_at else {
+            return false;
+        };
+        let end = signup + i64::from(days) * 86_400_000_000;
+        facts
+            .north_star_times
+            .iter()
+            .filter(|t| **t >= signup && **t < end)
+            .count() as u64
+            >= u64::from(times)
+    }
+
+    fn holds(&self, condition: &Condition, facts: &Facts, activated: bool) -> bool {
+        if let Some(plans) = &condition.plan {
+            let plan = facts
+                .customer_id
+                .as_deref()
+                .map(|c| (self.plans)(c))
+                .unwrap_or_default();
+            if !plans.contains(&plan) {
+                return false;
+            }
+        }
+        if condition.activated.is_some_and(|want| want != activated) {
+            return false;
+        }
+        let count = |event: &str| facts.counts.get(event).copied().unwrap_or(0);
+        condition
+            .event_count_at_least
+            .iter()
+            .all(|(e, n)| count(e) >= *n)
+            && condition
+                .event_count_below
+                .iter()
+                .all(|(e, n)| count(e) < *n)
+            && condition
+                .trait_equals
+                .iter()
+                .all(|(k, v)| facts.traits.get(k) == Some(v))
+    }
+
+    /// `GET /v1/users/{id}/onboarding`: every step's state and the next recommended one.
+    pub fn onboarding(&self, id: &str, fallback: Option<(u32, u32)>) -> Result<Value, Unavailable> {
+        let (person, facts) = self.person(id)?;
+        let activated = self.activated(&facts, fallback);
+        let started = facts.onboarding_started.is_some();
+        let mut next = None;
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|step| {
+                let completed = facts.counts.get(&step.complete_on).copied().unwrap_or(0) > 0;
+                let applies = self.holds(&step.when, &facts, activated);
+                let state = if completed {
+                    "completed"
+                } else if !applies {
+                    "not_applicable"
+                } else if started && next.is_none() {
+                    next = Some(step.id.clone());
+                    "recommended"
+                } else {
+                    "pending"
+                };
+                json!({"id": step.id, "title": step.title, "state": state, "complete_on": step.complete_on})
+            })
+            .collect();
+        Ok(json!({
+            "user_id": id, "person_id": person, "started": started,
+            "started_at": facts.onboarding_started.map(crate::clock::format_micros),
+            "activated": activated, "next_step": next, "steps": steps,
+            "as_of": {"seq": self.applied.load(Ordering::SeqCst)},
+        }))
+    }
+
+    /// `GET /v1/users/{id}/flags`: every flag, on or off, by deterministic bucketing.
+    pub fn flags(&self, id: &str, fallback: Option<(u32, u32)>) -> Result<Value, Unavailable> {
+        let (person, facts) = self.person(id)?;
+        let activated = self.activated(&facts, fallback);
+        let flags: serde_json::Map<String, Value> = self
+            .flags
+            .iter()
+            .map(|flag| {
+                let on = self.holds(&flag.when, &facts, activated)
+                    && bucket(&flag.key, &person) < flag.rollout;
+                (flag.key.clone(), Value::Bool(on))
+            })
+            .collect();
+        Ok(json!({"user_id": id, "person_id": person, "flags": flags}))
+    }
+
+    /// Applies one event; returns the triggers it fires.
+    fn apply(&self, seq: u64, event: &EventView<'_>) -> Vec<Fired> {
+        let mut fired = Vec::new();
+        let Ok(mut state) = self.state.write() else {
+            return fired;
+        };
+        state.seq = seq;
+        if let (EventType::Identify, Some(user), Some(anonymous)) = (
+            event.kind,
+            event.user_id.as_deref(),
+            event.anonymous_id.as_deref(),
+        ) {
+            let before = state.graph.person_of(anonymous).to_string();
+            if state.graph.identify(anonymous, user, seq, event.timestamp)
+                == crate::identity::Outcome::Linked
+            {
+                // The anonymous person's facts join the user's.
+                let target = state.graph.person_of(user).to_string();
+                if let Some(old) = state.people.remove(&before) {
+                    merge(state.people.entry(target).or_default(), old);
+                }
+            }
+        }
+        let Some(id) = event.user_id.as_deref().or(event.anonymous_id.as_deref()) else {
+            return fired;
+        };
+        if let Some(user) = event.user_id.as_deref() {
+            state.graph.observe_user(user);
+        }
+        let person = state.graph.person_of(id).to_string();
+        let name = event.event.as_deref().unwrap_or(event.kind.as_str());
+        let facts = state.people.entry(person.clone()).or_default();
+        *facts.counts.entry(name.to_string()).or_default() += 1;
+        if event.customer_id.is_some() {
+            facts.customer_id = event.customer_id.as_deref().map(str::to_string);
+        }
+        if event.kind == EventType::Identify
+            && let Ok(Value::Object(traits)) = serde_json::from_str::<Value>(event.properties.get())
+        {
+            facts.traits.extend(traits);
+        }
+        if name == self.signup && facts.signup_at.is_none_or(|t| event.timestamp < t) {
+            facts.signup_at = Some(event.timestamp);
+        }
+        if name == self.north_star && facts.north_star_times.len() < 10_000 {
+            let window_end = facts
+                .signup_at
+                .map(|s| s + i64::from(self.max_days) * 86_400_000_000);
+            if window_end.is_none_or(|end| event.timestamp < end) {
+                facts.north_star_times.push(event.timestamp);
+            }
+        }
+        for trigger in self.triggers.get(name).into_iter().flatten() {
+            if *trigger == self.start_trigger && facts.onboarding_started.is_none() {
+                facts.onboarding_started = Some(event.timestamp);
+            }
+            fired.push(Fired {
+                name: trigger.clone(),
+                id: format!("{}:{trigger}", event.event_id),
+                body: json!({
+                    "trigger": trigger, "event_id": event.event_id, "event": name, "person_id": person,
+                    "user_id": event.user_id, "anonymous_id": event.anonymous_id, "customer_id": event.customer_id,
+                    "timestamp": crate::clock::format_micros(event.timestamp), "seq": seq,
+                }),
+            });
+        }
+        self.applied.store(seq, Ordering::SeqCst);
+        fired
+    }
+}
+
+fn merge(into: &mut Facts, from: Facts) {
+    for (event, n) in from.counts {
+        *into.counts.entry(event).or_default() += n;
+    }
+    for (k, v) in from.traits {
+        into.traits.entry(k).or_insert(v);
+    }
+    into.north_star_times.extend(from.north_star_times);
+    into.signup_at = match (into.signup_at, from.signup_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    into.onboarding_started = into.onboarding_started.or(from.onboarding_started);
+    into.customer_id = into.customer_id.take().or(from.customer_id);
+}
+
+/// Deterministic bucket in [0, 1) of a person for a flag: the same person gets the same answer
+/// on every node and every call, and different flags split people independently.
+pub fn bucket(flag: &str, person: &str) -> f64 {
+    let hash = flag
+        .bytes()
+        .chain([b':'])
+        .chain(person.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    (hash % 10_000) as f64 / 10_000.0
+}
+
+struct OnboardingFollower {
+    engine: Arc<Onboarding>,
+    fired: mpsc::UnboundedSender<Fired>,
+    dir: PathBuf,
+}
+
+impl Follow for OnboardingFollower {
+    fn name(&self) -> &'static str {
+        "onboarding"
+    }
+
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        let Ok(event) = EventView::decode(payload) else {
+            return;
+        };
+        let engine = self.engine.clone();
+        // A bug here must not take anything else down: the engine is marked failed instead.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.apply(seq, &event))) {
+            Ok(fired) => fired.into_iter().for_each(|f| {
+                let _ = self.fired.send(f);
+            }),
+            Err(_) => {
+                tracing::error!(
+                    seq,
+                    "the onboarding engine failed; its routes answer 503, everything else keeps serving"
+                );
+                self.engine.failed.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let state = self.engine.state.read().map(|s| s.clone());
+        let dir = self.dir.clone();
+        if let Ok(state) = state {
+            tokio::task::spawn_blocking(move || save(&dir, &state));
+        }
+    }
+
+    fn final_snapshot(&mut self) -> JoinHandle<()> {
+        let state = self
+            .engine
+            .state
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || save(&dir, &state))
+    }
+}
+
+fn save(dir: &std::path::Path, state: &State) {
+    if let Ok(bytes) = serde_json::to_vec(state)
+        && let Err(error) = crate::files::write_atomic(&dir.join("state.json"), &bytes)
+    {
+        tracing::warn!(%error, "onboarding snapshot failed; the next one retries");
+    }
+}
+
+/// Starts the engine's follower and the trigger delivery.
+pub async fn start(
+    engine: Arc<Onboarding>,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stream: String,
+    data_dir: &std::path::Path,
+    webhook: Option<String>,
+    shutdown: Shutdown,
+) -> Result<JoinHandle<()>, BusError> {
+    let dir = data_dir.join("onboarding");
+    let saved: Option<State> = std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let last = crate::bus::streams::last_sequence(&js, &stream).await?;
+    let state = saved.filter(|s| s.seq <= last).unwrap_or_default();
+    let after = state.seq;
+    engine.applied.store(after, Ordering::SeqCst);
+    if let Ok(mut guard) = engine.state.write() {
+        *guard = state;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(deliver(rx, client, webhook));
+    let follower = OnboardingFollower {
+        engine,
+        fired: tx,
+        dir,
+    };
+    let spec = FollowSpec {
+        stream,
+        consumer: "onboarding".into(),
+        after_seq: after,
+        snapshot_interval: Duration::from_secs(5),
+    };
+    Ok(tokio::spawn(follow(js, spec, follower, shutdown)))
+}
+
+/// Publishes fired triggers (deduplicated downstream by `Nats-Msg-Id` = event id + trigger) and
+/// POSTs them to the webhook with the same id as `Idempotency-Key`.
+async fn deliver(
+    mut fired: mpsc::UnboundedReceiver<Fired>,
+    client: async_nats::Client,
+    webhook: Option<String>,
+) {
+    let http = crate::client::HttpClient::new();
+    while let Some(f) = fired.recv().await {
+        let bytes = serde_json::to_vec(&f.body).unwrap_or_default();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", f.id.as_str());
+        let subject = format!(
+            "{TRIGGER_PREFIX}.{}",
+            crate::bus::streams::subject_token(&f.name)
+        );
+        if let Err(error) = client
+            .publish_with_headers(subject, headers, bytes.clone().into())
+            .await
+        {
+            tracing::warn!(%error, trigger = %f.name, "trigger not published");
+        }
+        if let Some(url) = &webhook {
+            let headers = [
+                ("content-type", "application/json"),
+                ("idempotency-key", f.id.as_str()),
+            ];
+            for attempt in 0..3u64 {
+                match http
+                    .send(http::Method::POST, url, &headers, bytes.clone())
+                    .await
+                {
+                    Ok(r) if r.status < 300 || (400..500).contains(&r.status) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_deterministic_and_spread() {
+        assert_eq!(bucket("f", "u1"), bucket("f", "u1"));
+        let on = (0..10_000)
+            .filter(|i| bucket("f", &format!("u{i}")) < 0.3)
+            .count();
+        assert!((2_700..3_300).contains(&on), "{on}");
+        let other = (0..10_000)
+            .filter(|i| bucket("g", &format!("u{i}")) < 0.3 && bucket("f", &format!("u{i}")) < 0.3)
+            .count();
+        assert!(
+            (700..1_100).contains(&other),
+            "flags split independently: {other}"
+        );
+    }
+}
