@@ -25,6 +25,7 @@ test: test-deps
 bench: deps release
 	$(REL_BIN) bench ingest
 	$(REL_BIN) bench limits
+	$(REL_BIN) bench activation
 
 build:
 	$(CARGO) build

@@ -3,8 +3,10 @@
 //!
 //! - [`ingest`]: HTTP batches → JetStream → Parquet, against raw async-nats publish + consume;
 //! - [`limits`]: `/v1/check` latency and throughput against a bare hyper server, freshness,
-//!   and the memory of a million counters.
+//!   and the memory of a million counters;
+//! - [`activation`]: a full activation recompute vs DuckDB running the same SQL.
 
+pub mod activation;
 pub mod ingest;
 pub mod limits;
 pub mod report;
@@ -18,6 +20,8 @@ pub enum Suite {
     Ingest(ingest::IngestBench),
     /// The limits API: check latency and throughput vs a bare hyper server; freshness; memory.
     Limits(limits::LimitsBench),
+    /// A full activation recompute over a large history, vs DuckDB running the same SQL.
+    Activation(activation::ActivationBench),
     /// The bare hyper server of `bench limits` (run as its own process, like northstar).
     #[command(hide = true)]
     BareServer,
@@ -29,6 +33,7 @@ pub async fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Ingest(options) => ingest::run(options).await,
         Suite::Limits(options) => limits::run(options).await,
         Suite::BareServer => limits::bare_server().await,
+        Suite::Activation(options) => activation::run(options).await,
     }
 }
 

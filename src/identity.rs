@@ -190,6 +190,17 @@ impl Follow for IdentityFollower {
     }
 }
 
+/// Writes a graph built outside the stream (the activation benchmark's synthetic history) as
+/// the `identities` table of `data_dir`.
+pub fn save_graph(data_dir: &Path, graph: IdentityGraph) -> Result<(), String> {
+    let state = State {
+        seq: 0,
+        stream_created: None,
+        graph,
+    };
+    write(&data_dir.join(DIR), &state)
+}
+
 /// Writes the table (Parquet) and then the state (JSON), each atomically.
 fn write(dir: &Path, state: &State) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
