@@ -18,7 +18,9 @@ use serde_json::{Map, Value, json};
 use super::report::{Row, mib, print_table, thousands};
 use crate::activation::analysis::{Dialect, Question, render};
 use crate::archive::TableFormat;
-use crate::archive::commit::{PartName, ensure_partition_dir, sort_batch, write_parquet_file, writer_properties};
+use crate::archive::commit::{
+    PartName, ensure_partition_dir, sort_batch, write_parquet_file, writer_properties,
+};
 use crate::archive::format::{EventsFormat, Partitions};
 use crate::demo::Rng;
 use crate::event::{EventRecord, EventType};
@@ -37,7 +39,8 @@ pub struct ActivationBench {
 
 /// Runs the benchmark and prints its table.
 pub async fn run(options: ActivationBench) -> anyhow::Result<()> {
-    let work = std::env::temp_dir().join(format!("northstar-bench-activation-{}", std::process::id()));
+    let work =
+        std::env::temp_dir().join(format!("northstar-bench-activation-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(&options, &work).await;
     let _ = std::fs::remove_dir_all(&work);
@@ -49,7 +52,8 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
     eprintln!("writing a history of {} users…", options.users);
     let (events, end_us) = write_history(&data, options)?;
     let config_path = work.join("config.json");
-    let mut config: Value = serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
     config["activation"] = json!({"schedule": "0"});
     std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
     let as_of = crate::clock::format_micros(end_us);
@@ -64,7 +68,8 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
             .arg(&config_path),
     )?;
     let ours_time = started.elapsed();
-    let ours: Value = serde_json::from_slice(&ours_out).context("northstar aha answered no JSON")?;
+    let ours: Value =
+        serde_json::from_slice(&ours_out).context("northstar aha answered no JSON")?;
     let chosen = &ours["analysis"]["evaluation"]["chosen"];
 
     let config = crate::config::Config::from_json(&config.to_string(), "bench")?;
@@ -72,31 +77,67 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
     let duck = duckdb_run(&data, work, &question, end_us).await;
 
     let mut rows = vec![Row {
-        measure: format!("full recompute, {} events, {} users: wall time", thousands(events as f64), thousands(options.users as f64)),
+        measure: format!(
+            "full recompute, {} events, {} users: wall time",
+            thousands(events as f64),
+            thousands(options.users as f64)
+        ),
         ours: format!("{:.2} s", ours_time.as_secs_f64()),
-        baseline: duck.as_ref().map(|d| format!("{:.2} s", d.time.as_secs_f64())).unwrap_or_else(|e| format!("n/a ({e})")),
-        ratio: duck.as_ref().ok().map(|d| ours_time.as_secs_f64() / d.time.as_secs_f64()),
+        baseline: duck
+            .as_ref()
+            .map(|d| format!("{:.2} s", d.time.as_secs_f64()))
+            .unwrap_or_else(|e| format!("n/a ({e})")),
+        ratio: duck
+            .as_ref()
+            .ok()
+            .map(|d| ours_time.as_secs_f64() / d.time.as_secs_f64()),
     }];
     rows.push(Row {
         measure: "peak memory of the process".into(),
         ours: ours_rss.map(mib).unwrap_or_else(|| "n/a".into()),
-        baseline: duck.as_ref().ok().and_then(|d| d.rss).map(mib).unwrap_or_default(),
+        baseline: duck
+            .as_ref()
+            .ok()
+            .and_then(|d| d.rss)
+            .map(mib)
+            .unwrap_or_default(),
         ratio: None,
     });
     rows.push(Row {
         measure: "chosen threshold (planted: at least 3 times within 7 days)".into(),
-        ours: format!("{} times within {} days, phi {:.3}", chosen["times"], chosen["days"], chosen["phi"].as_f64().unwrap_or(0.0)),
-        baseline: duck.as_ref().ok().map(|d| format!("same histogram: {}", if d.histogram_rows > 0 { "yes" } else { "no" })).unwrap_or_default(),
+        ours: format!(
+            "{} times within {} days, phi {:.3}",
+            chosen["times"],
+            chosen["days"],
+            chosen["phi"].as_f64().unwrap_or(0.0)
+        ),
+        baseline: duck
+            .as_ref()
+            .ok()
+            .map(|d| {
+                format!(
+                    "same histogram: {}",
+                    if d.histogram_rows > 0 { "yes" } else { "no" }
+                )
+            })
+            .unwrap_or_default(),
         ratio: None,
     });
-    print_table("northstar bench activation — northstar aha vs DuckDB, same SQL, same files", "DuckDB (same SQL)", &rows);
+    print_table(
+        "northstar bench activation — northstar aha vs DuckDB, same SQL, same files",
+        "DuckDB (same SQL)",
+        &rows,
+    );
     eprintln!("(ratio = northstar time / DuckDB time: lower is better; the target is ≤ 1.5×)");
     Ok(())
 }
 
 /// Runs a command, returning its stdout and its peak RSS (polled from /proc while it runs).
 fn run_measured(command: &mut std::process::Command) -> anyhow::Result<(Vec<u8>, Option<u64>)> {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
     let pid = child.id();
     let mut peak = None;
     let mut stdout = child.stdout.take().context("stdout")?;
@@ -116,7 +157,9 @@ fn run_measured(command: &mut std::process::Command) -> anyhow::Result<(Vec<u8>,
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = reader.join().map_err(|_| anyhow::anyhow!("reader thread"))??;
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread"))??;
     Ok((out, peak))
 }
 
@@ -127,8 +170,17 @@ struct DuckRun {
 }
 
 /// The same histogram query in DuckDB (Python package), two threads, over the same files.
-async fn duckdb_run(data: &Path, work: &Path, question: &Question, end_us: i64) -> Result<DuckRun, String> {
-    let available = std::process::Command::new("python3").args(["-c", "import duckdb"]).status().map(|s| s.success()).unwrap_or(false);
+async fn duckdb_run(
+    data: &Path,
+    work: &Path,
+    question: &Question,
+    end_us: i64,
+) -> Result<DuckRun, String> {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !available {
         let installed = std::process::Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", "duckdb"])
@@ -160,9 +212,18 @@ print(len(rows), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
         identities = data.join(crate::identity::DIR).display(),
         sql = sql_path.display(),
     );
-    let out = std::process::Command::new("python3").args(["-c", &script]).output().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("duckdb failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()));
+        return Err(format!(
+            "duckdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut parts = text.split_whitespace();
@@ -192,7 +253,10 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
     let mut seq = 0u64;
     let mut written = 0u64;
     let mut commit = 0u64;
-    let push = |partitions: &mut Partitions<_>, record: EventRecord, seq: &mut u64| -> anyhow::Result<()> {
+    let push = |partitions: &mut Partitions<_>,
+                record: EventRecord,
+                seq: &mut u64|
+     -> anyhow::Result<()> {
         *seq += 1;
         format.append(*seq, &record.to_bus_json(), partitions)?;
         Ok(())
@@ -203,7 +267,12 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
         let anonymous = rng.below(5) == 0;
         let anon_id = format!("anon-{user}");
         let customer = format!("customer-{}", user / 5);
-        let event = |id: String, name: &str, at: i64, user: Option<&str>, anon: Option<&str>, kind: EventType| EventRecord {
+        let event = |id: String,
+                     name: &str,
+                     at: i64,
+                     user: Option<&str>,
+                     anon: Option<&str>,
+                     kind: EventType| EventRecord {
             event_id: id,
             kind,
             event: Some(name.to_string()),
@@ -218,18 +287,59 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
             schema_version: None,
             sample_rate: None,
         };
-        push(&mut partitions, event(format!("{user}-s"), "signup_completed", signup, Some(&user_id), None, EventType::Track), &mut seq)?;
+        push(
+            &mut partitions,
+            event(
+                format!("{user}-s"),
+                "signup_completed",
+                signup,
+                Some(&user_id),
+                None,
+                EventType::Track,
+            ),
+            &mut seq,
+        )?;
         // North Star events in the first two weeks: activated users do at least 3 in 7 days.
         let activated = rng.below(2) == 0;
-        let stars = if activated { 3 + rng.below(5) } else { rng.below(3) };
+        let stars = if activated {
+            3 + rng.below(5)
+        } else {
+            rng.below(3)
+        };
         for k in 0..stars {
             let at = signup + rng.below((if activated { 7 } else { 14 }) * day as u64) as i64;
             let by_anonymous = anonymous && k == 0;
-            let (u, a) = if by_anonymous { (None, Some(anon_id.as_str())) } else { (Some(user_id.as_str()), None) };
-            push(&mut partitions, event(format!("{user}-n{k}"), "core_action_completed", at, u, a, EventType::Track), &mut seq)?;
+            let (u, a) = if by_anonymous {
+                (None, Some(anon_id.as_str()))
+            } else {
+                (Some(user_id.as_str()), None)
+            };
+            push(
+                &mut partitions,
+                event(
+                    format!("{user}-n{k}"),
+                    "core_action_completed",
+                    at,
+                    u,
+                    a,
+                    EventType::Track,
+                ),
+                &mut seq,
+            )?;
         }
         if anonymous {
-            push(&mut partitions, event(format!("{user}-i"), "identify", signup + day, Some(&user_id), Some(&anon_id), EventType::Identify), &mut seq)?;
+            push(
+                &mut partitions,
+                event(
+                    format!("{user}-i"),
+                    "identify",
+                    signup + day,
+                    Some(&user_id),
+                    Some(&anon_id),
+                    EventType::Identify,
+                ),
+                &mut seq,
+            )?;
             graph.identify(&anon_id, &user_id, seq, signup + day);
         }
         // Retention: activated users mostly come back in days 28–56, others rarely.
@@ -237,7 +347,18 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
         for k in 0..options.activity {
             let last_day = if retained { 56 } else { 27 };
             let at = signup + rng.below((last_day * day) as u64) as i64;
-            push(&mut partitions, event(format!("{user}-a{k}"), "page_viewed", at, Some(&user_id), None, EventType::Page), &mut seq)?;
+            push(
+                &mut partitions,
+                event(
+                    format!("{user}-a{k}"),
+                    "page_viewed",
+                    at,
+                    Some(&user_id),
+                    None,
+                    EventType::Page,
+                ),
+                &mut seq,
+            )?;
         }
         if seq - commit >= 500_000 {
             written += flush(&format, &schema, &table, &mut partitions, commit + 1, seq)?;
