@@ -10,6 +10,7 @@
 //! - [`ingest_routes`], [`sql`], [`ops`]: the handlers.
 
 pub mod activation;
+pub mod billing;
 pub mod ingest_routes;
 pub mod limits;
 pub mod ops;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub health: ops::Health,
     /// Bounds concurrent requests.
     pub permits: Arc<Semaphore>,
+    /// The billing sink and upgrade path, when the config has `billing`.
+    pub billing: Option<Arc<crate::billing::Billing>>,
 }
 
 impl AppState {

@@ -1,9 +1,11 @@
 //! A small HTTP/1.1 client over hyper, with keep-alive: the demo workload, the benchmark's
-//! load generator and the integration tests all speak to northstar through it, over loopback.
+//! load generator and the integration tests all speak to northstar through it, over loopback,
+//! and the billing sink speaks to Stripe through it (HTTPS with the system's roots).
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -39,7 +41,28 @@ impl ClientResponse {
 /// A keep-alive HTTP client.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// TLS settings with the system's root certificates, loaded once. Without any (a bare
+/// container), HTTPS calls fail with a certificate error; plain HTTP still works.
+fn tls_config() -> rustls::ClientConfig {
+    static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                tracing::warn!("no system root certificates found: HTTPS calls will fail");
+            }
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        })
+        .clone()
 }
 
 impl Default for HttpClient {
@@ -51,8 +74,14 @@ impl Default for HttpClient {
 impl HttpClient {
     /// A client with a connection pool.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let inner = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .build(connector);

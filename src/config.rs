@@ -88,6 +88,9 @@ pub struct Config {
     /// Feature flags.
     #[serde(default)]
     pub flags: Vec<FlagSpec>,
+    /// The billing sink and the upgrade path (absent: usage is metered, not billed).
+    #[serde(default)]
+    pub billing: Option<BillingSettings>,
 }
 
 fn default_schema_version() -> String {
@@ -112,6 +115,7 @@ impl Default for Config {
             activation: ActivationSettings::default(),
             onboarding: OnboardingSettings::default(),
             flags: Vec::new(),
+            billing: None,
         }
     }
 }
@@ -303,6 +307,43 @@ impl Config {
                     format!("onboarding.steps[{i}].id"),
                     format!("step `{}` is listed twice", step.id),
                 ));
+            }
+        }
+        if let Some(billing) = &self.billing {
+            billing
+                .validate()
+                .map_err(|(at, m)| (format!("billing.{at}"), m))?;
+            for feature in billing.meters.keys() {
+                let metered = self
+                    .events
+                    .iter()
+                    .filter_map(|e| e.metering.as_ref())
+                    .find(|m| &m.feature_id == feature);
+                match metered.map(|m| m.aggregation) {
+                    None => {
+                        return Err((
+                            format!("billing.meters.{feature}"),
+                            format!("`{feature}` is not a feature any event meters"),
+                        ));
+                    }
+                    Some(Aggregation::Sum | Aggregation::Count) => {}
+                    Some(other) => {
+                        return Err((
+                            format!("billing.meters.{feature}"),
+                            format!(
+                                "only sum and count meters are billed by window; `{feature}` aggregates by {other:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            for plan in billing.checkout.prices.keys() {
+                if !self.known_plans().contains(plan.as_str()) {
+                    return Err((
+                        format!("billing.checkout.prices.{plan}"),
+                        format!("`{plan}` is not a plan named in any feature's limits"),
+                    ));
+                }
             }
         }
         let mut flag_keys = HashSet::new();

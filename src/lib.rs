@@ -32,6 +32,7 @@ pub mod activation;
 pub mod api;
 pub mod archive;
 pub mod bench;
+pub mod billing;
 pub mod bus;
 pub mod client;
 pub mod clock;

@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: RejectedCommand,
     },
+    /// The billing sink: what is owed, delivered and dead; reconcile with Stripe.
+    Billing {
+        #[command(subcommand)]
+        command: BillingCommand,
+    },
     /// Activation ("aha") analysis: which "at least x times within y days" of the North Star
     /// event best predicts retention. Prints the top candidates, writes a picture, stores a version.
     Aha {
@@ -174,6 +179,36 @@ enum SchemaCommand {
 }
 
 #[derive(Subcommand)]
+enum BillingCommand {
+    /// The outbox on disk: totals per customer and meter, pending reports, dead letters
+    /// (exits 1 if there are dead letters). No server needed.
+    Status {
+        /// Data dir.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Config file.
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare what northstar delivered with Stripe's meter event summaries (needs
+    /// STRIPE_SECRET_KEY); exits 1 on any difference.
+    Reconcile {
+        /// Data dir.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Config file (the `billing` section).
+        #[arg(long, default_value = "schemas/northstar.json")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum RejectedCommand {
     /// Re-submit rejected messages through today's validation (as their original source).
     Replay {
@@ -273,6 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
                 clock: northstar::clock::Clock::system(),
                 pipelines_dir: pipelines,
+                billing_secrets: northstar::billing::Secrets::from_env(),
             };
             let server = northstar::server::start(options).await?;
             let base = format!("http://{}", server.addr);
@@ -407,6 +443,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "wrote {} ({users} users, planted: at least {times} times within {days} days)",
                 out.display()
             );
+            Ok(())
+        }
+        Command::Billing { command } => {
+            let ok = match command {
+                BillingCommand::Status { data, config, json } => {
+                    northstar::billing::cli::status(&load_config(&config)?, &data, json)?
+                }
+                BillingCommand::Reconcile { data, config, json } => {
+                    northstar::billing::cli::reconcile_command(&load_config(&config)?, &data, json)
+                        .await?
+                }
+            };
+            if !ok {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Rejected {

@@ -132,8 +132,12 @@ pub struct Denial {
 pub struct Upgrade {
     /// The config's `metering.upgradeUrl`, filled in.
     pub subscription_url: String,
-    /// A Stripe Checkout Session for the next plan (null until billing is configured).
+    /// The plan the Checkout Session moves to (null without billing checkout prices).
+    pub plan: Option<String>,
+    /// A Stripe Checkout Session for that plan (null until billing is configured).
     pub checkout_session_id: Option<String>,
+    /// Where the customer pays: the Checkout Session's URL.
+    pub checkout_url: Option<String>,
 }
 
 /// The point in the stream an answer reflects.
@@ -740,7 +744,9 @@ impl Meter {
                     .replace("{customer_id}", &url_encode(&customer.id))
                     .replace("{feature}", &url_encode(&feature.id))
                     .replace("{plan}", &url_encode(&customer.plan)),
+                plan: None,
                 checkout_session_id: None,
+                checkout_url: None,
             },
             as_of: self.as_of(),
         }

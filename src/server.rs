@@ -44,6 +44,9 @@ pub enum ServeError {
     /// An event schema is wrong.
     #[error(transparent)]
     Registry(#[from] crate::schema::RegistryError),
+    /// The billing sink could not start.
+    #[error(transparent)]
+    Billing(#[from] crate::billing::BillingError),
     /// The listen address could not be bound, or the data dir created.
     #[error("{context}: {source}")]
     Io {
@@ -72,6 +75,8 @@ pub struct ServeOptions {
     pub clock: Clock,
     /// Directory of the windowed usage pipelines (`pipelines/*.sql`).
     pub pipelines_dir: PathBuf,
+    /// Stripe's keys (`STRIPE_SECRET_KEY`, `STRIPE_WEBHOOK_SECRET`).
+    pub billing_secrets: crate::billing::Secrets,
 }
 
 /// A started server.
@@ -88,6 +93,7 @@ pub struct RunningServer {
     meter: JoinHandle<()>,
     identity: JoinHandle<()>,
     onboarding: JoinHandle<()>,
+    billing: Vec<JoinHandle<()>>,
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
@@ -105,6 +111,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         service_key,
         clock,
         pipelines_dir,
+        billing_secrets,
     } = options;
     std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::Io {
         context: format!("creating data dir {}", data_dir.display()),
@@ -200,6 +207,23 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         stop_meter.subscribe(),
     )
     .await?;
+    let (billing, billing_tasks) = match crate::billing::start(
+        &config,
+        billing_secrets,
+        publisher.jetstream().clone(),
+        crate::billing::BillingTarget {
+            stream: &config.stream.name,
+            data_dir: &data_dir,
+        },
+        customers.clone(),
+        clock.clone(),
+        stop_meter.subscribe(),
+    )
+    .await?
+    {
+        Some((billing, tasks)) => (Some(billing), tasks),
+        None => (None, Vec::new()),
+    };
     tokio::spawn(notices::run(
         notice_rx,
         client.clone(),
@@ -260,6 +284,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
         permits: Arc::new(Semaphore::new(config.ingest.max_concurrent_requests)),
+        billing,
         config: config.clone(),
         ingestor,
         query,
@@ -311,6 +336,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         meter: meter_task,
         identity: identity_task,
         onboarding: onboarding_task,
+        billing: billing_tasks,
         http,
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
@@ -331,6 +357,9 @@ impl RunningServer {
         let _ = self.meter.await;
         let _ = self.identity.await;
         let _ = self.onboarding.await;
+        for task in self.billing {
+            let _ = task.await;
+        }
         let _ = self.client.flush().await;
         drop(self.client);
         if let Some(embedded) = self.embedded {

@@ -29,6 +29,17 @@ pub async fn check(state: &AppState, parts: &Parts, body: &[u8]) -> HttpResponse
     };
     match state.meter.check(request).await {
         Ok(standing) => respond::json(200, &standing),
+        Err(LimitError::Exceeded(mut denial)) => {
+            if let Some(billing) = &state.billing {
+                let customer = state.meter.customers().get(&denial.customer_id);
+                denial.upgrade.plan = billing.upgrade_plan(&customer, &denial.feature);
+                if let Some((id, url)) = billing.checkout_for(&customer, &denial.feature).await {
+                    denial.upgrade.checkout_session_id = Some(id);
+                    denial.upgrade.checkout_url = Some(url);
+                }
+            }
+            respond::json(402, denial.as_ref())
+        }
         Err(error) => limit_error(&error),
     }
 }

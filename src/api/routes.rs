@@ -5,7 +5,7 @@ use http::Method;
 use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
-use super::{AppState, activation, ingest_routes, limits, ops, rejected, sql};
+use super::{AppState, activation, billing, ingest_routes, limits, ops, rejected, sql};
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::event::EventType;
@@ -50,6 +50,12 @@ pub enum Route {
     Entitlement(String, String),
     /// `GET` or `PUT /v1/customers/{id}`.
     Customer(String),
+    /// `GET /v1/billing/status`.
+    BillingStatus,
+    /// `POST /v1/billing/retry`.
+    BillingRetry,
+    /// `POST /v1/webhooks/stripe`.
+    StripeWebhook,
     /// `GET /healthz`.
     Health,
     /// `GET /metrics`.
@@ -77,6 +83,11 @@ pub fn route(method: &Method, path: &str) -> Route {
         (&Method::GET, "/v1/activation") => Route::Activation,
         (&Method::POST, "/v1/activation/recompute") => Route::ActivationRecompute,
         (&Method::GET, "/v1/northstar") => Route::NorthStar,
+        (&Method::GET, "/v1/billing/status") => Route::BillingStatus,
+        (&Method::POST, "/v1/billing/retry") => Route::BillingRetry,
+        (&Method::POST, "/v1/webhooks/stripe") => Route::StripeWebhook,
+        (_, "/v1/billing/status") => Route::MethodNotAllowed("GET"),
+        (_, "/v1/billing/retry" | "/v1/webhooks/stripe") => Route::MethodNotAllowed("POST"),
         (_, "/v1/activation" | "/v1/northstar") => Route::MethodNotAllowed("GET"),
         (_, "/v1/activation/recompute") => Route::MethodNotAllowed("POST"),
         (_, "/v1/anomalies") => Route::MethodNotAllowed("GET"),
@@ -194,9 +205,13 @@ impl Route {
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
-            Self::Verify | Self::RejectedReplay | Self::Anomalies | Self::ActivationRecompute => {
-                "admin"
-            }
+            Self::Verify
+            | Self::RejectedReplay
+            | Self::Anomalies
+            | Self::ActivationRecompute
+            | Self::BillingStatus
+            | Self::BillingRetry => "admin",
+            Self::StripeWebhook => "webhooks",
             Self::Activation | Self::NorthStar | Self::User(..) => "usage",
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
@@ -240,6 +255,9 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
             limits::put_customer(state, parts, customer, &body).await
         }
         Route::Customer(customer) => limits::get_customer(state, parts, customer).await,
+        Route::BillingStatus => billing::status(state, parts),
+        Route::BillingRetry => billing::retry(state, parts),
+        Route::StripeWebhook => billing::stripe_webhook(state, parts, &body).await,
         Route::Health => ops::healthz(state).await,
         Route::Metrics => ops::metrics(state).await,
         Route::MethodNotAllowed(allowed) => {
@@ -359,6 +377,9 @@ mod tests {
             route(&Method::GET, "/v1/northstar"),
             route(&Method::GET, "/v1/users/u1/onboarding"),
             route(&Method::GET, "/v1/users/u1/flags"),
+            route(&Method::GET, "/v1/billing/status"),
+            route(&Method::POST, "/v1/billing/retry"),
+            route(&Method::POST, "/v1/webhooks/stripe"),
         ];
         for kind in kinds {
             assert!(

@@ -192,6 +192,17 @@ pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64,
     Ok(info.state.last_sequence)
 }
 
+/// When `stream` was made (a stream deleted and made anew has a new time): state derived
+/// from a stream records it, and is set aside when it does not match.
+pub async fn stream_created(js: &jetstream::Context, stream: &str) -> Result<String, BusError> {
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .map_err(management("get stream"))?;
+    let info = handle.info().await.map_err(management("stream info"))?;
+    Ok(info.created.to_string())
+}
+
 /// The stream sequence of a delivered message.
 pub fn sequence_of(message: &jetstream::Message) -> Option<u64> {
     match message.info() {

@@ -654,3 +654,115 @@ pub struct FlagSpec {
 fn full_rollout() -> f64 {
     1.0
 }
+
+/// Where closed usage is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingProvider {
+    /// Stripe's Billing Meter Events API.
+    Stripe,
+    /// A generic JSON webhook (`Idempotency-Key` header) for other billing systems.
+    Webhook,
+}
+
+/// The billing sink (absent: nothing is reported anywhere).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct BillingSettings {
+    /// `stripe` or `webhook`.
+    pub provider: BillingProvider,
+    /// Stripe's API root (a test server's in tests).
+    pub api_base: String,
+    /// The webhook provider's URL.
+    pub url: Option<String>,
+    /// Length of a reported usage window.
+    pub window: HumanDuration,
+    /// How long after its end a window waits for stragglers before it is reported.
+    pub grace: HumanDuration,
+    /// featureId → the Stripe meter's `event_name`; only these features are billed.
+    pub meters: BTreeMap<String, String>,
+    /// featureId → Stripe meter id (`mtr_…`), for reconcile; looked up by event name if absent.
+    pub meter_ids: BTreeMap<String, String>,
+    /// Most provider calls per second.
+    pub rate_limit: u32,
+    /// Calls in flight at once (never two for the same customer and meter).
+    pub concurrency: usize,
+    /// Time limit of one provider call.
+    pub timeout: HumanDuration,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: HumanDuration,
+    /// Longest retry delay.
+    pub retry_max: HumanDuration,
+    /// How often windows are closed and corrections emitted.
+    pub flush_interval: HumanDuration,
+    /// The upgrade path: Checkout Sessions for a 402.
+    pub checkout: CheckoutSettings,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        Self {
+            provider: BillingProvider::Stripe,
+            api_base: "https://api.stripe.com".into(),
+            url: None,
+            window: HumanDuration::secs(3600),
+            grace: HumanDuration::secs(300),
+            meters: BTreeMap::new(),
+            meter_ids: BTreeMap::new(),
+            rate_limit: 100,
+            concurrency: 16,
+            timeout: HumanDuration::secs(10),
+            retry_base: HumanDuration::millis(500),
+            retry_max: HumanDuration::secs(300),
+            flush_interval: HumanDuration::secs(1),
+            checkout: CheckoutSettings::default(),
+        }
+    }
+}
+
+/// Checkout Sessions offered in a 402.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CheckoutSettings {
+    /// plan → Stripe price id (`price_…`) of its subscription; plans without one are not offered.
+    pub prices: BTreeMap<String, String>,
+    /// Where Stripe sends the customer after paying.
+    pub success_url: String,
+    /// Where Stripe sends the customer who gives up.
+    pub cancel_url: String,
+}
+
+impl BillingSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.window.get().as_secs() == 0 {
+            return Err(("window".into(), "must be at least 1s".into()));
+        }
+        if self.provider == BillingProvider::Webhook && self.url.is_none() {
+            return Err((
+                "url".into(),
+                "the webhook provider needs the URL to POST to".into(),
+            ));
+        }
+        if self.rate_limit == 0 {
+            return Err(("rateLimit".into(), "must be at least 1 call/s".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(("concurrency".into(), "must be at least 1".into()));
+        }
+        if self.flush_interval.get().is_zero() || self.timeout.get().is_zero() {
+            return Err((
+                "flushInterval".into(),
+                "flushInterval and timeout must be positive".into(),
+            ));
+        }
+        for (feature, name) in &self.meters {
+            if name.is_empty() || name.len() > 100 {
+                return Err((
+                    format!("meters.{feature}"),
+                    "a Stripe event_name is 1 to 100 characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

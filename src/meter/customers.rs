@@ -194,6 +194,15 @@ impl CustomerStore {
         self.default_terms.clone()
     }
 
+    /// The customer whose Stripe id is `stripe_id`, if one is stored.
+    pub fn find_by_stripe_id(&self, stripe_id: &str) -> Option<String> {
+        let cache = self.cache.read().ok()?;
+        cache
+            .values()
+            .find(|c| c.stripe_customer_id.as_deref() == Some(stripe_id))
+            .map(|c| c.id.clone())
+    }
+
     fn default_customer(&self, id: &str) -> Customer {
         Customer {
             id: id.to_string(),

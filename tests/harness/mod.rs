@@ -14,10 +14,16 @@ use northstar::config::Config;
 use northstar::query::QueryEngine;
 use serde_json::{Value, json};
 
+pub mod stripe;
+
 /// The write key every test config carries.
 pub const WRITE_KEY: &str = "wk_test_0123456789";
 /// The admin key every test server gets.
 pub const ADMIN_KEY: &str = "ak_test_0123456789";
+/// Stripe's secret key as the fake Stripe server expects it.
+pub const STRIPE_SECRET_KEY: &str = "sk_test_northstar";
+/// The Stripe webhook signing secret of the tests.
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_northstar";
 
 /// A nats-server child process with JetStream, its store in a temp dir.
 pub struct Nats {
@@ -478,6 +484,10 @@ impl InProcess {
             service_key: Some(SERVICE_KEY.into()),
             clock: clock.clone(),
             pipelines_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines")),
+            billing_secrets: northstar::billing::Secrets {
+                secret_key: Some(STRIPE_SECRET_KEY.into()),
+                webhook_secret: Some(STRIPE_WEBHOOK_SECRET.into()),
+            },
         };
         let server = northstar::server::start(options)
             .await

@@ -1,0 +1,589 @@
+//! The billing sink and the upgrade path.
+//!
+//! - [`windows`]: billed usage summed per customer, feature and window of event time;
+//! - [`outbox`]: what is owed, on disk before any call, with deterministic identifiers;
+//! - [`runner`]: the stream follower that fills windows and owes what closes;
+//! - [`deliver`]: one call at a time per customer and meter, rate cap, backoff, dead letters;
+//! - [`sink`]: Stripe meter events or a generic JSON webhook;
+//! - [`stripe`]: Stripe's API (meter events, summaries, Checkout, webhook signatures);
+//! - [`reconcile`]: what we reported against what the provider has.
+//!
+//! Exactly once, end to end: a window's report is owed (fsynced) before it is sent; it is sent
+//! until the provider confirms it or refuses it for good; and every repeat carries the same
+//! identifier, which the provider keeps once. What is owed is derived from closed usage, which
+//! is a function of the stream, so a crash and replay re-derive it and owe nothing twice.
+
+pub mod cli;
+pub mod deliver;
+pub mod outbox;
+pub mod reconcile;
+pub mod runner;
+pub mod sink;
+pub mod stripe;
+pub mod windows;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::bus::BusError;
+use crate::bus::follower::{FollowSpec, follow};
+use crate::clock::{Clock, format_micros};
+use crate::config::{BillingProvider, BillingSettings, Config};
+use crate::error::{Classify, ErrorKind};
+use crate::meter::customers::{Customer, CustomerStore, CustomerUpdate};
+use crate::meter::spec::{Allowance, MeterSpec};
+use crate::shutdown::Shutdown;
+use deliver::{DeliveryStats, Pace};
+use outbox::{Outbox, OutboxError, Standing};
+use runner::{BilledMeter, BillingFollower, WindowsView};
+use sink::Sink;
+use stripe::{SignatureError, Stripe};
+
+/// Secrets from the environment (`STRIPE_SECRET_KEY`, `STRIPE_WEBHOOK_SECRET`).
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// Stripe's secret API key (`sk_…`).
+    pub secret_key: Option<String>,
+    /// The webhook endpoint's signing secret (`whsec_…`).
+    pub webhook_secret: Option<String>,
+}
+
+impl Secrets {
+    /// Reads both from the environment; empty values count as unset.
+    pub fn from_env() -> Self {
+        let read = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            secret_key: read("STRIPE_SECRET_KEY"),
+            webhook_secret: read("STRIPE_WEBHOOK_SECRET"),
+        }
+    }
+}
+
+/// Why billing could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    /// The provider is Stripe and no key is set.
+    #[error("billing.provider is stripe but STRIPE_SECRET_KEY is not set")]
+    MissingKey,
+    /// The outbox is unreadable or unwritable.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The stream could not be read.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A webhook's signature is wrong, missing or stale.
+    #[error("invalid Stripe-Signature: {0}")]
+    Signature(#[from] SignatureError),
+    /// Webhooks are not set up.
+    #[error("Stripe webhooks are not configured: set STRIPE_WEBHOOK_SECRET")]
+    WebhooksOff,
+    /// A webhook's body is not a Stripe event, or names something unknown.
+    #[error("{0}")]
+    BadEvent(String),
+    /// The plan change could not be stored.
+    #[error("storing the plan change: {0}")]
+    Store(String),
+}
+
+impl Classify for BillingError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Signature(_) | Self::BadEvent(_) => ErrorKind::InvalidInput,
+            Self::WebhooksOff | Self::Bus(_) | Self::Store(_) => ErrorKind::Unavailable,
+            Self::MissingKey | Self::Outbox(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Signature(_) => "invalid_signature",
+            Self::BadEvent(_) => "invalid_event",
+            Self::WebhooksOff => "webhooks_not_configured",
+            Self::Store(_) => "store_unavailable",
+            Self::Bus(_) => "stream_unavailable",
+            Self::MissingKey | Self::Outbox(_) => "billing_unavailable",
+        }
+    }
+}
+
+/// A Checkout Session made for a customer and plan: (id, url, when).
+type CachedCheckout = (String, String, Instant);
+
+/// The running billing sink and upgrade path.
+pub struct Billing {
+    settings: BillingSettings,
+    outbox: Arc<Mutex<Outbox>>,
+    view: Arc<Mutex<WindowsView>>,
+    stats: Arc<Mutex<DeliveryStats>>,
+    requeue: mpsc::UnboundedSender<Vec<outbox::Entry>>,
+    stripe: Option<Stripe>,
+    webhook_secret: Option<String>,
+    customers: Arc<CustomerStore>,
+    spec: MeterSpec,
+    known_plans: Vec<String>,
+    default_plan: String,
+    checkouts: tokio::sync::Mutex<HashMap<(String, String), CachedCheckout>>,
+    seen_events: Mutex<(VecDeque<String>, HashSet<String>)>,
+    clock: Clock,
+}
+
+/// Where billing reads from.
+pub struct BillingTarget<'a> {
+    /// The events stream.
+    pub stream: &'a str,
+    /// The data dir (`data/billing` is made under it).
+    pub data_dir: &'a Path,
+}
+
+/// Starts the follower and delivery; `None` when the config has no `billing` section.
+pub async fn start(
+    config: &Config,
+    secrets: Secrets,
+    js: async_nats::jetstream::Context,
+    target: BillingTarget<'_>,
+    customers: Arc<CustomerStore>,
+    clock: Clock,
+    shutdown: Shutdown,
+) -> Result<Option<(Arc<Billing>, Vec<JoinHandle<()>>)>, BillingError> {
+    let Some(settings) = config.billing.clone() else {
+        return Ok(None);
+    };
+    let timeout = settings.timeout.get();
+    let stripe = match (&secrets.secret_key, settings.provider) {
+        (Some(key), _) => Some(Stripe::new(&settings.api_base, key, timeout)),
+        (None, BillingProvider::Stripe) => return Err(BillingError::MissingKey),
+        (None, BillingProvider::Webhook) => None,
+    };
+    let sink = match (settings.provider, &stripe) {
+        (BillingProvider::Stripe, Some(stripe)) => Sink::Stripe(stripe.clone()),
+        _ => Sink::Webhook {
+            http: crate::client::HttpClient::new(),
+            url: settings.url.clone().unwrap_or_default(),
+            timeout,
+        },
+    };
+    let dir = target.data_dir.join("billing");
+    let outbox = Arc::new(Mutex::new(Outbox::open(&dir)?));
+    let spec = MeterSpec::from_config(config);
+    let mut meters: HashMap<String, Vec<BilledMeter>> = HashMap::new();
+    for event in &config.events {
+        let Some(metering) = &event.metering else {
+            continue;
+        };
+        let Some(event_name) = settings.meters.get(&metering.feature_id) else {
+            continue;
+        };
+        meters
+            .entry(event.name.clone())
+            .or_default()
+            .push(BilledMeter {
+                feature: metering.feature_id.clone(),
+                event_name: event_name.clone(),
+                value_property: metering.value_property.clone(),
+                aggregation: metering.aggregation,
+            });
+    }
+    let created = crate::bus::streams::stream_created(&js, target.stream).await?;
+    let window = micros(settings.window.get());
+    let grace = micros(settings.grace.get());
+    let (windows, after_seq) = runner::load(&dir, &created, window, grace);
+    tracing::info!(
+        resume_after = after_seq,
+        open_windows = windows.open_count(),
+        "billing resuming"
+    );
+    let (deliver_tx, deliver_rx) = mpsc::unbounded_channel();
+    let view = Arc::new(Mutex::new(WindowsView::default()));
+    let follower = BillingFollower {
+        windows,
+        meters,
+        outbox: outbox.clone(),
+        customers: customers.clone(),
+        deliver: deliver_tx.clone(),
+        dir,
+        stream_created: created,
+        seq: after_seq,
+        clock: clock.clone(),
+        view: view.clone(),
+    };
+    let spec_follow = FollowSpec {
+        stream: target.stream.to_string(),
+        consumer: "billing".into(),
+        after_seq,
+        snapshot_interval: settings.flush_interval.get(),
+    };
+    let stats = Arc::new(Mutex::new(DeliveryStats::default()));
+    let pace = Pace {
+        concurrency: settings.concurrency,
+        rate_limit: settings.rate_limit,
+        retry_base: settings.retry_base.get(),
+        retry_max: settings.retry_max.get(),
+    };
+    let tasks = vec![
+        tokio::spawn(follow(js, spec_follow, follower, shutdown.clone())),
+        tokio::spawn(deliver::run(
+            outbox.clone(),
+            sink,
+            pace,
+            deliver_rx,
+            stats.clone(),
+            shutdown,
+        )),
+    ];
+    let billing = Billing {
+        outbox,
+        view,
+        stats,
+        requeue: deliver_tx,
+        stripe,
+        webhook_secret: secrets.webhook_secret,
+        customers,
+        spec,
+        known_plans: config
+            .known_plans()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        default_plan: config.metering.default_plan.clone(),
+        checkouts: tokio::sync::Mutex::new(HashMap::new()),
+        seen_events: Mutex::new((VecDeque::new(), HashSet::new())),
+        clock,
+        settings,
+    };
+    Ok(Some((Arc::new(billing), tasks)))
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// `GET /v1/billing/status` and `northstar billing status`: the outbox's totals and letters.
+pub fn status_of(outbox: &Outbox, provider: BillingProvider) -> Value {
+    let mut pending = 0;
+    let mut delivered = 0;
+    let mut dead = Vec::new();
+    for (entry, standing) in outbox.all() {
+        match standing {
+            Standing::Pending => pending += 1,
+            Standing::Delivered => delivered += 1,
+            Standing::Dead { status, message } => dead.push(json!({
+                "identifier": entry.identifier,
+                "customer_id": entry.customer_id,
+                "feature": entry.feature,
+                "event_name": entry.event_name,
+                "value": entry.value,
+                "window_start": format_micros(entry.window_start),
+                "revision": entry.revision,
+                "status": status,
+                "message": message,
+            })),
+        }
+    }
+    let totals: Vec<Value> = outbox
+        .totals()
+        .into_iter()
+        .map(|((customer, feature), (owed, delivered))| {
+            json!({"customer_id": customer, "feature": feature, "owed": owed, "delivered": delivered})
+        })
+        .collect();
+    json!({
+        "provider": provider,
+        "pending": pending,
+        "delivered": delivered,
+        "dead": dead,
+        "totals": totals,
+    })
+}
+
+impl Billing {
+    /// Where reports go.
+    pub fn provider(&self) -> BillingProvider {
+        self.settings.provider
+    }
+
+    /// The sink's state: outbox, windows, delivery counters.
+    pub fn status(&self) -> Value {
+        let mut status = match self.outbox.lock() {
+            Ok(outbox) => status_of(&outbox, self.settings.provider),
+            Err(_) => json!({}),
+        };
+        let view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
+        let metered: HashMap<(String, String), Decimal> = view
+            .closed
+            .iter()
+            .map(|(c, f, q)| ((c.clone(), f.clone()), *q))
+            .collect();
+        if let Some(totals) = status["totals"].as_array_mut() {
+            for total in totals.iter_mut() {
+                let key = (
+                    total["customer_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    total["feature"].as_str().unwrap_or_default().to_string(),
+                );
+                let closed = metered.get(&key).copied().unwrap_or_default();
+                total["metered"] = json!(closed.normalize().to_string());
+            }
+        }
+        status["open_windows"] = json!(view.open);
+        status["watermark"] = if view.watermark == i64::MIN {
+            Value::Null
+        } else {
+            json!(format_micros(view.watermark))
+        };
+        status["applied_seq"] = json!(view.seq);
+        status["window"] = json!(crate::config::format_duration(self.settings.window.get()));
+        status["grace"] = json!(crate::config::format_duration(self.settings.grace.get()));
+        status["delivery"] = self
+            .stats
+            .lock()
+            .map(|s| serde_json::to_value(&*s).unwrap_or_default())
+            .unwrap_or_default();
+        status
+    }
+
+    /// `POST /v1/billing/retry`: dead letters back in line. Returns how many.
+    pub fn retry_dead(&self) -> Result<usize, BillingError> {
+        let entries = match self.outbox.lock() {
+            Ok(mut outbox) => outbox.retry_dead()?,
+            Err(_) => Vec::new(),
+        };
+        let n = entries.len();
+        if n > 0 {
+            let _ = self.requeue.send(entries);
+        }
+        Ok(n)
+    }
+
+    /// The plan a customer stuck at a limit of `feature` should move to: among plans with a
+    /// Checkout price, the one with the smallest limit above the current plan's (unlimited last).
+    pub fn upgrade_plan(&self, customer: &Customer, feature: &str) -> Option<String> {
+        let (_, feature) = self.spec.feature(feature)?;
+        let rank = |plan: &str| match feature.allowance(plan) {
+            Allowance::None => Some(0),
+            Allowance::Limited { limit, .. } => Some(limit),
+            Allowance::Unlimited => Some(u64::MAX),
+        };
+        let current = rank(&customer.plan).unwrap_or(0);
+        self.settings
+            .checkout
+            .prices
+            .keys()
+            .filter(|plan| **plan != customer.plan)
+            .filter_map(|plan| rank(plan).map(|r| (r, plan)))
+            .filter(|(r, _)| *r > current)
+            .min()
+            .map(|(_, plan)| plan.clone())
+    }
+
+    /// A Checkout Session (id, url) for `customer` to move past a limit of `feature`: made
+    /// once per customer and plan and reused for 23 hours (Stripe's sessions last 24).
+    pub async fn checkout_for(
+        &self,
+        customer: &Customer,
+        feature: &str,
+    ) -> Option<(String, String)> {
+        let stripe = self.stripe.as_ref()?;
+        let plan = self.upgrade_plan(customer, feature)?;
+        let price = self.settings.checkout.prices.get(&plan)?;
+        let key = (customer.id.clone(), plan.clone());
+        let mut cache = self.checkouts.lock().await;
+        if let Some((id, url, made)) = cache.get(&key)
+            && made.elapsed() < Duration::from_secs(23 * 3600)
+        {
+            return Some((id.clone(), url.clone()));
+        }
+        match stripe
+            .checkout_session(
+                &customer.id,
+                customer.stripe_customer_id.as_deref(),
+                &plan,
+                price,
+                &self.settings.checkout.success_url,
+                &self.settings.checkout.cancel_url,
+            )
+            .await
+        {
+            Ok((id, url)) => {
+                cache.insert(key, (id.clone(), url.clone(), Instant::now()));
+                Some((id, url))
+            }
+            Err(error) => {
+                tracing::warn!(customer = %customer.id, %plan, %error, "no Checkout Session for the 402");
+                None
+            }
+        }
+    }
+
+    /// `POST /v1/webhooks/stripe`: verifies the signature, then applies a subscription change
+    /// (each event id once). Returns what was done.
+    pub async fn stripe_webhook(
+        &self,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<Value, BillingError> {
+        let secret = self
+            .webhook_secret
+            .as_deref()
+            .ok_or(BillingError::WebhooksOff)?;
+        let now = self.clock.now_micros() / 1_000_000;
+        stripe::verify_signature(signature, body, secret, now, 300)?;
+        let event: Value = serde_json::from_slice(body)
+            .map_err(|e| BillingError::BadEvent(format!("body is not JSON: {e}")))?;
+        let id = event["id"]
+            .as_str()
+            .ok_or_else(|| BillingError::BadEvent("id: missing".into()))?
+            .to_string();
+        let kind = event["type"].as_str().unwrap_or_default().to_string();
+        if self
+            .seen_events
+            .lock()
+            .map(|s| s.1.contains(&id))
+            .unwrap_or(false)
+        {
+            return Ok(json!({"received": true, "duplicate": true}));
+        }
+        let object = &event["data"]["object"];
+        let change = match kind.as_str() {
+            "checkout.session.completed" => self.plan_of_checkout(object)?,
+            "customer.subscription.created" | "customer.subscription.updated" => {
+                self.plan_of_subscription(object, false)?
+            }
+            "customer.subscription.deleted" => self.plan_of_subscription(object, true)?,
+            _ => None,
+        };
+        let mut answer = json!({"received": true, "type": kind});
+        if let Some((customer, plan, stripe_customer)) = change {
+            let update = CustomerUpdate {
+                plan: Some(plan.clone()),
+                suspended: Some(false),
+                stripe_customer_id: stripe_customer,
+                ..Default::default()
+            };
+            let stored = self
+                .customers
+                .update(
+                    &customer,
+                    update,
+                    &self.known_plans,
+                    self.clock.now_micros(),
+                )
+                .await
+                .map_err(|e| BillingError::Store(e.to_string()))?;
+            self.checkouts
+                .lock()
+                .await
+                .retain(|(c, _), _| *c != customer);
+            tracing::info!(customer = %customer, plan = %stored.plan, event = %id, "plan changed by Stripe");
+            answer["customer_id"] = json!(customer);
+            answer["plan"] = json!(stored.plan);
+        }
+        if let Ok(mut seen) = self.seen_events.lock() {
+            seen.0.push_back(id.clone());
+            seen.1.insert(id);
+            while seen.0.len() > 10_000 {
+                if let Some(old) = seen.0.pop_front() {
+                    seen.1.remove(&old);
+                }
+            }
+        }
+        Ok(answer)
+    }
+
+    /// (customer, plan, Stripe customer) from a completed Checkout Session.
+    fn plan_of_checkout(
+        &self,
+        session: &Value,
+    ) -> Result<Option<(String, String, Option<String>)>, BillingError> {
+        let customer = session["metadata"]["northstar_customer"]
+            .as_str()
+            .or_else(|| session["client_reference_id"].as_str())
+            .ok_or_else(|| {
+                BillingError::BadEvent(
+                    "data.object.metadata.northstar_customer: missing (and no client_reference_id)"
+                        .into(),
+                )
+            })?;
+        let plan = session["metadata"]["plan"]
+            .as_str()
+            .ok_or_else(|| BillingError::BadEvent("data.object.metadata.plan: missing".into()))?;
+        self.known_plan(plan, "data.object.metadata.plan")?;
+        Ok(Some((
+            customer.to_string(),
+            plan.to_string(),
+            session["customer"].as_str().map(str::to_string),
+        )))
+    }
+
+    /// (customer, plan, Stripe customer) from a subscription: its price's plan, or the default
+    /// plan when it is deleted or no longer paid.
+    fn plan_of_subscription(
+        &self,
+        subscription: &Value,
+        deleted: bool,
+    ) -> Result<Option<(String, String, Option<String>)>, BillingError> {
+        let stripe_customer = subscription["customer"].as_str().map(str::to_string);
+        let customer = match subscription["metadata"]["northstar_customer"].as_str() {
+            Some(id) => id.to_string(),
+            None => match stripe_customer
+                .as_deref()
+                .and_then(|s| self.customers.find_by_stripe_id(s))
+            {
+                Some(id) => id,
+                None => {
+                    tracing::warn!(
+                        ?stripe_customer,
+                        "subscription event for a customer northstar does not know; ignored"
+                    );
+                    return Ok(None);
+                }
+            },
+        };
+        let ended = deleted
+            || matches!(
+                subscription["status"].as_str(),
+                Some("canceled" | "unpaid" | "incomplete_expired")
+            );
+        let plan = if ended {
+            self.default_plan.clone()
+        } else {
+            let price = subscription["items"]["data"][0]["price"]["id"]
+                .as_str()
+                .ok_or_else(|| {
+                    BillingError::BadEvent("data.object.items.data[0].price.id: missing".into())
+                })?;
+            match self
+                .settings
+                .checkout
+                .prices
+                .iter()
+                .find(|(_, p)| *p == price)
+            {
+                Some((plan, _)) => plan.clone(),
+                None => {
+                    tracing::warn!(%price, "subscription price not in billing.checkout.prices; ignored");
+                    return Ok(None);
+                }
+            }
+        };
+        Ok(Some((customer, plan, stripe_customer)))
+    }
+
+    fn known_plan(&self, plan: &str, field: &str) -> Result<(), BillingError> {
+        if self.known_plans.iter().any(|p| p == plan) {
+            Ok(())
+        } else {
+            Err(BillingError::BadEvent(format!(
+                "{field}: `{plan}` is not a plan of the config"
+            )))
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Usage windows: metered quantities summed per customer, feature and window of event time,
+//! closed when the watermark passes the window's end plus the grace period.
+//!
+//! The watermark is the latest event time seen (never past the event's arrival, so a client
+//! clock running ahead cannot close windows early), moved on by the wall clock when the
+//! stream is quiet. Usage that arrives for a window already closed is *late*: it is added to
+//! the closed usage at once and its window is marked for a correction, never dropped.
+//!
+//! What is owed is derived from closed usage only (see [`super::outbox`]): the windows do not
+//! remember what was reported, so replaying the stream after a crash can never bill twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// A customer and a billed feature.
+pub type Key = (String, String);
+
+/// A window to report: its key and start (UTC µs).
+pub type Due = (Key, i64);
+
+/// The windows of one follower.
+#[derive(Debug, Clone)]
+pub struct Windows {
+    window: i64,
+    grace: i64,
+    open: BTreeMap<i64, HashMap<Key, Decimal>>,
+    closed: HashMap<Key, Decimal>,
+    late: BTreeSet<Due>,
+    watermark: i64,
+}
+
+/// What [`Windows::add`] did with a quantity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// Into an open window.
+    Open,
+    /// Into a closed window: a correction is due.
+    Late,
+}
+
+impl Windows {
+    /// Windows of `window` µs that close `grace` µs after their end.
+    pub fn new(window: i64, grace: i64) -> Self {
+        Self {
+            window: window.max(1),
+            grace: grace.max(0),
+            open: BTreeMap::new(),
+            closed: HashMap::new(),
+            late: BTreeSet::new(),
+            watermark: i64::MIN,
+        }
+    }
+
+    /// Window length (µs).
+    pub fn window(&self) -> i64 {
+        self.window
+    }
+
+    /// The start of the window holding `at`.
+    pub fn start_of(&self, at: i64) -> i64 {
+        at - at.rem_euclid(self.window)
+    }
+
+    fn is_closed(&self, start: i64) -> bool {
+        start.saturating_add(self.window).saturating_add(self.grace) <= self.watermark
+    }
+
+    /// Adds `quantity` of `key` used at `at` and received at `received` (both UTC µs).
+    pub fn add(&mut self, key: Key, at: i64, received: i64, quantity: Decimal) -> Added {
+        self.watermark = self.watermark.max(at.min(received));
+        let start = self.start_of(at);
+        if self.is_closed(start) {
+            *self.closed.entry(key.clone()).or_default() += quantity;
+            self.late.insert((key, start));
+            Added::Late
+        } else {
+            *self.open.entry(start).or_default().entry(key).or_default() += quantity;
+            Added::Open
+        }
+    }
+
+    /// Moves the watermark to at least `now` and closes what it passes. Returns the windows to
+    /// report: those just closed, then those with late usage since the last call.
+    pub fn advance(&mut self, now: i64) -> Vec<Due> {
+        self.watermark = self.watermark.max(now);
+        let mut due = Vec::new();
+        while let Some((&start, _)) = self.open.first_key_value() {
+            if !self.is_closed(start) {
+                break;
+            }
+            let Some((start, usage)) = self.open.pop_first() else {
+                break;
+            };
+            let mut keys: Vec<_> = usage.into_iter().collect();
+            keys.sort();
+            for (key, quantity) in keys {
+                *self.closed.entry(key.clone()).or_default() += quantity;
+                due.push((key, start));
+            }
+        }
+        due.extend(std::mem::take(&mut self.late));
+        due
+    }
+
+    /// Puts windows back to be reported at the next [`Windows::advance`] (their report could
+    /// not be owed this time).
+    pub fn requeue(&mut self, due: Vec<Due>) {
+        self.late.extend(due);
+    }
+
+    /// Usage of `key` in closed windows (what billing may be owed for).
+    pub fn closed_usage(&self, key: &Key) -> Decimal {
+        self.closed.get(key).copied().unwrap_or_default()
+    }
+
+    /// Windows not closed yet.
+    pub fn open_count(&self) -> usize {
+        self.open.values().map(HashMap::len).sum()
+    }
+
+    /// The watermark (UTC µs; `i64::MIN` before the first event or tick).
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Closed usage of every key.
+    pub fn closed(&self) -> impl Iterator<Item = (&Key, &Decimal)> {
+        self.closed.iter()
+    }
+
+    /// The state, for a snapshot.
+    pub fn to_state(&self) -> WindowState {
+        WindowState {
+            watermark: self.watermark,
+            open: self
+                .open
+                .iter()
+                .flat_map(|(start, usage)| {
+                    usage
+                        .iter()
+                        .map(|((c, f), q)| (*start, c.clone(), f.clone(), *q))
+                })
+                .collect(),
+            closed: self
+                .closed
+                .iter()
+                .map(|((c, f), q)| (c.clone(), f.clone(), *q))
+                .collect(),
+            late: self
+                .late
+                .iter()
+                .map(|((c, f), s)| (c.clone(), f.clone(), *s))
+                .collect(),
+        }
+    }
+
+    /// Windows restored from a snapshot.
+    pub fn from_state(window: i64, grace: i64, state: WindowState) -> Self {
+        let mut windows = Self::new(window, grace);
+        windows.watermark = state.watermark;
+        for (start, customer, feature, quantity) in state.open {
+            windows
+                .open
+                .entry(start)
+                .or_default()
+                .insert((customer, feature), quantity);
+        }
+        for (customer, feature, quantity) in state.closed {
+            windows.closed.insert((customer, feature), quantity);
+        }
+        for (customer, feature, start) in state.late {
+            windows.late.insert(((customer, feature), start));
+        }
+        windows
+    }
+}
+
+/// The serialisable state of [`Windows`] (decimals as exact strings).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WindowState {
+    /// The watermark (UTC µs).
+    pub watermark: i64,
+    /// Open windows: (start, customer, feature, usage).
+    pub open: Vec<(i64, String, String, Decimal)>,
+    /// Closed usage: (customer, feature, usage).
+    pub closed: Vec<(String, String, Decimal)>,
+    /// Windows with late usage not yet reported: (customer, feature, start).
+    pub late: Vec<(String, String, i64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000;
+
+    fn key(c: &str) -> Key {
+        (c.to_string(), "api".to_string())
+    }
+
+    #[test]
+    fn windows_close_after_end_plus_grace_and_late_usage_is_a_correction() {
+        let mut w = Windows::new(10 * S, 5 * S);
+        assert_eq!(w.add(key("a"), 12 * S, 12 * S, Decimal::ONE), Added::Open);
+        assert_eq!(w.add(key("a"), 19 * S, 19 * S, Decimal::TWO), Added::Open);
+        // Window [10, 20) closes at 25.
+        assert!(w.advance(24 * S).is_empty());
+        assert_eq!(w.advance(25 * S), vec![(key("a"), 10 * S)]);
+        assert_eq!(w.closed_usage(&key("a")), Decimal::from(3));
+        // A straggler for the closed window is counted and due again.
+        assert_eq!(w.add(key("a"), 15 * S, 26 * S, Decimal::ONE), Added::Late);
+        assert_eq!(w.closed_usage(&key("a")), Decimal::from(4));
+        assert_eq!(w.advance(26 * S), vec![(key("a"), 10 * S)]);
+        assert!(w.advance(27 * S).is_empty());
+    }
+
+    #[test]
+    fn a_client_clock_ahead_does_not_close_windows() {
+        let mut w = Windows::new(10 * S, 0);
+        // Claims to be at 100 s but arrived at 12 s: the watermark stays at 12 s.
+        w.add(key("a"), 100 * S, 12 * S, Decimal::ONE);
+        assert_eq!(w.add(key("b"), 11 * S, 12 * S, Decimal::ONE), Added::Open);
+        assert_eq!(w.watermark(), 12 * S);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut w = Windows::new(10 * S, 0);
+        w.add(key("a"), 1, 1, "0.25".parse().unwrap());
+        w.add(key("b"), 15 * S, 15 * S, Decimal::ONE);
+        w.advance(10 * S);
+        let text = serde_json::to_string(&w.to_state()).unwrap();
+        let back = Windows::from_state(10 * S, 0, serde_json::from_str(&text).unwrap());
+        assert_eq!(back.closed_usage(&key("a")), "0.25".parse().unwrap());
+        assert_eq!(back.open_count(), 1);
+        assert_eq!(back.watermark(), w.watermark());
+    }
+}
