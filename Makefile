@@ -26,6 +26,7 @@ bench: deps release
 	$(REL_BIN) bench ingest
 	$(REL_BIN) bench limits
 	$(REL_BIN) bench activation
+	$(REL_BIN) bench billing
 
 build:
 	$(CARGO) build

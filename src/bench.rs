@@ -4,9 +4,11 @@
 //! - [`ingest`]: HTTP batches → JetStream → Parquet, against raw async-nats publish + consume;
 //! - [`limits`]: `/v1/check` latency and throughput against a bare hyper server, freshness,
 //!   and the memory of a million counters;
-//! - [`activation`]: a full activation recompute vs DuckDB running the same SQL.
+//! - [`activation`]: a full activation recompute vs DuckDB running the same SQL;
+//! - [`billing`]: meter events/s from the outbox to a local Stripe-speaking server, vs raw POSTs.
 
 pub mod activation;
+pub mod billing;
 pub mod ingest;
 pub mod limits;
 pub mod report;
@@ -22,6 +24,8 @@ pub enum Suite {
     Limits(limits::LimitsBench),
     /// A full activation recompute over a large history, vs DuckDB running the same SQL.
     Activation(activation::ActivationBench),
+    /// Meter events/s delivered from the outbox to a local server speaking Stripe's API.
+    Billing(billing::BillingBench),
     /// The bare hyper server of `bench limits` (run as its own process, like northstar).
     #[command(hide = true)]
     BareServer,
@@ -34,6 +38,7 @@ pub async fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Limits(options) => limits::run(options).await,
         Suite::BareServer => limits::bare_server().await,
         Suite::Activation(options) => activation::run(options).await,
+        Suite::Billing(options) => billing::run(options).await,
     }
 }
 
