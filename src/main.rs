@@ -189,9 +189,9 @@ enum BillingCommand {
         /// Config file.
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        /// Output format (table or json).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Compare what northstar delivered with Stripe's meter event summaries (needs
     /// STRIPE_SECRET_KEY); exits 1 on any difference.
@@ -202,9 +202,9 @@ enum BillingCommand {
         /// Config file (the `billing` section).
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        /// Output format (table or json).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
 }
 
@@ -447,12 +447,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Billing { command } => {
             let ok = match command {
-                BillingCommand::Status { data, config, json } => {
-                    northstar::billing::cli::status(&load_config(&config)?, &data, json)?
-                }
-                BillingCommand::Reconcile { data, config, json } => {
-                    northstar::billing::cli::reconcile_command(&load_config(&config)?, &data, json)
-                        .await?
+                BillingCommand::Status {
+                    data,
+                    config,
+                    format,
+                } => northstar::billing::cli::status(
+                    &load_config(&config)?,
+                    &data,
+                    format == Format::Json,
+                )?,
+                BillingCommand::Reconcile {
+                    data,
+                    config,
+                    format,
+                } => {
+                    northstar::billing::cli::reconcile_command(
+                        &load_config(&config)?,
+                        &data,
+                        format == Format::Json,
+                    )
+                    .await?
                 }
             };
             if !ok {
