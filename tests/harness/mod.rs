@@ -14,6 +14,7 @@ use northstar::config::Config;
 use northstar::query::QueryEngine;
 use serde_json::{Value, json};
 
+pub mod billing;
 pub mod stripe;
 
 /// The write key every test config carries.
