@@ -77,7 +77,7 @@ impl Stripe {
     /// `POST /v1/billing/meter_events` for one owed report.
     pub async fn meter_event(&self, entry: &Entry) -> Outcome {
         let value = entry.value.to_string();
-        let timestamp = report_timestamp(entry, crate::clock::system_micros());
+        let timestamp = report_timestamp(entry);
         let timestamp = timestamp.to_string();
         let form = [
             ("event_name", entry.event_name.as_str()),
@@ -230,10 +230,11 @@ impl Stripe {
 }
 
 /// The `timestamp` of a report: the window's start, moved into what Stripe accepts (within
-/// the past 35 days: a correction of an older window is stamped 34 days ago).
-pub fn report_timestamp(entry: &Entry, now_micros: i64) -> i64 {
-    let oldest = now_micros / 1_000_000 - 34 * 86_400;
-    (entry.window_start.div_euclid(1_000_000)).max(oldest)
+/// the past 35 days: a correction of an older window is stamped 34 days before it was owed).
+/// Fixed per entry, so every retry sends the very same parameters under its idempotency key.
+pub fn report_timestamp(entry: &Entry) -> i64 {
+    let oldest = entry.created_at.div_euclid(1_000_000) - 34 * 86_400;
+    entry.window_start.div_euclid(1_000_000).max(oldest)
 }
 
 /// What an answer to a meter event means for the outbox.
@@ -434,6 +435,29 @@ mod tests {
             verify_signature(Some(&both), body, "whsec_x", 1_000, 300),
             Ok(())
         );
+    }
+
+    #[test]
+    fn old_windows_are_stamped_within_stripes_35_days_and_the_same_on_every_retry() {
+        let day = 86_400_000_000;
+        let entry = Entry {
+            identifier: "ns:a:api:0:1".into(),
+            customer_id: "a".into(),
+            provider_customer: "cus_a".into(),
+            feature: "api".into(),
+            event_name: "api".into(),
+            value: 1,
+            window_start: 0,
+            window_end: 3_600_000_000,
+            revision: 1,
+            created_at: 100 * day,
+        };
+        assert_eq!(report_timestamp(&entry), 66 * 86_400);
+        let recent = Entry {
+            window_start: 99 * day,
+            ..entry
+        };
+        assert_eq!(report_timestamp(&recent), 99 * 86_400);
     }
 
     #[test]
