@@ -140,7 +140,10 @@ impl QueryEngine {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let session = SessionConfig::new()
+        // DATAFUSION_* environment variables tune the engine (e.g.
+        // DATAFUSION_EXECUTION_PARQUET_PUSHDOWN_FILTERS=true); northstar's own settings win.
+        let session = SessionConfig::from_env()
+            .unwrap_or_default()
             .with_information_schema(true)
             .with_target_partitions(threads);
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);

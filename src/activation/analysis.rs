@@ -211,47 +211,22 @@ pub async fn run(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Analysis, AnalysisError> {
     progress("checking the events");
-    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
-    let counts = engine
-        .collect_internal(&format!(
-            "SELECT count(*) AS total, \
-             sum(CASE WHEN event = {} THEN 1 ELSE 0 END) AS signups, \
-             sum(CASE WHEN event = {} THEN 1 ELSE 0 END) AS stars, \
-             CAST(max(\"timestamp\") AS BIGINT) AS last_us FROM events",
-            quote(&question.signup_event),
-            quote(&question.north_star_event)
-        ))
-        .await?;
-    let value = |column: usize| -> i64 {
-        counts
-            .first()
-            .and_then(|b| arrow::compute::cast(b.column(column), &DataType::Int64).ok())
-            .and_then(|c| {
-                c.as_any()
-                    .downcast_ref::<Int64Array>()
-                    .filter(|a| !a.is_null(0))
-                    .map(|a| a.value(0))
-            })
-            .unwrap_or(0)
+    // The last event's time comes from the files' statistics (no scan); the checks that need a
+    // scan (is there any signup, any North Star event?) run only when the answer is empty.
+    let end = match as_of {
+        Some(end) => end,
+        None => {
+            let last = engine
+                .collect_internal(
+                    "SELECT CAST(max(\"timestamp\") AS BIGINT) AS last_us FROM events",
+                )
+                .await?;
+            match first_i64(&last, 0) {
+                Some(end) => end,
+                None => return Err(AnalysisError::NoHistory),
+            }
+        }
     };
-    if value(0) == 0 {
-        return Err(AnalysisError::NoHistory);
-    }
-    if value(1) == 0 {
-        return Err(AnalysisError::EventMissing {
-            event: question.signup_event.clone(),
-            role: "signup",
-            key: "signupEvent",
-        });
-    }
-    if value(2) == 0 {
-        return Err(AnalysisError::EventMissing {
-            event: question.north_star_event.clone(),
-            role: "North Star",
-            key: "northStarEvent",
-        });
-    }
-    let end = as_of.unwrap_or(value(3));
     let cohort_end = end - i64::from(question.retained_days.1) * 86_400_000_000;
 
     progress("counting each person's North Star events and retention");
@@ -285,6 +260,9 @@ pub async fn run(
         }
     }
     let cohort: u64 = rows.iter().filter(|r| r.0 == 1).map(|r| r.3).sum();
+    if cohort == 0 || rows.iter().all(|r| r.1 == 0) {
+        missing_events(engine, question).await?;
+    }
     let as_of_text = crate::clock::format_micros(end);
     if cohort == 0 {
         return Err(AnalysisError::CohortTooYoung {
@@ -302,6 +280,53 @@ pub async fn run(
         cohort,
         evaluation,
     })
+}
+
+/// Why an analysis has nothing to count: no events, no signup event, or no North Star event.
+async fn missing_events(engine: &QueryEngine, question: &Question) -> Result<(), AnalysisError> {
+    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let counts = engine
+        .collect_internal(&format!(
+            "SELECT count(*) AS total, \
+             sum(CASE WHEN event = {} THEN 1 ELSE 0 END) AS signups, \
+             sum(CASE WHEN event = {} THEN 1 ELSE 0 END) AS stars FROM events",
+            quote(&question.signup_event),
+            quote(&question.north_star_event)
+        ))
+        .await?;
+    let value = |column: usize| first_i64(&counts, column).unwrap_or(0);
+    if value(0) == 0 {
+        return Err(AnalysisError::NoHistory);
+    }
+    if value(1) == 0 {
+        return Err(AnalysisError::EventMissing {
+            event: question.signup_event.clone(),
+            role: "signup",
+            key: "signupEvent",
+        });
+    }
+    if value(2) == 0 {
+        return Err(AnalysisError::EventMissing {
+            event: question.north_star_event.clone(),
+            role: "North Star",
+            key: "northStarEvent",
+        });
+    }
+    Ok(())
+}
+
+/// The first row's value of `column` as an i64 (None when absent or null).
+fn first_i64(batches: &[arrow::record_batch::RecordBatch], column: usize) -> Option<i64> {
+    batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .and_then(|b| arrow::compute::cast(b.column(column), &DataType::Int64).ok())
+        .and_then(|c| {
+            c.as_any()
+                .downcast_ref::<Int64Array>()
+                .filter(|a| !a.is_null(0))
+                .map(|a| a.value(0))
+        })
 }
 
 /// The top candidates as a text table, with the choice (or why there is none) below it.
