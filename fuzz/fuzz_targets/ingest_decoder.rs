@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else if let Ok(envelope) = serde_json::from_slice::<segment::BatchEnvelope<'_>>(&decoded) {
-        for raw in envelope.batch {
+        for raw in &envelope.batch {
             if let Ok(Value::Object(message)) = serde_json::from_str::<Value>(raw.get())
                 && let Ok(record) = segment::normalize(message, None, envelope.inherited(), "fuzz", 1_700_000_000_000_000)
             {
