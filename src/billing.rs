@@ -214,6 +214,7 @@ pub async fn start(
         seq: after_seq,
         clock: clock.clone(),
         view: view.clone(),
+        written_seq: None,
     };
     let spec_follow = FollowSpec {
         stream: target.stream.to_string(),

@@ -36,20 +36,7 @@ async fn billed_equals_metered_under_faults_and_kill9() {
             server.restart();
         }
         let at = now();
-        let events: Vec<Value> = (0..40)
-            .map(|i| {
-                let customer = customers[i % customers.len()];
-                let id = format!("b{batch}-{i}");
-                if i % 3 == 0 {
-                    let quarters = [2, 4, 9][(i / 3 + batch) % 3];
-                    metered.storage(customer, quarters);
-                    storage(&id, customer, quarters, &at)
-                } else {
-                    metered.call(customer);
-                    call(&id, customer, &at)
-                }
-            })
-            .collect();
+        let events = metered.mixed_batch(&format!("b{batch}"), 40, 3, batch, &customers, &at);
         send(&server, events).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
@@ -284,20 +271,7 @@ async fn webhook_sink_delivers_once_with_idempotency_keys() {
     let mut metered = Metered::default();
     for batch in 0..6 {
         let at = now();
-        let events: Vec<Value> = (0..30)
-            .map(|i| {
-                let customer = customers[i % customers.len()];
-                let id = format!("w{batch}-{i}");
-                if i % 4 == 0 {
-                    let quarters = [2, 4, 9][(i + batch) % 3];
-                    metered.storage(customer, quarters);
-                    storage(&id, customer, quarters, &at)
-                } else {
-                    metered.call(customer);
-                    call(&id, customer, &at)
-                }
-            })
-            .collect();
+        let events = metered.mixed_batch(&format!("w{batch}"), 30, 4, batch, &customers, &at);
         send(&server, events).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }

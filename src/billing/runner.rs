@@ -104,6 +104,8 @@ pub struct BillingFollower {
     pub clock: Clock,
     /// What status pages see.
     pub view: Arc<Mutex<WindowsView>>,
+    /// Sequence of the last snapshot written (`None`: none yet).
+    pub written_seq: Option<u64>,
 }
 
 impl BillingFollower {
@@ -153,17 +155,23 @@ impl BillingFollower {
             }
         }
         self.publish_view();
+        // A quiet tick (no event applied, no window closed) changes only the watermark, which
+        // the wall clock restores after a restart: nothing to write.
+        if due.is_empty() && self.written_seq == Some(self.seq) {
+            return true;
+        }
         let snapshot = Snapshot {
             stream_created: self.stream_created.clone(),
             seq: self.seq,
             windows: self.windows.to_state(),
         };
         match serde_json::to_vec(&snapshot) {
-            Ok(bytes) => {
-                if let Err(error) = write_atomic(&self.dir.join(SNAPSHOT_FILE), &bytes) {
-                    tracing::error!(%error, "billing windows snapshot failed; the next tick retries");
+            Ok(bytes) => match write_atomic(&self.dir.join(SNAPSHOT_FILE), &bytes) {
+                Ok(()) => self.written_seq = Some(self.seq),
+                Err(error) => {
+                    tracing::error!(%error, "billing windows snapshot failed; the next tick retries")
                 }
-            }
+            },
             Err(error) => tracing::error!(%error, "billing windows snapshot not serialisable"),
         }
         true

@@ -107,6 +107,33 @@ impl Metered {
             .or_default() += quarters;
     }
 
+    /// `size` events stamped `at`, ids `{prefix}-{i}`, round-robin over `customers`: every
+    /// `every`-th a `storage_used` of 0.5, 1 or 2.25 GB, the rest API calls; all recorded here.
+    pub fn mixed_batch(
+        &mut self,
+        prefix: &str,
+        size: usize,
+        every: usize,
+        batch: usize,
+        customers: &[&str],
+        at: &str,
+    ) -> Vec<Value> {
+        (0..size)
+            .map(|i| {
+                let customer = customers[i % customers.len()];
+                let id = format!("{prefix}-{i}");
+                if i % every == 0 {
+                    let quarters = [2, 4, 9][(i / every + batch) % 3];
+                    self.storage(customer, quarters);
+                    storage(&id, customer, quarters, at)
+                } else {
+                    self.call(customer);
+                    call(&id, customer, at)
+                }
+            })
+            .collect()
+    }
+
     /// What the provider must hold per (customer, feature): floor of the metered sum.
     /// Zeros are left out (a provider total of 0 and no total are the same bill).
     pub fn billed(&self) -> BTreeMap<(String, String), i64> {
@@ -214,35 +241,27 @@ pub async fn billing_status(server: &Northstar) -> Value {
     answer.json()
 }
 
-/// Maps `customer` to the Stripe customer `stripe_id`.
-pub async fn set_stripe_customer(server: &Northstar, customer: &str, stripe_id: &str) {
+/// `PUT /v1/customers/{customer}` with `body` through the admin API; must answer 200.
+async fn put_customer(server: &Northstar, customer: &str, body: Value) {
     let answer = send_as(
         server,
         ADMIN_KEY,
         http::Method::PUT,
         &format!("/v1/customers/{customer}"),
-        Some(&json!({ "stripeCustomerId": stripe_id })),
+        Some(&body),
     )
     .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "PUT stripeCustomerId: {}",
-        answer.text()
-    );
+    assert_eq!(answer.status, 200, "PUT {body}: {}", answer.text());
+}
+
+/// Maps `customer` to the Stripe customer `stripe_id`.
+pub async fn set_stripe_customer(server: &Northstar, customer: &str, stripe_id: &str) {
+    put_customer(server, customer, json!({ "stripeCustomerId": stripe_id })).await;
 }
 
 /// Puts `customer` on `plan` through the admin API.
 pub async fn set_plan(server: &Northstar, customer: &str, plan: &str) {
-    let answer = send_as(
-        server,
-        ADMIN_KEY,
-        http::Method::PUT,
-        &format!("/v1/customers/{customer}"),
-        Some(&json!({ "plan": plan })),
-    )
-    .await;
-    assert_eq!(answer.status, 200, "PUT plan: {}", answer.text());
+    put_customer(server, customer, json!({ "plan": plan })).await;
 }
 
 /// `POST /v1/check` consuming one API request.
