@@ -86,6 +86,39 @@ impl From<DataFusionError> for QueryError {
     }
 }
 
+/// How many times a query runs when files vanish under it (another process compacting).
+const VANISHED_FILE_ATTEMPTS: u32 = 6;
+
+/// Runs `attempt` until it does not fail for a vanished file. Another process's compaction can
+/// remove a file between a query's listing and its reading; a fresh listing sees the merged
+/// file instead. A busy archiver can do it again meanwhile, so a few attempts, each later.
+async fn retry_vanished<T, F, Fut>(mut attempt: F) -> Result<T, QueryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueryError>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(QueryError::Internal(message))
+                if tries < VANISHED_FILE_ATTEMPTS && file_vanished(&message) =>
+            {
+                tracing::debug!(tries, %message, "a file vanished under a query; retrying");
+                tokio::time::sleep(Duration::from_millis(25 * u64::from(tries))).await;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether a query failed because a file it listed was gone when it read it.
+fn file_vanished(message: &str) -> bool {
+    message.contains("No such file")
+        || message.contains("NotFound")
+        || message.contains("not found")
+}
+
 /// A query's answer.
 #[derive(Debug, Clone)]
 pub struct QueryResult {
@@ -176,21 +209,16 @@ impl QueryEngine {
     /// Runs one read-only statement under the time limit and row cap.
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
         readonly::check(sql).map_err(QueryError::Refused)?;
-        match self.run_once(sql).await {
-            // Another process's compaction can remove a file between listing and reading; the
-            // second listing sees the merged file instead.
-            Err(QueryError::Internal(message))
-                if message.contains("No such file") || message.contains("NotFound") =>
-            {
-                self.run_once(sql).await
-            }
-            other => other,
-        }
+        retry_vanished(|| self.run_once(sql)).await
     }
 
     /// Runs a statement of northstar's own (pipelines, verification): no read-only check and
     /// no row cap, but the same threads and time limit.
     pub async fn collect_internal(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
+        retry_vanished(|| self.collect_internal_once(sql)).await
+    }
+
+    async fn collect_internal_once(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         let limit = self.settings.timeout.get();
         let Some(runtime) = self.runtime.0.as_ref() else {
             return Err(QueryError::Internal("query threads are gone".into()));
@@ -273,4 +301,44 @@ async fn execute(
         truncated,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_query_whose_files_vanish_is_retried_and_other_failures_are_not() {
+        let vanished = || QueryError::Internal("Object at location x.parquet not found".into());
+        let mut calls = 0;
+        let answer = retry_vanished(|| {
+            calls += 1;
+            let result = if calls < 3 {
+                Err(vanished())
+            } else {
+                Ok(calls)
+            };
+            async move { result }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some(3), "vanished files: listed again");
+
+        let mut calls = 0;
+        let answer: Result<(), _> = retry_vanished(|| {
+            calls += 1;
+            async { Err(vanished()) }
+        })
+        .await;
+        assert!(answer.is_err(), "gives up");
+        assert_eq!(calls, VANISHED_FILE_ATTEMPTS);
+
+        let mut calls = 0;
+        let answer: Result<(), _> = retry_vanished(|| {
+            calls += 1;
+            async { Err(QueryError::Internal("disk on fire".into())) }
+        })
+        .await;
+        assert!(answer.is_err());
+        assert_eq!(calls, 1, "other failures are not retried");
+    }
 }
