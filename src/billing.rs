@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::bus::BusError;
-use crate::bus::follower::{FollowSpec, follow};
+use crate::bus::follower::Part;
 use crate::clock::{Clock, format_micros};
 use crate::config::{BillingProvider, BillingSettings, Config};
 use crate::error::{Classify, ErrorKind};
@@ -144,16 +144,27 @@ pub struct BillingTarget<'a> {
     pub data_dir: &'a Path,
 }
 
-/// Starts the follower and delivery; `None` when the config has no `billing` section.
+/// Billing once started: the service, its part of the stream followers, and the delivery task.
+pub struct Started {
+    /// What the API and the upgrade flow use.
+    pub billing: Arc<Billing>,
+    /// The windows' follower (run in the shared [`crate::bus::follower::Fanout`]).
+    pub follower: Part,
+    /// Delivery of the outbox to the provider, until shutdown.
+    pub delivery: JoinHandle<()>,
+}
+
+/// Starts delivery and prepares the windows' follower; `None` when the config has no `billing`
+/// section.
 pub async fn start(
     config: &Config,
     secrets: Secrets,
-    js: async_nats::jetstream::Context,
+    js: &async_nats::jetstream::Context,
     target: BillingTarget<'_>,
     customers: Arc<CustomerStore>,
     clock: Clock,
     shutdown: Shutdown,
-) -> Result<Option<(Arc<Billing>, Vec<JoinHandle<()>>)>, BillingError> {
+) -> Result<Option<Started>, BillingError> {
     let Some(settings) = config.billing.clone() else {
         return Ok(None);
     };
@@ -192,7 +203,7 @@ pub async fn start(
                 aggregation: metering.aggregation,
             });
     }
-    let created = crate::bus::streams::stream_created(&js, target.stream).await?;
+    let created = crate::bus::streams::stream_created(js, target.stream).await?;
     let window = micros(settings.window.get());
     let grace = micros(settings.grace.get());
     let (windows, after_seq) = runner::load(&dir, &created, window, grace);
@@ -216,12 +227,7 @@ pub async fn start(
         view: view.clone(),
         written_seq: None,
     };
-    let spec_follow = FollowSpec {
-        stream: target.stream.to_string(),
-        consumer: "billing".into(),
-        after_seq,
-        snapshot_interval: settings.flush_interval.get(),
-    };
+    let follower = Part::new(follower, after_seq, settings.flush_interval.get());
     let stats = Arc::new(Mutex::new(DeliveryStats::default()));
     let pace = Pace {
         concurrency: settings.concurrency,
@@ -229,17 +235,14 @@ pub async fn start(
         retry_base: settings.retry_base.get(),
         retry_max: settings.retry_max.get(),
     };
-    let tasks = vec![
-        tokio::spawn(follow(js, spec_follow, follower, shutdown.clone())),
-        tokio::spawn(deliver::run(
-            outbox.clone(),
-            sink,
-            pace,
-            deliver_rx,
-            stats.clone(),
-            shutdown,
-        )),
-    ];
+    let delivery = tokio::spawn(deliver::run(
+        outbox.clone(),
+        sink,
+        pace,
+        deliver_rx,
+        stats.clone(),
+        shutdown,
+    ));
     let billing = Billing {
         outbox,
         view,
@@ -260,7 +263,11 @@ pub async fn start(
         clock,
         settings,
     };
-    Ok(Some((Arc::new(billing), tasks)))
+    Ok(Some(Started {
+        billing: Arc::new(billing),
+        follower,
+        delivery,
+    }))
 }
 
 fn micros(duration: Duration) -> i64 {

@@ -22,9 +22,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, FollowSpec, follow};
+use crate::bus::follower::{Follow, Part};
 use crate::event::{EventType, EventView, timestamp_type};
-use crate::shutdown::Shutdown;
 pub use graph::{IdentityGraph, Outcome, is_placeholder};
 
 /// Directory of the identity state and table under the data dir.
@@ -151,9 +150,9 @@ impl Follow for IdentityFollower {
         "identity"
     }
 
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
-        if let Ok(event) = EventView::decode(payload) {
-            self.observe(seq, &event);
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+        if let Some(event) = event {
+            self.observe(seq, event);
         }
         self.state.seq = seq;
         self.stats.applied_seq.store(seq, Ordering::SeqCst);
@@ -249,12 +248,11 @@ pub struct IdentityTarget {
     pub snapshot_interval: Duration,
 }
 
-/// Loads the state and starts the identity follower.
-pub async fn start(
-    js: jetstream::Context,
+/// Loads the state and returns the identity graph's part of the stream followers.
+pub async fn prepare(
+    js: &jetstream::Context,
     target: IdentityTarget,
-    shutdown: Shutdown,
-) -> Result<(JoinHandle<()>, Arc<IdentityStats>), BusError> {
+) -> Result<(Part, Arc<IdentityStats>), BusError> {
     let dir = target.data_dir.join(DIR);
     let mut stream = js
         .get_stream(&target.stream)
@@ -293,12 +291,7 @@ pub async fn start(
     let stats = Arc::new(IdentityStats::default());
     stats.applied_seq.store(state.seq, Ordering::SeqCst);
     stats.written_seq.store(state.seq, Ordering::SeqCst);
-    let spec = FollowSpec {
-        stream: target.stream,
-        consumer: "identity".into(),
-        after_seq: state.seq,
-        snapshot_interval: target.snapshot_interval,
-    };
+    let after_seq = state.seq;
     let follower = IdentityFollower {
         state,
         dir,
@@ -306,5 +299,8 @@ pub async fn start(
         writing: Arc::new(AtomicBool::new(false)),
         stats: stats.clone(),
     };
-    Ok((tokio::spawn(follow(js, spec, follower, shutdown)), stats))
+    Ok((
+        Part::new(follower, after_seq, target.snapshot_interval),
+        stats,
+    ))
 }

@@ -23,11 +23,10 @@ use tokio::task::JoinHandle;
 
 use crate::activation::ActivationStore;
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, FollowSpec, follow};
+use crate::bus::follower::{Follow, Part};
 use crate::config::{Condition, Config, FlagSpec, OnboardingStep};
 use crate::event::{EventType, EventView};
 use crate::identity::IdentityGraph;
-use crate::shutdown::Shutdown;
 
 /// Subject prefix of fired triggers.
 pub const TRIGGER_PREFIX: &str = "northstar.triggers";
@@ -334,13 +333,13 @@ impl Follow for OnboardingFollower {
         "onboarding"
     }
 
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
-        let Ok(event) = EventView::decode(payload) else {
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+        let Some(event) = event else {
             return;
         };
         let engine = self.engine.clone();
         // A bug here must not take anything else down: the engine is marked failed instead.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.apply(seq, &event))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.apply(seq, event))) {
             Ok(fired) => fired.into_iter().for_each(|f| {
                 let _ = self.fired.send(f);
             }),
@@ -382,21 +381,20 @@ fn save(dir: &std::path::Path, state: &State) {
     }
 }
 
-/// Starts the engine's follower and the trigger delivery.
-pub async fn start(
+/// Starts the trigger delivery and returns the engine's part of the stream followers.
+pub async fn prepare(
     engine: Arc<Onboarding>,
-    js: jetstream::Context,
+    js: &jetstream::Context,
     client: async_nats::Client,
-    stream: String,
+    stream: &str,
     data_dir: &std::path::Path,
     webhook: Option<String>,
-    shutdown: Shutdown,
-) -> Result<JoinHandle<()>, BusError> {
+) -> Result<Part, BusError> {
     let dir = data_dir.join("onboarding");
     let saved: Option<State> = std::fs::read(dir.join("state.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let last = crate::bus::streams::last_sequence(&js, &stream).await?;
+    let last = crate::bus::streams::last_sequence(js, stream).await?;
     let state = saved.filter(|s| s.seq <= last).unwrap_or_default();
     let after = state.seq;
     engine.applied.store(after, Ordering::SeqCst);
@@ -410,13 +408,7 @@ pub async fn start(
         fired: tx,
         dir,
     };
-    let spec = FollowSpec {
-        stream,
-        consumer: "onboarding".into(),
-        after_seq: after,
-        snapshot_interval: Duration::from_secs(5),
-    };
-    Ok(tokio::spawn(follow(js, spec, follower, shutdown)))
+    Ok(Part::new(follower, after, Duration::from_secs(5)))
 }
 
 /// Publishes fired triggers (deduplicated downstream by `Nats-Msg-Id` = event id + trigger) and

@@ -1,9 +1,10 @@
 //! `northstar serve`: wires the components together and takes them down in order.
 //!
 //! Start: NATS (embedded child or `--nats-url`) → streams → archivers (recover, resume after
-//! their manifests) → customers and meter (snapshot + replay) → HTTP. Stop (SIGTERM, Ctrl-C):
-//! HTTP stops accepting and finishes the requests in flight → archivers commit what they hold
-//! and ack, the meter writes its snapshot → the embedded server stops.
+//! their manifests) → customers, then the stream followers (meter, identities, billing windows,
+//! onboarding: snapshot + replay, on one shared consumer) → HTTP. Stop (SIGTERM, Ctrl-C): HTTP
+//! stops accepting and finishes the requests in flight → archivers commit what they hold and
+//! ack, the followers write their snapshots → the embedded server stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, ops::Health};
 use crate::archive::{self, ArchiveTarget, EventsFormat, RejectedFormat};
+use crate::bus::follower::{Fanout, follow};
 use crate::bus::{self, EmbeddedNats, Publisher, ensure_streams};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -25,6 +27,12 @@ use crate::meter::runner::{self, MeterTarget};
 use crate::meter::{Meter, notices};
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
+
+/// The durable consumer all in-process state follows the events stream through.
+const FOLLOWERS_CONSUMER: &str = "followers";
+
+/// Consumers of earlier releases, one per follower, deleted on start.
+const RETIRED_CONSUMERS: &[&str] = &["meter", "identity", "onboarding", "billing"];
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +98,8 @@ pub struct RunningServer {
     stop_http: watch::Sender<bool>,
     stop_archivers: watch::Sender<bool>,
     stop_meter: watch::Sender<bool>,
-    meter: JoinHandle<()>,
-    identity: JoinHandle<()>,
-    onboarding: JoinHandle<()>,
-    billing: Vec<JoinHandle<()>>,
+    followers: JoinHandle<()>,
+    billing_delivery: Option<JoinHandle<()>>,
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
@@ -185,32 +191,34 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         clock.clone(),
     ));
     let (stop_meter, meter_stop) = watch::channel(false);
-    let meter_task = runner::start(
-        meter.clone(),
-        publisher.jetstream().clone(),
-        MeterTarget {
-            stream: config.stream.name.clone(),
-            consumer: "meter".into(),
-            dir: data_dir.join("meter"),
-            snapshot_interval: config.metering.snapshot_interval.get(),
-        },
-        meter_stop,
-    )
-    .await?;
-    let (identity_task, _identity_stats) = crate::identity::start(
-        publisher.jetstream().clone(),
+    let js = publisher.jetstream().clone();
+    let mut followers = vec![
+        runner::prepare(
+            meter.clone(),
+            &js,
+            MeterTarget {
+                stream: config.stream.name.clone(),
+                dir: data_dir.join("meter"),
+                snapshot_interval: config.metering.snapshot_interval.get(),
+            },
+        )
+        .await?,
+    ];
+    let (identity, _identity_stats) = crate::identity::prepare(
+        &js,
         crate::identity::IdentityTarget {
             stream: config.stream.name.clone(),
             data_dir: data_dir.clone(),
             snapshot_interval: Duration::from_secs(1),
         },
-        stop_meter.subscribe(),
     )
     .await?;
-    let (billing, billing_tasks) = match crate::billing::start(
+    followers.push(identity);
+    let mut billing_delivery = None;
+    let billing = match crate::billing::start(
         &config,
         billing_secrets,
-        publisher.jetstream().clone(),
+        &js,
         crate::billing::BillingTarget {
             stream: &config.stream.name,
             data_dir: &data_dir,
@@ -221,8 +229,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     )
     .await?
     {
-        Some((billing, tasks)) => (Some(billing), tasks),
-        None => (None, Vec::new()),
+        Some(started) => {
+            followers.push(started.follower);
+            billing_delivery = Some(started.delivery);
+            Some(started.billing)
+        }
+        None => None,
     };
     tokio::spawn(notices::run(
         notice_rx,
@@ -270,16 +282,21 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         activation_store.clone(),
         Box::new(move |customer| plans_of.terms(customer).plan.clone()),
     ));
-    let onboarding_task = crate::onboarding::start(
-        onboarding.clone(),
-        publisher.jetstream().clone(),
-        client.clone(),
-        config.stream.name.clone(),
-        &data_dir,
-        config.onboarding.trigger_webhook.clone(),
-        stop_meter.subscribe(),
-    )
-    .await?;
+    followers.push(
+        crate::onboarding::prepare(
+            onboarding.clone(),
+            &js,
+            client.clone(),
+            &config.stream.name,
+            &data_dir,
+            config.onboarding.trigger_webhook.clone(),
+        )
+        .await?,
+    );
+    let followers = Fanout::new(followers);
+    let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
+    crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
+    let followers = tokio::spawn(follow(js, spec, followers, meter_stop));
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
@@ -333,10 +350,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         stop_http,
         stop_archivers,
         stop_meter,
-        meter: meter_task,
-        identity: identity_task,
-        onboarding: onboarding_task,
-        billing: billing_tasks,
+        followers,
+        billing_delivery,
         http,
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
@@ -354,10 +369,8 @@ impl RunningServer {
         for task in self.archivers {
             let _ = task.await;
         }
-        let _ = self.meter.await;
-        let _ = self.identity.await;
-        let _ = self.onboarding.await;
-        for task in self.billing {
+        let _ = self.followers.await;
+        if let Some(task) = self.billing_delivery {
             let _ = task.await;
         }
         let _ = self.client.flush().await;

@@ -196,9 +196,9 @@ impl Follow for BillingFollower {
         "billing"
     }
 
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
         self.seq = seq;
-        let Ok(event) = EventView::decode(payload) else {
+        let Some(event) = event else {
             return;
         };
         let (Some(name), Some(customer)) = (event.event.as_deref(), event.customer_id.as_deref())

@@ -1,4 +1,9 @@
-//! Following the events stream in order, for state derived from it (the meter, identities).
+//! Following the events stream in order, for state derived from it (the meter, identities,
+//! onboarding, billing windows).
+//!
+//! All of them share one consumer through a [`Fanout`]: each event crosses from nats-server
+//! and is decoded once, then applied to every part in turn. Each part keeps its own position
+//! (an event it already has is not applied again) and its own snapshot cadence.
 //!
 //! A follower reads every event once, in stream order, from a durable consumer that acks
 //! nothing (AckPolicy None): its position lives in the follower's own snapshot, and the
@@ -8,20 +13,29 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_nats::jetstream::{self, consumer};
 use futures::{FutureExt, StreamExt};
 use tokio::task::JoinHandle;
 
 use super::BusError;
 use super::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
+use crate::event::EventView;
 use crate::shutdown::{Shutdown, wait_for_stop};
 
 /// State kept up to date from the stream.
 pub trait Follow: Send + 'static {
     /// A short name for logs.
     fn name(&self) -> &'static str;
-    /// Applies one event (its stream body) in stream order.
-    fn apply(&mut self, seq: u64, payload: &[u8]);
+    /// Applies one event in stream order; `None` for a message that does not decode (its
+    /// position still counts as applied).
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>);
+    /// Whether the event at `seq` is still to be applied (a message nobody wants is not decoded).
+    fn wants(&self, seq: u64) -> bool {
+        let _ = seq;
+        true
+    }
     /// Starts writing a snapshot of what is applied (up to the last `apply`); may return at once
     /// and write in the background.
     fn snapshot(&mut self);
@@ -132,7 +146,13 @@ async fn run<F: Follow>(
                             if seq != expected && stream_has(js, &spec.stream, expected).await {
                                 return Err(Stop::Gap { expected, got: seq });
                             }
-                            state.apply(seq, &message.payload);
+                            if state.wants(seq) {
+                                let event = EventView::decode(&message.payload);
+                                if let Err(error) = &event {
+                                    tracing::error!(follower = state.name(), seq, %error, "undecodable stream message; skipped");
+                                }
+                                state.apply(seq, event.as_ref().ok());
+                            }
                             *high_water = seq;
                         }
                         Some(Err(error)) => tracing::warn!(follower = state.name(), %error, "stream read error; continuing"),
@@ -145,5 +165,168 @@ async fn run<F: Follow>(
                 }
             }
         }
+    }
+}
+
+/// One follower of a [`Fanout`].
+pub struct Part {
+    follower: Box<dyn Follow>,
+    after_seq: u64,
+    snapshot_interval: Duration,
+    last_snapshot: Instant,
+}
+
+impl Part {
+    /// `follower` has applied everything up to `after_seq` and snapshots every
+    /// `snapshot_interval`.
+    pub fn new(follower: impl Follow, after_seq: u64, snapshot_interval: Duration) -> Self {
+        Self {
+            follower: Box::new(follower),
+            after_seq,
+            snapshot_interval,
+            last_snapshot: Instant::now(),
+        }
+    }
+}
+
+/// Several followers on one consumer (see the module docs).
+pub struct Fanout {
+    parts: Vec<Part>,
+    /// How often [`Follow::snapshot`] is called: the shortest interval of a part.
+    tick: Duration,
+}
+
+impl Fanout {
+    /// The followers, in the order each event is applied to them.
+    pub fn new(parts: Vec<Part>) -> Self {
+        let tick = parts
+            .iter()
+            .map(|p| p.snapshot_interval)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        Self { parts, tick }
+    }
+
+    /// Where the shared consumer starts: after the position of the part furthest behind.
+    pub fn spec(&self, stream: &str, consumer: &str) -> FollowSpec {
+        FollowSpec {
+            stream: stream.to_string(),
+            consumer: consumer.to_string(),
+            after_seq: self.parts.iter().map(|p| p.after_seq).min().unwrap_or(0),
+            snapshot_interval: self.tick,
+        }
+    }
+}
+
+impl Follow for Fanout {
+    fn name(&self) -> &'static str {
+        "followers"
+    }
+
+    fn wants(&self, seq: u64) -> bool {
+        self.parts.iter().any(|p| seq > p.after_seq)
+    }
+
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+        for part in &mut self.parts {
+            if seq > part.after_seq {
+                part.follower.apply(seq, event);
+            }
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let now = Instant::now();
+        for part in &mut self.parts {
+            // Ticks drift by microseconds; half a tick of slack keeps each part on its cadence.
+            if now.duration_since(part.last_snapshot) + self.tick / 2 >= part.snapshot_interval {
+                part.follower.snapshot();
+                part.last_snapshot = now;
+            }
+        }
+    }
+
+    fn final_snapshot(&mut self) -> JoinHandle<()> {
+        let handles: Vec<JoinHandle<()>> = self
+            .parts
+            .iter_mut()
+            .map(|p| p.follower.final_snapshot())
+            .collect();
+        tokio::spawn(async move {
+            for handle in handles {
+                let _ = handle.await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Records what it was given.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        applied: Arc<Mutex<Vec<(u64, bool)>>>,
+        snapshots: Arc<Mutex<usize>>,
+    }
+
+    impl Follow for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+            self.applied.lock().unwrap().push((seq, event.is_some()));
+        }
+        fn snapshot(&mut self) {
+            *self.snapshots.lock().unwrap() += 1;
+        }
+        fn final_snapshot(&mut self) -> JoinHandle<()> {
+            self.snapshot();
+            tokio::spawn(async {})
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_part_gets_the_events_after_its_own_position_and_snapshots_on_its_own_cadence() {
+        let (ahead, behind) = (Recorder::default(), Recorder::default());
+        let mut fanout = Fanout::new(vec![
+            Part::new(ahead.clone(), 5, Duration::from_secs(5)),
+            Part::new(behind.clone(), 2, Duration::from_secs(1)),
+        ]);
+        let spec = fanout.spec("events", "followers");
+        assert_eq!(spec.after_seq, 2, "starts after the part furthest behind");
+        assert_eq!(spec.snapshot_interval, Duration::from_secs(1));
+
+        assert!(!fanout.wants(2));
+        for seq in 3..=7 {
+            assert!(fanout.wants(seq));
+            fanout.apply(seq, None);
+        }
+        let seqs = |r: &Recorder| {
+            r.applied
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|a| a.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&ahead), vec![6, 7], "nothing applied twice");
+        assert_eq!(seqs(&behind), vec![3, 4, 5, 6, 7]);
+
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            fanout.snapshot();
+        }
+        assert_eq!(*behind.snapshots.lock().unwrap(), 10);
+        assert_eq!(*ahead.snapshots.lock().unwrap(), 2);
+        fanout.final_snapshot().await.unwrap();
+        assert_eq!(
+            *ahead.snapshots.lock().unwrap(),
+            3,
+            "every part's final snapshot"
+        );
     }
 }

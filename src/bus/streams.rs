@@ -203,6 +203,22 @@ pub async fn stream_created(js: &jetstream::Context, stream: &str) -> Result<Str
     Ok(info.created.to_string())
 }
 
+/// Deletes consumers of `stream` that are no longer used (an upgrade from a release that had
+/// them). Best effort: one that is not there, or a server that refuses, changes nothing.
+pub async fn delete_consumers(js: &jetstream::Context, stream: &str, names: &[&str]) {
+    let Ok(stream) = js.get_stream_no_info(stream).await else {
+        return;
+    };
+    for name in names {
+        if stream.delete_consumer(name).await.is_ok() {
+            tracing::info!(
+                consumer = name,
+                "deleted a consumer this release no longer uses"
+            );
+        }
+    }
+}
+
 /// The stream sequence of a delivered message.
 pub fn sequence_of(message: &jetstream::Message) -> Option<u64> {
     match message.info() {

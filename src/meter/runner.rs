@@ -13,31 +13,28 @@ use tokio::task::JoinHandle;
 use super::Meter;
 use super::snapshot;
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, FollowSpec, follow};
+use crate::bus::follower::{Follow, Part};
 use crate::event::EventView;
-use crate::shutdown::Shutdown;
 
 /// Where the meter reads from and keeps its snapshot.
 pub struct MeterTarget {
     /// The events stream.
     pub stream: String,
-    /// Durable consumer name.
-    pub consumer: String,
     /// Directory of the snapshot (`data/meter`).
     pub dir: PathBuf,
     /// How often to snapshot.
     pub snapshot_interval: Duration,
 }
 
-/// Loads the snapshot and starts the consumer task. A snapshot of another stream (deleted and
-/// made anew) is set aside: the meter is rebuilt from the stream, which is its source.
-pub async fn start(
+/// Loads the snapshot and returns the meter's part of the stream followers. A snapshot of
+/// another stream (deleted and made anew) is set aside: the meter is rebuilt from the stream,
+/// which is its source.
+pub async fn prepare(
     meter: Arc<Meter>,
-    js: jetstream::Context,
+    js: &jetstream::Context,
     target: MeterTarget,
-    shutdown: Shutdown,
-) -> Result<JoinHandle<()>, BusError> {
-    let info = stream_info(&js, &target.stream).await?;
+) -> Result<Part, BusError> {
+    let info = stream_info(js, &target.stream).await?;
     let created = info.created.to_string();
     let restored = match snapshot::load(&target.dir, meter.counters(), meter.feature_ids()) {
         Ok(restored)
@@ -74,13 +71,7 @@ pub async fn start(
         created,
         snapshotting: Arc::new(AtomicBool::new(false)),
     };
-    let spec = FollowSpec {
-        stream: target.stream,
-        consumer: target.consumer,
-        after_seq: resume,
-        snapshot_interval: target.snapshot_interval,
-    };
-    Ok(tokio::spawn(follow(js, spec, follower, shutdown)))
+    Ok(Part::new(follower, resume, target.snapshot_interval))
 }
 
 async fn stream_info(
@@ -132,13 +123,10 @@ impl Follow for MeterFollower {
         "meter"
     }
 
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
-        match EventView::decode(payload) {
-            Ok(view) => self.meter.apply(seq, &view),
-            Err(error) => {
-                tracing::error!(seq, %error, "undecodable stream message; not metered");
-                self.meter.counters().set_applied(seq);
-            }
+    fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+        match event {
+            Some(view) => self.meter.apply(seq, view),
+            None => self.meter.counters().set_applied(seq),
         }
     }
 
