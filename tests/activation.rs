@@ -4,8 +4,6 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
-
 use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
 use northstar::activation::generate::{
     CountOptions, HistorySpec, count_grid, data_end_micros, generate,
@@ -82,11 +80,7 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         .iter()
         .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
         .count();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while query(&server.data, "SELECT id FROM identities").await.len() < identified {
-        assert!(Instant::now() < deadline, "identities not written");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    harness::wait_rows(&server.data, "identities", identified).await;
 
     let config_path = server.data.parent().unwrap().join("northstar.json");
     let as_of = northstar::clock::format_micros(data_end_micros(&spec));

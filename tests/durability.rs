@@ -5,7 +5,7 @@ mod harness;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Nats, Northstar, WRITE_KEY, query, scalar, test_config, tracks};
 use northstar::client::{HttpClient, basic_auth};
@@ -22,21 +22,17 @@ async fn stream_state(nats_url: &str) -> (u64, u64) {
 
 /// Waits until the archive has committed everything the stream holds.
 async fn wait_caught_up(nats_url: &str, data: &std::path::Path) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    harness::eventually(Duration::from_secs(90), async || {
         let (_, last) = stream_state(nats_url).await;
         let manifest =
             northstar::archive::ArchiveManifest::load(&data.join("events")).unwrap_or_default();
         if manifest.last_seq >= last {
-            return last;
+            Ok(last)
+        } else {
+            Err(format!("archive at {} of {last}", manifest.last_seq))
         }
-        assert!(
-            Instant::now() < deadline,
-            "archive at {} of {last} after 90 s",
-            manifest.last_seq
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Clients that post batches until told to stop or the server vanishes; returns acked ids.
@@ -262,18 +258,17 @@ async fn nats_outage_answers_503_then_ingest_resumes_with_nothing_lost() {
     assert_eq!(before.status, 200);
 
     nats.kill();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let refused = loop {
+    let refused = harness::eventually(Duration::from_secs(20), async || {
         let r = server
             .post("/v1/batch", &json!({"batch": tracks("during", 0..20)}))
             .await;
         if r.status == 503 {
-            break r;
+            return Ok(r);
         }
         assert_eq!(r.status, 200, "{}", r.text());
-        assert!(Instant::now() < deadline, "no 503 while NATS is down");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        Err("no 503 while NATS is down".to_string())
+    })
+    .await;
     assert_eq!(refused.json()["code"], "stream_unavailable");
     assert!(
         refused.headers.contains_key("retry-after"),
@@ -283,21 +278,17 @@ async fn nats_outage_answers_503_then_ingest_resumes_with_nothing_lost() {
 
     nats.restart();
     // The SDK's retry: the same batch until it is accepted.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    harness::eventually(Duration::from_secs(30), async || {
         let r = server
             .post("/v1/batch", &json!({"batch": tracks("during", 0..20)}))
             .await;
         if r.status == 200 {
-            break;
+            return Ok(());
         }
         assert_eq!(r.status, 503, "{}", r.text());
-        assert!(
-            Instant::now() < deadline,
-            "ingest did not resume after NATS came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err("ingest did not resume after NATS came back".to_string())
+    })
+    .await;
     let after = server
         .post("/v1/batch", &json!({"batch": tracks("after", 0..20)}))
         .await;
@@ -360,14 +351,11 @@ async fn the_embedded_nats_server_lives_and_dies_with_northstar() {
     assert!(std::path::Path::new(&format!("/proc/{nats_pid}")).exists());
 
     server.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while is_alive(nats_pid) {
-        assert!(
-            Instant::now() < deadline,
-            "nats-server outlived a kill -9 of northstar"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::eventually(Duration::from_secs(10), async || match is_alive(nats_pid) {
+        true => Err("nats-server outlived a kill -9 of northstar".to_string()),
+        false => Ok(()),
+    })
+    .await;
     server.restart();
     let r = server
         .post("/v1/batch", &json!({"batch": tracks("emb2", 0..30)}))

@@ -3,8 +3,6 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
-
 use harness::{Nats, Northstar, WRITE_KEY, query, test_config};
 use serde_json::{Value, json};
 
@@ -18,19 +16,7 @@ fn msg(id: &str, kind: &str, fields: Value) -> Value {
 
 /// Waits until `identities` has `n` rows.
 async fn wait_identities(server: &Northstar, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = query(&server.data, "SELECT id FROM identities").await;
-        if rows.len() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "identities has {} of {n} rows",
-            rows.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    harness::wait_rows(&server.data, "identities", n).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

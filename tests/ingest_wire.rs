@@ -482,18 +482,7 @@ async fn bad_input_gets_the_right_4xx_and_never_costs_a_neighbour() {
     );
 
     // Every rejected message is in rejected_events, with its reason and raw payload.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let n = scalar(&server.data, "SELECT count(*) FROM rejected_events").await;
-        if n >= 8 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rejected events not archived: {n}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    harness::wait_rows(&server.data, "rejected_events", 8).await;
     let rows = server.sql("SELECT event_id, reasons, payload, route, source FROM rejected_events WHERE event_id = 'bad-5'").await;
     assert_eq!(rows.len(), 1);
     assert!(rows[0]["reasons"].as_str().unwrap().contains("timestamp"));

@@ -2,7 +2,7 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{ADMIN_KEY, InProcess, Nats, Northstar, SERVICE_KEY, limits_config, scalar};
 use northstar::clock::Clock;
@@ -23,18 +23,15 @@ const MARCH_10: i64 = 1_773_144_000_000_000;
 
 /// Polls `check` until `f` holds (the meter applies acked events within milliseconds).
 async fn eventually<F: Fn(&Value) -> bool>(server: &InProcess, path: &str, f: F) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    harness::eventually(Duration::from_secs(20), async || {
         let body = server.get_as(SERVICE_KEY, path).await.json();
         if f(&body) {
-            return body;
+            Ok(body)
+        } else {
+            Err(format!("{path} answered {body}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{path} never satisfied the condition; last answer {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -422,16 +419,16 @@ async fn thresholds_fire_once_and_a_hard_cap_suspends() {
         )
         .await;
     let check = json!({"customer_id": "stark", "feature": "api_requests"});
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let refused = harness::eventually(Duration::from_secs(20), async || {
         let r = server.post_as(SERVICE_KEY, "/v1/check", &check).await;
         if r.status == 403 {
-            assert_eq!(r.json()["code"], "customer_suspended");
-            break;
+            Ok(r.json())
+        } else {
+            Err(format!("not suspended: {}", r.text()))
         }
-        assert!(Instant::now() < deadline, "not suspended: {}", r.text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(refused["code"], "customer_suspended");
     let lift = server
         .put_admin("/v1/customers/stark", &json!({"suspended": false}))
         .await;
@@ -499,34 +496,22 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
             out
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let before = loop {
-        let now = usage(&server).await;
+    let applied_600 = async |server: &Northstar| {
+        let now = usage(server).await;
         if now.iter().all(|(seq, _)| *seq == 600) {
-            break now;
+            Ok(now)
+        } else {
+            Err(format!("{now:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "meter never reached 600: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let before =
+        harness::eventually(Duration::from_secs(30), async || applied_600(&server).await).await;
     // Let a snapshot happen mid-way for some shards, then crash.
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.kill9();
     server.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let now = usage(&server).await;
-        if now.iter().all(|(seq, _)| *seq == 600) {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "meter never caught up after restart: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let after =
+        harness::eventually(Duration::from_secs(30), async || applied_600(&server).await).await;
     assert_eq!(
         before, after,
         "usage after the crash equals usage before, exactly"

@@ -3,7 +3,7 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use harness::{Nats, Northstar, SERVICE_KEY, limits_config};
@@ -38,15 +38,15 @@ async fn user(server: &Northstar, id: &str, what: &str) -> Value {
 }
 
 async fn eventually(server: &Northstar, id: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    harness::eventually(Duration::from_secs(20), async || {
         let body = user(server, id, what).await;
         if f(&body) {
-            return body;
+            Ok(body)
+        } else {
+            Err(body.to_string())
         }
-        assert!(Instant::now() < deadline, "never: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,7 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{ADMIN_KEY, InProcess, Nats, Northstar, WRITE_KEY, query, scalar, test_config};
 use northstar::client::basic_auth;
@@ -86,11 +86,7 @@ async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected(
     )
     .unwrap();
     server.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while scalar(&server.data, "SELECT count(*) FROM rejected_events").await < 2 {
-        assert!(Instant::now() < deadline, "rejected events not archived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    harness::wait_rows(&server.data, "rejected_events", 2).await;
     let bearer = format!("Bearer {ADMIN_KEY}");
     let replay = |client: northstar::client::HttpClient, base: String, bearer: String| async move {
         client
@@ -284,18 +280,17 @@ async fn a_customer_far_above_their_own_baseline_is_flagged() {
             .status,
         200
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let first = harness::eventually(Duration::from_secs(20), async || {
         let flagged = server.get_as(ADMIN_KEY, "/v1/anomalies").await.json();
-        if let Some(first) = flagged["flagged"].as_array().and_then(|f| f.first()) {
-            assert_eq!(first["customer_id"], "spiky");
-            assert!(first["events_per_minute"].as_u64().unwrap() >= 50);
-            assert!(first["baseline_per_minute"].as_f64().unwrap() < 5.0);
-            break;
+        match flagged["flagged"].as_array().and_then(|f| f.first()) {
+            Some(first) => Ok(first.clone()),
+            None => Err(format!("never flagged: {flagged}")),
         }
-        assert!(Instant::now() < deadline, "never flagged: {flagged}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(first["customer_id"], "spiky");
+    assert!(first["events_per_minute"].as_u64().unwrap() >= 50);
+    assert!(first["baseline_per_minute"].as_f64().unwrap() < 5.0);
     assert_eq!(
         server
             .get_as(harness::SERVICE_KEY, "/v1/anomalies")

@@ -3,12 +3,13 @@
 //! signed-webhook bodies, the `northstar billing` CLI, and polling until the sink settles.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use northstar::client::ClientResponse;
 use northstar::clock::{format_micros, system_micros};
 use serde_json::{Value, json};
 
+pub use super::eventually;
 use super::stripe::{SECRET_KEY, WEBHOOK_SECRET};
 use super::{ADMIN_KEY, Nats, Northstar, SERVICE_KEY, limits_config};
 
@@ -169,24 +170,6 @@ impl Metered {
 /// `totals` without its zeros, comparable with what `Metered` expects.
 pub fn nonzero(totals: BTreeMap<(String, String), i64>) -> BTreeMap<(String, String), i64> {
     totals.into_iter().filter(|(_, v)| *v != 0).collect()
-}
-
-/// Polls `probe` every 100 ms until it answers `Ok`; fails with its last `Err` after `within`.
-pub async fn eventually<T>(
-    within: Duration,
-    mut probe: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match probe().await {
-            Ok(value) => return value,
-            Err(last) => assert!(
-                Instant::now() < deadline,
-                "not so after {within:?}; last seen: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Posts `batch` to `/v1/batch` and asserts every event of it is accepted.

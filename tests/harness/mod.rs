@@ -26,6 +26,25 @@ pub const STRIPE_SECRET_KEY: &str = "sk_test_northstar";
 /// The Stripe webhook signing secret of the tests.
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_northstar";
 
+/// Polls `probe` every 20 ms until it answers `Ok`, and returns that; fails the test with the
+/// last `Err` (what was seen instead) once `within` has passed. Every "wait until" of the tests.
+pub async fn eventually<T>(
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "not so after {within:?}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A nats-server child process with JetStream, its store in a temp dir.
 pub struct Nats {
     child: Option<Child>,
@@ -354,22 +373,29 @@ pub async fn scalar(data: &Path, sql: &str) -> i64 {
         .unwrap_or_else(|| panic!("{sql}: not a number: {row:?}"))
 }
 
+/// Waits (up to 30 s) until `table` of the data dir has at least `rows` rows.
+pub async fn wait_rows(data: &Path, table: &str, rows: usize) {
+    eventually(Duration::from_secs(30), async || {
+        let n = scalar(data, &format!("SELECT count(*) FROM {table}")).await;
+        match usize::try_from(n).unwrap_or(0) >= rows {
+            true => Ok(()),
+            false => Err(format!("{table} has {n} of {rows} rows")),
+        }
+    })
+    .await
+}
+
 /// Waits (up to a minute) until the events manifest counts `rows` committed rows.
 pub async fn wait_archived(data: &Path, rows: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), async || {
         let manifest =
             northstar::archive::ArchiveManifest::load(&data.join("events")).unwrap_or_default();
-        if manifest.rows >= rows {
-            return;
+        match manifest.rows >= rows {
+            true => Ok(()),
+            false => Err(format!("{} of {rows} rows archived", manifest.rows)),
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {rows} rows archived after 60 s",
-            manifest.rows
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await
 }
 
 /// Segment track messages with ids `"{prefix}-{i}"` for `i` in `range`, spread over three
