@@ -10,6 +10,7 @@
 
 pub mod analysis;
 pub mod generate;
+pub mod handcount;
 pub mod plot;
 pub mod stats;
 pub mod store;

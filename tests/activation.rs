@@ -5,9 +5,8 @@
 mod harness;
 
 use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
-use northstar::activation::generate::{
-    CountOptions, HistorySpec, count_grid, data_end_micros, generate,
-};
+use northstar::activation::generate::{HistorySpec, data_end_micros, generate};
+use northstar::activation::handcount::{CountOptions, count_grid};
 use serde_json::{Value, json};
 
 fn northstar_cli(args: &[&str]) -> std::process::Output {

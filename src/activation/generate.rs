@@ -1,5 +1,5 @@
-//! Synthetic product history with a planted activation threshold, as Segment-shaped JSON messages,
-//! plus a plain-loop hand count of the 2x2 table to test the SQL implementation against.
+//! Synthetic product history with a planted activation threshold, as Segment-shaped JSON messages
+//! (the plain-loop hand count to test the SQL against is in [`super::handcount`]).
 //!
 //! Definitions (shared with `stats`):
 //! - day k after signup is `[signup + k·24h, signup + (k+1)·24h)`;
@@ -23,16 +23,14 @@ use std::ops::RangeInclusive;
 
 use serde_json::{Map, Value, json};
 
-use super::stats::Cell;
-
 /// Microseconds in one day, the unit of every window.
 pub const DAY_MICROS: i64 = 86_400_000_000;
 /// Timestamps are emitted with millisecond precision, so every generated time is a whole ms.
 const MS: i64 = 1_000;
 /// Activity from this day on counts as retention; churned users stop before it.
-const RETENTION_START_DAY: i64 = 28;
+pub(super) const RETENTION_START_DAY: i64 = 28;
 /// End (exclusive) of the retention window.
-const RETENTION_END_DAY: i64 = 56;
+pub(super) const RETENTION_END_DAY: i64 = 56;
 /// Days after the last possible signup where the data ends (≥ 56 so everyone is in the cohort).
 const DATA_TAIL_DAYS: i64 = 60;
 /// Non-North-Star event names used for background and retention activity.
@@ -515,205 +513,9 @@ pub fn generate(spec: &HistorySpec) -> Vec<Value> {
         .collect()
 }
 
-/// How to hand-count a candidate: event names, retention window and identity resolution.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CountOptions {
-    /// Track event that marks signup (the earliest one per person counts).
-    pub signup_event: String,
-    /// The North Star track event.
-    pub north_star_event: String,
-    /// Retention window in days after signup, half-open `[start, end)`; default (28, 56).
-    pub retention_days: (u32, u32),
-    /// Resolve `anonymousId`s to people through identify (both ids) and alias messages.
-    pub resolve_identities: bool,
-    /// End of the data (µs); `None` means the latest message timestamp.
-    pub data_end_micros: Option<i64>,
-}
-
-impl Default for CountOptions {
-    /// The DESIGN defaults: signup_completed, core_action_completed, days 28–56, resolution on.
-    fn default() -> Self {
-        Self {
-            signup_event: "signup_completed".to_string(),
-            north_star_event: "core_action_completed".to_string(),
-            retention_days: (RETENTION_START_DAY as u32, RETENTION_END_DAY as u32),
-            resolve_identities: true,
-            data_end_micros: None,
-        }
-    }
-}
-
-impl CountOptions {
-    /// Options matching a generated history (its event names and its end of data).
-    pub fn for_spec(spec: &HistorySpec) -> Self {
-        Self {
-            signup_event: spec.signup_event.clone(),
-            north_star_event: spec.north_star_event.clone(),
-            data_end_micros: Some(data_end_micros(spec)),
-            ..Self::default()
-        }
-    }
-}
-
-/// The fields of a message the hand count needs.
-struct Parsed<'a> {
-    kind: &'a str,
-    event: Option<&'a str>,
-    user_id: Option<&'a str>,
-    anonymous_id: Option<&'a str>,
-    previous_id: Option<&'a str>,
-    at: i64,
-}
-
-/// Non-empty string field of a message.
-fn str_field<'a>(message: &'a Value, key: &str) -> Option<&'a str> {
-    message
-        .get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-}
-
-fn parse_message(message: &Value) -> Option<Parsed<'_>> {
-    Some(Parsed {
-        kind: str_field(message, "type")?,
-        event: str_field(message, "event"),
-        user_id: str_field(message, "userId"),
-        anonymous_id: str_field(message, "anonymousId"),
-        previous_id: str_field(message, "previousId"),
-        at: parse_timestamp(str_field(message, "timestamp")?)?,
-    })
-}
-
-/// anonymousId/previousId → userId links from identify and alias messages (first link wins).
-fn identity_links<'a>(messages: &[Parsed<'a>]) -> HashMap<&'a str, &'a str> {
-    let mut links = HashMap::new();
-    for message in messages {
-        let other = match message.kind {
-            "identify" => message.anonymous_id,
-            "alias" => message.previous_id,
-            _ => None,
-        };
-        if let (Some(other), Some(user)) = (other, message.user_id) {
-            links.entry(other).or_insert(user);
-        }
-    }
-    links
-}
-
-/// Per-person timestamps: signup, North Star events and all activity, sorted.
-#[derive(Default)]
-struct Timeline {
-    signup: Option<i64>,
-    north_star: Vec<i64>,
-    activity: Vec<i64>,
-}
-
-/// Everything the hand count needs, built once per message list.
-struct Histories {
-    people: HashMap<String, Timeline>,
-    end: i64,
-}
-
-impl Histories {
-    fn build(messages: &[Value], options: &CountOptions) -> Self {
-        let parsed: Vec<Parsed<'_>> = messages.iter().filter_map(parse_message).collect();
-        let links = if options.resolve_identities {
-            identity_links(&parsed)
-        } else {
-            HashMap::new()
-        };
-        let mut people: HashMap<String, Timeline> = HashMap::new();
-        for message in &parsed {
-            let person = message
-                .user_id
-                .or_else(|| message.anonymous_id.and_then(|a| links.get(a).copied()));
-            let Some(person) = person else { continue };
-            let timeline = people.entry(person.to_string()).or_default();
-            timeline.activity.push(message.at);
-            if message.kind == "track" && message.event == Some(options.north_star_event.as_str()) {
-                timeline.north_star.push(message.at);
-            }
-            if message.kind == "track" && message.event == Some(options.signup_event.as_str()) {
-                timeline.signup = Some(timeline.signup.map_or(message.at, |s| s.min(message.at)));
-            }
-        }
-        for timeline in people.values_mut() {
-            timeline.north_star.sort_unstable();
-            timeline.activity.sort_unstable();
-        }
-        let latest = parsed.iter().map(|m| m.at).max().unwrap_or(0);
-        Self {
-            people,
-            end: options.data_end_micros.unwrap_or(latest),
-        }
-    }
-
-    fn cell(&self, times: u32, days: u32, options: &CountOptions) -> Cell {
-        let (ret_start, ret_end) = (
-            i64::from(options.retention_days.0),
-            i64::from(options.retention_days.1),
-        );
-        let mut cell = Cell {
-            times,
-            days,
-            a: 0,
-            b: 0,
-            c: 0,
-            d: 0,
-        };
-        for timeline in self.people.values() {
-            let Some(signup) = timeline.signup else {
-                continue;
-            };
-            if signup > self.end - ret_end * DAY_MICROS {
-                continue; // too young to be judged
-            }
-            let window = signup..signup + i64::from(days) * DAY_MICROS;
-            let did = count_in(&timeline.north_star, &window) >= times as usize;
-            let retention = signup + ret_start * DAY_MICROS..signup + ret_end * DAY_MICROS;
-            let retained = count_in(&timeline.activity, &retention) > 0;
-            match (did, retained) {
-                (true, true) => cell.a += 1,
-                (true, false) => cell.b += 1,
-                (false, true) => cell.c += 1,
-                (false, false) => cell.d += 1,
-            }
-        }
-        cell
-    }
-}
-
-/// Number of sorted timestamps inside a half-open range.
-fn count_in(sorted: &[i64], range: &std::ops::Range<i64>) -> usize {
-    let start = sorted.partition_point(|&t| t < range.start);
-    let end = sorted.partition_point(|&t| t < range.end);
-    end.saturating_sub(start)
-}
-
-/// Hand count of a, b, c, d for "at least `times` North Star events within `days` days".
-///
-/// Deliberately plain (per-person loops, no SQL) so that it can serve as the reference the
-/// DataFusion implementation is tested against.
-pub fn count_cells(messages: &[Value], times: u32, days: u32, options: &CountOptions) -> Cell {
-    Histories::build(messages, options).cell(times, days, options)
-}
-
-/// Hand count of a whole grid, parsing the messages once; cells ordered by times, then days.
-pub fn count_grid(
-    messages: &[Value],
-    times: RangeInclusive<u32>,
-    days: RangeInclusive<u32>,
-    options: &CountOptions,
-) -> Vec<Cell> {
-    let histories = Histories::build(messages, options);
-    times
-        .flat_map(|t| days.clone().map(move |d| (t, d)))
-        .map(|(t, d)| histories.cell(t, d, options))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::handcount::{CountOptions, count_cells, count_grid, str_field};
     use super::super::stats::{Candidate, Guards, evaluate, phi};
     use super::*;
     use std::collections::HashSet;
