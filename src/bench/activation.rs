@@ -60,13 +60,15 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
 
     eprintln!("northstar aha (DataFusion)…");
     let started = Instant::now();
+    let exe = std::env::current_exe().context("finding this northstar binary")?;
     let (ours_out, ours_rss) = run_measured(
-        std::process::Command::new(std::env::current_exe()?)
+        std::process::Command::new(&exe)
             .args(["aha", "--format", "json", "--as-of", &as_of, "--data"])
             .arg(&data)
             .arg("--config")
             .arg(&config_path),
-    )?;
+    )
+    .with_context(|| format!("running {} aha", exe.display()))?;
     let ours_time = started.elapsed();
     let ours: Value =
         serde_json::from_slice(&ours_out).context("northstar aha answered no JSON")?;
