@@ -202,6 +202,68 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         .await
         .unwrap();
     assert_eq!(recomputed.status, 200, "{}", recomputed.text());
+
+    // Another question over the same history: retention counted from two events only, in days
+    // 21–49. Every cell still equals the hand count asked the same question.
+    config["activation"] = json!({
+        "schedule": "0",
+        "activeEvents": ["core_action_completed", "dashboard_viewed"],
+        "retainedFromDay": 21,
+        "retainedToDay": 49
+    });
+    let narrower = dir.path().join("narrower.json");
+    std::fs::write(&narrower, serde_json::to_vec(&config).unwrap()).unwrap();
+    let out = northstar_cli(&[
+        "aha",
+        "--data",
+        server.data.to_str().unwrap(),
+        "--config",
+        narrower.to_str().unwrap(),
+        "--format",
+        "json",
+        "--as-of",
+        &as_of,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let options = CountOptions {
+        active_events: vec!["core_action_completed".into(), "dashboard_viewed".into()],
+        retention_days: (21, 49),
+        ..CountOptions::for_spec(&spec)
+    };
+    let hand = count_grid(&messages, 1..=10, 1..=15, &options);
+    let candidates = result["analysis"]["evaluation"]["candidates"]
+        .as_array()
+        .unwrap();
+    assert_eq!(candidates.len(), hand.len());
+    let default_hand = count_grid(&messages, 1..=1, 1..=1, &CountOptions::for_spec(&spec));
+    assert_ne!(
+        (hand[0].a, hand[0].c),
+        (default_hand[0].a, default_hand[0].c),
+        "the narrower question must count differently, or this check proves nothing"
+    );
+    for cell in &hand {
+        let ours = candidates
+            .iter()
+            .find(|c| c["times"] == cell.times && c["days"] == cell.days)
+            .unwrap();
+        assert_eq!(
+            (
+                ours["a"].as_u64(),
+                ours["b"].as_u64(),
+                ours["c"].as_u64(),
+                ours["d"].as_u64()
+            ),
+            (Some(cell.a), Some(cell.b), Some(cell.c), Some(cell.d)),
+            "narrower question, cell x={} y={}",
+            cell.times,
+            cell.days
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

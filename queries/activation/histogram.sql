@@ -8,8 +8,15 @@
 --   {retain_from} {retain_to}  retention window in days after signup, [from, to)
 --   {active}                extra condition on retention events ("" = any event counts)
 --   {windows}               VALUES (1), (2), … (y)
+--   {star_sums}             one column per window y: `sum(CASE WHEN star_day < y THEN 1 ELSE 0 END) AS t<y>`
+--   {times_of_window}       `CASE w.y WHEN 1 THEN p.t1 … END`: a person's count within window y
 --   US(x)                   a timestamp as UTC microseconds (engine-specific)
 -- People are resolved through identity merges, so anonymous events before an identify count.
+--
+-- Shape: one join of the cohort with its people's events and one aggregation per person (each
+-- person's retention and their North Star count within every window as columns), then the
+-- windows are unpivoted. Every CTE but `resolved` is used once, so an engine that inlines CTEs
+-- (DataFusion) and one that materialises them (DuckDB) do the same work.
 WITH resolved AS (
     SELECT coalesce(iu.person_id, e.user_id, ia.person_id, e.anonymous_id) AS person_id,
            e.event,
@@ -35,29 +42,25 @@ offsets AS (
     JOIN resolved r ON r.person_id = c.person_id
     WHERE r.ts >= c.signup_at
 ),
-retention AS (
+marks AS (
+    -- Only the days that matter; day 0 (the signup itself) keeps every cohort member here.
     SELECT person_id,
-           max(CASE WHEN day >= {retain_from} AND day < {retain_to} {active} THEN 1 ELSE 0 END) AS retained
+           CASE WHEN day >= {retain_from} AND day < {retain_to} {active} THEN 1 ELSE 0 END AS active,
+           CASE WHEN event = {north_star} AND day < {max_days} THEN day END AS star_day
     FROM offsets
-    GROUP BY person_id
+    WHERE day < {max_days} OR (day >= {retain_from} AND day < {retain_to})
 ),
-north_star_days AS (
-    SELECT person_id, day, count(*) AS n
-    FROM offsets
-    WHERE event = {north_star} AND day < {max_days}
-    GROUP BY person_id, day
+people AS (
+    SELECT person_id,
+           max(active) AS retained,
+{star_sums}
+    FROM marks
+    GROUP BY person_id
 ),
 windows AS (
     SELECT y FROM (VALUES {windows}) AS w(y)
-),
-done AS (
-    SELECT c.person_id, w.y, coalesce(sum(CASE WHEN f.day < w.y THEN f.n ELSE 0 END), 0) AS times
-    FROM cohort c
-    CROSS JOIN windows w
-    LEFT JOIN north_star_days f ON f.person_id = c.person_id
-    GROUP BY c.person_id, w.y
 )
-SELECT d.y AS days, d.times AS times, r.retained AS retained, count(*) AS people
-FROM done d
-JOIN retention r ON r.person_id = d.person_id
-GROUP BY d.y, d.times, r.retained
+SELECT w.y AS days, {times_of_window} AS times, p.retained AS retained, count(*) AS people
+FROM people p
+CROSS JOIN windows w
+GROUP BY w.y, {times_of_window}, p.retained

@@ -132,10 +132,23 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
                 .join(", ")
         )
     };
-    let windows = (1..=question.max_days)
+    let days = 1..=question.max_days;
+    let windows = days
+        .clone()
         .map(|y| format!("({y})"))
         .collect::<Vec<_>>()
         .join(", ");
+    let star_sums = days
+        .clone()
+        .map(|y| format!("           sum(CASE WHEN star_day < {y} THEN 1 ELSE 0 END) AS t{y}"))
+        .collect::<Vec<_>>()
+        .join(",\n");
+    let times_of_window = format!(
+        "CASE w.y {} END",
+        days.map(|y| format!("WHEN {y} THEN p.t{y}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut sql = HISTOGRAM_SQL
         .lines()
         .filter(|line| !line.trim_start().starts_with("--"))
@@ -148,7 +161,9 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
         .replace("{retain_to}", &question.retained_days.1.to_string())
         .replace("{max_days}", &question.max_days.to_string())
         .replace("{active}", &active)
-        .replace("{windows}", &windows);
+        .replace("{windows}", &windows)
+        .replace("{star_sums}", &star_sums)
+        .replace("{times_of_window}", &times_of_window);
     // US(x): a timestamp as UTC microseconds.
     while let Some(start) = sql.find("US(") {
         let Some(len) = sql[start + 3..].find(')') else {
@@ -230,7 +245,8 @@ pub async fn run(
     let cohort_end = end - i64::from(question.retained_days.1) * 86_400_000_000;
 
     progress("counting each person's North Star events and retention");
-    let batches = histogram(engine, question, cohort_end).await?;
+    let sql = render(question, cohort_end, Dialect::DataFusion);
+    let batches = engine.collect_internal(&sql).await?;
     let mut rows = Vec::new();
     for batch in &batches {
         let column = |i: usize| arrow::compute::cast(batch.column(i), &DataType::Int64).ok();
@@ -278,47 +294,6 @@ pub async fn run(
         cohort,
         evaluation,
     })
-}
-
-/// Runs the histogram query. DataFusion computes a CTE as often as it is referenced (DuckDB
-/// materialises one used more than once); the cohort is referenced three times and costs a
-/// filtered pass over every event, so it is computed once into a memory table first.
-async fn histogram(
-    engine: &QueryEngine,
-    question: &Question,
-    cohort_end: i64,
-) -> Result<Vec<arrow::record_batch::RecordBatch>, AnalysisError> {
-    let sql = render(question, cohort_end, Dialect::DataFusion);
-    let (Some(start), Some(offsets)) = (sql.find("cohort AS ("), sql.find("offsets AS (")) else {
-        return Ok(engine.collect_internal(&sql).await?);
-    };
-    let Some(end) = sql[start..].find("\n),").map(|i| start + i + 3) else {
-        return Ok(engine.collect_internal(&sql).await?);
-    };
-    let prefix = sql[..offsets].trim_end().trim_end_matches(',');
-    let cohort = engine
-        .collect_internal(&format!(
-            "{prefix}\nSELECT person_id, signup_at FROM cohort"
-        ))
-        .await?;
-    let Some(schema) = cohort.first().map(|b| b.schema()) else {
-        return Ok(engine.collect_internal(&sql).await?);
-    };
-    let name = format!("activation_cohort_{}", uuid::Uuid::now_v7().simple());
-    let table = datafusion::datasource::MemTable::try_new(schema, vec![cohort])
-        .map_err(crate::query::QueryError::from)?;
-    engine
-        .context()
-        .register_table(name.as_str(), std::sync::Arc::new(table))
-        .map_err(crate::query::QueryError::from)?;
-    let rewritten = format!(
-        "{}cohort AS (SELECT person_id, signup_at FROM {name}){}",
-        &sql[..start],
-        &sql[end - 1..]
-    );
-    let result = engine.collect_internal(&rewritten).await;
-    let _ = engine.context().deregister_table(name.as_str());
-    Ok(result?)
 }
 
 /// Why an analysis has nothing to count: no events, no signup event, or no North Star event.

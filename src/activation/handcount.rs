@@ -22,6 +22,8 @@ pub struct CountOptions {
     pub north_star_event: String,
     /// Retention window in days after signup, half-open `[start, end)`; default (28, 56).
     pub retention_days: (u32, u32),
+    /// Track events that count as activity for retention; empty: any message counts.
+    pub active_events: Vec<String>,
     /// Resolve `anonymousId`s to people through identify (both ids) and alias messages.
     pub resolve_identities: bool,
     /// End of the data (µs); `None` means the latest message timestamp.
@@ -35,6 +37,7 @@ impl Default for CountOptions {
             signup_event: "signup_completed".to_string(),
             north_star_event: "core_action_completed".to_string(),
             retention_days: (RETENTION_START_DAY as u32, RETENTION_END_DAY as u32),
+            active_events: Vec::new(),
             resolve_identities: true,
             data_end_micros: None,
         }
@@ -98,7 +101,7 @@ fn identity_links<'a>(messages: &[Parsed<'a>]) -> HashMap<&'a str, &'a str> {
     links
 }
 
-/// Per-person timestamps: signup, North Star events and all activity, sorted.
+/// Per-person timestamps: signup, North Star events and activity that counts, sorted.
 #[derive(Default)]
 struct Timeline {
     signup: Option<i64>,
@@ -127,7 +130,14 @@ impl Histories {
                 .or_else(|| message.anonymous_id.and_then(|a| links.get(a).copied()));
             let Some(person) = person else { continue };
             let timeline = people.entry(person.to_string()).or_default();
-            timeline.activity.push(message.at);
+            let active = options.active_events.is_empty()
+                || (message.kind == "track"
+                    && message
+                        .event
+                        .is_some_and(|e| options.active_events.iter().any(|a| a == e)));
+            if active {
+                timeline.activity.push(message.at);
+            }
             if message.kind == "track" && message.event == Some(options.north_star_event.as_str()) {
                 timeline.north_star.push(message.at);
             }

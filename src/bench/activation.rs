@@ -3,8 +3,9 @@
 //!
 //! The history (default 200,000 users, ~10 million events, a planted threshold, anonymous
 //! activity linked by identify) is written straight into `data/events/` with the archiver's own
-//! formats and commit code, and the identity graph into `data/identities/`: what serving the
-//! same events would have produced, without spending minutes on ingest. Both engines then run
+//! formats and commit code, each day's files merged by the archiver's compaction, and the
+//! identity graph into `data/identities/`: what serving the same events would have produced,
+//! without spending minutes on ingest. Both engines then run
 //! as their own processes (`northstar aha`, and Python's `duckdb`), with two threads each; wall
 //! time and peak memory are theirs.
 
@@ -19,9 +20,12 @@ use super::report::{Row, mib, print_table, thousands};
 use crate::activation::analysis::{Dialect, Question, render};
 use crate::archive::TableFormat;
 use crate::archive::commit::{
-    PartName, ensure_partition_dir, sort_batch, write_parquet_file, writer_properties,
+    PartFile, PartName, ensure_partition_dir, list_parts, sort_batch, write_parquet_file,
+    writer_properties,
 };
+use crate::archive::compact::compact;
 use crate::archive::format::{EventsFormat, Partitions};
+use crate::config::ArchiveSettings;
 use crate::demo::Rng;
 use crate::event::{EventRecord, EventType};
 use crate::identity::IdentityGraph;
@@ -35,10 +39,23 @@ pub struct ActivationBench {
     /// Background events per user (page views and other activity) on top of the planted ones.
     #[arg(long, default_value_t = 46)]
     pub activity: usize,
+    /// Write the history here and keep it (default: a temporary directory, removed after).
+    #[arg(long)]
+    pub keep_data: Option<std::path::PathBuf>,
 }
 
 /// Runs the benchmark and prints its table.
 pub async fn run(options: ActivationBench) -> anyhow::Result<()> {
+    if let Some(keep) = &options.keep_data {
+        if keep.exists() {
+            bail!(
+                "--keep-data {}: already exists; give a new directory",
+                keep.display()
+            );
+        }
+        std::fs::create_dir_all(keep)?;
+        return run_in(&options, keep).await;
+    }
     let work =
         std::env::temp_dir().join(format!("northstar-bench-activation-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -51,6 +68,9 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
     let data = work.join("data");
     eprintln!("writing a history of {} users…", options.users);
     let (events, end_us) = write_history(&data, options)?;
+    eprintln!("compacting each day's files, as a running server does…");
+    let table = data.join("events");
+    tokio::task::spawn_blocking(move || compact_days(&table)).await??;
     let config_path = work.join("config.json");
     let mut config: Value =
         serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
@@ -391,6 +411,38 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
     written += flush(&format, &schema, &table, &mut partitions, commit + 1, seq)?;
     crate::identity::save_graph(data, graph).map_err(anyhow::Error::msg)?;
     Ok((written, end))
+}
+
+/// Merges each day's commit files into one with the archiver's compaction: the files a server
+/// that archived this history would hold once its compaction caught up.
+fn compact_days(table: &Path) -> anyhow::Result<()> {
+    let format = EventsFormat;
+    let schema = format.schema();
+    let settings = ArchiveSettings::default();
+    let parts = list_parts(table)?;
+    let mut dates: Vec<&str> = parts.iter().map(|p| p.date.as_str()).collect();
+    dates.dedup();
+    for date in dates {
+        let of_date: Vec<PartFile> = parts.iter().filter(|p| p.date == date).cloned().collect();
+        if of_date.len() < 2 {
+            continue;
+        }
+        let properties = writer_properties(
+            &schema,
+            format.sort_columns(),
+            settings.zstd_level,
+            settings.row_group_rows,
+        );
+        let partition = ensure_partition_dir(table, date)?;
+        compact(
+            &partition,
+            &of_date,
+            &schema,
+            format.sort_columns(),
+            properties,
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes the buffered partitions as one commit's files.
