@@ -141,10 +141,43 @@ fn register_parquet_dir(
     let url = ListingTableUrl::parse(format!("{}/", dir.canonicalize()?.display()))?;
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
-        .with_schema(schema);
+        .with_schema(read_schema(&schema));
     ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }
+
+/// The schema a table is read with: identifier and name columns as string views, which the
+/// Parquet reader decodes into directly. Short ids are stored inline in a view, so the joins
+/// and groupings on them (people, events, customers) hash and compare without chasing offsets.
+/// JSON text columns stay plain strings.
+fn read_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            if field.data_type() == &DataType::Utf8 && VIEW_COLUMNS.contains(&field.name().as_str())
+            {
+                Arc::new(field.as_ref().clone().with_data_type(DataType::Utf8View))
+            } else {
+                field.clone()
+            }
+        })
+        .collect::<Vec<_>>();
+    Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ))
+}
+
+/// Columns read as string views (see [`read_schema`]).
+const VIEW_COLUMNS: &[&str] = &[
+    "event",
+    "user_id",
+    "anonymous_id",
+    "customer_id",
+    "id",
+    "person_id",
+];
 
 /// `events_resolved`: every event with the person it belongs to, through identity merges
 /// (an anonymous id that was identified, an alias, a merged user id), else its own id.
