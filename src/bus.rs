@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod follower;
 pub mod publisher;
 pub mod streams;
+pub mod tee;
 
 use std::time::Duration;
 
