@@ -9,10 +9,6 @@
 //! buffered or the oldest has waited `commitInterval`. A commit runs on a blocking thread while
 //! the next one fills (at most one in flight, so manifests advance in order); when it is
 //! durable the stream is acked up to its last sequence (AckAll).
-//!
-//! The events archiver reads the followers' delivery, handed on by the follower loop
-//! ([`crate::bus::tee`]), so nats-server delivers each event once; it acks that consumer and
-//! asks it to rewind to the manifest on every (re)start. Other tables have their own consumer.
 
 pub mod commit;
 pub mod compact;
@@ -30,7 +26,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bus::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
-use crate::bus::tee::FeedReceiver;
 use crate::config::ArchiveSettings;
 use crate::metrics::ArchiveMetrics;
 use crate::shutdown::wait_for_stop;
@@ -91,19 +86,6 @@ pub struct ArchiveTarget {
     pub consumer: String,
     /// Directory of the table (`data/events`).
     pub dir: PathBuf,
-    /// Read the followers' delivery instead of an own consumer (`consumer` is then unused).
-    pub feed: Option<FeedReceiver>,
-}
-
-/// The consumer settings an archiver with these settings needs: what may wait unacked (four
-/// full commits), and how long before nats-server delivers it again.
-pub fn ack_limits(settings: &ArchiveSettings) -> crate::bus::follower::AckAll {
-    crate::bus::follower::AckAll {
-        max_ack_pending: (settings.max_rows_per_commit as i64)
-            .saturating_mul(4)
-            .max(10_000),
-        ack_wait: (settings.commit_interval.get() * 10).max(Duration::from_secs(120)),
-    }
 }
 
 /// A running archiver: its committed position, and the task to await on shutdown.
@@ -140,7 +122,6 @@ pub async fn start<F: TableFormat>(
         committed: committed_tx,
         compacting: Arc::new(AtomicBool::new(false)),
         high_water: 0,
-        rewinds: 0,
     };
     archiver.prepare().await?;
     let task = tokio::spawn(archiver.supervise(shutdown));
@@ -196,8 +177,6 @@ struct Archiver<F: TableFormat> {
     /// Highest stream sequence committed, in flight or buffered: anything at or below it that
     /// arrives again is a redelivery and is skipped.
     high_water: u64,
-    /// Rewinds asked of the feed so far (each one's token).
-    rewinds: u64,
 }
 
 /// Rows waiting for the next commit.
@@ -255,9 +234,6 @@ struct CommitDone {
 
 type InFlight = JoinHandle<Result<CommitDone, ArchiveError>>;
 
-/// Stream messages, from the archiver's own consumer or from the followers' feed.
-type Messages<'a> = futures::stream::BoxStream<'a, Result<jetstream::Message, String>>;
-
 /// Why the consume loop stopped.
 enum Stop {
     /// Shutdown was asked for: commit what is held.
@@ -300,13 +276,12 @@ impl<F: TableFormat> Archiver<F> {
     /// Runs the consume loop, restarting it after stream errors, until shutdown.
     async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut prepared = true;
-        let mut feed = self.target.feed.take();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let outcome = if prepared {
-                self.run(&mut shutdown, feed.as_mut()).await
+                self.run(&mut shutdown).await
             } else {
                 Err(None)
             };
@@ -346,20 +321,34 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     /// One life of the consume loop. `Ok` on shutdown (everything held is committed).
-    async fn run(
-        &mut self,
-        shutdown: &mut watch::Receiver<bool>,
-        feed: Option<&mut FeedReceiver>,
-    ) -> Result<(), Option<Stop>> {
-        let mut messages = match feed {
-            Some(feed) => {
-                self.rewinds += 1;
-                feed.rewind(self.manifest.last_seq, self.rewinds)
-                    .map(Ok)
-                    .boxed()
-            }
-            None => self.own_consumer().await?,
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Option<Stop>> {
+        let max_pending = (self.settings.max_rows_per_commit as i64)
+            .saturating_mul(4)
+            .max(10_000);
+        let ack_wait = (self.settings.commit_interval.get() * 10).max(Duration::from_secs(120));
+        let spec = DurableSpec {
+            stream: &self.target.stream,
+            name: &self.target.consumer,
+            after_seq: self.manifest.last_seq,
+            max_ack_pending: max_pending,
+            ack_wait,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
         };
+        let failed = |e: crate::bus::BusError| Some(Stop::Failed(e.into()));
+        let consumer = durable_consumer(&self.js, &spec).await.map_err(failed)?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(1_000)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| {
+                failed(crate::bus::BusError::Management {
+                    action: "consume",
+                    message: e.to_string(),
+                })
+            })?;
 
         let mut buffer: Buffer<F::Rows> = Buffer::default();
         let mut in_flight: Option<InFlight> = None;
@@ -456,35 +445,6 @@ impl<F: TableFormat> Archiver<F> {
                 Err(Some(Stop::Failed(error)))
             }
         }
-    }
-
-    /// Opens this archiver's own consumer, positioned after the manifest.
-    async fn own_consumer(&self) -> Result<Messages<'static>, Option<Stop>> {
-        let acks = ack_limits(&self.settings);
-        let spec = DurableSpec {
-            stream: &self.target.stream,
-            name: &self.target.consumer,
-            after_seq: self.manifest.last_seq,
-            max_ack_pending: acks.max_ack_pending,
-            ack_wait: acks.ack_wait,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
-        };
-        let failed = |e: crate::bus::BusError| Some(Stop::Failed(e.into()));
-        let consumer = durable_consumer(&self.js, &spec).await.map_err(failed)?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(1_000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| {
-                failed(crate::bus::BusError::Management {
-                    action: "consume",
-                    message: e.to_string(),
-                })
-            })?;
-        Ok(messages.map(|m| m.map_err(|e| e.to_string())).boxed())
     }
 
     /// Appends one stream message to the buffer.

@@ -9,7 +9,6 @@ pub mod embedded;
 pub mod follower;
 pub mod publisher;
 pub mod streams;
-pub mod tee;
 
 use std::time::Duration;
 

@@ -28,23 +28,11 @@ use crate::meter::{Meter, notices};
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
 
-/// The durable consumer the events stream is read through: by all in-process state, and
-/// handed on to the events archiver, which acks it after each commit.
-const EVENTS_CONSUMER: &str = "events-feed";
+/// The durable consumer all in-process state follows the events stream through.
+const FOLLOWERS_CONSUMER: &str = "followers";
 
-/// Consumers of earlier releases (one per follower, then one for the followers and one for the
-/// events archiver), deleted on start.
-const RETIRED_CONSUMERS: &[&str] = &[
-    "meter",
-    "identity",
-    "onboarding",
-    "billing",
-    "followers",
-    "archiver-events",
-];
-
-/// Messages the follower loop may hand on ahead of the events archiver.
-const FEED_CAPACITY: usize = 8_192;
+/// Consumers of earlier releases, one per follower, deleted on start.
+const RETIRED_CONSUMERS: &[&str] = &["meter", "identity", "onboarding", "billing"];
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -155,15 +143,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
 
     let metrics = Arc::new(Metrics::default());
     let (stop_archivers, archivers_stop) = watch::channel(false);
-    let (tee, feed) = crate::bus::tee::channel(FEED_CAPACITY);
     let events = archive::start(
         EventsFormat,
         publisher.jetstream().clone(),
         ArchiveTarget {
             stream: config.stream.name.clone(),
-            consumer: EVENTS_CONSUMER.into(),
+            consumer: "archiver-events".into(),
             dir: data_dir.join("events"),
-            feed: Some(feed),
         },
         config.archive.clone(),
         metrics.archive_events.clone(),
@@ -177,7 +163,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             stream: config.stream.rejected_name.clone(),
             consumer: "archiver-rejected".into(),
             dir: data_dir.join("rejected"),
-            feed: None,
         },
         config.archive.clone(),
         metrics.archive_rejected.clone(),
@@ -309,10 +294,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         .await?,
     );
     let followers = Fanout::new(followers);
-    let mut spec = followers.spec(&config.stream.name, EVENTS_CONSUMER);
-    spec.ack_all = Some(archive::ack_limits(&config.archive));
+    let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
-    let followers = tokio::spawn(follow(js, spec, followers, meter_stop, Some(tee)));
+    let followers = tokio::spawn(follow(js, spec, followers, meter_stop));
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {

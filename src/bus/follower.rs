@@ -5,15 +5,11 @@
 //! and is decoded once, then applied to every part in turn. Each part keeps its own position
 //! (an event it already has is not applied again) and its own snapshot cadence.
 //!
-//! A follower reads every event once, in stream order, from a durable consumer: its position
-//! lives in the follower's own snapshot, and the consumer is repositioned from it on every
-//! (re)start. A delivery that skips sequences still in the stream (lost in a cut connection)
-//! repositions it too, so no event is ever skipped; sequences deleted from the stream are
-//! skipped as they should be.
-//!
-//! The server's follower loop also feeds the events archiver (see [`super::tee`]): each message
-//! is handed on after it is applied, the archiver acks the consumer after each commit
-//! (AckPolicy All), and the consumer is repositioned when the archiver needs events again.
+//! A follower reads every event once, in stream order, from a durable consumer that acks
+//! nothing (AckPolicy None): its position lives in the follower's own snapshot, and the
+//! consumer is repositioned from it on every (re)start. A delivery that skips sequences still
+//! in the stream (lost in a cut connection) repositions it too, so no event is ever skipped;
+//! sequences deleted from the stream are skipped as they should be.
 
 use std::time::Duration;
 
@@ -25,7 +21,6 @@ use tokio::task::JoinHandle;
 
 use super::BusError;
 use super::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
-use super::tee::{Feed, Rewind, Tee};
 use crate::event::EventView;
 use crate::shutdown::{Shutdown, wait_for_stop};
 
@@ -58,47 +53,22 @@ pub struct FollowSpec {
     pub after_seq: u64,
     /// How often to snapshot.
     pub snapshot_interval: Duration,
-    /// Acks: none (positions live in snapshots), or all, by the archiver fed through a
-    /// [`Tee`], with its bounds on what may wait unacked.
-    pub ack_all: Option<AckAll>,
 }
 
-/// Ack settings of a consumer whose messages the archiver acks after each commit.
-#[derive(Debug, Clone, Copy)]
-pub struct AckAll {
-    /// Most messages delivered and not yet acked (the archiver's uncommitted backlog).
-    pub max_ack_pending: i64,
-    /// How long nats-server waits for an ack before delivering again.
-    pub ack_wait: Duration,
-}
-
-/// Runs `state` on the stream until shutdown, then writes its final snapshot. With a `tee`,
-/// every message is handed on after it is applied (see [`super::tee`]).
+/// Runs `state` on the stream until shutdown, then writes its final snapshot.
 pub async fn follow<F: Follow>(
     js: jetstream::Context,
     spec: FollowSpec,
     mut state: F,
     mut shutdown: Shutdown,
-    mut tee: Option<Tee>,
 ) {
     let mut high_water = spec.after_seq;
-    let mut rewound = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let mut reader = Reader {
-            js: &js,
-            spec: &spec,
-            high_water: &mut high_water,
-            tee: tee.as_mut(),
-        };
-        match reader.run(&mut state, &mut rewound, &mut shutdown).await {
+        match run(&js, &spec, &mut state, &mut high_water, &mut shutdown).await {
             Ok(()) => break,
-            Err(Stop::Rewind(Rewind { after_seq, token })) => {
-                high_water = high_water.min(after_seq);
-                rewound = Some(token);
-            }
             Err(Stop::Gap { expected, got }) => {
                 tracing::warn!(
                     follower = state.name(),
@@ -120,137 +90,77 @@ pub async fn follow<F: Follow>(
 }
 
 enum Stop {
-    Gap {
-        expected: u64,
-        got: u64,
-    },
-    /// The archiver asked to be fed again from an earlier sequence.
-    Rewind(Rewind),
+    Gap { expected: u64, got: u64 },
     Failed(BusError),
 }
 
-/// One life of the consumer: from its (re)positioning to a stop.
-struct Reader<'a> {
-    js: &'a jetstream::Context,
-    spec: &'a FollowSpec,
-    high_water: &'a mut u64,
-    tee: Option<&'a mut Tee>,
-}
-
-impl Reader<'_> {
-    /// Hands `feed` to the archiver; `false` when shutdown came first.
-    async fn hand_on(&mut self, feed: Feed, shutdown: &mut Shutdown) -> bool {
-        let Some(tee) = self.tee.as_mut() else {
-            return true;
-        };
+async fn run<F: Follow>(
+    js: &jetstream::Context,
+    spec: &FollowSpec,
+    state: &mut F,
+    high_water: &mut u64,
+    shutdown: &mut Shutdown,
+) -> Result<(), Stop> {
+    let durable = DurableSpec {
+        stream: &spec.stream,
+        name: &spec.consumer,
+        after_seq: *high_water,
+        max_ack_pending: -1,
+        ack_wait: Duration::from_secs(30),
+        ack_policy: consumer::AckPolicy::None,
+    };
+    let consumer = durable_consumer(js, &durable).await.map_err(Stop::Failed)?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1_000)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| {
+            Stop::Failed(BusError::Management {
+                action: "consume",
+                message: e.to_string(),
+            })
+        })?;
+    let mut tick = tokio::time::interval(spec.snapshot_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
         tokio::select! {
-            // An error means the archiver is gone (shutdown): nothing to hand on to.
-            _ = tee.feed.send(feed) => true,
-            () = wait_for_stop(shutdown) => false,
-        }
-    }
-
-    async fn run<F: Follow>(
-        &mut self,
-        state: &mut F,
-        rewound: &mut Option<u64>,
-        shutdown: &mut Shutdown,
-    ) -> Result<(), Stop> {
-        let (js, spec) = (self.js, self.spec);
-        let (ack_policy, max_ack_pending, ack_wait) = match spec.ack_all {
-            Some(acks) => (
-                consumer::AckPolicy::All,
-                acks.max_ack_pending,
-                acks.ack_wait,
-            ),
-            None => (consumer::AckPolicy::None, -1, Duration::from_secs(30)),
-        };
-        let durable = DurableSpec {
-            stream: &spec.stream,
-            name: &spec.consumer,
-            after_seq: *self.high_water,
-            max_ack_pending,
-            ack_wait,
-            ack_policy,
-        };
-        let consumer = durable_consumer(js, &durable).await.map_err(Stop::Failed)?;
-        // The archiver's rewind took effect once the consumer is repositioned: mark the feed.
-        if let Some(token) = *rewound {
-            if !self.hand_on(Feed::Rewound(token), shutdown).await {
-                return Ok(());
-            }
-            *rewound = None;
-        }
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1_000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| {
-                Stop::Failed(BusError::Management {
-                    action: "consume",
-                    message: e.to_string(),
-                })
-            })?;
-        let mut tick = tokio::time::interval(spec.snapshot_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            let rewinds = async {
-                match self.tee.as_mut() {
-                    Some(tee) => tee.rewinds.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                () = wait_for_stop(shutdown) => return Ok(()),
-                Some(rewind) = rewinds => {
-                    if rewind.after_seq < *self.high_water {
-                        return Err(Stop::Rewind(rewind));
-                    }
-                    // Nothing to deliver again: what comes next is what the archiver lacks.
-                    if !self.hand_on(Feed::Rewound(rewind.token), shutdown).await {
-                        return Ok(());
-                    }
-                }
-                _ = tick.tick() => state.snapshot(),
-                first = messages.next() => {
-                    // Take what else has already arrived without another trip through select.
-                    let mut next = Some(first);
-                    let mut burst = 0;
-                    while let Some(message) = next.take() {
-                        match message {
-                            Some(Ok(message)) => {
-                                let Some(seq) = sequence_of(&message) else { continue };
-                                if seq <= *self.high_water {
-                                    continue;
-                                }
-                                let expected = *self.high_water + 1;
-                                if seq != expected && stream_has(js, &spec.stream, expected).await {
-                                    return Err(Stop::Gap { expected, got: seq });
-                                }
-                                if state.wants(seq) {
-                                    let event = EventView::decode(&message.payload);
-                                    if let Err(error) = &event {
-                                        tracing::error!(follower = state.name(), seq, %error, "undecodable stream message; skipped");
-                                    }
-                                    state.apply(seq, event.as_ref().ok());
-                                }
-                                *self.high_water = seq;
-                                if !self.hand_on(Feed::Message(message), shutdown).await {
-                                    return Ok(());
-                                }
+            biased;
+            () = wait_for_stop(shutdown) => return Ok(()),
+            _ = tick.tick() => state.snapshot(),
+            first = messages.next() => {
+                // Take what else has already arrived without another trip through select.
+                let mut next = Some(first);
+                let mut burst = 0;
+                while let Some(message) = next.take() {
+                    match message {
+                        Some(Ok(message)) => {
+                            let Some(seq) = sequence_of(&message) else { continue };
+                            if seq <= *high_water {
+                                continue;
                             }
-                            Some(Err(error)) => tracing::warn!(follower = state.name(), %error, "stream read error; continuing"),
-                            None => return Err(Stop::Failed(BusError::Management { action: "consume", message: "message stream ended".into() })),
+                            let expected = *high_water + 1;
+                            if seq != expected && stream_has(js, &spec.stream, expected).await {
+                                return Err(Stop::Gap { expected, got: seq });
+                            }
+                            if state.wants(seq) {
+                                let event = EventView::decode(&message.payload);
+                                if let Err(error) = &event {
+                                    tracing::error!(follower = state.name(), seq, %error, "undecodable stream message; skipped");
+                                }
+                                state.apply(seq, event.as_ref().ok());
+                            }
+                            *high_water = seq;
                         }
-                        burst += 1;
-                        if burst < 1_024 {
-                            next = messages.next().now_or_never();
-                        }
+                        Some(Err(error)) => tracing::warn!(follower = state.name(), %error, "stream read error; continuing"),
+                        None => return Err(Stop::Failed(BusError::Management { action: "consume", message: "message stream ended".into() })),
+                    }
+                    burst += 1;
+                    if burst < 1_024 {
+                        next = messages.next().now_or_never();
                     }
                 }
             }
@@ -304,7 +214,6 @@ impl Fanout {
             consumer: consumer.to_string(),
             after_seq: self.parts.iter().map(|p| p.after_seq).min().unwrap_or(0),
             snapshot_interval: self.tick,
-            ack_all: None,
         }
     }
 }
@@ -319,12 +228,9 @@ impl Follow for Fanout {
     }
 
     fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
-        // Positions advance, so events delivered again (the archiver's rewind) are not
-        // applied twice.
         for part in &mut self.parts {
             if seq > part.after_seq {
                 part.follower.apply(seq, event);
-                part.after_seq = seq;
             }
         }
     }
@@ -409,12 +315,6 @@ mod tests {
         };
         assert_eq!(seqs(&ahead), vec![6, 7], "nothing applied twice");
         assert_eq!(seqs(&behind), vec![3, 4, 5, 6, 7]);
-        // Delivered again after a rewind (the archiver's): no part applies anything twice.
-        for seq in 4..=8 {
-            fanout.apply(seq, None);
-        }
-        assert_eq!(seqs(&ahead), vec![6, 7, 8]);
-        assert_eq!(seqs(&behind), vec![3, 4, 5, 6, 7, 8]);
 
         for _ in 0..10 {
             tokio::time::advance(Duration::from_secs(1)).await;
