@@ -7,6 +7,7 @@ mod harness;
 use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
 use northstar::activation::generate::{HistorySpec, data_end_micros, generate};
 use northstar::activation::handcount::{CountOptions, count_grid};
+use northstar::activation::stats::Cell;
 use serde_json::{Value, json};
 
 fn northstar_cli(args: &[&str]) -> std::process::Output {
@@ -83,23 +84,7 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
 
     let config_path = server.data.parent().unwrap().join("northstar.json");
     let as_of = northstar::clock::format_micros(data_end_micros(&spec));
-    let out = northstar_cli(&[
-        "aha",
-        "--data",
-        server.data.to_str().unwrap(),
-        "--config",
-        config_path.to_str().unwrap(),
-        "--format",
-        "json",
-        "--as-of",
-        &as_of,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = aha_json(&server.data, &config_path, &as_of);
     let chosen = &result["analysis"]["evaluation"]["chosen"];
     assert_eq!(
         (chosen["times"].as_u64(), chosen["days"].as_u64()),
@@ -111,28 +96,7 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
 
     // Every cell equals the hand count of the generator's messages (identities resolved).
     let hand = count_grid(&messages, 1..=10, 1..=15, &CountOptions::for_spec(&spec));
-    let candidates = result["analysis"]["evaluation"]["candidates"]
-        .as_array()
-        .unwrap();
-    assert_eq!(candidates.len(), hand.len());
-    for cell in &hand {
-        let ours = candidates
-            .iter()
-            .find(|c| c["times"] == cell.times && c["days"] == cell.days)
-            .unwrap();
-        assert_eq!(
-            (
-                ours["a"].as_u64(),
-                ours["b"].as_u64(),
-                ours["c"].as_u64(),
-                ours["d"].as_u64()
-            ),
-            (Some(cell.a), Some(cell.b), Some(cell.c), Some(cell.d)),
-            "cell x={} y={}",
-            cell.times,
-            cell.days
-        );
-    }
+    assert_cells_equal(&result, &hand, "default question");
     // The text form and the picture.
     let table = northstar_cli(&[
         "aha",
@@ -213,40 +177,50 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
     });
     let narrower = dir.path().join("narrower.json");
     std::fs::write(&narrower, serde_json::to_vec(&config).unwrap()).unwrap();
-    let out = northstar_cli(&[
-        "aha",
-        "--data",
-        server.data.to_str().unwrap(),
-        "--config",
-        narrower.to_str().unwrap(),
-        "--format",
-        "json",
-        "--as-of",
-        &as_of,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = aha_json(&server.data, &narrower, &as_of);
     let options = CountOptions {
         active_events: vec!["core_action_completed".into(), "dashboard_viewed".into()],
         retention_days: (21, 49),
         ..CountOptions::for_spec(&spec)
     };
     let hand = count_grid(&messages, 1..=10, 1..=15, &options);
-    let candidates = result["analysis"]["evaluation"]["candidates"]
-        .as_array()
-        .unwrap();
-    assert_eq!(candidates.len(), hand.len());
     let default_hand = count_grid(&messages, 1..=1, 1..=1, &CountOptions::for_spec(&spec));
     assert_ne!(
         (hand[0].a, hand[0].c),
         (default_hand[0].a, default_hand[0].c),
         "the narrower question must count differently, or this check proves nothing"
     );
-    for cell in &hand {
+    assert_cells_equal(&result, &hand, "narrower question");
+}
+
+/// `northstar aha --format json` over `data` with `config`, judged at `as_of`.
+fn aha_json(data: &std::path::Path, config: &std::path::Path, as_of: &str) -> Value {
+    let out = northstar_cli(&[
+        "aha",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--format",
+        "json",
+        "--as-of",
+        as_of,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every candidate's a, b, c, d in `result` equal the hand count's.
+fn assert_cells_equal(result: &Value, hand: &[Cell], question: &str) {
+    let candidates = result["analysis"]["evaluation"]["candidates"]
+        .as_array()
+        .unwrap();
+    assert_eq!(candidates.len(), hand.len());
+    for cell in hand {
         let ours = candidates
             .iter()
             .find(|c| c["times"] == cell.times && c["days"] == cell.days)
@@ -259,7 +233,7 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
                 ours["d"].as_u64()
             ),
             (Some(cell.a), Some(cell.b), Some(cell.c), Some(cell.d)),
-            "narrower question, cell x={} y={}",
+            "{question}, cell x={} y={}",
             cell.times,
             cell.days
         );
