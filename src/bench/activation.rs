@@ -465,7 +465,13 @@ fn flush(
         let batch = sort_batch(&batch, format.sort_columns())?;
         rows += batch.num_rows() as u64;
         let dir = ensure_partition_dir(table, &crate::event::partition_date(day * 86_400_000_000))?;
-        let properties = writer_properties(schema, format.sort_columns(), 3, 128 * 1024);
+        let settings = ArchiveSettings::default();
+        let properties = writer_properties(
+            schema,
+            format.sort_columns(),
+            settings.zstd_level,
+            settings.row_group_rows,
+        );
         write_parquet_file(&dir.join(name.file_name()), schema, [&batch], properties)?;
     }
     Ok(rows)
