@@ -3,6 +3,7 @@
 //! - [`body`] decodes request bodies (gzip, PostHog's encodings) within the size bound;
 //! - [`auth`] finds the source of a write key;
 //! - [`segment`] and [`posthog`] turn each wire's messages into [`EventRecord`]s;
+//! - [`fast`] takes the common Segment batch message straight to its stream message;
 //! - [`normalize`] holds the rules both wires share.
 //!
 //! A request is answered 200 only when JetStream has acked every accepted event and every
@@ -11,6 +12,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod fast;
 pub mod import;
 pub mod normalize;
 pub mod posthog;
@@ -276,7 +278,28 @@ impl Ingestor {
                     self.authenticate(header_keys, envelope.write_key(), envelope.batch.len())?;
                 let inherited = envelope.inherited();
                 let mut batch = ParsedBatch::new(&self.config, &self.registry);
+                let fast_batch = fast::Batch {
+                    inherited,
+                    source: &source,
+                    received_at,
+                    registry: &self.registry,
+                    shards: self.config.stream.shards,
+                    max_message_bytes: limits.max_message_bytes,
+                };
                 for (index, raw) in envelope.batch.iter().enumerate() {
+                    if raw.get().len() <= limits.max_message_bytes {
+                        match fast::normalize(raw.get(), &fast_batch) {
+                            fast::Fast::Ready(outgoing) => {
+                                batch.events.push(outgoing);
+                                continue;
+                            }
+                            fast::Fast::SampledOut => {
+                                batch.sampled_out += 1;
+                                continue;
+                            }
+                            fast::Fast::Fallback => {}
+                        }
+                    }
                     let raw = raw.get().as_bytes();
                     let result = self.check_size(raw).and_then(|()| {
                         let message = parse_object(raw)?;
@@ -550,53 +573,8 @@ impl<'a> ParsedBatch<'a> {
         route: &str,
         received_at: i64,
     ) {
-        let result = result.and_then(|mut event| {
-            if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
-                match self.registry.decide(
-                    name,
-                    &event.event_id,
-                    &event.properties,
-                    &mut event.context,
-                ) {
-                    Decision::Accept {
-                        schema_version,
-                        sample_rate,
-                    } => {
-                        event.schema_version = schema_version;
-                        event.sample_rate = sample_rate;
-                    }
-                    Decision::SampledOut => return Ok(None),
-                    Decision::Reject(mut violations) => {
-                        let first = violations.remove(0);
-                        let more = violations
-                            .iter()
-                            .map(|v| format!("; {}: {}", v.field, v.message))
-                            .collect::<String>();
-                        return Err(Rejection::new(
-                            first.field,
-                            format!("{}{more}", first.message),
-                        ));
-                    }
-                }
-            }
-            let payload = event.to_bus_json();
-            if payload.len() > self.max_message_bytes {
-                return Err(Rejection::new(
-                    "context",
-                    format!(
-                        "message with the batch context merged in is {} bytes; the limit is {}",
-                        payload.len(),
-                        self.max_message_bytes
-                    ),
-                ));
-            }
-            let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
-            Ok(Some(Outgoing {
-                subject: subject_for(self.shards, shard_key, event.kind.as_str()),
-                msg_id: event.event_id,
-                payload: Bytes::from(payload),
-            }))
-        });
+        let result = result
+            .and_then(|event| prepare(event, self.registry, self.shards, self.max_message_bytes));
         match result {
             Ok(Some(outgoing)) => self.events.push(outgoing),
             Ok(None) => self.sampled_out += 1,
@@ -614,7 +592,60 @@ impl<'a> ParsedBatch<'a> {
     }
 }
 
-fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, Rejection> {
+/// What becomes of a normalised event: the registry's decision, then the stream message (or
+/// `None` when the event is sampled out). The size bound is checked again on the event as it
+/// will be stored, so a large batch-level context cannot multiply a small request.
+pub fn prepare(
+    mut event: EventRecord,
+    registry: &Registry,
+    shards: u32,
+    max_message_bytes: usize,
+) -> Result<Option<Outgoing>, Rejection> {
+    if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
+        match registry.decide(name, &event.event_id, &event.properties, &mut event.context) {
+            Decision::Accept {
+                schema_version,
+                sample_rate,
+            } => {
+                event.schema_version = schema_version;
+                event.sample_rate = sample_rate;
+            }
+            Decision::SampledOut => return Ok(None),
+            Decision::Reject(violations) => return Err(joined(violations)),
+        }
+    }
+    let payload = event.to_bus_json();
+    if payload.len() > max_message_bytes {
+        return Err(Rejection::new(
+            "context",
+            format!(
+                "message with the batch context merged in is {} bytes; the limit is {max_message_bytes}",
+                payload.len(),
+            ),
+        ));
+    }
+    let shard_key = event.customer_id.as_deref().unwrap_or(&event.event_id);
+    Ok(Some(Outgoing {
+        subject: subject_for(shards, shard_key, event.kind.as_str()),
+        msg_id: event.event_id,
+        payload: Bytes::from(payload),
+    }))
+}
+
+/// Every violation in one rejection, named by the first one's field.
+fn joined(violations: Vec<Rejection>) -> Rejection {
+    let mut violations = violations.into_iter();
+    let Some(first) = violations.next() else {
+        return Rejection::new(".", "rejected by the schema registry");
+    };
+    let more = violations
+        .map(|v| format!("; {}: {}", v.field, v.message))
+        .collect::<String>();
+    Rejection::new(first.field, format!("{}{more}", first.message))
+}
+
+/// Parses one message as a JSON object.
+pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, Rejection> {
     match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Rejection::new(".", "each message must be a JSON object")),

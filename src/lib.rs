@@ -24,9 +24,9 @@
 //! - [`bench`]: `northstar bench`, our numbers next to a baseline measured in the same run.
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
-//! status), [`metrics`], [`clock`] (injectable time), [`files`] (atomic durable writes),
-//! [`shutdown`] (stop signals), [`client`] (a loopback HTTP client), [`demo`] (the `make run`
-//! workload).
+//! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
+//! [`files`] (atomic durable writes), [`shutdown`] (stop signals), [`client`] (a loopback HTTP
+//! client), [`demo`] (the `make run` workload).
 
 pub mod activation;
 pub mod api;
@@ -43,6 +43,7 @@ pub mod event;
 pub mod files;
 pub mod identity;
 pub mod ingest;
+pub mod json;
 pub mod meter;
 pub mod metrics;
 pub mod onboarding;

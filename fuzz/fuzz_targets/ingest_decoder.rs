@@ -1,13 +1,14 @@
 //! Fuzzes the ingest decoder: any bytes, as any wire's body, through decoding (gzip, base64,
-//! forms), JSON parsing, normalisation and the registry. Nothing may panic, and every message
-//! must end accepted or rejected with a reason.
+//! forms), JSON parsing, normalisation and the registry. Nothing may panic, every message
+//! must end accepted or rejected with a reason, and the fast Segment path must produce what the
+//! reference path produces wherever it answers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use northstar::config::Config;
 use northstar::event::EventType;
 use northstar::ingest::body::{Encoding, decode};
-use northstar::ingest::{posthog, segment};
+use northstar::ingest::{fast, posthog, segment};
 use northstar::schema::Registry;
 use serde_json::Value;
 
@@ -38,6 +39,27 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else if let Ok(envelope) = serde_json::from_slice::<segment::BatchEnvelope<'_>>(&decoded) {
+        // The fast path must agree with the reference wherever it answers.
+        let batch = fast::Batch {
+            inherited: envelope.inherited(),
+            source: "fuzz",
+            received_at: 1_700_000_000_000_000,
+            registry: &registry,
+            shards: 8,
+            max_message_bytes: 32 * 1024,
+        };
+        for raw in &envelope.batch {
+            if let fast::Fast::Ready(quick) = fast::normalize(raw.get(), &batch) {
+                let Ok(Some(reference)) = fast::reference(raw.get(), &batch) else {
+                    panic!("fast path accepted what the reference did not: {}", raw.get());
+                };
+                let read = |p: &[u8]| serde_json::from_slice::<Value>(p).ok().map(|mut v| {
+                    v["event_id"] = Value::Null;
+                    v
+                });
+                assert_eq!(read(&quick.payload), read(&reference.payload), "{}", raw.get());
+            }
+        }
         for raw in &envelope.batch {
             if let Ok(Value::Object(message)) = serde_json::from_str::<Value>(raw.get())
                 && let Ok(record) = segment::normalize(message, None, envelope.inherited(), "fuzz", 1_700_000_000_000_000)

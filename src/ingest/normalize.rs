@@ -2,6 +2,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::json::JsonObject;
+
 /// Longest id (message, user, anonymous, customer) we store.
 pub const MAX_ID_CHARS: usize = 255;
 /// Longest event name we store.
@@ -125,15 +127,18 @@ fn parse_time_text(text: &str) -> Option<i64> {
 /// `properties.customer_id`, `properties.$groups.customer`, else the user id.
 pub fn customer_id(
     top_level: Option<String>,
-    context: &Map<String, Value>,
-    properties: &Map<String, Value>,
+    context: &dyn JsonObject,
+    properties: &dyn JsonObject,
     user_id: Option<&String>,
 ) -> Option<String> {
     let from = |value: Option<&Value>| value.and_then(|v| id_value(v, "").ok().flatten());
     top_level
-        .or_else(|| from(context.get("groupId")))
-        .or_else(|| from(properties.get("customer_id")))
-        .or_else(|| from(properties.get("$groups").and_then(|g| g.get("customer"))))
+        .or_else(|| from(context.field("groupId").as_deref()))
+        .or_else(|| from(properties.field("customer_id").as_deref()))
+        .or_else(|| {
+            let groups = properties.field("$groups")?;
+            from(groups.get("customer"))
+        })
         .or_else(|| user_id.cloned())
 }
 

@@ -10,7 +10,7 @@ use crate::event::{EventRecord, EventType};
 
 /// Top-level keys of a Segment message that have a column or a place of their own; any other
 /// key is kept under `context.extra` so nothing the SDK sent is lost.
-const KNOWN_KEYS: &[&str] = &[
+pub(crate) const KNOWN_KEYS: &[&str] = &[
     "type",
     "messageId",
     "timestamp",

@@ -21,14 +21,24 @@ pub fn quantity(
     aggregation: Aggregation,
     properties: &Map<String, Value>,
 ) -> Result<Contribution, Rejection> {
+    let value = value_property.and_then(|p| properties.get(p));
+    quantity_of(value_property, aggregation, value)
+}
+
+/// The contribution to a meter of `value`, the value of its `value_property`.
+pub fn quantity_of(
+    value_property: Option<&str>,
+    aggregation: Aggregation,
+    value: Option<&Value>,
+) -> Result<Contribution, Rejection> {
     let Some(property) = value_property else {
         return Ok(Contribution::Amount(Decimal::ONE));
     };
-    let field = format!("properties.{property}");
-    let value = properties.get(property).filter(|v| !v.is_null());
     if aggregation == Aggregation::Count {
         return Ok(Contribution::Amount(Decimal::ONE));
     }
+    let field = format!("properties.{property}");
+    let value = value.filter(|v| !v.is_null());
     if aggregation == Aggregation::UniqueCount {
         return match value {
             Some(Value::String(s)) if !s.is_empty() => Ok(Contribution::Distinct(s.clone())),

@@ -8,12 +8,17 @@ use serde_json::{Map, Value, json};
 
 use super::quantity;
 use crate::config::{Aggregation, Config, Policy, PropertySpec};
+use crate::json::JsonObject;
 use crate::rejected::Rejection;
+
+/// Where tagged violations go in an event's context.
+pub const TAGS_KEY: &str = "schema_violations";
 
 /// What the registry decided about an event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Store it (violations, if the policy tags them, are already in its context).
+    /// Store it (with [`Registry::decide`], violations the policy tags are already in its
+    /// context).
     Accept {
         /// The schema version of a planned event.
         schema_version: Option<String>,
@@ -144,32 +149,51 @@ impl Registry {
         properties: &Map<String, Value>,
         context: &mut Map<String, Value>,
     ) -> Decision {
+        let (decision, tags) = self.judge(event, event_id, properties);
+        if let Some(tags) = tags {
+            context.insert(TAGS_KEY.into(), tags);
+        }
+        decision
+    }
+
+    /// Checks one event's properties. Violations the policy tags come back beside the
+    /// decision, to be put under `context.schema_violations`.
+    pub fn judge(
+        &self,
+        event: &str,
+        event_id: &str,
+        properties: &dyn JsonObject,
+    ) -> (Decision, Option<Value>) {
         let Some(schema) = self.events.get(event) else {
             let violation = Rejection::new("event", format!("`{event}` is not a planned event"));
-            return self.apply_policy(self.unplanned, vec![violation], None, None, context);
+            return self.apply_policy(self.unplanned, vec![violation], None, None);
         };
         // A metered event's quantity is never negotiable: always a rejection.
         let mut fatal = Vec::new();
         for (value_property, aggregation) in &schema.meters {
+            let value = value_property.as_deref().and_then(|p| properties.field(p));
             if let Err(rejection) =
-                quantity::quantity(value_property.as_deref(), *aggregation, properties)
+                quantity::quantity_of(value_property.as_deref(), *aggregation, value.as_deref())
             {
                 fatal.push(rejection);
             }
         }
         if !fatal.is_empty() {
-            return Decision::Reject(fatal);
+            return (Decision::Reject(fatal), None);
         }
         if let Some(rate) = schema.sample_rate
             && !in_sample(event_id, rate)
         {
-            return Decision::SampledOut;
+            return (Decision::SampledOut, None);
         }
         let (violations, policy) = match &schema.shape {
             Shape::Names(names) => {
-                let unplanned: Vec<Rejection> = properties
-                    .keys()
-                    .filter(|k| !names.contains(k.as_str()) && !k.starts_with('$'))
+                // In key order, whichever order they were written in.
+                let mut keys = properties.field_names();
+                keys.sort_unstable();
+                let unplanned: Vec<Rejection> = keys
+                    .into_iter()
+                    .filter(|k| !names.contains(*k) && !k.starts_with('$'))
                     .map(|k| {
                         Rejection::new(
                             format!("properties.{k}"),
@@ -180,7 +204,7 @@ impl Registry {
                 (unplanned, self.unplanned_properties)
             }
             Shape::Json(validator) => {
-                let instance = Value::Object(properties.clone());
+                let instance = properties.to_value();
                 let violations = validator
                     .iter_errors(&instance)
                     .take(20)
@@ -209,7 +233,6 @@ impl Registry {
             violations,
             schema.version.clone(),
             schema.sample_rate,
-            context,
         )
     }
 
@@ -219,26 +242,22 @@ impl Registry {
         violations: Vec<Rejection>,
         schema_version: Option<String>,
         sample_rate: Option<f64>,
-        context: &mut Map<String, Value>,
-    ) -> Decision {
+    ) -> (Decision, Option<Value>) {
+        let accept = Decision::Accept {
+            schema_version,
+            sample_rate,
+        };
         if violations.is_empty() || policy == Policy::Allow {
-            return Decision::Accept {
-                schema_version,
-                sample_rate,
-            };
+            return (accept, None);
         }
         match policy {
-            Policy::Reject => Decision::Reject(violations),
+            Policy::Reject => (Decision::Reject(violations), None),
             _ => {
                 let tagged: Vec<Value> = violations
                     .iter()
                     .map(|v| json!({"field": v.field, "message": v.message}))
                     .collect();
-                context.insert("schema_violations".into(), Value::Array(tagged));
-                Decision::Accept {
-                    schema_version,
-                    sample_rate,
-                }
+                (accept, Some(Value::Array(tagged)))
             }
         }
     }
