@@ -174,6 +174,21 @@ impl Metrics {
             self.ingest_rate_limited.get(),
         );
         counter(
+            "northstar_meter_events_applied_total",
+            "Metered events applied to the meter's counters.",
+            self.meter_applied.get(),
+        );
+        counter(
+            "northstar_meter_events_late_total",
+            "Metered events for a period older than the two the meter keeps.",
+            self.meter_late.get(),
+        );
+        counter(
+            "northstar_meter_events_skipped_total",
+            "Metered events without a valid quantity (not counted).",
+            self.meter_skipped.get(),
+        );
+        counter(
             "northstar_meter_anomalies_total",
             "Customers flagged for usage far above their own baseline.",
             self.meter_anomalies.get(),

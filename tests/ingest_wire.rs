@@ -513,6 +513,37 @@ async fn health_and_metrics_answer_on_the_seed_config() {
     assert_eq!(health.json()["nats"], "connected");
     let metrics = server.get("/metrics").await;
     assert!(metrics.text().contains("northstar_stream_lag"));
+
+    // The meter's counters: three metered events, counted (or late, for an old period).
+    let r = server
+        .post("/v1/batch", &json!({"batch": tracks("metered", 0..3)}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let metered = |text: &str| -> u64 {
+        ["applied", "late"]
+            .iter()
+            .map(|kind| {
+                let name = format!("northstar_meter_events_{kind}_total ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name.as_str()))
+                    .map_or(0, |v| v.trim().parse().unwrap())
+            })
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline {
+        text = server.get("/metrics").await.text();
+        if metered(&text) == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(metered(&text), 3, "{text}");
+    assert!(
+        text.contains("northstar_meter_events_skipped_total 0"),
+        "{text}"
+    );
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
