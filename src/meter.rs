@@ -36,6 +36,7 @@ use crate::clock::{Clock, format_micros};
 use crate::config::{Aggregation, Config, MeteringSettings};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{EventRecord, EventType, EventView};
+use crate::json::{JsonObject, RawObject};
 use crate::metrics::Metrics;
 use crate::schema::quantity;
 use customers::{Customer, CustomerStore};
@@ -300,18 +301,22 @@ impl Meter {
             self.counters.set_applied(seq);
             return;
         };
-        let properties: Map<String, Value> =
-            serde_json::from_str(event.properties.get()).unwrap_or_default();
-        let customer = self.customers.get(customer_id);
+        // One level of the properties, read only for the values a meter needs.
+        let properties = RawObject::parse(event.properties.get()).unwrap_or_default();
+        let customer = self.customers.terms(customer_id);
         let period = customer.period_at(event.timestamp);
         let mut shard = self.counters.lock(customer_id);
         if seq > shard.applied_seq {
             for meter in meters {
                 let feature = &self.spec.features[meter.feature];
-                let contribution = match quantity::quantity(
+                let value = meter
+                    .value_property
+                    .as_deref()
+                    .and_then(|p| properties.field(p));
+                let contribution = match quantity::quantity_of(
                     meter.value_property.as_deref(),
                     feature.aggregation,
-                    &properties,
+                    value.as_deref(),
                 ) {
                     Ok(contribution) => contribution,
                     Err(rejection) => {

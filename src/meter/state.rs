@@ -254,7 +254,12 @@ impl Shard {
         if let Some(reservation) = self.reservations.remove(event_id) {
             self.release(&reservation);
         }
-        let usage = self.customers.entry(customer.into()).or_default();
+        // Looked up before inserting: `entry` would allocate the key for every event.
+        if !self.customers.contains_key(customer) {
+            self.customers
+                .insert(customer.into(), CustomerUsage::default());
+        }
+        let usage = self.customers.get_mut(customer)?;
         let newest = usage
             .counters
             .iter()

@@ -4,6 +4,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use crate::config::Aggregation;
+use crate::json::JsonObject;
 use crate::rejected::Rejection;
 
 /// What one event contributes to a meter.
@@ -79,10 +80,10 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
 }
 
 /// The series key of an event for a meter with `group_by` (empty without one).
-pub fn group_key(group_by: &[String], properties: &Map<String, Value>) -> String {
+pub fn group_key(group_by: &[String], properties: &dyn JsonObject) -> String {
     group_by
         .iter()
-        .map(|p| match properties.get(p) {
+        .map(|p| match properties.field(p).as_deref() {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Null) | None => String::new(),
             Some(other) => other.to_string(),
