@@ -251,12 +251,26 @@ impl Onboarding {
         if let Some(user) = event.user_id.as_deref() {
             state.graph.observe_user(user);
         }
-        let person = state.graph.person_of(id).to_string();
+        // Every event comes here: keys and ids are copied only when they are new.
+        let state = &mut *state;
+        let person = state.graph.person_of(id);
         let name = event.event.as_deref().unwrap_or(event.kind.as_str());
-        let facts = state.people.entry(person.clone()).or_default();
-        *facts.counts.entry(name.to_string()).or_default() += 1;
-        if event.customer_id.is_some() {
-            facts.customer_id = event.customer_id.as_deref().map(str::to_string);
+        if !state.people.contains_key(person) {
+            state.people.insert(person.to_string(), Facts::default());
+        }
+        let Some(facts) = state.people.get_mut(person) else {
+            return fired;
+        };
+        match facts.counts.get_mut(name) {
+            Some(count) => *count += 1,
+            None => {
+                facts.counts.insert(name.to_string(), 1);
+            }
+        }
+        if let Some(customer) = event.customer_id.as_deref()
+            && facts.customer_id.as_deref() != Some(customer)
+        {
+            facts.customer_id = Some(customer.to_string());
         }
         if event.kind == EventType::Identify
             && let Ok(Value::Object(traits)) = serde_json::from_str::<Value>(event.properties.get())
