@@ -86,7 +86,17 @@ pub struct ArchiveTarget {
     pub consumer: String,
     /// Directory of the table (`data/events`).
     pub dir: PathBuf,
+    /// The followers' delivery of the same stream, handed on (see [`Feed`]).
+    pub feed: Option<Feed>,
 }
+
+/// Messages of the events stream as the follower loop received them, handed on after they are
+/// applied, so nats-server need not deliver each event twice. The follower loop never waits
+/// for the archiver: when the channel is full it drops the message, and the archiver reads
+/// what it missed through its own consumer.
+pub type Feed = tokio::sync::mpsc::Receiver<jetstream::Message>;
+
+type OwnMessages = async_nats::jetstream::consumer::pull::Stream;
 
 /// A running archiver: its committed position, and the task to await on shutdown.
 pub struct ArchiverHandle {
@@ -204,6 +214,13 @@ impl<R> Default for Buffer<R> {
     }
 }
 
+impl<R> Buffer<R> {
+    /// Whether it holds a commit's worth (`maxRowsPerCommit` or `maxBytesPerCommit`).
+    fn is_full(&self, settings: &ArchiveSettings) -> bool {
+        self.rows >= settings.max_rows_per_commit || self.bytes >= settings.max_bytes_per_commit
+    }
+}
+
 /// Why a commit happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CommitCause {
@@ -276,12 +293,13 @@ impl<F: TableFormat> Archiver<F> {
     /// Runs the consume loop, restarting it after stream errors, until shutdown.
     async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut prepared = true;
+        let mut feed = self.target.feed.take();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let outcome = if prepared {
-                self.run(&mut shutdown).await
+                self.run(&mut shutdown, feed.as_mut()).await
             } else {
                 Err(None)
             };
@@ -321,41 +339,37 @@ impl<F: TableFormat> Archiver<F> {
     }
 
     /// One life of the consume loop. `Ok` on shutdown (everything held is committed).
-    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Option<Stop>> {
-        let max_pending = (self.settings.max_rows_per_commit as i64)
-            .saturating_mul(4)
-            .max(10_000);
-        let ack_wait = (self.settings.commit_interval.get() * 10).max(Duration::from_secs(120));
-        let spec = DurableSpec {
-            stream: &self.target.stream,
-            name: &self.target.consumer,
-            after_seq: self.manifest.last_seq,
-            max_ack_pending: max_pending,
-            ack_wait,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
-        };
-        let failed = |e: crate::bus::BusError| Some(Stop::Failed(e.into()));
-        let consumer = durable_consumer(&self.js, &spec).await.map_err(failed)?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1_000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| {
-                failed(crate::bus::BusError::Management {
-                    action: "consume",
-                    message: e.to_string(),
-                })
-            })?;
-
+    ///
+    /// Messages come from the archiver's own consumer and, for the events table, from the
+    /// followers' delivery handed on (`feed`). Only the next sequence is taken, from whichever
+    /// brings it first. The own consumer runs from every (re)start until the feed is no
+    /// further along than the archive; it is opened again when the feed skips ahead (it
+    /// dropped messages while the archiver was busy).
+    async fn run(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        mut feed: Option<&mut Feed>,
+    ) -> Result<(), Option<Stop>> {
+        let failed = |e: ArchiveError| Some(Stop::Failed(e));
+        let mut own = Some(self.own_consumer().await.map_err(failed)?);
         let mut buffer: Buffer<F::Rows> = Buffer::default();
         let mut in_flight: Option<InFlight> = None;
         let interval = self.settings.commit_interval.get();
         let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(5)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = loop {
+            let fed = async {
+                match feed.as_mut() {
+                    Some(feed) => feed.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let owned = async {
+                match own.as_mut() {
+                    Some(messages) => messages.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = wait_for_stop(shutdown) => break Stop::Shutdown,
@@ -364,16 +378,66 @@ impl<F: TableFormat> Archiver<F> {
                     if let Err(e) = self.finish_commit(done).await {
                         break Stop::Failed(e);
                     }
-                }
-                _ = tick.tick() => {
-                    if buffer.opened.is_some_and(|t| t.elapsed() >= interval)
-                        && let Err(e) = self.commit(&mut buffer, &mut in_flight, CommitCause::Interval).await
-                    {
+                    // What filled meanwhile may be due already.
+                    if let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await {
                         break Stop::Failed(e);
                     }
                 }
-                first = messages.next() => {
+                _ = tick.tick() => {
+                    if let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await {
+                        break Stop::Failed(e);
+                    }
+                }
+                Some(first) = fed => {
                     // Take what else has already arrived without another trip through select.
+                    let mut next = Some(first);
+                    let mut burst = 0;
+                    let mut stop = None;
+                    while let Some(message) = next.take() {
+                        let Some(seq) = sequence_of(&message) else { continue };
+                        let expected = self.high_water + 1;
+                        if seq <= expected {
+                            // The feed is no further along than the archive: it brings
+                            // everything from here on.
+                            own = None;
+                        }
+                        let take = if seq == expected {
+                            true
+                        } else if seq < expected || own.is_some() {
+                            false // had it already, or the own consumer brings it
+                        } else if stream_has(&self.js, &self.target.stream, expected).await {
+                            // The feed dropped messages while the archiver was busy.
+                            self.metrics.feed_gaps.inc();
+                            match self.own_consumer().await {
+                                Ok(messages) => own = Some(messages),
+                                Err(e) => {
+                                    stop = Some(Stop::Failed(e));
+                                    break;
+                                }
+                            }
+                            false
+                        } else {
+                            true // the sequences in between were deleted from the stream
+                        };
+                        if take {
+                            self.take(seq, message, false, &mut buffer);
+                            if buffer.is_full(&self.settings)
+                                && let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await
+                            {
+                                stop = Some(Stop::Failed(e));
+                                break;
+                            }
+                        }
+                        burst += 1;
+                        if burst < 1_024 {
+                            next = feed.as_mut().and_then(|f| f.try_recv().ok());
+                        }
+                    }
+                    if let Some(stop) = stop {
+                        break stop;
+                    }
+                }
+                first = owned => {
                     let mut next = Some(first);
                     let mut burst = 0;
                     let mut stop = None;
@@ -391,10 +455,10 @@ impl<F: TableFormat> Archiver<F> {
                                     stop = Some(Stop::Gap { expected, got: seq });
                                     break;
                                 }
-                                self.take(seq, message, &mut buffer);
-                                let full = buffer.rows >= self.settings.max_rows_per_commit
-                                    || buffer.bytes >= self.settings.max_bytes_per_commit;
-                                if full && let Err(e) = self.commit(&mut buffer, &mut in_flight, CommitCause::Full).await {
+                                self.take(seq, message, true, &mut buffer);
+                                if buffer.is_full(&self.settings)
+                                    && let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await
+                                {
                                     stop = Some(Stop::Failed(e));
                                     break;
                                 }
@@ -407,7 +471,7 @@ impl<F: TableFormat> Archiver<F> {
                         }
                         burst += 1;
                         if burst < 1_024 {
-                            next = messages.next().now_or_never();
+                            next = own.as_mut().and_then(|m| m.next().now_or_never());
                         }
                     }
                     if let Some(stop) = stop {
@@ -447,8 +511,71 @@ impl<F: TableFormat> Archiver<F> {
         }
     }
 
-    /// Appends one stream message to the buffer.
-    fn take(&mut self, seq: u64, message: jetstream::Message, buffer: &mut Buffer<F::Rows>) {
+    /// Opens this archiver's own consumer, positioned after everything it holds.
+    async fn own_consumer(&self) -> Result<OwnMessages, ArchiveError> {
+        let spec = DurableSpec {
+            stream: &self.target.stream,
+            name: &self.target.consumer,
+            after_seq: self.high_water,
+            max_ack_pending: (self.settings.max_rows_per_commit as i64)
+                .saturating_mul(4)
+                .max(10_000),
+            ack_wait: (self.settings.commit_interval.get() * 10).max(Duration::from_secs(120)),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
+        };
+        let consumer = durable_consumer(&self.js, &spec).await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1_000)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| crate::bus::BusError::Management {
+                action: "consume",
+                message: e.to_string(),
+            })?;
+        Ok(messages)
+    }
+
+    /// Starts a commit when the buffer is full or its oldest row has waited the interval,
+    /// unless one is in flight: the loop keeps reading meanwhile (the feed would drop what it
+    /// cannot hand on), and waits for that commit only when the buffer reaches twice the
+    /// commit bounds.
+    async fn commit_if_due(
+        &mut self,
+        buffer: &mut Buffer<F::Rows>,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<(), ArchiveError> {
+        let (rows, bytes) = (
+            self.settings.max_rows_per_commit,
+            self.settings.max_bytes_per_commit,
+        );
+        let full = buffer.is_full(&self.settings);
+        let interval = self.settings.commit_interval.get();
+        let cause = if full {
+            CommitCause::Full
+        } else if buffer.opened.is_some_and(|t| t.elapsed() >= interval) {
+            CommitCause::Interval
+        } else {
+            return Ok(());
+        };
+        let over = buffer.rows >= rows.saturating_mul(2) || buffer.bytes >= bytes.saturating_mul(2);
+        if in_flight.is_none() || over {
+            self.commit(buffer, in_flight, cause).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends one stream message to the buffer. Messages of the own consumer are acked after
+    /// their commit; the feed's consumer takes no acks.
+    fn take(
+        &mut self,
+        seq: u64,
+        message: jetstream::Message,
+        own: bool,
+        buffer: &mut Buffer<F::Rows>,
+    ) {
         let (message, acker) = message.split();
         match self
             .format
@@ -468,7 +595,9 @@ impl<F: TableFormat> Archiver<F> {
             buffer.opened = Some(Instant::now());
         }
         buffer.last_seq = seq;
-        buffer.last_message = Some(acker);
+        if own {
+            buffer.last_message = Some(acker);
+        }
         self.high_water = seq;
     }
 

@@ -63,6 +63,8 @@ pub struct ArchiveMetrics {
     pub undecodable: Counter,
     /// Times delivery skipped sequences still in the stream and the consumer was repositioned.
     pub repositions: Counter,
+    /// Times the followers' feed skipped ahead and the archiver read through its own consumer.
+    pub feed_gaps: Counter,
 }
 
 /// Every metric of a running server.
@@ -226,7 +228,7 @@ impl Metrics {
             "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 9] = [
+        let archive_lines: [(&str, &str, &str, Read); 10] = [
             (
                 "northstar_archive_rows_total",
                 "counter",
@@ -262,6 +264,12 @@ impl Metrics {
                 "counter",
                 "Deliveries that skipped sequences still in the stream, repositioned.",
                 |a| a.repositions.get() as f64,
+            ),
+            (
+                "northstar_archive_feed_gaps_total",
+                "counter",
+                "Times the followers' feed dropped messages and the archiver read them itself.",
+                |a| a.feed_gaps.get() as f64,
             ),
             (
                 "northstar_archive_last_seq",

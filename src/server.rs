@@ -143,6 +143,14 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
 
     let metrics = Arc::new(Metrics::default());
     let (stop_archivers, archivers_stop) = watch::channel(false);
+    // The follower loop hands each event on to the events archiver (see `archive::Feed`).
+    let (feed_tx, feed) = match config.archive.feed_capacity {
+        0 => (None, None),
+        capacity => {
+            let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+            (Some(tx), Some(rx))
+        }
+    };
     let events = archive::start(
         EventsFormat,
         publisher.jetstream().clone(),
@@ -150,6 +158,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             stream: config.stream.name.clone(),
             consumer: "archiver-events".into(),
             dir: data_dir.join("events"),
+            feed,
         },
         config.archive.clone(),
         metrics.archive_events.clone(),
@@ -163,6 +172,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             stream: config.stream.rejected_name.clone(),
             consumer: "archiver-rejected".into(),
             dir: data_dir.join("rejected"),
+            feed: None,
         },
         config.archive.clone(),
         metrics.archive_rejected.clone(),
@@ -296,7 +306,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     let followers = Fanout::new(followers);
     let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
-    let followers = tokio::spawn(follow(js, spec, followers, meter_stop));
+    let followers = tokio::spawn(follow(js, spec, followers, meter_stop, feed_tx));
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {

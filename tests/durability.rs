@@ -381,3 +381,111 @@ fn is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.split_whitespace().nth(2) != Some("Z"))
 }
+
+/// Posts `batches` batches of 100 from each of `clients` clients; returns the ids sent.
+async fn post_batches(base: &str, prefix: &str, clients: usize, batches: usize) -> HashSet<String> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (base, prefix) = (base.to_string(), prefix.to_string());
+            tokio::spawn(async move {
+                let http = HttpClient::new();
+                let auth = basic_auth(WRITE_KEY);
+                let mut ids = Vec::new();
+                for b in 0..batches {
+                    let batch = tracks(&format!("{prefix}-c{c}-b{b}"), 0..100);
+                    let r = http
+                        .post_json(
+                            &format!("{base}/v1/batch"),
+                            &[("authorization", &auth)],
+                            &json!({"batch": batch}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    ids.extend(
+                        batch
+                            .iter()
+                            .map(|m| m["messageId"].as_str().unwrap().to_string()),
+                    );
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut sent = HashSet::new();
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+    sent
+}
+
+/// Every event sent is in Parquet once, and nothing else is.
+async fn assert_archived_once(nats_url: &str, data: &std::path::Path, sent: &HashSet<String>) {
+    wait_caught_up(nats_url, data).await;
+    let total = scalar(data, "SELECT count(*) FROM events").await as usize;
+    let distinct = scalar(data, "SELECT count(DISTINCT event_id) FROM events").await as usize;
+    let distinct_seq = scalar(data, "SELECT count(DISTINCT seq) FROM events").await as usize;
+    assert_eq!(total, sent.len(), "every event in Parquet");
+    assert_eq!(distinct, total, "no event twice");
+    assert_eq!(distinct_seq, total, "no stream message twice");
+}
+
+/// Messages the archiver's own consumer has delivered.
+async fn own_deliveries(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("EVENTS").await.expect("stream");
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("archiver-events")
+        .await
+        .expect("the archiver's consumer");
+    consumer
+        .info()
+        .await
+        .expect("info")
+        .delivered
+        .consumer_sequence
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_archiver_reads_the_followers_delivery_so_nats_delivers_each_event_once() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["archive"] = json!({"commitInterval": "100ms"});
+    let server = Northstar::start(&nats, &config);
+    let sent = post_batches(&server.base, "once", 2, 25).await;
+    assert_archived_once(&nats.url, &server.data, &sent).await;
+    let own = own_deliveries(&nats.url).await;
+    assert!(
+        own < sent.len() as u64 / 2,
+        "the archiver read {own} of {} events through a delivery of its own",
+        sent.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_without_room_costs_the_archive_nothing() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    // Room for two messages, and a commit every 100 rows: the follower loop drops most of
+    // what it hands on, and the archiver must read it through its own consumer.
+    config["archive"] =
+        json!({"commitInterval": "20ms", "maxRowsPerCommit": 100, "feedCapacity": 2});
+    let mut server = Northstar::start(&nats, &config);
+    let mut sent = post_batches(&server.base, "tight", 4, 10).await;
+    // Across a kill -9 as well.
+    server.kill9();
+    server.restart();
+    sent.extend(post_batches(&server.base, "after", 2, 10).await);
+    assert_archived_once(&nats.url, &server.data, &sent).await;
+    let metrics = server.get("/metrics").await.text();
+    let gaps: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("northstar_archive_feed_gaps_total{table=\"events\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_default();
+    assert!(
+        gaps > 0.0,
+        "the feed dropped messages and the archiver read them: {metrics}"
+    );
+}

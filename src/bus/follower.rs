@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use async_nats::jetstream::{self, consumer};
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::BusError;
@@ -61,13 +62,23 @@ pub async fn follow<F: Follow>(
     spec: FollowSpec,
     mut state: F,
     mut shutdown: Shutdown,
+    tee: Option<mpsc::Sender<jetstream::Message>>,
 ) {
     let mut high_water = spec.after_seq;
     loop {
         if *shutdown.borrow() {
             break;
         }
-        match run(&js, &spec, &mut state, &mut high_water, &mut shutdown).await {
+        match run(
+            &js,
+            &spec,
+            &mut state,
+            &mut high_water,
+            &mut shutdown,
+            tee.as_ref(),
+        )
+        .await
+        {
             Ok(()) => break,
             Err(Stop::Gap { expected, got }) => {
                 tracing::warn!(
@@ -100,6 +111,7 @@ async fn run<F: Follow>(
     state: &mut F,
     high_water: &mut u64,
     shutdown: &mut Shutdown,
+    tee: Option<&mpsc::Sender<jetstream::Message>>,
 ) -> Result<(), Stop> {
     let durable = DurableSpec {
         stream: &spec.stream,
@@ -154,6 +166,11 @@ async fn run<F: Follow>(
                                 state.apply(seq, event.as_ref().ok());
                             }
                             *high_water = seq;
+                            // Never waits: a message the archiver has no room for, it reads
+                            // itself (`archive::Feed`).
+                            if let Some(tee) = tee {
+                                let _ = tee.try_send(message);
+                            }
                         }
                         Some(Err(error)) => tracing::warn!(follower = state.name(), %error, "stream read error; continuing"),
                         None => return Err(Stop::Failed(BusError::Management { action: "consume", message: "message stream ended".into() })),

@@ -333,7 +333,9 @@ pub struct ArchiveSettings {
     /// Commit as soon as this many events are buffered.
     pub max_rows_per_commit: usize,
     /// Commit as soon as this many bytes of events are buffered (bounds memory, and keeps
-    /// every Arrow column far below its 2 GiB offset limit).
+    /// every Arrow column far below its 2 GiB offset limit). While a commit is in flight the
+    /// next one may grow to twice this (and twice `maxRowsPerCommit`) before the archiver
+    /// waits for it.
     pub max_bytes_per_commit: usize,
     /// Rows per Parquet row group (the unit of pruning).
     pub row_group_rows: usize,
@@ -343,6 +345,9 @@ pub struct ArchiveSettings {
     pub compact_min_files: usize,
     /// Files at or above this size are left alone by compaction.
     pub compact_target_bytes: u64,
+    /// Events the follower loop may hand on to the events archiver ahead of it, so
+    /// nats-server delivers each event once; 0 gives the archiver a delivery of its own.
+    pub feed_capacity: usize,
 }
 
 impl Default for ArchiveSettings {
@@ -355,6 +360,7 @@ impl Default for ArchiveSettings {
             zstd_level: 3,
             compact_min_files: 12,
             compact_target_bytes: 256 * 1024 * 1024,
+            feed_capacity: 32_768,
         }
     }
 }
