@@ -129,8 +129,11 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
             ratio: None,
         },
         Row {
-            measure: "archiver: commits, time spent committing".into(),
-            ours: format!("{:.0} commits, {:.2} s", ours.commits, ours.commit_seconds),
+            measure: "archiver: commits, time spent committing, feed gaps".into(),
+            ours: format!(
+                "{:.0} commits, {:.2} s, {:.0} gaps",
+                ours.commits, ours.commit_seconds, ours.feed_gaps
+            ),
             baseline: String::new(),
             ratio: None,
         },
@@ -385,6 +388,8 @@ struct OurTimes {
     parquet_bytes: u64,
     commit_seconds: f64,
     commits: f64,
+    /// Times the followers' feed dropped messages and the archiver read them itself.
+    feed_gaps: f64,
 }
 
 /// A sample's value from Prometheus text.
@@ -537,6 +542,10 @@ async fn northstar_ingest(
         .await
         .map(|r| r.text())
         .unwrap_or_default();
+    let feed_gaps = metric_value(
+        &metrics,
+        "northstar_archive_feed_gaps_total{table=\"events\"}",
+    );
     let commit_seconds = metric_value(
         &metrics,
         "northstar_archive_commit_seconds_sum{table=\"events\"}",
@@ -584,6 +593,7 @@ async fn northstar_ingest(
         parquet_bytes,
         commit_seconds,
         commits,
+        feed_gaps,
     })
 }
 
