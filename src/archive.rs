@@ -25,7 +25,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bus::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
+use crate::bus::streams::{DurableSpec, durable_consumer, pull_messages, sequence_of, stream_has};
 use crate::config::ArchiveSettings;
 use crate::metrics::ArchiveMetrics;
 use crate::shutdown::wait_for_stop;
@@ -524,18 +524,7 @@ impl<F: TableFormat> Archiver<F> {
             ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
         };
         let consumer = durable_consumer(&self.js, &spec).await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(1_000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| crate::bus::BusError::Management {
-                action: "consume",
-                message: e.to_string(),
-            })?;
-        Ok(messages)
+        Ok(pull_messages(&consumer).await?)
     }
 
     /// Starts a commit when the buffer is full or its oldest row has waited the interval,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::BusError;
-use super::streams::{DurableSpec, durable_consumer, sequence_of, stream_has};
+use super::streams::{DurableSpec, durable_consumer, pull_messages, sequence_of, stream_has};
 use crate::event::EventView;
 use crate::shutdown::{Shutdown, wait_for_stop};
 
@@ -122,19 +122,7 @@ async fn run<F: Follow>(
         ack_policy: consumer::AckPolicy::None,
     };
     let consumer = durable_consumer(js, &durable).await.map_err(Stop::Failed)?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1_000)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| {
-            Stop::Failed(BusError::Management {
-                action: "consume",
-                message: e.to_string(),
-            })
-        })?;
+    let mut messages = pull_messages(&consumer).await.map_err(Stop::Failed)?;
     let mut tick = tokio::time::interval(spec.snapshot_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

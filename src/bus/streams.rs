@@ -120,6 +120,24 @@ pub struct DurableSpec<'a> {
     pub ack_policy: consumer::AckPolicy,
 }
 
+/// Reads a pull consumer as a stream of messages: batches of up to 1,000, a heartbeat every 5 s
+/// (a dead connection is noticed), each pull request expiring after 30 s.
+pub async fn pull_messages(
+    consumer: &consumer::PullConsumer,
+) -> Result<consumer::pull::Stream, BusError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(1_000)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| BusError::Management {
+            action: "consume",
+            message: e.to_string(),
+        })
+}
+
 /// Gets the durable consumer positioned right after `after_seq`, recreating it when its own
 /// position disagrees with the caller's (the caller's commit record is the truth: acks may
 /// be lost in a crash, and a wiped data dir must be refilled from the stream).
