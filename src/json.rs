@@ -55,17 +55,6 @@ impl<'a> RawObject<'a> {
         self.entries.is_empty()
     }
 
-    /// Whether a key is written more than once (its readers could disagree on which counts).
-    pub fn has_repeated_keys(&self) -> bool {
-        let n = self.entries.len();
-        if n <= 16 {
-            return (0..n).any(|i| (i + 1..n).any(|j| self.entries[i].0 == self.entries[j].0));
-        }
-        let mut keys: Vec<&str> = self.keys().collect();
-        keys.sort_unstable();
-        keys.windows(2).any(|pair| pair[0] == pair[1])
-    }
-
     /// The whole object as a `Value` (the last of a repeated key wins, as in `serde_json`).
     pub fn to_value(&self) -> Value {
         let mut map = serde_json::Map::new();
@@ -283,18 +272,12 @@ mod tests {
             "the last one wins"
         );
         assert_eq!(object.get("b\"q").unwrap().get(), r#"{"c": [1, 2]}"#);
-        assert!(object.has_repeated_keys());
         assert_eq!(
             object.to_value(),
             serde_json::from_str::<Value>(text).unwrap()
         );
         assert!(matches!(object.entries[0].0, Cow::Borrowed(_)));
         assert!(RawObject::parse("[1]").is_err());
-        assert!(
-            !RawObject::parse(r#"{"x": 1, "y": 2}"#)
-                .unwrap()
-                .has_repeated_keys()
-        );
     }
 
     #[test]

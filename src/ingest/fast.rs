@@ -6,8 +6,9 @@
 //! stream message with `properties` and `context` copied as text (whitespace between tokens
 //! removed, keys in the order the sender wrote them). Whenever a message needs anything more
 //! (a rejection, batch-level context or integrations to merge, top-level keys kept under
-//! `context.extra`, a repeated key at any depth, a page category, an alias, the size bound) it answers [`Fast::Fallback`] and the reference path takes the message, so a
-//! rejection is always the reference's. Tests hold both paths to the same stream message.
+//! `context.extra`, a repeated key at any depth, a page category, an alias, the size bound) it
+//! answers [`Fast::Fallback`] and the reference path takes the message, so a rejection is
+//! always the reference's. Tests hold both paths to the same stream message.
 
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -62,10 +63,7 @@ pub fn normalize(text: &str, batch: &Batch<'_>) -> Fast {
     if batch.inherits() {
         return Fast::Fallback;
     }
-    match accept(text, batch) {
-        Some(fast) => fast,
-        None => Fast::Fallback,
-    }
+    accept(text, batch).unwrap_or(Fast::Fallback)
 }
 
 /// `None` is a fallback.
@@ -176,9 +174,9 @@ fn accept(text: &str, batch: &Batch<'_>) -> Option<Fast> {
     out.raw(",\"customer_id\":");
     out.option(customer_id.as_deref());
     out.raw(",\"timestamp\":");
-    out.raw(&timestamp.to_string());
+    out.json(&timestamp);
     out.raw(",\"received_at\":");
-    out.raw(&batch.received_at.to_string());
+    out.json(&batch.received_at);
     out.raw(",\"properties\":");
     out.object(properties);
     out.raw(",\"context\":");
