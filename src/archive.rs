@@ -160,14 +160,14 @@ async fn check_stream(
             action: "stream info",
             message: e.to_string(),
         })?;
-    let created = info.created.to_string();
+    let created = crate::bus::streams::incarnation(&info);
     let recreated = manifest
         .stream_created
         .as_ref()
-        .is_some_and(|c| *c != created);
+        .is_some_and(|c| !crate::bus::streams::same_incarnation(c, &created));
     if manifest.last_seq > info.state.last_sequence || recreated {
         return Err(ArchiveError::StreamMismatch(format!(
-            "the archive holds stream {stream} up to sequence {} but the stream (created {created}) ends at {}: \
+            "the archive holds stream {stream} up to sequence {} but the stream (incarnation {created}) ends at {}: \
              it was deleted and made anew. Move the table directory aside to archive the new stream.",
             manifest.last_seq, info.state.last_sequence
         )));

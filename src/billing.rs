@@ -27,7 +27,7 @@ pub mod windows;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -115,9 +115,6 @@ impl Classify for BillingError {
     }
 }
 
-/// A Checkout Session made for a customer and plan: (id, url, when).
-type CachedCheckout = (String, String, Instant);
-
 /// The running billing sink and upgrade path.
 pub struct Billing {
     settings: BillingSettings,
@@ -131,7 +128,10 @@ pub struct Billing {
     spec: MeterSpec,
     known_plans: Vec<String>,
     default_plan: String,
-    checkouts: tokio::sync::Mutex<HashMap<(String, String), CachedCheckout>>,
+    checkouts: upgrade::Checkouts,
+    /// How long a 402 waits for its Checkout Session: the Stripe timeout, but never more than
+    /// half the request time limit, so the 402 is answered in time with or without one.
+    checkout_wait: Duration,
     seen_events: Mutex<(VecDeque<String>, HashSet<String>)>,
     clock: Clock,
 }
@@ -203,7 +203,7 @@ pub async fn start(
                 aggregation: metering.aggregation,
             });
     }
-    let created = crate::bus::streams::stream_created(js, target.stream).await?;
+    let created = crate::bus::streams::stream_incarnation(js, target.stream).await?;
     let window = micros(settings.window.get());
     let grace = micros(settings.grace.get());
     let (windows, after_seq) = runner::load(&dir, &created, window, grace);
@@ -258,7 +258,8 @@ pub async fn start(
             .map(str::to_string)
             .collect(),
         default_plan: config.metering.default_plan.clone(),
-        checkouts: tokio::sync::Mutex::new(HashMap::new()),
+        checkouts: Arc::default(),
+        checkout_wait: timeout.min(config.ingest.request_timeout.get() / 2),
         seen_events: Mutex::new((VecDeque::new(), HashSet::new())),
         clock,
         settings,

@@ -11,6 +11,24 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+/// Longest id (message, user, anonymous, customer) we store.
+pub const MAX_ID_CHARS: usize = 255;
+
+/// What is wrong with an id as it will be stored (trimmed, not empty), if anything: the
+/// same rule for ingest, `/v1/check` and webhooks, so an id one accepts the others accept.
+pub fn id_problem(text: &str) -> Option<String> {
+    if text.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if text.chars().count() > MAX_ID_CHARS {
+        return Some(format!("longer than {MAX_ID_CHARS} characters"));
+    }
+    if text.chars().any(char::is_control) {
+        return Some("contains control characters".into());
+    }
+    None
+}
+
 /// The kinds of call the Segment spec knows; PostHog events map onto them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

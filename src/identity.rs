@@ -265,13 +265,16 @@ pub async fn prepare(
         action: "stream info",
         message: e.to_string(),
     })?;
-    let created = info.created.to_string();
+    let created = crate::bus::streams::incarnation(&info);
     let saved: Option<State> = std::fs::read(dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let state = match saved {
         Some(state)
-            if state.stream_created.as_deref().is_none_or(|c| c == created)
+            if state
+                .stream_created
+                .as_deref()
+                .is_none_or(|c| crate::bus::streams::same_incarnation(c, &created))
                 && state.seq <= info.state.last_sequence =>
         {
             state

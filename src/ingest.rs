@@ -236,7 +236,7 @@ impl Ingestor {
                 if let (Some(source), IngestError::InvalidJson(reason)) = (&header_source, &error) {
                     // An authenticated but unreadable body is kept, not dropped.
                     let record = RejectedRecord::new(
-                        &body,
+                        &self.keys.redact(&body),
                         vec![Rejection::new(".", reason.clone())],
                         source,
                         request.route,
@@ -277,7 +277,7 @@ impl Ingestor {
                 let source =
                     self.authenticate(header_keys, envelope.write_key(), envelope.batch.len())?;
                 let inherited = envelope.inherited();
-                let mut batch = ParsedBatch::new(&self.config, &self.registry);
+                let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
                 let fast_batch = fast::Batch {
                     inherited,
                     source: &source,
@@ -285,6 +285,7 @@ impl Ingestor {
                     registry: &self.registry,
                     shards: self.config.stream.shards,
                     max_message_bytes: limits.max_message_bytes,
+                    max_future_skew: future_skew_micros(&self.config),
                 };
                 for (index, raw) in envelope.batch.iter().enumerate() {
                     if raw.get().len() <= limits.max_message_bytes {
@@ -323,7 +324,7 @@ impl Ingestor {
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key, 1)?;
                 let route_name = format!("/v1/{}", kind.as_str());
-                let mut batch = ParsedBatch::new(&self.config, &self.registry);
+                let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
                 let result = segment::normalize(
                     message,
                     Some(kind),
@@ -360,8 +361,17 @@ impl Ingestor {
             capture.api_key.as_deref(),
             capture.events.len(),
         )?;
-        let mut batch = ParsedBatch::new(&self.config, &self.registry);
-        for (index, event) in capture.events.into_iter().enumerate() {
+        let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
+        for (index, mut event) in capture.events.into_iter().enumerate() {
+            // posthog-js puts the project key in every event's properties: never store it.
+            if let Some(properties) = event.get_mut("properties").and_then(Value::as_object_mut)
+                && properties
+                    .get("token")
+                    .and_then(Value::as_str)
+                    .is_some_and(|token| self.keys.is_key(token))
+            {
+                properties.remove("token");
+            }
             let raw = serde_json::to_vec(&event).unwrap_or_default();
             let result = self
                 .check_size(&raw)
@@ -440,7 +450,7 @@ impl Ingestor {
         payload: &[u8],
     ) -> Result<Resubmitted, IngestError> {
         let received_at = self.clock.now_micros();
-        let mut batch = ParsedBatch::new(&self.config, &self.registry);
+        let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
         let result = match parse_object(payload) {
             Err(rejection) => Err(rejection),
             Ok(message) if route.starts_with("/v1/") => {
@@ -546,19 +556,23 @@ struct ParsedBatch<'a> {
     rejected: Vec<(usize, RejectedRecord)>,
     sampled_out: usize,
     max_message_bytes: usize,
+    max_future_skew: i64,
     shards: u32,
     registry: &'a Registry,
+    keys: &'a WriteKeys,
 }
 
 impl<'a> ParsedBatch<'a> {
-    fn new(config: &Config, registry: &'a Registry) -> Self {
+    fn new(config: &Config, registry: &'a Registry, keys: &'a WriteKeys) -> Self {
         Self {
             events: Vec::new(),
             rejected: Vec::new(),
             sampled_out: 0,
             max_message_bytes: config.ingest.max_message_bytes,
+            max_future_skew: future_skew_micros(config),
             shards: config.stream.shards,
             registry,
+            keys,
         }
     }
 
@@ -573,8 +587,15 @@ impl<'a> ParsedBatch<'a> {
         route: &str,
         received_at: i64,
     ) {
-        let result = result
-            .and_then(|event| prepare(event, self.registry, self.shards, self.max_message_bytes));
+        let result = result.and_then(|event| {
+            prepare(
+                event,
+                self.registry,
+                self.shards,
+                self.max_message_bytes,
+                self.max_future_skew,
+            )
+        });
         match result {
             Ok(Some(outgoing)) => self.events.push(outgoing),
             Ok(None) => self.sampled_out += 1,
@@ -584,8 +605,9 @@ impl<'a> ParsedBatch<'a> {
                         .iter()
                         .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
                 });
+                let raw = self.keys.redact(raw);
                 let record =
-                    RejectedRecord::new(raw, vec![reason], source, route, event_id, received_at);
+                    RejectedRecord::new(&raw, vec![reason], source, route, event_id, received_at);
                 self.rejected.push((index, record));
             }
         }
@@ -600,7 +622,9 @@ pub fn prepare(
     registry: &Registry,
     shards: u32,
     max_message_bytes: usize,
+    max_future_skew: i64,
 ) -> Result<Option<Outgoing>, Rejection> {
+    normalize::within_skew(event.timestamp, event.received_at, max_future_skew)?;
     if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
         match registry.decide(name, &event.event_id, &event.properties, &mut event.context) {
             Decision::Accept {
@@ -630,6 +654,11 @@ pub fn prepare(
         msg_id: event.event_id,
         payload: Bytes::from(payload),
     }))
+}
+
+/// `ingest.maxFutureSkew` in microseconds.
+fn future_skew_micros(config: &Config) -> i64 {
+    i64::try_from(config.ingest.max_future_skew.get().as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Every violation in one rejection, named by the first one's field.

@@ -25,7 +25,8 @@
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
 //! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
-//! [`files`] (atomic durable writes), [`shutdown`] (stop signals), [`client`] (a loopback HTTP
+//! [`files`] (atomic durable writes), [`shutdown`] (stop signals), [`supervise`] (panics
+//! caught, counted and shown by `/healthz`), [`client`] (a loopback HTTP
 //! client), [`demo`] (the `make run` workload).
 
 pub mod activation;
@@ -53,3 +54,4 @@ pub mod rejected;
 pub mod schema;
 pub mod server;
 pub mod shutdown;
+pub mod supervise;

@@ -401,7 +401,7 @@ impl Meter {
                 let Ok(fraction) = Decimal::try_from(*fraction) else {
                     continue;
                 };
-                let line = limit * fraction;
+                let line = limit.saturating_mul(fraction);
                 let bit = u8::try_from(bit).unwrap_or(7);
                 if applied.before < line
                     && applied.after >= line
@@ -470,12 +470,20 @@ impl Meter {
         let (used, groups) = {
             let shard = self.counters.lock(&customer.id);
             (
-                shard.used(&customer.id, counter_index, period.start)
-                    + shard.reserved(&customer.id, counter_index, period.start),
+                shard
+                    .used(&customer.id, counter_index, period.start)
+                    .saturating_add(shard.reserved(&customer.id, counter_index, period.start)),
                 groups_of(&shard, &customer.id, counter_index, period.start),
             )
         };
-        self.standing_from(customer, index, period, used + extra, groups, consumed)
+        self.standing_from(
+            customer,
+            index,
+            period,
+            used.saturating_add(extra),
+            groups,
+            consumed,
+        )
     }
 
     /// A standing from numbers already read under the shard's lock.
@@ -503,9 +511,9 @@ impl Meter {
             feature: feature.id.clone(),
             plan: customer.plan.clone(),
             used,
-            remaining: limit.map(|l| (l - used).max(Decimal::ZERO)),
+            remaining: limit.map(|l| l.saturating_sub(used).max(Decimal::ZERO)),
             overage: limit
-                .map(|l| (used - l).max(Decimal::ZERO))
+                .map(|l| used.saturating_sub(l).max(Decimal::ZERO))
                 .unwrap_or_default(),
             limit,
             soft_limit: soft,
@@ -526,10 +534,26 @@ impl Meter {
             .spec
             .feature(&request.feature)
             .ok_or_else(|| LimitError::UnknownFeature(request.feature.clone()))?;
-        if request.customer_id.is_empty() || request.customer_id.len() > 255 {
+        let request = CheckRequest {
+            customer_id: request.customer_id.trim().to_string(),
+            event_id: request.event_id.map(|id| id.trim().to_string()),
+            ..request
+        };
+        if let Some(message) = crate::event::id_problem(&request.customer_id) {
             return Err(LimitError::Invalid {
                 field: "customer_id",
-                message: "must be 1 to 255 characters".into(),
+                message,
+            });
+        }
+        // The id becomes a NATS header: it must be one ingest would take as a messageId.
+        if let Some(message) = request
+            .event_id
+            .as_deref()
+            .and_then(crate::event::id_problem)
+        {
+            return Err(LimitError::Invalid {
+                field: "event_id",
+                message,
             });
         }
         let quantity = match &request.quantity {
@@ -543,6 +567,12 @@ impl Meter {
             field: "quantity",
             message: "must be a number at least 0".into(),
         })?;
+        quantity::amount_within_bounds(quantity, self.settings.max_quantity, "quantity").map_err(
+            |rejection| LimitError::Invalid {
+                field: "quantity",
+                message: rejection.message,
+            },
+        )?;
         let customer = self.customers.get(&request.customer_id);
         if let Some(suspension) = &customer.suspended {
             return Err(LimitError::Suspended {
@@ -575,11 +605,28 @@ impl Meter {
         };
         let (used_after, groups) = {
             let mut shard = self.counters.lock(&customer.id);
-            let used = shard.used(&customer.id, counter_index, period.start)
-                + shard.reserved(&customer.id, counter_index, period.start);
+            // A retry of a consume whose units are still reserved: they count once.
+            if ids.first().is_some_and(|id| shard.is_reserved(id)) {
+                let used = shard
+                    .used(&customer.id, counter_index, period.start)
+                    .saturating_add(shard.reserved(&customer.id, counter_index, period.start));
+                let groups = groups_of(&shard, &customer.id, counter_index, period.start);
+                drop(shard);
+                return Ok(self.standing_from(
+                    &customer,
+                    index,
+                    period,
+                    used,
+                    groups,
+                    Some(quantity),
+                ));
+            }
+            let used = shard
+                .used(&customer.id, counter_index, period.start)
+                .saturating_add(shard.reserved(&customer.id, counter_index, period.start));
             let projected = match feature.aggregation {
                 Aggregation::Max | Aggregation::Latest => used.max(quantity),
-                _ => used + quantity,
+                _ => used.saturating_add(quantity),
             };
             let refusal = match feature.allowance(&customer.plan) {
                 Allowance::None => Some(Decimal::ZERO),
@@ -605,23 +652,39 @@ impl Meter {
             let after = if ids.is_empty() {
                 used
             } else {
-                used + quantity
+                used.saturating_add(quantity)
             };
             (
                 after,
                 groups_of(&shard, &customer.id, counter_index, period.start),
             )
         };
-        if !ids.is_empty()
-            && let Err(error) = self
+        let mut used_after = used_after;
+        if !ids.is_empty() {
+            match self
                 .publish_usage(&customer, feature, quantity, &ids, now)
                 .await
-        {
-            let mut shard = self.counters.lock(&customer.id);
-            for id in &ids {
-                shard.cancel(id);
+            {
+                Ok(duplicates) if !duplicates.is_empty() => {
+                    // The stream had these ids already (a retry of a consume that was stored):
+                    // their units are counted from the stream, not reserved again.
+                    let mut shard = self.counters.lock(&customer.id);
+                    for id in duplicates.iter().filter_map(|i| ids.get(*i)) {
+                        shard.cancel(id);
+                    }
+                    used_after = shard
+                        .used(&customer.id, counter_index, period.start)
+                        .saturating_add(shard.reserved(&customer.id, counter_index, period.start));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let mut shard = self.counters.lock(&customer.id);
+                    for id in &ids {
+                        shard.cancel(id);
+                    }
+                    return Err(error.into());
+                }
             }
-            return Err(error.into());
         }
         let consumed = request.consume.then_some(quantity);
         Ok(self.standing_from(&customer, index, period, used_after, groups, consumed))
@@ -665,7 +728,8 @@ impl Meter {
         usize::try_from(quantity.trunc().mantissa()).map_err(|_| invalid("too many units".into()))
     }
 
-    /// Publishes the usage events of a consume and waits for their acks.
+    /// Publishes the usage events of a consume and waits for their acks; returns the
+    /// positions of the ids the stream already held.
     async fn publish_usage(
         &self,
         customer: &Customer,
@@ -673,7 +737,7 @@ impl Meter {
         quantity: Decimal,
         ids: &[String],
         now: i64,
-    ) -> Result<(), BusError> {
+    ) -> Result<Vec<usize>, BusError> {
         let mut properties = Map::new();
         if let (Some(property), 1) = (&feature.value_property, ids.len()) {
             properties.insert(property.clone(), decimal_json(quantity));
@@ -708,7 +772,7 @@ impl Meter {
                 }
             })
             .collect();
-        self.publisher.publish_all(messages).await.map(|_| ())
+        Ok(self.publisher.publish_all(messages).await?.duplicates)
     }
 
     fn denial(

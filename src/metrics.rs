@@ -94,6 +94,8 @@ pub struct Metrics {
     pub meter_skipped: Counter,
     /// Usage anomalies flagged.
     pub meter_anomalies: Counter,
+    /// Panics caught in followers and background tasks (see `supervise`).
+    pub panics: Counter,
     /// SQL queries run, and those that failed.
     pub sql_queries: Counter,
     /// SQL queries that failed or timed out.
@@ -194,6 +196,11 @@ impl Metrics {
             "northstar_meter_anomalies_total",
             "Customers flagged for usage far above their own baseline.",
             self.meter_anomalies.get(),
+        );
+        counter(
+            "northstar_panics_total",
+            "Panics caught in followers and background tasks (/healthz names them).",
+            self.panics.get(),
         );
         counter(
             "northstar_sql_queries_total",

@@ -63,17 +63,19 @@ impl RejectedRecord {
         received_at: i64,
     ) -> Self {
         let mut reasons = reasons;
-        let cut = payload.len() > MAX_PAYLOAD_BYTES;
-        if cut {
+        let text = String::from_utf8_lossy(payload);
+        // The bound is on the payload as it is stored, JSON-escaped: a control byte takes six.
+        let kept_chars = escaped_prefix(&text, MAX_PAYLOAD_BYTES);
+        if kept_chars < text.len() {
             reasons.push(Rejection::new(
                 ".",
                 format!(
-                    "payload of {} bytes cut to {MAX_PAYLOAD_BYTES} in the rejected store",
+                    "payload of {} bytes cut to its first {kept_chars} bytes ({MAX_PAYLOAD_BYTES} bytes as stored) in the rejected store",
                     payload.len()
                 ),
             ));
         }
-        let kept = &payload[..payload.len().min(MAX_PAYLOAD_BYTES)];
+        let kept = &text.as_bytes()[..kept_chars];
         let mut name = Vec::with_capacity(source.len() + kept.len() + 1);
         name.extend_from_slice(source.as_bytes());
         name.push(b'\n');
@@ -86,7 +88,7 @@ impl RejectedRecord {
             route: route.to_string(),
             event_id,
             reasons,
-            payload: String::from_utf8_lossy(kept).into_owned(),
+            payload: text[..kept_chars].to_string(),
         }
     }
 
@@ -94,6 +96,22 @@ impl RejectedRecord {
     pub fn to_bus_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// How many bytes of `text` (on a char boundary) fit in `limit` bytes once JSON-escaped.
+fn escaped_prefix(text: &str, limit: usize) -> usize {
+    let mut stored = 0;
+    for (at, c) in text.char_indices() {
+        stored += match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if stored > limit {
+            return at;
+        }
+    }
+    text.len()
 }
 
 /// A rejected record read back from the stream.
@@ -154,6 +172,17 @@ mod tests {
         let big = vec![b'x'; MAX_PAYLOAD_BYTES + 10];
         let record = RejectedRecord::new(&big, vec![], "web", "/v1/t", None, 0);
         assert_eq!(record.payload.len(), MAX_PAYLOAD_BYTES);
+        assert!(record.reasons[0].message.contains("cut"));
+    }
+
+    #[test]
+    fn control_bytes_are_bounded_as_stored_not_as_sent() {
+        // 300 KB of control bytes escape to 1.8 MB of JSON: past nats-server's message limit.
+        let unreadable = vec![1u8; 300 * 1024];
+        let record = RejectedRecord::new(&unreadable, vec![], "web", "/v1/batch", None, 0);
+        let stored = record.to_bus_json().len();
+        assert!(stored <= MAX_PAYLOAD_BYTES + 1024, "{stored} bytes stored");
+        assert_eq!(record.payload.len(), MAX_PAYLOAD_BYTES / 6);
         assert!(record.reasons[0].message.contains("cut"));
     }
 }

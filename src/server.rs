@@ -27,6 +27,7 @@ use crate::meter::runner::{self, MeterTarget};
 use crate::meter::{Meter, notices};
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
+use crate::supervise::Supervisor;
 
 /// The durable consumer all in-process state follows the events stream through.
 const FOLLOWERS_CONSUMER: &str = "followers";
@@ -142,6 +143,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     ensure_streams(publisher.jetstream(), &config.stream).await?;
 
     let metrics = Arc::new(Metrics::default());
+    let supervisor = Supervisor::new(metrics.clone());
     let (stop_archivers, archivers_stop) = watch::channel(false);
     // The follower loop hands each event on to the events archiver (see `archive::Feed`).
     let (feed_tx, feed) = match config.archive.feed_capacity {
@@ -190,7 +192,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         )
         .await?,
     );
-    tokio::spawn(customers.clone().follow());
+    supervisor.spawn("customers", customers.clone().follow());
     let (notice_tx, notice_rx) = notices::channel();
     let meter = Arc::new(Meter::new(
         &config,
@@ -246,25 +248,31 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         }
         None => None,
     };
-    tokio::spawn(notices::run(
-        notice_rx,
-        client.clone(),
-        customers,
-        config.metering.threshold_webhook.clone(),
-        clock.clone(),
-    ));
+    supervisor.spawn(
+        "notices",
+        notices::run(
+            notice_rx,
+            client.clone(),
+            customers,
+            config.metering.threshold_webhook.clone(),
+            clock.clone(),
+        ),
+    );
 
     let query = Arc::new(QueryEngine::open(&data_dir, &config).await?);
     let definitions = crate::pipelines::load(&pipelines_dir)?;
     let (pipelines_tx, pipelines_progress) = watch::channel(0);
-    let pipelines_task = tokio::spawn(crate::pipelines::run(
-        definitions,
-        query.clone(),
-        events.committed.clone(),
-        pipelines_tx,
-        config.metering.pipeline_interval.get(),
-        archivers_stop_for_pipelines,
-    ));
+    let pipelines_task = supervisor.spawn(
+        "pipelines",
+        crate::pipelines::run(
+            definitions,
+            query.clone(),
+            events.committed.clone(),
+            pipelines_tx,
+            config.metering.pipeline_interval.get(),
+            archivers_stop_for_pipelines,
+        ),
+    );
     let schema_dir = PathBuf::from(&config.registry.schema_dir);
     let registry = Arc::new(crate::schema::Registry::load(&config, Some(&schema_dir))?);
     let ingestor = Ingestor::new(
@@ -277,14 +285,17 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     let activation_store = crate::activation::ActivationStore::open(&data_dir);
     let question = crate::activation::Question::from_config(&config);
     if !config.activation.schedule.get().is_zero() {
-        tokio::spawn(recompute_on_schedule(
-            query.clone(),
-            question.clone(),
-            activation_store.clone(),
-            config.activation.schedule.get(),
-            clock.clone(),
-            stop_meter.subscribe(),
-        ));
+        supervisor.spawn(
+            "activation",
+            recompute_on_schedule(
+                query.clone(),
+                question.clone(),
+                activation_store.clone(),
+                config.activation.schedule.get(),
+                clock.clone(),
+                stop_meter.subscribe(),
+            ),
+        );
     }
     let plans_of = meter.customers().clone();
     let onboarding = Arc::new(crate::onboarding::Onboarding::new(
@@ -303,10 +314,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         )
         .await?,
     );
-    let followers = Fanout::new(followers);
+    let followers = Fanout::new(followers).supervised(supervisor.clone());
     let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
-    let followers = tokio::spawn(follow(js, spec, followers, meter_stop, feed_tx));
+    let followers = supervisor.spawn(
+        "followers",
+        follow(js, spec, followers, meter_stop, feed_tx),
+    );
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
@@ -330,6 +344,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             pipelines: pipelines_progress,
         },
         health: Health {
+            supervisor,
             publisher,
             events_stream: config.stream.name.clone(),
             archived: vec![

@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
             registry: &registry,
             shards: 8,
             max_message_bytes: 32 * 1024,
+            max_future_skew: 86_400_000_000,
         };
         for raw in &envelope.batch {
             if let fast::Fast::Ready(quick) = fast::normalize(raw.get(), &batch) {

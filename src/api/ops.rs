@@ -1,5 +1,6 @@
 //! `GET /healthz` and `GET /metrics`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -9,9 +10,12 @@ use super::AppState;
 use super::respond::{self, HttpResponse};
 use crate::bus::Publisher;
 use crate::bus::streams::last_sequence;
+use crate::supervise::Supervisor;
 
 /// What health and metrics look at.
 pub struct Health {
+    /// Panics caught in followers and background tasks.
+    pub supervisor: Arc<Supervisor>,
     /// The NATS connection (through the publisher).
     pub publisher: Publisher,
     /// Name of the events stream, for the lag metric.
@@ -20,8 +24,9 @@ pub struct Health {
     pub archived: Vec<(&'static str, watch::Receiver<u64>)>,
 }
 
-/// 200 when NATS is connected and the archivers run (the streams and consumers were set up
-/// before serving began), 503 otherwise, with the archive positions either way.
+/// 200 when NATS is connected, the archivers run (the streams and consumers were set up
+/// before serving began) and no part has panicked; 503 otherwise, with the archive positions
+/// either way and, after a panic, `failed` naming each part and where it stopped.
 pub async fn healthz(state: &AppState) -> HttpResponse {
     let health = &state.health;
     let connected = health.publisher.is_connected();
@@ -39,12 +44,16 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
             )
         })
         .collect();
-    let ok = connected && archivers_running;
-    let body = json!({
+    let failed = health.supervisor.failures();
+    let ok = connected && archivers_running && failed.is_empty();
+    let mut body = json!({
         "status": if ok { "ok" } else { "unavailable" },
         "nats": if connected { "connected" } else { "disconnected" },
         "archive": archive,
     });
+    if !failed.is_empty() {
+        body["failed"] = json!(failed);
+    }
     respond::json(if ok { 200 } else { 503 }, &body)
 }
 

@@ -64,10 +64,14 @@ pub fn load(dir: &std::path::Path, created: &str, window: i64, grace: i64) -> (W
         .ok()
         .map(|bytes| serde_json::from_slice::<Snapshot>(&bytes))
     {
-        Some(Ok(snapshot)) if snapshot.stream_created == created => (
-            Windows::from_state(window, grace, snapshot.windows),
-            snapshot.seq,
-        ),
+        Some(Ok(snapshot))
+            if crate::bus::streams::same_incarnation(&snapshot.stream_created, created) =>
+        {
+            (
+                Windows::from_state(window, grace, snapshot.windows),
+                snapshot.seq,
+            )
+        }
         Some(Ok(_)) => {
             tracing::warn!(
                 "billing windows belong to another stream; rebuilding them from the stream (the outbox keeps what was owed)"

@@ -72,11 +72,14 @@ impl Windows {
         self.watermark = self.watermark.max(at.min(received));
         let start = self.start_of(at);
         if self.is_closed(start) {
-            *self.closed.entry(key.clone()).or_default() += quantity;
+            add_to(self.closed.entry(key.clone()).or_default(), quantity);
             self.late.insert((key, start));
             Added::Late
         } else {
-            *self.open.entry(start).or_default().entry(key).or_default() += quantity;
+            add_to(
+                self.open.entry(start).or_default().entry(key).or_default(),
+                quantity,
+            );
             Added::Open
         }
     }
@@ -96,7 +99,7 @@ impl Windows {
             let mut keys: Vec<_> = usage.into_iter().collect();
             keys.sort();
             for (key, quantity) in keys {
-                *self.closed.entry(key.clone()).or_default() += quantity;
+                add_to(self.closed.entry(key.clone()).or_default(), quantity);
                 due.push((key, start));
             }
         }
@@ -188,6 +191,12 @@ pub struct WindowState {
     pub closed: Vec<(String, String, Decimal)>,
     /// Windows with late usage not yet reported: (customer, feature, start).
     pub late: Vec<(String, String, i64)>,
+}
+
+/// Adds without overflowing: a sum at Decimal's range stays there (ingest bounds each
+/// quantity, so only events stored before those bounds can get near it).
+fn add_to(total: &mut Decimal, quantity: Decimal) {
+    *total = total.saturating_add(quantity);
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! in the stream (lost in a cut connection) repositions it too, so no event is ever skipped;
 //! sequences deleted from the stream are skipped as they should be.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,6 +26,7 @@ use super::BusError;
 use super::streams::{DurableSpec, durable_consumer, pull_messages, sequence_of, stream_has};
 use crate::event::EventView;
 use crate::shutdown::{Shutdown, wait_for_stop};
+use crate::supervise::Supervisor;
 
 /// State kept up to date from the stream.
 pub trait Follow: Send + 'static {
@@ -194,11 +197,14 @@ impl Part {
     }
 }
 
-/// Several followers on one consumer (see the module docs).
+/// Several followers on one consumer (see the module docs). A part that panics on an event
+/// is recorded with the supervisor and goes on with the next event: one poisoned message
+/// never stops the stream for the others.
 pub struct Fanout {
     parts: Vec<Part>,
     /// How often [`Follow::snapshot`] is called: the shortest interval of a part.
     tick: Duration,
+    supervisor: Option<Arc<Supervisor>>,
 }
 
 impl Fanout {
@@ -209,7 +215,17 @@ impl Fanout {
             .map(|p| p.snapshot_interval)
             .min()
             .unwrap_or(Duration::from_secs(1));
-        Self { parts, tick }
+        Self {
+            parts,
+            tick,
+            supervisor: None,
+        }
+    }
+
+    /// Records the parts' panics with `supervisor`.
+    pub fn supervised(mut self, supervisor: Arc<Supervisor>) -> Self {
+        self.supervisor = Some(supervisor);
+        self
     }
 
     /// Where the shared consumer starts: after the position of the part furthest behind.
@@ -235,7 +251,22 @@ impl Follow for Fanout {
     fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
         for part in &mut self.parts {
             if seq > part.after_seq {
-                part.follower.apply(seq, event);
+                let follower = &mut part.follower;
+                let applied =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| follower.apply(seq, event)));
+                if let Err(payload) = applied {
+                    let name = part.follower.name();
+                    match &self.supervisor {
+                        Some(supervisor) => {
+                            supervisor.record(name, Some(seq), payload.as_ref(), false)
+                        }
+                        None => tracing::error!(
+                            follower = name,
+                            seq,
+                            "a follower panicked; skipped the event"
+                        ),
+                    }
+                }
             }
         }
     }
@@ -333,5 +364,49 @@ mod tests {
             3,
             "every part's final snapshot"
         );
+    }
+
+    /// Panics on one sequence, like a bug tripped by one poisoned message.
+    struct PanicsAt(u64);
+
+    impl Follow for PanicsAt {
+        fn name(&self) -> &'static str {
+            "fragile"
+        }
+        fn apply(&mut self, seq: u64, _: Option<&EventView<'_>>) {
+            assert_ne!(seq, self.0, "poisoned message");
+        }
+        fn snapshot(&mut self) {}
+        fn final_snapshot(&mut self) -> JoinHandle<()> {
+            tokio::spawn(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_part_that_panics_is_recorded_and_the_others_go_on() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let supervisor = Supervisor::new(metrics.clone());
+        let steady = Recorder::default();
+        let mut fanout = Fanout::new(vec![
+            Part::new(PanicsAt(3), 0, Duration::from_secs(1)),
+            Part::new(steady.clone(), 0, Duration::from_secs(1)),
+        ])
+        .supervised(supervisor.clone());
+        for seq in 1..=5 {
+            fanout.apply(seq, None);
+        }
+        assert_eq!(
+            steady.applied.lock().unwrap().len(),
+            5,
+            "every event reached the other part"
+        );
+        let failures = supervisor.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(
+            (failures[0].part.as_str(), failures[0].seq),
+            ("fragile", Some(3))
+        );
+        assert!(!failures[0].stopped);
+        assert_eq!(metrics.panics.get(), 1);
     }
 }

@@ -40,9 +40,21 @@ pub async fn ensure_streams(
         ),
     ];
     for (name, prefix, description, max_age) in streams {
+        // A stream keeps the incarnation it was given; one made before incarnations (or by
+        // hand) gets one now.
+        let existing = match js.get_stream(name.as_str()).await {
+            Ok(mut handle) => handle
+                .info()
+                .await
+                .ok()
+                .and_then(|info| marked_incarnation(&info.config)),
+            Err(_) => None,
+        };
+        let incarnation = existing
+            .unwrap_or_else(|| format!("{INCARNATION_PREFIX}{}", uuid::Uuid::now_v7().simple()));
         let config = stream::Config {
             name: name.clone(),
-            description: Some(description.into()),
+            description: Some(format!("{description} [{incarnation}]")),
             subjects: vec![format!("{prefix}.>")],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
@@ -210,15 +222,39 @@ pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64,
     Ok(info.state.last_sequence)
 }
 
-/// When `stream` was made (a stream deleted and made anew has a new time): state derived
-/// from a stream records it, and is set aside when it does not match.
-pub async fn stream_created(js: &jetstream::Context, stream: &str) -> Result<String, BusError> {
+/// Which incarnation of `stream` this is (a stream deleted and made anew is another one):
+/// state derived from a stream records it, and is set aside when it does not match.
+pub async fn stream_incarnation(js: &jetstream::Context, stream: &str) -> Result<String, BusError> {
     let mut handle = js
         .get_stream(stream)
         .await
         .map_err(management("get stream"))?;
     let info = handle.info().await.map_err(management("stream info"))?;
-    Ok(info.created.to_string())
+    Ok(incarnation(&info))
+}
+
+/// Marks an incarnation in a stream's description: `[ns-<uuid>]`.
+const INCARNATION_PREFIX: &str = "ns-";
+
+/// The incarnation of a stream: the id [`ensure_streams`] wrote in its description when it
+/// made the stream. Its creation time is no substitute: nats-server 2.9 does not keep it
+/// across restarts, so a stream would look made anew at every start.
+pub fn incarnation(info: &stream::Info) -> String {
+    marked_incarnation(&info.config).unwrap_or_else(|| info.created.to_string())
+}
+
+fn marked_incarnation(config: &stream::Config) -> Option<String> {
+    let description = config.description.as_deref()?;
+    let start = description.rfind(&format!("[{INCARNATION_PREFIX}"))? + 1;
+    let end = start + description[start..].find(']')?;
+    Some(description[start..end].to_string())
+}
+
+/// Whether state saved against incarnation `saved` belongs to the stream now at `current`.
+/// State saved before incarnations existed holds a creation time (unreliable, see
+/// [`incarnation`]): it is taken as belonging, and its sequence checks still apply.
+pub fn same_incarnation(saved: &str, current: &str) -> bool {
+    !saved.starts_with(INCARNATION_PREFIX) || saved == current
 }
 
 /// Deletes consumers of `stream` that are no longer used (an upgrade from a release that had
@@ -282,5 +318,22 @@ mod tests {
     #[test]
     fn rejected_subjects_are_one_token() {
         assert_eq!(rejected_subject("web app.v1"), "rejected.web_app_v1");
+    }
+
+    #[test]
+    fn the_incarnation_is_read_from_the_description_and_old_state_still_belongs() {
+        let config = stream::Config {
+            description: Some("northstar accepted events [ns-0190abc]".into()),
+            ..Default::default()
+        };
+        assert_eq!(marked_incarnation(&config).as_deref(), Some("ns-0190abc"));
+        let bare = stream::Config {
+            description: Some("made by hand".into()),
+            ..Default::default()
+        };
+        assert_eq!(marked_incarnation(&bare), None);
+        assert!(same_incarnation("ns-a", "ns-a"));
+        assert!(!same_incarnation("ns-a", "ns-b"), "a stream made anew");
+        assert!(same_incarnation("2026-12-01 22:35:42.1 +00:00:00", "ns-b"));
     }
 }

@@ -191,13 +191,27 @@ pub struct IngestSettings {
     pub max_batch_messages: usize,
     /// How long a request may take from first byte to answer.
     pub request_timeout: HumanDuration,
-    /// Most requests handled at once; past it, 503 with `Retry-After`.
+    /// How long a request's body may take to arrive once its headers are in (within
+    /// `requestTimeout`); past it, 408. A request holds no place among the concurrent ones
+    /// until its body is in, so clients that announce a body and send none block nobody.
+    pub body_timeout: HumanDuration,
+    /// Most requests handled at once, counted once their body is in; past it, 503 with
+    /// `Retry-After`. `/healthz` and `/metrics` are not counted.
     pub max_concurrent_requests: usize,
+    /// Most open connections from one client address; connections past it are closed at once.
+    pub max_connections_per_client: usize,
+    /// Most requests of one client address in progress (reading the body or being handled);
+    /// past it, 429 with `Retry-After`. One address cannot take every place.
+    pub max_requests_per_client: usize,
     /// Events per second each write key may send (token bucket; past it, 429 with
     /// `Retry-After`).
     pub rate_limit_per_second: u32,
     /// Events a write key may send in a burst above its rate.
     pub rate_limit_burst: u32,
+    /// How far ahead of its arrival an event's time may be. A later one is rejected
+    /// (`timestamp`): metering periods follow event time, so a client clock must not be able
+    /// to open next year's period.
+    pub max_future_skew: HumanDuration,
 }
 
 impl Default for IngestSettings {
@@ -207,9 +221,13 @@ impl Default for IngestSettings {
             max_batch_bytes: 500 * 1024,
             max_batch_messages: 2_500,
             request_timeout: HumanDuration::secs(30),
+            body_timeout: HumanDuration::secs(10),
             max_concurrent_requests: 1_024,
+            max_connections_per_client: 256,
+            max_requests_per_client: 128,
             rate_limit_per_second: 100_000,
             rate_limit_burst: 500_000,
+            max_future_skew: HumanDuration::secs(24 * 3600),
         }
     }
 }
@@ -227,6 +245,21 @@ impl IngestSettings {
         }
         if self.max_concurrent_requests == 0 {
             return Err(("maxConcurrentRequests".into(), "must be at least 1".into()));
+        }
+        if self.request_timeout.get().is_zero() {
+            return Err(("requestTimeout".into(), "must be more than 0".into()));
+        }
+        if self.body_timeout.get().is_zero() {
+            return Err(("bodyTimeout".into(), "must be more than 0".into()));
+        }
+        if self.max_connections_per_client == 0 {
+            return Err((
+                "maxConnectionsPerClient".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.max_requests_per_client == 0 {
+            return Err(("maxRequestsPerClient".into(), "must be at least 1".into()));
         }
         if self.rate_limit_per_second == 0
             || (self.rate_limit_burst as usize) < self.max_batch_messages
@@ -454,6 +487,10 @@ pub struct MeteringSettings {
     pub anomaly_factor: f64,
     /// …and at least this many events in that minute (small customers are not flagged).
     pub anomaly_min_events: u64,
+    /// Largest quantity one metered event (or one `/v1/check`) may carry; a larger one is
+    /// rejected with the property named. With it, a period's sum stays exact (see
+    /// `schema::quantity`).
+    pub max_quantity: u64,
 }
 
 impl Default for MeteringSettings {
@@ -471,6 +508,7 @@ impl Default for MeteringSettings {
             pipeline_interval: HumanDuration::secs(5),
             anomaly_factor: 10.0,
             anomaly_min_events: 1_000,
+            max_quantity: 1_000_000_000_000,
         }
     }
 }
@@ -491,6 +529,17 @@ impl MeteringSettings {
         }
         if self.max_consume == 0 {
             return Err(("maxConsume".into(), "must be at least 1".into()));
+        }
+        if self.max_quantity == 0
+            || self.max_quantity > crate::schema::quantity::MAX_QUANTITY_CEILING
+        {
+            return Err((
+                "maxQuantity".into(),
+                format!(
+                    "must be between 1 and {} (a period's sum must stay exact)",
+                    crate::schema::quantity::MAX_QUANTITY_CEILING
+                ),
+            ));
         }
         Ok(())
     }

@@ -38,6 +38,32 @@ impl WriteKeys {
         Self { keys }
     }
 
+    /// `bytes` with every write key in it replaced by `[redacted]`, so a key sent in a body
+    /// (Segment's `writeKey`, PostHog's `api_key` and `properties.token`) is never stored.
+    pub fn redact<'a>(&self, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let mut out = std::borrow::Cow::Borrowed(bytes);
+        for (key, _) in &self.keys {
+            if key.is_empty() || !out.windows(key.len()).any(|w| w == key.as_slice()) {
+                continue;
+            }
+            let mut redacted = Vec::with_capacity(out.len());
+            let mut rest: &[u8] = &out;
+            while let Some(at) = rest.windows(key.len()).position(|w| w == key.as_slice()) {
+                redacted.extend_from_slice(&rest[..at]);
+                redacted.extend_from_slice(b"[redacted]");
+                rest = &rest[at + key.len()..];
+            }
+            redacted.extend_from_slice(rest);
+            out = std::borrow::Cow::Owned(redacted);
+        }
+        out
+    }
+
+    /// Whether `candidate` is one of the write keys (constant time).
+    pub fn is_key(&self, candidate: &str) -> bool {
+        self.source_of(candidate).is_some()
+    }
+
     /// Whether any key is configured at all.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()

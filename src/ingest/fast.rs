@@ -47,6 +47,8 @@ pub struct Batch<'a> {
     pub shards: u32,
     /// Largest stream message.
     pub max_message_bytes: usize,
+    /// How far ahead of `received_at` an event time may be (µs; `ingest.maxFutureSkew`).
+    pub max_future_skew: i64,
 }
 
 impl Batch<'_> {
@@ -96,6 +98,7 @@ fn accept(text: &str, batch: &Batch<'_>) -> Option<Fast> {
         None => batch.received_at,
         Some(raw) => normalize::timestamp(&parse(raw)?, "timestamp").ok()?,
     };
+    normalize::within_skew(timestamp, batch.received_at, batch.max_future_skew).ok()?;
     let top_customer = id(&message, "customerId")?;
     let mut group_id = None;
     let (event, properties) = match kind {
@@ -295,7 +298,13 @@ pub fn reference(text: &str, batch: &Batch<'_>) -> Result<Option<Outgoing>, Reje
         batch.source,
         batch.received_at,
     )?;
-    super::prepare(event, batch.registry, batch.shards, batch.max_message_bytes)
+    super::prepare(
+        event,
+        batch.registry,
+        batch.shards,
+        batch.max_message_bytes,
+        batch.max_future_skew,
+    )
 }
 
 #[cfg(test)]
@@ -328,6 +337,7 @@ mod tests {
             registry,
             shards: 8,
             max_message_bytes: 32 * 1024,
+            max_future_skew: 86_400_000_000,
         }
     }
 

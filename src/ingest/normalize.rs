@@ -4,8 +4,7 @@ use serde_json::{Map, Value};
 
 use crate::json::JsonObject;
 
-/// Longest id (message, user, anonymous, customer) we store.
-pub const MAX_ID_CHARS: usize = 255;
+pub use crate::event::MAX_ID_CHARS;
 /// Longest event name we store.
 pub const MAX_EVENT_NAME_CHARS: usize = 255;
 
@@ -31,16 +30,10 @@ pub fn id_value(value: &Value, field: &str) -> Result<Option<String>, Rejection>
     if text.is_empty() {
         return Ok(None);
     }
-    if text.chars().count() > MAX_ID_CHARS {
-        return Err(Rejection::new(
-            field,
-            format!("longer than {MAX_ID_CHARS} characters"),
-        ));
+    match crate::event::id_problem(&text) {
+        Some(problem) => Err(Rejection::new(field, problem)),
+        None => Ok(Some(text)),
     }
-    if text.chars().any(char::is_control) {
-        return Err(Rejection::new(field, "contains control characters"));
-    }
-    Ok(Some(text))
 }
 
 /// A message's dedup id, or a new UUIDv7 when the sender gave none.
@@ -77,6 +70,22 @@ pub fn object_field(
         Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(Rejection::new(field, "must be a JSON object")),
     }
+}
+
+/// Refuses an event time more than `max_skew` (µs) after its arrival: metering periods follow
+/// event time, and a client's clock must not be able to open a period ahead of now.
+pub fn within_skew(timestamp: i64, received_at: i64, max_skew: i64) -> Result<(), Rejection> {
+    if timestamp <= received_at.saturating_add(max_skew) {
+        return Ok(());
+    }
+    let ahead = timestamp.saturating_sub(received_at) / 1_000_000;
+    Err(Rejection::new(
+        "timestamp",
+        format!(
+            "is {ahead} s after the event arrived; at most {} s ahead is taken (ingest.maxFutureSkew)",
+            max_skew / 1_000_000
+        ),
+    ))
 }
 
 /// Parses an event time: RFC 3339 / ISO 8601 text (a missing zone means UTC), or a number of

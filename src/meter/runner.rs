@@ -35,13 +35,13 @@ pub async fn prepare(
     target: MeterTarget,
 ) -> Result<Part, BusError> {
     let info = stream_info(js, &target.stream).await?;
-    let created = info.created.to_string();
+    let created = crate::bus::streams::incarnation(&info);
     let restored = match snapshot::load(&target.dir, meter.counters(), meter.feature_ids()) {
         Ok(restored)
             if restored
                 .stream_created
                 .as_deref()
-                .is_none_or(|c| c == created)
+                .is_none_or(|c| crate::bus::streams::same_incarnation(c, &created))
                 && restored.resume_after() <= info.state.last_sequence =>
         {
             restored

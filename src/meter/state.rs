@@ -68,7 +68,7 @@ impl Aggregate {
 
     fn add(&mut self, contribution: &Contribution, at: i64) {
         match (&mut *self, contribution) {
-            (Self::Sum(total), Contribution::Amount(a)) => *total += *a,
+            (Self::Sum(total), Contribution::Amount(a)) => *total = total.saturating_add(*a),
             (Self::Count(n), _) => *n += 1,
             (Self::Max(max), Contribution::Amount(a)) => *max = (*max).max(*a),
             (Self::Latest { at: seen, value }, Contribution::Amount(a)) => {
@@ -315,11 +315,12 @@ impl Shard {
         let before = counter.value.used();
         counter.value.add(contribution, at);
         if let (Some(group), Contribution::Amount(amount)) = (group, contribution) {
-            *counter
+            let sum = counter
                 .groups
                 .get_or_insert_with(Box::default)
                 .entry(group.into())
-                .or_default() += *amount;
+                .or_default();
+            *sum = sum.saturating_add(*amount);
         }
         Some(Applied {
             feature,
@@ -375,11 +376,18 @@ impl Shard {
             period_start,
             amount,
         };
-        *self
+        let total = self
             .reserved
             .entry((customer.into(), feature, period_start))
-            .or_default() += amount;
+            .or_default();
+        *total = total.saturating_add(amount);
         self.reservations.insert(event_id.into(), reservation);
+    }
+
+    /// Whether units are reserved for `event_id` (its consume is in flight or not yet seen on
+    /// the stream).
+    pub fn is_reserved(&self, event_id: &str) -> bool {
+        self.reservations.contains_key(event_id)
     }
 
     /// Drops a reservation whose event was not stored (its publish failed).
@@ -396,7 +404,7 @@ impl Shard {
             reservation.period_start,
         );
         if let Some(total) = self.reserved.get_mut(&key) {
-            *total -= reservation.amount;
+            *total = total.saturating_sub(reservation.amount);
             if total.is_zero() || total.is_sign_negative() {
                 self.reserved.remove(&key);
             }

@@ -124,6 +124,44 @@ pub async fn verify(
         }
     }
 
+    // …and every pair SQL sees that the meter does not hold (a counter it dropped or never
+    // made must show up as a mismatch, not be left out of the comparison).
+    let held: std::collections::HashSet<(String, String)> =
+        pairs.iter().map(|p| (p.0.clone(), p.1.clone())).collect();
+    let since = now.saturating_sub(LONGEST_PERIOD_MICROS);
+    let seen = engine
+        .collect_internal(&format!(
+            "SELECT DISTINCT customer_id, feature FROM metered_events \
+             WHERE seq <= {seq} AND \"timestamp\" >= to_timestamp_micros({since})"
+        ))
+        .await?;
+    for (customer_id, feature_id) in string_pairs(&seen) {
+        if held.contains(&(customer_id.clone(), feature_id.clone())) {
+            continue;
+        }
+        let Some((index, feature)) = meter.spec().feature(&feature_id) else {
+            continue;
+        };
+        if !matches!(feature.aggregation, Aggregation::Sum | Aggregation::Count) {
+            continue;
+        }
+        let customer = meter.customers().get(&customer_id);
+        let period = customer.period_at(now);
+        let used = meter.counters().lock(&customer_id).used(
+            &customer_id,
+            u16::try_from(index).unwrap_or(u16::MAX),
+            period.start,
+        );
+        pairs.push((
+            customer_id,
+            feature_id,
+            period.start,
+            period.end,
+            used,
+            feature.aggregation,
+        ));
+    }
+
     let table = format!("verify_periods_{}", uuid::Uuid::new_v4().simple());
     let schema = Arc::new(Schema::new(vec![
         Field::new("customer_id", DataType::Utf8, false),
@@ -190,9 +228,9 @@ pub async fn verify(
                 .unwrap_or_default()
         };
         let (from_events, from_usage) = (pick(&events), pick(&usage));
-        report.meter_total += *used;
-        report.events_total += from_events;
-        report.usage_total += from_usage;
+        report.meter_total = report.meter_total.saturating_add(*used);
+        report.events_total = report.events_total.saturating_add(from_events);
+        report.usage_total = report.usage_total.saturating_add(from_usage);
         if *used != from_events || *used != from_usage {
             report.ok = false;
             if report.mismatches.len() < 50 {
@@ -210,6 +248,33 @@ pub async fn verify(
     report.events_total = report.events_total.normalize();
     report.usage_total = report.usage_total.normalize();
     Ok(report)
+}
+
+/// The longest usage period (a leap year), to find every pair whose current period SQL sees.
+const LONGEST_PERIOD_MICROS: i64 = 366 * 86_400 * 1_000_000;
+
+/// The (customer, feature) rows of a two-column query.
+fn string_pairs(batches: &[RecordBatch]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let text = |i: usize| {
+            arrow::compute::cast(batch.column(i), &DataType::Utf8)
+                .ok()
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+        };
+        let (Some(customers), Some(features)) = (text(0), text(1)) else {
+            continue;
+        };
+        for row in 0..batch.num_rows() {
+            if !customers.is_null(row) && !features.is_null(row) {
+                out.push((
+                    customers.value(row).to_string(),
+                    features.value(row).to_string(),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// (customer, feature) → (sum of quantity, count) from a verification query.

@@ -7,6 +7,16 @@ use crate::config::Aggregation;
 use crate::json::JsonObject;
 use crate::rejected::Rejection;
 
+/// Most decimal places a metered quantity may have: what SQL's `metered_events` view keeps
+/// (`DECIMAL(38, 10)`), so the meter and SQL count the same.
+pub const MAX_QUANTITY_SCALE: u32 = 10;
+
+/// Highest `metering.maxQuantity` the config takes. The meter's decimals hold 28 digits: with
+/// 10 decimal places, a period's sum is exact up to about 7.9 × 10^18, which is 7,900 events
+/// at this ceiling or 7.9 million at the default (10^12) for one customer in one period. Past
+/// Decimal's range a counter saturates instead of overflowing (see `meter::state`).
+pub const MAX_QUANTITY_CEILING: u64 = 1_000_000_000_000_000;
+
 /// What one event contributes to a meter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Contribution {
@@ -68,6 +78,40 @@ pub fn quantity_of(
     Ok(Contribution::Amount(amount))
 }
 
+/// Checks a quantity accepted at the door (ingest, `/v1/check`) against the bounds the
+/// meter keeps exact: at most `max`, at most [`MAX_QUANTITY_SCALE`] decimal places.
+pub fn within_bounds(
+    contribution: &Contribution,
+    max: u64,
+    value_property: Option<&str>,
+) -> Result<Contribution, Rejection> {
+    if let Contribution::Amount(amount) = contribution {
+        let field =
+            value_property.map_or_else(|| "quantity".to_string(), |p| format!("properties.{p}"));
+        amount_within_bounds(*amount, max, &field)?;
+    }
+    Ok(contribution.clone())
+}
+
+/// [`within_bounds`] for one amount, naming `field`.
+pub fn amount_within_bounds(amount: Decimal, max: u64, field: &str) -> Result<(), Rejection> {
+    if amount > Decimal::from(max) {
+        return Err(Rejection::new(
+            field,
+            format!("is {amount}; a metered quantity may be at most {max} (metering.maxQuantity)"),
+        ));
+    }
+    if amount.normalize().scale() > MAX_QUANTITY_SCALE {
+        return Err(Rejection::new(
+            field,
+            format!(
+                "has more than {MAX_QUANTITY_SCALE} decimal places; the meter and SQL keep {MAX_QUANTITY_SCALE}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Exact decimal from JSON number text (`12`, `0.001`, `1e3`); floats never enter.
 pub fn parse_decimal(text: &str) -> Option<Decimal> {
     if text.is_empty() || text.len() > 64 {
@@ -122,6 +166,23 @@ mod tests {
         assert!(q(json!([1])).is_err());
         let missing = quantity(m, Aggregation::Sum, &props(json!({}))).unwrap_err();
         assert!(missing.message.contains("required"));
+    }
+
+    #[test]
+    fn quantities_past_the_bounds_are_refused_with_the_property_named() {
+        let bounded = |v: &str| {
+            let amount = Contribution::Amount(parse_decimal(v).unwrap());
+            within_bounds(&amount, 1_000, Some("gb"))
+        };
+        assert!(bounded("1000").is_ok());
+        assert!(bounded("0.0000000001").is_ok(), "ten places");
+        let big = bounded("79228162514264337593543950335").unwrap_err();
+        assert_eq!(big.field, "properties.gb");
+        assert!(big.message.contains("at most 1000"), "{}", big.message);
+        let fine = bounded("0.00000000001").unwrap_err();
+        assert!(fine.message.contains("decimal places"), "{}", fine.message);
+        let distinct = Contribution::Distinct("x".into());
+        assert!(within_bounds(&distinct, 1, None).is_ok());
     }
 
     #[test]

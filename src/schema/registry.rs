@@ -63,6 +63,8 @@ pub struct Registry {
     events: HashMap<String, EventSchema>,
     unplanned: Policy,
     unplanned_properties: Policy,
+    /// `metering.maxQuantity`.
+    max_quantity: u64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -133,6 +135,7 @@ impl Registry {
             events,
             unplanned: config.registry.unplanned,
             unplanned_properties: config.registry.unplanned_properties,
+            max_quantity: config.metering.max_quantity,
         })
     }
 
@@ -172,9 +175,16 @@ impl Registry {
         let mut fatal = Vec::new();
         for (value_property, aggregation) in &schema.meters {
             let value = value_property.as_deref().and_then(|p| properties.field(p));
-            if let Err(rejection) =
+            let judged =
                 quantity::quantity_of(value_property.as_deref(), *aggregation, value.as_deref())
-            {
+                    .and_then(|contribution| {
+                        quantity::within_bounds(
+                            &contribution,
+                            self.max_quantity,
+                            value_property.as_deref(),
+                        )
+                    });
+            if let Err(rejection) = judged {
                 fatal.push(rejection);
             }
         }

@@ -1,0 +1,130 @@
+//! Supervision of the parts that run in the background: a panic in a follower, an archiver or
+//! a background task is caught, logged with the part and the stream position it stopped at,
+//! counted in `/metrics` (`northstar_panics_total`), and named by `/healthz`, which answers 503
+//! from then on. A panic is always our bug (input is bounded at the door); the point is that it
+//! is never silent and never stops the stream for the other parts.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::FutureExt;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+
+/// Failures kept for `/healthz` (the first ones: later ones are counted, not kept).
+const MAX_KEPT: usize = 16;
+
+/// One caught panic.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Failure {
+    /// The part that panicked (`meter`, `billing`, `archive-events`, …).
+    pub part: String,
+    /// The stream sequence it was applying, for a follower.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The panic's message.
+    pub message: String,
+    /// Whether the part stopped (a task) or skipped the message and went on (a follower).
+    pub stopped: bool,
+}
+
+/// Collects the failures of every supervised part.
+#[derive(Debug)]
+pub struct Supervisor {
+    failures: Mutex<Vec<Failure>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Supervisor {
+    /// A supervisor counting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            failures: Mutex::new(Vec::new()),
+            metrics,
+        })
+    }
+
+    /// Records a panic of `part` (payload as caught by `catch_unwind`).
+    pub fn record(&self, part: &str, seq: Option<u64>, payload: &(dyn Any + Send), stopped: bool) {
+        let message = panic_message(payload);
+        tracing::error!(
+            part,
+            seq,
+            stopped,
+            message,
+            "a part of northstar panicked; /healthz answers 503 until a restart"
+        );
+        self.metrics.panics.inc();
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if failures.len() < MAX_KEPT {
+            failures.push(Failure {
+                part: part.to_string(),
+                seq,
+                message,
+                stopped,
+            });
+        }
+    }
+
+    /// The failures so far (empty while everything is healthy).
+    pub fn failures(&self) -> Vec<Failure> {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Spawns `task` as `part`: a panic in it is recorded instead of vanishing with the task.
+    pub fn spawn<F>(self: &Arc<Self>, part: &'static str, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            if let Err(payload) = AssertUnwindSafe(task).catch_unwind().await {
+                supervisor.record(part, None, payload.as_ref(), true);
+            }
+        })
+    }
+}
+
+/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "panic without a message".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_is_recorded_and_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let supervisor = Supervisor::new(metrics.clone());
+        let task = supervisor.spawn("pipelines", async { panic!("boom at 7") });
+        task.await.expect("the wrapper itself never panics");
+        let failures = supervisor.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].part, "pipelines");
+        assert_eq!(failures[0].message, "boom at 7");
+        assert!(failures[0].stopped);
+        assert_eq!(metrics.panics.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ends_well_leaves_nothing() {
+        let supervisor = Supervisor::new(Arc::new(Metrics::default()));
+        supervisor.spawn("notices", async {}).await.unwrap();
+        assert!(supervisor.failures().is_empty());
+    }
+}
