@@ -1,0 +1,293 @@
+//! Attacks on the meter by a write key or a service key, replayed as they were found: each is
+//! refused or harmless, the server stays healthy and every good event is kept.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{ADMIN_KEY, InProcess, Nats, SERVICE_KEY, WRITE_KEY, limits_config};
+use northstar::clock::Clock;
+use serde_json::{Value, json};
+
+/// 2026-03-10T12:00:00Z in microseconds.
+const MARCH_10: i64 = 1_773_144_000_000_000;
+/// `Decimal::MAX`: what ingest took as a quantity before the bounds.
+const DECIMAL_MAX: &str = "79228162514264337593543950335";
+
+fn call(id: &str, customer: &str, at: &str) -> Value {
+    json!({"type": "track", "messageId": id, "userId": format!("{customer}-user"), "event": "api_call_made",
+           "timestamp": at, "context": {"groupId": customer}, "properties": {"endpoint": "/x"}})
+}
+
+fn storage(id: &str, customer: &str, gb: Value) -> Value {
+    json!({"type": "track", "messageId": id, "userId": "u", "event": "storage_used",
+           "timestamp": "2026-03-10T10:00:00Z", "context": {"groupId": customer}, "properties": {"gb": gb}})
+}
+
+/// Publishes messages straight to the stream, as events stored before today's bounds were.
+async fn publish_directly(nats_url: &str, messages: &[Value]) {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    for message in messages {
+        let record = northstar::ingest::segment::normalize(
+            message.as_object().cloned().expect("object"),
+            None,
+            Default::default(),
+            "test",
+            MARCH_10,
+        )
+        .expect("normalises");
+        js.publish("events.0.track", record.to_bus_json().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+}
+
+async fn check(server: &InProcess, body: Value) -> (u16, Value) {
+    let r = server.post_as(SERVICE_KEY, "/v1/check", &body).await;
+    (r.status, r.json())
+}
+
+async fn used(server: &InProcess, customer: &str, feature: &str, want: f64) -> Value {
+    let path = format!("/v1/customers/{customer}/entitlements/{feature}");
+    harness::eventually(Duration::from_secs(20), async || {
+        let body = server.get_as(SERVICE_KEY, &path).await.json();
+        match body["used"].as_f64() == Some(want) {
+            true => Ok(body),
+            false => Err(format!("{path} answered {body}")),
+        }
+    })
+    .await
+}
+
+async fn assert_healthy(server: &InProcess) {
+    let health = server.get_as(SERVICE_KEY, "/healthz").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quantities_at_decimal_max_are_refused_and_stored_ones_cannot_stop_the_meter() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let huge = vec![
+        storage("huge-1", "mallory", json!(DECIMAL_MAX)),
+        storage("huge-2", "mallory", json!(DECIMAL_MAX)),
+        storage("fine-1", "mallory", json!("0.0000000001")),
+    ];
+    let answer = server
+        .post("/v1/batch", &json!({"batch": huge}))
+        .await
+        .json();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(answer["rejected"], 2, "{answer}");
+    for error in answer["errors"].as_array().expect("errors") {
+        assert_eq!(error["field"], "properties.gb");
+        assert!(
+            error["message"].as_str().unwrap_or("").contains("at most"),
+            "{error}"
+        );
+    }
+    let places = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [storage("tiny", "mallory", json!("0.00000000001"))]}),
+        )
+        .await
+        .json();
+    assert_eq!(places["rejected"], 1, "eleven decimal places: {places}");
+
+    // The same two were stored before the bounds existed: the followers must not panic.
+    publish_directly(&nats.url, &huge[..2]).await;
+    let good = vec![
+        call("after-1", "acme", "2026-03-10T11:00:00Z"),
+        call("after-2", "acme", "2026-03-10T11:00:00Z"),
+    ];
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": good}))
+            .await
+            .status,
+        200
+    );
+    used(&server, "acme", "api_requests", 2.0).await;
+    harness::wait_archived(&server.data, 5).await;
+    assert_healthy(&server).await;
+    let (status, _) = check(
+        &server,
+        json!({"customer_id": "mallory", "feature": "storage_gb", "quantity": 1}),
+    )
+    .await;
+    assert!(
+        matches!(status, 402 | 403),
+        "a saturated counter refuses: {status}"
+    );
+    // A quantity near Decimal::MAX in a check is a 400, not a dropped connection.
+    let (status, body) = check(
+        &server,
+        json!({"customer_id": "acme", "feature": "api_requests", "quantity": DECIMAL_MAX}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("quantity"));
+    assert_healthy(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn far_future_events_cannot_erase_the_current_period() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..5)
+        .map(|i| call(&format!("now-{i}"), "acme", "2026-03-10T10:00:00Z"))
+        .collect();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .status,
+        200
+    );
+    used(&server, "acme", "api_requests", 5.0).await;
+    let over = json!({"customer_id": "acme", "feature": "api_requests", "quantity": 16});
+    assert_eq!(check(&server, over.clone()).await.0, 402);
+
+    let future = vec![
+        call("future-1", "acme", "2099-01-15T00:00:00Z"),
+        call("future-2", "acme", "2099-06-15T00:00:00Z"),
+    ];
+    let answer = server
+        .post("/v1/batch", &json!({"batch": future}))
+        .await
+        .json();
+    assert_eq!(answer["rejected"], 2, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "timestamp");
+    // Within the skew is taken: a client clock a little ahead is no attack.
+    let ahead = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [call("ahead-1", "acme", "2026-03-10T18:00:00Z")]}),
+        )
+        .await
+        .json();
+    assert_eq!(ahead["accepted"], 1, "{ahead}");
+    used(&server, "acme", "api_requests", 6.0).await;
+    assert_eq!(check(&server, over.clone()).await.0, 402, "still refused");
+    for i in 0..3 {
+        let consume = json!({"customer_id": "acme", "feature": "api_requests", "quantity": 1000,
+                             "consume": true, "event_id": format!("big-{i}")});
+        assert_eq!(check(&server, consume).await.0, 402);
+    }
+
+    // Events that reach the stream some other way can still move the meter past the current
+    // period; `usage verify` must then see what SQL sees and say so.
+    publish_directly(
+        &nats.url,
+        &[
+            call("bypass-1", "acme", "2099-01-15T00:00:00Z"),
+            call("bypass-2", "acme", "2099-06-15T00:00:00Z"),
+        ],
+    )
+    .await;
+    used(&server, "acme", "api_requests", 0.0).await;
+    harness::wait_archived(&server.data, 8).await;
+    let report = server
+        .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
+        .await
+        .json();
+    assert_eq!(report["ok"], false, "{report}");
+    let mismatch = &report["mismatches"][0];
+    assert_eq!(mismatch["customer_id"], "acme", "{report}");
+    assert_eq!(mismatch["events"], "6", "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consume_ids_are_checked_and_a_retry_counts_once() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let consume = |id: &str| json!({"customer_id": "acme", "feature": "api_requests", "quantity": 1, "consume": true, "event_id": id});
+    // An id that cannot be a NATS header is refused before any unit is reserved.
+    let (status, body) = check(&server, consume("line\nbreak")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("event_id"));
+    let (status, _) = check(&server, consume(&"x".repeat(300))).await;
+    assert_eq!(status, 400, "an oversized event_id");
+    let (status, _) = check(
+        &server,
+        json!({"customer_id": "bad\u{7}id", "feature": "api_requests"}),
+    )
+    .await;
+    assert_eq!(status, 400, "a customer id ingest would refuse");
+    let standing = server
+        .get_as(SERVICE_KEY, "/v1/customers/acme/entitlements/api_requests")
+        .await
+        .json();
+    assert_eq!(standing["used"], 0.0, "nothing reserved: {standing}");
+
+    // The same consume three times: once right after the first, twice after it was applied.
+    assert_eq!(check(&server, consume("retry-1")).await.0, 200);
+    assert_eq!(check(&server, consume("retry-1")).await.0, 200);
+    used(&server, "acme", "api_requests", 1.0).await;
+    let (status, body) = check(&server, consume("retry-1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["used"], 1.0, "a retry counts once: {body}");
+    harness::wait_archived(&server.data, 1).await;
+    used(&server, "acme", "api_requests", 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_bodies_are_kept_and_write_keys_never_stored() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    // 300 KB of control bytes: escaped six-fold, past nats-server's message size.
+    let unreadable = vec![1u8; 300 * 1024];
+    let r = server
+        .client
+        .send(
+            http::Method::POST,
+            &format!("{}/v1/batch", server.base),
+            &[
+                ("authorization", &northstar::client::basic_auth(WRITE_KEY)),
+                ("content-type", "application/json"),
+            ],
+            unreadable,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    let segment = json!({"writeKey": WRITE_KEY, "batch": [
+        {"type": "track", "messageId": "bad-1", "userId": "u", "writeKey": WRITE_KEY}
+    ]});
+    let r = server.post("/v1/batch", &segment).await;
+    assert_eq!(r.json()["rejected"], 1, "{}", r.text());
+    let posthog = json!({"api_key": WRITE_KEY, "batch": [
+        {"event": "signup_completed", "distinct_id": "p1", "uuid": "0190f1a8-0000-7000-8000-000000000001",
+         "properties": {"token": WRITE_KEY, "plan": "free"}}
+    ]});
+    let r = server
+        .client
+        .post_json(&format!("{}/batch/", server.base), &[], &posthog)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    harness::wait_rows(&server.data, "rejected_events", 2).await;
+    harness::wait_archived(&server.data, 1).await;
+    let rejected = harness::query(
+        &server.data,
+        "SELECT payload, reasons FROM rejected_events ORDER BY length(payload) DESC",
+    )
+    .await;
+    assert!(
+        rejected[0]["reasons"].to_string().contains("cut"),
+        "{:?}",
+        rejected[0]["reasons"]
+    );
+    let events = harness::query(&server.data, "SELECT properties FROM events").await;
+    for row in rejected.iter().chain(&events) {
+        let text = row.to_string();
+        assert!(!text.contains(WRITE_KEY), "a write key was stored: {text}");
+    }
+    assert!(events[0]["properties"].to_string().contains("plan"));
+}
