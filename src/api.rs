@@ -1,15 +1,20 @@
 //! The HTTP API (hyper, HTTP/1.1 keep-alive): ingest wires, SQL, health and metrics.
 //!
 //! [`serve`] takes a bound listener and a shutdown future (mini-redis style), so tests bind
-//! `127.0.0.1:0` and run the real server. Every request has a body bound, a time limit and a
-//! place in a bounded set of concurrent requests; past that bound the answer is 503 with
-//! `Retry-After`, never unbounded memory.
+//! `127.0.0.1:0` and run the real server. Every request has a body bound (a larger declared
+//! `Content-Length` is refused before reading), a body timeout (408), a time limit, and a
+//! place in a bounded set of concurrent requests taken once its body is in; past that bound
+//! the answer is 503 with `Retry-After`, never unbounded memory. Each client address has its
+//! own bounds on connections and requests in progress ([`admission`]; past them, the
+//! connection is closed or the answer is 429), so no one client takes every place.
 //!
+//! - [`admission`]: per-client bounds on connections and requests;
 //! - [`respond`]: JSON answers and `{"code","message"}` errors;
 //! - [`routes`]: the route table;
 //! - [`ingest_routes`], [`sql`], [`ops`]: the handlers.
 
 pub mod activation;
+pub mod admission;
 pub mod billing;
 pub mod ingest_routes;
 pub mod limits;
@@ -22,11 +27,12 @@ pub mod sql;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -40,6 +46,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
 use respond::{HttpError, HttpResponse};
+use routes::Route;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -69,7 +76,7 @@ pub struct AppState {
     pub verify: crate::meter::verify::Positions,
     /// What `/healthz` reports.
     pub health: ops::Health,
-    /// Bounds concurrent requests.
+    /// Bounds concurrent requests (taken once a request's body is in).
     pub permits: Arc<Semaphore>,
     /// The billing sink and upgrade path, when the config has `billing`.
     pub billing: Option<Arc<crate::billing::Billing>>,
@@ -147,6 +154,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let clients = admission::Clients::new(&state.config.ingest);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -155,23 +163,32 @@ pub async fn serve(
                     Ok(pair) => pair,
                     Err(error) => {
                         tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
+                let Some(connection_slot) = clients.connect(peer.ip()) else {
+                    tracing::debug!(%peer, "connection refused: the client has its bound open");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
+                let clients = clients.clone();
                 let service = service_fn(move |request| {
                     let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(state, request, peer).await) }
+                    let clients = clients.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(state, clients, request, peer).await)
+                    }
                 });
                 let connection = http1::Builder::new()
                     .keep_alive(true)
-                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
+                    let _connection_slot = connection_slot;
                     if let Err(error) = connection.await {
                         tracing::debug!(%error, "connection ended with an error");
                     }
@@ -181,7 +198,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown())
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()
     {
@@ -189,66 +206,158 @@ pub async fn serve(
     }
 }
 
-/// One request: admission, body, route, time limit.
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request, answered and counted.
 async fn handle(
     state: Arc<AppState>,
+    clients: Arc<admission::Clients>,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> HttpResponse {
-    let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
-        return respond::error(&HttpError::new(
-            ErrorKind::Unavailable,
-            "overloaded",
-            "too many requests in flight; retry shortly",
-        ));
-    };
     let route = routes::route(request.method(), request.uri().path());
-    let (parts, body) = request.into_parts();
-    let limit = route.body_limit(&state.config);
-    let timeout = state.config.ingest.request_timeout.get();
-    let work = async {
-        let body: Bytes = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                let too_large = error
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                let (kind, code, message) = if too_large {
-                    (
-                        ErrorKind::TooLarge,
-                        "payload_too_large",
-                        format!("request body is over {limit} bytes"),
-                    )
-                } else {
-                    (
-                        ErrorKind::InvalidInput,
-                        "invalid_body",
-                        format!("could not read the request body: {error}"),
-                    )
-                };
-                return route.finish(respond::error(&HttpError::new(kind, code, message)));
-            }
-        };
-        let response = routes::dispatch(&state, &route, &parts, body).await;
-        route.finish(response)
-    };
-    // The limits routes answer from memory (a consume's publish has its own ack timeout), so
-    // they skip the per-request timer that the routes which wait on bodies and I/O need.
-    let response = if route.answers_from_memory() {
-        work.await
-    } else {
-        match tokio::time::timeout(timeout, work).await {
-            Ok(response) => response,
-            Err(_) => route.finish(respond::error(&HttpError::new(
-                ErrorKind::Unavailable,
-                "request_timeout",
-                format!("the request took longer than {timeout:?}; retry"),
-            ))),
-        }
-    };
+    let response = route.finish(answer(&state, &clients, &route, request, peer).await);
     state
         .metrics
         .http_answered(route.family(), response.status().as_u16());
     tracing::debug!(%peer, route = route.family(), status = response.status().as_u16(), "answered");
+    response
+}
+
+/// Admission, body, route, within the request's time limit. A request takes a place of its
+/// client at once, but a place among the concurrent requests only once its body is in (and
+/// `/healthz` and `/metrics` take none), so a client that announces a body and sends none
+/// costs only its own places, and only until the body timeout.
+async fn answer(
+    state: &Arc<AppState>,
+    clients: &Arc<admission::Clients>,
+    route: &Route,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> HttpResponse {
+    let Some(client_slot) = clients.begin_request(peer.ip()) else {
+        return respond::error(&HttpError::new(
+            ErrorKind::RateLimited,
+            "too_many_requests_from_client",
+            format!(
+                "this client has {} requests in progress already (ingest.maxRequestsPerClient); retry shortly",
+                clients.max_requests()
+            ),
+        ));
+    };
+    let settings = &state.config.ingest;
+    let started = Instant::now();
+    let timeout = settings.request_timeout.get();
+    let deadline = started + timeout;
+    let body_deadline = (started + settings.body_timeout.get()).min(deadline);
+    let (parts, body) = request.into_parts();
+    let limit = route.body_limit(&state.config);
+    let body = match read_body(body, limit, parts.uri.path(), body_deadline).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let permit = if route.takes_a_request_place() {
+        match state.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                return respond::error(&HttpError::new(
+                    ErrorKind::Unavailable,
+                    "overloaded",
+                    "too many requests in flight; retry shortly",
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let work = {
+        let (state, route) = (state.clone(), route.clone());
+        async move {
+            let _places = (client_slot, permit);
+            routes::dispatch(&state, &route, &parts, body).await
+        }
+    };
+    let timed_out = || {
+        respond::error(&HttpError::new(
+            ErrorKind::Unavailable,
+            "request_timeout",
+            format!("the request took longer than {timeout:?}; retry"),
+        ))
+    };
+    if route.finishes_after_its_answer() {
+        // The work keeps its places until it ends; only the answer is bounded.
+        match tokio::time::timeout_at(deadline.into(), tokio::spawn(work)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                tracing::error!(%error, route = route.family(), "request handler failed");
+                respond::error(&HttpError::new(
+                    ErrorKind::Internal,
+                    "internal_error",
+                    "the request failed; retry",
+                ))
+            }
+            Err(_) => timed_out(),
+        }
+    } else {
+        tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .unwrap_or_else(|_| timed_out())
+    }
+}
+
+/// The body, at most `limit` bytes, in by `deadline`. A declared `Content-Length` over the
+/// limit is refused before anything is read; a body that is not in by the deadline gets 408.
+async fn read_body(
+    body: Incoming,
+    limit: usize,
+    path: &str,
+    deadline: Instant,
+) -> Result<Bytes, HttpResponse> {
+    let limit_bytes = u64::try_from(limit).unwrap_or(u64::MAX);
+    let declared = body.size_hint().lower();
+    if declared > limit_bytes {
+        return Err(closing(respond::error(&HttpError::new(
+            ErrorKind::TooLarge,
+            "payload_too_large",
+            format!("Content-Length is {declared} bytes; {path} accepts at most {limit} bytes"),
+        ))));
+    }
+    match tokio::time::timeout_at(deadline.into(), Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) => {
+            let too_large = error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let (kind, code, message) = if too_large {
+                (
+                    ErrorKind::TooLarge,
+                    "payload_too_large",
+                    format!("request body is over {limit} bytes, the limit of {path}"),
+                )
+            } else {
+                (
+                    ErrorKind::InvalidInput,
+                    "invalid_body",
+                    format!("could not read the request body: {error}"),
+                )
+            };
+            Err(respond::error(&HttpError::new(kind, code, message)))
+        }
+        Err(_) => Err(closing(respond::error(&HttpError::new(
+            ErrorKind::RequestTimeout,
+            "body_timeout",
+            "the request body did not arrive in time (ingest.bodyTimeout); send it faster or in smaller requests",
+        )))),
+    }
+}
+
+/// `Connection: close` on an answer given before the body was read: what is left of the body
+/// is not read, so the connection cannot carry another request.
+fn closing(mut response: HttpResponse) -> HttpResponse {
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
     response
 }

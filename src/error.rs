@@ -20,6 +20,8 @@ pub enum ErrorKind {
     NotFound,
     /// The method is not supported on this route. 405.
     MethodNotAllowed,
+    /// The request did not arrive within its time bound (a body sent too slowly). 408.
+    RequestTimeout,
     /// The input is over a size bound. 413.
     TooLarge,
     /// Too many requests; retry after the given delay. 429.
@@ -42,6 +44,7 @@ impl ErrorKind {
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
             Self::TooLarge => 413,
             Self::RateLimited => 429,
             Self::Unavailable => 503,
@@ -54,7 +57,11 @@ impl ErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimited | Self::Unavailable | Self::Timeout | Self::Internal
+            Self::RequestTimeout
+                | Self::RateLimited
+                | Self::Unavailable
+                | Self::Timeout
+                | Self::Internal
         )
     }
 }

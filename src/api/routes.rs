@@ -189,12 +189,17 @@ impl Route {
         }
     }
 
-    /// Routes answered from in-memory state, with small bodies.
-    pub fn answers_from_memory(&self) -> bool {
-        matches!(
-            self,
-            Self::Check | Self::Usage(_) | Self::Entitlement(..) | Self::Health
-        )
+    /// Whether the route takes a place among the concurrent requests. Health and metrics do
+    /// not: a server full of requests must still say how it is.
+    pub fn takes_a_request_place(&self) -> bool {
+        !matches!(self, Self::Health | Self::Metrics)
+    }
+
+    /// Whether the route's work runs to its end even when its answer went out on the time
+    /// limit. A consume reserves usage, and only the outcome of its publish (bounded by the
+    /// stream's ack timeout) keeps or releases the reservation: cut short, it would hold it.
+    pub fn finishes_after_its_answer(&self) -> bool {
+        matches!(self, Self::Check)
     }
 
     /// A short name for metrics and logs.

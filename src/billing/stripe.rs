@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
+use subtle::ConstantTimeEq;
 
 use super::outbox::Entry;
 use super::sink::Outcome;
@@ -318,6 +319,12 @@ fn percent(text: &str) -> String {
     out
 }
 
+/// Longest `Stripe-Signature` header read: a timestamp and a few signatures (Stripe sends
+/// one `v1` per active secret, two while one is rolled) fit many times over.
+pub const MAX_SIGNATURE_HEADER_BYTES: usize = 2_048;
+/// Most `v1` entries read from one header.
+pub const MAX_SIGNATURES: usize = 8;
+
 /// Why a webhook's signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
@@ -327,7 +334,13 @@ pub enum SignatureError {
     /// The header is not `t=…,v1=…`.
     #[error("Stripe-Signature must be t=<unix seconds>,v1=<hex>")]
     Malformed,
-    /// `t` is more than the tolerance away from now.
+    /// The header is longer than anything Stripe sends.
+    #[error("Stripe-Signature is {0} bytes; at most {MAX_SIGNATURE_HEADER_BYTES} are read")]
+    TooLong(usize),
+    /// More `v1` entries than anything Stripe sends.
+    #[error("Stripe-Signature has {0} v1 entries; at most {MAX_SIGNATURES} are read")]
+    TooManySignatures(usize),
+    /// `t` is more than the tolerance away from now (seconds, saturated at the i64 bounds).
     #[error("Stripe-Signature timestamp is {0} s away from now (tolerance 300 s)")]
     Stale(i64),
     /// No `v1` matches.
@@ -336,7 +349,10 @@ pub enum SignatureError {
 }
 
 /// Verifies `Stripe-Signature`: some `v1` must be HMAC-SHA256(secret, "t.payload") and `t`
-/// within `tolerance` seconds of `now` (seconds). Compared in constant time.
+/// within `tolerance` seconds of `now` (seconds). The header's size and entries are bounded
+/// before any work, the HMAC is computed once whatever the number of entries, and each entry
+/// is compared with it in constant time: an unsigned request costs at most one pass over
+/// its body.
 pub fn verify_signature(
     header: Option<&str>,
     payload: &[u8],
@@ -345,12 +361,15 @@ pub fn verify_signature(
     tolerance: i64,
 ) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
+    if header.len() > MAX_SIGNATURE_HEADER_BYTES {
+        return Err(SignatureError::TooLong(header.len()));
+    }
     let mut timestamp = None;
     let mut signatures = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
-            Some(("v1", hex)) => signatures.push(hex.to_string()),
+            Some(("v1", hex)) => signatures.push(hex),
             _ => {}
         }
     }
@@ -358,31 +377,40 @@ pub fn verify_signature(
     if signatures.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now - t).abs() > tolerance {
-        return Err(SignatureError::Stale(now - t));
+    if signatures.len() > MAX_SIGNATURES {
+        return Err(SignatureError::TooManySignatures(signatures.len()));
     }
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut signed = t.to_string().into_bytes();
-    signed.push(b'.');
-    signed.extend_from_slice(payload);
+    let age = now.saturating_sub(t);
+    if age.unsigned_abs() > tolerance.unsigned_abs() {
+        return Err(SignatureError::Stale(age));
+    }
+    let expected = signature_of(payload, secret, t);
+    let mut matched = subtle::Choice::from(0);
     for hex in signatures {
-        let Some(tag) = decode_hex(&hex) else {
-            continue;
-        };
-        if ring::hmac::verify(&key, &signed, &tag).is_ok() {
-            return Ok(());
+        if let Some(tag) = decode_hex(hex) {
+            matched |= expected.as_ref().ct_eq(&tag);
         }
     }
-    Err(SignatureError::Mismatch)
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// HMAC-SHA256(secret, "t.payload"): what Stripe signs.
+fn signature_of(payload: &[u8], secret: &str, t: i64) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = ring::hmac::Context::with_key(&key);
+    context.update(t.to_string().as_bytes());
+    context.update(b".");
+    context.update(payload);
+    context.sign()
 }
 
 /// `t=…,v1=…` for `payload` (used by tests and the bench to play Stripe).
 pub fn sign(payload: &[u8], secret: &str, t: i64) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut signed = t.to_string().into_bytes();
-    signed.push(b'.');
-    signed.extend_from_slice(payload);
-    let tag = ring::hmac::sign(&key, &signed);
+    let tag = signature_of(payload, secret, t);
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("t={t},v1={hex}")
 }
@@ -435,6 +463,83 @@ mod tests {
             verify_signature(Some(&both), body, "whsec_x", 1_000, 300),
             Ok(())
         );
+    }
+
+    #[test]
+    fn many_signature_entries_are_refused_before_any_hmac() {
+        let body = vec![b'x'; 1_000_000];
+        let header = sign(&body, "whsec_x", 1_000);
+        // The review's attack: 5,000 `v1` entries over a 1 MB body (one HMAC per entry, 3.6 s).
+        let flood = format!("t=1000{}", ",v1=00".repeat(5_000));
+        assert_eq!(
+            verify_signature(Some(&flood), &body, "whsec_x", 1_000, 300),
+            Err(SignatureError::TooLong(flood.len()))
+        );
+        // Within the length bound, past the entry bound.
+        let many = format!("t=1000{}", ",v1=00".repeat(MAX_SIGNATURES + 1));
+        assert!(many.len() <= MAX_SIGNATURE_HEADER_BYTES);
+        let refused = verify_signature(Some(&many), &body, "whsec_x", 1_000, 300);
+        assert_eq!(
+            refused,
+            Err(SignatureError::TooManySignatures(MAX_SIGNATURES + 1))
+        );
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains(&format!("at most {MAX_SIGNATURES}"))
+        );
+        // As many entries as the bound, the right one last: one HMAC, compared with each.
+        let wrong = ",v1=".to_string() + &"ab".repeat(32);
+        let right = header.trim_start_matches("t=1000");
+        let full = format!("t=1000{}{right}", wrong.repeat(MAX_SIGNATURES - 1));
+        assert_eq!(
+            verify_signature(Some(&full), &body, "whsec_x", 1_000, 300),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn far_timestamps_are_stale_without_overflow() {
+        let body = br#"{"id":"evt_1"}"#;
+        let times = [
+            i64::MAX,
+            i64::MAX - 10,
+            i64::MIN,
+            i64::MIN + 1,
+            -1,
+            0,
+            1_700_000_000,
+        ];
+        for t in times {
+            let header = sign(body, "whsec_x", t);
+            for now in times {
+                let apart = (i128::from(now) - i128::from(t)).abs();
+                let verdict = verify_signature(Some(&header), body, "whsec_x", now, 300);
+                if apart > 300 {
+                    assert!(
+                        matches!(verdict, Err(SignatureError::Stale(_))),
+                        "t={t} now={now}: {verdict:?}"
+                    );
+                } else {
+                    assert_eq!(verdict, Ok(()), "t={t} now={now}");
+                }
+            }
+        }
+        // Past i64 (u64::MAX and beyond) is not a timestamp at all.
+        for t in [
+            "18446744073709551615",
+            "99999999999999999999999",
+            "-",
+            "1e9",
+        ] {
+            let header = format!("t={t},v1={}", "00".repeat(32));
+            assert_eq!(
+                verify_signature(Some(&header), body, "whsec_x", 1_000, 300),
+                Err(SignatureError::Malformed),
+                "t={t}"
+            );
+        }
     }
 
     #[test]

@@ -1,13 +1,102 @@
 //! The upgrade path: a Checkout Session in every 402, and Stripe's webhooks moving customers
 //! to the plan they paid for (verified signatures, each event once).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use super::{Billing, BillingError, stripe};
-use crate::meter::customers::{Customer, CustomerUpdate};
+use crate::meter::customers::{Customer, CustomerError, CustomerUpdate};
 use crate::meter::spec::Allowance;
+
+/// How long a Checkout Session is reused (Stripe's last 24 hours).
+const SESSION_REUSE: Duration = Duration::from_secs(23 * 3600);
+
+/// The Checkout Sessions made or being made, per (customer, plan). Locked only to look up
+/// or change an entry, never across a call.
+pub(super) type Checkouts = Arc<Mutex<HashMap<(String, String), CheckoutSlot>>>;
+
+/// A Checkout Session of a customer and plan.
+pub(super) enum CheckoutSlot {
+    /// Made at `made`.
+    Made {
+        id: String,
+        url: String,
+        made: Instant,
+    },
+    /// Being made: the receiver sees (id, url) when Stripe answers, or its sender dropped
+    /// when the call failed.
+    Pending(watch::Receiver<Option<(String, String)>>),
+}
+
+fn lock(checkouts: &Checkouts) -> MutexGuard<'_, HashMap<(String, String), CheckoutSlot>> {
+    // Entries are replaced whole: a panic elsewhere cannot leave one half-written.
+    checkouts.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One call to Stripe for a Checkout Session, run on its own task so that no request waits
+/// on it past its bound, and its answer still serves the next 402.
+struct CheckoutCall {
+    stripe: stripe::Stripe,
+    checkouts: Checkouts,
+    key: (String, String),
+    stripe_customer: Option<String>,
+    price: String,
+    success_url: String,
+    cancel_url: String,
+}
+
+impl CheckoutCall {
+    async fn run(
+        self,
+        sender: watch::Sender<Option<(String, String)>>,
+        own: watch::Receiver<Option<(String, String)>>,
+    ) {
+        let (customer, plan) = &self.key;
+        let answer = self
+            .stripe
+            .checkout_session(
+                customer,
+                self.stripe_customer.as_deref(),
+                plan,
+                &self.price,
+                &self.success_url,
+                &self.cancel_url,
+            )
+            .await;
+        let mut cache = lock(&self.checkouts);
+        // A plan change while the call ran removed the entry: its session is not wanted.
+        let still_wanted = matches!(
+            cache.get(&self.key),
+            Some(CheckoutSlot::Pending(pending)) if pending.same_channel(&own)
+        );
+        match answer {
+            Ok((id, url)) => {
+                if still_wanted {
+                    cache.insert(
+                        self.key.clone(),
+                        CheckoutSlot::Made {
+                            id: id.clone(),
+                            url: url.clone(),
+                            made: Instant::now(),
+                        },
+                    );
+                }
+                drop(cache);
+                sender.send_replace(Some((id, url)));
+            }
+            Err(error) => {
+                if still_wanted {
+                    cache.remove(&self.key);
+                }
+                tracing::warn!(%customer, %plan, %error, "no Checkout Session for the 402");
+            }
+        }
+    }
+}
 
 impl Billing {
     /// The plan a customer stuck at a limit of `feature` should move to: among plans with a
@@ -33,6 +122,12 @@ impl Billing {
 
     /// A Checkout Session (id, url) for `customer` to move past a limit of `feature`: made
     /// once per customer and plan and reused for 23 hours (Stripe's sessions last 24).
+    ///
+    /// Waits at most `checkout_wait` (below the request's time limit), so a slow Stripe makes
+    /// the 402 come without a session rather than late. The call to Stripe runs on its own
+    /// and fills the cache when it answers, for the next 402; meanwhile other requests for
+    /// the same customer and plan wait on that one call, and no lock is held across it, so
+    /// customers never wait on each other.
     pub async fn checkout_for(
         &self,
         customer: &Customer,
@@ -42,29 +137,37 @@ impl Billing {
         let plan = self.upgrade_plan(customer, feature)?;
         let price = self.settings.checkout.prices.get(&plan)?;
         let key = (customer.id.clone(), plan.clone());
-        let mut cache = self.checkouts.lock().await;
-        if let Some((id, url, made)) = cache.get(&key)
-            && made.elapsed() < Duration::from_secs(23 * 3600)
-        {
-            return Some((id.clone(), url.clone()));
-        }
-        match stripe
-            .checkout_session(
-                &customer.id,
-                customer.stripe_customer_id.as_deref(),
-                &plan,
-                price,
-                &self.settings.checkout.success_url,
-                &self.settings.checkout.cancel_url,
-            )
-            .await
-        {
-            Ok((id, url)) => {
-                cache.insert(key, (id.clone(), url.clone(), Instant::now()));
-                Some((id, url))
+        let mut made = {
+            let mut cache = lock(&self.checkouts);
+            match cache.get(&key) {
+                Some(CheckoutSlot::Made { id, url, made }) if made.elapsed() < SESSION_REUSE => {
+                    return Some((id.clone(), url.clone()));
+                }
+                Some(CheckoutSlot::Pending(made)) => made.clone(),
+                _ => {
+                    let (sender, made) = watch::channel(None);
+                    cache.insert(key.clone(), CheckoutSlot::Pending(made.clone()));
+                    let call = CheckoutCall {
+                        stripe: stripe.clone(),
+                        checkouts: self.checkouts.clone(),
+                        key,
+                        stripe_customer: customer.stripe_customer_id.clone(),
+                        price: price.clone(),
+                        success_url: self.settings.checkout.success_url.clone(),
+                        cancel_url: self.settings.checkout.cancel_url.clone(),
+                    };
+                    tokio::spawn(call.run(sender, made.clone()));
+                    made
+                }
             }
-            Err(error) => {
-                tracing::warn!(customer = %customer.id, %plan, %error, "no Checkout Session for the 402");
+        };
+        match tokio::time::timeout(self.checkout_wait, made.wait_for(Option::is_some)).await {
+            Ok(Ok(session)) => session.clone(),
+            // The call failed (and said why); the next 402 tries again.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                tracing::info!(customer = %customer.id, %plan, wait = ?self.checkout_wait,
+                    "Stripe has not made the Checkout Session yet; the 402 goes without it");
                 None
             }
         }
@@ -124,11 +227,12 @@ impl Billing {
                     self.clock.now_micros(),
                 )
                 .await
-                .map_err(|e| BillingError::Store(e.to_string()))?;
-            self.checkouts
-                .lock()
-                .await
-                .retain(|(c, _), _| *c != customer);
+                .map_err(|e| match e {
+                    // An id or plan the store refuses: Stripe must not retry it for days.
+                    CustomerError::Invalid { .. } => BillingError::BadEvent(e.to_string()),
+                    CustomerError::Store(_) => BillingError::Store(e.to_string()),
+                })?;
+            lock(&self.checkouts).retain(|(c, _), _| *c != customer);
             tracing::info!(customer = %customer, plan = %stored.plan, event = %id, "plan changed by Stripe");
             answer["customer_id"] = json!(customer);
             answer["plan"] = json!(stored.plan);
@@ -150,23 +254,23 @@ impl Billing {
         &self,
         session: &Value,
     ) -> Result<Option<(String, String, Option<String>)>, BillingError> {
-        let customer = session["metadata"]["northstar_customer"]
-            .as_str()
-            .or_else(|| session["client_reference_id"].as_str())
-            .ok_or_else(|| {
+        let customer = match id_at(session, "metadata.northstar_customer")? {
+            Some(id) => id,
+            None => id_at(session, "client_reference_id")?.ok_or_else(|| {
                 BillingError::BadEvent(
                     "data.object.metadata.northstar_customer: missing (and no client_reference_id)"
                         .into(),
                 )
-            })?;
+            })?,
+        };
         let plan = session["metadata"]["plan"]
             .as_str()
             .ok_or_else(|| BillingError::BadEvent("data.object.metadata.plan: missing".into()))?;
         self.known_plan(plan, "data.object.metadata.plan")?;
         Ok(Some((
-            customer.to_string(),
+            customer,
             plan.to_string(),
-            session["customer"].as_str().map(str::to_string),
+            id_at(session, "customer")?,
         )))
     }
 
@@ -177,9 +281,9 @@ impl Billing {
         subscription: &Value,
         deleted: bool,
     ) -> Result<Option<(String, String, Option<String>)>, BillingError> {
-        let stripe_customer = subscription["customer"].as_str().map(str::to_string);
-        let customer = match subscription["metadata"]["northstar_customer"].as_str() {
-            Some(id) => id.to_string(),
+        let stripe_customer = id_at(subscription, "customer")?;
+        let customer = match id_at(subscription, "metadata.northstar_customer")? {
+            Some(id) => id,
             None => match stripe_customer
                 .as_deref()
                 .and_then(|s| self.customers.find_by_stripe_id(s))
@@ -232,5 +336,22 @@ impl Billing {
                 "{field}: `{plan}` is not a plan of the config"
             )))
         }
+    }
+}
+
+/// The id at `path` (dotted, under `data.object`) of an event's object, if it is a string:
+/// checked by the rule every id northstar stores follows ([`crate::event::id_problem`]), so
+/// that a signed event with a bad id is refused (400, the field named) instead of failing
+/// to store (503), which Stripe would retry for days.
+fn id_at(object: &Value, path: &str) -> Result<Option<String>, BillingError> {
+    let value = path.split('.').fold(object, |value, key| &value[key]);
+    let Some(id) = value.as_str() else {
+        return Ok(None);
+    };
+    match crate::event::id_problem(id) {
+        Some(problem) => Err(BillingError::BadEvent(format!(
+            "data.object.{path}: {problem}"
+        ))),
+        None => Ok(Some(id.to_string())),
     }
 }
