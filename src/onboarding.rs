@@ -222,6 +222,11 @@ impl Onboarding {
         Ok(json!({"user_id": id, "person_id": person, "flags": flags}))
     }
 
+    /// Applies one event; returns how many triggers it fires (the follower sends them on).
+    pub fn apply_event(&self, seq: u64, event: &EventView<'_>) -> usize {
+        self.apply(seq, event).len()
+    }
+
     /// Applies one event; returns the triggers it fires.
     fn apply(&self, seq: u64, event: &EventView<'_>) -> Vec<Fired> {
         let mut fired = Vec::new();
