@@ -225,6 +225,9 @@ pub struct Meter {
     notices: notices::Sender,
     metrics: Arc<Metrics>,
     flagged: std::sync::Mutex<std::collections::BTreeMap<String, anomaly::Spike>>,
+    /// The stream's last sequence when the server started: until the meter has applied it,
+    /// its counters are a replay in progress and answers from them would be too low.
+    replay_target: std::sync::atomic::AtomicU64,
 }
 
 impl Meter {
@@ -255,6 +258,7 @@ impl Meter {
             notices,
             metrics,
             flagged: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            replay_target: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -374,6 +378,21 @@ impl Meter {
             });
         }
         self.counters.set_applied(seq);
+    }
+
+    /// Sets the sequence the meter must reach before its answers count: the stream's last
+    /// sequence at start.
+    pub fn replay_until(&self, seq: u64) {
+        self.replay_target
+            .store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `Some((applied, target))` while the meter is still replaying what the stream held at
+    /// start; `None` once its answers are complete.
+    pub fn replaying(&self) -> Option<(u64, u64)> {
+        let target = self.replay_target.load(std::sync::atomic::Ordering::SeqCst);
+        let applied = self.counters.applied_seq();
+        (applied < target).then_some((applied, target))
     }
 
     /// Customers flagged for usage far above their own baseline, with their latest spike.

@@ -317,6 +317,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     let followers = Fanout::new(followers).supervised(supervisor.clone());
     let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
+    // Limits answer only once the meter holds everything the stream held at start.
+    let start_seq = crate::bus::streams::last_sequence(&js, &config.stream.name).await?;
+    meter.replay_until(start_seq);
     let followers = supervisor.spawn(
         "followers",
         follow(js, spec, followers, meter_stop, feed_tx),

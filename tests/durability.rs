@@ -406,6 +406,69 @@ async fn one_data_dir_starts_again_and_again_on_the_embedded_server() {
     server.terminate();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_restart_the_limits_api_answers_complete_usage_or_503() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["serviceKeys"] = json!([harness::SERVICE_KEY]);
+    // No snapshot before the kill: the restart replays everything.
+    config["metering"] = json!({"snapshotInterval": "1h"});
+    let mut server = Northstar::start(&nats, &config);
+    let batches = 8;
+    for b in 0..batches {
+        let batch: Vec<serde_json::Value> = (0..500)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("ready-{b}-{i}"), "userId": "u1",
+                       "event": "api_call_made", "context": {"groupId": "c1"}, "properties": {"endpoint": "/x"}})
+            })
+            .collect();
+        let r = server.post("/v1/batch", &json!({"batch": batch})).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let total = f64::from(batches * 500);
+    let entitlement = async |server: &Northstar| {
+        let bearer = format!("Bearer {}", harness::SERVICE_KEY);
+        server
+            .client
+            .get(
+                &format!("{}/v1/customers/c1/entitlements/api_requests", server.base),
+                &[("authorization", &bearer)],
+            )
+            .await
+            .expect("answered")
+    };
+    harness::eventually(Duration::from_secs(30), async || {
+        let body = entitlement(&server).await.json();
+        match body["used"].as_f64() == Some(total) {
+            true => Ok(()),
+            false => Err(format!("before the kill: {body}")),
+        }
+    })
+    .await;
+    for _ in 0..2 {
+        server.kill9();
+        server.restart();
+        // Every answer from the first one on is the whole usage, or 503 with Retry-After.
+        let mut waited = 0;
+        loop {
+            let r = entitlement(&server).await;
+            if r.status == 503 {
+                assert!(r.headers.contains_key("retry-after"), "{}", r.text());
+                assert_eq!(r.json()["code"], "replaying", "{}", r.text());
+                waited += 1;
+                assert!(waited < 3_000, "still replaying");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.json()["used"].as_f64(), Some(total), "{}", r.text());
+            break;
+        }
+        let health = server.get("/healthz").await;
+        assert_eq!(health.status, 200, "{}", health.text());
+    }
+}
+
 /// Whether a process is alive (and not a zombie).
 fn is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

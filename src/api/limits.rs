@@ -15,6 +15,9 @@ pub async fn check(state: &AppState, parts: &Parts, body: &[u8]) -> HttpResponse
     if let Err(error) = state.require_service(auth(parts)) {
         return respond::error(&error);
     }
+    if let Some(replaying) = replaying(state) {
+        return replaying;
+    }
     let request: CheckRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) => {
@@ -49,6 +52,9 @@ pub async fn usage(state: &AppState, parts: &Parts, customer: &str) -> HttpRespo
     if let Err(error) = state.require_service(auth(parts)) {
         return respond::error(&error);
     }
+    if let Some(replaying) = replaying(state) {
+        return replaying;
+    }
     let (customer, features) = state.meter.usage(customer);
     let body = serde_json::json!({
         "customer_id": customer.id,
@@ -69,6 +75,9 @@ pub async fn entitlement(
 ) -> HttpResponse {
     if let Err(error) = state.require_service(auth(parts)) {
         return respond::error(&error);
+    }
+    if let Some(replaying) = replaying(state) {
+        return replaying;
     }
     match state.meter.entitlement(customer, feature) {
         Ok(standing) => {
@@ -169,6 +178,19 @@ pub async fn anomalies(state: &AppState, parts: &Parts) -> HttpResponse {
         })
         .collect();
     respond::json(200, &serde_json::json!({"flagged": flagged}))
+}
+
+/// 503 with `Retry-After` while the meter replays what the stream held at start: an answer
+/// from half-replayed counters would let a customer past its limit through.
+fn replaying(state: &AppState) -> Option<HttpResponse> {
+    let (applied, target) = state.meter.replaying()?;
+    Some(respond::error(&HttpError::new(
+        ErrorKind::Unavailable,
+        "replaying",
+        format!(
+            "the meter is replaying the stream after a start (at sequence {applied} of {target}); retry"
+        ),
+    )))
 }
 
 fn auth(parts: &Parts) -> Option<&str> {

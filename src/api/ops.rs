@@ -45,7 +45,8 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
         })
         .collect();
     let failed = health.supervisor.failures();
-    let ok = connected && archivers_running && failed.is_empty();
+    let replaying = state.meter.replaying();
+    let ok = connected && archivers_running && failed.is_empty() && replaying.is_none();
     let mut body = json!({
         "status": if ok { "ok" } else { "unavailable" },
         "nats": if connected { "connected" } else { "disconnected" },
@@ -54,7 +55,17 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
     if !failed.is_empty() {
         body["failed"] = json!(failed);
     }
-    respond::json(if ok { 200 } else { 503 }, &body)
+    if let Some((applied, target)) = replaying {
+        body["meter"] = json!({"replaying": true, "applied_seq": applied, "target_seq": target});
+    }
+    let mut response = respond::json(if ok { 200 } else { 503 }, &body);
+    if !ok {
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+    }
+    response
 }
 
 /// Prometheus text; refreshes the stream's last sequence first (bounded wait).
