@@ -160,7 +160,7 @@ async fn check_stream(
             action: "stream info",
             message: e.to_string(),
         })?;
-    let created = crate::bus::streams::incarnation(&info);
+    let created = crate::bus::streams::incarnation(info);
     let recreated = manifest
         .stream_created
         .as_ref()

@@ -265,7 +265,7 @@ pub async fn prepare(
         action: "stream info",
         message: e.to_string(),
     })?;
-    let created = crate::bus::streams::incarnation(&info);
+    let created = crate::bus::streams::incarnation(info);
     let saved: Option<State> = std::fs::read(dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());

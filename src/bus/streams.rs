@@ -230,7 +230,7 @@ pub async fn stream_incarnation(js: &jetstream::Context, stream: &str) -> Result
         .await
         .map_err(management("get stream"))?;
     let info = handle.info().await.map_err(management("stream info"))?;
-    Ok(incarnation(&info))
+    Ok(incarnation(info))
 }
 
 /// Marks an incarnation in a stream's description: `[ns-<uuid>]`.
