@@ -81,8 +81,19 @@ async fn kill_9_mid_ingest_then_restart_keeps_every_acked_event_exactly_once() {
         json!({"commitInterval": "20ms", "maxRowsPerCommit": 250, "compactMinFiles": 4});
     let mut server = Northstar::start(&nats, &config);
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    for (round, pause) in [700u64, 450, 900, 300].into_iter().enumerate() {
+    for (round, pause) in [70u64, 45, 90, 30].into_iter().enumerate() {
+        let before = acked.lock().unwrap().len();
         let clients = spawn_clients(server.base.clone(), round, 4, acked.clone());
+        // Ingest until a real amount is acked (however slow the machine), then kill a little
+        // later, at a different point each round.
+        harness::eventually(Duration::from_secs(120), async || {
+            let now = acked.lock().unwrap().len();
+            match now >= before + 400 {
+                true => Ok(()),
+                false => Err(format!("round {round}: {} acked", now - before)),
+            }
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(pause)).await;
         server.kill9();
         for client in clients {
@@ -397,8 +408,15 @@ async fn one_data_dir_starts_again_and_again_on_the_embedded_server() {
         }
         server.restart();
     }
-    let r = server.get("/healthz").await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    // Ready once the meter has replayed what the stream held at start.
+    harness::eventually(Duration::from_secs(30), async || {
+        let r = server.get("/healthz").await;
+        match r.status {
+            200 => Ok(()),
+            _ => Err(r.text()),
+        }
+    })
+    .await;
     assert_eq!(
         scalar(&server.data, "SELECT count(DISTINCT event_id) FROM events").await,
         120
