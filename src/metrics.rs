@@ -86,6 +86,8 @@ pub struct Metrics {
     pub archive_rejected: Arc<ArchiveMetrics>,
     /// Last sequence in the events stream, as of the last scrape.
     pub stream_last_seq: Gauge,
+    /// SQL queries running now, as of the last scrape.
+    pub sql_running: Gauge,
     /// Metered events applied to counters.
     pub meter_applied: Counter,
     /// Metered events for a period older than the two the meter keeps.
@@ -233,6 +235,11 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
+        );
+        let sql_running = self.sql_running.get();
+        let _ = writeln!(
+            out,
+            "# HELP northstar_sql_queries_running SQL queries running now (a query given up stops at once).\n# TYPE northstar_sql_queries_running gauge\nnorthstar_sql_queries_running {sql_running}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
         let archive_lines: [(&str, &str, &str, Read); 10] = [

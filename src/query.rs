@@ -4,15 +4,27 @@
 //! - [`readonly`]: the read-only statement check;
 //! - [`output`]: table, CSV, JSON and Arrow IPC answers.
 //!
-//! Every query runs under a time limit, a row cap and a memory limit. JSON properties are
+//! - [`bounds`]: how long and deep a statement may be;
+//! - [`functions`]: the functions that make large values, bounded per call;
+//! - [`answer`]: collecting an answer within its row and byte bounds.
+//!
+//! Every query runs under a time limit, a row cap, a byte cap and a memory limit, on threads
+//! of its own, and is cancelled as soon as nobody awaits its answer. JSON properties are
 //! queryable with `properties->>'plan'` and the `json_*` functions.
 
+pub mod answer;
+pub mod bounds;
+pub mod functions;
 pub mod output;
 pub mod readonly;
 pub mod tables;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -22,11 +34,19 @@ use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use futures::StreamExt;
+use datafusion::sql::parser::Statement;
 
 use crate::config::{Config, SqlSettings};
 use crate::error::{Classify, ErrorKind};
+use answer::AnswerBounds;
+pub use answer::Truncation;
 pub use output::Format;
+
+/// Stack of each query thread. What [`bounds`] admits needs about 4 MiB in a debug build
+/// (DataFusion's planner and evaluator take several KiB per level of an expression, and the
+/// tree of a statement at [`bounds::MAX_TOKENS`] takes 64 bytes per level to drop); the rest
+/// is margin. Only the pages a query touches are ever resident.
+pub const SQL_THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a query gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +60,9 @@ pub enum QueryError {
     /// It ran past the time limit.
     #[error("query ran past the time limit of {0:?}")]
     Timeout(Duration),
+    /// A function would have made a value over the bound of one call.
+    #[error("{0}")]
+    ValueTooLarge(String),
     /// It needed more memory than the limit allows.
     #[error("query needs more memory than sql.memoryLimitMb allows: {0}")]
     ResourcesExhausted(String),
@@ -51,9 +74,10 @@ pub enum QueryError {
 impl Classify for QueryError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Refused(_) | Self::Invalid(_) | Self::ResourcesExhausted(_) => {
-                ErrorKind::InvalidInput
-            }
+            Self::Refused(_)
+            | Self::Invalid(_)
+            | Self::ValueTooLarge(_)
+            | Self::ResourcesExhausted(_) => ErrorKind::InvalidInput,
             Self::Timeout(_) => ErrorKind::Timeout,
             Self::Internal(_) => ErrorKind::Internal,
         }
@@ -62,8 +86,10 @@ impl Classify for QueryError {
     fn code(&self) -> &'static str {
         match self {
             Self::Refused(readonly::Refusal::Syntax(_)) => "invalid_sql",
+            Self::Refused(readonly::Refusal::OverBound(_)) => "statement_too_complex",
             Self::Refused(_) => "statement_not_allowed",
             Self::Invalid(_) => "invalid_query",
+            Self::ValueTooLarge(_) => "value_too_large",
             Self::Timeout(_) => "query_timeout",
             Self::ResourcesExhausted(_) => "query_resources_exhausted",
             Self::Internal(_) => "query_failed",
@@ -80,6 +106,9 @@ impl From<DataFusionError> for QueryError {
             | DataFusionError::NotImplemented(_) => Self::Invalid(error.to_string()),
             DataFusionError::ResourcesExhausted(message) => {
                 Self::ResourcesExhausted(message.clone())
+            }
+            DataFusionError::External(inner) if inner.is::<functions::ValueTooLarge>() => {
+                Self::ValueTooLarge(inner.to_string())
             }
             _ => Self::Internal(error.to_string()),
         }
@@ -126,8 +155,10 @@ pub struct QueryResult {
     pub schema: SchemaRef,
     /// The rows.
     pub batches: Vec<RecordBatch>,
-    /// Whether the row cap cut the answer.
-    pub truncated: bool,
+    /// Which bound cut the answer, if one did.
+    pub truncated: Option<Truncation>,
+    /// Most bytes the answer may take, encoded too (`sql.maxAnswerBytes`).
+    pub byte_bound: usize,
     /// Planning and execution time.
     pub elapsed: Duration,
 }
@@ -146,6 +177,8 @@ pub struct QueryEngine {
     settings: SqlSettings,
     data_dir: PathBuf,
     runtime: SqlRuntime,
+    /// Query tasks alive on the query threads now (`northstar_sql_queries_running`).
+    running: Arc<AtomicUsize>,
 }
 
 /// The query threads; shut down without blocking when the engine is dropped.
@@ -166,8 +199,9 @@ impl QueryEngine {
         // No list-files cache: DataFusion's default keeps a table's file list forever, and the
         // archive adds a file every commit and swaps files on compaction.
         let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let memory_limit = settings.memory_limit_mb.saturating_mul(1024 * 1024);
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(settings.memory_limit_mb.saturating_mul(1024 * 1024), 1.0)
+            .with_memory_limit(memory_limit, 1.0)
             .with_cache_manager(caches)
             .build_arc()?;
         let threads = std::thread::available_parallelism()
@@ -181,10 +215,12 @@ impl QueryEngine {
             .with_target_partitions(threads);
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
+        functions::register(&ctx, memory_limit / 16);
         tables::register_all(&ctx, data_dir, config).await?;
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("northstar-sql")
+            .thread_stack_size(SQL_THREAD_STACK_BYTES)
             .enable_all()
             .build()
             .map_err(|e| QueryError::Internal(format!("starting query threads: {e}")))?;
@@ -193,7 +229,14 @@ impl QueryEngine {
             settings,
             data_dir: data_dir.to_path_buf(),
             runtime: SqlRuntime(Some(threads)),
+            running: Arc::default(),
         })
+    }
+
+    /// Query tasks alive on the query threads now: a query given up (timed out, its client
+    /// gone) stops counting once its task is cancelled.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// The DataFusion session, for components that register more tables or run their own plans.
@@ -206,99 +249,124 @@ impl QueryEngine {
         &self.data_dir
     }
 
-    /// Runs one read-only statement under the time limit and row cap.
+    /// Runs one read-only statement within the bounds: the gate ([`readonly::admit`]), the
+    /// time limit, the row and byte caps. The gate runs on the query threads too, whose stack
+    /// is sized for what it admits and for dropping what it refuses.
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        readonly::check(sql).map_err(QueryError::Refused)?;
-        retry_vanished(|| self.run_once(sql)).await
+        let bounds = AnswerBounds {
+            rows: self.settings.max_rows,
+            bytes: self.settings.answer_bytes(),
+        };
+        retry_vanished(|| {
+            let sql = sql.to_string();
+            self.on_query_threads(move |ctx| async move {
+                let statement = readonly::admit(&sql).map_err(QueryError::Refused)?;
+                execute(&ctx, statement, bounds).await
+            })
+        })
+        .await
     }
 
     /// Runs a statement of northstar's own (pipelines, verification): no read-only check and
-    /// no row cap, but the same threads and time limit.
+    /// no caps, but the same threads and time limit. Its text is northstar's, with users'
+    /// values only inside quoted literals, so it needs no depth bound.
     pub async fn collect_internal(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        retry_vanished(|| self.collect_internal_once(sql)).await
+        retry_vanished(|| {
+            let sql = sql.to_string();
+            self.on_query_threads(
+                move |ctx| async move { Ok(ctx.sql(&sql).await?.collect().await?) },
+            )
+        })
+        .await
     }
 
-    async fn collect_internal_once(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
+    /// Runs `work` on the query threads under the time limit. The work is cancelled when the
+    /// limit passes and when the returned future is dropped (a client that went away, a
+    /// request timer that answered first).
+    async fn on_query_threads<T, F, Fut>(&self, work: F) -> Result<T, QueryError>
+    where
+        F: FnOnce(SessionContext) -> Fut,
+        Fut: Future<Output = Result<T, QueryError>> + Send + 'static,
+        T: Send + 'static,
+    {
         let limit = self.settings.timeout.get();
         let Some(runtime) = self.runtime.0.as_ref() else {
             return Err(QueryError::Internal("query threads are gone".into()));
         };
-        let ctx = self.ctx.clone();
-        let sql = sql.to_string();
-        let mut task = runtime.spawn(async move {
-            let _files = crate::archive::compact::SWAP_LOCK.read().await;
-            let frame = ctx.sql(&sql).await?;
-            frame.collect().await
-        });
-        match tokio::time::timeout(limit, &mut task).await {
-            Ok(joined) => {
-                Ok(joined
-                    .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))??)
-            }
-            Err(_) => {
-                task.abort();
-                Err(QueryError::Timeout(limit))
-            }
-        }
-    }
-
-    async fn run_once(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        let limit = self.settings.timeout.get();
-        let Some(runtime) = self.runtime.0.as_ref() else {
-            return Err(QueryError::Internal("query threads are gone".into()));
-        };
-        let ctx = self.ctx.clone();
-        let sql = sql.to_string();
-        let max_rows = self.settings.max_rows;
-        let mut task = runtime.spawn(async move {
+        let work = work(self.ctx.clone());
+        let alive = Running::enter(&self.running);
+        let task = QueryTask(runtime.spawn(async move {
+            let _alive = alive;
             // In-process compactions wait while a query runs, so it never sees a day twice.
             let _files = crate::archive::compact::SWAP_LOCK.read().await;
-            execute(&ctx, &sql, max_rows).await
-        });
-        match tokio::time::timeout(limit, &mut task).await {
+            work.await
+        }));
+        match tokio::time::timeout(limit, task).await {
             Ok(joined) => {
                 joined.map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?
             }
-            Err(_) => {
-                task.abort();
-                Err(QueryError::Timeout(limit))
-            }
+            Err(_) => Err(QueryError::Timeout(limit)),
         }
     }
 }
 
-/// Plans and runs one statement, keeping at most `max_rows` rows.
+/// One query task counted in [`QueryEngine::running`] while it lives (dropped with the task,
+/// whether it ends or is aborted).
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A query's task, aborted when dropped: nobody awaits its answer any more. (Dropping a
+/// plain `JoinHandle` detaches the task, which then runs to its end.) The abort takes effect
+/// at the task's next yield; DataFusion's streams yield between batches.
+struct QueryTask<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for QueryTask<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for QueryTask<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Plans and runs one admitted statement, keeping what `bounds` allow.
 async fn execute(
     ctx: &SessionContext,
-    sql: &str,
-    max_rows: usize,
+    statement: Statement,
+    bounds: AnswerBounds,
 ) -> Result<QueryResult, QueryError> {
     let started = Instant::now();
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    let frame = ctx.sql_with_options(sql, options).await?;
+    let plan = ctx.state().statement_to_plan(statement).await?;
+    options.verify_plan(&plan)?;
+    let frame = ctx.execute_logical_plan(plan).await?;
     let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-    let mut stream = frame.execute_stream().await?;
-    let mut batches = Vec::new();
-    let mut rows = 0;
-    let mut truncated = false;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let room = max_rows - rows;
-        if batch.num_rows() > room {
-            batches.push(batch.slice(0, room));
-            truncated = true;
-            break;
-        }
-        rows += batch.num_rows();
-        batches.push(batch);
-    }
+    let (batches, truncated) = answer::collect(frame.execute_stream().await?, bounds).await?;
     Ok(QueryResult {
         schema,
         batches,
         truncated,
+        byte_bound: bounds.bytes,
         elapsed: started.elapsed(),
     })
 }

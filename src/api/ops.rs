@@ -80,6 +80,7 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     {
         state.metrics.stream_last_seq.set(last);
     }
+    state.metrics.sql_running.set(state.query.running() as u64);
     respond::bytes_response(
         200,
         "text/plain; version=0.0.4",

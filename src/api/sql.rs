@@ -1,7 +1,8 @@
 //! `POST /v1/sql`: admin-only, read-only SQL answered as JSON, CSV or Arrow IPC.
 //!
 //! The body is `{"sql": "...", "format"?: "json"|"csv"|"arrow"|"table"}` or the SQL text itself;
-//! without a `format` the `Accept` header chooses (JSON by default).
+//! without a `format` the `Accept` header chooses (JSON by default). An answer cut by a bound
+//! carries `x-northstar-truncated: true` and `x-northstar-truncated-by: rows|bytes`.
 
 use http::header;
 use http::request::Parts;
@@ -72,13 +73,18 @@ pub async fn handle(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespons
             return respond::error(&error);
         }
     };
-    match output::render(&result, format) {
-        Ok(bytes) => {
-            let mut response = respond::bytes_response(200, format.content_type(), bytes);
-            if result.truncated {
-                response.headers_mut().insert(
+    match output::encode(&result, format) {
+        Ok(encoded) => {
+            let mut response = respond::bytes_response(200, format.content_type(), encoded.bytes);
+            if let Some(cut) = encoded.truncated {
+                let headers = response.headers_mut();
+                headers.insert(
                     "x-northstar-truncated",
                     http::HeaderValue::from_static("true"),
+                );
+                headers.insert(
+                    "x-northstar-truncated-by",
+                    http::HeaderValue::from_static(cut.name()),
                 );
             }
             response

@@ -435,6 +435,10 @@ pub struct SqlSettings {
     pub max_rows: usize,
     /// Memory a query may use before it fails (MiB).
     pub memory_limit_mb: usize,
+    /// Most bytes an answer holds (its Arrow batches, and again its encoding); more are cut
+    /// and the answer says so. Unset: a quarter of `memoryLimitMb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_answer_bytes: Option<usize>,
 }
 
 impl SqlSettings {
@@ -448,7 +452,16 @@ impl SqlSettings {
         if self.memory_limit_mb < 16 {
             return Err(("memoryLimitMb".into(), "must be at least 16".into()));
         }
+        if self.max_answer_bytes.is_some_and(|n| n < 1024) {
+            return Err(("maxAnswerBytes".into(), "must be at least 1024".into()));
+        }
         Ok(())
+    }
+
+    /// Most bytes an answer holds: `maxAnswerBytes`, else a quarter of `memoryLimitMb`.
+    pub fn answer_bytes(&self) -> usize {
+        self.max_answer_bytes
+            .unwrap_or(self.memory_limit_mb.saturating_mul(1024 * 1024) / 4)
     }
 }
 
@@ -458,6 +471,7 @@ impl Default for SqlSettings {
             timeout: HumanDuration::secs(30),
             max_rows: 100_000,
             memory_limit_mb: 2_048,
+            max_answer_bytes: None,
         }
     }
 }

@@ -1,12 +1,15 @@
-//! The SQL sandbox's first wall: only one read-only statement per request.
+//! The SQL sandbox's first wall: only one read-only statement per request, within bounds.
 //!
 //! The statement is parsed with DataFusion's own parser and must be a query, `EXPLAIN`, `SHOW`
-//! or `DESCRIBE`. DataFusion's [`SQLOptions`](datafusion::execution::context::SQLOptions) are
-//! the second wall (no DDL, DML or `SET` even inside an `EXPLAIN`), and the session registers
-//! no file-reading table functions and no URL tables, so only northstar's tables are visible.
+//! or `DESCRIBE`, no longer and no deeper than [`super::bounds`] allows. DataFusion's
+//! [`SQLOptions`](datafusion::execution::context::SQLOptions) are the second wall (no DDL, DML
+//! or `SET` even inside an `EXPLAIN`), and the session registers no file-reading table
+//! functions and no URL tables, so only northstar's tables are visible.
 
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement;
+
+use super::bounds::{self, Bound};
 
 /// Why a statement is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +20,8 @@ pub enum Refusal {
     StatementCount(usize),
     /// A statement that writes, changes settings, or reads files.
     NotReadOnly(String),
+    /// Longer, deeper or larger than the sandbox plans.
+    OverBound(Bound),
 }
 
 impl std::fmt::Display for Refusal {
@@ -28,34 +33,68 @@ impl std::fmt::Display for Refusal {
                 f,
                 "only read-only statements are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); refused: {kind}"
             ),
+            Self::OverBound(bound) => write!(f, "statement refused: {bound}"),
         }
     }
 }
 
-/// Checks that `sql` is one read-only statement.
-pub fn check(sql: &str) -> Result<(), Refusal> {
-    let statements = DFParser::parse_sql(sql).map_err(|e| Refusal::Syntax(e.to_string()))?;
+/// The gate of `/v1/sql` and `northstar sql`: `sql` must be one read-only statement within
+/// the bounds. Returns the parsed statement, which is what gets planned, so what was checked
+/// is what runs.
+///
+/// Never panics and never recurses deeper than the bounds, whatever the text (a fuzz target
+/// holds it to that), so it is safe on any thread.
+pub fn admit(sql: &str) -> Result<DfStatement, Refusal> {
+    bounds::check_text(sql)?;
+    let mut statements = DFParser::parse_sql(sql).map_err(|e| Refusal::Syntax(e.to_string()))?;
     if statements.len() != 1 {
         return Err(Refusal::StatementCount(statements.len()));
     }
-    match &statements[0] {
-        DfStatement::Statement(statement) => check_statement(statement),
+    let Some(statement) = statements.pop_front() else {
+        return Err(Refusal::StatementCount(0));
+    };
+    match &statement {
+        DfStatement::Statement(inner) => check_statement(inner)?,
         DfStatement::Explain(explain) => match explain.statement.as_ref() {
-            DfStatement::Statement(inner) => check_statement(inner),
-            other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+            DfStatement::Statement(inner) => check_statement(inner)?,
+            other => return Err(Refusal::NotReadOnly(extension_name(other).into())),
         },
-        other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+        other => return Err(Refusal::NotReadOnly(extension_name(other).into())),
     }
+    Ok(statement)
 }
 
+/// Checks that `sql` is one read-only statement within the bounds.
+pub fn check(sql: &str) -> Result<(), Refusal> {
+    admit(sql).map(drop)
+}
+
+/// Bounds first: the refusal of a statement that is not read-only prints its start, and
+/// printing walks the whole tree.
 fn check_statement(statement: &Statement) -> Result<(), Refusal> {
+    bounds::check_tree(statement)?;
+    read_only(statement)
+}
+
+fn read_only(statement: &Statement) -> Result<(), Refusal> {
     match statement {
         Statement::Query(_)
         | Statement::ShowTables { .. }
         | Statement::ShowColumns { .. }
         | Statement::ExplainTable { .. } => Ok(()),
-        Statement::Explain { statement, .. } => check_statement(statement),
+        Statement::Explain { statement, .. } => read_only(statement),
         other => Err(Refusal::NotReadOnly(first_word(&other.to_string()))),
+    }
+}
+
+/// The kind of one of DataFusion's own statements (none is read-only), without printing it.
+fn extension_name(statement: &DfStatement) -> &'static str {
+    match statement {
+        DfStatement::Statement(_) => "statement",
+        DfStatement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE",
+        DfStatement::CopyTo(_) => "COPY",
+        DfStatement::Explain(_) => "EXPLAIN",
+        DfStatement::Reset(_) => "RESET",
     }
 }
 

@@ -1,0 +1,291 @@
+//! How big and how deep a statement may be, checked on its text and its syntax tree before
+//! anything plans it.
+//!
+//! DataFusion's planner, optimizer and evaluator recurse once per level of an expression, and
+//! some of their passes cost the square of its depth. The parser bounds nesting in parentheses,
+//! function calls and subqueries, but builds operator chains in a loop: `1+1+…+1` with 2,000
+//! terms is a 4 KB statement 2,000 levels deep, which overflows a planning thread's stack and
+//! aborts the process. Three bounds keep every statement within what the query threads' stack
+//! ([`super::SQL_THREAD_STACK_BYTES`]) and a moment of planning can take:
+//!
+//! - [`MAX_TOKENS`] on the text, before parsing, so that even the syntax tree of a refused
+//!   statement is shallow enough to drop;
+//! - [`MAX_DEPTH`] on the tree: expressions, operator chains, subqueries and `UNION` chains
+//!   all count a level each;
+//! - [`MAX_SIZE`] on the tree as planned: DataFusion plans a common table expression once per
+//!   use, so a `WITH` whose tables each use the one before twice doubles per line; each use
+//!   counts the size of what it names.
+
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    Expr, ObjectName, Query, SetExpr, Statement, Visit, Visitor,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use super::readonly::Refusal;
+
+/// Most tokens (words, literals, operators; not whitespace or comments) in a statement.
+pub const MAX_TOKENS: usize = 100_000;
+
+/// Deepest nesting of expressions, operator chains, subqueries and set operations.
+pub const MAX_DEPTH: usize = 256;
+
+/// Most expressions, queries and table references in a statement, counting each use of a
+/// common table expression at the size of its definition.
+pub const MAX_SIZE: u64 = 100_000;
+
+/// Which bound a statement is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// [`MAX_TOKENS`].
+    Tokens,
+    /// [`MAX_DEPTH`].
+    Depth,
+    /// [`MAX_SIZE`].
+    Size,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tokens => write!(
+                f,
+                "the statement is over {MAX_TOKENS} tokens, the bound on a statement's length"
+            ),
+            Self::Depth => write!(
+                f,
+                "the statement nests deeper than {MAX_DEPTH} levels, the bound on depth (each operator \
+                 of an AND/OR/+/|| chain is a level: use IN (…) lists, or split the query)"
+            ),
+            Self::Size => write!(
+                f,
+                "the statement plans to more than {MAX_SIZE} expressions and table references, the \
+                 bound on size (each use of a WITH table counts its whole definition again)"
+            ),
+        }
+    }
+}
+
+/// Refuses text over [`MAX_TOKENS`]. Runs before the parser, whose tree of a long operator
+/// chain is as deep as the chain.
+pub fn check_text(sql: &str) -> Result<(), Refusal> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Refusal::Syntax(e.to_string()))?;
+    let counted = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .count();
+    if counted > MAX_TOKENS {
+        return Err(Refusal::OverBound(Bound::Tokens));
+    }
+    Ok(())
+}
+
+/// Refuses a statement over [`MAX_DEPTH`] or [`MAX_SIZE`]. The walk stops at the first level
+/// past the bound, so it never goes deeper than the bound itself.
+pub fn check_tree(statement: &Statement) -> Result<(), Refusal> {
+    let mut measure = Measure::default();
+    match statement.visit(&mut measure) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(bound) => Err(Refusal::OverBound(bound)),
+    }
+}
+
+/// The walk's state.
+#[derive(Default)]
+struct Measure {
+    /// Levels open now.
+    depth: usize,
+    /// Levels each open query added (itself and its set-operation chain).
+    query_levels: Vec<usize>,
+    /// Expressions, queries and table references so far, with each use of a common table
+    /// expression counted at its size.
+    size: u64,
+    /// Common table expressions in scope: name and size.
+    tables: Vec<(String, u64)>,
+    /// Where each open `WITH` scope starts in `tables`.
+    scopes: Vec<usize>,
+    /// Definitions of common table expressions not yet measured: their query and name.
+    pending: Vec<(*const Query, String)>,
+    /// Definitions being measured: their query, name and `size` when they began.
+    defining: Vec<(*const Query, String, u64)>,
+}
+
+impl Measure {
+    fn grow(&mut self, by: u64) -> ControlFlow<Bound> {
+        self.size = self.size.saturating_add(by);
+        if self.size > MAX_SIZE {
+            return ControlFlow::Break(Bound::Size);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn descend(&mut self, levels: usize) -> ControlFlow<Bound> {
+        self.depth += levels;
+        if self.depth > MAX_DEPTH {
+            return ControlFlow::Break(Bound::Depth);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Visitor for Measure {
+    type Break = Bound;
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<Bound> {
+        let levels = 1 + set_operation_depth(&query.body);
+        self.query_levels.push(levels);
+        self.descend(levels)?;
+        self.grow(1)?;
+        let this = query as *const Query;
+        if let Some(at) = self.pending.iter().position(|(q, _)| *q == this) {
+            let (_, name) = self.pending.remove(at);
+            self.defining.push((this, name, self.size));
+        }
+        if let Some(with) = &query.with {
+            self.scopes.push(self.tables.len());
+            for cte in &with.cte_tables {
+                let name = cte.alias.name.value.to_lowercase();
+                self.pending
+                    .push((cte.query.as_ref() as *const Query, name));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<Bound> {
+        self.depth -= self.query_levels.pop().unwrap_or(0);
+        if query.with.is_some()
+            && let Some(start) = self.scopes.pop()
+        {
+            self.tables.truncate(start);
+        }
+        let this = query as *const Query;
+        if self.defining.last().is_some_and(|(q, _, _)| *q == this)
+            && let Some((_, name, began)) = self.defining.pop()
+        {
+            self.tables.push((name, self.size - began));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<Bound> {
+        let named = match relation.0.as_slice() {
+            [part] => part.as_ident().map(|ident| ident.value.to_lowercase()),
+            _ => None,
+        };
+        let used = named
+            .and_then(|name| self.tables.iter().rev().find(|(n, _)| *n == name))
+            .map_or(0, |(_, size)| *size);
+        self.grow(1 + used)
+    }
+
+    fn pre_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<Bound> {
+        self.descend(1)?;
+        self.grow(1)
+    }
+
+    fn post_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<Bound> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+}
+
+/// How deep the `UNION`/`INTERSECT`/`EXCEPT` operations of a query body nest; the parser
+/// chains them in a loop, like operators. Walked without recursion.
+fn set_operation_depth(body: &SetExpr) -> usize {
+    let mut deepest = 0;
+    let mut open = vec![(body, 0)];
+    while let Some((expr, depth)) = open.pop() {
+        if let SetExpr::SetOperation { left, right, .. } = expr {
+            deepest = deepest.max(depth + 1);
+            open.push((left, depth + 1));
+            open.push((right, depth + 1));
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::readonly::admit;
+
+    fn over(sql: &str) -> Option<Bound> {
+        match admit(sql) {
+            Err(Refusal::OverBound(bound)) => Some(bound),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn long_chains_are_refused_naming_the_depth_bound() {
+        let terms = |op: &str, n: usize| format!("SELECT 1{}", format!(" {op} 1").repeat(n));
+        for op in ["+", "AND", "OR", "||", "*", "="] {
+            assert_eq!(over(&terms(op, 2_000)), Some(Bound::Depth), "{op}");
+            assert!(
+                admit(&terms(op, 100)).is_ok(),
+                "{op}: a chain of 100 passes"
+            );
+        }
+        let inside = format!(
+            "SELECT * FROM (SELECT x FROM (SELECT 1{} AS x) a) b",
+            " + 1".repeat(2_000)
+        );
+        assert_eq!(over(&inside), Some(Bound::Depth), "inside subqueries");
+        let unions = format!("SELECT 1{}", " UNION ALL SELECT 1".repeat(2_000));
+        assert_eq!(over(&unions), Some(Bound::Depth), "UNION chains");
+        let message = Refusal::OverBound(Bound::Depth).to_string();
+        assert!(message.contains("256"), "{message}");
+    }
+
+    #[test]
+    fn what_the_parser_bounds_is_refused_as_syntax() {
+        let nested =
+            |open: &str, close: &str, n| format!("SELECT {}1{}", open.repeat(n), close.repeat(n));
+        for sql in [
+            nested("(", ")", 10_000),
+            nested("abs(", ")", 10_000),
+            nested("CASE WHEN true THEN ", " END", 10_000),
+            nested("(SELECT ", ")", 10_000),
+            nested("- ", "", 10_000),
+            nested("NOT ", "", 10_000),
+        ] {
+            assert!(
+                matches!(admit(&sql), Err(Refusal::Syntax(_))),
+                "{}",
+                &sql[..40]
+            );
+        }
+    }
+
+    #[test]
+    fn text_past_the_token_bound_is_refused_before_parsing() {
+        // 250,000 levels: dropping the parsed tree alone would overflow a thread's stack.
+        let sql = format!("SELECT 1{}", "+1".repeat(250_000));
+        assert_eq!(over(&sql), Some(Bound::Tokens));
+        let list = (0..40_000).map(|i| i.to_string()).collect::<Vec<_>>();
+        let sql = format!("SELECT 1 WHERE 1 IN ({})", list.join(", "));
+        assert!(admit(&sql).is_ok(), "a long IN list is flat: it passes");
+    }
+
+    #[test]
+    fn doubling_common_table_expressions_are_refused_naming_the_size_bound() {
+        let mut tables = vec!["a0 AS (SELECT 1 AS x)".to_string()];
+        for i in 1..=24 {
+            tables.push(format!(
+                "a{i} AS (SELECT * FROM a{p} UNION ALL SELECT * FROM a{p})",
+                p = i - 1
+            ));
+        }
+        let sql = format!("WITH {} SELECT count(*) FROM a24", tables.join(", "));
+        assert_eq!(over(&sql), Some(Bound::Size));
+        let few = format!("WITH {} SELECT count(*) FROM a6", tables[..7].join(", "));
+        assert!(admit(&few).is_ok());
+        let nested = "WITH a AS (WITH b AS (SELECT 1 AS x) SELECT * FROM b) SELECT * FROM a";
+        assert!(admit(nested).is_ok());
+    }
+}
