@@ -11,6 +11,7 @@
 //! costs its neighbours their place.
 
 pub mod auth;
+pub mod backlog;
 pub mod body;
 pub mod fast;
 pub mod import;
@@ -71,6 +72,10 @@ pub enum IngestError {
     /// JetStream is unavailable; nothing the client needs to know was half-stored.
     #[error(transparent)]
     Unavailable(#[from] BusError),
+    /// A reader of the stream is too far behind (`ingest.maxLag`, `ingest.maxArchiveLag`):
+    /// nothing was stored.
+    #[error(transparent)]
+    Behind(#[from] backlog::Behind),
 }
 
 impl Classify for IngestError {
@@ -80,14 +85,14 @@ impl Classify for IngestError {
             Self::TooLarge(_) => ErrorKind::TooLarge,
             Self::MissingKey | Self::BadKey => ErrorKind::Unauthorized,
             Self::RateLimited { .. } => ErrorKind::RateLimited,
-            Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::Unavailable(_) | Self::Behind(_) => ErrorKind::Unavailable,
         }
     }
 
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
-            Self::Unavailable(_) => Some(1),
+            Self::Unavailable(_) | Self::Behind(_) => Some(1),
             _ => None,
         }
     }
@@ -101,6 +106,7 @@ impl Classify for IngestError {
             Self::BadKey => "invalid_write_key",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "stream_unavailable",
+            Self::Behind(_) => "overloaded",
         }
     }
 }
@@ -170,6 +176,7 @@ pub struct Ingestor {
     publisher: Publisher,
     metrics: Arc<Metrics>,
     clock: Clock,
+    backlog: Arc<backlog::Backlog>,
 }
 
 impl Ingestor {
@@ -191,6 +198,10 @@ impl Ingestor {
                 .map(|_| governor::RateLimiter::direct(quota))
                 .collect(),
         );
+        let backlog = Arc::new(backlog::Backlog::new(
+            config.ingest.max_lag,
+            config.ingest.max_archive_lag,
+        ));
         Self {
             config,
             keys,
@@ -199,7 +210,13 @@ impl Ingestor {
             publisher,
             metrics,
             clock,
+            backlog,
         }
+    }
+
+    /// The backlog ingest sheds by; the server points it at the readers once they run.
+    pub fn backlog(&self) -> &Arc<backlog::Backlog> {
+        &self.backlog
     }
 
     /// The write keys of every source.
@@ -213,6 +230,10 @@ impl Ingestor {
         wire: Wire,
         request: IngestRequest<'_>,
     ) -> Result<IngestOutcome, IngestError> {
+        if let Err(behind) = self.backlog.admit() {
+            self.metrics.ingest_shed.inc();
+            return Err(behind.into());
+        }
         let limits = &self.config.ingest;
         let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;
         let received_at = self.clock.now_micros();
@@ -504,6 +525,12 @@ impl Ingestor {
                 return Err(error.into());
             }
         };
+        if let Some(last) = report.sequences[..event_count.min(report.sequences.len())]
+            .iter()
+            .max()
+        {
+            self.backlog.acked(*last);
+        }
         // Rejected messages come after the events; only events count as accepted or duplicate.
         let duplicates = report
             .duplicates

@@ -80,6 +80,12 @@ pub struct Metrics {
     pub ingest_unavailable: Counter,
     /// Requests answered 429 (a write key over its rate).
     pub ingest_rate_limited: Counter,
+    /// Requests shed because a reader of the stream was too far behind.
+    pub ingest_shed: Counter,
+    /// Events acked but not yet applied by the followers, as of the last scrape.
+    pub followers_lag: Gauge,
+    /// Events acked but not yet committed to Parquet, as of the last scrape.
+    pub archive_lag: Gauge,
     /// Archive of the `events` table.
     pub archive_events: Arc<ArchiveMetrics>,
     /// Archive of the `rejected_events` table.
@@ -235,6 +241,17 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_ingest_shed_total Ingest requests shed (503 overloaded) because a reader of the stream was past its lag bound.\n# TYPE northstar_ingest_shed_total counter\nnorthstar_ingest_shed_total {}",
+            self.ingest_shed.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_consumer_lag Events acked by ingest and not yet taken in, by reader.\n# TYPE northstar_consumer_lag gauge\nnorthstar_consumer_lag{{reader=\"followers\"}} {}\nnorthstar_consumer_lag{{reader=\"archive\"}} {}",
+            self.followers_lag.get(),
+            self.archive_lag.get()
         );
         let sql_running = self.sql_running.get();
         let _ = writeln!(

@@ -282,6 +282,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         clock.clone(),
     );
+    {
+        let (meter, committed) = (meter.clone(), events.committed.clone());
+        ingestor.backlog().watch(crate::ingest::backlog::Readers {
+            followers: Box::new(move || meter.counters().applied_seq()),
+            archive: Box::new(move || *committed.borrow()),
+        });
+    }
     let activation_store = crate::activation::ActivationStore::open(&data_dir);
     let question = crate::activation::Question::from_config(&config);
     if !config.activation.schedule.get().is_zero() {

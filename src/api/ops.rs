@@ -81,6 +81,9 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
         state.metrics.stream_last_seq.set(last);
     }
     state.metrics.sql_running.set(state.query.running() as u64);
+    let (followers, archive) = state.ingestor.backlog().lags();
+    state.metrics.followers_lag.set(followers);
+    state.metrics.archive_lag.set(archive);
     respond::bytes_response(
         200,
         "text/plain; version=0.0.4",

@@ -39,6 +39,8 @@ pub struct PublishReport {
     pub duplicates: Vec<usize>,
     /// Highest stream sequence among the acks.
     pub last_seq: u64,
+    /// Each message's stream sequence, in the order given (a duplicate's is the first copy's).
+    pub sequences: Vec<u64>,
 }
 
 /// Publishes to JetStream and waits for acks.
@@ -99,7 +101,10 @@ impl Publisher {
                 .map_err(|e| BusError::Publish(e.to_string()))?;
             acks.push(ack);
         }
-        let mut report = PublishReport::default();
+        let mut report = PublishReport {
+            sequences: Vec::with_capacity(acks.len()),
+            ..PublishReport::default()
+        };
         for (index, ack) in acks.into_iter().enumerate() {
             let ack = ack.await.map_err(|e| BusError::Publish(e.to_string()))?;
             if ack.duplicate {
@@ -108,6 +113,7 @@ impl Publisher {
                 report.stored += 1;
             }
             report.last_seq = report.last_seq.max(ack.sequence);
+            report.sequences.push(ack.sequence);
         }
         Ok(report)
     }

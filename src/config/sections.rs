@@ -212,6 +212,12 @@ pub struct IngestSettings {
     /// (`timestamp`): metering periods follow event time, so a client clock must not be able
     /// to open next year's period.
     pub max_future_skew: HumanDuration,
+    /// Most events acked but not yet applied by the followers (the meter behind the limits
+    /// API); past it, ingest sheds with 503 `overloaded` and `Retry-After`. 0: no bound.
+    pub max_lag: u64,
+    /// Most events acked but not yet committed to Parquet (behind SQL); past it, ingest
+    /// sheds likewise. 0: no bound.
+    pub max_archive_lag: u64,
 }
 
 impl Default for IngestSettings {
@@ -228,6 +234,8 @@ impl Default for IngestSettings {
             rate_limit_per_second: 100_000,
             rate_limit_burst: 500_000,
             max_future_skew: HumanDuration::secs(24 * 3600),
+            max_lag: 100_000,
+            max_archive_lag: 1_000_000,
         }
     }
 }

@@ -1,0 +1,160 @@
+//! Admission by backlog: ingest sheds while the stream's readers are too far behind.
+//!
+//! Ingest acks as fast as JetStream stores; the followers (the meter behind the limits API)
+//! and the events archiver (behind SQL) digest more slowly under a flood. Without a bound
+//! their lag grows for as long as the load lasts, and a customer past a hard limit stays
+//! allowed for that long. So each request first compares the last events-stream sequence
+//! ingest was acked with where the readers are; past `ingest.maxLag` (followers) or
+//! `ingest.maxArchiveLag` (archive) it answers 503 `overloaded` with `Retry-After`, before
+//! anything is decoded or stored. Nothing acked is affected: shedding only refuses new work.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Where a stream reader is: the last events-stream sequence it has taken in.
+pub type Position = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// The readers ingest waits for.
+pub struct Readers {
+    /// The followers' position (the meter's applied sequence).
+    pub followers: Position,
+    /// The events archiver's last committed sequence.
+    pub archive: Position,
+}
+
+/// A reader too far behind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "northstar is {lag} events behind in the {reader} (bound {bound}, ingest.{setting}); retry shortly"
+)]
+pub struct Behind {
+    /// `followers` or `archive`.
+    pub reader: &'static str,
+    /// The setting that bounds it.
+    pub setting: &'static str,
+    /// Events acked that the reader has not taken in.
+    pub lag: u64,
+    /// The bound.
+    pub bound: u64,
+}
+
+/// The last acked sequence, the readers and the bounds.
+pub struct Backlog {
+    acked: AtomicU64,
+    max_followers: u64,
+    max_archive: u64,
+    readers: std::sync::OnceLock<Readers>,
+    shedding: AtomicBool,
+}
+
+impl Backlog {
+    /// Bounds in events; 0 turns a bound off.
+    pub fn new(max_followers: u64, max_archive: u64) -> Self {
+        Self {
+            acked: AtomicU64::new(0),
+            max_followers,
+            max_archive,
+            readers: std::sync::OnceLock::new(),
+            shedding: AtomicBool::new(false),
+        }
+    }
+
+    /// Sets the readers once they exist (they start after ingest is built). Until then,
+    /// nothing is shed.
+    pub fn watch(&self, readers: Readers) {
+        let _ = self.readers.set(readers);
+    }
+
+    /// Records an ack of the events stream.
+    pub fn acked(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Events acked but not yet taken in: (followers, archive).
+    pub fn lags(&self) -> (u64, u64) {
+        let Some(readers) = self.readers.get() else {
+            return (0, 0);
+        };
+        let acked = self.acked.load(Ordering::Relaxed);
+        (
+            acked.saturating_sub((readers.followers)()),
+            acked.saturating_sub((readers.archive)()),
+        )
+    }
+
+    /// Whether a request may be taken in now; logs when shedding starts and stops.
+    pub fn admit(&self) -> Result<(), Behind> {
+        let (followers, archive) = self.lags();
+        let verdict = if self.max_followers > 0 && followers > self.max_followers {
+            Err(Behind {
+                reader: "followers",
+                setting: "maxLag",
+                lag: followers,
+                bound: self.max_followers,
+            })
+        } else if self.max_archive > 0 && archive > self.max_archive {
+            Err(Behind {
+                reader: "archive",
+                setting: "maxArchiveLag",
+                lag: archive,
+                bound: self.max_archive,
+            })
+        } else {
+            Ok(())
+        };
+        let shedding = verdict.is_err();
+        if self.shedding.swap(shedding, Ordering::Relaxed) != shedding {
+            match &verdict {
+                Err(behind) => tracing::warn!(
+                    reader = behind.reader,
+                    lag = behind.lag,
+                    bound = behind.bound,
+                    "ingest sheds: a reader of the stream is too far behind"
+                ),
+                Ok(()) => tracing::info!(
+                    followers_lag = followers,
+                    archive_lag = archive,
+                    "ingest takes requests again: the readers are within their bounds"
+                ),
+            }
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn at(position: &Arc<AtomicU64>) -> Position {
+        let position = position.clone();
+        Box::new(move || position.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn sheds_past_either_bound_and_takes_requests_again_when_the_readers_catch_up() {
+        let backlog = Backlog::new(100, 1_000);
+        backlog.acked(5_000);
+        assert_eq!(backlog.admit(), Ok(()), "no readers yet: nothing is shed");
+        let (followers, archive) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        backlog.watch(Readers {
+            followers: at(&followers),
+            archive: at(&archive),
+        });
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!(
+            (behind.reader, behind.lag, behind.bound),
+            ("followers", 5_000, 100)
+        );
+        assert!(behind.to_string().contains("ingest.maxLag"), "{behind}");
+        followers.store(4_900, Ordering::Relaxed);
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!((behind.reader, behind.lag), ("archive", 5_000));
+        archive.store(4_000, Ordering::Relaxed);
+        assert_eq!(backlog.admit(), Ok(()), "at the bounds exactly: taken in");
+        backlog.acked(4_200);
+        assert_eq!(backlog.lags(), (100, 1_000), "acks only move forward");
+        assert_eq!(Backlog::new(0, 0).admit(), Ok(()), "0 turns the bounds off");
+    }
+}
