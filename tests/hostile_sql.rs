@@ -62,6 +62,11 @@ async fn deep_statements_and_huge_values_are_refused_and_the_server_stays_up() {
         "true AND ".repeat(2_000) + "true"
     );
     assert_eq!(server.sql_api(&deep_and).await.status, 400);
+    // 400 bytes whose parse doubled per level (found by fuzzing): refused before parsing.
+    let backtracking = format!("SELECT {}1", "CASE WHEN true THEN ".repeat(20));
+    let answer = server.sql_api(&backtracking).await;
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert_eq!(code(&answer), "statement_too_complex", "{}", answer.text());
     // What the bound admits plans on the query threads' stack.
     let admitted = format!("SELECT 1{}", " + 1".repeat(200));
     let answer = server.sql_api(&admitted).await;

@@ -29,6 +29,15 @@ use super::readonly::Refusal;
 /// Most tokens (words, literals, operators; not whitespace or comments) in a statement.
 pub const MAX_TOKENS: usize = 100_000;
 
+/// Deepest nesting of brackets (`(`, `[`, `{`) and `CASE … END` in the text, before parsing.
+///
+/// The parser retries a failed parse at each level of some constructs (`CAST(`, an
+/// unterminated `CASE WHEN … THEN`), which doubles its work per level: 48 bytes of nested
+/// `CASE WHEN true THEN` took seconds, and a few more levels would take hours on a thread
+/// nothing can stop. At 16 levels the worst case found is about half a second in a debug
+/// build (`query::bounds` tests); real queries rarely nest a third as deep.
+pub const MAX_NESTING: usize = 16;
+
 /// Deepest nesting of expressions, operator chains, subqueries and set operations.
 pub const MAX_DEPTH: usize = 256;
 
@@ -41,6 +50,8 @@ pub const MAX_SIZE: u64 = 100_000;
 pub enum Bound {
     /// [`MAX_TOKENS`].
     Tokens,
+    /// [`MAX_NESTING`].
+    Nesting,
     /// [`MAX_DEPTH`].
     Depth,
     /// [`MAX_SIZE`].
@@ -53,6 +64,11 @@ impl std::fmt::Display for Bound {
             Self::Tokens => write!(
                 f,
                 "the statement is over {MAX_TOKENS} tokens, the bound on a statement's length"
+            ),
+            Self::Nesting => write!(
+                f,
+                "the statement nests brackets and CASE deeper than {MAX_NESTING} levels, the bound \
+                 on nesting in its text (split it, or use WITH tables)"
             ),
             Self::Depth => write!(
                 f,
@@ -81,7 +97,32 @@ pub fn check_text(sql: &str) -> Result<(), Refusal> {
     if counted > MAX_TOKENS {
         return Err(Refusal::OverBound(Bound::Tokens));
     }
+    if text_nesting(&tokens) > MAX_NESTING {
+        return Err(Refusal::OverBound(Bound::Nesting));
+    }
     Ok(())
+}
+
+/// The deepest nesting of brackets and `CASE … END` among `tokens` (an unclosed one counts
+/// as open to the end).
+fn text_nesting(tokens: &[Token]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for token in tokens {
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => depth += 1,
+            Token::RParen | Token::RBracket | Token::RBrace => depth = depth.saturating_sub(1),
+            Token::Word(word) if word.quote_style.is_none() => {
+                if word.value.eq_ignore_ascii_case("CASE") {
+                    depth += 1;
+                } else if word.value.eq_ignore_ascii_case("END") {
+                    depth = depth.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+        deepest = deepest.max(depth);
+    }
+    deepest
 }
 
 /// Refuses a statement over [`MAX_DEPTH`] or [`MAX_SIZE`]. The walk stops at the first level
@@ -243,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn what_the_parser_bounds_is_refused_as_syntax() {
+    fn deep_nesting_is_refused_before_the_parser_sees_it() {
         let nested =
             |open: &str, close: &str, n| format!("SELECT {}1{}", open.repeat(n), close.repeat(n));
         for sql in [
@@ -251,15 +292,39 @@ mod tests {
             nested("abs(", ")", 10_000),
             nested("CASE WHEN true THEN ", " END", 10_000),
             nested("(SELECT ", ")", 10_000),
-            nested("- ", "", 10_000),
-            nested("NOT ", "", 10_000),
+            nested("[", "]", 10_000),
+            // Found by the sql_sandbox fuzz target: the parser's work doubles per level.
+            nested("CASE WHEN true THEN ", "", 20),
+            format!("SELECT {}1 AS{}", "CAST(".repeat(20), " AS INT)".repeat(20)),
         ] {
+            assert_eq!(over(&sql), Some(Bound::Nesting), "{}", &sql[..40]);
+        }
+        // What the parser's own recursion limit bounds is a syntax error.
+        for sql in [nested("- ", "", 10_000), nested("NOT ", "", 10_000)] {
             assert!(
                 matches!(admit(&sql), Err(Refusal::Syntax(_))),
                 "{}",
                 &sql[..40]
             );
         }
+        // At the bound, well-formed nesting passes, and a malformed one is a quick syntax error.
+        assert!(admit(&nested("abs(", ")", MAX_NESTING)).is_ok());
+        let casts = |inner: &str| {
+            format!(
+                "SELECT {}{inner}{}",
+                "CAST(".repeat(MAX_NESTING),
+                " AS INT)".repeat(MAX_NESTING)
+            )
+        };
+        assert!(admit(&casts("1")).is_ok());
+        assert!(matches!(admit(&casts("1 AS")), Err(Refusal::Syntax(_))));
+        let quoted = "SELECT 'CASE (((((((((((((((((((( [[[' AS text, \"case\" FROM events";
+        assert!(
+            admit(quoted).is_ok(),
+            "brackets in literals and quoted names do not count"
+        );
+        let message = Refusal::OverBound(Bound::Nesting).to_string();
+        assert!(message.contains("16"), "{message}");
     }
 
     #[test]
