@@ -293,6 +293,7 @@ impl<F: TableFormat> Archiver<F> {
     /// Runs the consume loop, restarting it after stream errors, until shutdown.
     async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut prepared = true;
+        let (mut failing, mut failed_at): (u64, u64) = (0, u64::MAX);
         let mut feed = self.target.feed.take();
         loop {
             if *shutdown.borrow() {
@@ -316,7 +317,17 @@ impl<F: TableFormat> Archiver<F> {
                     Duration::ZERO
                 }
                 Err(Some(Stop::Failed(error))) => {
-                    tracing::error!(table = self.format.dir(), %error, "archiver stopped; restarting from the manifest");
+                    // A full disk fails every second until space returns: one line at the
+                    // start and one a minute after, not one a second.
+                    let at = *self.committed.borrow();
+                    if at != failed_at {
+                        (failing, failed_at) = (0, at);
+                    }
+                    if failing % 60 == 0 {
+                        tracing::error!(table = self.format.dir(), %error, failures = failing + 1, "archiver stopped; restarting from the manifest (nothing is acked before it is in Parquet)");
+                    }
+                    failing += 1;
+                    self.metrics.failures.inc();
                     Duration::from_secs(1)
                 }
                 Err(_) => Duration::from_secs(1),

@@ -226,6 +226,7 @@ pub async fn start(
         clock: clock.clone(),
         view: view.clone(),
         written_seq: None,
+        saved: Arc::new(std::sync::atomic::AtomicU64::new(after_seq)),
     };
     let follower = Part::new(follower, after_seq, settings.flush_interval.get());
     let stats = Arc::new(Mutex::new(DeliveryStats::default()));

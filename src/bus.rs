@@ -1,10 +1,12 @@
 //! The bus: NATS JetStream, the log of record.
 //!
+//! - [`budget`] sizes the JetStream store and the streams (retention);
 //! - [`embedded`] runs a real `nats-server` as a child process when no `--nats-url` is given;
 //! - [`streams`] creates or updates the streams and the durable consumers northstar needs;
 //! - [`publisher`] publishes accepted and rejected messages and waits for every ack;
 //! - [`follower`] reads the stream in order for state derived from it (meter, identities).
 
+pub mod budget;
 pub mod embedded;
 pub mod follower;
 pub mod publisher;

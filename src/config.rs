@@ -67,6 +67,9 @@ pub struct Config {
     /// How the archiver rolls and compacts Parquet files.
     #[serde(default)]
     pub archive: ArchiveSettings,
+    /// The free space kept on the disks northstar writes to.
+    #[serde(default)]
+    pub storage: StorageSettings,
     /// Limits of the SQL API.
     #[serde(default)]
     pub sql: SqlSettings,
@@ -108,6 +111,7 @@ impl Default for Config {
             ingest: IngestSettings::default(),
             stream: StreamSettings::default(),
             archive: ArchiveSettings::default(),
+            storage: StorageSettings::default(),
             sql: SqlSettings::default(),
             metering: MeteringSettings::default(),
             service_keys: Vec::new(),
@@ -291,6 +295,9 @@ impl Config {
         self.archive
             .validate()
             .map_err(|(at, m)| (format!("archive.{at}"), m))?;
+        self.storage
+            .validate()
+            .map_err(|(at, m)| (format!("storage.{at}"), m))?;
         self.sql
             .validate()
             .map_err(|(at, m)| (format!("sql.{at}"), m))?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, Part};
+use crate::bus::follower::{Follow, Part, Saved};
 use crate::event::{EventType, EventView, timestamp_type};
 pub use graph::{IdentityGraph, Outcome, is_placeholder};
 
@@ -30,6 +30,17 @@ pub use graph::{IdentityGraph, Outcome, is_placeholder};
 pub const DIR: &str = "identities";
 const STATE_FILE: &str = "_state.json";
 const TABLE_FILE: &str = "identities.parquet";
+/// How far past the table's own sequence nothing changed it: a restart resumes after that.
+const POSITION_FILE: &str = "_position.json";
+
+/// The content of [`POSITION_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct CleanThrough {
+    /// The sequence the table on disk was written at.
+    table_seq: u64,
+    /// No event after `table_seq` up to this one changed the table.
+    through: u64,
+}
 
 /// Schema of the `identities` table.
 pub fn identities_schema() -> SchemaRef {
@@ -68,7 +79,12 @@ struct IdentityFollower {
     dir: PathBuf,
     dirty: bool,
     writing: Arc<AtomicBool>,
+    /// The last write failed: the table on disk is older than `saved` says until one succeeds.
+    write_failed: Arc<AtomicBool>,
+    /// The last position written to [`POSITION_FILE`].
+    marked: u64,
     stats: Arc<IdentityStats>,
+    saved: Saved,
 }
 
 impl IdentityFollower {
@@ -132,11 +148,17 @@ impl IdentityFollower {
         let dir = self.dir.clone();
         let flag = self.writing.clone();
         let stats = self.stats.clone();
+        let (saved, failed) = (self.saved.clone(), self.write_failed.clone());
         self.dirty = false;
         tokio::task::spawn_blocking(move || {
             match write(&dir, &state) {
-                Ok(()) => stats.written_seq.store(state.seq, Ordering::SeqCst),
+                Ok(()) => {
+                    stats.written_seq.store(state.seq, Ordering::SeqCst);
+                    saved.fetch_max(state.seq, Ordering::SeqCst);
+                    failed.store(false, Ordering::SeqCst);
+                }
                 Err(error) => {
+                    failed.store(true, Ordering::SeqCst);
                     tracing::error!(%error, "identity snapshot failed; the next one retries")
                 }
             }
@@ -158,9 +180,37 @@ impl Follow for IdentityFollower {
         self.stats.applied_seq.store(seq, Ordering::SeqCst);
     }
 
+    fn saved(&self) -> Saved {
+        self.saved.clone()
+    }
+
     fn snapshot(&mut self) {
         // The table only changes with links; the position is saved along with them.
-        if !self.dirty && self.stats.written_seq.load(Ordering::SeqCst) != 0 {
+        let written = self.stats.written_seq.load(Ordering::SeqCst);
+        if !self.dirty && !self.write_failed.load(Ordering::SeqCst) && written != 0 {
+            // Nothing changed the table since it was written: a few bytes say so, and a
+            // restart resumes after them rather than reading the stream again from the table.
+            if !self.writing.load(Ordering::SeqCst) && self.state.seq > self.marked.max(written) {
+                let mark = CleanThrough {
+                    table_seq: written,
+                    through: self.state.seq,
+                };
+                let written = serde_json::to_vec(&mark)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        crate::files::write_atomic(&self.dir.join(POSITION_FILE), &b)
+                            .map_err(|e| e.to_string())
+                    });
+                match written {
+                    Ok(()) => {
+                        self.marked = mark.through;
+                        self.saved.fetch_max(mark.through, Ordering::SeqCst);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "identity position not written; the next tick retries")
+                    }
+                }
+            }
             return;
         }
         if self.writing.swap(true, Ordering::SeqCst) {
@@ -287,10 +337,20 @@ pub async fn prepare(
         }
         None => State::default(),
     };
-    let state = State {
+    let mut state = State {
         stream_created: Some(created),
         ..state
     };
+    let mark: Option<CleanThrough> = std::fs::read(dir.join(POSITION_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(mark) = mark
+        && mark.table_seq == state.seq
+        && state.seq > 0
+        && mark.through <= info.state.last_sequence
+    {
+        state.seq = state.seq.max(mark.through);
+    }
     let stats = Arc::new(IdentityStats::default());
     stats.applied_seq.store(state.seq, Ordering::SeqCst);
     stats.written_seq.store(state.seq, Ordering::SeqCst);
@@ -300,7 +360,10 @@ pub async fn prepare(
         dir,
         dirty: true,
         writing: Arc::new(AtomicBool::new(false)),
+        write_failed: Arc::new(AtomicBool::new(false)),
+        marked: 0,
         stats: stats.clone(),
+        saved: Arc::new(std::sync::atomic::AtomicU64::new(after_seq)),
     };
     Ok((
         Part::new(follower, after_seq, target.snapshot_interval),

@@ -76,6 +76,9 @@ pub enum IngestError {
     /// nothing was stored.
     #[error(transparent)]
     Behind(#[from] backlog::Behind),
+    /// A disk northstar writes to is below its reserve (`storage.minFreeMb`): nothing was stored.
+    #[error(transparent)]
+    DiskFull(#[from] crate::disk::DiskFull),
 }
 
 impl Classify for IngestError {
@@ -85,7 +88,7 @@ impl Classify for IngestError {
             Self::TooLarge(_) => ErrorKind::TooLarge,
             Self::MissingKey | Self::BadKey => ErrorKind::Unauthorized,
             Self::RateLimited { .. } => ErrorKind::RateLimited,
-            Self::Unavailable(_) | Self::Behind(_) => ErrorKind::Unavailable,
+            Self::Unavailable(_) | Self::Behind(_) | Self::DiskFull(_) => ErrorKind::Unavailable,
         }
     }
 
@@ -93,6 +96,7 @@ impl Classify for IngestError {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Unavailable(_) | Self::Behind(_) => Some(1),
+            Self::DiskFull(_) => Some(crate::disk::RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -107,6 +111,7 @@ impl Classify for IngestError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "stream_unavailable",
             Self::Behind(_) => "overloaded",
+            Self::DiskFull(_) => "disk_full",
         }
     }
 }
@@ -177,6 +182,7 @@ pub struct Ingestor {
     metrics: Arc<Metrics>,
     clock: Clock,
     backlog: Arc<backlog::Backlog>,
+    disk: Arc<crate::disk::DiskGuard>,
 }
 
 impl Ingestor {
@@ -202,6 +208,7 @@ impl Ingestor {
             config.ingest.max_lag,
             config.ingest.max_archive_lag,
         ));
+        let config_reserve = config.storage.min_free_bytes();
         Self {
             config,
             keys,
@@ -211,7 +218,13 @@ impl Ingestor {
             metrics,
             clock,
             backlog,
+            disk: Arc::new(crate::disk::DiskGuard::new(config_reserve)),
         }
+    }
+
+    /// The disk guard ingest refuses by; the server runs its readings.
+    pub fn disk(&self) -> &Arc<crate::disk::DiskGuard> {
+        &self.disk
     }
 
     /// The backlog ingest sheds by; the server points it at the readers once they run.
@@ -233,6 +246,10 @@ impl Ingestor {
         if let Err(behind) = self.backlog.admit() {
             self.metrics.ingest_shed.inc();
             return Err(behind.into());
+        }
+        if let Err(full) = self.disk.admit() {
+            self.metrics.ingest_disk_full.inc();
+            return Err(full.into());
         }
         let limits = &self.config.ingest;
         let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;

@@ -25,7 +25,7 @@
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
 //! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
-//! [`files`] (atomic durable writes), [`shutdown`] (stop signals), [`supervise`] (panics
+//! [`files`] (atomic durable writes), [`disk`] (free space and the reserve kept on it), [`shutdown`] (stop signals), [`supervise`] (panics
 //! caught, counted and shown by `/healthz`), [`client`] (a loopback HTTP
 //! client), [`demo`] (the `make run` workload).
 
@@ -39,6 +39,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod disk;
 pub mod error;
 pub mod event;
 pub mod files;

@@ -65,6 +65,8 @@ pub struct ArchiveMetrics {
     pub repositions: Counter,
     /// Times the followers' feed skipped ahead and the archiver read through its own consumer.
     pub feed_gaps: Counter,
+    /// Commits that failed (a full disk, an I/O error) and were retried from the manifest.
+    pub failures: Counter,
 }
 
 /// Every metric of a running server.
@@ -82,6 +84,18 @@ pub struct Metrics {
     pub ingest_rate_limited: Counter,
     /// Requests shed because a reader of the stream was too far behind.
     pub ingest_shed: Counter,
+    /// Requests refused because a disk was below its reserve.
+    pub ingest_disk_full: Counter,
+    /// Least free space of the disks northstar writes to, as of the last scrape.
+    pub disk_free_bytes: Gauge,
+    /// 1 while a disk is below its reserve, as of the last scrape.
+    pub disk_full: Gauge,
+    /// Bytes the events stream holds, as of the last scrape.
+    pub stream_bytes: Gauge,
+    /// Messages the events stream holds, as of the last scrape.
+    pub stream_messages: Gauge,
+    /// First sequence the events stream still holds, as of the last scrape.
+    pub stream_first_seq: Gauge,
     /// Events acked but not yet applied by the followers, as of the last scrape.
     pub followers_lag: Gauge,
     /// Events acked but not yet committed to Parquet, as of the last scrape.
@@ -253,13 +267,31 @@ impl Metrics {
             self.followers_lag.get(),
             self.archive_lag.get()
         );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_ingest_disk_full_total Ingest requests refused (503 disk_full) because a disk was below storage.minFreeMb.\n# TYPE northstar_ingest_disk_full_total counter\nnorthstar_ingest_disk_full_total {}",
+            self.ingest_disk_full.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_disk_free_bytes Least free space of the disks northstar writes to.\n# TYPE northstar_disk_free_bytes gauge\nnorthstar_disk_free_bytes {}\n# HELP northstar_disk_full 1 while a disk is below storage.minFreeMb.\n# TYPE northstar_disk_full gauge\nnorthstar_disk_full {}",
+            self.disk_free_bytes.get(),
+            self.disk_full.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP northstar_stream_bytes Bytes the events stream holds.\n# TYPE northstar_stream_bytes gauge\nnorthstar_stream_bytes {}\n# HELP northstar_stream_messages Messages the events stream holds.\n# TYPE northstar_stream_messages gauge\nnorthstar_stream_messages {}\n# HELP northstar_stream_first_seq First sequence the events stream still holds (retention drops older ones).\n# TYPE northstar_stream_first_seq gauge\nnorthstar_stream_first_seq {}",
+            self.stream_bytes.get(),
+            self.stream_messages.get(),
+            self.stream_first_seq.get()
+        );
         let sql_running = self.sql_running.get();
         let _ = writeln!(
             out,
             "# HELP northstar_sql_queries_running SQL queries running now (a query given up stops at once).\n# TYPE northstar_sql_queries_running gauge\nnorthstar_sql_queries_running {sql_running}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 10] = [
+        let archive_lines: [(&str, &str, &str, Read); 11] = [
             (
                 "northstar_archive_rows_total",
                 "counter",
@@ -301,6 +333,12 @@ impl Metrics {
                 "counter",
                 "Times the followers' feed dropped messages and the archiver read them itself.",
                 |a| a.feed_gaps.get() as f64,
+            ),
+            (
+                "northstar_archive_failures_total",
+                "counter",
+                "Commits that failed (full disk, I/O error) and were retried from the manifest.",
+                |a| a.failures.get() as f64,
             ),
             (
                 "northstar_archive_last_seq",

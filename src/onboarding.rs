@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::activation::ActivationStore;
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, Part};
+use crate::bus::follower::{Follow, Part, Saved};
 use crate::config::{Condition, Config, FlagSpec, OnboardingStep};
 use crate::event::{EventType, EventView};
 use crate::identity::IdentityGraph;
@@ -345,6 +345,7 @@ struct OnboardingFollower {
     engine: Arc<Onboarding>,
     fired: mpsc::UnboundedSender<Fired>,
     dir: PathBuf,
+    saved: Saved,
 }
 
 impl Follow for OnboardingFollower {
@@ -374,10 +375,18 @@ impl Follow for OnboardingFollower {
 
     fn snapshot(&mut self) {
         let state = self.engine.state.read().map(|s| s.clone());
-        let dir = self.dir.clone();
+        let (dir, saved) = (self.dir.clone(), self.saved.clone());
         if let Ok(state) = state {
-            tokio::task::spawn_blocking(move || save(&dir, &state));
+            tokio::task::spawn_blocking(move || {
+                if save(&dir, &state) {
+                    saved.fetch_max(state.seq, Ordering::SeqCst);
+                }
+            });
         }
+    }
+
+    fn saved(&self) -> Saved {
+        self.saved.clone()
     }
 
     fn final_snapshot(&mut self) -> JoinHandle<()> {
@@ -388,15 +397,23 @@ impl Follow for OnboardingFollower {
             .map(|s| s.clone())
             .unwrap_or_default();
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || save(&dir, &state))
+        tokio::task::spawn_blocking(move || {
+            save(&dir, &state);
+        })
     }
 }
 
-fn save(dir: &std::path::Path, state: &State) {
-    if let Ok(bytes) = serde_json::to_vec(state)
-        && let Err(error) = crate::files::write_atomic(&dir.join("state.json"), &bytes)
-    {
-        tracing::warn!(%error, "onboarding snapshot failed; the next one retries");
+/// Writes the state; false when it could not be.
+fn save(dir: &std::path::Path, state: &State) -> bool {
+    let Ok(bytes) = serde_json::to_vec(state) else {
+        return false;
+    };
+    match crate::files::write_atomic(&dir.join("state.json"), &bytes) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "onboarding snapshot failed; the next one retries");
+            false
+        }
     }
 }
 
@@ -426,6 +443,7 @@ pub async fn prepare(
         engine,
         fired: tx,
         dir,
+        saved: Arc::new(std::sync::atomic::AtomicU64::new(after)),
     };
     Ok(Part::new(follower, after, Duration::from_secs(5)))
 }

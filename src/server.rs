@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, ops::Health};
 use crate::archive::{self, ArchiveTarget, EventsFormat, RejectedFormat};
+use crate::bus::budget::Budget;
 use crate::bus::follower::{Fanout, follow};
 use crate::bus::{self, EmbeddedNats, Publisher, ensure_streams};
 use crate::clock::Clock;
@@ -130,17 +131,38 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         );
     }
     let config = Arc::new(config);
-    let (embedded, nats_url) = match nats_url {
-        Some(url) => (None, url),
+    let store_dir = data_dir.join("jetstream");
+    let (embedded, nats_url, budget) = match nats_url {
+        Some(url) => (None, url, None),
         None => {
-            let server = EmbeddedNats::start(&data_dir.join("jetstream")).await?;
+            let budget = Budget::embedded(&config.stream, &store_dir);
+            let server = EmbeddedNats::start(&store_dir, budget.store).await?;
             let url = server.url().to_string();
-            (Some(server), url)
+            (Some(server), url, Some(budget))
         }
     };
     let client = bus::connect_ready(&nats_url, Duration::from_secs(30)).await?;
     let publisher = Publisher::new(client.clone(), &config.stream);
-    ensure_streams(publisher.jetstream(), &config.stream).await?;
+    let budget = match budget {
+        Some(budget) => budget,
+        None => Budget::external(
+            &config.stream,
+            bus::streams::account_storage_limit(publisher.jetstream()).await,
+        ),
+    };
+    if budget.events < 0 && config.stream.max_age.get().is_zero() {
+        tracing::warn!(
+            "the events stream keeps everything forever (stream.maxAge 0 and no size bound): set stream.maxAge or stream.maxBytes"
+        );
+    }
+    tracing::info!(
+        store_max_bytes = budget.store,
+        events_max_bytes = budget.events,
+        rejected_max_bytes = budget.rejected,
+        max_age = %crate::config::format_duration(config.stream.max_age.get()),
+        "stream retention"
+    );
+    ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
 
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());
@@ -282,12 +304,34 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         clock.clone(),
     );
+    ingestor.backlog().retain(budget.events);
+    supervisor.spawn(
+        "stream-state",
+        watch_stream(
+            publisher.jetstream().clone(),
+            config.stream.name.clone(),
+            ingestor.backlog().clone(),
+            metrics.clone(),
+            stop_meter.subscribe(),
+        ),
+    );
     {
-        let (meter, committed) = (meter.clone(), events.committed.clone());
-        ingestor.backlog().watch(crate::ingest::backlog::Readers {
-            followers: Box::new(move || meter.counters().applied_seq()),
-            archive: Box::new(move || *committed.borrow()),
-        });
+        let mut watched = vec![
+            data_dir.clone(),
+            data_dir.join("events"),
+            data_dir.join("rejected"),
+        ];
+        if embedded.is_some() {
+            watched.push(store_dir.clone());
+        }
+        supervisor.spawn(
+            "disk",
+            ingestor.disk().clone().run(
+                watched,
+                config.storage.check_interval.get(),
+                stop_meter.subscribe(),
+            ),
+        );
     }
     let activation_store = crate::activation::ActivationStore::open(&data_dir);
     let question = crate::activation::Question::from_config(&config);
@@ -322,6 +366,14 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         .await?,
     );
     let followers = Fanout::new(followers).supervised(supervisor.clone());
+    {
+        let (meter, committed) = (meter.clone(), events.committed.clone());
+        ingestor.backlog().watch(crate::ingest::backlog::Readers {
+            followers: Box::new(move || meter.counters().applied_seq()),
+            followers_saved: Box::new(followers.saved_position()),
+            archive: Box::new(move || *committed.borrow()),
+        });
+    }
     let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
     // Limits answer only once the meter holds everything the stream held at start.
@@ -446,6 +498,34 @@ async fn recompute_on_schedule(
                 tracing::info!(version = version.version, chosen = ?version.chosen.map(|c| (c.times, c.days)), "activation recomputed")
             }
             Err(error) => tracing::warn!(%error, "scheduled activation recompute gave no answer"),
+        }
+    }
+}
+
+/// Reads the events stream's state twice a second: how many messages it holds tells
+/// admission how close retention is to what the readers have not read; the rest is shown by
+/// `/metrics`.
+async fn watch_stream(
+    js: async_nats::jetstream::Context,
+    stream: String,
+    backlog: Arc<crate::ingest::backlog::Backlog>,
+    metrics: Arc<Metrics>,
+    mut stop: crate::shutdown::Shutdown,
+) {
+    loop {
+        if let Ok(Ok(handle)) =
+            tokio::time::timeout(Duration::from_secs(2), js.get_stream(stream.as_str())).await
+        {
+            let state = &handle.cached_info().state;
+            backlog.held(state.messages, state.bytes);
+            metrics.stream_messages.set(state.messages);
+            metrics.stream_bytes.set(state.bytes);
+            metrics.stream_first_seq.set(state.first_sequence);
+            metrics.stream_last_seq.raise(state.last_sequence);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = crate::shutdown::wait_for_stop(&mut stop) => return,
         }
     }
 }

@@ -25,8 +25,9 @@ pub struct Health {
 }
 
 /// 200 when NATS is connected, the archivers run (the streams and consumers were set up
-/// before serving began) and no part has panicked; 503 otherwise, with the archive positions
-/// either way and, after a panic, `failed` naming each part and where it stopped.
+/// before serving began), the disks are above their reserve and no part has panicked; 503
+/// otherwise, with the archive positions and the disk's state either way and, after a panic,
+/// `failed` naming each part and where it stopped.
 pub async fn healthz(state: &AppState) -> HttpResponse {
     let health = &state.health;
     let connected = health.publisher.is_connected();
@@ -46,10 +47,16 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
         .collect();
     let failed = health.supervisor.failures();
     let replaying = state.meter.replaying();
-    let ok = connected && archivers_running && failed.is_empty() && replaying.is_none();
+    let disk = state.ingestor.disk();
+    let disk_full = disk.is_full();
+    let ok =
+        connected && archivers_running && failed.is_empty() && replaying.is_none() && !disk_full;
     let mut body = json!({
         "status": if ok { "ok" } else { "unavailable" },
         "nats": if connected { "connected" } else { "disconnected" },
+        "disk": if disk_full { "full" } else { "ok" },
+        "disk_free_bytes": disk.free_bytes(),
+        "disk_min_free_bytes": disk.reserve_bytes(),
         "archive": archive,
     });
     if !failed.is_empty() {
@@ -62,7 +69,11 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
     if !ok {
         response.headers_mut().insert(
             http::header::RETRY_AFTER,
-            http::HeaderValue::from_static("1"),
+            http::HeaderValue::from(if disk_full {
+                crate::disk::RETRY_AFTER_SECS
+            } else {
+                1
+            }),
         );
     }
     response
@@ -81,6 +92,9 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
         state.metrics.stream_last_seq.set(last);
     }
     state.metrics.sql_running.set(state.query.running() as u64);
+    let disk = state.ingestor.disk();
+    state.metrics.disk_free_bytes.set(disk.free_bytes());
+    state.metrics.disk_full.set(u64::from(disk.is_full()));
     let (followers, archive) = state.ingestor.backlog().lags();
     state.metrics.followers_lag.set(followers);
     state.metrics.archive_lag.set(archive);

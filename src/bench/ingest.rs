@@ -61,7 +61,7 @@ pub async fn run(options: IngestBench) -> anyhow::Result<()> {
 async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
     let embedded = match &options.nats_url {
         Some(_) => None,
-        None => Some(EmbeddedNats::start(&work.join("jetstream")).await?),
+        None => Some(EmbeddedNats::start(&work.join("jetstream"), None).await?),
     };
     let nats_url = options
         .nats_url

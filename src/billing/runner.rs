@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::outbox::{Closing, Entry, Outbox};
 use super::windows::{Added, WindowState, Windows};
-use crate::bus::follower::Follow;
+use crate::bus::follower::{Follow, Saved};
 use crate::clock::Clock;
 use crate::event::EventView;
 use crate::files::write_atomic;
@@ -110,6 +110,8 @@ pub struct BillingFollower {
     pub view: Arc<Mutex<WindowsView>>,
     /// Sequence of the last snapshot written (`None`: none yet).
     pub written_seq: Option<u64>,
+    /// The same, for retention (starts at the sequence resumed after).
+    pub saved: Saved,
 }
 
 impl BillingFollower {
@@ -171,7 +173,11 @@ impl BillingFollower {
         };
         match serde_json::to_vec(&snapshot) {
             Ok(bytes) => match write_atomic(&self.dir.join(SNAPSHOT_FILE), &bytes) {
-                Ok(()) => self.written_seq = Some(self.seq),
+                Ok(()) => {
+                    self.written_seq = Some(self.seq);
+                    self.saved
+                        .fetch_max(self.seq, std::sync::atomic::Ordering::SeqCst);
+                }
                 Err(error) => {
                     tracing::error!(%error, "billing windows snapshot failed; the next tick retries")
                 }
@@ -242,6 +248,10 @@ impl Follow for BillingFollower {
 
     fn snapshot(&mut self) {
         self.flush();
+    }
+
+    fn saved(&self) -> Saved {
+        self.saved.clone()
     }
 
     fn final_snapshot(&mut self) -> JoinHandle<()> {

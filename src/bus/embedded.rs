@@ -22,8 +22,9 @@ pub struct EmbeddedNats {
 }
 
 impl EmbeddedNats {
-    /// Starts nats-server with JetStream, its store in `store_dir`.
-    pub async fn start(store_dir: &Path) -> Result<Self, BusError> {
+    /// Starts nats-server with JetStream, its store in `store_dir`, its file store limited to
+    /// `max_file_store` bytes (`None`: the server's own default, for benchmarks).
+    pub async fn start(store_dir: &Path, max_file_store: Option<i64>) -> Result<Self, BusError> {
         let binary = find_nats_server().ok_or_else(|| {
             BusError::Spawn(
                 "nats-server not found on PATH, in /usr/sbin or in $NORTHSTAR_NATS_SERVER; \
@@ -40,11 +41,14 @@ impl EmbeddedNats {
         std::fs::create_dir_all(&ports_dir)
             .map_err(|e| BusError::Spawn(format!("cannot create {}: {e}", ports_dir.display())))?;
 
+        let config_file = store_dir.join("nats-server.conf");
+        std::fs::write(&config_file, server_config(store_dir, max_file_store))
+            .map_err(|e| BusError::Spawn(format!("cannot write {}: {e}", config_file.display())))?;
+
         let mut command = Command::new(&binary);
         command
-            .arg("--jetstream")
-            .arg("--store_dir")
-            .arg(store_dir)
+            .arg("--config")
+            .arg(&config_file)
             .args([
                 "--addr",
                 "127.0.0.1",
@@ -69,7 +73,7 @@ impl EmbeddedNats {
             .map_err(|e| BusError::Spawn(format!("{}: {e}", binary.display())))?;
         let pid = child.id().unwrap_or_default();
         let url = wait_for_ports_file(&ports_dir, pid, Duration::from_secs(15)).await?;
-        tracing::info!(%url, store = %store_dir.display(), "embedded nats-server started");
+        tracing::info!(%url, store = %store_dir.display(), max_file_store, "embedded nats-server started");
         Ok(Self {
             child,
             url,
@@ -97,6 +101,23 @@ impl EmbeddedNats {
         tracing::info!("embedded nats-server stopped");
     }
 }
+
+/// The server's config file: JetStream with its store and explicit limits. The rest (address,
+/// port, logs) is given as flags.
+fn server_config(store_dir: &Path, max_file_store: Option<i64>) -> String {
+    let store = serde_json::to_string(&store_dir.display().to_string()).unwrap_or_default();
+    let mut text = format!(
+        "# written by northstar at every start of its embedded server\njetstream {{\n  store_dir: {store}\n  max_memory_store: {MAX_MEMORY_STORE}\n"
+    );
+    if let Some(bytes) = max_file_store {
+        text.push_str(&format!("  max_file_store: {bytes}\n"));
+    }
+    text.push_str("}\n");
+    text
+}
+
+/// JetStream memory store limit: northstar keeps nothing in memory streams.
+const MAX_MEMORY_STORE: u64 = 64 * 1024 * 1024;
 
 /// Where the nats-server binary is: `$NORTHSTAR_NATS_SERVER`, then `PATH`, then Debian's /usr/sbin.
 pub fn find_nats_server() -> Option<PathBuf> {

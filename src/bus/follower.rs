@@ -13,6 +13,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -45,7 +46,13 @@ pub trait Follow: Send + 'static {
     fn snapshot(&mut self);
     /// Writes a last snapshot before the process stops, and waits for it.
     fn final_snapshot(&mut self) -> JoinHandle<()>;
+    /// The last sequence a restart would not need from the stream: what a finished snapshot
+    /// holds (or state that nothing after it changed). Retention must not drop past it.
+    fn saved(&self) -> Saved;
 }
+
+/// A follower's saved position, updated as its snapshots finish.
+pub type Saved = Arc<AtomicU64>;
 
 /// Where a follower reads.
 pub struct FollowSpec {
@@ -146,8 +153,16 @@ async fn run<F: Follow>(
                                 continue;
                             }
                             let expected = *high_water + 1;
-                            if seq != expected && stream_has(js, &spec.stream, expected).await {
-                                return Err(Stop::Gap { expected, got: seq });
+                            if seq != expected {
+                                if stream_has(js, &spec.stream, expected).await {
+                                    return Err(Stop::Gap { expected, got: seq });
+                                }
+                                tracing::warn!(
+                                    follower = state.name(),
+                                    from = expected,
+                                    to = seq - 1,
+                                    "the stream no longer holds sequences this follower has not applied (deleted, or dropped by retention while it was stopped); its state lacks them"
+                                );
                             }
                             if state.wants(seq) {
                                 let event = EventView::decode(&message.payload);
@@ -178,6 +193,7 @@ async fn run<F: Follow>(
 
 /// One follower of a [`Fanout`].
 pub struct Part {
+    saved: Saved,
     follower: Box<dyn Follow>,
     after_seq: u64,
     snapshot_interval: Duration,
@@ -189,6 +205,7 @@ impl Part {
     /// `snapshot_interval`.
     pub fn new(follower: impl Follow, after_seq: u64, snapshot_interval: Duration) -> Self {
         Self {
+            saved: follower.saved(),
             follower: Box::new(follower),
             after_seq,
             snapshot_interval,
@@ -226,6 +243,18 @@ impl Fanout {
     pub fn supervised(mut self, supervisor: Arc<Supervisor>) -> Self {
         self.supervisor = Some(supervisor);
         self
+    }
+
+    /// The saved position of the part furthest behind, read as its snapshots finish.
+    pub fn saved_position(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let saved: Vec<Saved> = self.parts.iter().map(|p| p.saved.clone()).collect();
+        move || {
+            saved
+                .iter()
+                .map(|s| s.load(Ordering::SeqCst))
+                .min()
+                .unwrap_or(u64::MAX)
+        }
     }
 
     /// Where the shared consumer starts: after the position of the part furthest behind.
@@ -294,6 +323,11 @@ impl Follow for Fanout {
             }
         })
     }
+
+    /// The parts' least saved position as of now (read live through [`Fanout::saved_position`]).
+    fn saved(&self) -> Saved {
+        Arc::new(AtomicU64::new((self.saved_position())()))
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +341,7 @@ mod tests {
     struct Recorder {
         applied: Arc<Mutex<Vec<(u64, bool)>>>,
         snapshots: Arc<Mutex<usize>>,
+        saved: Saved,
     }
 
     impl Follow for Recorder {
@@ -322,6 +357,9 @@ mod tests {
         fn final_snapshot(&mut self) -> JoinHandle<()> {
             self.snapshot();
             tokio::spawn(async {})
+        }
+        fn saved(&self) -> Saved {
+            self.saved.clone()
         }
     }
 
@@ -364,6 +402,10 @@ mod tests {
             3,
             "every part's final snapshot"
         );
+        let saved = fanout.saved_position();
+        ahead.saved.store(7, Ordering::SeqCst);
+        behind.saved.store(4, Ordering::SeqCst);
+        assert_eq!(saved(), 4, "the part whose snapshot is furthest behind");
     }
 
     /// Panics on one sequence, like a bug tripped by one poisoned message.
@@ -379,6 +421,9 @@ mod tests {
         fn snapshot(&mut self) {}
         fn final_snapshot(&mut self) -> JoinHandle<()> {
             tokio::spawn(async {})
+        }
+        fn saved(&self) -> Saved {
+            Arc::new(AtomicU64::new(0))
         }
     }
 

@@ -5,25 +5,33 @@
 //! - `REJECTED` (subjects `rejected.<source>`): messages that failed validation, kept with
 //!   their raw payload and reasons.
 //!
-//! Both use file storage and limits retention: Parquet is a copy, the stream stays the log of
-//! record for replaying derived state.
+//! Both use file storage and limits retention, by age and by size (see [`super::budget`]):
+//! Parquet is the long-term copy, the stream the log of record for what its readers have not
+//! taken in yet.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
 use super::BusError;
+use super::budget::Budget;
 use crate::config::StreamSettings;
 
 /// Subject prefix of accepted events.
 pub const EVENTS_PREFIX: &str = "events";
+/// The account's storage limit on the server (`None`: none, or the server would not say).
+pub async fn account_storage_limit(js: &jetstream::Context) -> Option<i64> {
+    js.query_account().await.ok()?.limits.max_storage
+}
+
 /// Subject prefix of rejected messages.
 pub const REJECTED_PREFIX: &str = "rejected";
 
-/// Creates the streams, or updates their limits to match the config.
+/// Creates the streams, or updates their limits to match the config and the budget.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    budget: &Budget,
 ) -> Result<(), BusError> {
     let streams = [
         (
@@ -31,15 +39,17 @@ pub async fn ensure_streams(
             EVENTS_PREFIX,
             "northstar accepted events (log of record)",
             settings.max_age,
+            budget.events,
         ),
         (
             &settings.rejected_name,
             REJECTED_PREFIX,
             "northstar rejected messages",
             settings.rejected_max_age,
+            budget.rejected,
         ),
     ];
-    for (name, prefix, description, max_age) in streams {
+    for (name, prefix, description, max_age, max_bytes) in streams {
         // A stream keeps the incarnation it was given; one made before incarnations (or by
         // hand) gets one now.
         let existing = match js.get_stream(name.as_str()).await {
@@ -61,7 +71,7 @@ pub async fn ensure_streams(
             discard: stream::DiscardPolicy::Old,
             duplicate_window: settings.duplicate_window.get(),
             max_age: max_age.get(),
-            max_bytes: settings.max_bytes,
+            max_bytes,
             num_replicas: settings.replicas,
             ..Default::default()
         };

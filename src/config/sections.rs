@@ -281,6 +281,11 @@ impl IngestSettings {
     }
 }
 
+/// Smallest explicit stream size: a few full batches.
+pub const MIN_STREAM_BYTES: i64 = 1024 * 1024;
+/// Smallest explicit JetStream store: both streams at their smallest and the KV buckets.
+pub const MIN_STORE_BYTES: i64 = 8 * 1024 * 1024;
+
 /// The JetStream stream that carries events.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -291,12 +296,21 @@ pub struct StreamSettings {
     pub rejected_name: String,
     /// How long JetStream remembers an event id to drop repeats.
     pub duplicate_window: HumanDuration,
-    /// How long messages stay in the stream (`0`: forever; Parquet is the long-term copy).
+    /// How long messages stay in the stream (`0`: forever). Parquet is the long-term copy;
+    /// the stream holds what the readers still need and what SDK retries are deduplicated
+    /// against.
     pub max_age: HumanDuration,
-    /// Largest stream size in bytes (`-1`: unlimited).
+    /// Largest size of the events stream in bytes, whichever of it and `maxAge` comes first:
+    /// `0` derives it from the JetStream store (see `bus::budget`), `-1` is unlimited.
     pub max_bytes: i64,
     /// How long rejected messages stay in their stream (they are archived to Parquet at once).
     pub rejected_max_age: HumanDuration,
+    /// Largest size of the rejected stream in bytes: `0` derives it, `-1` is unlimited.
+    pub rejected_max_bytes: i64,
+    /// The embedded nats-server's JetStream file store limit in bytes (`max_file_store`):
+    /// `0` derives it from the disk at start. Ignored with `--nats-url`, whose server sets
+    /// its own.
+    pub store_max_bytes: i64,
     /// Copies of each message in a cluster (1 on a single server, 3 in production clusters).
     pub replicas: usize,
     /// Subject shards (`events.<shard>.<type>`), so archivers can split the stream.
@@ -311,9 +325,11 @@ impl Default for StreamSettings {
             name: "EVENTS".into(),
             rejected_name: "REJECTED".into(),
             duplicate_window: HumanDuration::secs(24 * 3600),
-            max_age: HumanDuration::secs(0),
-            max_bytes: -1,
+            max_age: HumanDuration::secs(7 * 86_400),
+            max_bytes: 0,
             rejected_max_age: HumanDuration::secs(7 * 86_400),
+            rejected_max_bytes: 0,
+            store_max_bytes: 0,
             replicas: 1,
             shards: 1,
             ack_timeout: HumanDuration::secs(5),
@@ -355,6 +371,34 @@ impl StreamSettings {
                 "must be 0 (forever) or at least duplicateWindow".into(),
             ));
         }
+        for (key, bytes) in [
+            ("maxBytes", self.max_bytes),
+            ("rejectedMaxBytes", self.rejected_max_bytes),
+        ] {
+            if bytes < -1 || (1..MIN_STREAM_BYTES).contains(&bytes) {
+                return Err((
+                    key.into(),
+                    format!(
+                        "must be 0 (derived), -1 (unlimited) or at least {MIN_STREAM_BYTES} bytes"
+                    ),
+                ));
+            }
+        }
+        if self.store_max_bytes < 0 || (1..MIN_STORE_BYTES).contains(&self.store_max_bytes) {
+            return Err((
+                "storeMaxBytes".into(),
+                format!("must be 0 (derived from the disk) or at least {MIN_STORE_BYTES} bytes"),
+            ));
+        }
+        if self.store_max_bytes > 0 {
+            let streams = self.max_bytes.max(0) + self.rejected_max_bytes.max(0);
+            if streams > self.store_max_bytes {
+                return Err((
+                    "storeMaxBytes".into(),
+                    format!("must hold maxBytes + rejectedMaxBytes ({streams} bytes)"),
+                ));
+            }
+        }
         if !(1..=5).contains(&self.replicas) {
             return Err(("replicas".into(), "must be between 1 and 5".into()));
         }
@@ -362,6 +406,44 @@ impl StreamSettings {
             return Err(("shards".into(), "must be between 1 and 1024".into()));
         }
         Ok(())
+    }
+}
+
+/// The disks northstar writes to (the data dir, Parquet tables, the embedded JetStream store).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct StorageSettings {
+    /// Free space kept on every filesystem northstar writes to, in MiB. Below it ingest
+    /// answers 503 `disk_full` and `/healthz` says `"disk": "full"`, so JetStream and the
+    /// archiver never meet a full disk; above it again everything resumes by itself.
+    pub min_free_mb: u64,
+    /// How often free space is read.
+    pub check_interval: HumanDuration,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            min_free_mb: 128,
+            check_interval: HumanDuration::secs(1),
+        }
+    }
+}
+
+impl StorageSettings {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.check_interval.get().is_zero() || self.check_interval.get().as_secs() > 60 {
+            return Err((
+                "checkInterval".into(),
+                "must be between 1ms and 60s: a full disk is noticed no later than this".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The reserve in bytes.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_mb.saturating_mul(1024 * 1024)
     }
 }
 

@@ -17,6 +17,9 @@ pub type Position = Box<dyn Fn() -> u64 + Send + Sync>;
 pub struct Readers {
     /// The followers' position (the meter's applied sequence).
     pub followers: Position,
+    /// The followers' saved position (the least sequence their finished snapshots hold):
+    /// what a restart would read the stream again from.
+    pub followers_saved: Position,
     /// The events archiver's last committed sequence.
     pub archive: Position,
 }
@@ -24,12 +27,12 @@ pub struct Readers {
 /// A reader too far behind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "northstar is {lag} events behind in the {reader} (bound {bound}, ingest.{setting}); retry shortly"
+    "northstar is {lag} events behind in the {reader} (bound {bound}, {setting}); retry shortly"
 )]
 pub struct Behind {
     /// `followers` or `archive`.
     pub reader: &'static str,
-    /// The setting that bounds it.
+    /// The setting that bounds it (`ingest.maxLag`, …).
     pub setting: &'static str,
     /// Events acked that the reader has not taken in.
     pub lag: u64,
@@ -44,7 +47,21 @@ pub struct Backlog {
     max_archive: u64,
     readers: std::sync::OnceLock<Readers>,
     shedding: AtomicBool,
+    /// The events stream's size bound in bytes (0: none): retention drops the oldest messages
+    /// past it, so a reader must stay well inside what fits.
+    max_bytes: AtomicU64,
+    /// Messages and bytes the events stream held at the last reading (0 until read).
+    held: AtomicU64,
+    held_bytes: AtomicU64,
 }
+
+/// Share of the stream's size bound a reader may be behind before retention could drop what
+/// it has not read (in tenths): past it ingest sheds, so the oldest messages go only once read.
+const RETENTION_TENTHS: u64 = 8;
+
+/// Size of a stream message assumed until the stream holds some (a conservative guess: the
+/// typical event is about 400 bytes).
+const ASSUMED_MESSAGE_BYTES: u64 = 2048;
 
 impl Backlog {
     /// Bounds in events; 0 turns a bound off.
@@ -55,6 +72,9 @@ impl Backlog {
             max_archive,
             readers: std::sync::OnceLock::new(),
             shedding: AtomicBool::new(false),
+            max_bytes: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            held_bytes: AtomicU64::new(0),
         }
     }
 
@@ -67,6 +87,18 @@ impl Backlog {
     /// Records an ack of the events stream.
     pub fn acked(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Sets the events stream's size bound (`-1`: none).
+    pub fn retain(&self, max_bytes: i64) {
+        self.max_bytes
+            .store(u64::try_from(max_bytes).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Records what the events stream holds (read from its info).
+    pub fn held(&self, messages: u64, bytes: u64) {
+        self.held.store(messages, Ordering::Relaxed);
+        self.held_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Events acked but not yet taken in: (followers, archive).
@@ -87,17 +119,19 @@ impl Backlog {
         let verdict = if self.max_followers > 0 && followers > self.max_followers {
             Err(Behind {
                 reader: "followers",
-                setting: "maxLag",
+                setting: "ingest.maxLag",
                 lag: followers,
                 bound: self.max_followers,
             })
         } else if self.max_archive > 0 && archive > self.max_archive {
             Err(Behind {
                 reader: "archive",
-                setting: "maxArchiveLag",
+                setting: "ingest.maxArchiveLag",
                 lag: archive,
                 bound: self.max_archive,
             })
+        } else if let Some(behind) = self.near_retention(archive) {
+            Err(behind)
         } else {
             Ok(())
         };
@@ -121,6 +155,42 @@ impl Backlog {
     }
 }
 
+impl Backlog {
+    /// A reader so far behind that the stream's size bound would soon drop messages it has
+    /// not read: past 80% of the messages that fit in `stream.maxBytes` at their mean size.
+    fn near_retention(&self, archive: u64) -> Option<Behind> {
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        let readers = self.readers.get()?;
+        if max_bytes == 0 {
+            return None;
+        }
+        let followers = self
+            .acked
+            .load(Ordering::Relaxed)
+            .saturating_sub((readers.followers_saved)());
+        let (held, held_bytes) = (
+            self.held.load(Ordering::Relaxed),
+            self.held_bytes.load(Ordering::Relaxed),
+        );
+        let mean = match held {
+            0 => ASSUMED_MESSAGE_BYTES,
+            held => (held_bytes / held).max(1),
+        };
+        let bound = max_bytes / mean * RETENTION_TENTHS / 10;
+        let (reader, lag) = if followers >= archive {
+            ("followers", followers)
+        } else {
+            ("archive", archive)
+        };
+        (lag > bound).then_some(Behind {
+            reader,
+            setting: "stream.maxBytes / stream.maxAge",
+            lag,
+            bound,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -138,8 +208,10 @@ mod tests {
         backlog.acked(5_000);
         assert_eq!(backlog.admit(), Ok(()), "no readers yet: nothing is shed");
         let (followers, archive) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let saved = Arc::new(AtomicU64::new(u64::MAX));
         backlog.watch(Readers {
             followers: at(&followers),
+            followers_saved: at(&saved),
             archive: at(&archive),
         });
         let behind = backlog.admit().unwrap_err();
@@ -156,5 +228,31 @@ mod tests {
         backlog.acked(4_200);
         assert_eq!(backlog.lags(), (100, 1_000), "acks only move forward");
         assert_eq!(Backlog::new(0, 0).admit(), Ok(()), "0 turns the bounds off");
+        backlog.retain(1_000 * 400);
+        backlog.held(500, 500 * 400);
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!(
+            (behind.reader, behind.lag, behind.bound),
+            ("archive", 1_000, 800),
+            "1,000 messages of 400 bytes fit: retention would drop what the archive has not read"
+        );
+        archive.store(4_250, Ordering::Relaxed);
+        assert_eq!(backlog.admit(), Ok(()));
+        backlog.held(0, 0);
+        assert_eq!(
+            backlog.admit().unwrap_err().bound,
+            156,
+            "an empty stream: messages are taken to be 2 KiB"
+        );
+        archive.store(5_000, Ordering::Relaxed);
+        saved.store(4_000, Ordering::Relaxed);
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!(
+            (behind.reader, behind.lag),
+            ("followers", 1_000),
+            "a restart would read from the followers' last snapshot"
+        );
+        backlog.retain(-1);
+        assert_eq!(backlog.admit(), Ok(()), "no size bound: no retention risk");
     }
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::Meter;
 use super::snapshot;
 use crate::bus::BusError;
-use crate::bus::follower::{Follow, Part};
+use crate::bus::follower::{Follow, Part, Saved};
 use crate::event::EventView;
 
 /// Where the meter reads from and keeps its snapshot.
@@ -70,6 +70,7 @@ pub async fn prepare(
         stream: target.stream.clone(),
         created,
         snapshotting: Arc::new(AtomicBool::new(false)),
+        saved: Arc::new(std::sync::atomic::AtomicU64::new(resume)),
     };
     Ok(Part::new(follower, resume, target.snapshot_interval))
 }
@@ -116,6 +117,7 @@ struct MeterFollower {
     stream: String,
     created: String,
     snapshotting: Arc<AtomicBool>,
+    saved: Saved,
 }
 
 impl Follow for MeterFollower {
@@ -143,8 +145,11 @@ impl Follow for MeterFollower {
             self.created.clone(),
             self.snapshotting.clone(),
         );
+        let saved = self.saved.clone();
         tokio::task::spawn_blocking(move || {
-            write_snapshot(&meter, &dir, &stream, &created);
+            if let Some(seq) = write_snapshot(&meter, &dir, &stream, &created) {
+                saved.fetch_max(seq, Ordering::SeqCst);
+            }
             flag.store(false, Ordering::SeqCst);
         });
     }
@@ -157,19 +162,32 @@ impl Follow for MeterFollower {
             self.created.clone(),
             self.snapshotting.clone(),
         );
+        let saved = self.saved.clone();
         tokio::spawn(async move {
             while flag.swap(true, Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let _ = tokio::task::spawn_blocking(move || {
-                write_snapshot(&meter, &dir, &stream, &created)
-            })
-            .await;
+            if let Ok(Some(seq)) =
+                tokio::task::spawn_blocking(move || write_snapshot(&meter, &dir, &stream, &created))
+                    .await
+            {
+                saved.fetch_max(seq, Ordering::SeqCst);
+            }
         })
+    }
+
+    fn saved(&self) -> Saved {
+        self.saved.clone()
     }
 }
 
-fn write_snapshot(meter: &Meter, dir: &std::path::Path, stream: &str, created: &str) {
+/// Writes a snapshot; returns the sequence a restart resumes after, when it was written.
+fn write_snapshot(
+    meter: &Meter,
+    dir: &std::path::Path,
+    stream: &str,
+    created: &str,
+) -> Option<u64> {
     let started = std::time::Instant::now();
     match snapshot::write(
         dir,
@@ -178,7 +196,13 @@ fn write_snapshot(meter: &Meter, dir: &std::path::Path, stream: &str, created: &
         stream,
         Some(created),
     ) {
-        Ok(seq) => tracing::debug!(seq, took = ?started.elapsed(), "meter snapshot written"),
-        Err(error) => tracing::error!(%error, "meter snapshot failed; the next one retries"),
+        Ok(seq) => {
+            tracing::debug!(seq, took = ?started.elapsed(), "meter snapshot written");
+            Some(seq)
+        }
+        Err(error) => {
+            tracing::error!(%error, "meter snapshot failed; the next one retries");
+            None
+        }
     }
 }

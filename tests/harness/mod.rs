@@ -178,9 +178,24 @@ impl Northstar {
         Self::launch(Some(nats.url.clone()), config, env)
     }
 
+    /// Starts northstar on a data dir of the caller's (a small filesystem mounted for the
+    /// test), against `nats_url` or, with `None`, its embedded nats-server.
+    pub fn start_in(data: &Path, nats_url: Option<String>, config: &Value) -> Self {
+        Self::launch_in(nats_url, config, &[], Some(data.to_path_buf()))
+    }
+
     fn launch(nats_url: Option<String>, config: &Value, env: &[(&str, &str)]) -> Self {
+        Self::launch_in(nats_url, config, env, None)
+    }
+
+    fn launch_in(
+        nats_url: Option<String>,
+        config: &Value,
+        env: &[(&str, &str)],
+        data: Option<PathBuf>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let data = dir.path().join("data");
+        let data = data.unwrap_or_else(|| dir.path().join("data"));
         let config_path = dir.path().join("northstar.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let mut server = Self {
@@ -339,6 +354,18 @@ impl Northstar {
     /// Waits until the events archive has committed at least `rows` rows (per its manifest).
     pub async fn wait_archived(&self, rows: u64) {
         wait_archived(&self.data, rows).await
+    }
+
+    /// GET with a bearer key (a service key for the limits API).
+    pub async fn get_as(&self, key: &str, path: &str) -> ClientResponse {
+        let bearer = format!("Bearer {key}");
+        self.client
+            .get(
+                &format!("{}{path}", self.base),
+                &[("authorization", &bearer)],
+            )
+            .await
+            .expect("answered")
     }
 }
 
