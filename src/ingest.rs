@@ -183,7 +183,12 @@ pub struct Ingestor {
     clock: Clock,
     backlog: Arc<backlog::Backlog>,
     disk: Arc<crate::disk::DiskGuard>,
+    stored: Arc<std::sync::OnceLock<OnStored>>,
 }
+
+/// Told of each event newly stored, with its stream sequence and message, once JetStream
+/// acked it and before the client is answered (the meter takes it in here).
+pub type OnStored = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 impl Ingestor {
     /// An ingestor publishing through `publisher`, validating with `registry`.
@@ -219,7 +224,13 @@ impl Ingestor {
             clock,
             backlog,
             disk: Arc::new(crate::disk::DiskGuard::new(config_reserve)),
+            stored: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Sets what is told of each newly stored event (once; later calls change nothing).
+    pub fn on_stored(&self, hook: OnStored) {
+        let _ = self.stored.set(hook);
     }
 
     /// The disk guard ingest refuses by; the server runs its readings.
@@ -526,6 +537,10 @@ impl Ingestor {
         rejected: Vec<(usize, RejectedRecord)>,
     ) -> Result<IngestOutcome, IngestError> {
         let event_count = events.len();
+        let told: Vec<Bytes> = match self.stored.get() {
+            Some(_) => events.iter().map(|e| e.payload.clone()).collect(),
+            None => Vec::new(),
+        };
         let mut outgoing = events;
         outgoing.reserve(rejected.len());
         for (_, record) in &rejected {
@@ -547,6 +562,14 @@ impl Ingestor {
             .max()
         {
             self.backlog.acked(*last);
+        }
+        if let Some(hook) = self.stored.get() {
+            let mut repeats = report.duplicates.iter().peekable();
+            for (index, (payload, seq)) in told.iter().zip(&report.sequences).enumerate() {
+                if repeats.next_if(|i| **i == index).is_none() {
+                    hook(*seq, payload);
+                }
+            }
         }
         // Rejected messages come after the events; only events count as accepted or duplicate.
         let duplicates = report

@@ -211,6 +211,15 @@ pub struct Standing {
     pub as_of: AsOf,
 }
 
+/// Which path takes an event into the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum By {
+    /// The stream follower, in stream order.
+    Follower,
+    /// Ingest, when JetStream acked the publish.
+    Ack,
+}
+
 /// The meter: counters, customers, and the limits logic.
 pub struct Meter {
     spec: MeterSpec,
@@ -295,14 +304,30 @@ impl Meter {
         }
     }
 
-    /// Applies one stream event (the runner calls this in stream order).
+    /// Applies one stream event (the runner calls this in stream order). An event already
+    /// applied by [`Meter::apply_acked`] is skipped, and its sequence still counts as applied.
     pub fn apply(&self, seq: u64, event: &EventView<'_>) {
+        self.take_in(seq, event, By::Follower);
+    }
+
+    /// Applies an event the moment ingest's publish of it is acked (`seq` from the ack), so
+    /// `/v1/check` and usage see it before the answer reaches the client, whatever the
+    /// followers' backlog. The follower's later delivery is then a no-op for it. Events the
+    /// follower has already delivered, and repeats, are left alone; past
+    /// [`state::MAX_AHEAD_PER_SHARD`] the event waits for the follower.
+    pub fn apply_acked(&self, seq: u64, event: &EventView<'_>) {
+        self.take_in(seq, event, By::Ack);
+    }
+
+    fn take_in(&self, seq: u64, event: &EventView<'_>, by: By) {
         let meters = event
             .event
             .as_deref()
             .and_then(|name| self.spec.by_event.get(name));
         let (Some(meters), Some(customer_id)) = (meters, event.customer_id.as_deref()) else {
-            self.counters.set_applied(seq);
+            if by == By::Follower {
+                self.counters.set_applied(seq);
+            }
             return;
         };
         // One level of the properties, read only for the values a meter needs.
@@ -310,6 +335,23 @@ impl Meter {
         let customer = self.customers.terms(customer_id);
         let period = customer.period_at(event.timestamp);
         let mut shard = self.counters.lock(customer_id);
+        // Both paths decide under the shard's lock, and the follower records its position
+        // under it too: each event is counted by exactly one of them.
+        let fresh = match by {
+            By::Follower => !shard.ahead.remove(&seq),
+            By::Ack => {
+                seq > shard.applied_seq
+                    && seq > self.counters.applied_seq()
+                    && shard.ahead.len() < state::MAX_AHEAD_PER_SHARD
+                    && shard.ahead.insert(seq)
+            }
+        };
+        if !fresh {
+            if by == By::Follower {
+                self.counters.set_applied(seq);
+            }
+            return;
+        }
         if seq > shard.applied_seq {
             for meter in meters {
                 let feature = &self.spec.features[meter.feature];
@@ -377,7 +419,9 @@ impl Meter {
                 spike,
             });
         }
-        self.counters.set_applied(seq);
+        if by == By::Follower {
+            self.counters.set_applied(seq);
+        }
     }
 
     /// Sets the sequence the meter must reach before its answers count: the stream's last

@@ -367,6 +367,16 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     );
     let followers = Fanout::new(followers).supervised(supervisor.clone());
     {
+        // The meter takes each event in when its publish is acked, before the client hears
+        // back: `/v1/check` is fresh whatever the followers' backlog.
+        let meter = meter.clone();
+        ingestor.on_stored(Box::new(move |seq, message| {
+            if let Ok(event) = crate::event::EventView::decode(message) {
+                meter.apply_acked(seq, &event);
+            }
+        }));
+    }
+    {
         let (meter, committed) = (meter.clone(), events.committed.clone());
         ingestor.backlog().watch(crate::ingest::backlog::Readers {
             followers: Box::new(move || meter.counters().applied_seq()),

@@ -6,7 +6,8 @@
 //! event of this shard up to `seq` is in these counters" holds for each shard on its own. On
 //! restart the consumer resumes after the smallest shard sequence and applies an event to a
 //! shard only if it is past that shard's sequence: the numbers after a restart equal the
-//! numbers before, exactly.
+//! numbers before, exactly. Events a shard took in ahead of the consumer (when ingest's publish
+//! was acked) are listed with it, and skipped when the consumer delivers them.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -35,6 +36,9 @@ struct ShardRecord {
     shard: usize,
     seq: u64,
     customers: HashMap<Box<str>, CustomerUsage>,
+    /// Events past `seq` already in these counters (applied when ingest was acked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ahead: Vec<u64>,
 }
 
 /// Why a snapshot could not be written or read.
@@ -91,19 +95,19 @@ pub fn write(
     out.write_all(b"\n").map_err(|e| err(e.to_string()))?;
     let mut min_seq = u64::MAX;
     for shard in 0..SHARDS {
-        let (seq, customers) = {
+        let (seq, customers, ahead) = {
             let guard = counters.lock_shard(shard);
             // Read under the shard's lock: see the module doc.
-            (
-                counters.applied_seq().max(guard.applied_seq),
-                guard.customers.clone(),
-            )
+            let seq = counters.applied_seq().max(guard.applied_seq);
+            let ahead: Vec<u64> = guard.ahead.range(seq + 1..).copied().collect();
+            (seq, guard.customers.clone(), ahead)
         };
         min_seq = min_seq.min(seq);
         let record = ShardRecord {
             shard,
             seq,
             customers,
+            ahead,
         };
         serde_json::to_writer(&mut out, &record).map_err(|e| err(e.to_string()))?;
         out.write_all(b"\n").map_err(|e| err(e.to_string()))?;
@@ -165,6 +169,11 @@ pub fn load(
         }
         let mut guard = counters.lock_shard(record.shard);
         guard.applied_seq = record.seq;
+        guard.ahead = record
+            .ahead
+            .into_iter()
+            .filter(|s| *s > record.seq)
+            .collect();
         for (customer, mut usage) in record.customers {
             usage.counters.retain_mut(|counter| {
                 match remap.get(usize::from(counter.feature)).copied().flatten() {

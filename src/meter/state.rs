@@ -20,6 +20,10 @@ use crate::schema::quantity::Contribution;
 /// Number of shards (independent locks) of the counters.
 pub const SHARDS: usize = 16;
 
+/// Most events a shard holds applied ahead of the follower; past it, events wait for the
+/// follower (ingest sheds long before: `ingest.maxLag`).
+pub const MAX_AHEAD_PER_SHARD: usize = 65_536;
+
 /// An aggregate of one feature in one period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,6 +144,9 @@ pub struct Shard {
     /// The stream sequence this shard has applied up to (every event at or below it that
     /// belongs to this shard is in its counters).
     pub applied_seq: u64,
+    /// Events of this shard applied when ingest's publish was acked, ahead of the follower
+    /// (which skips them when it delivers them). Bounded by [`MAX_AHEAD_PER_SHARD`].
+    pub ahead: std::collections::BTreeSet<u64>,
     reservations: HashMap<Box<str>, Reservation>,
     reserved: HashMap<(Box<str>, u16, i64), Decimal>,
 }
