@@ -9,11 +9,15 @@
 //! keep-alive clients post Segment batches to `/v1/batch`. "Acked" is when the last request was
 //! answered (every event acked by JetStream); "landed" is when the archive manifest counts
 //! every event as committed to Parquet.
+//!
+//! Freshness under that load: a probe posts one metered event at a time for a customer of its
+//! own and times ack → visible in the limits API (its entitlement's `used`), and, for every
+//! fifth, ack → visible to `POST /v1/sql`; it also scrapes each reader's lag from `/metrics`.
 
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -133,6 +137,28 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
             ours: format!(
                 "{:.0} commits, {:.2} s, {:.0} gaps",
                 ours.commits, ours.commit_seconds, ours.feed_gaps
+            ),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: "under that load: ack → visible in the limits API, p50 / p99 / max".into(),
+            ours: percentiles(&ours.freshness.check),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: "under that load: ack → visible to SQL, p50 / p99 / max".into(),
+            ours: percentiles(&ours.freshness.sql),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: "under that load: largest lag seen, followers / archive (events)".into(),
+            ours: format!(
+                "{} / {}",
+                thousands(ours.freshness.max_followers_lag),
+                thousands(ours.freshness.max_archive_lag)
             ),
             baseline: String::new(),
             ratio: None,
@@ -381,6 +407,7 @@ async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Resul
 }
 
 struct OurTimes {
+    freshness: Freshness,
     acked: Duration,
     landed: Duration,
     rebuilt: Duration,
@@ -497,6 +524,12 @@ async fn northstar_ingest(
     let auth = basic_auth(WRITE_KEY);
     let url = format!("{base}/v1/batch");
     let started = Instant::now();
+    let loaded = Arc::new(AtomicBool::new(true));
+    let probe = tokio::spawn(probe_freshness(
+        client.clone(),
+        base.clone(),
+        loaded.clone(),
+    ));
     let mut workers = Vec::new();
     for _ in 0..options.clients.max(1) {
         let (bodies, next, client, auth, url) = (
@@ -533,7 +566,9 @@ async fn northstar_ingest(
         worker.await??;
     }
     let acked = started.elapsed();
-    let total = options.events as u64;
+    loaded.store(false, Ordering::Relaxed);
+    let freshness = probe.await??;
+    let total = options.events as u64 + freshness.probes;
     let events_dir = data.join("events");
     let landed = wait_landed(&events_dir, total, started).await?;
     let peak_rss = super::peak_rss_bytes(server.pid);
@@ -586,6 +621,7 @@ async fn northstar_ingest(
     let rebuilt = wait_landed(&events_dir, total, started).await?;
     server.stop().await;
     Ok(OurTimes {
+        freshness,
         acked,
         landed,
         rebuilt,
@@ -595,6 +631,136 @@ async fn northstar_ingest(
         commits,
         feed_gaps,
     })
+}
+
+/// What the probe saw while the load ran.
+struct Freshness {
+    /// Probe events sent (they land too).
+    probes: u64,
+    /// Ack → visible in the entitlement, per probe.
+    check: Vec<Duration>,
+    /// Ack → visible to SQL, per fifth probe.
+    sql: Vec<Duration>,
+    /// Largest lag seen per reader, in events.
+    max_followers_lag: f64,
+    max_archive_lag: f64,
+}
+
+/// Posts one metered event at a time for customer `probe` while `loaded`, and times how long
+/// each takes to show in the limits API and (every fifth) in SQL.
+async fn probe_freshness(
+    client: HttpClient,
+    base: String,
+    loaded: Arc<AtomicBool>,
+) -> anyhow::Result<Freshness> {
+    let auth = basic_auth(WRITE_KEY);
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let mut seen = Freshness {
+        probes: 0,
+        check: Vec::new(),
+        sql: Vec::new(),
+        max_followers_lag: 0.0,
+        max_archive_lag: 0.0,
+    };
+    while loaded.load(Ordering::Relaxed) {
+        let n = seen.probes + 1;
+        let body = json!({"batch": [{"type": "track", "messageId": format!("probe-{n}"), "userId": "probe-user",
+            "event": "api_call_made", "context": {"groupId": "probe"}, "properties": {"endpoint": "/probe"}}]});
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let answer = client
+            .send(
+                http::Method::POST,
+                &format!("{base}/v1/batch"),
+                &headers,
+                serde_json::to_vec(&body)?,
+            )
+            .await?;
+        if answer.status != 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let acked = Instant::now();
+        seen.probes = n;
+        let entitlement = format!("{base}/v1/customers/probe/entitlements/api_requests");
+        loop {
+            let used = client
+                .get(&entitlement, &[("authorization", &bearer)])
+                .await
+                .map(|r| r.json()["used"].as_f64().unwrap_or(0.0))
+                .unwrap_or(0.0);
+            if used >= n as f64 {
+                seen.check.push(acked.elapsed());
+                break;
+            }
+            if acked.elapsed() > Duration::from_secs(120) {
+                bail!("probe {n} not visible in the limits API within 2 minutes");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        if n % 5 == 0 {
+            let sql =
+                json!({"sql": "SELECT count(*) AS n FROM events WHERE customer_id = 'probe'"});
+            loop {
+                let rows = client
+                    .send(
+                        http::Method::POST,
+                        &format!("{base}/v1/sql"),
+                        &[
+                            ("authorization", bearer.as_str()),
+                            ("content-type", "application/json"),
+                        ],
+                        serde_json::to_vec(&sql)?,
+                    )
+                    .await
+                    .map(|r| r.json()["rows"][0]["n"].as_u64().unwrap_or(0))
+                    .unwrap_or(0);
+                if rows >= n {
+                    seen.sql.push(acked.elapsed());
+                    break;
+                }
+                if acked.elapsed() > Duration::from_secs(120) {
+                    bail!("probe {n} not visible to SQL within 2 minutes");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if let Ok(metrics) = client.get(&format!("{base}/metrics"), &[]).await {
+            let text = metrics.text();
+            seen.max_followers_lag = seen.max_followers_lag.max(metric_value(
+                &text,
+                "northstar_consumer_lag{reader=\"followers\"}",
+            ));
+            seen.max_archive_lag = seen.max_archive_lag.max(metric_value(
+                &text,
+                "northstar_consumer_lag{reader=\"archive\"}",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(seen)
+}
+
+/// "p50 / p99 / max" of durations, in milliseconds.
+fn percentiles(times: &[Duration]) -> String {
+    if times.is_empty() {
+        return "n/a".into();
+    }
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let at = |q: f64| {
+        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1e3
+    };
+    format!(
+        "{:.1} / {:.1} / {:.1} ms ({} probes)",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        sorted.len()
+    )
 }
 
 fn parquet_size(dir: &Path) -> u64 {
