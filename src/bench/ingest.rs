@@ -700,7 +700,7 @@ async fn probe_freshness(
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let sql =
                 json!({"sql": "SELECT count(*) AS n FROM events WHERE customer_id = 'probe'"});
             loop {
