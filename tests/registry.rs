@@ -121,7 +121,13 @@ async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected(
         (Some(0), Some(1)),
         "{second}"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A marker stored after the second replay: once it is archived, anything that replay
+    // had stored would be too (the archive commits in stream order).
+    let marker = server
+        .post("/v1/batch", &json!({"batch": harness::tracks("marker", 0..1)}))
+        .await;
+    assert_eq!(marker.status, 200, "{}", marker.text());
+    server.wait_archived(stored + 2).await;
     assert_eq!(
         scalar(
             &server.data,
