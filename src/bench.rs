@@ -5,13 +5,15 @@
 //! - [`limits`]: `/v1/check` latency and throughput against a bare hyper server, freshness,
 //!   and the memory of a million counters;
 //! - [`activation`]: a full activation recompute vs DuckDB running the same SQL;
-//! - [`billing`]: meter events/s from the outbox to a local Stripe-speaking server, vs raw POSTs.
+//! - [`billing`]: meter events/s from the outbox to a local Stripe-speaking server, vs raw POSTs;
+//! - [`soak`]: half the measured peak for minutes: memory, lag and disk over time.
 
 pub mod activation;
 pub mod billing;
 pub mod ingest;
 pub mod limits;
 pub mod report;
+pub mod soak;
 
 use clap::Subcommand;
 
@@ -26,6 +28,8 @@ pub enum Suite {
     Activation(activation::ActivationBench),
     /// Meter events/s delivered from the outbox to a local server speaking Stripe's API.
     Billing(billing::BillingBench),
+    /// Half the measured peak for `--minutes`: RSS, each reader's lag, stream and Parquet disk.
+    Soak(soak::SoakBench),
     /// The bare hyper server of `bench limits` (run as its own process, like northstar).
     #[command(hide = true)]
     BareServer,
@@ -39,6 +43,7 @@ pub async fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::BareServer => limits::bare_server().await,
         Suite::Activation(options) => activation::run(options).await,
         Suite::Billing(options) => billing::run(options).await,
+        Suite::Soak(options) => soak::run(options).await,
     }
 }
 

@@ -124,7 +124,10 @@ async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected(
     // A marker stored after the second replay: once it is archived, anything that replay
     // had stored would be too (the archive commits in stream order).
     let marker = server
-        .post("/v1/batch", &json!({"batch": harness::tracks("marker", 0..1)}))
+        .post(
+            "/v1/batch",
+            &json!({"batch": harness::tracks("marker", 0..1)}),
+        )
         .await;
     assert_eq!(marker.status, 200, "{}", marker.text());
     server.wait_archived(stored + 2).await;

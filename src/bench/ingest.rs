@@ -33,8 +33,8 @@ use crate::bus::EmbeddedNats;
 use crate::client::{HttpClient, basic_auth};
 use crate::ingest::segment;
 
-const WRITE_KEY: &str = "bench-write-key-0001";
-const ADMIN_KEY: &str = "bench-admin-key-0001";
+pub(super) const WRITE_KEY: &str = "bench-write-key-0001";
+pub(super) const ADMIN_KEY: &str = "bench-admin-key-0001";
 
 /// Options of the ingest benchmark.
 #[derive(Debug, clap::Args)]
@@ -420,7 +420,7 @@ struct OurTimes {
 }
 
 /// A sample's value from Prometheus text.
-fn metric_value(text: &str, name: &str) -> f64 {
+pub(super) fn metric_value(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name))
         .and_then(|rest| rest.trim().parse().ok())
@@ -428,14 +428,18 @@ fn metric_value(text: &str, name: &str) -> f64 {
 }
 
 /// A `northstar serve` child process of the benchmark.
-struct ServerChild {
+pub(super) struct ServerChild {
     child: tokio::process::Child,
-    pid: u32,
-    base: String,
+    pub(super) pid: u32,
+    pub(super) base: String,
 }
 
 impl ServerChild {
-    async fn spawn(config_path: &Path, data: &Path, nats_url: &str) -> anyhow::Result<Self> {
+    pub(super) async fn spawn(
+        config_path: &Path,
+        data: &Path,
+        nats_url: &str,
+    ) -> anyhow::Result<Self> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("serve")
             .arg("--config")
@@ -466,7 +470,7 @@ impl ServerChild {
     }
 
     /// SIGTERM (the graceful path) and wait.
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Ok(pid) = libc::pid_t::try_from(self.pid) {
             // SAFETY: kill(2) on our own child.
             unsafe {

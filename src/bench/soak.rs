@@ -1,0 +1,268 @@
+//! `northstar bench soak`: a long run at half the measured peak, watching what must stay
+//! bounded: the server's memory, each reader's lag, and the disk the stream and Parquet use.
+//!
+//! It first measures the peak (clients posting as fast as they are answered, 15 s), then paces
+//! the same clients at half that rate for `--minutes`, sampling `/metrics` every second and
+//! printing one row a minute. The verdict lines say whether RSS after the first minute stayed
+//! within ±10% and the largest lag each reader reached.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use super::ingest::{ServerChild, WRITE_KEY, metric_value};
+use super::report::{mib, thousands};
+use crate::bus::EmbeddedNats;
+use crate::client::{HttpClient, basic_auth};
+
+/// Options of the soak.
+#[derive(Debug, clap::Args)]
+pub struct SoakBench {
+    /// How long to run at half the peak.
+    #[arg(long, default_value_t = 10)]
+    pub minutes: u64,
+    /// Events/s to hold instead of half the measured peak.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Messages per `/v1/batch` request.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+}
+
+/// Runs the soak and prints its table.
+pub async fn run(options: SoakBench) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("northstar-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = run_in(&options, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// One minute of the soak.
+struct Sample {
+    minute: u64,
+    rss: u64,
+    followers_lag: f64,
+    archive_lag: f64,
+    stream_bytes: f64,
+    parquet_bytes: u64,
+    acked: u64,
+    shed: f64,
+}
+
+async fn run_in(options: &SoakBench, work: &Path) -> anyhow::Result<()> {
+    let nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
+    let data = work.join("data");
+    let config_path = work.join("soak-config.json");
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
+    config["sources"] = json!([{"name": "soak", "writeKeys": [WRITE_KEY]}]);
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let server = ServerChild::spawn(&config_path, &data, nats.url()).await?;
+    let load = Load {
+        client: HttpClient::new(),
+        url: format!("{}/v1/batch", server.base),
+        next_id: Arc::new(AtomicU64::new(0)),
+        acked: Arc::new(AtomicU64::new(0)),
+        batch: options.batch.max(1),
+    };
+
+    let rate = match options.rate {
+        Some(rate) => rate,
+        None => {
+            eprintln!("measuring the peak: {} clients, 15 s…", options.clients);
+            let before = load.acked.load(Ordering::Relaxed);
+            load.run(options.clients, None, Duration::from_secs(15))
+                .await?;
+            let peak = (load.acked.load(Ordering::Relaxed) - before) / 15;
+            eprintln!("peak {} events/s; soaking at half", thousands(peak as f64));
+            (peak / 2).max(1)
+        }
+    };
+    eprintln!(
+        "soak: {} events/s for {} min…",
+        thousands(rate as f64),
+        options.minutes
+    );
+    let running = {
+        let load = load.clone();
+        let (clients, minutes) = (options.clients, options.minutes);
+        tokio::spawn(async move {
+            load.run(clients, Some(rate), Duration::from_secs(minutes * 60))
+                .await
+        })
+    };
+    let metrics_url = format!("{}/metrics", server.base);
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let (mut followers_lag, mut archive_lag) = (0.0f64, 0.0f64);
+    let mut last_text = String::new();
+    let mut minute = 0;
+    while !running.is_finished() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(answer) = load.client.get(&metrics_url, &[]).await {
+            last_text = answer.text();
+            followers_lag = followers_lag.max(metric_value(
+                &last_text,
+                "northstar_consumer_lag{reader=\"followers\"}",
+            ));
+            archive_lag = archive_lag.max(metric_value(
+                &last_text,
+                "northstar_consumer_lag{reader=\"archive\"}",
+            ));
+        }
+        if started.elapsed() >= Duration::from_secs((minute + 1) * 60) {
+            minute += 1;
+            samples.push(Sample {
+                minute,
+                rss: rss_bytes(server.pid).unwrap_or(0),
+                followers_lag,
+                archive_lag,
+                stream_bytes: metric_value(&last_text, "northstar_stream_bytes"),
+                parquet_bytes: crate::disk::dir_bytes(&data.join("events")),
+                acked: load.acked.load(Ordering::Relaxed),
+                shed: metric_value(&last_text, "northstar_ingest_shed_total"),
+            });
+            (followers_lag, archive_lag) = (0.0, 0.0);
+        }
+    }
+    running.await.context("soak load")??;
+    server.stop().await;
+    nats.stop().await;
+    print_soak(rate, options, &samples);
+    Ok(())
+}
+
+fn print_soak(rate: u64, options: &SoakBench, samples: &[Sample]) {
+    println!(
+        "\n### northstar bench soak — {} events/s, {} clients, batches of {}, {} min\n",
+        thousands(rate as f64),
+        options.clients,
+        options.batch,
+        options.minutes
+    );
+    println!(
+        "| minute | RSS | followers lag max | archive lag max | stream | Parquet | events acked | shed (total) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in samples {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.minute,
+            mib(s.rss),
+            thousands(s.followers_lag),
+            thousands(s.archive_lag),
+            mib(s.stream_bytes as u64),
+            mib(s.parquet_bytes),
+            thousands(s.acked as f64),
+            thousands(s.shed)
+        );
+    }
+    let warm: Vec<u64> = samples.iter().skip(1).map(|s| s.rss).collect();
+    if let (Some(low), Some(high)) = (warm.iter().min(), warm.iter().max()) {
+        let mid = (*low + *high) as f64 / 2.0;
+        let spread = (*high - *low) as f64 / 2.0 / mid.max(1.0) * 100.0;
+        println!(
+            "\nRSS after the first minute: {} to {} (±{spread:.1}%, {} ±10%)",
+            mib(*low),
+            mib(*high),
+            if spread <= 10.0 { "within" } else { "outside" }
+        );
+    }
+    let worst = |f: fn(&Sample) -> f64| samples.iter().map(f).fold(0.0, f64::max);
+    println!(
+        "largest lag: followers {}, archive {} events\n",
+        thousands(worst(|s| s.followers_lag)),
+        thousands(worst(|s| s.archive_lag))
+    );
+}
+
+/// Resident memory of a process now (`VmRSS`), in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Clients posting batches of fresh events, paced or as fast as they are answered.
+#[derive(Clone)]
+struct Load {
+    client: HttpClient,
+    url: String,
+    next_id: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    batch: usize,
+}
+
+impl Load {
+    /// Posts for `span` with `clients` connections; `rate` (events/s over all clients) paces
+    /// them, `None` lets each send its next batch as soon as the last is answered. Shed
+    /// batches (503, 429) are sent again after a pause, as the SDKs do.
+    async fn run(&self, clients: usize, rate: Option<u64>, span: Duration) -> anyhow::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let every = rate.map(|r| {
+            Duration::from_secs_f64(clients.max(1) as f64 * self.batch as f64 / r.max(1) as f64)
+        });
+        let mut workers = Vec::new();
+        for _ in 0..clients.max(1) {
+            let (load, stop) = (self.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                let mut tick = every.map(tokio::time::interval);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(tick) = tick.as_mut() {
+                        tick.tick().await;
+                    }
+                    load.post_one().await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        tokio::time::sleep(span).await;
+        stop.store(true, Ordering::Relaxed);
+        for worker in workers {
+            worker.await??;
+        }
+        Ok(())
+    }
+
+    async fn post_one(&self) -> anyhow::Result<()> {
+        let first = self.next_id.fetch_add(self.batch as u64, Ordering::Relaxed);
+        let now = crate::clock::format_micros(crate::clock::system_micros());
+        let batch: Vec<Value> = (first..first + self.batch as u64)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("soak-{i}"), "userId": format!("user-{}", i % 10_000),
+                       "event": "api_call_made", "timestamp": now,
+                       "context": {"groupId": format!("customer-{}", i % 1_000)},
+                       "properties": {"endpoint": "/v1/search", "latency_ms": i % 300, "status": 200}})
+            })
+            .collect();
+        let body = serde_json::to_vec(&json!({"batch": batch}))?;
+        let auth = basic_auth(WRITE_KEY);
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        loop {
+            let answer = self
+                .client
+                .send(http::Method::POST, &self.url, &headers, body.clone())
+                .await?;
+            match answer.status {
+                200 => {
+                    self.acked.fetch_add(self.batch as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                503 | 429 => tokio::time::sleep(Duration::from_millis(100)).await,
+                status => anyhow::bail!("batch answered {status}: {}", answer.text()),
+            }
+        }
+    }
+}
