@@ -27,6 +27,7 @@ bench: deps release
 	$(REL_BIN) bench limits
 	$(REL_BIN) bench activation
 	$(REL_BIN) bench billing
+	$(REL_BIN) bench soak --minutes 10
 
 build:
 	$(CARGO) build
