@@ -38,6 +38,21 @@ pub const MAX_TOKENS: usize = 100_000;
 /// build (`query::bounds` tests); real queries rarely nest a third as deep.
 pub const MAX_NESTING: usize = 16;
 
+/// Most subscripts (`[…]`) chained in one expression (`a.b[1][2].c[3]` has three).
+///
+/// A chain of names and subscripts that ends in a syntax error makes the parser retry every
+/// way of reading it, about twice the work per element (found by the sql_sandbox fuzz target):
+/// `a.b[A][A].` repeated ten times and ending in `c.` took 3.5 s; 24 names, one `[A]` and a
+/// trailing `.` more than 10 s. The same chains well formed parse in microseconds. Real
+/// queries chain far fewer.
+pub const MAX_CHAIN_SUBSCRIPTS: usize = 8;
+
+/// Most elements (names and subscripts) over all chains of a statement that have both a `.`
+/// and a subscript; see [`MAX_CHAIN_SUBSCRIPTS`]. The retries multiply across such chains
+/// nested in each other's subscripts (three levels of ten names: over 10 s). Chains without
+/// subscripts, or without `.`, parse in linear time at any length.
+pub const MAX_DOTTED_SUBSCRIPTED: usize = 16;
+
 /// Deepest nesting of expressions, operator chains, subqueries and set operations.
 pub const MAX_DEPTH: usize = 256;
 
@@ -52,6 +67,8 @@ pub enum Bound {
     Tokens,
     /// [`MAX_NESTING`].
     Nesting,
+    /// [`MAX_CHAIN_SUBSCRIPTS`].
+    Subscripts,
     /// [`MAX_DEPTH`].
     Depth,
     /// [`MAX_SIZE`].
@@ -69,6 +86,12 @@ impl std::fmt::Display for Bound {
                 f,
                 "the statement nests brackets and CASE deeper than {MAX_NESTING} levels, the bound \
                  on nesting in its text (split it, or use WITH tables)"
+            ),
+            Self::Subscripts => write!(
+                f,
+                "the statement chains more than {MAX_CHAIN_SUBSCRIPTS} subscripts ([…]) in one \
+                 expression, or more than {MAX_DOTTED_SUBSCRIPTED} names and subscripts in chains \
+                 that mix `.` and subscripts, the bounds on subscript chains"
             ),
             Self::Depth => write!(
                 f,
@@ -101,7 +124,87 @@ pub fn check_text(sql: &str) -> Result<(), Refusal> {
     if text_nesting(&tokens) > MAX_NESTING {
         return Err(Refusal::OverBound(Bound::Nesting));
     }
+    if chains_over_bounds(&tokens) {
+        return Err(Refusal::OverBound(Bound::Subscripts));
+    }
     Ok(())
+}
+
+/// One chain of names and subscripts (`a.b[1].c`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Chain {
+    elements: usize,
+    subscripts: usize,
+    periods: usize,
+    /// Elements already added to the statement's total.
+    counted: usize,
+}
+
+/// Whether the chains of names and subscripts among `tokens` are over the bounds: a chain
+/// with more than [`MAX_CHAIN_SUBSCRIPTS`] subscripts, or more than
+/// [`MAX_DOTTED_SUBSCRIPTED`] elements over all chains that have both a `.` and a subscript.
+/// A chain goes on through `.` and through a `[` right after a name, `]` or `)`; a name not
+/// after `.` starts a new one.
+fn chains_over_bounds(tokens: &[Token]) -> bool {
+    let mut chains: Vec<Chain> = vec![Chain::default()];
+    let mut total = 0usize;
+    let mut previous: Option<&Token> = None;
+    for token in tokens {
+        let after_period = matches!(previous, Some(Token::Period));
+        let after_operand = matches!(
+            previous,
+            Some(Token::Word(_) | Token::RBracket | Token::RParen)
+        );
+        let Some(chain) = chains.last_mut() else {
+            return false;
+        };
+        let mut opened = false;
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::Word(_) if after_period => chain.elements += 1,
+            Token::Word(_) => {
+                *chain = Chain {
+                    elements: 1,
+                    ..Chain::default()
+                }
+            }
+            Token::Period => chain.periods += 1,
+            Token::LBracket if after_operand => {
+                chain.elements += 1;
+                chain.subscripts += 1;
+                opened = true;
+            }
+            Token::LBracket => {
+                *chain = Chain::default();
+                opened = true;
+            }
+            Token::LParen | Token::LBrace => opened = true,
+            Token::RBracket | Token::RParen | Token::RBrace => {}
+            _ => *chain = Chain::default(),
+        }
+        if chain.subscripts > MAX_CHAIN_SUBSCRIPTS {
+            return true;
+        }
+        if chain.subscripts > 0 && chain.periods > 0 {
+            total += chain.elements - chain.counted;
+            chain.counted = chain.elements;
+            if total > MAX_DOTTED_SUBSCRIPTED {
+                return true;
+            }
+        }
+        match token {
+            _ if opened => chains.push(Chain::default()),
+            Token::RBracket | Token::RParen | Token::RBrace => {
+                chains.pop();
+                if chains.is_empty() {
+                    chains.push(Chain::default());
+                }
+            }
+            _ => {}
+        }
+        previous = Some(token);
+    }
+    false
 }
 
 /// Refuses brackets that do not pair up. Such text cannot parse, and the parser's retries
@@ -412,6 +515,50 @@ mod tests {
             !matches!(admit(&closed), Err(Refusal::Syntax(m)) if m.contains("pair up")),
             "closed brackets pass the check"
         );
+    }
+
+    #[test]
+    fn long_subscript_chains_are_refused_before_parsing() {
+        // Found by the sql_sandbox fuzz target: the parse of a failing chain grows about
+        // fourfold per `a.b[A][A].`.
+        let chain = |n: usize, end: &str| format!("SELECT {}{end}", "a[A][A].".repeat(n));
+        assert_eq!(over(&chain(12, "c.")), Some(Bound::Subscripts));
+        assert_eq!(over(&chain(5, "c")), Some(Bound::Subscripts));
+        assert!(matches!(admit(&chain(3, "c.")), Err(Refusal::Syntax(_))));
+        assert!(
+            admit(&chain(3, "c")).is_ok(),
+            "a chain of 3 × 3 elements passes"
+        );
+        let names = format!("SELECT {}b[A].e.", "a.".repeat(24));
+        assert_eq!(
+            over(&names),
+            Some(Bound::Subscripts),
+            "24 names and a subscript"
+        );
+        let nested = format!("SELECT {}c.{}", "a.a.a.a.a.a.b[".repeat(3), "]".repeat(3));
+        assert_eq!(
+            over(&nested),
+            Some(Bound::Subscripts),
+            "nested chains add up"
+        );
+        let tags = (1..=12).map(|i| format!("tags[{i}]")).collect::<Vec<_>>();
+        assert!(
+            admit(&format!("SELECT {} FROM t", tags.join(", "))).is_ok(),
+            "subscripts without `.` are not counted"
+        );
+        let plain = format!("SELECT {}e FROM t", "a.".repeat(40));
+        assert!(
+            !matches!(admit(&plain), Err(Refusal::OverBound(_))),
+            "a chain without subscripts is not bounded"
+        );
+        let many = (0..40).map(|i| format!("a[{i}]")).collect::<Vec<_>>();
+        assert!(
+            admit(&format!("SELECT {} FROM t", many.join(", "))).is_ok(),
+            "many short chains pass"
+        );
+        assert!(admit("SELECT a[b[c[1]]][2] + x[1][2][3] FROM t").is_ok());
+        let message = Refusal::OverBound(Bound::Subscripts).to_string();
+        assert!(message.contains('8'), "{message}");
     }
 
     #[test]
