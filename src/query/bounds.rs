@@ -486,7 +486,7 @@ mod tests {
         // Found by the sql_sandbox fuzz target: unclosed `[` around dotted names, whose parse
         // grows with every unclosed level (this one ran for minutes).
         let found = "SELECT c.v.tsclev. cnev.tscvlev. cnev.tscv.tsE.tscv.tsEM[Fev. v.vne.v.tsclev. \
-                     cnev.tscv.tsE.t.tsE.tscv.tsEM[Fev. v.vne.v.tsclev. cnev.tscv.tsE.tscv.tsEM[Fev. v\0\0\03.vM]FR";
+                     cnev.tscv.tsE.t.tsE.tscv.tsEM[Fev. v.vne.v.tsclev. cnev.tscv.tsE.tscv.tsEM[Fev. v\0\0\x003.vM]FR";
         let four = format!("SELECT a[{}d", "b.b.b.b.b.b.b.c[".repeat(4));
         for sql in [
             found,
