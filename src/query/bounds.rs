@@ -185,6 +185,8 @@ fn chains_over_bounds(tokens: &[Token]) -> bool {
             }
             Token::LParen | Token::LBrace => opened = true,
             Token::RBracket | Token::RParen | Token::RBrace => {}
+            // The parser reads `a.'b'.c` and `a.1.b` as chains too.
+            _ if after_period => chain.elements += 1,
             _ => *chain = Chain::default(),
         }
         if chain.subscripts > MAX_CHAIN_SUBSCRIPTS || chain.periods > MAX_CHAIN_PERIODS {
@@ -557,6 +559,13 @@ mod tests {
         assert!(
             admit("SELECT c.s.t.col, x.a.b.c.d.e.f.g.h FROM t").is_ok(),
             "8 `.` pass"
+        );
+        // Found by the fuzz target: a chain through string literals.
+        let strings = format!("SELECT cne. {}v", "cnv.ncv .e.','.".repeat(12));
+        assert_eq!(
+            over(&strings),
+            Some(Bound::Subscripts),
+            "`.` through literals count"
         );
         let many = (0..40).map(|i| format!("a[{i}]")).collect::<Vec<_>>();
         assert!(
