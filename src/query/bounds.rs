@@ -154,8 +154,15 @@ fn chains_over_bounds(tokens: &[Token]) -> bool {
     let mut chains: Vec<Chain> = vec![Chain::default()];
     let mut total = 0usize;
     let mut previous: Option<&Token> = None;
+    // The previous token was an odd segment after `.` (`a.~b`, `a.'b'`): a name after it
+    // still belongs to the chain.
+    let mut odd_segment = false;
     for token in tokens {
-        let after_period = matches!(previous, Some(Token::Period));
+        if matches!(token, Token::Whitespace(_)) {
+            continue;
+        }
+        let after_period = matches!(previous, Some(Token::Period)) || odd_segment;
+        odd_segment = false;
         let after_operand = matches!(
             previous,
             Some(Token::Word(_) | Token::RBracket | Token::RParen)
@@ -186,7 +193,10 @@ fn chains_over_bounds(tokens: &[Token]) -> bool {
             Token::LParen | Token::LBrace => opened = true,
             Token::RBracket | Token::RParen | Token::RBrace => {}
             // The parser reads `a.'b'.c` and `a.1.b` as chains too.
-            _ if after_period => chain.elements += 1,
+            _ if matches!(previous, Some(Token::Period)) => {
+                chain.elements += 1;
+                odd_segment = true;
+            }
             _ => *chain = Chain::default(),
         }
         if chain.subscripts > MAX_CHAIN_SUBSCRIPTS || chain.periods > MAX_CHAIN_PERIODS {
@@ -566,6 +576,13 @@ mod tests {
             over(&strings),
             Some(Bound::Subscripts),
             "`.` through literals count"
+        );
+        // And one through an operator right after `.`.
+        let tilde = format!("SELECT ~{}v", "cvne.vft.~ne.vne.v.".repeat(4));
+        assert_eq!(
+            over(&tilde),
+            Some(Bound::Subscripts),
+            "`.~name` continues a chain"
         );
         let many = (0..40).map(|i| format!("a[{i}]")).collect::<Vec<_>>();
         assert!(
