@@ -102,7 +102,9 @@ async fn slow_bodies_hold_no_request_place_and_get_408() {
         &config_with_ingest(json!({
             "maxConcurrentRequests": concurrent,
             "maxRequestsPerClient": slow,
-            "bodyTimeout": "8s",
+            // Long enough that a busy machine has read every slow request's head well before
+            // the first of them times out.
+            "bodyTimeout": "20s",
         })),
     );
     // The review's attack from another address: request lines and `Content-Length: 400000`,
@@ -122,7 +124,7 @@ async fn slow_bodies_hold_no_request_place_and_get_408() {
         sockets.push(stream);
     }
     // Every slow request is in progress once the attacker's next one meets its client bound.
-    let refused = eventually(Duration::from_secs(5), async || {
+    let refused = eventually(Duration::from_secs(15), async || {
         let answer = get_from(attacker, &server, "/healthz").await;
         match answer.status {
             Some(429) => Ok(answer),
