@@ -126,6 +126,18 @@ pub fn check_text(sql: &str) -> Result<(), Refusal> {
         return Err(Refusal::OverBound(Bound::Tokens));
     }
     check_brackets(&tokens).map_err(Refusal::Syntax)?;
+    // `EXPLAIN EXPLAIN …` recurses in the parser once per word, past any recursion limit:
+    // 100,000 of them overflowed the fuzz thread's stack (a segmentation fault, found by the
+    // sql_sandbox fuzz target). One EXPLAIN (with ANALYZE, VERBOSE) is all a query needs.
+    let explains = tokens
+        .iter()
+        .filter(|t| matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("EXPLAIN")))
+        .count();
+    if explains > 1 {
+        return Err(Refusal::Syntax(
+            "EXPLAIN may appear once in a statement".into(),
+        ));
+    }
     if text_nesting(&tokens) > MAX_NESTING {
         return Err(Refusal::OverBound(Bound::Nesting));
     }
@@ -592,6 +604,15 @@ mod tests {
         assert!(admit("SELECT a[b[c[1]]][2] + x[1][2][3] FROM t").is_ok());
         let message = Refusal::OverBound(Bound::Subscripts).to_string();
         assert!(message.contains('8'), "{message}");
+    }
+
+    #[test]
+    fn explain_of_explain_is_refused_before_the_parser_recurses() {
+        // Found by the sql_sandbox fuzz target: a stack overflow on the parser's recursion.
+        let sql = format!("{}SELECT 1", "EXPLAIN ".repeat(50_000));
+        assert!(matches!(admit(&sql), Err(Refusal::Syntax(m)) if m.contains("EXPLAIN")));
+        assert!(admit("EXPLAIN ANALYZE SELECT 1").is_ok());
+        assert!(admit("SELECT 'explain explain' AS \"EXPLAIN\"").is_ok());
     }
 
     #[test]
