@@ -5,6 +5,7 @@
 //! - [`output`]: table, CSV, JSON and Arrow IPC answers.
 //!
 //! - [`bounds`]: how long and deep a statement may be;
+//! - [`dialect`]: the parser's dialect, with a bound on its work;
 //! - [`functions`]: the functions that make large values, bounded per call;
 //! - [`answer`]: collecting an answer within its row and byte bounds.
 //!
@@ -14,6 +15,7 @@
 
 pub mod answer;
 pub mod bounds;
+pub mod dialect;
 pub mod functions;
 pub mod output;
 pub mod readonly;

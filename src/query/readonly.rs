@@ -1,15 +1,17 @@
 //! The SQL sandbox's first wall: only one read-only statement per request, within bounds.
 //!
-//! The statement is parsed with DataFusion's own parser and must be a query, `EXPLAIN`, `SHOW`
+//! The statement is parsed with DataFusion's own parser, within a budget of work
+//! ([`super::dialect`]), and must be a query, `EXPLAIN`, `SHOW`
 //! or `DESCRIBE`, no longer and no deeper than [`super::bounds`] allows. DataFusion's
 //! [`SQLOptions`](datafusion::execution::context::SQLOptions) are the second wall (no DDL, DML
 //! or `SET` even inside an `EXPLAIN`), and the session registers no file-reading table
 //! functions and no URL tables, so only northstar's tables are visible.
 
-use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 
 use super::bounds::{self, Bound};
+use super::dialect;
 
 /// Why a statement is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +47,8 @@ impl std::fmt::Display for Refusal {
 /// Never panics and never recurses deeper than the bounds, whatever the text (a fuzz target
 /// holds it to that), so it is safe on any thread.
 pub fn admit(sql: &str) -> Result<DfStatement, Refusal> {
-    bounds::check_text(sql)?;
-    let mut statements = DFParser::parse_sql(sql).map_err(|e| Refusal::Syntax(e.to_string()))?;
+    let tokens = bounds::check_text(sql)?;
+    let mut statements = dialect::parse(sql, tokens)?;
     if statements.len() != 1 {
         return Err(Refusal::StatementCount(statements.len()));
     }
