@@ -51,6 +51,8 @@ pub fn parse(sql: &str, tokens: usize) -> Result<VecDeque<Statement>, Refusal> {
 pub struct Budgeted {
     inner: GenericDialect,
     left: Cell<u64>,
+    /// A question came after the budget was spent (a statement that fits it exactly is fine).
+    over: Cell<bool>,
 }
 
 impl Budgeted {
@@ -59,12 +61,13 @@ impl Budgeted {
         Self {
             inner: GenericDialect {},
             left: Cell::new(budget),
+            over: Cell::new(false),
         }
     }
 
     /// Whether the budget ran out.
     pub fn spent(&self) -> bool {
-        self.left.get() == 0
+        self.over.get()
     }
 
     /// Questions the parser may still ask.
@@ -76,7 +79,10 @@ impl Budgeted {
     /// Counts one question; `Some(error)` once the budget is spent.
     fn ask<T>(&self) -> Option<Result<T, ParserError>> {
         match self.left.get() {
-            0 => Some(Err(ParserError::RecursionLimitExceeded)),
+            0 => {
+                self.over.set(true);
+                Some(Err(ParserError::RecursionLimitExceeded))
+            }
             left => {
                 self.left.set(left - 1);
                 None
@@ -296,6 +302,16 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    #[test]
+    fn a_statement_that_fits_the_budget_exactly_is_admitted() {
+        let sql = "SELECT a + 1 FROM t WHERE b = 2";
+        let (work, _) = work_of(sql);
+        let exact = Budgeted::new(work);
+        assert!(DFParser::parse_sql_with_dialect(sql, &exact).is_ok() && !exact.spent());
+        let short = Budgeted::new(work - 1);
+        assert!(DFParser::parse_sql_with_dialect(sql, &short).is_err() && short.spent());
     }
 
     #[test]
