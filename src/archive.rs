@@ -3,18 +3,23 @@
 //! - [`format`]: how a stream message becomes a row (events, rejected messages);
 //! - [`commit`]: the on-disk commit protocol and crash recovery;
 //! - [`manifest`]: the committed stream position, the archive's only progress record;
+//! - [`live`]: the rows taken but not yet committed, as SQL sees them;
 //! - [`compact`]: merging a day's small files.
 //!
 //! The loop buffers rows per date partition and commits when `maxRowsPerCommit` rows are
 //! buffered or the oldest has waited `commitInterval`. A commit runs on a blocking thread while
 //! the next one fills (at most one in flight, so manifests advance in order); when it is
-//! durable the stream is acked up to its last sequence (AckAll).
+//! durable the stream is acked up to its last sequence (AckAll). Every [`live::SEAL_EVERY`]
+//! the buffer is sealed into record batches that SQL reads beside the committed files, so a
+//! query need not wait for a commit.
 
 pub mod commit;
 pub mod compact;
 pub mod format;
+pub mod live;
 pub mod manifest;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +34,9 @@ use crate::bus::streams::{DurableSpec, durable_consumer, pull_messages, sequence
 use crate::config::ArchiveSettings;
 use crate::metrics::ArchiveMetrics;
 use crate::shutdown::wait_for_stop;
+use arrow::array::RecordBatch;
 pub use format::{EventsFormat, RejectedFormat, TableFormat};
+pub use live::LiveRows;
 pub use manifest::ArchiveManifest;
 
 /// Failures of the archiver. All are ours (disk, stream); none is the user's input.
@@ -102,6 +109,8 @@ type OwnMessages = async_nats::jetstream::consumer::pull::Stream;
 pub struct ArchiverHandle {
     /// Last committed stream sequence; changes after every commit.
     pub committed: watch::Receiver<u64>,
+    /// The rows taken but not yet committed, for SQL.
+    pub live: Arc<LiveRows>,
     /// The archiver task; finishes after the final commit on shutdown.
     pub task: JoinHandle<()>,
 }
@@ -122,7 +131,9 @@ pub async fn start<F: TableFormat>(
         source,
     })?;
     let (committed_tx, committed) = watch::channel(0);
+    let live = LiveRows::new();
     let mut archiver = Archiver {
+        live: live.clone(),
         format: Arc::new(format),
         js,
         target,
@@ -135,7 +146,11 @@ pub async fn start<F: TableFormat>(
     };
     archiver.prepare().await?;
     let task = tokio::spawn(archiver.supervise(shutdown));
-    Ok(ArchiverHandle { committed, task })
+    Ok(ArchiverHandle {
+        committed,
+        live,
+        task,
+    })
 }
 
 /// Checks the stream against the manifest and returns the stream's creation time. Refuses a
@@ -183,15 +198,21 @@ struct Archiver<F: TableFormat> {
     metrics: Arc<ArchiveMetrics>,
     manifest: ArchiveManifest,
     committed: watch::Sender<u64>,
+    live: Arc<LiveRows>,
     compacting: Arc<AtomicBool>,
     /// Highest stream sequence committed, in flight or buffered: anything at or below it that
     /// arrives again is a redelivery and is skipped.
     high_water: u64,
 }
 
-/// Rows waiting for the next commit.
+/// Sealed rows of each partition day, waiting for their commit.
+type Sealed = BTreeMap<i64, Vec<RecordBatch>>;
+
+/// Rows waiting for the next commit: sealed batches (published for SQL) and the builders
+/// filling since the last seal.
 struct Buffer<R> {
     partitions: format::Partitions<R>,
+    sealed: Sealed,
     rows: usize,
     bytes: usize,
     first_seq: u64,
@@ -204,6 +225,7 @@ impl<R> Default for Buffer<R> {
     fn default() -> Self {
         Self {
             partitions: Default::default(),
+            sealed: Sealed::new(),
             rows: 0,
             bytes: 0,
             first_seq: 0,
@@ -231,8 +253,8 @@ enum CommitCause {
 }
 
 /// A commit handed to a blocking thread.
-struct CommitJob<R> {
-    partitions: format::Partitions<R>,
+struct CommitJob {
+    partitions: Sealed,
     rows: usize,
     first_seq: u64,
     last_seq: u64,
@@ -286,6 +308,8 @@ impl<F: TableFormat> Archiver<F> {
         self.high_water = manifest.last_seq;
         self.metrics.last_seq.set(manifest.last_seq);
         self.committed.send_replace(manifest.last_seq);
+        self.live.reset(manifest.last_seq);
+        self.metrics.visible_seq.set(manifest.last_seq);
         self.manifest = manifest;
         Ok(())
     }
@@ -366,7 +390,11 @@ impl<F: TableFormat> Archiver<F> {
         let mut buffer: Buffer<F::Rows> = Buffer::default();
         let mut in_flight: Option<InFlight> = None;
         let interval = self.settings.commit_interval.get();
-        let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(5)));
+        let mut tick = tokio::time::interval(
+            (interval / 4)
+                .min(live::SEAL_EVERY)
+                .max(Duration::from_millis(5)),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = loop {
             let fed = async {
@@ -395,6 +423,9 @@ impl<F: TableFormat> Archiver<F> {
                     }
                 }
                 _ = tick.tick() => {
+                    if let Err(e) = self.seal(&mut buffer) {
+                        break Stop::Failed(e);
+                    }
                     if let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await {
                         break Stop::Failed(e);
                     }
@@ -601,6 +632,31 @@ impl<F: TableFormat> Archiver<F> {
         self.high_water = seq;
     }
 
+    /// Seals what the builders hold into record batches and publishes them for SQL.
+    fn seal(&self, buffer: &mut Buffer<F::Rows>) -> Result<(), ArchiveError> {
+        let mut chunks = Vec::new();
+        for (day, rows) in buffer.partitions.iter_mut() {
+            if F::len(rows) == 0 {
+                continue;
+            }
+            let batch = self
+                .format
+                .finish(rows)
+                .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+            chunks.push(live::Chunk {
+                date: crate::event::partition_date(day * 86_400_000_000),
+                batch: batch.clone(),
+                last_seq: buffer.last_seq,
+            });
+            buffer.sealed.entry(*day).or_default().push(batch);
+        }
+        if !chunks.is_empty() {
+            self.live.seal(chunks);
+            self.metrics.visible_seq.set(buffer.last_seq);
+        }
+        Ok(())
+    }
+
     /// Hands the buffer to a blocking thread, after waiting for the commit before it.
     async fn commit(
         &mut self,
@@ -614,9 +670,10 @@ impl<F: TableFormat> Archiver<F> {
         if let Some(previous) = in_flight.take() {
             self.finish_commit(previous.await).await?;
         }
+        self.seal(buffer)?;
         let taken = std::mem::take(buffer);
         let job = CommitJob {
-            partitions: taken.partitions,
+            partitions: taken.sealed,
             rows: taken.rows,
             first_seq: taken.first_seq,
             last_seq: taken.last_seq,
@@ -655,10 +712,12 @@ impl<F: TableFormat> Archiver<F> {
         self.metrics.commit_micros_sum.add(micros);
         self.metrics.commit_micros_max.raise(micros);
         self.metrics.last_seq.set(done.manifest.last_seq);
+        self.metrics.visible_seq.raise(done.manifest.last_seq);
         tracing::debug!(table = self.format.dir(), last_seq = done.manifest.last_seq, files = done.files, took = ?done.took, "committed");
         let last_seq = done.manifest.last_seq;
         self.manifest = done.manifest;
         self.committed.send_replace(last_seq);
+        self.live.committed(last_seq);
         // Compaction waits while a backlog is worked through: it would take the CPU that
         // catching up needs, and backlog commits are large files anyway.
         if done.cause == CommitCause::Interval {
@@ -695,7 +754,7 @@ fn write_commit<F: TableFormat>(
     dir: &Path,
     settings: &ArchiveSettings,
     mut manifest: ArchiveManifest,
-    job: CommitJob<F::Rows>,
+    job: CommitJob,
 ) -> Result<CommitDone, ArchiveError> {
     let started = Instant::now();
     let schema = format.schema();
@@ -705,14 +764,14 @@ fn write_commit<F: TableFormat>(
         compacted: false,
     };
     let mut files = 0;
-    for (day, rows) in job.partitions {
-        if F::len(&rows) == 0 {
+    for (day, batches) in job.partitions {
+        if batches.iter().all(|b| b.num_rows() == 0) {
             continue;
         }
         let date = crate::event::partition_date(day * 86_400_000_000);
-        let batch = format
-            .finish(rows)
+        let batch = arrow::compute::concat_batches(&schema, &batches)
             .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
+        drop(batches);
         let batch = commit::sort_batch(&batch, format.sort_columns())
             .map_err(|e| ArchiveError::Arrow(e.to_string()))?;
         let partition = commit::ensure_partition_dir(dir, &date)?;

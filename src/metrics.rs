@@ -57,6 +57,8 @@ pub struct ArchiveMetrics {
     pub commit_micros_max: Gauge,
     /// Last stream sequence committed.
     pub last_seq: Gauge,
+    /// Last stream sequence SQL sees: committed, or sealed in the write buffer.
+    pub visible_seq: Gauge,
     /// Compactions made.
     pub compactions: Counter,
     /// Stream messages that could not be decoded (skipped and logged).
@@ -291,7 +293,7 @@ impl Metrics {
             "# HELP northstar_sql_queries_running SQL queries running now (a query given up stops at once).\n# TYPE northstar_sql_queries_running gauge\nnorthstar_sql_queries_running {sql_running}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 11] = [
+        let archive_lines: [(&str, &str, &str, Read); 12] = [
             (
                 "northstar_archive_rows_total",
                 "counter",
@@ -345,6 +347,12 @@ impl Metrics {
                 "gauge",
                 "Last stream sequence committed to Parquet.",
                 |a| a.last_seq.get() as f64,
+            ),
+            (
+                "northstar_archive_visible_seq",
+                "gauge",
+                "Last stream sequence SQL sees: committed, or in the write buffer SQL reads.",
+                |a| a.visible_seq.get() as f64,
             ),
             (
                 "northstar_archive_commit_seconds_sum",

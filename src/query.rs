@@ -197,6 +197,16 @@ impl Drop for SqlRuntime {
 impl QueryEngine {
     /// Opens the tables of `data_dir` and the views of `config`.
     pub async fn open(data_dir: &Path, config: &Config) -> Result<Self, QueryError> {
+        Self::open_live(data_dir, config, &tables::LiveTables::default()).await
+    }
+
+    /// Opens the tables of `data_dir`, with the archivers' uncommitted rows of `live` read
+    /// beside the archived tables' files, and the views of `config`.
+    pub async fn open_live(
+        data_dir: &Path,
+        config: &Config,
+        live: &tables::LiveTables,
+    ) -> Result<Self, QueryError> {
         let settings = config.sql.clone();
         // No list-files cache: DataFusion's default keeps a table's file list forever, and the
         // archive adds a file every commit and swaps files on compaction.
@@ -218,7 +228,7 @@ impl QueryEngine {
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
         functions::register(&ctx, memory_limit / 16);
-        tables::register_all(&ctx, data_dir, config).await?;
+        tables::register_all(&ctx, data_dir, config, live).await?;
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("northstar-sql")

@@ -281,7 +281,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         ),
     );
 
-    let query = Arc::new(QueryEngine::open(&data_dir, &config).await?);
+    let live = crate::query::tables::LiveTables {
+        events: Some(events.live.clone()),
+        rejected: Some(rejected.live.clone()),
+    };
+    let query = Arc::new(QueryEngine::open_live(&data_dir, &config, &live).await?);
     let definitions = crate::pipelines::load(&pipelines_dir)?;
     let (pipelines_tx, pipelines_progress) = watch::channel(0);
     let pipelines_task = supervisor.spawn(

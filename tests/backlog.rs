@@ -6,14 +6,8 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Nats, Northstar, eventually, test_config, tracks};
+use harness::{Nats, Northstar, eventually, metric, test_config, tracks};
 use serde_json::json;
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name))
-        .and_then(|rest| rest.trim().parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ingest_sheds_past_the_archive_lag_bound_loses_nothing_and_resumes() {

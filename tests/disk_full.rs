@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use harness::{Nats, Northstar, eventually, test_config, tracks};
+use harness::{Nats, Northstar, eventually, metric, test_config, tracks};
 use serde_json::json;
 
 /// A tmpfs mounted for one test; unmounted when dropped.
@@ -86,13 +86,6 @@ impl Drop for Tmpfs {
 
 fn skipped(test: &str) {
     eprintln!("{test}: skipped: mounting a tmpfs needs root (CI runs the test as root)");
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name))
-        .and_then(|rest| rest.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
 }
 
 /// Posts batches of 50 until one is refused; returns how many events were acked on the way

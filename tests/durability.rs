@@ -328,8 +328,19 @@ async fn sigterm_commits_what_is_buffered_before_exiting() {
         .post("/v1/batch", &json!({"batch": tracks("term", 0..500)}))
         .await;
     assert_eq!(r.status, 200);
-    // Wait until the archiver holds them (delivered), then stop gracefully.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the archiver holds them (SQL sees them in its buffer), then stop gracefully.
+    harness::eventually(Duration::from_secs(30), async || {
+        let text = server.get("/metrics").await.text();
+        match harness::metric(&text, "northstar_archive_visible_seq{table=\"events\"} ") {
+            Some(500) => Ok(()),
+            other => Err(format!("the archiver holds up to {other:?} of 500")),
+        }
+    })
+    .await;
+    assert_eq!(
+        server.live_sql("SELECT count(*) AS n FROM events").await[0]["n"],
+        500
+    );
     assert_eq!(
         northstar::archive::ArchiveManifest::load(&server.data.join("events"))
             .unwrap()

@@ -7,7 +7,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Nats, Northstar, SERVICE_KEY, eventually, test_config};
+use harness::{Nats, Northstar, SERVICE_KEY, eventually, metric, test_config};
 use serde_json::{Value, json};
 
 /// Metered calls stamped now (so they count in the current period), over five customers.
@@ -19,13 +19,6 @@ fn calls(prefix: &str, n: usize) -> Vec<Value> {
                    "properties": {"endpoint": "/v1/search", "n": i}})
         })
         .collect()
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name))
-        .and_then(|rest| rest.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread")]

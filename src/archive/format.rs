@@ -44,8 +44,8 @@ pub trait TableFormat: Send + Sync + 'static {
     ) -> Result<(), serde_json::Error>;
     /// Rows buffered in one partition.
     fn len(rows: &Self::Rows) -> usize;
-    /// Turns a partition's builders into a record batch.
-    fn finish(&self, rows: Self::Rows) -> Result<RecordBatch, ArrowError>;
+    /// Turns what a partition's builders hold into a record batch, leaving them empty.
+    fn finish(&self, rows: &mut Self::Rows) -> Result<RecordBatch, ArrowError>;
 }
 
 fn timestamps() -> TimestampMicrosecondBuilder {
@@ -126,7 +126,7 @@ impl TableFormat for EventsFormat {
         rows.seq.len()
     }
 
-    fn finish(&self, mut rows: EventRows) -> Result<RecordBatch, ArrowError> {
+    fn finish(&self, rows: &mut EventRows) -> Result<RecordBatch, ArrowError> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(rows.event_id.finish()),
             Arc::new(rows.seq.finish()),
@@ -206,7 +206,7 @@ impl TableFormat for RejectedFormat {
         rows.seq.len()
     }
 
-    fn finish(&self, mut rows: RejectedRows) -> Result<RecordBatch, ArrowError> {
+    fn finish(&self, rows: &mut RejectedRows) -> Result<RecordBatch, ArrowError> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(rows.rejected_id.finish()),
             Arc::new(rows.seq.finish()),

@@ -460,8 +460,8 @@ fn flush(
         last_seq: last,
         compacted: false,
     };
-    for (day, buffered) in std::mem::take(partitions) {
-        let batch = format.finish(buffered)?;
+    for (day, mut buffered) in std::mem::take(partitions) {
+        let batch = format.finish(&mut buffered)?;
         let batch = sort_batch(&batch, format.sort_columns())?;
         rows += batch.num_rows() as u64;
         let dir = ensure_partition_dir(table, &crate::event::partition_date(day * 86_400_000_000))?;

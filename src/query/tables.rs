@@ -1,15 +1,30 @@
-//! The tables SQL sees, registered over the Parquet files of the data dir.
+//! The tables SQL sees, registered over the Parquet files of the data dir, and for the two
+//! archived tables of a running server, over the archiver's rows not yet committed too
+//! ([`LiveTable`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::TableType;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::FilterExecBuilder;
+use datafusion::physical_plan::union::UnionExec;
 use datafusion::prelude::{SessionContext, col};
+
+use crate::archive::live::{Chunk, LiveRows};
 
 use crate::config::{Aggregation, Config};
 use crate::event::{events_schema, timestamp_type};
@@ -61,10 +76,36 @@ pub const TABLES: &[TableDef] = &[
     },
 ];
 
+/// The archivers' uncommitted rows of a running server, by table; none when SQL runs over a
+/// data dir on its own (`northstar sql`).
+#[derive(Debug, Clone, Default)]
+pub struct LiveTables {
+    /// The events archiver's buffer.
+    pub events: Option<Arc<LiveRows>>,
+    /// The rejected-messages archiver's buffer.
+    pub rejected: Option<Arc<LiveRows>>,
+}
+
+impl LiveTables {
+    fn of(&self, table: &str) -> Option<Arc<LiveRows>> {
+        match table {
+            "events" => self.events.clone(),
+            "rejected_events" => self.rejected.clone(),
+            _ => None,
+        }
+    }
+}
+
 /// Registers every table of `data_dir` in `ctx`, and the `metered_events` view of `config`'s
 /// meters. A table whose directory does not exist yet is created empty, so queries on a new
-/// install answer with no rows rather than an error.
-pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config) -> Result<()> {
+/// install answer with no rows rather than an error. The archived tables read `live`'s rows
+/// beside their files.
+pub async fn register_all(
+    ctx: &SessionContext,
+    data_dir: &Path,
+    config: &Config,
+    live: &LiveTables,
+) -> Result<()> {
     for table in TABLES {
         let dir = data_dir.join(table.dir);
         std::fs::create_dir_all(&dir)?;
@@ -73,25 +114,16 @@ pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config
             .iter()
             .map(|c| col(*c).sort(true, true))
             .collect::<Vec<_>>();
-        register_parquet_dir(
-            ctx,
-            table.name,
-            &dir,
-            (table.schema)(),
-            &["date"],
-            vec![order],
-        )?;
+        let files = parquet_dir(&dir, (table.schema)(), &["date"], vec![order])?;
+        let provider: Arc<dyn TableProvider> = match live.of(table.name) {
+            Some(live) => Arc::new(LiveTable::new(files, live)?),
+            None => files,
+        };
+        ctx.register_table(table.name, provider)?;
     }
     let usage = data_dir.join("usage");
     std::fs::create_dir_all(&usage)?;
-    register_parquet_dir(
-        ctx,
-        "usage",
-        &usage,
-        usage_schema(),
-        &["pipeline", "date"],
-        vec![],
-    )?;
+    register_parquet_dir(ctx, "usage", &usage, usage_schema(), &["pipeline", "date"])?;
     let activation = data_dir.join(crate::activation::store::DIR);
     std::fs::create_dir_all(&activation)?;
     register_parquet_dir(
@@ -100,7 +132,6 @@ pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config
         &activation,
         crate::activation::store::activation_schema(),
         &[],
-        vec![],
     )?;
     let identities = data_dir.join(crate::identity::DIR);
     std::fs::create_dir_all(&identities)?;
@@ -110,7 +141,6 @@ pub async fn register_all(ctx: &SessionContext, data_dir: &Path, config: &Config
         &identities,
         crate::identity::identities_schema(),
         &[],
-        vec![],
     )?;
     ctx.sql(&format!(
         "CREATE VIEW metered_events AS {}",
@@ -127,8 +157,18 @@ fn register_parquet_dir(
     dir: &Path,
     schema: SchemaRef,
     partitions: &[&str],
-    order: Vec<Vec<datafusion::logical_expr::SortExpr>>,
 ) -> Result<()> {
+    ctx.register_table(name, parquet_dir(dir, schema, partitions, vec![])?)?;
+    Ok(())
+}
+
+/// A hive-partitioned listing of the Parquet files under `dir`.
+fn parquet_dir(
+    dir: &Path,
+    schema: SchemaRef,
+    partitions: &[&str],
+    order: Vec<Vec<datafusion::logical_expr::SortExpr>>,
+) -> Result<Arc<dyn TableProvider>> {
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
         .with_table_partition_cols(
@@ -142,8 +182,119 @@ fn register_parquet_dir(
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(read_schema(&schema));
-    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
-    Ok(())
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// An archived table of a running server: its committed files and the archiver's sealed rows
+/// after them (see [`crate::archive::live`]). A scan takes one snapshot of the buffer, reads
+/// the files with `seq <= committed` of that snapshot, and the snapshot's rows beside them, so
+/// a commit finishing during the query neither hides rows nor shows them twice.
+#[derive(Debug)]
+pub struct LiveTable {
+    files: Arc<dyn TableProvider>,
+    live: Arc<LiveRows>,
+    /// Index of the `seq` column in the table's schema.
+    seq: usize,
+}
+
+impl LiveTable {
+    /// Wraps the listing of `files` (whose schema has a `seq` column) with `live`'s rows.
+    pub fn new(files: Arc<dyn TableProvider>, live: Arc<LiveRows>) -> Result<Self> {
+        let seq = files.schema().index_of("seq")?;
+        Ok(Self { files, live, seq })
+    }
+
+    /// The snapshot's chunks in the table's schema: identifier columns as views (as
+    /// [`read_schema`] reads them) and the `date` partition column added.
+    fn memory_batches(&self, chunks: &[Chunk]) -> Result<Vec<RecordBatch>> {
+        let schema = self.files.schema();
+        chunks
+            .iter()
+            .map(|chunk| {
+                let rows = chunk.batch.num_rows();
+                let columns = schema
+                    .fields()
+                    .iter()
+                    .map(|field| {
+                        let column = match chunk.batch.column_by_name(field.name()) {
+                            Some(column) => column.clone(),
+                            None if field.name() == "date" => {
+                                Arc::new(StringArray::from(vec![chunk.date.as_str(); rows]))
+                                    as ArrayRef
+                            }
+                            None => new_null_array(field.data_type(), rows),
+                        };
+                        if column.data_type() == field.data_type() {
+                            Ok(column)
+                        } else {
+                            Ok(cast(&column, field.data_type())?)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(RecordBatch::try_new(schema.clone(), columns)?)
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for LiveTable {
+    fn schema(&self) -> SchemaRef {
+        self.files.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // The files prune with them; the buffered rows are filtered above the scan.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snapshot = self.live.snapshot();
+        if snapshot.chunks.is_empty() {
+            // Nothing is buffered: the files hold every row up to the archive's position,
+            // and one more commit seen here is only fresher.
+            return self.files.scan(state, projection, filters, limit).await;
+        }
+        let wanted: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.schema().fields().len()).collect());
+        let mut read = wanted.clone();
+        let seq_at = match read.iter().position(|&i| i == self.seq) {
+            Some(at) => at,
+            None => {
+                read.push(self.seq);
+                read.len() - 1
+            }
+        };
+        let files = self.files.scan(state, Some(&read), filters, None).await?;
+        let committed = BinaryExpr::new(
+            Arc::new(Column::new("seq", seq_at)),
+            Operator::LtEq,
+            Arc::new(Literal::new(ScalarValue::UInt64(Some(snapshot.committed)))),
+        );
+        let files = FilterExecBuilder::new(Arc::new(committed), files)
+            .apply_projection(Some((0..wanted.len()).collect()))?
+            .build()?;
+        let memory = MemorySourceConfig::try_new_exec(
+            &[self.memory_batches(&snapshot.chunks)?],
+            self.schema(),
+            Some(wanted),
+        )?;
+        UnionExec::try_new(vec![Arc::new(files), memory])
+    }
 }
 
 /// The schema a table is read with: identifier and name columns as string views, which the

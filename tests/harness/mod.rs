@@ -346,6 +346,17 @@ impl Northstar {
             .expect("request answered")
     }
 
+    /// Runs SQL through the server's `POST /v1/sql` (the archivers' buffers included), rows
+    /// as JSON; fails the test on any answer but 200.
+    pub async fn live_sql(&self, sql: &str) -> Vec<Value> {
+        let answer = self.sql_api(sql).await;
+        assert_eq!(answer.status, 200, "{sql}: {}", answer.text());
+        match answer.json()["rows"].take() {
+            Value::Array(rows) => rows,
+            other => panic!("{sql}: not rows: {other}"),
+        }
+    }
+
     /// Runs SQL over the data dir with the real engine (no server involved), rows as JSON.
     pub async fn sql(&self, sql: &str) -> Vec<Value> {
         query(&self.data, sql).await
@@ -373,6 +384,15 @@ impl Drop for Northstar {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The value of the metric line starting with `name` (its labels and a space included, as
+/// `northstar_disk_full ` or `northstar_consumer_lag{reader="archive"} `) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// Runs SQL over a data dir with the real engine, rows as JSON objects.
