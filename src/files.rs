@@ -60,3 +60,47 @@ mod tests {
         assert!(!temp_path(&path).exists());
     }
 }
+
+/// An exclusive lock on a data dir, held for as long as a server runs on it (released when
+/// the value is dropped, or the process ends, kill -9 included).
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] File);
+
+/// The lock file's name under a data dir.
+pub const LOCK_FILE: &str = "northstar.lock";
+
+/// Takes the data dir's lock; `None` when another process holds it.
+pub fn lock_dir(dir: &Path) -> std::io::Result<Option<DirLock>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared with the call.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked == 0 {
+        return Ok(Some(DirLock(file)));
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(None),
+        _ => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_is_locked_by_one_holder_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("northstar-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let first = lock_dir(&dir).expect("lock").expect("free");
+        assert!(lock_dir(&dir).expect("lock").is_none(), "held by the first");
+        drop(first);
+        assert!(lock_dir(&dir).expect("lock").is_some(), "free again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -52,6 +52,7 @@ pub mod onboarding;
 pub mod pipelines;
 pub mod query;
 pub mod rejected;
+pub mod replay;
 pub mod schema;
 pub mod server;
 pub mod shutdown;

@@ -43,6 +43,14 @@ enum Command {
         #[arg(long, default_value = "pipelines")]
         pipelines: PathBuf,
     },
+    /// Rebuild derived state (meter, identities, billing windows, onboarding facts): sets it
+    /// aside, and the next `serve` rebuilds it from Parquet for the history the stream no
+    /// longer holds, then from the stream. Run it with the server stopped.
+    Replay {
+        /// Data dir whose derived state to rebuild.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
     /// Run one read-only SQL statement over the data dir (no server needed).
     Sql {
         /// The statement, e.g. "SELECT event, count(*) FROM events GROUP BY event".
@@ -322,6 +330,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             northstar::server::shutdown_signal().await;
             eprintln!("stopping: committing what is buffered…");
             server.stop().await;
+            Ok(())
+        }
+        Command::Replay { data } => {
+            let Some(_lock) = northstar::files::lock_dir(&data)
+                .with_context(|| format!("locking data dir {}", data.display()))?
+            else {
+                anyhow::bail!(
+                    "a northstar server is running on {}: stop it first, then run replay",
+                    data.display()
+                );
+            };
+            let stamp = northstar::clock::format_micros(northstar::clock::system_micros())
+                .replace(':', "-");
+            let moved = northstar::replay::set_aside(&data, &stamp)
+                .with_context(|| format!("setting derived state aside in {}", data.display()))?;
+            if moved.is_empty() {
+                println!(
+                    "no derived state in {}: the next start builds it anyway",
+                    data.display()
+                );
+            }
+            for (from, to) in &moved {
+                println!("set aside {} -> {}", from.display(), to.display());
+            }
+            println!(
+                "the next `northstar serve --data {}` rebuilds it: from Parquet for what the stream no longer holds, then from the stream (`/healthz` answers 503 until the meter has caught up)",
+                data.display()
+            );
             Ok(())
         }
         Command::Sql {

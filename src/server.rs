@@ -106,6 +106,8 @@ pub struct RunningServer {
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
     embedded: Option<EmbeddedNats>,
+    /// Held until the server is dropped: one server per data dir.
+    _lock: crate::files::DirLock,
 }
 
 /// Starts everything and returns once HTTP is accepting requests.
@@ -125,6 +127,23 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         context: format!("creating data dir {}", data_dir.display()),
         source,
     })?;
+    let lock = match crate::files::lock_dir(&data_dir) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            return Err(ServeError::Io {
+                context: format!("data dir {}", data_dir.display()),
+                source: std::io::Error::other(
+                    "another northstar process is running on it; stop it first, or pass another --data",
+                ),
+            });
+        }
+        Err(source) => {
+            return Err(ServeError::Io {
+                context: format!("locking data dir {}", data_dir.display()),
+                source,
+            });
+        }
+    };
     if config.sources.iter().all(|s| s.write_keys.is_empty()) {
         tracing::warn!(
             "no write keys configured: every ingest request will get 401; set NORTHSTAR_WRITE_KEY or add sources[] to the config"
@@ -393,10 +412,25 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     // Limits answer only once the meter holds everything the stream held at start.
     let start_seq = crate::bus::streams::last_sequence(&js, &config.stream.name).await?;
     meter.replay_until(start_seq);
-    let followers = supervisor.spawn(
-        "followers",
-        follow(js, spec, followers, meter_stop, feed_tx),
-    );
+    // What the stream no longer holds (retention dropped it) is read back from Parquet first.
+    let first_seq = crate::bus::streams::first_sequence(&js, &config.stream.name).await?;
+    let history = (spec.after_seq + 1 < first_seq).then(|| {
+        let archived = *events.committed.borrow();
+        (spec.after_seq, archived.min(first_seq - 1))
+    });
+    let followers = supervisor.spawn("followers", {
+        let query = query.clone();
+        let (mut spec, mut followers) = (spec, followers);
+        async move {
+            if let Some((after, upto)) = history.filter(|(after, upto)| upto > after) {
+                match crate::replay::from_parquet(&query, &mut followers, after, upto).await {
+                    Ok(reached) => spec.after_seq = reached,
+                    Err(error) => tracing::error!(%error, "replaying from Parquet failed; the followers go on from the stream, without what it no longer holds"),
+                }
+            }
+            follow(js, spec, followers, meter_stop, feed_tx).await
+        }
+    });
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {
@@ -457,6 +491,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
         embedded,
+        _lock: lock,
     })
 }
 

@@ -116,3 +116,135 @@ async fn a_stream_smaller_than_the_history_keeps_its_bound_and_parquet_keeps_eve
         "{messages} of {acked} still in the stream"
     );
 }
+
+/// Runs `northstar replay --data <data>`; returns whether it succeeded and what it printed.
+fn replay(data: &std::path::Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(["replay", "--data"])
+        .arg(data)
+        .output()
+        .expect("run northstar replay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+async fn usage_of(server: &Northstar, customer: usize) -> Value {
+    eventually(Duration::from_secs(60), async || {
+        let answer = server
+            .get_as(
+                SERVICE_KEY,
+                &format!("/v1/customers/cust-{customer}/entitlements/api_requests"),
+            )
+            .await;
+        match answer.status {
+            200 => Ok(answer.json()["used"].clone()),
+            503 => Err(answer.text()),
+            other => panic!("{other} {}", answer.text()),
+        }
+    })
+    .await
+}
+
+/// The stream keeps a fraction of the history; `northstar replay` sets the followers' state
+/// aside, and the next start rebuilds it from Parquet for what the stream dropped, then from
+/// the stream: the meter's usage and the identity graph equal what they were before.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_rebuilt_from_parquet_and_the_stream_equals_the_state_before() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["serviceKeys"] = json!([SERVICE_KEY]);
+    config["stream"] = json!({"maxBytes": 1024 * 1024, "maxAge": "7d"});
+    config["archive"] = json!({"commitInterval": "500ms"});
+    config["metering"] = json!({"snapshotInterval": "1s"});
+    let mut server = Northstar::start(&nats, &config);
+
+    // The identities come first, so retention drops them from the stream.
+    let identifies: Vec<Value> = (0..17)
+        .map(|k| {
+            json!({"type": "identify", "messageId": format!("id-{k}"),
+                        "anonymousId": format!("anon-{k}"), "userId": format!("user-{k}")})
+        })
+        .collect();
+    let answer = server
+        .post("/v1/batch", &json!({"batch": identifies}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let mut acked: u64 = 17;
+    for round in 0..60 {
+        eventually(Duration::from_secs(60), async || {
+            let batch = calls(&format!("r{round}"), 100);
+            let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
+            match answer.status {
+                200 => Ok(()),
+                503 => Err(answer.text()),
+                other => panic!("round {round}: {other} {}", answer.text()),
+            }
+        })
+        .await;
+        acked += 100;
+    }
+    server.wait_archived(acked).await;
+    let first_seq = eventually(Duration::from_secs(10), async || {
+        let text = server.get("/metrics").await.text();
+        match metric(&text, "northstar_stream_first_seq ") {
+            Some(first) if first > 17 => Ok(first),
+            other => Err(format!(
+                "first sequence {other:?}: the identities are still in the stream"
+            )),
+        }
+    })
+    .await;
+    let identities = "SELECT id, person_id FROM identities ORDER BY id";
+    let graph = eventually(Duration::from_secs(30), async || {
+        let rows = server.sql(identities).await;
+        // One row per anonymous id that was identified.
+        match rows.len() {
+            17 => Ok(rows),
+            n => Err(format!("{n} identity rows")),
+        }
+    })
+    .await;
+    let mut before = Vec::new();
+    for customer in 0..5 {
+        before.push(usage_of(&server, customer).await);
+    }
+    assert_eq!(
+        before.iter().filter_map(Value::as_f64).sum::<f64>(),
+        6_000.0
+    );
+
+    let (ok, said) = replay(&server.data);
+    assert!(
+        !ok && said.contains("running"),
+        "replay refuses while the server runs: {said}"
+    );
+    server.terminate();
+    let (ok, said) = replay(&server.data);
+    assert!(ok, "{said}");
+    assert!(said.contains("set aside"), "{said}");
+    assert!(
+        !server.data.join("meter/snapshot.jsonl").exists(),
+        "the meter's snapshot is set aside"
+    );
+
+    server.restart();
+    for (customer, used) in before.iter().enumerate() {
+        assert_eq!(
+            &usage_of(&server, customer).await,
+            used,
+            "cust-{customer}: the first answer after the rebuild (stream from {first_seq})"
+        );
+    }
+    eventually(Duration::from_secs(30), async || {
+        let rows = server.sql(identities).await;
+        match rows == graph {
+            true => Ok(()),
+            false => Err(format!("identities now {rows:?}")),
+        }
+    })
+    .await;
+}

@@ -232,6 +232,17 @@ pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64,
     Ok(info.state.last_sequence)
 }
 
+/// First sequence a stream still holds (retention drops the oldest): 1 on a stream that kept
+/// everything, last + 1 on one emptied by retention.
+pub async fn first_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, BusError> {
+    let mut stream = js
+        .get_stream(stream)
+        .await
+        .map_err(management("get stream"))?;
+    let info = stream.info().await.map_err(management("stream info"))?;
+    Ok(info.state.first_sequence)
+}
+
 /// Which incarnation of `stream` this is (a stream deleted and made anew is another one):
 /// state derived from a stream records it, and is set aside when it does not match.
 pub async fn stream_incarnation(js: &jetstream::Context, stream: &str) -> Result<String, BusError> {
