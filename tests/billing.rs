@@ -81,7 +81,8 @@ async fn billed_equals_metered_under_faults_and_kill9() {
         );
     }
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing is left that could be reported: the totals are final.
+    wait_quiescent(&server).await;
     assert_eq!(
         nonzero(fake.totals()),
         expected,
@@ -311,7 +312,7 @@ async fn webhook_sink_delivers_once_with_idempotency_keys() {
             "the Idempotency-Key is the report's identifier"
         );
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_quiescent(&server).await;
     assert_eq!(
         nonzero(fake.hook_totals()),
         expected,

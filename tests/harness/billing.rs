@@ -369,6 +369,26 @@ pub async fn wait_settled(server: &Northstar) -> Value {
     .await
 }
 
+/// Waits until billing has nothing left that could be reported: every event of the stream
+/// applied, no window open, nothing pending in the outbox. Returns the status.
+pub async fn wait_quiescent(server: &Northstar) -> Value {
+    eventually(Duration::from_secs(60), async || {
+        let text = server.get("/metrics").await.text();
+        let last = super::metric(&text, "northstar_stream_last_seq ").unwrap_or(0);
+        let status = billing_status(server).await;
+        let done = status["pending"] == 0
+            && status["open_windows"] == 0
+            && status["applied_seq"]
+                .as_u64()
+                .is_some_and(|seq| seq >= last);
+        match done {
+            true => Ok(status),
+            false => Err(format!("stream at {last}: {status}")),
+        }
+    })
+    .await
+}
+
 /// Every status total agrees with what was sent: metered exactly, owed and delivered floored.
 pub fn assert_status_totals(status: &Value, metered: &Metered) {
     let rows = status["totals"]
