@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod follower;
 pub mod publisher;
 pub mod streams;
+pub mod watch;
 
 use std::time::Duration;
 

@@ -36,6 +36,10 @@ const FOLLOWERS_CONSUMER: &str = "followers";
 /// Consumers of earlier releases, one per follower, deleted on start.
 const RETIRED_CONSUMERS: &[&str] = &["meter", "identity", "onboarding", "billing"];
 
+/// Free space the disk needs before a stalled embedded nats-server is restarted: enough for
+/// it to recover its store and write again.
+const ROOM_TO_RESTART_NATS: u64 = 16 * 1024 * 1024;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -105,7 +109,7 @@ pub struct RunningServer {
     http: JoinHandle<()>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
-    embedded: Option<EmbeddedNats>,
+    embedded: Option<Arc<tokio::sync::Mutex<EmbeddedNats>>>,
     /// Held until the server is dropped: one server per data dir.
     _lock: crate::files::DirLock,
 }
@@ -356,6 +360,22 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             ),
         );
     }
+    let embedded = embedded.map(|server| Arc::new(tokio::sync::Mutex::new(server)));
+    let jetstream_health = Arc::new(crate::bus::watch::JetStreamHealth::default());
+    {
+        let disk = ingestor.disk().clone();
+        supervisor.spawn(
+            "jetstream-watch",
+            crate::bus::watch::watch(
+                client.clone(),
+                embedded.clone(),
+                move || !disk.is_full() && disk.free_bytes() >= ROOM_TO_RESTART_NATS,
+                jetstream_health.clone(),
+                config.storage.check_interval.get(),
+                stop_meter.subscribe(),
+            ),
+        );
+    }
     let activation_store = crate::activation::ActivationStore::open(&data_dir);
     let question = crate::activation::Question::from_config(&config);
     if !config.activation.schedule.get().is_zero() {
@@ -461,6 +481,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
                 ("events", events.committed.clone()),
                 ("rejected_events", rejected.committed.clone()),
             ],
+            jetstream: jetstream_health,
         },
     });
     let listener = TcpListener::bind(listen)
@@ -512,7 +533,7 @@ impl RunningServer {
         let _ = self.client.flush().await;
         drop(self.client);
         if let Some(embedded) = self.embedded {
-            embedded.stop().await;
+            embedded.lock().await.stop().await;
         }
         tracing::info!("northstar stopped");
     }

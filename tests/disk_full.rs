@@ -247,3 +247,97 @@ async fn parquet_writes_failing_for_space_lose_nothing_and_resume_when_space_ret
         "no temp file of a failed commit stays behind"
     );
 }
+
+/// nats-server meets a real ENOSPC (the disk filled by someone else, and no reserve:
+/// `storage.minFreeMb` 0): it turns JetStream off and would not turn it on again. `/healthz`
+/// says so, and when space returns the embedded server is restarted on the same store and
+/// port: ingest takes events again with no restart of northstar, and every acked event lands
+/// once.
+#[tokio::test(flavor = "multi_thread")]
+async fn jetstream_stopped_by_a_full_disk_comes_back_when_space_returns() {
+    let Some(disk) = Tmpfs::mount(None, 64) else {
+        return skipped("jetstream_stopped_by_a_full_disk");
+    };
+    let mut config = test_config();
+    config["storage"] = json!({"minFreeMb": 0, "checkInterval": "200ms"});
+    let server = Northstar::start_in(&disk.dir.join("data"), None, &config);
+    // Batches answered 200; a batch refused may have been stored in part (its client retries
+    // it with the same ids), so only these are counted.
+    let mut acked: Vec<String> = Vec::new();
+    let post = async |prefix: String| {
+        let batch = tracks(&prefix, 0..50);
+        let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
+        (prefix, answer)
+    };
+    for round in 0..4 {
+        let (prefix, answer) = post(format!("before{round}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        acked.push(prefix);
+    }
+
+    let filler = disk.fill(0);
+    let mut round = 0;
+    let refused = eventually(Duration::from_secs(60), async || {
+        round += 1;
+        let (prefix, answer) = post(format!("filling{round}")).await;
+        match answer.status {
+            200 => {
+                acked.push(prefix);
+                Err("still accepted".to_string())
+            }
+            _ => Ok(answer),
+        }
+    })
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let health = eventually(Duration::from_secs(90), async || {
+        let health = server.get("/healthz").await;
+        match (health.status, health.json()["jetstream"].as_str()) {
+            (503, Some("unavailable")) => Ok(health.json()),
+            _ => Err(health.text()),
+        }
+    })
+    .await;
+    assert_eq!(
+        health["nats"], "connected",
+        "the connection alone looks fine: {health}"
+    );
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let mut round = 0;
+    eventually(Duration::from_secs(90), async || {
+        round += 1;
+        let (prefix, answer) = post(format!("after{round}")).await;
+        match answer.status {
+            200 => {
+                acked.push(prefix);
+                Ok(())
+            }
+            other => Err(format!("{other} {}", answer.text())),
+        }
+    })
+    .await;
+    let health = eventually(Duration::from_secs(30), async || {
+        let health = server.get("/healthz").await;
+        match health.status {
+            200 => Ok(health.json()),
+            _ => Err(health.text()),
+        }
+    })
+    .await;
+    assert!(
+        health["nats_restarts"].as_u64().is_some_and(|n| n >= 1),
+        "the embedded server was restarted: {health}"
+    );
+    server.wait_archived(50 * acked.len() as u64).await;
+    let (n, distinct) = count_and_distinct(&server).await;
+    assert_eq!(n, distinct, "no event twice");
+    for prefix in &acked {
+        let sql = format!("SELECT count(*) AS n FROM events WHERE event_id LIKE '{prefix}-%'");
+        assert_eq!(
+            server.sql(&sql).await[0]["n"],
+            50,
+            "every acked event of {prefix}"
+        );
+    }
+}

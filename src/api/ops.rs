@@ -22,6 +22,8 @@ pub struct Health {
     pub events_stream: String,
     /// Committed position of each archived table.
     pub archived: Vec<(&'static str, watch::Receiver<u64>)>,
+    /// Whether JetStream answers (see [`crate::bus::watch`]).
+    pub jetstream: Arc<crate::bus::watch::JetStreamHealth>,
 }
 
 /// 200 when NATS is connected, the archivers run (the streams and consumers were set up
@@ -49,11 +51,18 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
     let replaying = state.meter.replaying();
     let disk = state.ingestor.disk();
     let disk_full = disk.is_full();
-    let ok =
-        connected && archivers_running && failed.is_empty() && replaying.is_none() && !disk_full;
+    let jetstream = health.jetstream.is_up();
+    let ok = connected
+        && jetstream
+        && archivers_running
+        && failed.is_empty()
+        && replaying.is_none()
+        && !disk_full;
     let mut body = json!({
         "status": if ok { "ok" } else { "unavailable" },
         "nats": if connected { "connected" } else { "disconnected" },
+        "jetstream": if jetstream { "ok" } else { "unavailable" },
+        "nats_restarts": health.jetstream.restarts(),
         "disk": if disk_full { "full" } else { "ok" },
         "disk_free_bytes": disk.free_bytes(),
         "disk_min_free_bytes": disk.reserve_bytes(),

@@ -186,7 +186,7 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
         "raw JetStream",
         &rows,
     );
-    if let Some(embedded) = embedded {
+    if let Some(mut embedded) = embedded {
         embedded.stop().await;
     }
     Ok(())

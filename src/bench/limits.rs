@@ -59,7 +59,7 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     eprintln!("memory: {} counters…", options.counters);
     let per_counter = counter_memory(options.counters);
 
-    let nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
+    let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
     let (mut child, base) = spawn_server(work, nats.url()).await?;
     let (mut bare_child, bare) = spawn_child(&["bench", "bare-server"]).await?;
     let body = |i: usize| {

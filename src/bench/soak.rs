@@ -58,7 +58,7 @@ struct Sample {
 }
 
 async fn run_in(options: &SoakBench, work: &Path) -> anyhow::Result<()> {
-    let nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
+    let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
     let data = work.join("data");
     let config_path = work.join("soak-config.json");
     let mut config: Value =

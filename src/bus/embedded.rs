@@ -19,6 +19,11 @@ pub struct EmbeddedNats {
     child: Child,
     url: String,
     store: PathBuf,
+    binary: PathBuf,
+    /// The port it listens on: a restart binds the same one, so clients reconnect by themselves.
+    port: String,
+    /// Times it was restarted because JetStream stopped answering.
+    restarts: u64,
 }
 
 impl EmbeddedNats {
@@ -36,58 +41,41 @@ impl EmbeddedNats {
             .map_err(|e| BusError::Spawn(format!("cannot create {}: {e}", store_dir.display())))?;
         let pid_file = store_dir.join("nats-server.pid");
         stop_leftover_server(&pid_file).await;
-        let ports_dir = store_dir.join("ports");
-        let _ = std::fs::remove_dir_all(&ports_dir);
-        std::fs::create_dir_all(&ports_dir)
-            .map_err(|e| BusError::Spawn(format!("cannot create {}: {e}", ports_dir.display())))?;
-
         let config_file = store_dir.join("nats-server.conf");
         std::fs::write(&config_file, server_config(store_dir, max_file_store))
             .map_err(|e| BusError::Spawn(format!("cannot write {}: {e}", config_file.display())))?;
 
-        let mut command = Command::new(&binary);
-        command
-            .arg("--config")
-            .arg(&config_file)
-            .args([
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                "-1",
-                "--server_name",
-                "northstar-embedded",
-            ])
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .arg("--pid")
-            .arg(&pid_file)
-            .arg("--log")
-            .arg(store_dir.join("nats-server.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        die_with_parent(&mut command);
-        let child = command
-            .spawn()
-            .map_err(|e| BusError::Spawn(format!("{}: {e}", binary.display())))?;
-        let pid = child.id().unwrap_or_default();
-        let url = wait_for_ports_file(&ports_dir, pid, Duration::from_secs(15)).await?;
+        let (child, url) = spawn(&binary, store_dir, "-1").await?;
         tracing::info!(%url, store = %store_dir.display(), max_file_store, "embedded nats-server started");
+        let port = url.rsplit(':').next().unwrap_or("-1").to_string();
         Ok(Self {
             child,
             url,
             store: store_dir.to_path_buf(),
+            binary,
+            port,
+            restarts: 0,
         })
     }
 
-    /// The client URL (`nats://127.0.0.1:<port>`).
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Stops the server and starts it again on the same store and port. nats-server turns
+    /// JetStream off when a store write fails for space and does not turn it on again by
+    /// itself; a new process recovers the store and serves it.
+    pub async fn restart(&mut self) -> Result<(), BusError> {
+        self.stop_child().await;
+        let (child, url) = spawn(&self.binary, &self.store, &self.port).await?;
+        self.child = child;
+        self.restarts += 1;
+        tracing::warn!(%url, restarts = self.restarts, "embedded nats-server restarted");
+        Ok(())
     }
 
-    /// Stops the server cleanly (SIGTERM, then SIGKILL after a grace period).
-    pub async fn stop(mut self) {
+    /// Times the server was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    async fn stop_child(&mut self) {
         if let Some(pid) = self.child.id() {
             signal(pid, libc::SIGTERM);
             if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
@@ -97,9 +85,57 @@ impl EmbeddedNats {
                 let _ = self.child.kill().await;
             }
         }
+    }
+
+    /// The client URL (`nats://127.0.0.1:<port>`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server cleanly (SIGTERM, then SIGKILL after a grace period).
+    pub async fn stop(&mut self) {
+        self.stop_child().await;
         let _ = std::fs::remove_file(self.store.join("nats-server.pid"));
         tracing::info!("embedded nats-server stopped");
     }
+}
+
+/// Starts nats-server on `store_dir` (its config file written there) listening on `port`
+/// (`-1`: a free one it picks), and returns it with its client URL.
+async fn spawn(binary: &Path, store_dir: &Path, port: &str) -> Result<(Child, String), BusError> {
+    let ports_dir = store_dir.join("ports");
+    let _ = std::fs::remove_dir_all(&ports_dir);
+    std::fs::create_dir_all(&ports_dir)
+        .map_err(|e| BusError::Spawn(format!("cannot create {}: {e}", ports_dir.display())))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(store_dir.join("nats-server.conf"))
+        .args([
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--server_name",
+            "northstar-embedded",
+        ])
+        .arg("--ports_file_dir")
+        .arg(&ports_dir)
+        .arg("--pid")
+        .arg(store_dir.join("nats-server.pid"))
+        .arg("--log")
+        .arg(store_dir.join("nats-server.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    die_with_parent(&mut command);
+    let child = command
+        .spawn()
+        .map_err(|e| BusError::Spawn(format!("{}: {e}", binary.display())))?;
+    let pid = child.id().unwrap_or_default();
+    let url = wait_for_ports_file(&ports_dir, pid, Duration::from_secs(15)).await?;
+    Ok((child, url))
 }
 
 /// The server's config file: JetStream with its store and explicit limits. The rest (address,
