@@ -38,6 +38,10 @@ pub enum BusError {
     /// The connection is down right now; the client reconnects on its own.
     #[error("the event stream is unavailable (NATS disconnected); retry shortly")]
     Disconnected,
+    /// The connection is up but JetStream does not answer (a full disk turned it off); the
+    /// embedded server is restarted once there is room (see [`watch`]).
+    #[error("the event stream is unavailable (JetStream does not answer; a full disk turns it off); retry shortly")]
+    JetStreamDown,
     /// JetStream did not ack in time or refused the message.
     #[error("the event stream did not store the events: {0}")]
     Publish(String),

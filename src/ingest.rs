@@ -183,6 +183,7 @@ pub struct Ingestor {
     clock: Clock,
     backlog: Arc<backlog::Backlog>,
     disk: Arc<crate::disk::DiskGuard>,
+    jetstream: Arc<crate::bus::watch::JetStreamHealth>,
     stored: Arc<std::sync::OnceLock<OnStored>>,
 }
 
@@ -224,6 +225,7 @@ impl Ingestor {
             clock,
             backlog,
             disk: Arc::new(crate::disk::DiskGuard::new(config_reserve)),
+            jetstream: Arc::default(),
             stored: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -236,6 +238,12 @@ impl Ingestor {
     /// The disk guard ingest refuses by; the server runs its readings.
     pub fn disk(&self) -> &Arc<crate::disk::DiskGuard> {
         &self.disk
+    }
+
+    /// Whether JetStream answers, as the server's watcher last saw (ingest refuses at once
+    /// while it does not, instead of waiting for each publish to time out).
+    pub fn jetstream(&self) -> &Arc<crate::bus::watch::JetStreamHealth> {
+        &self.jetstream
     }
 
     /// The backlog ingest sheds by; the server points it at the readers once they run.
@@ -261,6 +269,10 @@ impl Ingestor {
         if let Err(full) = self.disk.admit() {
             self.metrics.ingest_disk_full.inc();
             return Err(full.into());
+        }
+        if !self.jetstream.is_up() {
+            self.metrics.ingest_unavailable.inc();
+            return Err(BusError::JetStreamDown.into());
         }
         let limits = &self.config.ingest;
         let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;

@@ -361,7 +361,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         );
     }
     let embedded = embedded.map(|server| Arc::new(tokio::sync::Mutex::new(server)));
-    let jetstream_health = Arc::new(crate::bus::watch::JetStreamHealth::default());
+    let jetstream_health = ingestor.jetstream().clone();
     {
         let disk = ingestor.disk().clone();
         supervisor.spawn(

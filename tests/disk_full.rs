@@ -302,6 +302,15 @@ async fn jetstream_stopped_by_a_full_disk_comes_back_when_space_returns() {
         health["nats"], "connected",
         "the connection alone looks fine: {health}"
     );
+    // Ingest says so at once rather than waiting for each publish to time out.
+    let (_, refused) = post("while-down".to_string()).await;
+    assert_eq!(refused.status, 503);
+    assert!(
+        refused.text().contains("JetStream does not answer"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.headers.get("retry-after").is_some());
 
     std::fs::remove_file(&filler).expect("remove the filler");
     let mut round = 0;
