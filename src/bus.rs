@@ -40,7 +40,9 @@ pub enum BusError {
     Disconnected,
     /// The connection is up but JetStream does not answer (a full disk turned it off); the
     /// embedded server is restarted once there is room (see [`watch`]).
-    #[error("the event stream is unavailable (JetStream does not answer; a full disk turns it off); retry shortly")]
+    #[error(
+        "the event stream is unavailable (JetStream does not answer; a full disk turns it off); retry shortly"
+    )]
     JetStreamDown,
     /// JetStream did not ack in time or refused the message.
     #[error("the event stream did not store the events: {0}")]
