@@ -215,7 +215,7 @@ pub struct IngestSettings {
     /// Most events acked but not yet applied by the followers (identities, billing windows,
     /// onboarding; and the archiver, which reads the followers' delivery, so SQL too); past
     /// it, ingest sheds with 503 `overloaded` and `Retry-After`. 0: no bound. The default,
-    /// 15,000, is about 0.6 s of the followers' work at the ~25,000 events/s they digest under
+    /// 10,000, is about 0.4 s of the followers' work at the ~25,000 events/s they digest under
     /// full load here: it is what keeps ack → SQL within a second.
     pub max_lag: u64,
     /// Most events acked but not yet committed to Parquet (behind SQL); past it, ingest
@@ -237,7 +237,7 @@ impl Default for IngestSettings {
             rate_limit_per_second: 100_000,
             rate_limit_burst: 500_000,
             max_future_skew: HumanDuration::secs(24 * 3600),
-            max_lag: 15_000,
+            max_lag: 10_000,
             max_archive_lag: 1_000_000,
         }
     }
