@@ -272,6 +272,9 @@ async fn queries_racing_commits_see_every_row_exactly_once() {
             from_buffer += 1;
         }
     }
-    assert!(from_buffer > 0, "no answer read rows past the committed sequence");
+    assert!(
+        from_buffer > 0,
+        "no answer read rows past the committed sequence"
+    );
     eprintln!("{queries} queries, {from_buffer} saw uncommitted rows");
 }
