@@ -430,10 +430,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
     // Limits answer only once the meter holds everything the stream held at start.
-    let start_seq = crate::bus::streams::last_sequence(&js, &config.stream.name).await?;
+    let (first_seq, start_seq) = crate::bus::streams::sequences(&js, &config.stream.name).await?;
     meter.replay_until(start_seq);
     // What the stream no longer holds (retention dropped it) is read back from Parquet first.
-    let first_seq = crate::bus::streams::first_sequence(&js, &config.stream.name).await?;
     let history = (spec.after_seq + 1 < first_seq).then(|| {
         let archived = *events.committed.borrow();
         (spec.after_seq, archived.min(first_seq - 1))

@@ -509,8 +509,16 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
     };
     let before =
         harness::eventually(Duration::from_secs(30), async || applied_600(&server).await).await;
-    // Let a snapshot happen mid-way for some shards, then crash.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait for a meter snapshot written after all 600 were applied, then crash.
+    let applied_at = std::time::SystemTime::now();
+    let snapshot = server.data.join("meter/snapshot.jsonl");
+    harness::eventually(Duration::from_secs(30), async || {
+        match std::fs::metadata(&snapshot).and_then(|m| m.modified()) {
+            Ok(written) if written > applied_at => Ok(()),
+            other => Err(format!("meter snapshot: {other:?}")),
+        }
+    })
+    .await;
     server.kill9();
     server.restart();
     let after =

@@ -79,19 +79,7 @@ async fn a_stream_smaller_than_the_history_keeps_its_bound_and_parquet_keeps_eve
             ))
             .await[0]["n"]
             .as_f64();
-        let used = eventually(Duration::from_secs(30), async || {
-            let answer = server
-                .get_as(
-                    SERVICE_KEY,
-                    &format!("/v1/customers/cust-{customer}/entitlements/api_requests"),
-                )
-                .await;
-            match answer.status {
-                200 => Ok(answer.json()["used"].as_f64()),
-                other => Err(format!("{other} {}", answer.text())),
-            }
-        })
-        .await;
+        let used = usage_of(&server, customer).await.as_f64();
         assert_eq!(
             used, counted,
             "cust-{customer}: meter = SQL after the restart"

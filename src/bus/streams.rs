@@ -224,23 +224,18 @@ pub async fn durable_consumer(
 
 /// Last sequence stored in a stream (0 when empty), for lag metrics and waits.
 pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, BusError> {
-    let mut stream = js
-        .get_stream(stream)
-        .await
-        .map_err(management("get stream"))?;
-    let info = stream.info().await.map_err(management("stream info"))?;
-    Ok(info.state.last_sequence)
+    Ok(sequences(js, stream).await?.1)
 }
 
-/// First sequence a stream still holds (retention drops the oldest): 1 on a stream that kept
-/// everything, last + 1 on one emptied by retention.
-pub async fn first_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, BusError> {
+/// The first sequence a stream still holds (retention drops the oldest: 1 on a stream that
+/// kept everything, last + 1 on one emptied by retention) and its last one, read together.
+pub async fn sequences(js: &jetstream::Context, stream: &str) -> Result<(u64, u64), BusError> {
     let mut stream = js
         .get_stream(stream)
         .await
         .map_err(management("get stream"))?;
     let info = stream.info().await.map_err(management("stream info"))?;
-    Ok(info.state.first_sequence)
+    Ok((info.state.first_sequence, info.state.last_sequence))
 }
 
 /// Which incarnation of `stream` this is (a stream deleted and made anew is another one):
