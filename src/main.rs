@@ -39,9 +39,10 @@ enum Command {
         /// After start, send this many demo events and print what to try next.
         #[arg(long)]
         demo: Option<usize>,
-        /// Directory of the windowed usage pipelines.
-        #[arg(long, default_value = "pipelines")]
-        pipelines: PathBuf,
+        /// Directory of the windowed usage pipelines [default: ./pipelines if it exists, else
+        /// the shipped usage_hourly and usage_daily].
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
     },
     /// Rebuild derived state (meter, identities, billing windows, onboarding facts): sets it
     /// aside, and the next `serve` rebuilds it from Parquet for the history the stream no

@@ -54,50 +54,104 @@ pub enum PipelineError {
     },
 }
 
-/// Loads every `*.sql` of `dir` (none if the directory is missing).
-pub fn load(dir: &Path) -> Result<Vec<Pipeline>, PipelineError> {
-    let mut pipelines = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(pipelines);
+/// The pipelines northstar ships (`pipelines/` of the source tree), compiled in so a server
+/// started from any working directory has its hourly and daily usage windows: billing and
+/// `usage verify` read them.
+const SHIPPED: [(&str, &str); 2] = [
+    ("usage_daily", include_str!("../pipelines/usage_daily.sql")),
+    (
+        "usage_hourly",
+        include_str!("../pipelines/usage_hourly.sql"),
+    ),
+];
+
+/// Where the pipelines come from when `--pipelines` is not given.
+pub const DEFAULT_DIR: &str = "pipelines";
+
+/// The pipelines to run: every `*.sql` of `dir` when one is given (an error if it is missing,
+/// so a mistyped path is not silently no pipelines); otherwise those of `./pipelines` when it
+/// exists, and the shipped ones when it does not.
+pub fn load(dir: Option<&Path>) -> Result<Vec<Pipeline>, PipelineError> {
+    let dir = match dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                return Err(PipelineError::Definition {
+                    path: dir.to_path_buf(),
+                    message: "--pipelines names no directory".into(),
+                });
+            }
+            dir
+        }
+        None if Path::new(DEFAULT_DIR).is_dir() => Path::new(DEFAULT_DIR),
+        None => {
+            return SHIPPED
+                .iter()
+                .map(|(name, sql)| {
+                    parse(
+                        name,
+                        sql,
+                        &Path::new(DEFAULT_DIR).join(format!("{name}.sql")),
+                    )
+                })
+                .collect();
+        }
     };
+    let entries = std::fs::read_dir(dir).map_err(|e| PipelineError::Definition {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "sql"))
         .collect();
     paths.sort();
-    for path in paths {
-        let err = |message: String| PipelineError::Definition {
-            path: path.clone(),
-            message,
-        };
-        let sql = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(err(
-                "pipeline names (file stems) are letters, digits, `_` and `-`".into(),
-            ));
-        }
-        let window = sql
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("-- window:"))
-            .ok_or_else(|| err("missing `-- window: 1h` header".into()))
-            .and_then(|text| parse_duration(text).map_err(|e| err(format!("window: {e}"))))?;
-        if !sql.contains("{date}") {
-            return Err(err(
-                "the query must restrict itself to one day with `date = '{date}'`".into(),
-            ));
-        }
-        pipelines.push(Pipeline { name, window, sql });
+    paths
+        .iter()
+        .map(|path| {
+            let sql = std::fs::read_to_string(path).map_err(|e| PipelineError::Definition {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            parse(&name, &sql, path)
+        })
+        .collect()
+}
+
+/// One pipeline from its name (the file stem) and its SQL; `path` names it in errors.
+fn parse(name: &str, sql: &str, path: &Path) -> Result<Pipeline, PipelineError> {
+    let err = |message: String| PipelineError::Definition {
+        path: path.to_path_buf(),
+        message,
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(err(
+            "pipeline names (file stems) are letters, digits, `_` and `-`".into(),
+        ));
     }
-    Ok(pipelines)
+    let window = sql
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("-- window:"))
+        .ok_or_else(|| err("missing `-- window: 1h` header".into()))
+        .and_then(|text| parse_duration(text).map_err(|e| err(format!("window: {e}"))))?;
+    if !sql.contains("{date}") {
+        return Err(err(
+            "the query must restrict itself to one day with `date = '{date}'`".into(),
+        ));
+    }
+    Ok(Pipeline {
+        name: name.to_string(),
+        window,
+        sql: sql.to_string(),
+    })
 }
 
 /// How far a pipeline has run.
@@ -283,17 +337,40 @@ mod tests {
     #[test]
     fn the_shipped_pipelines_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-        let pipelines = load(&dir).unwrap();
+        let pipelines = load(Some(&dir)).unwrap();
         let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["usage_daily", "usage_hourly"]);
         assert_eq!(pipelines[1].window, Duration::from_secs(3600));
     }
 
     #[test]
+    fn the_compiled_in_pipelines_are_the_shipped_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let from_files = load(Some(&dir)).unwrap();
+        let compiled: Vec<Pipeline> = SHIPPED
+            .iter()
+            .map(|(name, sql)| parse(name, sql, Path::new(name)).unwrap())
+            .collect();
+        assert_eq!(compiled.len(), from_files.len());
+        for (a, b) in compiled.iter().zip(&from_files) {
+            assert_eq!((&a.name, a.window, &a.sql), (&b.name, b.window, &b.sql));
+        }
+    }
+
+    #[test]
+    fn a_missing_pipelines_directory_is_an_error_not_no_pipelines() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(Some(&dir.path().join("nope")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pipelines names no directory"), "{err}");
+    }
+
+    #[test]
     fn a_pipeline_without_a_window_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.sql"), "SELECT 1 WHERE date = '{date}'").unwrap();
-        let err = load(dir.path()).unwrap_err().to_string();
+        let err = load(Some(dir.path())).unwrap_err().to_string();
         assert!(err.contains("window"), "{err}");
     }
 }

@@ -87,8 +87,9 @@ pub struct ServeOptions {
     pub service_key: Option<String>,
     /// The clock events are stamped with.
     pub clock: Clock,
-    /// Directory of the windowed usage pipelines (`pipelines/*.sql`).
-    pub pipelines_dir: PathBuf,
+    /// Directory of the windowed usage pipelines (`pipelines/*.sql`); `None` for
+    /// `./pipelines` when it exists, else the shipped ones.
+    pub pipelines_dir: Option<PathBuf>,
     /// Stripe's keys (`STRIPE_SECRET_KEY`, `STRIPE_WEBHOOK_SECRET`).
     pub billing_secrets: crate::billing::Secrets,
 }
@@ -309,7 +310,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         rejected: Some(rejected.live.clone()),
     };
     let query = Arc::new(QueryEngine::open_live(&data_dir, &config, &live).await?);
-    let definitions = crate::pipelines::load(&pipelines_dir)?;
+    let definitions = crate::pipelines::load(pipelines_dir.as_deref())?;
     let (pipelines_tx, pipelines_progress) = watch::channel(0);
     let pipelines_task = supervisor.spawn(
         "pipelines",

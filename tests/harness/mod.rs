@@ -557,7 +557,10 @@ impl InProcess {
             admin_key: Some(ADMIN_KEY.into()),
             service_key: Some(SERVICE_KEY.into()),
             clock: clock.clone(),
-            pipelines_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines")),
+            pipelines_dir: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/pipelines"
+            ))),
             billing_secrets: northstar::billing::Secrets {
                 secret_key: Some(STRIPE_SECRET_KEY.into()),
                 webhook_secret: Some(STRIPE_WEBHOOK_SECRET.into()),
