@@ -251,6 +251,7 @@ enum UsageCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    bound_malloc_arenas();
     init_logging();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -258,6 +259,21 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(cli))
+}
+
+/// glibc gives each thread that allocates under contention an arena of its own, up to eight
+/// per core, and memory freed in one is not reused by another: over a long run the server's
+/// RSS crept up while its live data did not (`bench soak`). Two arenas hold it flat at no
+/// measurable cost in `bench ingest`. `MALLOC_ARENA_MAX`, when set, wins.
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
+        // exists, and a refusal (0) leaves glibc's default in place.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
 
 fn init_logging() {

@@ -438,7 +438,10 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         let archived = *events.committed.borrow();
         (spec.after_seq, archived.min(first_seq - 1))
     });
-    let followers = supervisor.spawn("followers", {
+    // The followers run on a thread of their own: under a flood of requests the main
+    // runtime's workers are busy with HTTP, and the followers' lag (which bounds SQL
+    // freshness, as the archiver reads their feed) would grow until ingest sheds.
+    let followers = supervisor.spawn_on_own_thread("followers", {
         let query = query.clone();
         let (mut spec, mut followers) = (spec, followers);
         async move {
@@ -450,7 +453,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             }
             follow(js, spec, followers, meter_stop, feed_tx).await
         }
-    });
+    })
+    .map_err(|source| ServeError::Io {
+        context: "starting the followers' thread".into(),
+        source,
+    })?;
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {

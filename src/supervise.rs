@@ -92,6 +92,41 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Spawns `task` as `part` on a thread of its own with its own single-threaded runtime, so
+    /// the tasks of the main runtime (HTTP connections above all) cannot starve it: the OS
+    /// shares the cores between it and them. The handle ends when the task does; a panic is
+    /// recorded as with [`Supervisor::spawn`].
+    pub fn spawn_on_own_thread<F>(
+        self: &Arc<Self>,
+        part: &'static str,
+        task: F,
+    ) -> std::io::Result<JoinHandle<()>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(format!("northstar-{part}"))
+            .build()?;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let supervisor = self.clone();
+        std::thread::Builder::new()
+            .name(format!("northstar-{part}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    if let Err(payload) = AssertUnwindSafe(task).catch_unwind().await {
+                        supervisor.record(part, None, payload.as_ref(), true);
+                    }
+                });
+                let _ = done_tx.send(());
+            })?;
+        Ok(tokio::spawn(async move {
+            let _ = done_rx.await;
+        }))
+    }
+}
+
 /// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
@@ -119,6 +154,29 @@ mod tests {
         assert_eq!(failures[0].message, "boom at 7");
         assert!(failures[0].stopped);
         assert_eq!(metrics.panics.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_task_on_its_own_thread_runs_there_and_its_panic_is_recorded() {
+        let supervisor = Supervisor::new(Arc::new(Metrics::default()));
+        let (name_tx, name_rx) = tokio::sync::oneshot::channel();
+        let task = supervisor
+            .spawn_on_own_thread("followers", async move {
+                let _ = name_tx.send(std::thread::current().name().map(str::to_string));
+                // Timers work on the thread's own runtime.
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                panic!("boom at 9");
+            })
+            .unwrap();
+        task.await.unwrap();
+        assert_eq!(
+            name_rx.await.unwrap().as_deref(),
+            Some("northstar-followers")
+        );
+        let failures = supervisor.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].part, "followers");
+        assert_eq!(failures[0].message, "boom at 9");
     }
 
     #[tokio::test]
