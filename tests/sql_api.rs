@@ -263,3 +263,39 @@ async fn the_saved_queries_run() {
     }
     assert!(ran >= 4);
 }
+
+#[test]
+fn sql_output_into_a_pipe_closed_early_ends_quietly() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    // `northstar sql … | head -2`: far more output than a pipe holds, and the reader leaves.
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args([
+            "sql",
+            "SELECT value FROM generate_series(1, 300000)",
+            "--format",
+            "csv",
+            "--data",
+        ])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "value");
+    assert_eq!(lines.next().unwrap().unwrap(), "1");
+    drop(lines);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("broken pipe"), "{stderr}");
+}
