@@ -38,7 +38,7 @@ async fn billed_equals_metered_under_faults_and_kill9() {
         let at = now();
         let events = metered.mixed_batch(&format!("b{batch}"), 40, 3, batch, &customers, &at);
         send(&server, events).await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_next_window().await;
     }
 
     let expected = metered.billed_in_stripe(&stripe_ids);
@@ -274,7 +274,7 @@ async fn webhook_sink_delivers_once_with_idempotency_keys() {
         let at = now();
         let events = metered.mixed_batch(&format!("w{batch}"), 30, 4, batch, &customers, &at);
         send(&server, events).await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_next_window().await;
     }
 
     let expected = metered.billed();

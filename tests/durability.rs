@@ -152,7 +152,15 @@ async fn nats_killed_while_the_archiver_drains_a_backlog_loses_nothing() {
     server.restart();
     tokio::time::sleep(Duration::from_millis(40)).await;
     nats.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // NATS comes back only once northstar has seen it gone.
+    harness::eventually(Duration::from_secs(15), async || {
+        let health = server.get("/healthz").await;
+        match health.json()["nats"].as_str() {
+            Some("disconnected") => Ok(()),
+            _ => Err(health.text()),
+        }
+    })
+    .await;
     nats.restart();
     let last = wait_caught_up(&nats.url, &server.data).await;
     assert_eq!(last, sent as u64);

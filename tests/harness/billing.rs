@@ -72,6 +72,15 @@ pub fn now() -> String {
     format_micros(system_micros())
 }
 
+/// Returns once the clock is in the next of `billing_config`'s 1 s windows, so the batches
+/// sent before and after fall in different windows.
+pub async fn wait_next_window() {
+    let window = system_micros() / 1_000_000;
+    while system_micros() / 1_000_000 == window {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An `api_call_made` track event of `customer` (one API request) at `at`.
 pub fn call(id: &str, customer: &str, at: &str) -> Value {
     json!({"type": "track", "messageId": id, "userId": format!("{customer}-user"), "event": "api_call_made",
