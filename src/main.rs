@@ -427,7 +427,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let engine = QueryEngine::open(&data, &config).await?;
             let result = engine.run(&query).await?;
             let bytes = output::render(&result, format)?;
-            use std::io::Write;
             std::io::stdout().write_all(&bytes)?;
             if format == Format::Json || format == Format::Csv {
                 eprintln!("{}", output::summary(&result));

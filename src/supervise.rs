@@ -83,12 +83,14 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let supervisor = self.clone();
-        tokio::spawn(async move {
-            if let Err(payload) = AssertUnwindSafe(task).catch_unwind().await {
-                supervisor.record(part, None, payload.as_ref(), true);
-            }
-        })
+        tokio::spawn(self.clone().guarded(part, task))
+    }
+
+    /// `task`, with a panic in it recorded as `part` stopping.
+    async fn guarded(self: Arc<Self>, part: &'static str, task: impl Future<Output = ()>) {
+        if let Err(payload) = AssertUnwindSafe(task).catch_unwind().await {
+            self.record(part, None, payload.as_ref(), true);
+        }
     }
 }
 
@@ -110,15 +112,11 @@ impl Supervisor {
             .thread_name(format!("northstar-{part}"))
             .build()?;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let supervisor = self.clone();
+        let guarded = self.clone().guarded(part, task);
         std::thread::Builder::new()
             .name(format!("northstar-{part}"))
             .spawn(move || {
-                runtime.block_on(async move {
-                    if let Err(payload) = AssertUnwindSafe(task).catch_unwind().await {
-                        supervisor.record(part, None, payload.as_ref(), true);
-                    }
-                });
+                runtime.block_on(guarded);
                 let _ = done_tx.send(());
             })?;
         Ok(tokio::spawn(async move {
