@@ -504,17 +504,29 @@ impl Ingestor {
     /// validation as live ingest, as its original source. A message that still fails is left
     /// where it is (no second rejected copy); one accepted before is a duplicate, not stored
     /// twice (its id dedups in JetStream, and the caller skips ids already in Parquet).
+    ///
+    /// A message sent without an id gets `fallback_id` (the caller derives it from the
+    /// rejected row), not a fresh one: replaying it again and again stores it once.
     pub async fn resubmit(
         &self,
         route: &str,
         source: &str,
         payload: &[u8],
+        fallback_id: &str,
     ) -> Result<Resubmitted, IngestError> {
         let received_at = self.clock.now_micros();
         let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
-        let result = match parse_object(payload) {
+        let segment_route = route.starts_with("/v1/");
+        let id_field = if segment_route { "messageId" } else { "uuid" };
+        let parsed = parse_object(payload).map(|mut message| {
+            if matches!(normalize::id_field(&message, id_field), Ok(None)) {
+                message.insert(id_field.into(), Value::String(fallback_id.into()));
+            }
+            message
+        });
+        let result = match parsed {
             Err(rejection) => Err(rejection),
-            Ok(message) if route.starts_with("/v1/") => {
+            Ok(message) if segment_route => {
                 let kind = route.trim_start_matches("/v1/").trim_end_matches('/');
                 let route_type = EventType::parse(kind);
                 segment::normalize(

@@ -204,6 +204,10 @@ pub struct Standing {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(with = "rust_decimal::serde::float_option")]
     pub consumed: Option<Decimal>,
+    /// A retry of a consume already recorded (same customer, feature, quantity and
+    /// `event_id`): its units were counted once, by the first.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
     /// Usage by `groupBy` series, if the meter has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub groups: Option<Map<String, Value>>,
@@ -584,6 +588,7 @@ impl Meter {
             period_start: format_micros(period.start),
             period_end: format_micros(period.end),
             consumed,
+            duplicate: false,
             groups,
             as_of: self.as_of(),
         }
@@ -651,20 +656,15 @@ impl Meter {
         let now = self.clock.now_micros();
         let period = customer.period_at(now);
         let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
-        // A fresh id costs a random draw: only a consume needs one.
-        let event_id = || {
-            request
-                .event_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
-        };
-        let ids: Vec<String> = match consume_events {
+        let ids = match consume_events {
             0 => Vec::new(),
-            1 => vec![event_id()],
-            n => {
-                let base = event_id();
-                (0..n).map(|i| format!("{base}-{i}")).collect()
-            }
+            n => consume_ids(
+                &customer.id,
+                feature,
+                quantity,
+                request.event_id.as_deref(),
+                n,
+            ),
         };
         let (used_after, groups) = {
             let mut shard = self.counters.lock(&customer.id);
@@ -675,14 +675,12 @@ impl Meter {
                     .saturating_add(shard.reserved(&customer.id, counter_index, period.start));
                 let groups = groups_of(&shard, &customer.id, counter_index, period.start);
                 drop(shard);
-                return Ok(self.standing_from(
-                    &customer,
-                    index,
-                    period,
-                    used,
-                    groups,
-                    Some(quantity),
-                ));
+                let standing =
+                    self.standing_from(&customer, index, period, used, groups, Some(quantity));
+                return Ok(Standing {
+                    duplicate: true,
+                    ..standing
+                });
             }
             let used = shard
                 .used(&customer.id, counter_index, period.start)
@@ -723,12 +721,20 @@ impl Meter {
             )
         };
         let mut used_after = used_after;
+        let mut duplicate = false;
         if !ids.is_empty() {
             match self
-                .publish_usage(&customer, feature, quantity, &ids, now)
+                .publish_usage(
+                    &customer,
+                    feature,
+                    quantity,
+                    (&ids, request.event_id.as_deref()),
+                    now,
+                )
                 .await
             {
                 Ok(duplicates) if !duplicates.is_empty() => {
+                    duplicate = true;
                     // The stream had these ids already (a retry of a consume that was stored):
                     // their units are counted from the stream, not reserved again.
                     let mut shard = self.counters.lock(&customer.id);
@@ -750,7 +756,11 @@ impl Meter {
             }
         }
         let consumed = request.consume.then_some(quantity);
-        Ok(self.standing_from(&customer, index, period, used_after, groups, consumed))
+        let standing = self.standing_from(&customer, index, period, used_after, groups, consumed);
+        Ok(Standing {
+            duplicate,
+            ..standing
+        })
     }
 
     /// How many events a consume of `quantity` records: one carrying the quantity when the
@@ -791,14 +801,15 @@ impl Meter {
         usize::try_from(quantity.trunc().mantissa()).map_err(|_| invalid("too many units".into()))
     }
 
-    /// Publishes the usage events of a consume and waits for their acks; returns the
-    /// positions of the ids the stream already held.
+    /// Publishes the usage events of a consume (`ids`, and the caller's `event_id` if it
+    /// gave one) and waits for their acks; returns the positions of the ids the stream
+    /// already held.
     async fn publish_usage(
         &self,
         customer: &Customer,
         feature: &spec::Feature,
         quantity: Decimal,
-        ids: &[String],
+        (ids, key): (&[String], Option<&str>),
         now: i64,
     ) -> Result<Vec<usize>, BusError> {
         let mut properties = Map::new();
@@ -810,6 +821,9 @@ impl Meter {
             "library".into(),
             json!({"name": "northstar-check", "version": env!("CARGO_PKG_VERSION")}),
         );
+        if let Some(key) = key {
+            context.insert("idempotency_key".into(), Value::String(key.to_string()));
+        }
         let messages = ids
             .iter()
             .map(|id| {
@@ -922,6 +936,32 @@ fn url_encode(text: &str) -> String {
                 (b as char).to_string()
             }
             _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Namespace of the stream ids of consumes (a UUIDv5 namespace of northstar's own).
+const CONSUME_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6e6f_7274_6873_7461_722d_636f_6e73_756d);
+
+/// The stream ids of a consume's `n` events: UUIDv5s of the customer, the feature, the
+/// quantity, the caller's `event_id` (a fresh UUIDv7 without one) and the event's place.
+/// They cannot meet an ingested `messageId` by accident, nor another consume's id: a consume
+/// with `event_id: "k-1"` is not the second unit of one with `event_id: "k"`, and the same
+/// key sent with another quantity is another consume. A retry (all the same) has the same ids.
+fn consume_ids(
+    customer: &str,
+    feature: &spec::Feature,
+    quantity: Decimal,
+    key: Option<&str>,
+    n: usize,
+) -> Vec<String> {
+    let key = key.map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
+    let quantity = quantity.normalize();
+    (0..n)
+        .map(|i| {
+            let name = format!("{customer}\0{}\0{quantity}\0{key}\0{i}", feature.id);
+            uuid::Uuid::new_v5(&CONSUME_NAMESPACE, name.as_bytes()).to_string()
         })
         .collect()
 }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -115,12 +115,34 @@ impl Onboarding {
         }
     }
 
+    /// The state, to change. A panic while it was held (a bug, recorded by the followers'
+    /// supervisor) may have left one event half-applied: the engine is marked failed, so its
+    /// answers are 503 until a restart, but it goes on applying and saving what follows, so
+    /// its saved position never holds stream retention or ingest admission back.
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|poisoned| {
+            self.failed.store(true, Ordering::SeqCst);
+            poisoned.into_inner()
+        })
+    }
+
+    /// The state, to read (see [`Onboarding::write_state`] for a poisoned lock).
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|poisoned| {
+            self.failed.store(true, Ordering::SeqCst);
+            poisoned.into_inner()
+        })
+    }
+
     /// The person an id belongs to.
     fn person(&self, id: &str) -> Result<(String, Facts), Unavailable> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(Unavailable);
         }
-        let state = self.state.read().map_err(|_| Unavailable)?;
+        let state = self.read_state();
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Unavailable);
+        }
         let person = state.graph.person_of(id).to_string();
         let facts = state.people.get(&person).cloned().unwrap_or_default();
         Ok((person, facts))
@@ -230,9 +252,7 @@ impl Onboarding {
     /// Applies one event; returns the triggers it fires.
     fn apply(&self, seq: u64, event: &EventView<'_>) -> Vec<Fired> {
         let mut fired = Vec::new();
-        let Ok(mut state) = self.state.write() else {
-            return fired;
-        };
+        let mut state = self.write_state();
         state.seq = seq;
         if let (EventType::Identify, Some(user), Some(anonymous)) = (
             event.kind,
@@ -357,32 +377,22 @@ impl Follow for OnboardingFollower {
         let Some(event) = event else {
             return;
         };
-        let engine = self.engine.clone();
-        // A bug here must not take anything else down: the engine is marked failed instead.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.apply(seq, event))) {
-            Ok(fired) => fired.into_iter().for_each(|f| {
-                let _ = self.fired.send(f);
-            }),
-            Err(_) => {
-                tracing::error!(
-                    seq,
-                    "the onboarding engine failed; its routes answer 503, everything else keeps serving"
-                );
-                self.engine.failed.store(true, Ordering::SeqCst);
-            }
+        // A panic here is caught by the followers' fanout, which records it with the
+        // supervisor (`/healthz` names it) and goes on; the poisoned state marks the engine
+        // failed (see `Onboarding::write_state`).
+        for fired in self.engine.apply(seq, event) {
+            let _ = self.fired.send(fired);
         }
     }
 
     fn snapshot(&mut self) {
-        let state = self.engine.state.read().map(|s| s.clone());
+        let state = self.engine.read_state().clone();
         let (dir, saved) = (self.dir.clone(), self.saved.clone());
-        if let Ok(state) = state {
-            tokio::task::spawn_blocking(move || {
-                if save(&dir, &state) {
-                    saved.fetch_max(state.seq, Ordering::SeqCst);
-                }
-            });
-        }
+        tokio::task::spawn_blocking(move || {
+            if save(&dir, &state) {
+                saved.fetch_max(state.seq, Ordering::SeqCst);
+            }
+        });
     }
 
     fn saved(&self) -> Saved {
@@ -390,12 +400,7 @@ impl Follow for OnboardingFollower {
     }
 
     fn final_snapshot(&mut self) -> JoinHandle<()> {
-        let state = self
-            .engine
-            .state
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let state = self.engine.read_state().clone();
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             save(&dir, &state);
@@ -434,9 +439,7 @@ pub async fn prepare(
     let state = saved.filter(|s| s.seq <= last).unwrap_or_default();
     let after = state.seq;
     engine.applied.store(after, Ordering::SeqCst);
-    if let Ok(mut guard) = engine.state.write() {
-        *guard = state;
-    }
+    *engine.write_state() = state;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(deliver(rx, client, webhook));
     let follower = OnboardingFollower {
@@ -491,6 +494,72 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::follower::Fanout;
+    use crate::event::EventRecord;
+
+    fn track(user: &str) -> Vec<u8> {
+        EventRecord {
+            event_id: format!("{user}-1"),
+            kind: EventType::Track,
+            event: Some("report_created".into()),
+            user_id: Some(user.into()),
+            anonymous_id: None,
+            customer_id: None,
+            timestamp: 1_700_000_000_000_000,
+            received_at: 1_700_000_000_000_000,
+            properties: serde_json::Map::new(),
+            context: serde_json::Map::new(),
+            source: "web".into(),
+            schema_version: None,
+            sample_rate: None,
+        }
+        .to_bus_json()
+    }
+
+    /// A bug that panics while the state is held poisons its lock. The engine used to return
+    /// early on every later event: its saved position froze, and ingest shed everything once
+    /// the stream's lag behind it neared retention.
+    #[tokio::test]
+    async fn after_a_panic_the_engine_answers_503_but_its_position_keeps_moving() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Onboarding::new(
+            &Config::default(),
+            ActivationStore::open(dir.path()),
+            Box::new(|_| "free".to_string()),
+        ));
+        let saved: Saved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (fired, _deliveries) = mpsc::unbounded_channel();
+        let follower = OnboardingFollower {
+            engine: engine.clone(),
+            fired,
+            dir: dir.path().join("onboarding"),
+            saved: saved.clone(),
+        };
+        let mut followers = Fanout::new(vec![Part::new(follower, 0, Duration::ZERO)]);
+        let event = track("u1");
+        followers.apply(1, Some(&EventView::decode(&event).unwrap()));
+        assert!(engine.person("u1").is_ok());
+
+        let poisoner = engine.clone();
+        let bug = std::thread::spawn(move || {
+            let _state = poisoner.state.write();
+            panic!("a bug while applying");
+        });
+        assert!(bug.join().is_err());
+
+        followers.apply(2, Some(&EventView::decode(&track("u2")).unwrap()));
+        assert!(engine.person("u2").is_err(), "a failed engine answers 503");
+        assert_eq!(engine.read_state().seq, 2, "later events are still applied");
+        followers.snapshot();
+        let written = async {
+            while saved.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), written)
+            .await
+            .expect("the snapshot after the panic is saved");
+    }
 
     #[test]
     fn buckets_are_deterministic_and_spread() {

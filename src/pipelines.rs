@@ -21,6 +21,7 @@ use crate::files;
 use crate::query::QueryEngine;
 use crate::query::tables::usage_schema;
 use crate::shutdown::{Shutdown, wait_for_stop};
+use crate::supervise::Supervisor;
 
 /// A pipeline definition.
 #[derive(Debug, Clone)]
@@ -186,13 +187,15 @@ impl PipelineManifest {
 }
 
 /// Runs the pipelines as the archive commits (at most once per `min_interval`), until
-/// shutdown. `progress` reports the least advanced pipeline's sequence.
+/// shutdown. `progress` reports the least advanced pipeline's sequence; a pipeline whose run
+/// fails is named to `supervisor` (and by `/healthz`) until a run succeeds.
 pub async fn run(
     pipelines: Vec<Pipeline>,
     engine: Arc<QueryEngine>,
     mut committed: watch::Receiver<u64>,
     progress: watch::Sender<u64>,
     min_interval: Duration,
+    supervisor: Arc<Supervisor>,
     mut shutdown: Shutdown,
 ) {
     let data_dir = engine.data_dir().to_path_buf();
@@ -210,10 +213,13 @@ pub async fn run(
             if manifest.last_seq >= target {
                 continue;
             }
-            if let Err(error) =
-                run_once(pipeline, &engine, &data_dir, manifest.last_seq, target).await
-            {
-                tracing::error!(%error, "pipeline run failed; retrying at the next commit");
+            let part = format!("pipeline {}", pipeline.name);
+            match run_once(pipeline, &engine, &data_dir, manifest.last_seq, target).await {
+                Ok(()) => supervisor.recovered(&part),
+                Err(error) => {
+                    tracing::warn!(%error, "pipeline run failed; retrying at the next commit");
+                    supervisor.failing(&part, error.to_string());
+                }
             }
         }
         let done = pipelines

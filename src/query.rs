@@ -7,7 +7,8 @@
 //! - [`bounds`]: how long and deep a statement may be;
 //! - [`dialect`]: the parser's dialect, with a bound on its work;
 //! - [`functions`]: the functions that make large values, bounded per call;
-//! - [`answer`]: collecting an answer within its row and byte bounds.
+//! - [`answer`]: collecting an answer within its row and byte bounds;
+//! - [`quantity`]: `metered_quantity`, the meter's quantity parser in SQL.
 //!
 //! Every query runs under a time limit, a row cap, a byte cap and a memory limit, on threads
 //! of its own, and is cancelled as soon as nobody awaits its answer. JSON properties are
@@ -18,6 +19,7 @@ pub mod bounds;
 pub mod dialect;
 pub mod functions;
 pub mod output;
+pub mod quantity;
 pub mod readonly;
 pub mod tables;
 
@@ -228,6 +230,7 @@ impl QueryEngine {
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         datafusion_functions_json::register_all(&mut ctx)?;
         functions::register(&ctx, memory_limit / 16);
+        quantity::register(&ctx);
         tables::register_all(&ctx, data_dir, config, live).await?;
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)

@@ -320,6 +320,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             events.committed.clone(),
             pipelines_tx,
             config.metering.pipeline_interval.get(),
+            supervisor.clone(),
             archivers_stop_for_pipelines,
         ),
     );

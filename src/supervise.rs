@@ -3,8 +3,13 @@
 //! counted in `/metrics` (`northstar_panics_total`), and named by `/healthz`, which answers 503
 //! from then on. A panic is always our bug (input is bounded at the door); the point is that it
 //! is never silent and never stops the stream for the other parts.
+//!
+//! A part can also fail without panicking, again and again (a usage pipeline whose SQL errors
+//! on every run): it reports itself [`Supervisor::failing`] and is named by `/healthz` until
+//! it reports [`Supervisor::recovered`].
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -36,6 +41,9 @@ pub struct Failure {
 #[derive(Debug)]
 pub struct Supervisor {
     failures: Mutex<Vec<Failure>>,
+    /// Parts failing now, by name, with the last error: one entry per part, so bounded by
+    /// the number of parts.
+    failing: Mutex<BTreeMap<String, String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -44,6 +52,7 @@ impl Supervisor {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             failures: Mutex::new(Vec::new()),
+            failing: Mutex::new(BTreeMap::new()),
             metrics,
         })
     }
@@ -70,12 +79,43 @@ impl Supervisor {
         }
     }
 
-    /// The failures so far (empty while everything is healthy).
+    /// Records that `part` failed its last attempt with `message` and makes no progress
+    /// until it recovers. Logged once when the part starts failing.
+    pub fn failing(&self, part: &str, message: String) {
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        if !failing.contains_key(part) {
+            tracing::error!(
+                part,
+                message,
+                "a part of northstar is failing; /healthz answers 503 until it recovers"
+            );
+        }
+        failing.insert(part.to_string(), message);
+    }
+
+    /// Records that `part` succeeded again after [`Supervisor::failing`].
+    pub fn recovered(&self, part: &str) {
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        if failing.remove(part).is_some() {
+            tracing::info!(part, "a failing part of northstar recovered");
+        }
+    }
+
+    /// The failures so far and the parts failing now (empty while everything is healthy).
     pub fn failures(&self) -> Vec<Failure> {
-        self.failures
+        let mut failures = self
+            .failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        let failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        failures.extend(failing.iter().map(|(part, message)| Failure {
+            part: part.clone(),
+            seq: None,
+            message: message.clone(),
+            stopped: true,
+        }));
+        failures
     }
 
     /// Spawns `task` as `part`: a panic in it is recorded instead of vanishing with the task.
@@ -175,6 +215,19 @@ mod tests {
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].part, "followers");
         assert_eq!(failures[0].message, "boom at 9");
+    }
+
+    #[test]
+    fn a_failing_part_is_named_until_it_recovers() {
+        let supervisor = Supervisor::new(Arc::new(Metrics::default()));
+        supervisor.failing("pipeline usage_hourly", "first".into());
+        supervisor.failing("pipeline usage_hourly", "second".into());
+        let failures = supervisor.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].part, "pipeline usage_hourly");
+        assert_eq!(failures[0].message, "second");
+        supervisor.recovered("pipeline usage_hourly");
+        assert!(supervisor.failures().is_empty());
     }
 
     #[tokio::test]

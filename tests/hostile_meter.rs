@@ -291,3 +291,133 @@ async fn unreadable_bodies_are_kept_and_write_keys_never_stored() {
     }
     assert!(events[0]["properties"].to_string().contains("plan"));
 }
+
+/// What every JSON encoder writes for small and large numbers (`JSON.stringify(0.0000001)` is
+/// `1e-7`, Python's `json.dumps(1e-05)` is `1e-05`): ingest, the meter, SQL and the usage
+/// windows must all read them, and read them alike. One such event used to fail every query
+/// over `metered_events` and stop both usage pipelines for good while `/healthz` said ok.
+#[tokio::test(flavor = "multi_thread")]
+async fn quantities_with_exponents_agree_in_the_meter_sql_and_usage_windows() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch = vec![
+        storage("exp-1", "js", json!(1e-7)),
+        storage("exp-2", "js", json!(1e-5)),
+        storage("exp-3", "js", json!("2.5E2")),
+        storage("exp-4", "js", json!(-0.0)),
+        storage("exp-5", "js", json!(1e3)),
+    ];
+    let answer = server
+        .post("/v1/batch", &json!({"batch": batch}))
+        .await
+        .json();
+    assert_eq!(answer["accepted"], 5, "{answer}");
+    harness::wait_archived(&server.data, 5).await;
+    let report = harness::eventually(Duration::from_secs(30), async || {
+        let r = server
+            .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
+            .await;
+        match r.status {
+            200 => Ok(r.json()),
+            status => Err(format!("verify answered {status}: {}", r.text())),
+        }
+    })
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    for total in ["meter_total", "events_total", "usage_total"] {
+        assert_eq!(decimal(&report[total]), "1250.0000101", "{total}: {report}");
+    }
+    let rows = server
+        .post_as(
+            ADMIN_KEY,
+            "/v1/sql",
+            &json!({"sql": "SELECT count(*) AS n FROM metered_events WHERE customer_id = 'js'"}),
+        )
+        .await;
+    assert_eq!(rows.status, 200, "{}", rows.text());
+    assert_healthy(&server).await;
+}
+
+/// A value the meter skips (stored before a meter was configured, say) is left out of
+/// `metered_events` as well, instead of failing the view.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_quantity_the_meter_skips_is_left_out_of_sql_too() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    publish_directly(
+        &nats.url,
+        &[
+            storage("bad-1", "skip", json!("lots")),
+            storage("bad-2", "skip", json!(-3)),
+            storage("good-1", "skip", json!(2)),
+        ],
+    )
+    .await;
+    used(&server, "skip", "storage_gb", 2.0).await;
+    harness::wait_archived(&server.data, 3).await;
+    let report = harness::eventually(Duration::from_secs(30), async || {
+        let r = server
+            .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
+            .await;
+        match r.status {
+            200 => Ok(r.json()),
+            status => Err(format!("verify answered {status}: {}", r.text())),
+        }
+    })
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(decimal(&report["events_total"]), "2", "{report}");
+    assert_healthy(&server).await;
+}
+
+/// A decimal string without trailing zeros.
+fn decimal(value: &Value) -> String {
+    let text = value.as_str().unwrap_or_default();
+    match text.contains('.') {
+        true => text.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => text.to_string(),
+    }
+}
+
+/// Consume ids used to share one namespace with each other and with ingest: `k` made `k-0`
+/// and `k-1`, so a later consume with `event_id: "k-1"` answered 200 `consumed: 1` and counted
+/// nothing, and a consume whose `event_id` equalled an ingested `messageId` did the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn consume_ids_meet_neither_other_consumes_nor_ingested_ids() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let consume = |quantity: u64, id: &str| json!({"customer_id": "acme", "feature": "api_requests", "quantity": quantity, "consume": true, "event_id": id});
+    let (status, body) = check(&server, consume(2, "k")).await;
+    assert_eq!((status, &body["consumed"]), (200, &json!(2.0)), "{body}");
+    let (status, body) = check(&server, consume(1, "k-1")).await;
+    assert_eq!((status, &body["consumed"]), (200, &json!(1.0)), "{body}");
+    assert!(body.get("duplicate").is_none(), "{body}");
+    used(&server, "acme", "api_requests", 3.0).await;
+
+    // An ingested event that is not metered, then a consume under its messageId.
+    let plain = json!({"type": "track", "messageId": "svc-id-1", "userId": "u", "event": "report_created",
+                       "timestamp": "2026-03-10T11:00:00Z", "context": {"groupId": "acme"}});
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": [plain]}))
+            .await
+            .status,
+        200
+    );
+    let (status, body) = check(&server, consume(5, "svc-id-1")).await;
+    assert_eq!((status, &body["consumed"]), (200, &json!(5.0)), "{body}");
+    used(&server, "acme", "api_requests", 8.0).await;
+
+    // A true retry is answered as the duplicate it is, and counts once.
+    let (status, body) = check(&server, consume(5, "svc-id-1")).await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(true)), "{body}");
+    harness::wait_archived(&server.data, 9).await;
+    used(&server, "acme", "api_requests", 8.0).await;
+    let keys = harness::query(
+        &server.data,
+        "SELECT count(*) AS n FROM events WHERE source = 'limits-api' \
+         AND json_get_str(context, 'idempotency_key') = 'k'",
+    )
+    .await;
+    assert_eq!(keys[0]["n"], 2, "the caller's id is kept with each unit");
+}

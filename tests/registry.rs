@@ -141,6 +141,66 @@ async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected(
     );
 }
 
+/// A message sent without an id, rejected, then replayed three times after its policy became
+/// `tag`: each replay used to give it a fresh UUIDv7, so it was stored three times.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_less_rejected_message_replayed_three_times_is_stored_once() {
+    let nats = Nats::start();
+    let mut server = Northstar::start(&nats, &registry_config());
+    let message = json!({"type": "track", "userId": "u1", "event": "order_placed", "properties": {"total": -1}});
+    let r = server.post("/v1/batch", &json!({"batch": [message]})).await;
+    assert_eq!(r.json()["rejected"], 1, "{}", r.text());
+
+    let mut tagging = registry_config();
+    tagging["events"][2]["policy"] = json!("tag");
+    std::fs::write(
+        server.data.parent().unwrap().join("northstar.json"),
+        serde_json::to_vec(&tagging).unwrap(),
+    )
+    .unwrap();
+    server.restart();
+    harness::wait_rows(&server.data, "rejected_events", 1).await;
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let answer = server
+            .client
+            .post_json(
+                &format!("{}/v1/rejected/replay", server.base),
+                &[("authorization", &bearer)],
+                &json!({}),
+            )
+            .await
+            .unwrap()
+            .json();
+        answers.push(answer);
+    }
+    assert_eq!(answers[0]["accepted"], 1, "{answers:?}");
+    for later in &answers[1..] {
+        assert_eq!(later["accepted"], 0, "{answers:?}");
+        let seen = later["duplicates"].as_u64().unwrap_or(0)
+            + later["already_accepted"].as_u64().unwrap_or(0);
+        assert_eq!(seen, 1, "{answers:?}");
+    }
+    // Once a marker sent after the replays is archived, anything they stored is too.
+    let marker = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": harness::tracks("marker", 0..1)}),
+        )
+        .await;
+    assert_eq!(marker.status, 200, "{}", marker.text());
+    server.wait_archived(2).await;
+    assert_eq!(
+        scalar(
+            &server.data,
+            "SELECT count(*) FROM events WHERE event = 'order_placed'"
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_schema_tools_work_for_users_ci() {
     let dir = tempfile::tempdir().unwrap();

@@ -102,20 +102,27 @@ pub async fn replay(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespons
             ));
         }
     }
-    let already = match stored_ids(state, rows.iter().filter_map(|r| r.3.clone()).collect()).await {
+    // A message sent without an id is replayed under its rejected row's id, so every replay
+    // of it is the same event: stored once, and found here once stored.
+    let event_id_of = |row: &(String, String, String, Option<String>, String)| {
+        row.3.clone().unwrap_or_else(|| row.0.clone())
+    };
+    let already = match stored_ids(state, rows.iter().map(event_id_of).collect()).await {
         Ok(ids) => ids,
         Err(response) => return response,
     };
     let (mut accepted, mut duplicates, mut already_accepted, mut sampled_out, mut still) =
         (0, 0, 0, 0, Vec::new());
-    for (rejected_id, route, source, event_id, payload) in &rows {
-        if event_id.as_ref().is_some_and(|id| already.contains(id)) {
+    for row in &rows {
+        let (rejected_id, route, source, _, payload) = row;
+        let event_id = event_id_of(row);
+        if already.contains(&event_id) {
             already_accepted += 1;
             continue;
         }
         match state
             .ingestor
-            .resubmit(route, source, payload.as_bytes())
+            .resubmit(route, source, payload.as_bytes(), &event_id)
             .await
         {
             Ok(Resubmitted::Accepted) => accepted += 1,

@@ -51,13 +51,13 @@ pub async fn prepare(
                 "the meter snapshot belongs to another stream; rebuilding usage from the stream"
             );
             set_aside(&target.dir);
-            clear(&meter);
+            meter.counters().reset();
             snapshot::Restored::default()
         }
         Err(error) => {
             tracing::warn!(%error, "unreadable meter snapshot; rebuilding usage from the stream");
             set_aside(&target.dir);
-            clear(&meter);
+            meter.counters().reset();
             snapshot::Restored::default()
         }
     };
@@ -100,14 +100,6 @@ fn set_aside(dir: &std::path::Path) {
         &path,
         dir.join(format!("{}.set-aside", snapshot::SNAPSHOT_FILE)),
     );
-}
-
-fn clear(meter: &Meter) {
-    for shard in 0..super::state::SHARDS {
-        let mut guard = meter.counters().lock_shard(shard);
-        guard.customers.clear();
-        guard.applied_seq = 0;
-    }
 }
 
 /// The meter as a stream follower.

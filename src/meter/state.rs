@@ -228,6 +228,17 @@ impl Counters {
         self.applied.store(seq, Ordering::SeqCst);
     }
 
+    /// Forgets everything: every shard's counters, the events it took ahead of the follower
+    /// and its reservations, and the applied position. For a meter rebuilt from the stream
+    /// after its snapshot was set aside: a sequence left in `ahead` from the old stream would
+    /// make the follower skip the new stream's event of that number.
+    pub fn reset(&self) {
+        for index in 0..SHARDS {
+            *self.lock_shard(index) = Shard::default();
+        }
+        self.set_applied(0);
+    }
+
     /// Number of counters (for metrics and the memory benchmark).
     pub fn counter_count(&self) -> usize {
         (0..SHARDS)
@@ -440,6 +451,28 @@ mod tests {
 
     fn amount(n: i64) -> Contribution {
         Contribution::Amount(Decimal::from(n))
+    }
+
+    #[test]
+    fn a_reset_forgets_the_events_taken_ahead_of_the_follower() {
+        let counters = Counters::default();
+        {
+            let mut shard = counters.lock("acme");
+            shard.applied_seq = 40;
+            shard.ahead.extend([41, 42]);
+            shard.reserve("e1", "acme", 0, 100, Decimal::ONE);
+            shard.apply("acme", 0, Aggregation::Sum, 100, &amount(3), None, 5, "e0");
+        }
+        counters.set_applied(42);
+        counters.reset();
+        let shard = counters.lock("acme");
+        assert!(
+            shard.ahead.is_empty(),
+            "sequence 41 of a new stream would be skipped"
+        );
+        assert!(shard.customers.is_empty());
+        assert_eq!(shard.reserved("acme", 0, 100), Decimal::ZERO);
+        assert_eq!((shard.applied_seq, counters.applied_seq()), (0, 0));
     }
 
     #[test]

@@ -347,18 +347,22 @@ pub fn metered_events_sql(config: &Config) -> String {
         let Some(metering) = &event.metering else {
             continue;
         };
-        let quantity = match (&metering.value_property, metering.aggregation) {
+        // The meter's own parser reads the quantity; a row it would skip is left out here too.
+        let (quantity, counted) = match (&metering.value_property, metering.aggregation) {
             (Some(property), Aggregation::Sum | Aggregation::Max | Aggregation::Latest) => {
-                format!(
-                    "CAST(json_as_text(properties, {}) AS DECIMAL(38, 10))",
+                let quantity = format!(
+                    "{}(json_as_text(properties, {}))",
+                    super::quantity::NAME,
                     quote(property)
-                )
+                );
+                let counted = format!(" AND {quantity} IS NOT NULL");
+                (quantity, counted)
             }
-            _ => "CAST(1 AS DECIMAL(38, 10))".to_string(),
+            _ => ("CAST(1 AS DECIMAL(38, 10))".to_string(), String::new()),
         };
         parts.push(format!(
             "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity \
-             FROM events WHERE event = {event} AND customer_id IS NOT NULL",
+             FROM events WHERE event = {event} AND customer_id IS NOT NULL{counted}",
             feature = quote(&metering.feature_id),
             event = quote(&event.name),
         ));
