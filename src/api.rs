@@ -129,8 +129,18 @@ impl AppState {
                 "send Authorization: Bearer <admin key>",
             )
         })?;
+        let mut service = false;
+        for key in &self.service_keys {
+            service |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
+        }
         if bool::from(token.as_bytes().ct_eq(admin.as_bytes())) {
             Ok(())
+        } else if service {
+            Err(HttpError::new(
+                ErrorKind::Forbidden,
+                "service_key_not_allowed",
+                "service keys may use the limits API only; use the admin key",
+            ))
         } else if self.ingestor.write_keys().source_of(token).is_some() {
             Err(HttpError::new(
                 ErrorKind::Forbidden,

@@ -347,6 +347,7 @@ impl Ingestor {
                     shards: self.config.stream.shards,
                     max_message_bytes: limits.max_message_bytes,
                     max_future_skew: future_skew_micros(&self.config),
+                    keys: &self.keys,
                 };
                 for (index, raw) in envelope.batch.iter().enumerate() {
                     if raw.get().len() <= limits.max_message_bytes {
@@ -678,7 +679,8 @@ impl<'a> ParsedBatch<'a> {
         route: &str,
         received_at: i64,
     ) {
-        let result = result.and_then(|event| {
+        let result = result.and_then(|mut event| {
+            self.keys.scrub(&mut event.properties, &mut event.context);
             prepare(
                 event,
                 self.registry,

@@ -507,7 +507,11 @@ impl Meter {
     pub fn usage(&self, customer_id: &str) -> (Arc<Customer>, Vec<Standing>) {
         let customer = self.customers.get(customer_id);
         let standings = (0..self.spec.features.len())
-            .map(|i| self.standing(&customer, i, Decimal::ZERO, None))
+            .map(|i| {
+                let mut standing = self.standing(&customer, i, Decimal::ZERO, None);
+                standing.allowed &= customer.suspended.is_none();
+                standing
+            })
             .collect();
         (customer, standings)
     }

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::SQLOptions;
@@ -107,7 +108,13 @@ impl From<DataFusionError> for QueryError {
             DataFusionError::SQL(..)
             | DataFusionError::Plan(_)
             | DataFusionError::SchemaError(..)
-            | DataFusionError::NotImplemented(_) => Self::Invalid(error.to_string()),
+            | DataFusionError::NotImplemented(_)
+            // Raised while evaluating the statement's own expressions over the rows: a
+            // division by zero, a cast or parse of a value, an argument a function refuses.
+            | DataFusionError::Execution(_) => Self::Invalid(error.to_string()),
+            DataFusionError::ArrowError(arrow, _) if is_about_values(arrow) => {
+                Self::Invalid(error.to_string())
+            }
             DataFusionError::ResourcesExhausted(message) => {
                 Self::ResourcesExhausted(message.clone())
             }
@@ -117,6 +124,20 @@ impl From<DataFusionError> for QueryError {
             _ => Self::Internal(error.to_string()),
         }
     }
+}
+
+/// Whether an Arrow error is about the values a statement computes (the user's to fix), not
+/// about reading or writing data.
+fn is_about_values(error: &ArrowError) -> bool {
+    matches!(
+        error,
+        ArrowError::DivideByZero
+            | ArrowError::CastError(_)
+            | ArrowError::ParseError(_)
+            | ArrowError::ArithmeticOverflow(_)
+            | ArrowError::InvalidArgumentError(_)
+            | ArrowError::ComputeError(_)
+    )
 }
 
 /// How many times a query runs when files vanish under it (another process compacting).

@@ -421,3 +421,77 @@ async fn consume_ids_meet_neither_other_consumes_nor_ingested_ids() {
     .await;
     assert_eq!(keys[0]["n"], 2, "the caller's id is kept with each unit");
 }
+
+/// The smaller holes of one review, each replayed as found.
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_keys_and_errors_are_treated_alike_on_every_route() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    // A padded customer id is metered trimmed; every route reads it trimmed.
+    let padded = (0..3)
+        .map(|i| call(&format!("pad-{i}"), "pad\u{a0}", "2026-03-10T11:00:00Z"))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": padded}))
+            .await
+            .status,
+        200
+    );
+    used(&server, "pad", "api_requests", 3.0).await;
+    for path in [
+        "/v1/customers/pad%20/entitlements/api_requests",
+        "/v1/customers/pad%E3%80%80/entitlements/api_requests",
+        "/v1/customers/%09pad/entitlements/api_requests",
+    ] {
+        let body = server.get_as(SERVICE_KEY, path).await.json();
+        assert_eq!(body["used"], 3.0, "{path}: {body}");
+    }
+    let usage = server
+        .get_as(SERVICE_KEY, "/v1/customers/pad%C2%A0/usage")
+        .await
+        .json();
+    assert_eq!(usage["customer_id"], "pad", "{usage}");
+
+    // A suspended customer is not `allowed` by the usage route either.
+    let r = server
+        .put_admin("/v1/customers/pad", &json!({"suspended": true}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let usage = server
+        .get_as(SERVICE_KEY, "/v1/customers/pad/usage")
+        .await
+        .json();
+    for feature in usage["features"].as_array().expect("features") {
+        assert_eq!(feature["allowed"], false, "{usage}");
+    }
+
+    // An id ingest takes (255 characters of two bytes each) can be given a plan.
+    let long = "é".repeat(255);
+    let r = server
+        .put_admin(
+            &format!("/v1/customers/{}", "%C3%A9".repeat(255)),
+            &json!({"plan": "pro"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], long.as_str());
+
+    // A service key on an admin route is known but not allowed: 403, not 401.
+    let r = server.get_as(SERVICE_KEY, "/v1/customers/pad").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // A runtime error of the statement itself is the user's: 400.
+    let r = server
+        .post_as(ADMIN_KEY, "/v1/sql", &json!({"sql": "SELECT 1/0"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = server
+        .post_as(
+            ADMIN_KEY,
+            "/v1/sql",
+            &json!({"sql": "SELECT CAST('x' AS INT)"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+}

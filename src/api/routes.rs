@@ -124,7 +124,12 @@ pub fn route(method: &Method, path: &str) -> Route {
 /// The customer routes: `/v1/customers/{id}[/usage | /entitlements/{feature}]`.
 fn customer_route(method: &Method, path: &str) -> Route {
     let rest = path.trim_start_matches("/v1/customers/");
-    let segments: Vec<String> = rest.split('/').map(percent_decode).collect();
+    let mut segments: Vec<String> = rest.split('/').map(percent_decode).collect();
+    // Ingest and `/v1/check` trim ids (Unicode whitespace, NBSP and U+3000 included): so do
+    // these routes, or `"pad "` would be metered under `pad` and looked up under `pad `.
+    if let Some(id) = segments.first_mut() {
+        *id = id.trim().to_string();
+    }
     match (method, segments.as_slice()) {
         (&Method::GET | &Method::PUT, [id]) if !id.is_empty() => Route::Customer(id.clone()),
         (_, [id]) if !id.is_empty() => Route::MethodNotAllowed("GET, PUT"),

@@ -59,6 +59,42 @@ impl WriteKeys {
         out
     }
 
+    /// Whether any write key appears anywhere in `bytes`.
+    pub fn appears_in(&self, bytes: &[u8]) -> bool {
+        self.keys.iter().any(|(key, _)| {
+            !key.is_empty() && bytes.windows(key.len()).any(|w| w == key.as_slice())
+        })
+    }
+
+    /// Takes write keys out of what an event stores: `context.writeKey` goes, and a key
+    /// inside any string of `properties` or `context` (an SDK that copies its key into every
+    /// event, or a key pasted into a property) becomes `[redacted]`, as in the rejected store.
+    pub fn scrub(
+        &self,
+        properties: &mut serde_json::Map<String, serde_json::Value>,
+        context: &mut serde_json::Map<String, serde_json::Value>,
+    ) {
+        if self.keys.is_empty() {
+            return;
+        }
+        context.remove("writeKey");
+        for value in properties.values_mut().chain(context.values_mut()) {
+            self.scrub_value(value);
+        }
+    }
+
+    fn scrub_value(&self, value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) if self.appears_in(text.as_bytes()) => {
+                let redacted = self.redact(text.as_bytes());
+                *text = String::from_utf8_lossy(&redacted).into_owned();
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.scrub_value(v)),
+            serde_json::Value::Object(map) => map.values_mut().for_each(|v| self.scrub_value(v)),
+            _ => {}
+        }
+    }
+
     /// Whether `candidate` is one of the write keys (constant time).
     pub fn is_key(&self, candidate: &str) -> bool {
         self.source_of(candidate).is_some()

@@ -4,7 +4,7 @@
 use std::io::Read;
 
 use base64::Engine;
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use super::IngestError;
 
@@ -52,7 +52,9 @@ fn looks_like_json(bytes: &[u8]) -> bool {
 
 fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit + 1));
-    let read = GzDecoder::new(bytes)
+    // A body may be several gzip members one after another (RFC 1952 allows it; some
+    // clients compress as they stream): all of them are the body.
+    let read = MultiGzDecoder::new(bytes)
         .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| IngestError::InvalidBody(format!("body is not valid gzip: {e}")))?;
@@ -133,6 +135,14 @@ mod tests {
     fn gzip_is_found_by_magic_bytes() {
         let body = decode(&gzip(br#"{"a":1}"#), &Encoding::default(), 100).unwrap();
         assert_eq!(body, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn concatenated_gzip_members_are_one_body() {
+        let mut two = gzip(br#"{"batch":[{"a":"#);
+        two.extend(gzip(br#"1}]}"#));
+        let body = decode(&two, &Encoding::default(), 100).unwrap();
+        assert_eq!(body, br#"{"batch":[{"a":1}]}"#);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct Batch<'a> {
     pub max_message_bytes: usize,
     /// How far ahead of `received_at` an event time may be (µs; `ingest.maxFutureSkew`).
     pub max_future_skew: i64,
+    /// The write keys: a message carrying one in its properties or context takes the
+    /// reference path, which takes it out.
+    pub keys: &'a super::auth::WriteKeys,
 }
 
 impl Batch<'_> {
@@ -127,6 +130,11 @@ fn accept(text: &str, batch: &Batch<'_>) -> Option<Fast> {
     if let Some(integrations) = object(&message, "integrations")?
         && !RawObject::parse(integrations.get()).ok()?.is_empty()
     {
+        return None;
+    }
+    let carries_key =
+        |raw: Option<&RawValue>| raw.is_some_and(|r| batch.keys.appears_in(r.get().as_bytes()));
+    if carries_key(properties) || carries_key(context) {
         return None;
     }
     let properties_view = view(properties)?;
@@ -291,13 +299,14 @@ impl Writer<'_> {
 /// back: for tests that hold the two paths to the same result.
 pub fn reference(text: &str, batch: &Batch<'_>) -> Result<Option<Outgoing>, Rejection> {
     let message = super::parse_object(text.as_bytes())?;
-    let event = segment::normalize(
+    let mut event = segment::normalize(
         message,
         None,
         batch.inherited,
         batch.source,
         batch.received_at,
     )?;
+    batch.keys.scrub(&mut event.properties, &mut event.context);
     super::prepare(
         event,
         batch.registry,
@@ -338,6 +347,37 @@ mod tests {
             shards: 8,
             max_message_bytes: 32 * 1024,
             max_future_skew: 86_400_000_000,
+            keys: &KEYS,
+        }
+    }
+
+    /// The write key of the tests' source.
+    const KEY: &str = "wk_live_4f9a2c";
+
+    static KEYS: std::sync::LazyLock<crate::ingest::auth::WriteKeys> =
+        std::sync::LazyLock::new(|| {
+            let mut config = Config::default();
+            config.add_default_write_key(KEY);
+            crate::ingest::auth::WriteKeys::from_config(&config)
+        });
+
+    #[test]
+    fn a_write_key_in_context_or_properties_is_never_stored() {
+        let registry = registry("");
+        let batch = batch(&registry, Inherited::default());
+        for text in [
+            format!(
+                r#"{{"type":"track","messageId":"k1","userId":"u","event":"api_call_made","context":{{"writeKey":"{KEY}"}}}}"#
+            ),
+            format!(
+                r#"{{"type":"track","messageId":"k2","userId":"u","event":"api_call_made","properties":{{"note":"key is {KEY}","list":["{KEY}"]}}}}"#
+            ),
+        ] {
+            assert!(matches!(normalize(&text, &batch), Fast::Fallback), "{text}");
+            let stored = reference(&text, &batch).unwrap().unwrap();
+            let stored = String::from_utf8_lossy(&stored.payload).into_owned();
+            assert!(!stored.contains(KEY), "{stored}");
+            assert!(!stored.contains("writeKey"), "{stored}");
         }
     }
 

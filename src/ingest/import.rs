@@ -43,7 +43,7 @@ pub async fn run(path: &Path, base_url: &str, write_key: &str) -> Result<ImportR
         bar: bar.clone(),
     };
     let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(
+        Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
             counted,
         )))
     } else {

@@ -224,10 +224,12 @@ impl CustomerStore {
         known_plans: &[String],
         now: i64,
     ) -> Result<Arc<Customer>, CustomerError> {
-        if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+        // The rule ingest applies to the ids it meters (characters, not bytes): a customer
+        // whose events are stored can always be given a plan.
+        if let Some(problem) = crate::event::id_problem(id) {
             return Err(CustomerError::Invalid {
                 field: "id",
-                message: "customer ids are 1 to 255 printable characters".into(),
+                message: format!("{problem}; customer ids are 1 to 255 printable characters"),
             });
         }
         let mut customer = (*self.get(id)).clone();

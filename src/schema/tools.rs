@@ -29,7 +29,9 @@ pub struct LineViolation {
 pub fn check(registry: &Registry, path: &Path) -> std::io::Result<(usize, Vec<LineViolation>)> {
     let file = std::fs::File::open(path)?;
     let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file)))
+        Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
+            file,
+        )))
     } else {
         Box::new(std::io::BufReader::new(file))
     };
