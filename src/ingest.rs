@@ -346,7 +346,7 @@ impl Ingestor {
                     registry: &self.registry,
                     shards: self.config.stream.shards,
                     max_message_bytes: limits.max_message_bytes,
-                    max_future_skew: future_skew_micros(&self.config),
+                    time_bounds: normalize::TimeBounds::of(&self.config),
                     keys: &self.keys,
                 };
                 for (index, raw) in envelope.batch.iter().enumerate() {
@@ -648,7 +648,7 @@ struct ParsedBatch<'a> {
     rejected: Vec<(usize, RejectedRecord)>,
     sampled_out: usize,
     max_message_bytes: usize,
-    max_future_skew: i64,
+    time_bounds: normalize::TimeBounds,
     shards: u32,
     registry: &'a Registry,
     keys: &'a WriteKeys,
@@ -661,7 +661,7 @@ impl<'a> ParsedBatch<'a> {
             rejected: Vec::new(),
             sampled_out: 0,
             max_message_bytes: config.ingest.max_message_bytes,
-            max_future_skew: future_skew_micros(config),
+            time_bounds: normalize::TimeBounds::of(config),
             shards: config.stream.shards,
             registry,
             keys,
@@ -686,7 +686,7 @@ impl<'a> ParsedBatch<'a> {
                 self.registry,
                 self.shards,
                 self.max_message_bytes,
-                self.max_future_skew,
+                self.time_bounds,
             )
         });
         match result {
@@ -715,9 +715,9 @@ pub fn prepare(
     registry: &Registry,
     shards: u32,
     max_message_bytes: usize,
-    max_future_skew: i64,
+    time_bounds: normalize::TimeBounds,
 ) -> Result<Option<Outgoing>, Rejection> {
-    normalize::within_skew(event.timestamp, event.received_at, max_future_skew)?;
+    normalize::within_skew(event.timestamp, event.received_at, time_bounds)?;
     if let (EventType::Track, Some(name)) = (event.kind, &event.event) {
         match registry.decide(name, &event.event_id, &event.properties, &mut event.context) {
             Decision::Accept {
@@ -747,11 +747,6 @@ pub fn prepare(
         msg_id: event.event_id,
         payload: Bytes::from(payload),
     }))
-}
-
-/// `ingest.maxFutureSkew` in microseconds.
-fn future_skew_micros(config: &Config) -> i64 {
-    i64::try_from(config.ingest.max_future_skew.get().as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Every violation in one rejection, named by the first one's field.

@@ -516,7 +516,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 planted_times: times,
                 planted_days: days,
-                ..HistorySpec::default()
+                ..HistorySpec::ending_at(northstar::clock::system_micros())
             };
             let mut text = String::new();
             for message in generate(&spec) {

@@ -461,6 +461,11 @@ impl Meter {
         applied: &state::Applied,
         seq: u64,
     ) {
+        // Notices and hard caps belong to the period running now: usage an event dated in a
+        // closed period adds is counted there, and never suspends or warns anyone today.
+        if applied.period_start < customer.period_at(self.clock.now_micros()).start {
+            return;
+        }
         let feature = &self.spec.features[feature_index];
         if let Allowance::Limited { limit, .. } = feature.allowance(&customer.plan) {
             let limit = Decimal::from(limit);

@@ -214,7 +214,13 @@ pub async fn run(
                 continue;
             }
             let part = format!("pipeline {}", pipeline.name);
-            match run_once(pipeline, &engine, &data_dir, manifest.last_seq, target).await {
+            // A run over many days can take long: shutdown does not wait for it. Its manifest
+            // is written only at its end, so the next start runs it again.
+            let ran = tokio::select! {
+                ran = run_once(pipeline, &engine, &data_dir, manifest.last_seq, target) => ran,
+                () = wait_for_stop(&mut shutdown) => return,
+            };
+            match ran {
                 Ok(()) => supervisor.recovered(&part),
                 Err(error) => {
                     tracing::warn!(%error, "pipeline run failed; retrying at the next commit");

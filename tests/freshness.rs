@@ -87,7 +87,7 @@ async fn the_first_answer_after_an_ack_counts_the_event_however_far_behind_the_f
     config["usageFeatures"][0]["limits"] = json!({"free": 1_000_000});
     config["metering"] = json!({"snapshotInterval": "500ms"});
     // The followers are 50,000 behind on purpose: ingest must not shed for it here.
-    config["ingest"] = json!({"maxLag": 0});
+    config["ingest"]["maxLag"] = json!(0);
     let mut server = Northstar::start(&nats, &config);
     assert_eq!(used(&server, "probe").await, 0.0);
 

@@ -88,7 +88,9 @@ async fn get_from(from: Ipv4Addr, server: &Northstar, path: &str) -> RawAnswer {
 /// The test config with `ingest` bounds of the test's choosing.
 fn config_with_ingest(ingest: Value) -> Value {
     let mut config = test_config();
-    config["ingest"] = ingest;
+    for (key, value) in ingest.as_object().cloned().unwrap_or_default() {
+        config["ingest"][key] = value;
+    }
     config
 }
 
@@ -419,7 +421,7 @@ async fn a_slow_stripe_delays_no_402() {
     let mut config = billing_config(&stripe.base);
     // Stripe calls may take 20 s; a request 2 s.
     config["billing"]["timeout"] = json!("20s");
-    config["ingest"] = json!({"requestTimeout": "2s"});
+    config["ingest"]["requestTimeout"] = json!("2s");
     let nats = Nats::start();
     let server = harness::billing::start(&nats, &config);
 

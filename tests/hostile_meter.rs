@@ -495,3 +495,69 @@ async fn ids_keys_and_errors_are_treated_alike_on_every_route() {
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
 }
+
+/// Events dated in the past used to suspend a customer with no current usage (a hard cap
+/// reached in a period long closed). Now an event older than `ingest.maxEventAge` (400 days
+/// by default) is rejected naming `timestamp`, and usage of a closed period within it is
+/// counted there but never suspends or warns.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_dated_events_neither_suspend_nor_count_against_today() {
+    let nats = Nats::start();
+    let mut config = limits_config();
+    config["ingest"]
+        .as_object_mut()
+        .expect("ingest")
+        .remove("maxEventAge");
+    let server = InProcess::start(&nats, &config, Clock::manual(MARCH_10)).await;
+    let dated = |id: &str, gb: u64, at: &str| {
+        json!({"type": "track", "messageId": id, "userId": "u", "event": "storage_used",
+               "timestamp": at, "context": {"groupId": "victim"}, "properties": {"gb": gb}})
+    };
+    let epoch = vec![
+        dated("old-1", 30, "1970-01-01T00:00:00Z"),
+        dated("old-2", 30, "1970-01-02T00:00:00Z"),
+    ];
+    let answer = server
+        .post("/v1/batch", &json!({"batch": epoch}))
+        .await
+        .json();
+    assert_eq!(answer["rejected"], 2, "{answer}");
+    for error in answer["errors"].as_array().expect("errors") {
+        assert_eq!(error["field"], "timestamp", "{error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ingest.maxEventAge"),
+            "{error}"
+        );
+    }
+
+    // 60 GB in January, past free's hard cap of 50, and 1 GB today.
+    let january = vec![
+        dated("jan-1", 30, "2026-01-20T00:00:00Z"),
+        dated("jan-2", 30, "2026-01-21T00:00:00Z"),
+        dated("now-1", 1, "2026-03-10T11:00:00Z"),
+    ];
+    let answer = server
+        .post("/v1/batch", &json!({"batch": january}))
+        .await
+        .json();
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    harness::wait_archived(&server.data, 3).await;
+    used(&server, "victim", "storage_gb", 1.0).await;
+    let (status, body) = check(
+        &server,
+        json!({"customer_id": "victim", "feature": "storage_gb", "quantity": 1}),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "a closed period's usage suspends nobody: {body}"
+    );
+    let customer = server
+        .get_as(ADMIN_KEY, "/v1/customers/victim")
+        .await
+        .json();
+    assert!(customer["suspended"].is_null(), "{customer}");
+}

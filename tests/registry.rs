@@ -293,8 +293,9 @@ async fn the_schema_tools_work_for_users_ci() {
 async fn a_write_key_over_its_rate_gets_429_with_retry_after() {
     let nats = Nats::start();
     let mut config = test_config();
-    config["ingest"] =
-        json!({"maxBatchMessages": 100, "rateLimitPerSecond": 10, "rateLimitBurst": 100});
+    config["ingest"]["maxBatchMessages"] = json!(100);
+    config["ingest"]["rateLimitPerSecond"] = json!(10);
+    config["ingest"]["rateLimitBurst"] = json!(100);
     config["sources"] = json!([{"name": "test", "writeKeys": [WRITE_KEY]}, {"name": "other", "writeKeys": ["wk_other_0123456789"]}]);
     let server = Northstar::start(&nats, &config);
     let batch = |prefix: &str| json!({"batch": harness::tracks(prefix, 0..60)});
@@ -365,7 +366,7 @@ async fn a_customer_far_above_their_own_baseline_is_flagged() {
             .get_as(harness::SERVICE_KEY, "/v1/anomalies")
             .await
             .status,
-        401,
-        "admin only"
+        403,
+        "admin only: a service key is known, and not allowed here"
     );
 }

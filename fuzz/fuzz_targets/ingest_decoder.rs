@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         }
     } else if let Ok(envelope) = serde_json::from_slice::<segment::BatchEnvelope<'_>>(&decoded) {
         // The fast path must agree with the reference wherever it answers.
+        let keys = northstar::ingest::auth::WriteKeys::default();
         let batch = fast::Batch {
             inherited: envelope.inherited(),
             source: "fuzz",
@@ -47,7 +48,11 @@ fuzz_target!(|data: &[u8]| {
             registry: &registry,
             shards: 8,
             max_message_bytes: 32 * 1024,
-            max_future_skew: 86_400_000_000,
+            time_bounds: northstar::ingest::normalize::TimeBounds {
+                future_skew: 86_400_000_000,
+                max_age: 400 * 86_400_000_000,
+            },
+            keys: &keys,
         };
         for raw in &envelope.batch {
             if let fast::Fast::Ready(quick) = fast::normalize(raw.get(), &batch) {

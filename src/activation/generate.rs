@@ -82,6 +82,20 @@ impl Default for HistorySpec {
     }
 }
 
+impl HistorySpec {
+    /// The default history moved so that its data ends on the day of `now_micros` (UTC µs):
+    /// a history users import today is recent, as ingest's `maxEventAge` expects.
+    pub fn ending_at(now_micros: i64) -> Self {
+        let spec = Self::default();
+        let today = now_micros - now_micros.rem_euclid(DAY_MICROS);
+        let length = (i64::from(spec.signup_spread_days) + DATA_TAIL_DAYS) * DAY_MICROS;
+        Self {
+            start_micros: today - length,
+            ..spec
+        }
+    }
+}
+
 /// splitmix64: a tiny, well-mixed deterministic PRNG, so the crate needs no `rand`.
 struct SplitMix64 {
     state: u64,
@@ -530,6 +544,16 @@ mod tests {
 
     fn phi_at(messages: &[Value], times: u32, days: u32, options: &CountOptions) -> f64 {
         phi(&count_cells(messages, times, days, options)).unwrap_or(f64::NAN)
+    }
+
+    #[test]
+    fn a_history_ending_today_ends_on_today_and_is_otherwise_the_default() {
+        let now = 1_796_000_000_000_000 + 12_345;
+        let spec = HistorySpec::ending_at(now);
+        let end = data_end_micros(&spec);
+        assert_eq!(end % DAY_MICROS, 0);
+        assert!(end <= now && now - end < DAY_MICROS, "{end} vs {now}");
+        assert_eq!(spec.users, HistorySpec::default().users);
     }
 
     #[test]

@@ -212,6 +212,12 @@ pub struct IngestSettings {
     /// (`timestamp`): metering periods follow event time, so a client clock must not be able
     /// to open next year's period.
     pub max_future_skew: HumanDuration,
+    /// How long before its arrival an event's time may be; an older one is rejected
+    /// (`timestamp`). Longer than the longest usage period (a year), so every period the
+    /// meter holds takes all its events, and short enough that a client clock at the epoch
+    /// cannot write into a thousand day partitions at once. `northstar import` follows the
+    /// same rule: raise it for a backfill of older history. "0": no bound.
+    pub max_event_age: HumanDuration,
     /// Most events acked but not yet applied by the followers (identities, billing windows,
     /// onboarding; and the archiver, which reads the followers' delivery, so SQL too); past
     /// it, ingest sheds with 503 `overloaded` and `Retry-After`. 0: no bound. The default,
@@ -237,6 +243,7 @@ impl Default for IngestSettings {
             rate_limit_per_second: 100_000,
             rate_limit_burst: 500_000,
             max_future_skew: HumanDuration::secs(24 * 3600),
+            max_event_age: HumanDuration::secs(400 * 24 * 3600),
             max_lag: 10_000,
             max_archive_lag: 1_000_000,
         }

@@ -47,8 +47,8 @@ pub struct Batch<'a> {
     pub shards: u32,
     /// Largest stream message.
     pub max_message_bytes: usize,
-    /// How far ahead of `received_at` an event time may be (µs; `ingest.maxFutureSkew`).
-    pub max_future_skew: i64,
+    /// How far from `received_at` an event time may be.
+    pub time_bounds: normalize::TimeBounds,
     /// The write keys: a message carrying one in its properties or context takes the
     /// reference path, which takes it out.
     pub keys: &'a super::auth::WriteKeys,
@@ -101,7 +101,7 @@ fn accept(text: &str, batch: &Batch<'_>) -> Option<Fast> {
         None => batch.received_at,
         Some(raw) => normalize::timestamp(&parse(raw)?, "timestamp").ok()?,
     };
-    normalize::within_skew(timestamp, batch.received_at, batch.max_future_skew).ok()?;
+    normalize::within_skew(timestamp, batch.received_at, batch.time_bounds).ok()?;
     let top_customer = id(&message, "customerId")?;
     let mut group_id = None;
     let (event, properties) = match kind {
@@ -312,7 +312,7 @@ pub fn reference(text: &str, batch: &Batch<'_>) -> Result<Option<Outgoing>, Reje
         batch.registry,
         batch.shards,
         batch.max_message_bytes,
-        batch.max_future_skew,
+        batch.time_bounds,
     )
 }
 
@@ -346,7 +346,10 @@ mod tests {
             registry,
             shards: 8,
             max_message_bytes: 32 * 1024,
-            max_future_skew: 86_400_000_000,
+            time_bounds: normalize::TimeBounds {
+                future_skew: 86_400_000_000,
+                max_age: 400 * 86_400_000_000,
+            },
             keys: &KEYS,
         }
     }

@@ -74,18 +74,51 @@ pub fn object_field(
 
 /// Refuses an event time more than `max_skew` (µs) after its arrival: metering periods follow
 /// event time, and a client's clock must not be able to open a period ahead of now.
-pub fn within_skew(timestamp: i64, received_at: i64, max_skew: i64) -> Result<(), Rejection> {
-    if timestamp <= received_at.saturating_add(max_skew) {
-        return Ok(());
+pub fn within_skew(timestamp: i64, received_at: i64, bounds: TimeBounds) -> Result<(), Rejection> {
+    if timestamp > received_at.saturating_add(bounds.future_skew) {
+        let ahead = timestamp.saturating_sub(received_at) / 1_000_000;
+        return Err(Rejection::new(
+            "timestamp",
+            format!(
+                "is {ahead} s after the event arrived; at most {} s ahead is taken (ingest.maxFutureSkew)",
+                bounds.future_skew / 1_000_000
+            ),
+        ));
     }
-    let ahead = timestamp.saturating_sub(received_at) / 1_000_000;
-    Err(Rejection::new(
-        "timestamp",
-        format!(
-            "is {ahead} s after the event arrived; at most {} s ahead is taken (ingest.maxFutureSkew)",
-            max_skew / 1_000_000
-        ),
-    ))
+    if bounds.max_age > 0 && timestamp < received_at.saturating_sub(bounds.max_age) {
+        const DAY: i64 = 86_400_000_000;
+        let behind = received_at.saturating_sub(timestamp) / DAY;
+        return Err(Rejection::new(
+            "timestamp",
+            format!(
+                "is {behind} days before the event arrived; at most {} days back is taken \
+                 (ingest.maxEventAge; raise it to import older history)",
+                bounds.max_age / DAY
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How far an event's time may be from its arrival, in µs: ahead (`ingest.maxFutureSkew`)
+/// and back (`ingest.maxEventAge`, 0: no bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBounds {
+    /// Most µs ahead of arrival.
+    pub future_skew: i64,
+    /// Most µs before arrival (0: any).
+    pub max_age: i64,
+}
+
+impl TimeBounds {
+    /// The bounds of `config`.
+    pub fn of(config: &crate::config::Config) -> Self {
+        let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self {
+            future_skew: micros(config.ingest.max_future_skew.get()),
+            max_age: micros(config.ingest.max_event_age.get()),
+        }
+    }
 }
 
 /// Parses an event time: RFC 3339 / ISO 8601 text (a missing zone means UTC), or a number of
