@@ -262,7 +262,7 @@ fn write(dir: &Path, state: &State) -> Result<(), String> {
     links.sort_by(|a, b| a.0.cmp(b.0));
     for (id, link) in links {
         ids.push(id.as_str());
-        persons.push(link.person.as_str());
+        persons.push(link.person);
         kinds.push(link.kind.as_str());
         times.push(link.at);
         seqs.push(link.seq);

@@ -67,7 +67,7 @@ impl LinkKind {
     }
 }
 
-/// One id's membership.
+/// One id's membership, as the `identities` table and the snapshots hold it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
     /// The person (the first identified user id of the group).
@@ -91,23 +91,70 @@ pub enum Outcome {
     Refused(String),
 }
 
+/// Most ids one person may have. A merge that would make a person larger is refused (and
+/// counted with the other refusals): no real person has more devices and aliases, and the
+/// bound keeps each merge's cost and each person's share of memory fixed.
+pub const MAX_IDS_PER_PERSON: usize = 10_000;
+
+/// How one linked id joined its person (the person itself is its group's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Joined {
+    kind: LinkKind,
+    seq: u64,
+    at: i64,
+}
+
+/// The ids of one person.
+#[derive(Debug, Clone)]
+struct Group {
+    /// The person's id: every member resolves to it.
+    person: String,
+    /// Every id of the person, the person's own included.
+    members: Vec<String>,
+    /// How many members were seen as user ids.
+    identified: usize,
+}
+
 /// The graph: every linked id → its person, and the ids seen as user ids.
+///
+/// Ids are kept in groups, one per person; each id points at its group, and the group names
+/// the person. A merge moves the smaller group's ids into the larger group and gives the
+/// result the surviving person's name, so it costs the smaller side only: a chain of merges
+/// into a person with 100,000 ids no longer re-files all of them each time.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "GraphRecord", into = "GraphRecord")]
 pub struct IdentityGraph {
-    links: HashMap<String, Link>,
+    links: HashMap<String, Joined>,
     identified: HashSet<String>,
-    members: HashMap<String, Vec<String>>,
+    group_of: HashMap<String, u64>,
+    groups: HashMap<u64, Group>,
+    next_group: u64,
+    /// Ids re-filed by merges since start: what merges cost (a metric; not saved).
+    moved: u64,
 }
 
 impl IdentityGraph {
     /// The person an id belongs to (itself when it was never linked).
     pub fn person_of<'a>(&'a self, id: &'a str) -> &'a str {
-        self.links.get(id).map(|l| l.person.as_str()).unwrap_or(id)
+        self.group_of
+            .get(id)
+            .and_then(|g| self.groups.get(g))
+            .map_or(id, |g| g.person.as_str())
     }
 
     /// Every linked id with its link, for the `identities` table.
-    pub fn links(&self) -> impl Iterator<Item = (&String, &Link)> {
-        self.links.iter()
+    pub fn links(&self) -> impl Iterator<Item = (&String, Link)> {
+        self.links.iter().map(|(id, joined)| {
+            (
+                id,
+                Link {
+                    person: self.person_of(id).to_string(),
+                    kind: joined.kind,
+                    seq: joined.seq,
+                    at: joined.at,
+                },
+            )
+        })
     }
 
     /// Number of linked ids.
@@ -120,10 +167,23 @@ impl IdentityGraph {
         self.links.is_empty()
     }
 
+    /// Ids re-filed by merges since this graph was made or loaded: each merge re-files the
+    /// smaller person's ids only.
+    pub fn ids_moved(&self) -> u64 {
+        self.moved
+    }
+
     /// Records that `user_id` was sent as a user id (it is identified).
     pub fn observe_user(&mut self, user_id: &str) {
         if !self.identified.contains(user_id) && !is_placeholder(user_id) {
             self.identified.insert(user_id.to_string());
+            if let Some(group) = self
+                .group_of
+                .get(user_id)
+                .and_then(|g| self.groups.get_mut(g))
+            {
+                group.identified += 1;
+            }
         }
     }
 
@@ -173,46 +233,144 @@ impl IdentityGraph {
         if self.links.contains_key(id) && !dangerously {
             return Outcome::Refused(format!("`{id}` already belongs to person `{current}`"));
         }
-        // `id` heads a person of its own (it was identified, or other ids point at it).
+        // `id` heads a person of its own that is identified (itself, or one of its ids).
         let heads_identified = self.identified.contains(id)
-            || self
-                .members
-                .get(id)
-                .is_some_and(|m| m.iter().any(|x| self.identified.contains(x)));
+            || (current == id
+                && self
+                    .group_of
+                    .get(id)
+                    .and_then(|g| self.groups.get(g))
+                    .is_some_and(|g| g.identified > 0));
         if heads_identified && !dangerously {
             return Outcome::Refused(format!(
                 "`{id}` and `{user_id}` are both identified people; not merged"
             ));
         }
-        // Move `id`'s person (itself and its members) into `person`.
-        let moved_person = current;
-        let mut moved = self.members.remove(&moved_person).unwrap_or_default();
-        moved.push(moved_person.clone());
-        if moved_person != id {
-            moved.push(id.to_string());
+        let into = self.group_for(&person);
+        let from = self.group_for(&current);
+        let (into_len, from_len) = (
+            self.groups[&into].members.len(),
+            self.groups[&from].members.len(),
+        );
+        if into_len + from_len > MAX_IDS_PER_PERSON {
+            return Outcome::Refused(format!(
+                "merging `{id}` into `{person}` would give one person {} ids; at most {MAX_IDS_PER_PERSON}",
+                into_len + from_len
+            ));
         }
-        moved.sort();
-        moved.dedup();
-        for member in moved {
-            if member == person {
-                continue;
-            }
-            let link = match self.links.get(&member) {
-                Some(existing) if member != id => Link {
-                    person: person.clone(),
-                    ..existing.clone()
-                },
-                _ => Link {
-                    person: person.clone(),
-                    kind,
-                    seq,
-                    at,
-                },
-            };
-            self.links.insert(member.clone(), link);
-            self.members.entry(person.clone()).or_default().push(member);
+        // The head of the person that joins, and `id` itself, are linked by this event; the
+        // other ids keep how they joined.
+        let joined = Joined { kind, seq, at };
+        self.links.insert(current.clone(), joined);
+        self.links.insert(id.to_string(), joined);
+        let (keep, drop) = if into_len >= from_len {
+            (into, from)
+        } else {
+            (from, into)
+        };
+        let Some(dropped) = self.groups.remove(&drop) else {
+            return Outcome::Linked;
+        };
+        for member in &dropped.members {
+            self.group_of.insert(member.clone(), keep);
+        }
+        self.moved += dropped.members.len() as u64;
+        if let Some(kept) = self.groups.get_mut(&keep) {
+            kept.members.extend(dropped.members);
+            kept.identified += dropped.identified;
+            kept.person = person;
         }
         Outcome::Linked
+    }
+
+    /// The group of `id`, made (with `id` alone) if it has none.
+    fn group_for(&mut self, id: &str) -> u64 {
+        if let Some(group) = self.group_of.get(id) {
+            return *group;
+        }
+        let group = self.next_group;
+        self.next_group += 1;
+        self.group_of.insert(id.to_string(), group);
+        self.groups.insert(
+            group,
+            Group {
+                person: id.to_string(),
+                members: vec![id.to_string()],
+                identified: usize::from(self.identified.contains(id)),
+            },
+        );
+        group
+    }
+}
+
+/// The graph as snapshots store it: every linked id with its person, the identified ids, and
+/// each person's other ids.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct GraphRecord {
+    links: HashMap<String, Link>,
+    identified: HashSet<String>,
+    members: HashMap<String, Vec<String>>,
+}
+
+impl From<IdentityGraph> for GraphRecord {
+    fn from(graph: IdentityGraph) -> Self {
+        let links = graph.links().map(|(id, link)| (id.clone(), link)).collect();
+        let members = graph
+            .groups
+            .values()
+            .map(|g| {
+                let others = g.members.iter().filter(|m| **m != g.person).cloned();
+                (g.person.clone(), others.collect())
+            })
+            .collect();
+        Self {
+            links,
+            identified: graph.identified,
+            members,
+        }
+    }
+}
+
+impl From<GraphRecord> for IdentityGraph {
+    fn from(record: GraphRecord) -> Self {
+        let mut graph = Self {
+            identified: record.identified,
+            ..Self::default()
+        };
+        for (person, members) in record.members {
+            let group = graph.group_for(&person);
+            for member in members {
+                if member == person || graph.group_of.contains_key(&member) {
+                    continue;
+                }
+                graph.group_of.insert(member.clone(), group);
+                if let Some(g) = graph.groups.get_mut(&group) {
+                    g.identified += usize::from(graph.identified.contains(&member));
+                    g.members.push(member);
+                }
+            }
+        }
+        for (id, link) in record.links {
+            // A link whose person has no member list (written by hand, or cut short) still
+            // resolves to its person.
+            if !graph.group_of.contains_key(&id) {
+                let group = graph.group_for(&link.person);
+                graph.group_of.insert(id.clone(), group);
+                if let Some(g) = graph.groups.get_mut(&group) {
+                    g.identified += usize::from(graph.identified.contains(&id));
+                    g.members.push(id.clone());
+                }
+            }
+            graph.links.insert(
+                id,
+                Joined {
+                    kind: link.kind,
+                    seq: link.seq,
+                    at: link.at,
+                },
+            );
+        }
+        graph
     }
 }
 
@@ -276,6 +434,77 @@ mod tests {
             "u1",
             "members move with their person"
         );
+    }
+
+    /// 2,500 `$merge_dangerously` chained onto a person of 7,000 ids used to re-file all of
+    /// them on every merge (~16 merges/s in the followers); now each moves the smaller side.
+    #[test]
+    fn a_chain_of_merges_into_a_large_person_moves_the_small_side_only() {
+        let mut graph = IdentityGraph::default();
+        for i in 0..7_000 {
+            graph.identify(&format!("anon-{i}"), "big", i, 0);
+        }
+        let before = graph.ids_moved();
+        let mut head = "big".to_string();
+        for k in 0..2_500u64 {
+            let next = format!("user-{k}");
+            graph.observe_user(&next);
+            assert_eq!(
+                graph.alias(&head, &next, 10_000 + k, 0, true),
+                Outcome::Linked
+            );
+            head = next;
+        }
+        assert_eq!(graph.person_of("anon-17"), "user-2499");
+        assert_eq!(graph.person_of("big"), "user-2499");
+        let moved = graph.ids_moved() - before;
+        assert!(moved <= 2 * 2_500, "moved {moved} ids for 2,500 merges");
+    }
+
+    #[test]
+    fn a_person_past_the_bound_takes_no_more_ids() {
+        let mut graph = IdentityGraph::default();
+        for i in 0..MAX_IDS_PER_PERSON - 1 {
+            assert_eq!(
+                graph.identify(&format!("a-{i}"), "u", 1, 0),
+                Outcome::Linked
+            );
+        }
+        let refused = graph.identify("one-too-many", "u", 2, 0);
+        assert!(
+            matches!(&refused, Outcome::Refused(r) if r.contains("at most 10000")),
+            "{refused:?}"
+        );
+        assert_eq!(graph.person_of("one-too-many"), "one-too-many");
+    }
+
+    #[test]
+    fn snapshots_keep_every_person_and_read_the_earlier_format() {
+        let mut graph = IdentityGraph::default();
+        graph.observe_user("u1");
+        graph.observe_user("u2");
+        graph.identify("anon-1", "u1", 1, 10);
+        graph.identify("anon-2", "u2", 2, 20);
+        graph.alias("u2", "u1", 3, 30, true);
+        graph.alias("device", "anon-1", 4, 40, false);
+        let text = serde_json::to_string(&graph).unwrap();
+        let back: IdentityGraph = serde_json::from_str(&text).unwrap();
+        for id in ["anon-1", "anon-2", "u2", "device", "u1", "stranger"] {
+            assert_eq!(back.person_of(id), graph.person_of(id), "{id}");
+        }
+        let mut links: Vec<_> = back.links().map(|(id, l)| (id.clone(), l)).collect();
+        links.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(links.len(), 4);
+        assert_eq!(links[0].1.person, "u1");
+        // The shape snapshots had before groups: links with their person, and members.
+        let earlier = r#"{"links":{"anon-9":{"person":"u9","kind":"identify","seq":5,"at":0}},
+            "identified":["u9"],"members":{"u9":["anon-9"]}}"#;
+        let old: IdentityGraph = serde_json::from_str(earlier).unwrap();
+        assert_eq!(old.person_of("anon-9"), "u9");
+        assert!(matches!(
+            IdentityGraph::clone(&old).identify("anon-9", "u8", 6, 0),
+            Outcome::Refused(_)
+        ));
     }
 
     #[test]
