@@ -152,6 +152,48 @@ async fn late_event_produces_a_correction() {
     assert_eq!(status["dead"], json!([]), "{status}");
 }
 
+/// One batch for `winmix`: 10 events in one closed window and 3 in the next. The first
+/// window used to be reported with 13 and the second with nothing; each report now carries
+/// its own window's usage, as SQL counts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_window_is_billed_what_sql_counts_in_it() {
+    let fake = FakeStripe::start(Faults::none()).await;
+    let nats = Nats::start();
+    let server = start(&nats, &billing_config(&fake.base()));
+    let second = system_micros() / 1_000_000 - 30;
+    let first = format_micros(second * 1_000_000 + 500_000);
+    let next = format_micros((second + 1) * 1_000_000 + 500_000);
+    let mut events: Vec<Value> = (0..10)
+        .map(|i| call(&format!("mix-a-{i}"), "winmix", &first))
+        .collect();
+    events.extend((0..3).map(|i| call(&format!("mix-b-{i}"), "winmix", &next)));
+    send(&server, events).await;
+    let billed = eventually(Duration::from_secs(60), async || {
+        let mut billed: Vec<(String, i64)> = fake
+            .events()
+            .iter()
+            .filter_map(|e| {
+                let id = e["identifier"].as_str()?;
+                id.starts_with("ns:winmix:")
+                    .then(|| (id.to_string(), e["value"].as_i64().unwrap_or(0)))
+            })
+            .collect();
+        billed.sort();
+        match billed.iter().map(|(_, v)| v).sum::<i64>() {
+            13 => Ok(billed),
+            _ => Err(format!("billed so far: {billed:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        billed,
+        [
+            (format!("ns:winmix:api_requests:{second}:0"), 10),
+            (format!("ns:winmix:api_requests:{}:0", second + 1), 3),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn permanent_error_is_dead_lettered_and_others_flow() {
     let fake = FakeStripe::start(Faults::none()).await;

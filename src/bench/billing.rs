@@ -94,6 +94,7 @@ pub async fn run(options: BillingBench) -> anyhow::Result<()> {
                 window_start: window * 3_600_000_000,
                 window_end: (window + 1) * 3_600_000_000,
                 closed_usage: Decimal::from(10 * (window + 1)),
+                window_usage: Decimal::from(10),
                 event_name: "api_requests".into(),
                 provider_customer: format!("cus_{customer}"),
             }

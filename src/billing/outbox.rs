@@ -122,6 +122,9 @@ pub struct Closing {
     pub window_end: i64,
     /// Closed usage of the key over all windows (not just this one).
     pub closed_usage: Decimal,
+    /// Usage closed into this window since it was last due: what this window's report
+    /// carries (see [`Outbox::owe`]).
+    pub window_usage: Decimal,
     /// The provider's meter name.
     pub event_name: String,
     /// The customer at the provider.
@@ -253,73 +256,119 @@ impl Outbox {
         Ok(())
     }
 
-    /// Turns closed usage into owed reports: for each closing, the whole units of closed
-    /// usage not owed yet become one entry for that window (the next revision if the window
-    /// was reported before). Written and fsynced before this returns; returns the new entries.
+    /// Turns closed usage into owed reports. What a customer and meter are owed in all is
+    /// the floor of their closed usage less what was owed before, so replaying the stream
+    /// can never owe twice and a fraction waits for the next window. That amount is split
+    /// over the windows closing now by each window's own usage: each window's report carries
+    /// its own units (billed per window = SQL per window, for whole quantities), and a
+    /// carried fraction completes a unit in the window where it does. Written and fsynced
+    /// before this returns; returns the new entries.
     pub fn owe(&mut self, closings: &[Closing], now: i64) -> Result<Vec<Entry>, OutboxError> {
-        let mut made = Vec::new();
-        let mut lines = Vec::new();
+        let mut keys: Vec<&Key> = Vec::new();
         for closing in closings {
-            let whole = closing.closed_usage.floor().to_i64().unwrap_or(i64::MAX);
-            let owed = self.owed.get(&closing.key).copied().unwrap_or_default()
-                + made
-                    .iter()
-                    .filter(|e: &&Entry| {
-                        e.customer_id == closing.key.0 && e.feature == closing.key.1
-                    })
-                    .map(|e| e.value)
-                    .sum::<i64>();
-            if whole <= owed {
-                continue;
+            if !keys.contains(&&closing.key) {
+                keys.push(&closing.key);
             }
-            let revision = self
-                .revisions
-                .get(&(closing.key.clone(), closing.window_start))
-                .copied()
-                .unwrap_or_default()
-                + made
-                    .iter()
-                    .filter(|e| {
-                        e.customer_id == closing.key.0
-                            && e.feature == closing.key.1
-                            && e.window_start == closing.window_start
-                    })
-                    .count() as u32;
-            let entry = Entry {
-                identifier: identifier(
-                    &closing.key.0,
-                    &closing.key.1,
-                    closing.window_start,
-                    revision,
-                ),
-                customer_id: closing.key.0.clone(),
-                provider_customer: closing.provider_customer.clone(),
-                feature: closing.key.1.clone(),
-                event_name: closing.event_name.clone(),
-                value: whole - owed,
-                window_start: closing.window_start,
-                window_end: closing.window_end,
-                revision,
-                created_at: now,
-            };
-            if revision > 0 {
-                tracing::info!(
-                    identifier = %entry.identifier,
-                    delta = entry.value,
-                    "late usage for a reported window: correction owed"
-                );
-            }
-            lines.push(Line::Owe(entry.clone()));
-            made.push(entry);
         }
-        if lines.is_empty() {
+        let mut made = Vec::new();
+        for key in keys {
+            let windows: Vec<&Closing> = closings.iter().filter(|c| &c.key == key).collect();
+            for (closing, value) in windows.iter().zip(self.split(&windows)) {
+                if value > 0 {
+                    made.push(self.entry_for(closing, value, &made, now));
+                }
+            }
+        }
+        if made.is_empty() {
             return Ok(made);
         }
+        let lines: Vec<Line> = made.iter().cloned().map(Line::Owe).collect();
         self.append(&lines, true)?;
         for entry in &made {
             self.remember(entry.clone());
         }
         Ok(made)
+    }
+
+    /// The whole units owed to each of one key's closing `windows`, in their order.
+    fn split(&self, windows: &[&Closing]) -> Vec<i64> {
+        let Some(first) = windows.first() else {
+            return Vec::new();
+        };
+        let closed = first.closed_usage;
+        let owed = self.owed.get(&first.key).copied().unwrap_or_default();
+        let total = closed
+            .floor()
+            .to_i64()
+            .unwrap_or(i64::MAX)
+            .saturating_sub(owed);
+        if total <= 0 {
+            return vec![0; windows.len()];
+        }
+        // The fraction carried from before these windows, then each window's whole units.
+        let usage: Decimal = windows.iter().map(|w| w.window_usage).sum();
+        let mut running = (closed - usage).max(Decimal::ZERO).fract();
+        let mut values: Vec<i64> = windows
+            .iter()
+            .map(|w| {
+                let before = running.floor();
+                running += w.window_usage;
+                (running.floor() - before).to_i64().unwrap_or(0).max(0)
+            })
+            .collect();
+        // After a restart the windows replay usage the outbox already owes: what is left to
+        // owe belongs to the latest windows. Whatever the split misses goes to the last one.
+        let mut left = total;
+        for value in values.iter_mut().rev() {
+            *value = (*value).min(left);
+            left -= *value;
+        }
+        if let Some(last) = values.last_mut() {
+            *last += left;
+        }
+        values
+    }
+
+    /// The entry owing `value` for `closing`, after those in `made` this round.
+    fn entry_for(&self, closing: &Closing, value: i64, made: &[Entry], now: i64) -> Entry {
+        let revision = self
+            .revisions
+            .get(&(closing.key.clone(), closing.window_start))
+            .copied()
+            .unwrap_or_default()
+            + made
+                .iter()
+                .filter(|e| {
+                    e.customer_id == closing.key.0
+                        && e.feature == closing.key.1
+                        && e.window_start == closing.window_start
+                })
+                .count() as u32;
+        let entry = Entry {
+            identifier: identifier(
+                &closing.key.0,
+                &closing.key.1,
+                closing.window_start,
+                revision,
+            ),
+            customer_id: closing.key.0.clone(),
+            provider_customer: closing.provider_customer.clone(),
+            feature: closing.key.1.clone(),
+            event_name: closing.event_name.clone(),
+            value,
+            window_start: closing.window_start,
+            window_end: closing.window_end,
+            revision,
+            created_at: now,
+        };
+        if revision > 0 {
+            tracing::info!(
+                identifier = %entry.identifier,
+                delta = entry.value,
+                "late usage for a reported window: correction owed"
+            );
+        }
+        entry
     }
 
     /// Records the provider's confirmation.
@@ -432,6 +481,7 @@ mod tests {
             window_start: start,
             window_end: start + 1_000_000,
             closed_usage: usage.parse().unwrap(),
+            window_usage: usage.parse().unwrap(),
             event_name: "api_requests".into(),
             provider_customer: format!("cus_{customer}"),
         }
@@ -483,6 +533,53 @@ mod tests {
             (third[0].value, third[0].identifier.as_str()),
             (1, "ns:a:api:2:0")
         );
+    }
+
+    fn window(start: i64, closed: &str, own: &str) -> Closing {
+        Closing {
+            window_usage: own.parse().unwrap(),
+            ..closing("w", start, closed)
+        }
+    }
+
+    /// One batch for `winmix`: 10 events at 05:30 and 3 at 06:30, both hours closed. The
+    /// 05:00 window used to be reported with 13 and 06:00 with nothing.
+    #[test]
+    fn each_window_closing_together_carries_its_own_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path()).unwrap();
+        let hour = 3_600_000_000;
+        let made = outbox
+            .owe(
+                &[window(5 * hour, "13", "10"), window(6 * hour, "13", "3")],
+                0,
+            )
+            .unwrap();
+        let values: Vec<(i64, i64)> = made.iter().map(|e| (e.window_start, e.value)).collect();
+        assert_eq!(values, [(5 * hour, 10), (6 * hour, 3)]);
+        // Fractions: 0.5 then 0.75: the unit completes in the second window.
+        let made = outbox
+            .owe(
+                &[
+                    window(7 * hour, "14.25", "0.5"),
+                    window(8 * hour, "14.25", "0.75"),
+                ],
+                0,
+            )
+            .unwrap();
+        let values: Vec<(i64, i64)> = made.iter().map(|e| (e.window_start, e.value)).collect();
+        assert_eq!(values, [(8 * hour, 1)]);
+        // A replay after a restart (the windows behind the outbox) owes nothing twice.
+        let again = outbox
+            .owe(
+                &[
+                    window(5 * hour, "14.25", "10"),
+                    window(6 * hour, "14.25", "3"),
+                ],
+                0,
+            )
+            .unwrap();
+        assert!(again.is_empty(), "{again:?}");
     }
 
     #[test]

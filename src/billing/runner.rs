@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::outbox::{Closing, Entry, Outbox};
-use super::windows::{Added, WindowState, Windows};
+use super::windows::{Added, Due, WindowState, Windows};
 use crate::bus::follower::{Follow, Saved};
 use crate::clock::Clock;
 use crate::event::EventView;
@@ -122,7 +122,7 @@ impl BillingFollower {
         let due = self.windows.advance(now);
         let closings: Vec<Closing> = due
             .iter()
-            .filter_map(|(key, start)| {
+            .filter_map(|Due { key, start, usage }| {
                 let event_name = self
                     .meters
                     .values()
@@ -136,6 +136,7 @@ impl BillingFollower {
                     window_start: *start,
                     window_end: start + self.windows.window(),
                     closed_usage: self.windows.closed_usage(key),
+                    window_usage: *usage,
                     event_name,
                     provider_customer: customer
                         .stripe_customer_id

@@ -9,7 +9,7 @@
 //! What is owed is derived from closed usage only (see [`super::outbox`]): the windows do not
 //! remember what was reported, so replaying the stream after a crash can never bill twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -17,8 +17,17 @@ use serde::{Deserialize, Serialize};
 /// A customer and a billed feature.
 pub type Key = (String, String);
 
-/// A window to report: its key and start (UTC µs).
-pub type Due = (Key, i64);
+/// A window to report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Due {
+    /// Customer and feature.
+    pub key: Key,
+    /// The window's start (UTC µs).
+    pub start: i64,
+    /// Usage closed into the window since it was last due (all of it when it closes; what
+    /// came late after that).
+    pub usage: Decimal,
+}
 
 /// The windows of one follower.
 #[derive(Debug, Clone)]
@@ -27,7 +36,7 @@ pub struct Windows {
     grace: i64,
     open: BTreeMap<i64, HashMap<Key, Decimal>>,
     closed: HashMap<Key, Decimal>,
-    late: BTreeSet<Due>,
+    late: BTreeMap<(Key, i64), Decimal>,
     watermark: i64,
 }
 
@@ -48,7 +57,7 @@ impl Windows {
             grace: grace.max(0),
             open: BTreeMap::new(),
             closed: HashMap::new(),
-            late: BTreeSet::new(),
+            late: BTreeMap::new(),
             watermark: i64::MIN,
         }
     }
@@ -73,7 +82,7 @@ impl Windows {
         let start = self.start_of(at);
         if self.is_closed(start) {
             add_to(self.closed.entry(key.clone()).or_default(), quantity);
-            self.late.insert((key, start));
+            add_to(self.late.entry((key, start)).or_default(), quantity);
             Added::Late
         } else {
             add_to(
@@ -100,17 +109,27 @@ impl Windows {
             keys.sort();
             for (key, quantity) in keys {
                 add_to(self.closed.entry(key.clone()).or_default(), quantity);
-                due.push((key, start));
+                due.push(Due {
+                    key,
+                    start,
+                    usage: quantity,
+                });
             }
         }
-        due.extend(std::mem::take(&mut self.late));
+        due.extend(
+            std::mem::take(&mut self.late)
+                .into_iter()
+                .map(|((key, start), usage)| Due { key, start, usage }),
+        );
         due
     }
 
     /// Puts windows back to be reported at the next [`Windows::advance`] (their report could
     /// not be owed this time).
     pub fn requeue(&mut self, due: Vec<Due>) {
-        self.late.extend(due);
+        for Due { key, start, usage } in due {
+            add_to(self.late.entry((key, start)).or_default(), usage);
+        }
     }
 
     /// Usage of `key` in closed windows (what billing may be owed for).
@@ -151,10 +170,11 @@ impl Windows {
                 .iter()
                 .map(|((c, f), q)| (c.clone(), f.clone(), *q))
                 .collect(),
-            late: self
+            late: Vec::new(),
+            late_usage: self
                 .late
                 .iter()
-                .map(|((c, f), s)| (c.clone(), f.clone(), *s))
+                .map(|(((c, f), s), q)| (c.clone(), f.clone(), *s, *q))
                 .collect(),
         }
     }
@@ -173,8 +193,22 @@ impl Windows {
         for (customer, feature, quantity) in state.closed {
             windows.closed.insert((customer, feature), quantity);
         }
+        // Snapshots from before late usage was kept per window name the window only: its
+        // report then takes what the outbox owes the key (see `Outbox::owe`).
         for (customer, feature, start) in state.late {
-            windows.late.insert(((customer, feature), start));
+            windows
+                .late
+                .entry(((customer, feature), start))
+                .or_default();
+        }
+        for (customer, feature, start, usage) in state.late_usage {
+            add_to(
+                windows
+                    .late
+                    .entry(((customer, feature), start))
+                    .or_default(),
+                usage,
+            );
         }
         windows
     }
@@ -189,8 +223,13 @@ pub struct WindowState {
     pub open: Vec<(i64, String, String, Decimal)>,
     /// Closed usage: (customer, feature, usage).
     pub closed: Vec<(String, String, Decimal)>,
-    /// Windows with late usage not yet reported: (customer, feature, start).
+    /// Windows with late usage not yet reported, as snapshots before `late_usage` wrote
+    /// them: (customer, feature, start). Read, never written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late: Vec<(String, String, i64)>,
+    /// Late usage not yet reported: (customer, feature, window start, usage).
+    #[serde(default)]
+    pub late_usage: Vec<(String, String, i64, Decimal)>,
 }
 
 /// Adds without overflowing: a sum at Decimal's range stays there (ingest bounds each
@@ -209,6 +248,14 @@ mod tests {
         (c.to_string(), "api".to_string())
     }
 
+    fn due(c: &str, start: i64, usage: i64) -> Due {
+        Due {
+            key: key(c),
+            start,
+            usage: Decimal::from(usage),
+        }
+    }
+
     #[test]
     fn windows_close_after_end_plus_grace_and_late_usage_is_a_correction() {
         let mut w = Windows::new(10 * S, 5 * S);
@@ -216,12 +263,12 @@ mod tests {
         assert_eq!(w.add(key("a"), 19 * S, 19 * S, Decimal::TWO), Added::Open);
         // Window [10, 20) closes at 25.
         assert!(w.advance(24 * S).is_empty());
-        assert_eq!(w.advance(25 * S), vec![(key("a"), 10 * S)]);
+        assert_eq!(w.advance(25 * S), vec![due("a", 10 * S, 3)]);
         assert_eq!(w.closed_usage(&key("a")), Decimal::from(3));
         // A straggler for the closed window is counted and due again.
         assert_eq!(w.add(key("a"), 15 * S, 26 * S, Decimal::ONE), Added::Late);
         assert_eq!(w.closed_usage(&key("a")), Decimal::from(4));
-        assert_eq!(w.advance(26 * S), vec![(key("a"), 10 * S)]);
+        assert_eq!(w.advance(26 * S), vec![due("a", 10 * S, 1)]);
         assert!(w.advance(27 * S).is_empty());
     }
 
@@ -240,10 +287,20 @@ mod tests {
         w.add(key("a"), 1, 1, "0.25".parse().unwrap());
         w.add(key("b"), 15 * S, 15 * S, Decimal::ONE);
         w.advance(10 * S);
+        assert_eq!(w.add(key("a"), 2, 12 * S, Decimal::TWO), Added::Late);
         let text = serde_json::to_string(&w.to_state()).unwrap();
-        let back = Windows::from_state(10 * S, 0, serde_json::from_str(&text).unwrap());
-        assert_eq!(back.closed_usage(&key("a")), "0.25".parse().unwrap());
+        let mut back = Windows::from_state(10 * S, 0, serde_json::from_str(&text).unwrap());
+        assert_eq!(back.closed_usage(&key("a")), "2.25".parse().unwrap());
         assert_eq!(back.open_count(), 1);
         assert_eq!(back.watermark(), w.watermark());
+        assert_eq!(
+            back.advance(12 * S),
+            vec![due("a", 0, 2)],
+            "late usage kept"
+        );
+        // A snapshot of before late usage was kept per window still reads.
+        let earlier = r#"{"watermark": 5, "open": [], "closed": [["a", "api", "1"]], "late": [["a", "api", 0]]}"#;
+        let mut old = Windows::from_state(10 * S, 0, serde_json::from_str(earlier).unwrap());
+        assert_eq!(old.advance(6).len(), 1);
     }
 }
