@@ -241,6 +241,8 @@ pub struct Meter {
     /// The stream's last sequence when the server started: until the meter has applied it,
     /// its counters are a replay in progress and answers from them would be too low.
     replay_target: std::sync::atomic::AtomicU64,
+    /// Why the meter's usage lacks events for good (set once; see [`Meter::mark_incomplete`]).
+    incomplete: std::sync::OnceLock<String>,
 }
 
 impl Meter {
@@ -272,6 +274,7 @@ impl Meter {
             metrics,
             flagged: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             replay_target: std::sync::atomic::AtomicU64::new(0),
+            incomplete: std::sync::OnceLock::new(),
         }
     }
 
@@ -433,6 +436,18 @@ impl Meter {
     pub fn replay_until(&self, seq: u64) {
         self.replay_target
             .store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records that the meter's usage lacks events it cannot get back (the stream no longer
+    /// holds them and reading them from Parquet failed): from then on its answers are 503,
+    /// never an undercount.
+    pub fn mark_incomplete(&self, reason: String) {
+        let _ = self.incomplete.set(reason);
+    }
+
+    /// Why the meter's answers are incomplete, if they are.
+    pub fn incomplete(&self) -> Option<&str> {
+        self.incomplete.get().map(String::as_str)
     }
 
     /// `Some((applied, target))` while the meter is still replaying what the stream held at

@@ -442,23 +442,33 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     // The followers run on a thread of their own: under a flood of requests the main
     // runtime's workers are busy with HTTP, and the followers' lag (which bounds SQL
     // freshness, as the archiver reads their feed) would grow until ingest sheds.
-    let followers = supervisor.spawn_on_own_thread("followers", {
-        let query = query.clone();
-        let (mut spec, mut followers) = (spec, followers);
-        async move {
-            if let Some((after, upto)) = history.filter(|(after, upto)| upto > after) {
-                match crate::replay::from_parquet(&query, &mut followers, after, upto).await {
-                    Ok(reached) => spec.after_seq = reached,
-                    Err(error) => tracing::error!(%error, "replaying from Parquet failed; the followers go on from the stream, without what it no longer holds"),
+    let followers = supervisor
+        .spawn_on_own_thread("followers", {
+            let (query, meter, supervisor) = (query.clone(), meter.clone(), supervisor.clone());
+            let (mut spec, mut followers) = (spec, followers);
+            async move {
+                if let Some((after, upto)) = history.filter(|(after, upto)| upto > after) {
+                    match crate::replay::from_parquet(&query, &mut followers, after, upto).await {
+                        Ok(reached) => spec.after_seq = reached,
+                        // The followers go on from the stream, but their state lacks what only
+                        // Parquet held: said by /healthz, and the limits API answers 503 rather
+                        // than an undercount.
+                        Err(error) => {
+                            let reason = format!(
+                                "replaying sequences {after}..={upto} from Parquet failed: {error}"
+                            );
+                            meter.mark_incomplete(reason.clone());
+                            supervisor.failing("replay from Parquet", reason);
+                        }
+                    }
                 }
+                follow(js, spec, followers, meter_stop, feed_tx).await
             }
-            follow(js, spec, followers, meter_stop, feed_tx).await
-        }
-    })
-    .map_err(|source| ServeError::Io {
-        context: "starting the followers' thread".into(),
-        source,
-    })?;
+        })
+        .map_err(|source| ServeError::Io {
+            context: "starting the followers' thread".into(),
+            source,
+        })?;
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
     let state = Arc::new(AppState {

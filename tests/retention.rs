@@ -235,4 +235,52 @@ async fn state_rebuilt_from_parquet_and_the_stream_equals_the_state_before() {
         }
     })
     .await;
+
+    // The same rebuild over Parquet files that cannot be read: the followers go on from the
+    // stream, but the limits API must not answer the undercount, and /healthz says why.
+    server.terminate();
+    let (ok, said) = replay(&server.data);
+    assert!(ok, "{said}");
+    for file in parquet_files(&server.data.join("events")) {
+        std::fs::write(&file, b"not parquet").expect("spoil a Parquet file");
+    }
+    server.restart();
+    let refused = eventually(Duration::from_secs(60), async || {
+        let answer = server
+            .get_as(
+                SERVICE_KEY,
+                "/v1/customers/cust-0/entitlements/api_requests",
+            )
+            .await;
+        match answer.json()["code"].as_str() {
+            Some("usage_incomplete") => Ok(answer),
+            _ => Err(answer.text()),
+        }
+    })
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let health = server.get("/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(
+        health.text().contains("replay from Parquet"),
+        "{}",
+        health.text()
+    );
+}
+
+/// Every `.parquet` file under `dir`.
+fn parquet_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                found.push(path);
+            }
+        }
+    }
+    found
 }

@@ -183,6 +183,13 @@ pub async fn anomalies(state: &AppState, parts: &Parts) -> HttpResponse {
 /// 503 with `Retry-After` while the meter replays what the stream held at start: an answer
 /// from half-replayed counters would let a customer past its limit through.
 fn replaying(state: &AppState) -> Option<HttpResponse> {
+    if let Some(reason) = state.meter.incomplete() {
+        return Some(respond::error(&HttpError::new(
+            ErrorKind::Unavailable,
+            "usage_incomplete",
+            format!("usage lacks events it cannot read back ({reason}); see /healthz"),
+        )));
+    }
     let (applied, target) = state.meter.replaying()?;
     Some(respond::error(&HttpError::new(
         ErrorKind::Unavailable,
