@@ -80,3 +80,45 @@ pub trait Classify: std::fmt::Display {
         }
     }
 }
+
+/// A refusal carried across a component boundary with its classification intact: the meter's
+/// consume refused by ingest's admission (a backlog, a full disk) answers exactly as ingest
+/// would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// The kind of the original error.
+    pub kind: ErrorKind,
+    /// Its code.
+    pub code: &'static str,
+    /// Its message.
+    pub message: String,
+    /// Its `Retry-After`.
+    pub retry_after: Option<u64>,
+}
+
+impl Refused {
+    /// The refusal `error` makes.
+    pub fn of(error: &impl Classify) -> Self {
+        Self {
+            kind: error.kind(),
+            code: error.code(),
+            message: error.to_string(),
+            retry_after: error.retry_after(),
+        }
+    }
+}
+
+impl Classify for Refused {
+    fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    fn code(&self) -> &'static str {
+        self.code
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+}

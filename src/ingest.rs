@@ -256,24 +256,28 @@ impl Ingestor {
         &self.keys
     }
 
+    /// Whether the stream takes writes now: its readers are within their bounds, the disks
+    /// above their reserve, JetStream up. Every write to the events stream passes it: ingest,
+    /// rejected-store replay, and (through the meter's gate) consumes.
+    pub fn admit(&self) -> Result<(), IngestError> {
+        admit_writes(&self.backlog, &self.disk, &self.jetstream, &self.metrics)
+    }
+
+    /// [`Ingestor::admit`] as a function of its own, for writers outside ingest (the meter's
+    /// consumes).
+    pub fn admission(&self) -> impl Fn() -> Result<(), IngestError> + Send + Sync + 'static {
+        let (backlog, disk) = (self.backlog.clone(), self.disk.clone());
+        let (jetstream, metrics) = (self.jetstream.clone(), self.metrics.clone());
+        move || admit_writes(&backlog, &disk, &jetstream, &metrics)
+    }
+
     /// Handles one request of either wire.
     pub async fn ingest(
         &self,
         wire: Wire,
         request: IngestRequest<'_>,
     ) -> Result<IngestOutcome, IngestError> {
-        if let Err(behind) = self.backlog.admit() {
-            self.metrics.ingest_shed.inc();
-            return Err(behind.into());
-        }
-        if let Err(full) = self.disk.admit() {
-            self.metrics.ingest_disk_full.inc();
-            return Err(full.into());
-        }
-        if !self.jetstream.is_up() {
-            self.metrics.ingest_unavailable.inc();
-            return Err(BusError::JetStreamDown.into());
-        }
+        self.admit()?;
         let limits = &self.config.ingest;
         let body = body::decode(request.body, &request.encoding, limits.max_batch_bytes)?;
         let received_at = self.clock.now_micros();
@@ -515,6 +519,7 @@ impl Ingestor {
         payload: &[u8],
         fallback_id: &str,
     ) -> Result<Resubmitted, IngestError> {
+        self.admit()?;
         let received_at = self.clock.now_micros();
         let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
         let segment_route = route.starts_with("/v1/");
@@ -705,6 +710,28 @@ impl<'a> ParsedBatch<'a> {
             }
         }
     }
+}
+
+/// See [`Ingestor::admit`].
+fn admit_writes(
+    backlog: &backlog::Backlog,
+    disk: &crate::disk::DiskGuard,
+    jetstream: &crate::bus::watch::JetStreamHealth,
+    metrics: &Metrics,
+) -> Result<(), IngestError> {
+    if let Err(behind) = backlog.admit() {
+        metrics.ingest_shed.inc();
+        return Err(behind.into());
+    }
+    if let Err(full) = disk.admit() {
+        metrics.ingest_disk_full.inc();
+        return Err(full.into());
+    }
+    if !jetstream.is_up() {
+        metrics.ingest_unavailable.inc();
+        return Err(BusError::JetStreamDown.into());
+    }
+    Ok(())
 }
 
 /// What becomes of a normalised event: the registry's decision, then the stream message (or

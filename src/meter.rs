@@ -72,6 +72,10 @@ pub enum LimitError {
     /// The consumed units could not be recorded (nothing was taken).
     #[error(transparent)]
     Unavailable(#[from] BusError),
+    /// The stream takes no writes now (ingest sheds, or a disk is below its reserve): the
+    /// consume was refused before anything was reserved.
+    #[error(transparent)]
+    Refused(crate::error::Refused),
 }
 
 impl Classify for LimitError {
@@ -82,6 +86,15 @@ impl Classify for LimitError {
             Self::Suspended { .. } => ErrorKind::Forbidden,
             Self::Exceeded(_) => ErrorKind::PaymentRequired,
             Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::Refused(refused) => refused.kind,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Refused(refused) => refused.retry_after,
+            Self::Unavailable(_) => Some(1),
+            _ => None,
         }
     }
 
@@ -92,6 +105,7 @@ impl Classify for LimitError {
             Self::Suspended { .. } => "customer_suspended",
             Self::Exceeded(_) => "usage_limit_exceeded",
             Self::Unavailable(_) => "stream_unavailable",
+            Self::Refused(refused) => refused.code,
         }
     }
 }
@@ -243,6 +257,18 @@ pub struct Meter {
     replay_target: std::sync::atomic::AtomicU64,
     /// Why the meter's usage lacks events for good (set once; see [`Meter::mark_incomplete`]).
     incomplete: std::sync::OnceLock<String>,
+    /// What consume publishes pass, as ingest's requests do (see [`StreamGate`]).
+    gate: std::sync::OnceLock<StreamGate>,
+}
+
+/// What a consume's publish passes before and after it, as an ingest request does: the
+/// backlog's and the disk's admission first (so the stream's readers and the disk reserve
+/// bound consumes too), and the acked sequence after (so the backlog sees their lag).
+pub struct StreamGate {
+    /// `Err` when the stream takes no writes now.
+    pub admit: Box<dyn Fn() -> Result<(), crate::error::Refused> + Send + Sync>,
+    /// Records the last sequence a publish was acked at.
+    pub acked: Box<dyn Fn(u64) + Send + Sync>,
 }
 
 impl Meter {
@@ -275,6 +301,7 @@ impl Meter {
             flagged: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             replay_target: std::sync::atomic::AtomicU64::new(0),
             incomplete: std::sync::OnceLock::new(),
+            gate: std::sync::OnceLock::new(),
         }
     }
 
@@ -436,6 +463,11 @@ impl Meter {
     pub fn replay_until(&self, seq: u64) {
         self.replay_target
             .store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets what consume publishes pass (once, when ingest is set up).
+    pub fn set_gate(&self, gate: StreamGate) {
+        let _ = self.gate.set(gate);
     }
 
     /// Records that the meter's usage lacks events it cannot get back (the stream no longer
@@ -677,6 +709,11 @@ impl Meter {
         } else {
             0
         };
+        if consume_events > 0
+            && let Some(gate) = self.gate.get()
+        {
+            (gate.admit)().map_err(LimitError::Refused)?;
+        }
         let now = self.clock.now_micros();
         let period = customer.period_at(now);
         let counter_index = u16::try_from(index).unwrap_or(u16::MAX);
@@ -873,7 +910,11 @@ impl Meter {
                 }
             })
             .collect();
-        Ok(self.publisher.publish_all(messages).await?.duplicates)
+        let report = self.publisher.publish_all(messages).await?;
+        if let (Some(gate), Some(last)) = (self.gate.get(), report.sequences.iter().max()) {
+            (gate.acked)(*last);
+        }
+        Ok(report.duplicates)
     }
 
     fn denial(

@@ -334,6 +334,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         clock.clone(),
     );
     ingestor.backlog().retain(budget.events);
+    {
+        let (admission, backlog) = (ingestor.admission(), ingestor.backlog().clone());
+        meter.set_gate(crate::meter::StreamGate {
+            admit: Box::new(move || admission().map_err(|e| crate::error::Refused::of(&e))),
+            acked: Box::new(move |seq| backlog.acked(seq)),
+        });
+    }
     supervisor.spawn(
         "stream-state",
         watch_stream(

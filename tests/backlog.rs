@@ -95,3 +95,56 @@ async fn ingest_sheds_past_the_archive_lag_bound_loses_nothing_and_resumes() {
     })
     .await;
 }
+
+/// A consume writes to the stream like ingest does: while ingest sheds, `/v1/check` with
+/// `consume: true` is refused the same way (it used to bypass admission and the disk reserve,
+/// and its backlog was invisible to shedding), and a plain check still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumes_are_shed_with_ingest() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["serviceKeys"] = json!([harness::SERVICE_KEY]);
+    // The archive never commits within the test: once past 100 events, its lag stays past.
+    config["archive"] = json!({"commitInterval": "1h", "maxRowsPerCommit": 1_000_000});
+    config["ingest"]["maxArchiveLag"] = json!(100);
+    let server = Northstar::start(&nats, &config);
+    let round = std::cell::Cell::new(0);
+    let shed = eventually(Duration::from_secs(60), async || {
+        round.set(round.get() + 1);
+        let batch = tracks(&format!("fill{}", round.get()), 0..50);
+        let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
+        match answer.status {
+            503 => Ok(answer),
+            _ => Err(answer.text()),
+        }
+    })
+    .await;
+    assert_eq!(shed.json()["code"], "overloaded");
+    let check = async |consume: bool| {
+        let bearer = format!("Bearer {}", harness::SERVICE_KEY);
+        server
+            .client
+            .post_json(
+                &format!("{}/v1/check", server.base),
+                &[("authorization", &bearer)],
+                &json!({"customer_id": "cust-1", "feature": "api_requests", "consume": consume}),
+            )
+            .await
+            .expect("answered")
+    };
+    let refused = check(true).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["code"], "overloaded", "{}", refused.text());
+    assert_eq!(
+        refused
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let plain = check(false).await;
+    assert_eq!(
+        plain.status, 200,
+        "a check that writes nothing still answers"
+    );
+}
