@@ -32,7 +32,6 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::bus::BusError;
 use crate::bus::follower::Part;
@@ -150,11 +149,12 @@ pub struct Started {
     pub billing: Arc<Billing>,
     /// The windows' follower (run in the shared [`crate::bus::follower::Fanout`]).
     pub follower: Part,
-    /// Delivery of the outbox to the provider, until shutdown.
-    pub delivery: JoinHandle<()>,
+    /// Delivery of the outbox to the provider, until shutdown: for the caller to run under
+    /// its supervisor, so a panic in it is seen.
+    pub delivery: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
-/// Starts delivery and prepares the windows' follower; `None` when the config has no `billing`
+/// Prepares delivery and the windows' follower; `None` when the config has no `billing`
 /// section.
 pub async fn start(
     config: &Config,
@@ -236,7 +236,7 @@ pub async fn start(
         retry_base: settings.retry_base.get(),
         retry_max: settings.retry_max.get(),
     };
-    let delivery = tokio::spawn(deliver::run(
+    let delivery = Box::pin(deliver::run(
         outbox.clone(),
         sink,
         pace,

@@ -430,6 +430,7 @@ pub async fn prepare(
     stream: &str,
     data_dir: &std::path::Path,
     webhook: Option<String>,
+    supervisor: &Arc<crate::supervise::Supervisor>,
 ) -> Result<Part, BusError> {
     let dir = data_dir.join("onboarding");
     let saved: Option<State> = std::fs::read(dir.join("state.json"))
@@ -441,7 +442,7 @@ pub async fn prepare(
     engine.applied.store(after, Ordering::SeqCst);
     *engine.write_state() = state;
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(deliver(rx, client, webhook));
+    supervisor.spawn("onboarding-triggers", deliver(rx, client, webhook));
     let follower = OnboardingFollower {
         engine,
         fired: tx,

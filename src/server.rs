@@ -289,7 +289,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     {
         Some(started) => {
             followers.push(started.follower);
-            billing_delivery = Some(started.delivery);
+            billing_delivery = Some(supervisor.spawn("billing-delivery", started.delivery));
             Some(started.billing)
         }
         None => None,
@@ -414,6 +414,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             &config.stream.name,
             &data_dir,
             config.onboarding.trigger_webhook.clone(),
+            &supervisor,
         )
         .await?,
     );

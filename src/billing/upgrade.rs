@@ -15,6 +15,15 @@ use crate::meter::spec::Allowance;
 /// How long a Checkout Session is reused (Stripe's last 24 hours).
 const SESSION_REUSE: Duration = Duration::from_secs(23 * 3600);
 
+/// Most Checkout Sessions kept (made or being made). Past it the oldest made one is
+/// forgotten (its customer's next 402 makes a new one): distinct customer ids in `/v1/check`
+/// cannot grow the cache without bound. About 300 bytes each.
+pub(super) const MAX_CHECKOUTS: usize = 10_000;
+
+/// Most calls to Stripe for Checkout Sessions at once. A 402 past it goes without a session
+/// (and says so in the log) rather than queueing calls behind a slow Stripe.
+pub(super) const MAX_CHECKOUT_CALLS: usize = 16;
+
 /// The Checkout Sessions made or being made, per (customer, plan). Locked only to look up
 /// or change an entry, never across a call.
 pub(super) type Checkouts = Arc<Mutex<HashMap<(String, String), CheckoutSlot>>>;
@@ -98,6 +107,39 @@ impl CheckoutCall {
     }
 }
 
+/// Makes room for one more call and entry: false when [`MAX_CHECKOUT_CALLS`] are in flight.
+/// Expired sessions go first; past [`MAX_CHECKOUTS`], the oldest made one.
+fn make_room(cache: &mut HashMap<(String, String), CheckoutSlot>) -> bool {
+    let pending = cache
+        .values()
+        .filter(|slot| matches!(slot, CheckoutSlot::Pending(_)))
+        .count();
+    if pending >= MAX_CHECKOUT_CALLS {
+        return false;
+    }
+    if cache.len() < MAX_CHECKOUTS {
+        return true;
+    }
+    cache.retain(|_, slot| match slot {
+        CheckoutSlot::Made { made, .. } => made.elapsed() < SESSION_REUSE,
+        CheckoutSlot::Pending(_) => true,
+    });
+    while cache.len() >= MAX_CHECKOUTS {
+        let oldest = cache
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                CheckoutSlot::Made { made, .. } => Some((*made, key.clone())),
+                CheckoutSlot::Pending(_) => None,
+            })
+            .min();
+        match oldest {
+            Some((_, key)) => cache.remove(&key),
+            None => return false,
+        };
+    }
+    true
+}
+
 impl Billing {
     /// The plan a customer stuck at a limit of `feature` should move to: among plans with a
     /// Checkout price, the one with the smallest limit above the current plan's (unlimited last).
@@ -145,6 +187,11 @@ impl Billing {
                 }
                 Some(CheckoutSlot::Pending(made)) => made.clone(),
                 _ => {
+                    if !make_room(&mut cache) {
+                        tracing::warn!(customer = %customer.id, %plan, calls = MAX_CHECKOUT_CALLS,
+                            "Checkout Session calls at their bound; the 402 goes without one");
+                        return None;
+                    }
                     let (sender, made) = watch::channel(None);
                     cache.insert(key.clone(), CheckoutSlot::Pending(made.clone()));
                     let call = CheckoutCall {
@@ -353,5 +400,42 @@ fn id_at(object: &Value, path: &str) -> Result<Option<String>, BillingError> {
             "data.object.{path}: {problem}"
         ))),
         None => Ok(Some(id.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn made(age: Duration) -> CheckoutSlot {
+        CheckoutSlot::Made {
+            id: "cs_x".into(),
+            url: "https://checkout".into(),
+            made: Instant::now() - age,
+        }
+    }
+
+    #[test]
+    fn the_cache_and_the_calls_in_flight_are_bounded() {
+        let mut cache = HashMap::new();
+        for i in 0..MAX_CHECKOUTS {
+            let age = Duration::from_secs(i as u64 % 1_000);
+            cache.insert((format!("c{i}"), "pro".to_string()), made(age));
+        }
+        assert!(make_room(&mut cache), "the oldest made session goes");
+        assert_eq!(cache.len(), MAX_CHECKOUTS - 1);
+        assert!(!cache.contains_key(&("c999".to_string(), "pro".to_string())));
+
+        let mut calls = HashMap::new();
+        let (_senders, receivers): (Vec<_>, Vec<_>) = (0..MAX_CHECKOUT_CALLS)
+            .map(|_| watch::channel(None::<(String, String)>))
+            .unzip();
+        for (i, receiver) in receivers.into_iter().enumerate() {
+            calls.insert(
+                (format!("p{i}"), "pro".to_string()),
+                CheckoutSlot::Pending(receiver),
+            );
+        }
+        assert!(!make_room(&mut calls), "no call past the bound");
     }
 }

@@ -198,8 +198,12 @@ pub struct IngestSettings {
     /// Most requests handled at once, counted once their body is in; past it, 503 with
     /// `Retry-After`. `/healthz` and `/metrics` are not counted.
     pub max_concurrent_requests: usize,
-    /// Most open connections from one client address; connections past it are closed at once.
+    /// Most open connections from one client (an IPv4 address, or an IPv6 /64: one host's
+    /// addresses); connections past it are closed at once.
     pub max_connections_per_client: usize,
+    /// Most open connections in all; past it new connections are closed at once. It bounds
+    /// what clients with many addresses can hold, and the per-client table with it.
+    pub max_connections: usize,
     /// Most requests of one client address in progress (reading the body or being handled);
     /// past it, 429 with `Retry-After`. One address cannot take every place.
     pub max_requests_per_client: usize,
@@ -239,6 +243,7 @@ impl Default for IngestSettings {
             body_timeout: HumanDuration::secs(10),
             max_concurrent_requests: 1_024,
             max_connections_per_client: 256,
+            max_connections: 8_192,
             max_requests_per_client: 128,
             rate_limit_per_second: 100_000,
             rate_limit_burst: 500_000,
@@ -274,6 +279,12 @@ impl IngestSettings {
             return Err((
                 "maxConnectionsPerClient".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.max_connections < self.max_connections_per_client {
+            return Err((
+                "maxConnections".into(),
+                "must be at least maxConnectionsPerClient".into(),
             ));
         }
         if self.max_requests_per_client == 0 {
