@@ -373,6 +373,18 @@ impl<F: TableFormat> Archiver<F> {
         }
     }
 
+    /// Records that sequences `from..to` left the stream before the archiver read them: they
+    /// will never be in Parquet, which must not be silent.
+    fn lost(&self, from: u64, to: u64) {
+        self.metrics.lost.add(to - from);
+        tracing::error!(
+            table = self.format.dir(),
+            from,
+            to = to - 1,
+            "the stream no longer holds sequences the archive has not saved (deleted, or dropped by retention); Parquet lacks them"
+        );
+    }
+
     /// One life of the consume loop. `Ok` on shutdown (everything held is committed).
     ///
     /// Messages come from the archiver's own consumer and, for the events table, from the
@@ -459,7 +471,8 @@ impl<F: TableFormat> Archiver<F> {
                             }
                             false
                         } else {
-                            true // the sequences in between were deleted from the stream
+                            self.lost(expected, seq);
+                            true
                         };
                         if take {
                             self.take(seq, message, false, &mut buffer);
@@ -491,11 +504,14 @@ impl<F: TableFormat> Archiver<F> {
                                     continue; // a redelivery of something committed, in flight or held
                                 }
                                 let expected = self.high_water + 1;
-                                if seq != expected && stream_has(&self.js, &self.target.stream, expected).await {
-                                    // Delivered but never received (a reconnect): with AckAll,
-                                    // acking past it would lose it for good.
-                                    stop = Some(Stop::Gap { expected, got: seq });
-                                    break;
+                                if seq != expected {
+                                    if stream_has(&self.js, &self.target.stream, expected).await {
+                                        // Delivered but never received (a reconnect): with
+                                        // AckAll, acking past it would lose it for good.
+                                        stop = Some(Stop::Gap { expected, got: seq });
+                                        break;
+                                    }
+                                    self.lost(expected, seq);
                                 }
                                 self.take(seq, message, true, &mut buffer);
                                 if buffer.is_full(&self.settings)

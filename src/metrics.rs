@@ -67,6 +67,9 @@ pub struct ArchiveMetrics {
     pub repositions: Counter,
     /// Times the followers' feed skipped ahead and the archiver read through its own consumer.
     pub feed_gaps: Counter,
+    /// Stream messages gone before the archiver read them (deleted, or dropped by retention):
+    /// never in Parquet. Each gap is also an `error` line.
+    pub lost: Counter,
     /// Commits that failed (a full disk, an I/O error) and were retried from the manifest.
     pub failures: Counter,
 }
@@ -120,6 +123,9 @@ pub struct Metrics {
     pub meter_anomalies: Counter,
     /// Panics caught in followers and background tasks (see `supervise`).
     pub panics: Counter,
+    /// Stream messages gone (deleted, or dropped by retention) before the followers applied
+    /// them: their state lacks them. Each gap is also an `error` line.
+    pub followers_lost: Arc<Counter>,
     /// SQL queries run, and those that failed.
     pub sql_queries: Counter,
     /// SQL queries that failed or timed out.
@@ -176,6 +182,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         };
+        counter(
+            "northstar_followers_lost_total",
+            "Stream messages gone (deleted, or dropped by retention) before the followers applied them.",
+            self.followers_lost.get(),
+        );
         counter(
             "northstar_ingest_events_accepted_total",
             "Events newly stored.",
@@ -293,7 +304,7 @@ impl Metrics {
             "# HELP northstar_sql_queries_running SQL queries running now (a query given up stops at once).\n# TYPE northstar_sql_queries_running gauge\nnorthstar_sql_queries_running {sql_running}"
         );
         type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 12] = [
+        let archive_lines: [(&str, &str, &str, Read); 13] = [
             (
                 "northstar_archive_rows_total",
                 "counter",
@@ -335,6 +346,12 @@ impl Metrics {
                 "counter",
                 "Times the followers' feed dropped messages and the archiver read them itself.",
                 |a| a.feed_gaps.get() as f64,
+            ),
+            (
+                "northstar_archive_lost_total",
+                "counter",
+                "Stream messages gone (deleted, or dropped by retention) before the archiver read them.",
+                |a| a.lost.get() as f64,
             ),
             (
                 "northstar_archive_failures_total",

@@ -186,7 +186,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         max_age = %crate::config::format_duration(config.stream.max_age.get()),
         "stream retention"
     );
-    ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
+    let in_force = ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
 
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());
@@ -333,7 +333,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         clock.clone(),
     );
-    ingestor.backlog().retain(budget.events);
+    ingestor.backlog().retain(in_force.events);
     {
         let (admission, backlog) = (ingestor.admission(), ingestor.backlog().clone());
         meter.set_gate(crate::meter::StreamGate {
@@ -346,6 +346,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         watch_stream(
             publisher.jetstream().clone(),
             config.stream.name.clone(),
+            (in_force.events, budget.events),
             ingestor.backlog().clone(),
             metrics.clone(),
             stop_meter.subscribe(),
@@ -437,11 +438,15 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             archive: Box::new(move || *committed.borrow()),
         });
     }
-    let spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
+    let mut spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
+    spec.lost = metrics.followers_lost.clone();
     crate::bus::streams::delete_consumers(&js, &config.stream.name, RETIRED_CONSUMERS).await;
     // Limits answer only once the meter holds everything the stream held at start.
     let (first_seq, start_seq) = crate::bus::streams::sequences(&js, &config.stream.name).await?;
     meter.replay_until(start_seq);
+    // What the stream held at start was acked before: the readers' lag, and what retention
+    // may drop, count from there, not from the first ack of this run.
+    ingestor.backlog().acked(start_seq);
     // What the stream no longer holds (retention dropped it) is read back from Parquet first.
     let history = (spec.after_seq + 1 < first_seq).then(|| {
         let archived = *events.committed.borrow();
@@ -604,11 +609,27 @@ async fn recompute_on_schedule(
 async fn watch_stream(
     js: async_nats::jetstream::Context,
     stream: String,
+    (mut in_force, wanted): (i64, i64),
     backlog: Arc<crate::ingest::backlog::Backlog>,
     metrics: Arc<Metrics>,
     mut stop: crate::shutdown::Shutdown,
 ) {
     loop {
+        // A bound kept above the budget at start (the stream held more) comes down once
+        // every reader has saved what the stream holds: the oldest messages it then drops
+        // are in Parquet and in every snapshot.
+        if in_force != wanted && backlog.unsaved() == Some(0) {
+            match crate::bus::streams::apply_budget(&js, &stream, wanted).await {
+                Ok(()) => {
+                    tracing::info!(%stream, max_bytes = wanted, "the stream's size bound is its budget again");
+                    backlog.retain(wanted);
+                    in_force = wanted;
+                }
+                Err(error) => {
+                    tracing::warn!(%stream, %error, "the stream's size bound could not be lowered yet")
+                }
+            }
+        }
         if let Ok(Ok(handle)) =
             tokio::time::timeout(Duration::from_secs(2), js.get_stream(stream.as_str())).await
         {

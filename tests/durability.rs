@@ -265,6 +265,18 @@ async fn a_message_deleted_from_the_stream_does_not_stall_the_archive() {
         scalar(&server.data, "SELECT count(*) FROM events WHERE seq = 5").await,
         0
     );
+    // The loss is not silent: both readers count it (and log it at error).
+    let metrics = server.get("/metrics").await.text();
+    assert_eq!(
+        harness::metric(&metrics, "northstar_archive_lost_total{table=\"events\"} "),
+        Some(1),
+        "{metrics}"
+    );
+    assert_eq!(
+        harness::metric(&metrics, "northstar_followers_lost_total "),
+        Some(1),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -284,3 +284,72 @@ fn parquet_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A smaller size bound at a start (a fuller disk derives a smaller budget, or the config
+/// changed) used to shrink the stream at once: nats-server dropped its oldest messages, read
+/// by no one yet. The bound now stays at what the stream holds until every reader has saved
+/// it, then comes down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["stream"] = json!({"maxBytes": 8 * 1024 * 1024, "maxAge": "7d"});
+    config["archive"] = json!({"commitInterval": "1h", "maxRowsPerCommit": 1_000_000});
+    let mut server = Northstar::start(&nats, &config);
+    let mut acked = 0;
+    for round in 0..40 {
+        eventually(Duration::from_secs(30), async || {
+            let batch = calls(&format!("s{round}"), 100);
+            let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
+            match answer.status {
+                200 => Ok(()),
+                503 => Err(answer.text()),
+                other => panic!("round {round}: {other} {}", answer.text()),
+            }
+        })
+        .await;
+        acked += 100;
+    }
+    let held = eventually(Duration::from_secs(10), async || {
+        let text = server.get("/metrics").await.text();
+        match metric(&text, "northstar_stream_bytes ") {
+            Some(bytes) if bytes > 1024 * 1024 => Ok(bytes),
+            other => Err(format!("stream bytes {other:?}")),
+        }
+    })
+    .await;
+    // Nothing is in Parquet yet.
+    server.kill9();
+    config["stream"]["maxBytes"] = json!(1024 * 1024);
+    config["archive"] = json!({"commitInterval": "200ms"});
+    config["metering"] = json!({"snapshotInterval": "200ms"});
+    std::fs::write(
+        server.data.parent().expect("config dir").join("northstar.json"),
+        serde_json::to_vec(&config).expect("config"),
+    )
+    .expect("write config");
+    server.restart();
+    server.wait_archived(acked).await;
+    let rows = server
+        .sql("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
+        .await;
+    assert_eq!(
+        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
+        (Some(acked), Some(acked)),
+        "every acked event reached Parquet once though the bound shrank (held {held} bytes)"
+    );
+    let metrics = server.get("/metrics").await.text();
+    assert_eq!(
+        metric(&metrics, "northstar_archive_lost_total{table=\"events\"} "),
+        Some(0),
+        "{metrics}"
+    );
+    eventually(Duration::from_secs(30), async || {
+        let text = server.get("/metrics").await.text();
+        match metric(&text, "northstar_stream_bytes ") {
+            Some(bytes) if bytes <= 1024 * 1024 => Ok(()),
+            other => Err(format!("the bound has not come down: stream bytes {other:?}")),
+        }
+    })
+    .await;
+}

@@ -64,6 +64,8 @@ pub struct FollowSpec {
     pub after_seq: u64,
     /// How often to snapshot.
     pub snapshot_interval: Duration,
+    /// Counts messages gone from the stream before they were applied.
+    pub lost: Arc<crate::metrics::Counter>,
 }
 
 /// Runs `state` on the stream until shutdown, then writes its final snapshot.
@@ -157,7 +159,8 @@ async fn run<F: Follow>(
                                 if stream_has(js, &spec.stream, expected).await {
                                     return Err(Stop::Gap { expected, got: seq });
                                 }
-                                tracing::warn!(
+                                spec.lost.add(seq - expected);
+                                tracing::error!(
                                     follower = state.name(),
                                     from = expected,
                                     to = seq - 1,
@@ -264,6 +267,7 @@ impl Fanout {
             consumer: consumer.to_string(),
             after_seq: self.parts.iter().map(|p| p.after_seq).min().unwrap_or(0),
             snapshot_interval: self.tick,
+            lost: Arc::default(),
         }
     }
 }

@@ -27,12 +27,17 @@ pub async fn account_storage_limit(js: &jetstream::Context) -> Option<i64> {
 /// Subject prefix of rejected messages.
 pub const REJECTED_PREFIX: &str = "rejected";
 
-/// Creates the streams, or updates their limits to match the config and the budget.
+/// Creates the streams, or updates their limits to match the config and the budget. Returns
+/// the size bounds in force: a stream that holds more than its budget now (a fuller disk at
+/// this start, or a smaller `maxBytes`) keeps a bound of what it holds, since shrinking it here
+/// would drop its oldest messages before any reader could say it has saved them. The smaller
+/// bound is applied later, once the readers have saved everything (see `apply_budget`).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     settings: &StreamSettings,
     budget: &Budget,
-) -> Result<(), BusError> {
+) -> Result<Budget, BusError> {
+    let mut in_force = *budget;
     let streams = [
         (
             &settings.name,
@@ -49,17 +54,30 @@ pub async fn ensure_streams(
             budget.rejected,
         ),
     ];
-    for (name, prefix, description, max_age, max_bytes) in streams {
+    for (index, (name, prefix, description, max_age, wanted)) in streams.into_iter().enumerate() {
         // A stream keeps the incarnation it was given; one made before incarnations (or by
         // hand) gets one now.
-        let existing = match js.get_stream(name.as_str()).await {
-            Ok(mut handle) => handle
-                .info()
-                .await
-                .ok()
-                .and_then(|info| marked_incarnation(&info.config)),
+        let info = match js.get_stream(name.as_str()).await {
+            Ok(mut handle) => handle.info().await.ok().cloned(),
             Err(_) => None,
         };
+        let existing = info
+            .as_ref()
+            .and_then(|info| marked_incarnation(&info.config));
+        let held = info.as_ref().map_or(0, |info| info.state.bytes);
+        let max_bytes = kept_bound(wanted, held);
+        if max_bytes != wanted {
+            tracing::warn!(
+                stream = %name,
+                wanted,
+                held,
+                "the stream holds more than its size bound: the bound stays at what it holds until its readers have saved it all"
+            );
+        }
+        match index {
+            0 => in_force.events = max_bytes,
+            _ => in_force.rejected = max_bytes,
+        }
         let incarnation = existing
             .unwrap_or_else(|| format!("{INCARNATION_PREFIX}{}", uuid::Uuid::now_v7().simple()));
         let config = stream::Config {
@@ -79,6 +97,41 @@ pub async fn ensure_streams(
             .await
             .map_err(management("create or update stream"))?;
     }
+    Ok(in_force)
+}
+
+/// The size bound a stream holding `held` bytes is given when `wanted` (`-1`: none): never
+/// below what it holds.
+fn kept_bound(wanted: i64, held: u64) -> i64 {
+    let held = i64::try_from(held).unwrap_or(i64::MAX);
+    if wanted >= 0 && held > wanted {
+        held
+    } else {
+        wanted
+    }
+}
+
+/// Sets the events stream's size bound to `max_bytes` (once its readers have saved what a
+/// smaller bound would drop).
+pub async fn apply_budget(
+    js: &jetstream::Context,
+    stream: &str,
+    max_bytes: i64,
+) -> Result<(), BusError> {
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .map_err(management("get stream"))?;
+    let mut config = handle
+        .info()
+        .await
+        .map_err(management("stream info"))?
+        .config
+        .clone();
+    config.max_bytes = max_bytes;
+    js.update_stream(config)
+        .await
+        .map_err(management("update stream"))?;
     Ok(())
 }
 
@@ -329,6 +382,17 @@ mod tests {
         let a = subject_for(8, "acme", "track");
         assert_eq!(a, subject_for(8, "acme", "track"));
         assert!(a.starts_with("events."));
+    }
+
+    #[test]
+    fn a_bound_is_never_set_below_what_the_stream_holds() {
+        assert_eq!(kept_bound(1_000, 400), 1_000);
+        assert_eq!(
+            kept_bound(1_000, 5_000),
+            5_000,
+            "a fuller disk at start drops nothing"
+        );
+        assert_eq!(kept_bound(-1, 5_000), -1);
     }
 
     #[test]

@@ -113,6 +113,14 @@ impl Backlog {
         )
     }
 
+    /// Events acked that some reader has not saved yet (what a restart would read from the
+    /// stream again); `None` before the readers exist.
+    pub fn unsaved(&self) -> Option<u64> {
+        let readers = self.readers.get()?;
+        let saved = (readers.followers_saved)().min((readers.archive)());
+        Some(self.acked.load(Ordering::Relaxed).saturating_sub(saved))
+    }
+
     /// Whether a request may be taken in now; logs when shedding starts and stops.
     pub fn admit(&self) -> Result<(), Behind> {
         let (followers, archive) = self.lags();
