@@ -124,6 +124,9 @@ impl Default for Config {
     }
 }
 
+/// Requests of `ingest.maxBatchBytes` a stream's `maxBytes` must hold at least.
+const REQUESTS_PER_STREAM: i64 = 4;
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -292,6 +295,21 @@ impl Config {
         self.stream
             .validate()
             .map_err(|(at, m)| (format!("stream.{at}"), m))?;
+        // Retention sheds ingest at 80% of a stream's bound, and a request with every reader
+        // caught up is always taken: a bound must hold several requests as stored (a message
+        // takes up to about twice its share of the body once normalised).
+        let requests = i64::try_from(self.ingest.max_batch_bytes)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(REQUESTS_PER_STREAM);
+        if self.stream.max_bytes > 0 && self.stream.max_bytes < requests {
+            return Err((
+                "stream.maxBytes".into(),
+                format!(
+                    "{} bytes holds fewer than {REQUESTS_PER_STREAM} requests of ingest.maxBatchBytes ({} bytes): at least {requests}, or a smaller maxBatchBytes",
+                    self.stream.max_bytes, self.ingest.max_batch_bytes
+                ),
+            ));
+        }
         self.archive
             .validate()
             .map_err(|(at, m)| (format!("archive.{at}"), m))?;
@@ -413,6 +431,17 @@ mod tests {
         let text = SEED.replace("\"featureId\": \"api_requests\"", "\"featureId\": \"nope\"");
         let err = Config::from_json(&text, "x.json").unwrap_err().to_string();
         assert!(err.contains("events[1].metering.featureId"), "{err}");
+    }
+
+    #[test]
+    fn a_stream_must_hold_several_requests() {
+        let small = r#"{"stream": {"maxBytes": 1048576}}"#;
+        let err = Config::from_json(small, "x").unwrap_err().to_string();
+        assert!(err.contains("stream.maxBytes"), "{err}");
+        assert!(err.contains("ingest.maxBatchBytes"), "{err}");
+        let fits = r#"{"stream": {"maxBytes": 1048576}, "ingest": {"maxBatchBytes": 262144}}"#;
+        assert!(Config::from_json(fits, "x").is_ok());
+        assert!(Config::from_json(r#"{"stream": {"maxBytes": -1}}"#, "x").is_ok());
     }
 
     #[test]

@@ -264,11 +264,21 @@ impl Ingestor {
     }
 
     /// [`Ingestor::admit`] as a function of its own, for writers outside ingest (the meter's
-    /// consumes).
-    pub fn admission(&self) -> impl Fn() -> Result<(), IngestError> + Send + Sync + 'static {
+    /// consumes), given how many events the write adds: refused as well when those would
+    /// take a reader past its bound.
+    pub fn admission(&self) -> impl Fn(u64) -> Result<(), IngestError> + Send + Sync + 'static {
         let (backlog, disk) = (self.backlog.clone(), self.disk.clone());
         let (jetstream, metrics) = (self.jetstream.clone(), self.metrics.clone());
-        move || admit_writes(&backlog, &disk, &jetstream, &metrics)
+        move |events| {
+            admit_writes(&backlog, &disk, &jetstream, &metrics)?;
+            match backlog.reserve(events, events * CONSUME_EVENT_BYTES) {
+                Ok(_) => Ok(()),
+                Err(behind) => {
+                    metrics.ingest_shed.inc();
+                    Err(behind.into())
+                }
+            }
+        }
     }
 
     /// Handles one request of either wire.
@@ -567,6 +577,19 @@ impl Ingestor {
         rejected: Vec<(usize, RejectedRecord)>,
     ) -> Result<IngestOutcome, IngestError> {
         let event_count = events.len();
+        // The events' share of the backlog, held until their acks are recorded: what the
+        // admission at the door checked is made good here, whatever else runs at once.
+        let bytes: usize = events
+            .iter()
+            .map(|e| e.payload.len() + e.msg_id.len() + e.subject.len() + MESSAGE_OVERHEAD)
+            .sum();
+        let _reservation = match self.backlog.reserve(event_count as u64, bytes as u64) {
+            Ok(reservation) => reservation,
+            Err(behind) => {
+                self.metrics.ingest_shed.inc();
+                return Err(behind.into());
+            }
+        };
         let told: Vec<Bytes> = match self.stored.get() {
             Some(_) => events.iter().map(|e| e.payload.clone()).collect(),
             None => Vec::new(),
@@ -711,6 +734,13 @@ impl<'a> ParsedBatch<'a> {
         }
     }
 }
+
+/// Bytes a stream message takes beside its payload, its id and its subject (JetStream's
+/// record header and our headers), for the backlog's reckoning of what a request adds.
+const MESSAGE_OVERHEAD: usize = 64;
+
+/// Bytes a consume's usage event takes in the stream, about (for the backlog's reckoning).
+const CONSUME_EVENT_BYTES: u64 = 512;
 
 /// See [`Ingestor::admit`].
 fn admit_writes(

@@ -265,8 +265,8 @@ pub struct Meter {
 /// backlog's and the disk's admission first (so the stream's readers and the disk reserve
 /// bound consumes too), and the acked sequence after (so the backlog sees their lag).
 pub struct StreamGate {
-    /// `Err` when the stream takes no writes now.
-    pub admit: Box<dyn Fn() -> Result<(), crate::error::Refused> + Send + Sync>,
+    /// `Err` when the stream takes no writes now, or not this many events.
+    pub admit: Box<dyn Fn(u64) -> Result<(), crate::error::Refused> + Send + Sync>,
     /// Records the last sequence a publish was acked at.
     pub acked: Box<dyn Fn(u64) + Send + Sync>,
 }
@@ -712,7 +712,7 @@ impl Meter {
         if consume_events > 0
             && let Some(gate) = self.gate.get()
         {
-            (gate.admit)().map_err(LimitError::Refused)?;
+            (gate.admit)(consume_events as u64).map_err(LimitError::Refused)?;
         }
         let now = self.clock.now_micros();
         let period = customer.period_at(now);

@@ -337,7 +337,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     {
         let (admission, backlog) = (ingestor.admission(), ingestor.backlog().clone());
         meter.set_gate(crate::meter::StreamGate {
-            admit: Box::new(move || admission().map_err(|e| crate::error::Refused::of(&e))),
+            admit: Box::new(move |events| {
+                admission(events).map_err(|e| crate::error::Refused::of(&e))
+            }),
             acked: Box::new(move |seq| backlog.acked(seq)),
         });
     }

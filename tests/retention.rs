@@ -28,6 +28,8 @@ async fn a_stream_smaller_than_the_history_keeps_its_bound_and_parquet_keeps_eve
     config["serviceKeys"] = json!([SERVICE_KEY]);
     let max_bytes: u64 = 1024 * 1024;
     config["stream"] = json!({"maxBytes": max_bytes, "maxAge": "7d"});
+    // A 1 MiB stream holds four requests of at most 256 KB (the config refuses less).
+    config["ingest"]["maxBatchBytes"] = json!(256 * 1024);
     // The archive commits every 3 s: between commits it falls far enough behind that
     // retention would drop what it has not read, unless ingest sheds first.
     config["archive"] = json!({"commitInterval": "3s"});
@@ -146,6 +148,7 @@ async fn state_rebuilt_from_parquet_and_the_stream_equals_the_state_before() {
     let mut config = test_config();
     config["serviceKeys"] = json!([SERVICE_KEY]);
     config["stream"] = json!({"maxBytes": 1024 * 1024, "maxAge": "7d"});
+    config["ingest"]["maxBatchBytes"] = json!(256 * 1024);
     config["archive"] = json!({"commitInterval": "500ms"});
     config["metering"] = json!({"snapshotInterval": "1s"});
     let mut server = Northstar::start(&nats, &config);
@@ -294,6 +297,7 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
     let nats = Nats::start();
     let mut config = test_config();
     config["stream"] = json!({"maxBytes": 8 * 1024 * 1024, "maxAge": "7d"});
+    config["ingest"]["maxBatchBytes"] = json!(256 * 1024);
     config["archive"] = json!({"commitInterval": "1h", "maxRowsPerCommit": 1_000_000});
     let mut server = Northstar::start(&nats, &config);
     let mut acked = 0;
@@ -324,7 +328,11 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
     config["archive"] = json!({"commitInterval": "200ms"});
     config["metering"] = json!({"snapshotInterval": "200ms"});
     std::fs::write(
-        server.data.parent().expect("config dir").join("northstar.json"),
+        server
+            .data
+            .parent()
+            .expect("config dir")
+            .join("northstar.json"),
         serde_json::to_vec(&config).expect("config"),
     )
     .expect("write config");
@@ -348,7 +356,9 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
         let text = server.get("/metrics").await.text();
         match metric(&text, "northstar_stream_bytes ") {
             Some(bytes) if bytes <= 1024 * 1024 => Ok(()),
-            other => Err(format!("the bound has not come down: stream bytes {other:?}")),
+            other => Err(format!(
+                "the bound has not come down: stream bytes {other:?}"
+            )),
         }
     })
     .await;

@@ -53,6 +53,29 @@ pub struct Backlog {
     /// Messages and bytes the events stream held at the last reading (0 until read).
     held: AtomicU64,
     held_bytes: AtomicU64,
+    /// Events and bytes of requests admitted and not yet acked (see [`Backlog::reserve`]).
+    in_flight: AtomicU64,
+    in_flight_bytes: AtomicU64,
+}
+
+/// A request's share of the backlog while it is published; given back when dropped (after
+/// the publish's acks were recorded).
+#[must_use = "the reservation holds until dropped"]
+pub struct Reservation<'a> {
+    backlog: &'a Backlog,
+    events: u64,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.backlog
+            .in_flight
+            .fetch_sub(self.events, Ordering::Relaxed);
+        self.backlog
+            .in_flight_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Share of the stream's size bound a reader may be behind before retention could drop what
@@ -75,6 +98,8 @@ impl Backlog {
             max_bytes: AtomicU64::new(0),
             held: AtomicU64::new(0),
             held_bytes: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
         }
     }
 
@@ -121,30 +146,36 @@ impl Backlog {
         Some(self.acked.load(Ordering::Relaxed).saturating_sub(saved))
     }
 
+    /// Reserves `events` stream messages of `bytes` for a request about to publish: refused
+    /// when they would take a reader past its bound, counting what the requests admitted
+    /// before it will add. So the bound holds whatever the concurrency: a check taken once at
+    /// the door let 1,024 requests in at a lag one below it. A request alone is always taken
+    /// (the config keeps a request's worth well inside every bound).
+    pub fn reserve(&self, events: u64, bytes: u64) -> Result<Reservation<'_>, Behind> {
+        let before = self.in_flight.fetch_add(events, Ordering::Relaxed);
+        let before_bytes = self.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let reservation = Reservation {
+            backlog: self,
+            events,
+            bytes,
+        };
+        match self.judge(before + events, before_bytes + bytes) {
+            Ok(()) => Ok(reservation),
+            // Alone, with every reader caught up: a request larger than a bound goes.
+            Err(_) if before == 0 && self.lags() == (0, 0) => Ok(reservation),
+            Err(behind) => Err(behind),
+        }
+    }
+
     /// Whether a request may be taken in now; logs when shedding starts and stops.
     pub fn admit(&self) -> Result<(), Behind> {
-        let (followers, archive) = self.lags();
-        let verdict = if self.max_followers > 0 && followers > self.max_followers {
-            Err(Behind {
-                reader: "followers",
-                setting: "ingest.maxLag",
-                lag: followers,
-                bound: self.max_followers,
-            })
-        } else if self.max_archive > 0 && archive > self.max_archive {
-            Err(Behind {
-                reader: "archive",
-                setting: "ingest.maxArchiveLag",
-                lag: archive,
-                bound: self.max_archive,
-            })
-        } else if let Some(behind) = self.near_retention(archive) {
-            Err(behind)
-        } else {
-            Ok(())
-        };
+        let verdict = self.judge(
+            self.in_flight.load(Ordering::Relaxed),
+            self.in_flight_bytes.load(Ordering::Relaxed),
+        );
         let shedding = verdict.is_err();
         if self.shedding.swap(shedding, Ordering::Relaxed) != shedding {
+            let (followers, archive) = self.lags();
             match &verdict {
                 Err(behind) => tracing::warn!(
                     reader = behind.reader,
@@ -161,12 +192,39 @@ impl Backlog {
         }
         verdict
     }
+
+    /// The verdict with `pending` events (`pending_bytes` bytes) on their way on top of what
+    /// is acked.
+    fn judge(&self, pending: u64, pending_bytes: u64) -> Result<(), Behind> {
+        let (followers, archive) = self.lags();
+        let (followers, archive) = (followers + pending, archive + pending);
+        let verdict = if self.max_followers > 0 && followers > self.max_followers {
+            Err(Behind {
+                reader: "followers",
+                setting: "ingest.maxLag",
+                lag: followers,
+                bound: self.max_followers,
+            })
+        } else if self.max_archive > 0 && archive > self.max_archive {
+            Err(Behind {
+                reader: "archive",
+                setting: "ingest.maxArchiveLag",
+                lag: archive,
+                bound: self.max_archive,
+            })
+        } else if let Some(behind) = self.near_retention(archive, pending, pending_bytes) {
+            Err(behind)
+        } else {
+            Ok(())
+        };
+        verdict
+    }
 }
 
 impl Backlog {
     /// A reader so far behind that the stream's size bound would soon drop messages it has
     /// not read: past 80% of the messages that fit in `stream.maxBytes` at their mean size.
-    fn near_retention(&self, archive: u64) -> Option<Behind> {
+    fn near_retention(&self, archive: u64, pending: u64, pending_bytes: u64) -> Option<Behind> {
         let max_bytes = self.max_bytes.load(Ordering::Relaxed);
         let readers = self.readers.get()?;
         if max_bytes == 0 {
@@ -175,7 +233,8 @@ impl Backlog {
         let followers = self
             .acked
             .load(Ordering::Relaxed)
-            .saturating_sub((readers.followers_saved)());
+            .saturating_sub((readers.followers_saved)())
+            + pending;
         let (held, held_bytes) = (
             self.held.load(Ordering::Relaxed),
             self.held_bytes.load(Ordering::Relaxed),
@@ -190,7 +249,13 @@ impl Backlog {
         } else {
             ("archive", archive)
         };
-        (lag > bound).then_some(Behind {
+        // Messages acked are counted at the stream's mean size, those on their way at their
+        // own: the bytes no reader has saved must stay within 80% of the bound.
+        let unsaved = lag
+            .saturating_sub(pending)
+            .saturating_mul(mean)
+            .saturating_add(pending_bytes);
+        (unsaved > max_bytes / 10 * RETENTION_TENTHS).then_some(Behind {
             reader,
             setting: "stream.maxBytes / stream.maxAge",
             lag,
@@ -262,5 +327,56 @@ mod tests {
         );
         backlog.retain(-1);
         assert_eq!(backlog.admit(), Ok(()), "no size bound: no retention risk");
+    }
+
+    /// Requests admitted at once count against the bound before their acks: the door's
+    /// check at a lag one below the bound used to let every request in flight through.
+    #[test]
+    fn requests_in_flight_count_against_the_bounds() {
+        let backlog = Backlog::new(100, 0);
+        let (followers, archive) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let saved = Arc::new(AtomicU64::new(u64::MAX));
+        backlog.watch(Readers {
+            followers: at(&followers),
+            followers_saved: at(&saved),
+            archive: at(&archive),
+        });
+        backlog.acked(90);
+        let first = backlog.reserve(5, 500).expect("95 of 100");
+        assert!(
+            backlog.reserve(10, 1_000).is_err(),
+            "105 would pass the bound"
+        );
+        assert!(
+            backlog.admit().is_ok(),
+            "95 in all: the door still lets requests in"
+        );
+        drop(first);
+        let second = backlog.reserve(10, 1_000).expect("100 of 100");
+        drop(second);
+        followers.store(90, Ordering::Relaxed);
+        archive.store(90, Ordering::Relaxed);
+        assert!(
+            backlog.reserve(500, 50_000).is_ok(),
+            "alone, with the readers caught up, a request larger than a bound goes"
+        );
+
+        // Retention in bytes: 80% of 10,000 bytes, with 6,000 acked and unsaved.
+        let bytes = Backlog::new(0, 0);
+        let archived = Arc::new(AtomicU64::new(0));
+        bytes.watch(Readers {
+            followers: at(&archived),
+            followers_saved: at(&saved),
+            archive: at(&archived),
+        });
+        bytes.retain(10_000);
+        bytes.held(60, 6_000);
+        bytes.acked(60);
+        let held = bytes.reserve(10, 1_500).expect("7,500 of 8,000 bytes");
+        assert!(
+            bytes.reserve(10, 1_000).is_err(),
+            "8,500 bytes would not be saved in time"
+        );
+        drop(held);
     }
 }
