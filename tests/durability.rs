@@ -448,6 +448,11 @@ async fn one_data_dir_starts_again_and_again_on_the_embedded_server() {
         }
     })
     .await;
+    // Every event once: as many rows as ids, so a duplicate cannot hide behind DISTINCT.
+    assert_eq!(
+        scalar(&server.data, "SELECT count(*) FROM events").await,
+        120
+    );
     assert_eq!(
         scalar(&server.data, "SELECT count(DISTINCT event_id) FROM events").await,
         120

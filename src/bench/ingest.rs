@@ -747,10 +747,22 @@ async fn probe_freshness(
     Ok(seen)
 }
 
-/// "p50 / p99 / max" of durations, in milliseconds.
+/// "p50 / p99 / max" of durations, in milliseconds. Below 100 samples a p99 is only the
+/// largest one: it is printed as "-" and the max stands alone.
 fn percentiles(times: &[Duration]) -> String {
     if times.is_empty() {
         return "n/a".into();
+    }
+    if times.len() < 100 {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        return format!(
+            "{:.1} / - / {:.1} ms ({} probes: too few for a p99)",
+            ms(&sorted[(sorted.len() - 1) / 2]),
+            ms(&sorted[sorted.len() - 1]),
+            sorted.len()
+        );
     }
     let mut sorted = times.to_vec();
     sorted.sort();
