@@ -198,7 +198,7 @@ impl Backlog {
     fn judge(&self, pending: u64, pending_bytes: u64) -> Result<(), Behind> {
         let (followers, archive) = self.lags();
         let (followers, archive) = (followers + pending, archive + pending);
-        let verdict = if self.max_followers > 0 && followers > self.max_followers {
+        if self.max_followers > 0 && followers > self.max_followers {
             Err(Behind {
                 reader: "followers",
                 setting: "ingest.maxLag",
@@ -216,8 +216,7 @@ impl Backlog {
             Err(behind)
         } else {
             Ok(())
-        };
-        verdict
+        }
     }
 }
 
