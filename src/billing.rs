@@ -154,6 +154,15 @@ pub struct Started {
     pub delivery: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
+impl Billing {
+    /// Outbox entries and Checkout Sessions held (for metrics).
+    pub fn sizes(&self) -> (usize, usize) {
+        let outbox = self.outbox.lock().map(|o| o.len()).unwrap_or(0);
+        let checkouts = self.checkouts.lock().map(|c| c.len()).unwrap_or(0);
+        (outbox, checkouts)
+    }
+}
+
 /// Prepares delivery and the windows' follower; `None` when the config has no `billing`
 /// section.
 pub async fn start(

@@ -115,6 +115,12 @@ impl Onboarding {
         }
     }
 
+    /// People held and ids linked to them (for metrics).
+    pub fn sizes(&self) -> (usize, usize) {
+        let state = self.read_state();
+        (state.people.len(), state.graph.len())
+    }
+
     /// The state, to change. A panic while it was held (a bug, recorded by the followers'
     /// supervisor) may have left one event half-applied: the engine is marked failed, so its
     /// answers are 503 until a restart, but it goes on applying and saving what follows, so

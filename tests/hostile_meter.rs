@@ -336,6 +336,15 @@ async fn quantities_with_exponents_agree_in_the_meter_sql_and_usage_windows() {
         .await;
     assert_eq!(rows.status, 200, "{}", rows.text());
     assert_healthy(&server).await;
+    let metrics = server.get_as(ADMIN_KEY, "/metrics").await.text();
+    assert_eq!(
+        harness::metric(
+            &metrics,
+            "northstar_state_entries{part=\"meter_customers\"} "
+        ),
+        Some(1),
+        "{metrics}"
+    );
 }
 
 /// A value the meter skips (stored before a meter was configured, say) is left out of

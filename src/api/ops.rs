@@ -107,9 +107,34 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     let (followers, archive) = state.ingestor.backlog().lags();
     state.metrics.followers_lag.set(followers);
     state.metrics.archive_lag.set(archive);
-    respond::bytes_response(
-        200,
-        "text/plain; version=0.0.4",
-        state.metrics.render().into_bytes(),
-    )
+    let mut text = state.metrics.render();
+    text.push_str(&state_sizes(state));
+    respond::bytes_response(200, "text/plain; version=0.0.4", text.into_bytes())
+}
+
+/// `northstar_state_entries{part}`: how many entries the in-memory state of each part holds,
+/// so what grows with ids or with history shows on a dashboard before it shows in RSS.
+fn state_sizes(state: &AppState) -> String {
+    let (people, linked) = state.onboarding.sizes();
+    let mut parts = vec![
+        ("meter_customers", state.meter.counters().customer_count()),
+        ("meter_counters", state.meter.counters().counter_count()),
+        ("onboarding_people", people),
+        ("onboarding_linked_ids", linked),
+    ];
+    if let Some(billing) = &state.billing {
+        let (outbox, checkouts) = billing.sizes();
+        parts.push(("billing_outbox_entries", outbox));
+        parts.push(("billing_checkouts", checkouts));
+    }
+    let mut text = String::from(
+        "# HELP northstar_state_entries Entries held in memory by each part of the state.\n\
+         # TYPE northstar_state_entries gauge\n",
+    );
+    for (part, entries) in parts {
+        text.push_str(&format!(
+            "northstar_state_entries{{part=\"{part}\"}} {entries}\n"
+        ));
+    }
+    text
 }

@@ -3,8 +3,9 @@
 //!
 //! It first measures the peak (clients posting as fast as they are answered, 15 s), then paces
 //! the same clients at half that rate for `--minutes`, sampling `/metrics` every second and
-//! printing one row a minute. The verdict lines say whether RSS after the first minute stayed
-//! within ±10% and the largest lag each reader reached.
+//! printing one row a minute. The verdict lines give RSS's rise from minute 1 and from minute
+//! 5 (the bound: within 10% of minute 5 at the end) to the last minute, as plain percentages,
+//! and the largest lag each reader reached.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -140,6 +141,38 @@ async fn run_in(options: &SoakBench, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// RSS's rise to the last minute from minute 1, and from minute 5 against the 10% bound.
+fn rss_verdicts(samples: &[Sample]) -> Vec<String> {
+    let Some(last) = samples.last() else {
+        return Vec::new();
+    };
+    let rise =
+        |from: &Sample| (last.rss as f64 - from.rss as f64) / (from.rss as f64).max(1.0) * 100.0;
+    let mut lines = Vec::new();
+    for (minute, bounded) in [(1, false), (5, true)] {
+        let Some(from) = samples.iter().find(|s| s.minute == minute) else {
+            continue;
+        };
+        if from.minute == last.minute {
+            continue;
+        }
+        let percent = rise(from);
+        let verdict = match bounded {
+            true if percent.abs() <= 10.0 => ", within the 10% bound",
+            true => ", outside the 10% bound",
+            false => "",
+        };
+        lines.push(format!(
+            "RSS from minute {} to minute {}: {} to {} ({percent:+.1}%{verdict})",
+            from.minute,
+            last.minute,
+            mib(from.rss),
+            mib(last.rss)
+        ));
+    }
+    lines
+}
+
 fn print_soak(rate: u64, options: &SoakBench, samples: &[Sample]) {
     println!(
         "\n### northstar bench soak — {} events/s, {} clients, batches of {}, {} min\n",
@@ -165,16 +198,9 @@ fn print_soak(rate: u64, options: &SoakBench, samples: &[Sample]) {
             thousands(s.shed)
         );
     }
-    let warm: Vec<u64> = samples.iter().skip(1).map(|s| s.rss).collect();
-    if let (Some(low), Some(high)) = (warm.iter().min(), warm.iter().max()) {
-        let mid = (*low + *high) as f64 / 2.0;
-        let spread = (*high - *low) as f64 / 2.0 / mid.max(1.0) * 100.0;
-        println!(
-            "\nRSS after the first minute: {} to {} (±{spread:.1}%, {} ±10%)",
-            mib(*low),
-            mib(*high),
-            if spread <= 10.0 { "within" } else { "outside" }
-        );
+    println!();
+    for line in rss_verdicts(samples) {
+        println!("{line}");
     }
     let worst = |f: fn(&Sample) -> f64| samples.iter().map(f).fold(0.0, f64::max);
     println!(
@@ -264,5 +290,42 @@ impl Load {
                 status => anyhow::bail!("batch answered {status}: {}", answer.text()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(minute: u64, mib: u64) -> Sample {
+        Sample {
+            minute,
+            rss: mib << 20,
+            followers_lag: 0.0,
+            archive_lag: 0.0,
+            stream_bytes: 0.0,
+            parquet_bytes: 0,
+            acked: 0,
+            shed: 0.0,
+        }
+    }
+
+    /// 343 → 485 MiB used to print as "±17.2%" (half the spread around the midpoint).
+    #[test]
+    fn the_rise_is_a_plain_percentage_from_minute_1_and_from_minute_5() {
+        let samples: Vec<Sample> = [343, 343, 343, 350, 360, 400, 485]
+            .iter()
+            .enumerate()
+            .map(|(i, mib)| at(i as u64 + 1, *mib))
+            .collect();
+        let lines = rss_verdicts(&samples);
+        assert!(
+            lines[0].contains("minute 1 to minute 7") && lines[0].contains("+41.4%"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("+34.7%, outside the 10% bound"),
+            "{lines:?}"
+        );
     }
 }

@@ -443,6 +443,16 @@ impl Outbox {
         self.index.get(identifier).map(|&i| &self.entries[i])
     }
 
+    /// Entries held, every one the outbox ever made (for metrics).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the outbox holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Entries still owed, oldest first.
     pub fn pending(&self) -> Vec<Entry> {
         self.entries

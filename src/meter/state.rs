@@ -239,6 +239,13 @@ impl Counters {
         self.set_applied(0);
     }
 
+    /// Customers held (for metrics).
+    pub fn customer_count(&self) -> usize {
+        (0..SHARDS)
+            .map(|i| self.lock_shard(i).customers.len())
+            .sum()
+    }
+
     /// Number of counters (for metrics and the memory benchmark).
     pub fn counter_count(&self) -> usize {
         (0..SHARDS)
