@@ -327,3 +327,32 @@ mod tests {
         assert!(!is_null(raw("\"null\"")));
     }
 }
+
+/// Decimals written as JSON numbers with their exact digits (`999999999999.3000000001`, not
+/// the nearest binary float), for `#[serde(serialize_with = …)]`: SQL's JSON answers decimals
+/// the same way. Only a `serde_json` writer keeps the digits; a value turned into a
+/// `serde_json::Value` first goes through a float again.
+pub mod exact {
+    use rust_decimal::Decimal;
+    use serde::ser::Error;
+    use serde::{Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    /// A decimal as an exact JSON number.
+    pub fn decimal<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        RawValue::from_string(value.normalize().to_string())
+            .map_err(S::Error::custom)?
+            .serialize(serializer)
+    }
+
+    /// An optional decimal as an exact JSON number, or `null`.
+    pub fn optional<S: Serializer>(
+        value: &Option<Decimal>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => decimal(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+}

@@ -124,13 +124,13 @@ pub struct Denial {
     /// The customer's plan.
     pub plan: String,
     /// The plan's limit (0 when the plan has no access).
-    #[serde(with = "rust_decimal::serde::float")]
+    #[serde(serialize_with = "crate::json::exact::decimal")]
     pub limit: Decimal,
     /// Usage this period, consumed-but-not-yet-streamed units included.
-    #[serde(with = "rust_decimal::serde::float")]
+    #[serde(serialize_with = "crate::json::exact::decimal")]
     pub used: Decimal,
     /// Units asked for.
-    #[serde(with = "rust_decimal::serde::float")]
+    #[serde(serialize_with = "crate::json::exact::decimal")]
     pub requested: Decimal,
     /// Start of the period (RFC 3339).
     pub period_start: String,
@@ -195,16 +195,16 @@ pub struct Standing {
     /// The customer's plan.
     pub plan: String,
     /// Usage this period.
-    #[serde(with = "rust_decimal::serde::float")]
+    #[serde(serialize_with = "crate::json::exact::decimal")]
     pub used: Decimal,
     /// The plan's limit (`null`: unlimited).
-    #[serde(with = "rust_decimal::serde::float_option")]
+    #[serde(serialize_with = "crate::json::exact::optional")]
     pub limit: Option<Decimal>,
     /// What is left (`null`: unlimited).
-    #[serde(with = "rust_decimal::serde::float_option")]
+    #[serde(serialize_with = "crate::json::exact::optional")]
     pub remaining: Option<Decimal>,
     /// Usage past a soft limit.
-    #[serde(with = "rust_decimal::serde::float")]
+    #[serde(serialize_with = "crate::json::exact::decimal")]
     pub overage: Decimal,
     /// Whether the limit is soft.
     pub soft_limit: bool,
@@ -216,7 +216,7 @@ pub struct Standing {
     pub period_end: String,
     /// Units this request consumed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(with = "rust_decimal::serde::float_option")]
+    #[serde(serialize_with = "crate::json::exact::optional")]
     pub consumed: Option<Decimal>,
     /// A retry of a consume already recorded (same customer, feature, quantity and
     /// `event_id`): its units were counted once, by the first.

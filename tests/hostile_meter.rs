@@ -397,9 +397,17 @@ async fn consume_ids_meet_neither_other_consumes_nor_ingested_ids() {
     let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
     let consume = |quantity: u64, id: &str| json!({"customer_id": "acme", "feature": "api_requests", "quantity": quantity, "consume": true, "event_id": id});
     let (status, body) = check(&server, consume(2, "k")).await;
-    assert_eq!((status, &body["consumed"]), (200, &json!(2.0)), "{body}");
+    assert_eq!(
+        (status, body["consumed"].as_f64()),
+        (200, Some(2.0)),
+        "{body}"
+    );
     let (status, body) = check(&server, consume(1, "k-1")).await;
-    assert_eq!((status, &body["consumed"]), (200, &json!(1.0)), "{body}");
+    assert_eq!(
+        (status, body["consumed"].as_f64()),
+        (200, Some(1.0)),
+        "{body}"
+    );
     assert!(body.get("duplicate").is_none(), "{body}");
     used(&server, "acme", "api_requests", 3.0).await;
 
@@ -414,7 +422,11 @@ async fn consume_ids_meet_neither_other_consumes_nor_ingested_ids() {
         200
     );
     let (status, body) = check(&server, consume(5, "svc-id-1")).await;
-    assert_eq!((status, &body["consumed"]), (200, &json!(5.0)), "{body}");
+    assert_eq!(
+        (status, body["consumed"].as_f64()),
+        (200, Some(5.0)),
+        "{body}"
+    );
     used(&server, "acme", "api_requests", 8.0).await;
 
     // A true retry is answered as the duplicate it is, and counts once.
@@ -569,4 +581,44 @@ async fn past_dated_events_neither_suspend_nor_count_against_today() {
         .await
         .json();
     assert!(customer["suspended"].is_null(), "{customer}");
+}
+
+/// The limits API answered decimals as binary floats: 999999999999.3000000001 came back as
+/// 999999999999.2999. Its numbers now carry their exact digits, as SQL's JSON does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_limits_api_answers_exact_decimals() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    // On pro (a soft limit, no hard cap), so the customer stays allowed past it.
+    let r = server
+        .put_admin("/v1/customers/exact", &json!({"plan": "pro"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let exact = "999999999999.3000000001";
+    let batch = json!({"batch": [storage("exact-1", "exact", json!(exact))]});
+    assert_eq!(server.post("/v1/batch", &batch).await.json()["accepted"], 1);
+    let path = "/v1/customers/exact/entitlements/storage_gb";
+    let text = harness::eventually(Duration::from_secs(20), async || {
+        let text = server.get_as(SERVICE_KEY, path).await.text();
+        match text.contains(&format!("\"used\":{exact}")) {
+            true => Ok(text),
+            false => Err(text),
+        }
+    })
+    .await;
+    assert!(text.contains("\"has_access\":"), "{text}");
+    let usage = server
+        .get_as(SERVICE_KEY, "/v1/customers/exact/usage")
+        .await
+        .text();
+    assert!(usage.contains(&format!("\"used\":{exact}")), "{usage}");
+    let check = server
+        .post_as(
+            SERVICE_KEY,
+            "/v1/check",
+            &json!({"customer_id": "exact", "feature": "storage_gb", "quantity": "0.0000000001"}),
+        )
+        .await
+        .text();
+    assert!(check.contains(&format!("\"used\":{exact}")), "{check}");
 }

@@ -56,14 +56,33 @@ pub async fn usage(state: &AppState, parts: &Parts, customer: &str) -> HttpRespo
         return replaying;
     }
     let (customer, features) = state.meter.usage(customer);
-    let body = serde_json::json!({
-        "customer_id": customer.id,
-        "plan": customer.plan,
-        "suspended": customer.suspended,
-        "features": features,
-        "as_of": state.meter.as_of(),
-    });
+    // Written straight from the standings, so their decimals keep their exact digits.
+    #[derive(serde::Serialize)]
+    struct Usage<'a> {
+        customer_id: &'a str,
+        plan: &'a str,
+        suspended: &'a Option<crate::meter::customers::Suspension>,
+        features: &'a [crate::meter::Standing],
+        as_of: crate::meter::AsOf,
+    }
+    let body = Usage {
+        customer_id: &customer.id,
+        plan: &customer.plan,
+        suspended: &customer.suspended,
+        features: &features,
+        as_of: state.meter.as_of(),
+    };
     respond::json(200, &body)
+}
+
+/// An entitlement: the standing, with `allowed` answered as `has_access` and the period's end
+/// also as `reset_at`.
+#[derive(serde::Serialize)]
+struct Entitlement<'a> {
+    has_access: bool,
+    reset_at: &'a str,
+    #[serde(flatten)]
+    standing: &'a crate::meter::Standing,
 }
 
 /// `GET /v1/customers/{id}/entitlements/{feature}`.
@@ -80,17 +99,14 @@ pub async fn entitlement(
         return replaying;
     }
     match state.meter.entitlement(customer, feature) {
-        Ok(standing) => {
-            // The standing's own serialisation carries the numbers as JSON numbers.
-            let mut body = serde_json::to_value(&standing).unwrap_or_default();
-            if let Some(object) = body.as_object_mut() {
-                let allowed = object.remove("allowed").unwrap_or_default();
-                object.insert("has_access".into(), allowed);
-                let end = object.get("period_end").cloned().unwrap_or_default();
-                object.insert("reset_at".into(), end);
-            }
-            respond::json(200, &body)
-        }
+        Ok(standing) => respond::json(
+            200,
+            &Entitlement {
+                has_access: standing.allowed,
+                reset_at: &standing.period_end,
+                standing: &standing,
+            },
+        ),
         Err(error) => limit_error(&error),
     }
 }
