@@ -622,3 +622,43 @@ async fn the_limits_api_answers_exact_decimals() {
         .text();
     assert!(check.contains(&format!("\"used\":{exact}")), "{check}");
 }
+
+/// A usage pipeline whose runs fail is a failed part: `/healthz` answers 503 and names it
+/// (a failing pipeline used to log every 5 s while `/healthz` said ok).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_that_cannot_run_is_named_by_healthz() {
+    let nats = Nats::start();
+    let pipelines = tempfile::tempdir().expect("pipelines dir");
+    std::fs::write(
+        pipelines.path().join("broken.sql"),
+        "-- window: 1h\n\
+         SELECT customer_id, feature, \
+         date_bin(INTERVAL '1 hour', \"timestamp\", TIMESTAMP '1970-01-01T00:00:00Z') AS window_start, \
+         date_bin(INTERVAL '1 hour', \"timestamp\", TIMESTAMP '1970-01-01T00:00:00Z') + INTERVAL '1 hour' AS window_end, \
+         sum(quantity) AS quantity, max(quantity) AS max_quantity, count(*) AS events, \
+         max(CAST(customer_id AS BIGINT)) AS max_seq \
+         FROM metered_events WHERE date = '{date}' GROUP BY customer_id, feature, window_start\n",
+    )
+    .expect("write pipeline");
+    let server = InProcess::start_with_pipelines(
+        &nats,
+        &limits_config(),
+        Clock::manual(MARCH_10),
+        pipelines.path().to_path_buf(),
+    )
+    .await;
+    let batch = json!({"batch": [call("p-1", "acme", "2026-03-10T11:00:00Z")]});
+    assert_eq!(server.post("/v1/batch", &batch).await.status, 200);
+    let health = harness::eventually(Duration::from_secs(30), async || {
+        let r = server.get_as(SERVICE_KEY, "/healthz").await;
+        match (r.status, r.text().contains("pipeline broken")) {
+            (503, true) => Ok(r.text()),
+            _ => Err(r.text()),
+        }
+    })
+    .await;
+    assert!(
+        health.contains("BIGINT") || health.contains("Cast"),
+        "{health}"
+    );
+}

@@ -549,6 +549,17 @@ pub struct InProcess {
 impl InProcess {
     /// Starts the whole server in-process against `nats`, with `clock`.
     pub async fn start(nats: &Nats, config: &Value, clock: northstar::clock::Clock) -> Self {
+        let shipped = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"));
+        Self::start_with_pipelines(nats, config, clock, shipped).await
+    }
+
+    /// [`InProcess::start`] with the usage pipelines of `pipelines`.
+    pub async fn start_with_pipelines(
+        nats: &Nats,
+        config: &Value,
+        clock: northstar::clock::Clock,
+        pipelines: PathBuf,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let config = Config::from_json(&config.to_string(), "test").expect("valid test config");
@@ -560,10 +571,7 @@ impl InProcess {
             admin_key: Some(ADMIN_KEY.into()),
             service_key: Some(SERVICE_KEY.into()),
             clock: clock.clone(),
-            pipelines_dir: Some(PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/pipelines"
-            ))),
+            pipelines_dir: Some(pipelines),
             billing_secrets: northstar::billing::Secrets {
                 secret_key: Some(STRIPE_SECRET_KEY.into()),
                 webhook_secret: Some(STRIPE_WEBHOOK_SECRET.into()),
