@@ -334,6 +334,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         clock.clone(),
     );
     ingestor.backlog().retain(in_force.events);
+    ingestor.backlog().retain_for(config.stream.max_age.get());
     {
         let (admission, backlog) = (ingestor.admission(), ingestor.backlog().clone());
         meter.set_gate(crate::meter::StreamGate {
@@ -637,6 +638,7 @@ async fn watch_stream(
         {
             let state = &handle.cached_info().state;
             backlog.held(state.messages, state.bytes);
+            backlog.sample(u64::try_from(crate::clock::system_micros() / 1_000_000).unwrap_or(0));
             metrics.stream_messages.set(state.messages);
             metrics.stream_bytes.set(state.bytes);
             metrics.stream_first_seq.set(state.first_sequence);

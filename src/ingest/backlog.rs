@@ -27,17 +27,19 @@ pub struct Readers {
 /// A reader too far behind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "northstar is {lag} events behind in the {reader} (bound {bound}, {setting}); retry shortly"
+    "northstar is {lag} {unit} behind in the {reader} (bound {bound}, {setting}); retry shortly"
 )]
 pub struct Behind {
     /// `followers` or `archive`.
     pub reader: &'static str,
     /// The setting that bounds it (`ingest.maxLag`, …).
     pub setting: &'static str,
-    /// Events acked that the reader has not taken in.
+    /// How far the reader is behind: events acked that it has not taken in, or seconds.
     pub lag: u64,
     /// The bound.
     pub bound: u64,
+    /// `events`, or `seconds` for the age of the oldest message not saved.
+    pub unit: &'static str,
 }
 
 /// The last acked sequence, the readers and the bounds.
@@ -56,7 +58,18 @@ pub struct Backlog {
     /// Events and bytes of requests admitted and not yet acked (see [`Backlog::reserve`]).
     in_flight: AtomicU64,
     in_flight_bytes: AtomicU64,
+    /// The events stream's age bound in seconds (0: none): nats-server drops older messages.
+    max_age: AtomicU64,
+    /// When the last sequences were acked: (seconds, last acked), one sample per
+    /// [`Backlog::sample`] interval, oldest first, at most [`AGE_SAMPLES`].
+    acked_at: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Age in seconds of the oldest message some reader has not saved, as of the last sample.
+    unsaved_age: AtomicU64,
 }
+
+/// Samples kept of when sequences were acked: they span the age bound at a resolution of a
+/// two-hundredth of it.
+const AGE_SAMPLES: usize = 256;
 
 /// A request's share of the backlog while it is published; given back when dropped (after
 /// the publish's acks were recorded).
@@ -100,6 +113,9 @@ impl Backlog {
             held_bytes: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_bytes: AtomicU64::new(0),
+            max_age: AtomicU64::new(0),
+            acked_at: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            unsaved_age: AtomicU64::new(0),
         }
     }
 
@@ -118,6 +134,50 @@ impl Backlog {
     pub fn retain(&self, max_bytes: i64) {
         self.max_bytes
             .store(u64::try_from(max_bytes).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Sets the events stream's age bound (`ZERO`: none).
+    pub fn retain_for(&self, max_age: std::time::Duration) {
+        self.max_age.store(max_age.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Notes, at `now` (seconds), what is acked so far, and works out how old the oldest
+    /// message is that some reader has not saved: nats-server drops messages past
+    /// `stream.maxAge` whether or not they were read. Called every half second.
+    pub fn sample(&self, now: u64) {
+        let max_age = self.max_age.load(Ordering::Relaxed);
+        if max_age == 0 {
+            return;
+        }
+        let acked = self.acked.load(Ordering::Relaxed);
+        let mut samples = self
+            .acked_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let every = (max_age / 200).max(1);
+        if samples.back().is_none_or(|(at, _)| at + every <= now) {
+            samples.push_back((now, acked));
+            if samples.len() > AGE_SAMPLES {
+                samples.pop_front();
+            }
+        }
+        let Some(saved) = self.saved() else {
+            return;
+        };
+        // The oldest unsaved message was acked after the last sample that held only saved
+        // ones; its age is at most the time since then.
+        let age = match samples.iter().position(|(_, seq)| *seq > saved) {
+            None => 0,
+            Some(0) => samples.front().map_or(0, |(at, _)| now.saturating_sub(*at)),
+            Some(i) => now.saturating_sub(samples[i - 1].0),
+        };
+        self.unsaved_age.store(age, Ordering::Relaxed);
+    }
+
+    /// The least position the readers have saved (a restart reads the stream from there).
+    fn saved(&self) -> Option<u64> {
+        let readers = self.readers.get()?;
+        Some((readers.followers_saved)().min((readers.archive)()))
     }
 
     /// Records what the events stream holds (read from its info).
@@ -141,8 +201,7 @@ impl Backlog {
     /// Events acked that some reader has not saved yet (what a restart would read from the
     /// stream again); `None` before the readers exist.
     pub fn unsaved(&self) -> Option<u64> {
-        let readers = self.readers.get()?;
-        let saved = (readers.followers_saved)().min((readers.archive)());
+        let saved = self.saved()?;
         Some(self.acked.load(Ordering::Relaxed).saturating_sub(saved))
     }
 
@@ -204,6 +263,7 @@ impl Backlog {
                 setting: "ingest.maxLag",
                 lag: followers,
                 bound: self.max_followers,
+                unit: "events",
             })
         } else if self.max_archive > 0 && archive > self.max_archive {
             Err(Behind {
@@ -211,8 +271,11 @@ impl Backlog {
                 setting: "ingest.maxArchiveLag",
                 lag: archive,
                 bound: self.max_archive,
+                unit: "events",
             })
         } else if let Some(behind) = self.near_retention(archive, pending, pending_bytes) {
+            Err(behind)
+        } else if let Some(behind) = self.near_max_age() {
             Err(behind)
         } else {
             Ok(())
@@ -221,6 +284,21 @@ impl Backlog {
 }
 
 impl Backlog {
+    /// The oldest message some reader has not saved is past 80% of `stream.maxAge`: soon
+    /// nats-server drops it unread. Shedding gives the reader the stream to itself.
+    fn near_max_age(&self) -> Option<Behind> {
+        let max_age = self.max_age.load(Ordering::Relaxed);
+        let age = self.unsaved_age.load(Ordering::Relaxed);
+        let bound = max_age / 10 * RETENTION_TENTHS;
+        (max_age > 0 && age > bound).then_some(Behind {
+            reader: "stream's readers",
+            setting: "stream.maxAge",
+            lag: age,
+            bound,
+            unit: "seconds",
+        })
+    }
+
     /// A reader so far behind that the stream's size bound would soon drop messages it has
     /// not read: past 80% of the messages that fit in `stream.maxBytes` at their mean size.
     fn near_retention(&self, archive: u64, pending: u64, pending_bytes: u64) -> Option<Behind> {
@@ -256,9 +334,10 @@ impl Backlog {
             .saturating_add(pending_bytes);
         (unsaved > max_bytes / 10 * RETENTION_TENTHS).then_some(Behind {
             reader,
-            setting: "stream.maxBytes / stream.maxAge",
+            setting: "stream.maxBytes",
             lag,
             bound,
+            unit: "events",
         })
     }
 }
@@ -377,5 +456,41 @@ mod tests {
             "8,500 bytes would not be saved in time"
         );
         drop(held);
+    }
+
+    /// nats-server drops messages past `stream.maxAge` whether read or not: a reader whose
+    /// oldest unsaved message nears that age makes ingest shed (the 503 named maxAge, and
+    /// nothing checked it).
+    #[test]
+    fn an_unsaved_message_near_the_age_bound_sheds() {
+        let backlog = Backlog::new(0, 0);
+        let (followers, saved) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(10)));
+        let archive = Arc::new(AtomicU64::new(10));
+        backlog.watch(Readers {
+            followers: at(&followers),
+            followers_saved: at(&saved),
+            archive: at(&archive),
+        });
+        backlog.retain_for(std::time::Duration::from_secs(1_000));
+        backlog.acked(10);
+        backlog.sample(0);
+        backlog.acked(20);
+        backlog.sample(5);
+        backlog.sample(700);
+        assert!(backlog.admit().is_ok(), "700 s of 1,000: within 80%");
+        backlog.sample(850);
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!(
+            (behind.setting, behind.lag, behind.bound),
+            ("stream.maxAge", 850, 800)
+        );
+        assert!(
+            behind.to_string().contains("850 seconds behind"),
+            "{behind}"
+        );
+        saved.store(20, Ordering::Relaxed);
+        archive.store(20, Ordering::Relaxed);
+        backlog.sample(860);
+        assert!(backlog.admit().is_ok(), "everything saved: nothing to lose");
     }
 }
