@@ -818,7 +818,14 @@ fn write_commit<F: TableFormat>(
     })
 }
 
-/// Compacts the partition that has the most small committed files, if it has enough.
+/// Most partitions one compaction run merges, those with the most small files first.
+const COMPACTIONS_PER_RUN: usize = 8;
+
+/// Compacts the partitions with the most small committed files, if they have enough. Days
+/// before yesterday (UTC) take no more events but late ones: two small files there (under a
+/// sixteenth of the target, so a late trickle never rewrites a day's large file) are enough,
+/// and a batch of events spread over many past days leaves a file or two per day, not one
+/// per commit that touched it.
 fn compact_once<F: TableFormat>(
     format: &F,
     dir: &Path,
@@ -827,42 +834,58 @@ fn compact_once<F: TableFormat>(
     metrics: &ArchiveMetrics,
 ) -> Result<(), ArchiveError> {
     let parts = commit::list_parts(dir)?;
-    let mut best: Vec<commit::PartFile> = Vec::new();
+    let closed_before =
+        crate::event::partition_date(crate::clock::system_micros() - 86_400_000_000);
     let mut dates: Vec<&str> = parts.iter().map(|p| p.date.as_str()).collect();
+    dates.sort_unstable();
     dates.dedup();
-    for date in dates {
-        let of_date: Vec<commit::PartFile> =
-            parts.iter().filter(|p| p.date == date).cloned().collect();
-        let picked = compact::pick_inputs(
-            &of_date,
-            committed_seq,
-            settings.compact_min_files,
-            settings.compact_target_bytes,
-        );
-        if picked.len() > best.len() {
-            best = picked;
-        }
-    }
-    let Some(first) = best.first() else {
-        return Ok(());
-    };
-    let partition = commit::ensure_partition_dir(dir, &first.date)?;
+    let mut candidates: Vec<Vec<commit::PartFile>> = dates
+        .into_iter()
+        .map(|date| {
+            let closed = date < closed_before.as_str();
+            let small = settings.compact_target_bytes / 16;
+            let of_date: Vec<commit::PartFile> = parts
+                .iter()
+                .filter(|p| p.date == date && (!closed || p.bytes < small))
+                .cloned()
+                .collect();
+            let min_files = if closed {
+                2
+            } else {
+                settings.compact_min_files
+            };
+            compact::pick_inputs(
+                &of_date,
+                committed_seq,
+                min_files,
+                settings.compact_target_bytes,
+            )
+        })
+        .filter(|picked| !picked.is_empty())
+        .collect();
+    candidates.sort_by_key(|picked| std::cmp::Reverse(picked.len()));
     let schema = format.schema();
-    let properties = commit::writer_properties(
-        &schema,
-        format.sort_columns(),
-        settings.zstd_level,
-        settings.row_group_rows,
-    );
-    let started = Instant::now();
-    let merged = compact::compact(
-        &partition,
-        &best,
-        &schema,
-        format.sort_columns(),
-        properties,
-    )?;
-    metrics.compactions.inc();
-    tracing::info!(table = format.dir(), date = %merged.date, inputs = best.len(), bytes = merged.bytes, took = ?started.elapsed(), "compacted");
+    for inputs in candidates.into_iter().take(COMPACTIONS_PER_RUN) {
+        let Some(first) = inputs.first() else {
+            continue;
+        };
+        let partition = commit::ensure_partition_dir(dir, &first.date)?;
+        let properties = commit::writer_properties(
+            &schema,
+            format.sort_columns(),
+            settings.zstd_level,
+            settings.row_group_rows,
+        );
+        let started = Instant::now();
+        let merged = compact::compact(
+            &partition,
+            &inputs,
+            &schema,
+            format.sort_columns(),
+            properties,
+        )?;
+        metrics.compactions.inc();
+        tracing::info!(table = format.dir(), date = %merged.date, inputs = inputs.len(), bytes = merged.bytes, took = ?started.elapsed(), "compacted");
+    }
     Ok(())
 }

@@ -662,3 +662,80 @@ async fn a_pipeline_that_cannot_run_is_named_by_healthz() {
         "{health}"
     );
 }
+
+/// Events spread over many past days used to leave one Parquet file per day for every commit
+/// that touched it (10,000 days: 10,001 files in one commit); compaction waited for 12 files
+/// in a day. A past day is now merged from two small files.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_days_touched_by_several_commits_are_merged_into_one_file() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let spread = |prefix: &str| -> Vec<Value> {
+        (1..=20)
+            .map(|day| {
+                call(
+                    &format!("{prefix}-{day}"),
+                    "acme",
+                    &format!("2026-01-{day:02}T10:00:00Z"),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": spread("a")}))
+            .await
+            .status,
+        200
+    );
+    harness::wait_archived(&server.data, 20).await;
+    assert_eq!(
+        server
+            .post("/v1/batch", &json!({"batch": spread("b")}))
+            .await
+            .status,
+        200
+    );
+    harness::wait_archived(&server.data, 40).await;
+    let files_per_day = || -> Vec<usize> {
+        (1..=20)
+            .map(|day| {
+                let dir = server.data.join(format!("events/date=2026-01-{day:02}"));
+                std::fs::read_dir(dir)
+                    .map(|entries| {
+                        entries
+                            .flatten()
+                            .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+                            .count()
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let next = std::cell::Cell::new(0);
+    harness::eventually(Duration::from_secs(60), async || {
+        // Compaction runs after commits: keep them coming.
+        next.set(next.get() + 1);
+        let tick = call(
+            &format!("tick-{}", next.get()),
+            "acme",
+            "2026-03-10T11:00:00Z",
+        );
+        server.post("/v1/batch", &json!({"batch": [tick]})).await;
+        let files = files_per_day();
+        match files.iter().all(|n| *n == 1) {
+            true => Ok(()),
+            false => Err(format!("files per day: {files:?}")),
+        }
+    })
+    .await;
+    let rows = harness::query(
+        &server.data,
+        "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events WHERE date < '2026-02-01'",
+    )
+    .await;
+    assert_eq!(
+        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
+        (Some(40), Some(40))
+    );
+}
