@@ -610,11 +610,14 @@ impl Ingestor {
                 return Err(error.into());
             }
         };
-        if let Some(last) = report.sequences[..event_count.min(report.sequences.len())]
-            .iter()
-            .max()
-        {
+        let (events_acked, rejected_acked) = report
+            .sequences
+            .split_at(event_count.min(report.sequences.len()));
+        if let Some(last) = events_acked.iter().max() {
             self.backlog.acked(*last);
+        }
+        if let Some(last) = rejected_acked.iter().max() {
+            self.backlog.rejected_acked(*last);
         }
         if let Some(hook) = self.stored.get() {
             let mut repeats = report.duplicates.iter().peekable();

@@ -350,6 +350,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             publisher.jetstream().clone(),
             config.stream.name.clone(),
             (in_force.events, budget.events),
+            (config.stream.rejected_name.clone(), in_force.rejected),
             ingestor.backlog().clone(),
             metrics.clone(),
             stop_meter.subscribe(),
@@ -440,6 +441,10 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             followers_saved: Box::new(followers.saved_position()),
             archive: Box::new(move || *committed.borrow()),
         });
+        let rejected_committed = rejected.committed.clone();
+        ingestor
+            .backlog()
+            .watch_rejected(Box::new(move || *rejected_committed.borrow()));
     }
     let mut spec = followers.spec(&config.stream.name, FOLLOWERS_CONSUMER);
     spec.lost = metrics.followers_lost.clone();
@@ -613,6 +618,7 @@ async fn watch_stream(
     js: async_nats::jetstream::Context,
     stream: String,
     (mut in_force, wanted): (i64, i64),
+    (rejected, rejected_bound): (String, i64),
     backlog: Arc<crate::ingest::backlog::Backlog>,
     metrics: Arc<Metrics>,
     mut stop: crate::shutdown::Shutdown,
@@ -643,6 +649,14 @@ async fn watch_stream(
             metrics.stream_bytes.set(state.bytes);
             metrics.stream_first_seq.set(state.first_sequence);
             metrics.stream_last_seq.raise(state.last_sequence);
+        }
+        if let Ok(Ok(handle)) =
+            tokio::time::timeout(Duration::from_secs(2), js.get_stream(rejected.as_str())).await
+        {
+            let state = &handle.cached_info().state;
+            backlog.rejected_held(rejected_bound, state.messages, state.bytes);
+            // Whatever the stream holds was acked, before this run too.
+            backlog.rejected_acked(state.last_sequence);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -65,6 +65,20 @@ pub struct Backlog {
     acked_at: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// Age in seconds of the oldest message some reader has not saved, as of the last sample.
     unsaved_age: AtomicU64,
+    /// The rejected stream's retention (its one reader is the rejected archiver).
+    rejected: RejectedRetention,
+}
+
+/// Retention of the `REJECTED` stream: its archiver must save a message before the stream's
+/// size bound drops it, as for the events stream. Past 80% of the bound in bytes not yet in
+/// Parquet, ingest sheds.
+#[derive(Default)]
+struct RejectedRetention {
+    acked: AtomicU64,
+    archived: std::sync::OnceLock<Position>,
+    max_bytes: AtomicU64,
+    held: AtomicU64,
+    held_bytes: AtomicU64,
 }
 
 /// Samples kept of when sequences were acked: they span the age bound at a resolution of a
@@ -116,6 +130,7 @@ impl Backlog {
             max_age: AtomicU64::new(0),
             acked_at: std::sync::Mutex::new(std::collections::VecDeque::new()),
             unsaved_age: AtomicU64::new(0),
+            rejected: RejectedRetention::default(),
         }
     }
 
@@ -134,6 +149,26 @@ impl Backlog {
     pub fn retain(&self, max_bytes: i64) {
         self.max_bytes
             .store(u64::try_from(max_bytes).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Sets the rejected archiver's position once it exists.
+    pub fn watch_rejected(&self, archived: Position) {
+        let _ = self.rejected.archived.set(archived);
+    }
+
+    /// Records an ack of the rejected stream.
+    pub fn rejected_acked(&self, seq: u64) {
+        self.rejected.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Sets the rejected stream's size bound (`-1`: none) and records what it holds.
+    pub fn rejected_held(&self, max_bytes: i64, messages: u64, bytes: u64) {
+        let rejected = &self.rejected;
+        rejected
+            .max_bytes
+            .store(u64::try_from(max_bytes).unwrap_or(0), Ordering::Relaxed);
+        rejected.held.store(messages, Ordering::Relaxed);
+        rejected.held_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Sets the events stream's age bound (`ZERO`: none).
@@ -277,6 +312,8 @@ impl Backlog {
             Err(behind)
         } else if let Some(behind) = self.near_max_age() {
             Err(behind)
+        } else if let Some(behind) = self.rejected.near_retention() {
+            Err(behind)
         } else {
             Ok(())
         }
@@ -338,6 +375,38 @@ impl Backlog {
             lag,
             bound,
             unit: "events",
+        })
+    }
+}
+
+impl RejectedRetention {
+    /// The rejected archiver so far behind that the stream's size bound would soon drop what
+    /// it has not saved.
+    fn near_retention(&self) -> Option<Behind> {
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        let archived = self.archived.get()?;
+        if max_bytes == 0 {
+            return None;
+        }
+        let lag = self
+            .acked
+            .load(Ordering::Relaxed)
+            .saturating_sub(archived());
+        let (held, held_bytes) = (
+            self.held.load(Ordering::Relaxed),
+            self.held_bytes.load(Ordering::Relaxed),
+        );
+        let mean = match held {
+            0 => ASSUMED_MESSAGE_BYTES,
+            held => (held_bytes / held).max(1),
+        };
+        let bound = max_bytes / mean * RETENTION_TENTHS / 10;
+        (lag.saturating_mul(mean) > max_bytes / 10 * RETENTION_TENTHS).then_some(Behind {
+            reader: "rejected archive",
+            setting: "stream.rejectedMaxBytes",
+            lag,
+            bound,
+            unit: "messages",
         })
     }
 }
@@ -492,5 +561,30 @@ mod tests {
         archive.store(20, Ordering::Relaxed);
         backlog.sample(860);
         assert!(backlog.admit().is_ok(), "everything saved: nothing to lose");
+    }
+
+    /// The rejected stream had no guard: a flood of bad messages could drop rejected ones the
+    /// archiver had not saved.
+    #[test]
+    fn the_rejected_stream_is_guarded_like_the_events_stream() {
+        let backlog = Backlog::new(0, 0);
+        let archived = Arc::new(AtomicU64::new(0));
+        backlog.watch(Readers {
+            followers: at(&archived),
+            followers_saved: at(&archived),
+            archive: at(&archived),
+        });
+        backlog.watch_rejected(at(&archived));
+        backlog.rejected_held(100_000, 100, 50_000);
+        backlog.rejected_acked(100);
+        assert!(backlog.admit().is_ok(), "50,000 of 80,000 bytes");
+        backlog.rejected_acked(200);
+        let behind = backlog.admit().unwrap_err();
+        assert_eq!(
+            (behind.reader, behind.setting),
+            ("rejected archive", "stream.rejectedMaxBytes")
+        );
+        archived.store(150, Ordering::Relaxed);
+        assert!(backlog.admit().is_ok(), "the archiver caught up");
     }
 }
