@@ -45,7 +45,7 @@ async fn flood(nats_url: &str, customer: &str, n: usize) {
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
         let record = EventRecord {
-            event_id: format!("bulk-{i}"),
+            event_id: format!("{customer}-{i}"),
             kind: EventType::Track,
             event: Some("api_call_made".into()),
             user_id: Some("bulk-user".into()),
@@ -127,7 +127,9 @@ async fn the_first_answer_after_an_ack_counts_the_event_however_far_behind_the_f
     assert_eq!(used(&server, "probe").await, 20.0);
 
     // Events taken in at their ack and snapshotted before the follower delivered them are not
-    // counted again by the replay after a kill -9.
+    // counted again by the replay after a kill -9. A second, larger backlog keeps the
+    // followers away from them until a snapshot holds them as taken in ahead.
+    flood(&nats.url, "bulk2", 4 * BACKLOG).await;
     for i in 21..=40 {
         let answer = server
             .post(
@@ -137,6 +139,17 @@ async fn the_first_answer_after_an_ack_counts_the_event_however_far_behind_the_f
             .await;
         assert_eq!(answer.status, 200);
     }
+    let snapshot = server.data.join("meter/snapshot.jsonl");
+    eventually(Duration::from_secs(30), async || {
+        let text = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        match text.contains("\"ahead\":[") && !text.contains("\"ahead\":[]") {
+            true => Ok(()),
+            false => {
+                Err("no snapshot yet holds events taken in ahead of the followers".to_string())
+            }
+        }
+    })
+    .await;
     server.kill9();
     server.restart();
     let first = eventually(Duration::from_secs(60), async || {
@@ -155,7 +168,15 @@ async fn the_first_answer_after_an_ack_counts_the_event_however_far_behind_the_f
         Some(40.0),
         "the first answer after the restart: {first}"
     );
+    eventually(Duration::from_secs(60), async || {
+        match used(&server, "bulk2").await {
+            n if n == 4.0 * BACKLOG as f64 => Ok(()),
+            other => Err(format!("bulk2 used {other}")),
+        }
+    })
+    .await;
     assert_eq!(used(&server, "bulk").await, BACKLOG as f64);
+    assert_eq!(used(&server, "probe").await, 40.0, "nothing counted twice");
 }
 
 /// Reads `northstar_archive_last_seq` of the events table from `/metrics`.
