@@ -62,6 +62,20 @@ async fn used(server: &InProcess, customer: &str, feature: &str, want: f64) -> V
     .await
 }
 
+/// The report of `POST /v1/usage/verify` once it answers (it waits for a quiet moment).
+async fn verified(server: &InProcess) -> Value {
+    harness::eventually(Duration::from_secs(30), async || {
+        let r = server
+            .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
+            .await;
+        match r.status {
+            200 => Ok(r.json()),
+            status => Err(format!("verify answered {status}: {}", r.text())),
+        }
+    })
+    .await
+}
+
 async fn assert_healthy(server: &InProcess) {
     let health = server.get_as(SERVICE_KEY, "/healthz").await;
     assert_eq!(health.status, 200, "{}", health.text());
@@ -313,16 +327,7 @@ async fn quantities_with_exponents_agree_in_the_meter_sql_and_usage_windows() {
         .json();
     assert_eq!(answer["accepted"], 5, "{answer}");
     harness::wait_archived(&server.data, 5).await;
-    let report = harness::eventually(Duration::from_secs(30), async || {
-        let r = server
-            .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
-            .await;
-        match r.status {
-            200 => Ok(r.json()),
-            status => Err(format!("verify answered {status}: {}", r.text())),
-        }
-    })
-    .await;
+    let report = verified(&server).await;
     assert_eq!(report["ok"], true, "{report}");
     for total in ["meter_total", "events_total", "usage_total"] {
         assert_eq!(decimal(&report[total]), "1250.0000101", "{total}: {report}");
@@ -364,16 +369,7 @@ async fn a_stored_quantity_the_meter_skips_is_left_out_of_sql_too() {
     .await;
     used(&server, "skip", "storage_gb", 2.0).await;
     harness::wait_archived(&server.data, 3).await;
-    let report = harness::eventually(Duration::from_secs(30), async || {
-        let r = server
-            .post_as(ADMIN_KEY, "/v1/usage/verify", &json!({}))
-            .await;
-        match r.status {
-            200 => Ok(r.json()),
-            status => Err(format!("verify answered {status}: {}", r.text())),
-        }
-    })
-    .await;
+    let report = verified(&server).await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(decimal(&report["events_total"]), "2", "{report}");
     assert_healthy(&server).await;

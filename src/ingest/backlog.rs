@@ -349,14 +349,7 @@ impl Backlog {
             .load(Ordering::Relaxed)
             .saturating_sub((readers.followers_saved)())
             + pending;
-        let (held, held_bytes) = (
-            self.held.load(Ordering::Relaxed),
-            self.held_bytes.load(Ordering::Relaxed),
-        );
-        let mean = match held {
-            0 => ASSUMED_MESSAGE_BYTES,
-            held => (held_bytes / held).max(1),
-        };
+        let mean = mean_size(&self.held, &self.held_bytes);
         let bound = max_bytes / mean * RETENTION_TENTHS / 10;
         let (reader, lag) = if followers >= archive {
             ("followers", followers)
@@ -379,6 +372,15 @@ impl Backlog {
     }
 }
 
+/// The mean size of a stream's messages from what it holds, or an assumed size while it holds
+/// none.
+fn mean_size(held: &AtomicU64, held_bytes: &AtomicU64) -> u64 {
+    match held.load(Ordering::Relaxed) {
+        0 => ASSUMED_MESSAGE_BYTES,
+        held => (held_bytes.load(Ordering::Relaxed) / held).max(1),
+    }
+}
+
 impl RejectedRetention {
     /// The rejected archiver so far behind that the stream's size bound would soon drop what
     /// it has not saved.
@@ -392,14 +394,7 @@ impl RejectedRetention {
             .acked
             .load(Ordering::Relaxed)
             .saturating_sub(archived());
-        let (held, held_bytes) = (
-            self.held.load(Ordering::Relaxed),
-            self.held_bytes.load(Ordering::Relaxed),
-        );
-        let mean = match held {
-            0 => ASSUMED_MESSAGE_BYTES,
-            held => (held_bytes / held).max(1),
-        };
+        let mean = mean_size(&self.held, &self.held_bytes);
         let bound = max_bytes / mean * RETENTION_TENTHS / 10;
         (lag.saturating_mul(mean) > max_bytes / 10 * RETENTION_TENTHS).then_some(Behind {
             reader: "rejected archive",
