@@ -295,7 +295,7 @@ macro_rules! say_raw {
 /// glibc gives each thread that allocates under contention an arena of its own, up to eight
 /// per core, and memory freed in one is not reused by another. Two arenas lowered the server's
 /// RSS by 40–50 MiB in `bench ingest` and `bench soak` at no measurable cost in throughput
-/// (they did not stop the soak's slow climb: see the README). `MALLOC_ARENA_MAX`, when set,
+/// (they did not stop the soak's slow climb: see docs/benchmarks.md). `MALLOC_ARENA_MAX`, when set,
 /// wins.
 fn bound_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
