@@ -555,15 +555,7 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
     // stream, never count one twice nor lose one.
     let mut config = limits_config();
     config["metering"]["snapshotInterval"] = json!("1h");
-    std::fs::write(
-        server
-            .data
-            .parent()
-            .expect("config dir")
-            .join("northstar.json"),
-        serde_json::to_vec(&config).expect("config"),
-    )
-    .expect("write config");
+    server.set_config(&config);
     server.terminate();
     server.restart();
     let batch: Vec<Value> = (0..200)

@@ -80,11 +80,7 @@ async fn policies_tag_reject_and_sample_and_a_fixed_schema_replays_the_rejected(
     let mut fixed = registry_config();
     fixed["events"][2]["properties"]["properties"]["currency"]["enum"] =
         json!(["EUR", "USD", "GBP"]);
-    std::fs::write(
-        server.data.parent().unwrap().join("northstar.json"),
-        serde_json::to_vec(&fixed).unwrap(),
-    )
-    .unwrap();
+    server.set_config(&fixed);
     server.restart();
     harness::wait_rows(&server.data, "rejected_events", 2).await;
     let bearer = format!("Bearer {ADMIN_KEY}");
@@ -153,11 +149,7 @@ async fn an_id_less_rejected_message_replayed_three_times_is_stored_once() {
 
     let mut tagging = registry_config();
     tagging["events"][2]["policy"] = json!("tag");
-    std::fs::write(
-        server.data.parent().unwrap().join("northstar.json"),
-        serde_json::to_vec(&tagging).unwrap(),
-    )
-    .unwrap();
+    server.set_config(&tagging);
     server.restart();
     harness::wait_rows(&server.data, "rejected_events", 1).await;
     let bearer = format!("Bearer {ADMIN_KEY}");

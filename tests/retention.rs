@@ -107,6 +107,19 @@ async fn a_stream_smaller_than_the_history_keeps_its_bound_and_parquet_keeps_eve
     );
 }
 
+/// Posts `batch`, again while ingest sheds (503), until it is taken (60 s at most).
+async fn post_while_shed(server: &Northstar, batch: Vec<Value>) {
+    eventually(Duration::from_secs(60), async || {
+        let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
+        match answer.status {
+            200 => Ok(()),
+            503 => Err(answer.text()),
+            other => panic!("{other} {}", answer.text()),
+        }
+    })
+    .await;
+}
+
 /// Runs `northstar replay --data <data>`; returns whether it succeeded and what it printed.
 fn replay(data: &std::path::Path) -> (bool, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
@@ -166,16 +179,7 @@ async fn state_rebuilt_from_parquet_and_the_stream_equals_the_state_before() {
     assert_eq!(answer.status, 200, "{}", answer.text());
     let mut acked: u64 = 17;
     for round in 0..60 {
-        eventually(Duration::from_secs(60), async || {
-            let batch = calls(&format!("r{round}"), 100);
-            let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
-            match answer.status {
-                200 => Ok(()),
-                503 => Err(answer.text()),
-                other => panic!("round {round}: {other} {}", answer.text()),
-            }
-        })
-        .await;
+        post_while_shed(&server, calls(&format!("r{round}"), 100)).await;
         acked += 100;
     }
     server.wait_archived(acked).await;
@@ -302,16 +306,7 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
     let mut server = Northstar::start(&nats, &config);
     let mut acked = 0;
     for round in 0..40 {
-        eventually(Duration::from_secs(30), async || {
-            let batch = calls(&format!("s{round}"), 100);
-            let answer = server.post("/v1/batch", &json!({"batch": batch})).await;
-            match answer.status {
-                200 => Ok(()),
-                503 => Err(answer.text()),
-                other => panic!("round {round}: {other} {}", answer.text()),
-            }
-        })
-        .await;
+        post_while_shed(&server, calls(&format!("s{round}"), 100)).await;
         acked += 100;
     }
     let held = eventually(Duration::from_secs(10), async || {
@@ -327,15 +322,7 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
     config["stream"]["maxBytes"] = json!(1024 * 1024);
     config["archive"] = json!({"commitInterval": "200ms"});
     config["metering"] = json!({"snapshotInterval": "200ms"});
-    std::fs::write(
-        server
-            .data
-            .parent()
-            .expect("config dir")
-            .join("northstar.json"),
-        serde_json::to_vec(&config).expect("config"),
-    )
-    .expect("write config");
+    server.set_config(&config);
     server.restart();
     server.wait_archived(acked).await;
     let rows = server

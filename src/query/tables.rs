@@ -347,25 +347,30 @@ pub fn metered_events_sql(config: &Config) -> String {
         let Some(metering) = &event.metering else {
             continue;
         };
-        // The meter's own parser reads the quantity; a row it would skip is left out here too.
-        let (quantity, counted) = match (&metering.value_property, metering.aggregation) {
+        let select = |quantity: &str| {
+            format!(
+                "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity \
+                 FROM events WHERE event = {event} AND customer_id IS NOT NULL",
+                feature = quote(&metering.feature_id),
+                event = quote(&event.name),
+            )
+        };
+        parts.push(match (&metering.value_property, metering.aggregation) {
+            // The meter's own parser reads the quantity, once per row; a row it would skip is
+            // left out here too.
             (Some(property), Aggregation::Sum | Aggregation::Max | Aggregation::Latest) => {
-                let quantity = format!(
+                let parsed = format!(
                     "{}(json_as_text(properties, {}))",
                     super::quantity::NAME,
                     quote(property)
                 );
-                let counted = format!(" AND {quantity} IS NOT NULL");
-                (quantity, counted)
+                format!(
+                    "SELECT * FROM ({}) WHERE quantity IS NOT NULL",
+                    select(&parsed)
+                )
             }
-            _ => ("CAST(1 AS DECIMAL(38, 10))".to_string(), String::new()),
-        };
-        parts.push(format!(
-            "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity \
-             FROM events WHERE event = {event} AND customer_id IS NOT NULL{counted}",
-            feature = quote(&metering.feature_id),
-            event = quote(&event.name),
-        ));
+            _ => select("CAST(1 AS DECIMAL(38, 10))"),
+        });
     }
     if parts.is_empty() {
         return "SELECT customer_id, CAST(NULL AS VARCHAR) AS feature, event_id, seq, \"timestamp\", date, \

@@ -161,6 +161,15 @@ pub struct Northstar {
 }
 
 impl Northstar {
+    /// Replaces the config the next [`Northstar::restart`] reads.
+    pub fn set_config(&self, config: &Value) {
+        std::fs::write(
+            &self.config_path,
+            serde_json::to_vec_pretty(config).unwrap(),
+        )
+        .expect("write config");
+    }
+
     /// Starts northstar against `nats` with `config`, in a fresh data dir.
     pub fn start(nats: &Nats, config: &Value) -> Self {
         Self::launch(Some(nats.url.clone()), config, &[])
