@@ -759,7 +759,7 @@ impl<F: TableFormat> Archiver<F> {
             {
                 tracing::error!(table = format.dir(), %error, "compaction failed; the small files stay");
             }
-            give_back_freed_memory();
+            crate::heap::give_back_freed_memory();
             compacting.store(false, Ordering::SeqCst);
         });
     }
@@ -817,19 +817,6 @@ fn write_commit<F: TableFormat>(
         ack: job.ack,
         cause: job.cause,
     })
-}
-
-/// Returns memory freed by the last compaction to the system. A compaction holds a row group
-/// of its output (up to `archive.rowGroupRows` rows) and a batch per input at once; glibc keeps
-/// such freed blocks in its arenas, so without this the process keeps the high-water mark of
-/// its largest compaction, which grows with the day's file.
-fn give_back_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the system;
-    // it has no preconditions and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Most partitions one compaction run merges, those with the most small files first.

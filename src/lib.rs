@@ -25,7 +25,7 @@
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
 //! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
-//! [`files`] (atomic durable writes), [`disk`] (free space and the reserve kept on it), [`shutdown`] (stop signals), [`supervise`] (panics
+//! [`files`] (atomic durable writes), [`heap`] (what the allocator holds), [`disk`] (free space and the reserve kept on it), [`shutdown`] (stop signals), [`supervise`] (panics
 //! caught, counted and shown by `/healthz`), [`client`] (a loopback HTTP
 //! client), [`demo`] (the `make run` workload).
 
@@ -43,6 +43,7 @@ pub mod disk;
 pub mod error;
 pub mod event;
 pub mod files;
+pub mod heap;
 pub mod identity;
 pub mod ingest;
 pub mod json;

@@ -252,7 +252,7 @@ enum UsageCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    bound_malloc_arenas();
+    northstar::heap::bound_arenas();
     init_logging();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -290,22 +290,6 @@ macro_rules! say_raw {
         use std::io::Write as _;
         write!(std::io::stdout(), $($arg)*)?
     }};
-}
-
-/// glibc gives each thread that allocates under contention an arena of its own, up to eight
-/// per core, and memory freed in one is not reused by another. Two arenas lowered the server's
-/// RSS by 40–50 MiB in `bench ingest` and `bench soak` at no measurable cost in throughput
-/// (they did not stop the soak's slow climb: see docs/benchmarks.md). `MALLOC_ARENA_MAX`, when set,
-/// wins.
-fn bound_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
-        // exists, and a refusal (0) leaves glibc's default in place.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
 }
 
 fn init_logging() {

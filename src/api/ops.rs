@@ -109,7 +109,23 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     state.metrics.archive_lag.set(archive);
     let mut text = state.metrics.render();
     text.push_str(&state_sizes(state));
+    text.push_str(&heap_sizes());
     respond::bytes_response(200, "text/plain; version=0.0.4", text.into_bytes())
+}
+
+/// `northstar_heap_bytes{state}`: live allocations next to freed memory the allocator keeps,
+/// so a rise in RSS reads as state that grows or as fragmentation.
+fn heap_sizes() -> String {
+    let Some(heap) = crate::heap::usage() else {
+        return String::new();
+    };
+    format!(
+        "# HELP northstar_heap_bytes Bytes the allocator holds: live (in_use) or freed and kept (free).\n\
+         # TYPE northstar_heap_bytes gauge\n\
+         northstar_heap_bytes{{state=\"in_use\"}} {}\n\
+         northstar_heap_bytes{{state=\"free\"}} {}\n",
+        heap.in_use, heap.free
+    )
 }
 
 /// `northstar_state_entries{part}`: how many entries the in-memory state of each part holds,

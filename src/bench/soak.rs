@@ -50,6 +50,10 @@ pub async fn run(options: SoakBench) -> anyhow::Result<()> {
 struct Sample {
     minute: u64,
     rss: u64,
+    /// The allocator's live bytes (`northstar_heap_bytes{state="in_use"}`).
+    heap_in_use: f64,
+    /// Freed bytes the allocator keeps (`northstar_heap_bytes{state="free"}`).
+    heap_free: f64,
     followers_lag: f64,
     archive_lag: f64,
     stream_bytes: f64,
@@ -124,6 +128,8 @@ async fn run_in(options: &SoakBench, work: &Path) -> anyhow::Result<()> {
             samples.push(Sample {
                 minute,
                 rss: rss_bytes(server.pid).unwrap_or(0),
+                heap_in_use: metric_value(&last_text, "northstar_heap_bytes{state=\"in_use\"}"),
+                heap_free: metric_value(&last_text, "northstar_heap_bytes{state=\"free\"}"),
                 followers_lag,
                 archive_lag,
                 stream_bytes: metric_value(&last_text, "northstar_stream_bytes"),
@@ -182,14 +188,16 @@ fn print_soak(rate: u64, options: &SoakBench, samples: &[Sample]) {
         options.minutes
     );
     println!(
-        "| minute | RSS | followers lag max | archive lag max | stream | Parquet | events acked | shed (total) |"
+        "| minute | RSS | heap live | heap free | followers lag max | archive lag max | stream | Parquet | events acked | shed (total) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in samples {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.minute,
             mib(s.rss),
+            mib(s.heap_in_use as u64),
+            mib(s.heap_free as u64),
             thousands(s.followers_lag),
             thousands(s.archive_lag),
             mib(s.stream_bytes as u64),
@@ -301,6 +309,8 @@ mod tests {
         Sample {
             minute,
             rss: mib << 20,
+            heap_in_use: 0.0,
+            heap_free: 0.0,
             followers_lag: 0.0,
             archive_lag: 0.0,
             stream_bytes: 0.0,
