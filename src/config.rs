@@ -325,6 +325,9 @@ impl Config {
         self.activation
             .validate()
             .map_err(|(at, m)| (format!("activation.{at}"), m))?;
+        if self.onboarding.max_people == 0 {
+            return Err(("onboarding.maxPeople".into(), "must be at least 1".into()));
+        }
         let mut step_ids = HashSet::new();
         for (i, step) in self.onboarding.steps.iter().enumerate() {
             if !step_ids.insert(step.id.as_str()) {

@@ -185,11 +185,17 @@ pub struct Ingestor {
     disk: Arc<crate::disk::DiskGuard>,
     jetstream: Arc<crate::bus::watch::JetStreamHealth>,
     stored: Arc<std::sync::OnceLock<OnStored>>,
+    admits: Arc<std::sync::OnceLock<Admits>>,
 }
 
 /// Told of each event newly stored, with its stream sequence and message, once JetStream
 /// acked it and before the client is answered (the meter takes it in here).
 pub type OnStored = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
+
+/// Asked of each event about to be published, with its stream message: `Err` when storing it
+/// would add an id to state past that state's bound (the meter's customers). The event goes
+/// to the rejected store with the reason, and can be replayed once the bound is raised.
+pub type Admits = Box<dyn Fn(&[u8]) -> Result<(), Rejection> + Send + Sync>;
 
 impl Ingestor {
     /// An ingestor publishing through `publisher`, validating with `registry`.
@@ -227,12 +233,18 @@ impl Ingestor {
             disk: Arc::new(crate::disk::DiskGuard::new(config_reserve)),
             jetstream: Arc::default(),
             stored: Arc::new(std::sync::OnceLock::new()),
+            admits: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
     /// Sets what is told of each newly stored event (once; later calls change nothing).
     pub fn on_stored(&self, hook: OnStored) {
         let _ = self.stored.set(hook);
+    }
+
+    /// Sets what each event must pass to be published (once; later calls change nothing).
+    pub fn admits(&self, hook: Admits) {
+        let _ = self.admits.set(hook);
     }
 
     /// The disk guard ingest refuses by; the server runs its readings.
@@ -352,7 +364,8 @@ impl Ingestor {
                 let source =
                     self.authenticate(header_keys, envelope.write_key(), envelope.batch.len())?;
                 let inherited = envelope.inherited();
-                let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
+                let mut batch =
+                    ParsedBatch::new(&self.config, &self.registry, &self.keys, self.admits.get());
                 let fast_batch = fast::Batch {
                     inherited,
                     source: &source,
@@ -367,7 +380,8 @@ impl Ingestor {
                     if raw.get().len() <= limits.max_message_bytes {
                         match fast::normalize(raw.get(), &fast_batch) {
                             fast::Fast::Ready(outgoing) => {
-                                batch.events.push(outgoing);
+                                let raw = raw.get().as_bytes();
+                                batch.take(index, outgoing, raw, &source, "/v1/batch", received_at);
                                 continue;
                             }
                             fast::Fast::SampledOut => {
@@ -400,7 +414,8 @@ impl Ingestor {
                 let body_key = message.get("writeKey").and_then(Value::as_str);
                 let source = self.authenticate(header_keys, body_key, 1)?;
                 let route_name = format!("/v1/{}", kind.as_str());
-                let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
+                let mut batch =
+                    ParsedBatch::new(&self.config, &self.registry, &self.keys, self.admits.get());
                 let result = segment::normalize(
                     message,
                     Some(kind),
@@ -437,7 +452,8 @@ impl Ingestor {
             capture.api_key.as_deref(),
             capture.events.len(),
         )?;
-        let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
+        let mut batch =
+            ParsedBatch::new(&self.config, &self.registry, &self.keys, self.admits.get());
         for (index, mut event) in capture.events.into_iter().enumerate() {
             // posthog-js puts the project key in every event's properties: never store it.
             if let Some(properties) = event.get_mut("properties").and_then(Value::as_object_mut)
@@ -531,7 +547,8 @@ impl Ingestor {
     ) -> Result<Resubmitted, IngestError> {
         self.admit()?;
         let received_at = self.clock.now_micros();
-        let mut batch = ParsedBatch::new(&self.config, &self.registry, &self.keys);
+        let mut batch =
+            ParsedBatch::new(&self.config, &self.registry, &self.keys, self.admits.get());
         let segment_route = route.starts_with("/v1/");
         let id_field = if segment_route { "messageId" } else { "uuid" };
         let parsed = parse_object(payload).map(|mut message| {
@@ -683,10 +700,16 @@ struct ParsedBatch<'a> {
     shards: u32,
     registry: &'a Registry,
     keys: &'a WriteKeys,
+    admits: Option<&'a Admits>,
 }
 
 impl<'a> ParsedBatch<'a> {
-    fn new(config: &Config, registry: &'a Registry, keys: &'a WriteKeys) -> Self {
+    fn new(
+        config: &Config,
+        registry: &'a Registry,
+        keys: &'a WriteKeys,
+        admits: Option<&'a Admits>,
+    ) -> Self {
         Self {
             events: Vec::new(),
             rejected: Vec::new(),
@@ -696,6 +719,7 @@ impl<'a> ParsedBatch<'a> {
             shards: config.stream.shards,
             registry,
             keys,
+            admits,
         }
     }
 
@@ -721,20 +745,49 @@ impl<'a> ParsedBatch<'a> {
             )
         });
         match result {
-            Ok(Some(outgoing)) => self.events.push(outgoing),
+            Ok(Some(outgoing)) => self.take(index, outgoing, raw, source, route, received_at),
             Ok(None) => self.sampled_out += 1,
-            Err(reason) => {
-                let event_id = serde_json::from_slice::<Value>(raw).ok().and_then(|v| {
-                    ["messageId", "uuid"]
-                        .iter()
-                        .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
-                });
-                let raw = self.keys.redact(raw);
-                let record =
-                    RejectedRecord::new(&raw, vec![reason], source, route, event_id, received_at);
-                self.rejected.push((index, record));
-            }
+            Err(reason) => self.reject(index, reason, raw, source, route, received_at),
         }
+    }
+
+    /// Adds an event ready to publish, unless storing it would pass a state's bound: then
+    /// the message goes to the rejected store with the reason.
+    fn take(
+        &mut self,
+        index: usize,
+        outgoing: Outgoing,
+        raw: &[u8],
+        source: &str,
+        route: &str,
+        received_at: i64,
+    ) {
+        match self
+            .admits
+            .map_or(Ok(()), |admits| admits(&outgoing.payload))
+        {
+            Ok(()) => self.events.push(outgoing),
+            Err(reason) => self.reject(index, reason, raw, source, route, received_at),
+        }
+    }
+
+    fn reject(
+        &mut self,
+        index: usize,
+        reason: Rejection,
+        raw: &[u8],
+        source: &str,
+        route: &str,
+        received_at: i64,
+    ) {
+        let event_id = serde_json::from_slice::<Value>(raw).ok().and_then(|v| {
+            ["messageId", "uuid"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
+        });
+        let raw = self.keys.redact(raw);
+        let record = RejectedRecord::new(&raw, vec![reason], source, route, event_id, received_at);
+        self.rejected.push((index, record));
     }
 }
 

@@ -38,6 +38,7 @@ use crate::error::{Classify, ErrorKind};
 use crate::event::{EventRecord, EventType, EventView};
 use crate::json::{JsonObject, RawObject};
 use crate::metrics::Metrics;
+use crate::rejected::Rejection;
 use crate::schema::quantity;
 use customers::{Customer, CustomerStore};
 use notices::Notice;
@@ -338,6 +339,43 @@ impl Meter {
         }
     }
 
+    /// Whether ingest may store a metered event of `customer_id`: the meter holds its
+    /// counters already, or holds fewer customers than `metering.maxCustomers`. Without a
+    /// lock while there is room; at the bound, one shard lock to look the customer up. The
+    /// bound is soft by the new customers of requests admitted at the same moment.
+    pub fn admits_customer(&self, customer_id: &str) -> Result<(), Rejection> {
+        let most = usize::try_from(self.settings.max_customers).unwrap_or(usize::MAX);
+        if self.counters.customers_held() < most || self.counters.holds(customer_id) {
+            return Ok(());
+        }
+        Err(Rejection::new(
+            "customer_id",
+            format!(
+                "the meter holds {most} customers, its bound (metering.maxCustomers), and this is a new one; \
+                 raise the bound and replay the rejected store to meter it"
+            ),
+        ))
+    }
+
+    /// [`Meter::admits_customer`] for a stream message about to be published: an event that
+    /// no meter counts, or one of a customer the meter holds, always passes. Read only once
+    /// the meter is at its bound, so ingest pays nothing for it before.
+    pub fn admits_message(&self, message: &[u8]) -> Result<(), Rejection> {
+        let most = usize::try_from(self.settings.max_customers).unwrap_or(usize::MAX);
+        if self.counters.customers_held() < most {
+            return Ok(());
+        }
+        let Ok(event) = EventView::decode(message) else {
+            return Ok(());
+        };
+        match (event.event.as_deref(), event.customer_id.as_deref()) {
+            (Some(name), Some(customer)) if self.spec.by_event.contains_key(name) => {
+                self.admits_customer(customer)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Applies one stream event (the runner calls this in stream order). An event already
     /// applied by [`Meter::apply_acked`] is skipped, and its sequence still counts as applied.
     pub fn apply(&self, seq: u64, event: &EventView<'_>) {
@@ -407,6 +445,8 @@ impl Meter {
                 };
                 let group = (!meter.group_by.is_empty())
                     .then(|| quantity::group_key(&meter.group_by, &properties));
+                let most_groups =
+                    usize::try_from(self.settings.max_group_values).unwrap_or(usize::MAX);
                 let index = u16::try_from(meter.feature).unwrap_or(u16::MAX);
                 let Some(applied) = shard.apply(
                     customer_id,
@@ -414,7 +454,7 @@ impl Meter {
                     feature.aggregation,
                     period.start,
                     &contribution,
-                    group.as_deref(),
+                    group.as_deref().map(|g| (g, most_groups)),
                     event.timestamp,
                     &event.event_id,
                 ) else {
@@ -709,6 +749,13 @@ impl Meter {
         } else {
             0
         };
+        if consume_events > 0 {
+            self.admits_customer(&customer.id)
+                .map_err(|rejection| LimitError::Invalid {
+                    field: "customer_id",
+                    message: rejection.message,
+                })?;
+        }
         if consume_events > 0
             && let Some(gate) = self.gate.get()
         {

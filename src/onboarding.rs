@@ -79,12 +79,35 @@ pub struct Onboarding {
     plans: Box<dyn Fn(&str) -> String + Send + Sync>,
     failed: AtomicBool,
     applied: AtomicU64,
+    /// Most people followed (`onboarding.maxPeople`).
+    max_people: usize,
+    /// Events of people not followed because the bound was reached.
+    unfollowed: AtomicU64,
 }
 
 /// Why an onboarding answer is not available.
 #[derive(Debug, thiserror::Error)]
-#[error("the onboarding engine is unavailable; everything else keeps serving")]
-pub struct Unavailable;
+pub enum Unavailable {
+    /// A panic left the engine's state possibly half-updated (until a restart).
+    #[error("the onboarding engine is unavailable; everything else keeps serving")]
+    Failed,
+    /// The person is not followed: the engine holds its bound of people.
+    #[error(
+        "the onboarding engine follows {0} people, its bound (onboarding.maxPeople), and not this one; \
+         raise the bound and run `northstar replay` to follow everyone"
+    )]
+    Full(usize),
+}
+
+impl Unavailable {
+    /// The error code of the answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Failed => "onboarding_unavailable",
+            Self::Full(_) => "onboarding_full",
+        }
+    }
+}
 
 impl Onboarding {
     /// An engine for `config`; `plans` gives a customer's plan.
@@ -112,6 +135,8 @@ impl Onboarding {
             plans,
             failed: AtomicBool::new(false),
             applied: AtomicU64::new(0),
+            max_people: usize::try_from(config.onboarding.max_people).unwrap_or(usize::MAX),
+            unfollowed: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +144,11 @@ impl Onboarding {
     pub fn sizes(&self) -> (usize, usize) {
         let state = self.read_state();
         (state.people.len(), state.graph.len())
+    }
+
+    /// Events of people the engine does not follow, its bound reached (for metrics).
+    pub fn unfollowed(&self) -> u64 {
+        self.unfollowed.load(Ordering::Relaxed)
     }
 
     /// The state, to change. A panic while it was held (a bug, recorded by the followers'
@@ -143,15 +173,20 @@ impl Onboarding {
     /// The person an id belongs to.
     fn person(&self, id: &str) -> Result<(String, Facts), Unavailable> {
         if self.failed.load(Ordering::SeqCst) {
-            return Err(Unavailable);
+            return Err(Unavailable::Failed);
         }
         let state = self.read_state();
         if self.failed.load(Ordering::SeqCst) {
-            return Err(Unavailable);
+            return Err(Unavailable::Failed);
         }
         let person = state.graph.person_of(id).to_string();
-        let facts = state.people.get(&person).cloned().unwrap_or_default();
-        Ok((person, facts))
+        match state.people.get(&person) {
+            Some(facts) => Ok((person, facts.clone())),
+            None if state.people.len() >= self.max_people => {
+                Err(Unavailable::Full(self.max_people))
+            }
+            None => Ok((person, Facts::default())),
+        }
     }
 
     /// Whether the person reached the current activation threshold (or, without one yet, the
@@ -287,6 +322,18 @@ impl Onboarding {
         let person = state.graph.person_of(id);
         let name = event.event.as_deref().unwrap_or(event.kind.as_str());
         if !state.people.contains_key(person) {
+            if state.people.len() >= self.max_people {
+                // Past the bound a new person is not followed; their triggers still fire.
+                if self.unfollowed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        max_people = self.max_people,
+                        "onboarding follows no more people (onboarding.maxPeople reached)"
+                    );
+                }
+                let mut unfollowed = Facts::default();
+                self.fire(&mut fired, &mut unfollowed, event, name, person, seq);
+                return fired;
+            }
             state.people.insert(person.to_string(), Facts::default());
         }
         let Some(facts) = state.people.get_mut(person) else {
@@ -319,6 +366,20 @@ impl Onboarding {
                 facts.north_star_times.push(event.timestamp);
             }
         }
+        self.fire(&mut fired, facts, event, name, person, seq);
+        fired
+    }
+
+    /// Fires the triggers of the event `name` and records the position `seq`.
+    fn fire(
+        &self,
+        fired: &mut Vec<Fired>,
+        facts: &mut Facts,
+        event: &EventView<'_>,
+        name: &str,
+        person: &str,
+        seq: u64,
+    ) {
         for trigger in self.triggers.get(name).into_iter().flatten() {
             if *trigger == self.start_trigger && facts.onboarding_started.is_none() {
                 facts.onboarding_started = Some(event.timestamp);
@@ -334,7 +395,6 @@ impl Onboarding {
             });
         }
         self.applied.store(seq, Ordering::SeqCst);
-        fired
     }
 }
 

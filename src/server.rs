@@ -435,6 +435,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         }));
     }
     {
+        // New customers past `metering.maxCustomers` are refused at the door, kept in the
+        // rejected store.
+        let meter = meter.clone();
+        ingestor.admits(Box::new(move |message| meter.admits_message(message)));
+    }
+    {
         let (meter, committed) = (meter.clone(), events.committed.clone());
         ingestor.backlog().watch(crate::ingest::backlog::Readers {
             followers: Box::new(move || meter.counters().applied_seq()),

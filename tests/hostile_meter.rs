@@ -735,3 +735,101 @@ async fn past_days_touched_by_several_commits_are_merged_into_one_file() {
         (Some(40), Some(40))
     );
 }
+
+/// A flood of new ids stops at each state's bound (issue: memory grows with every new id).
+/// Past `metering.maxCustomers` a metered event of a new customer is refused at the door,
+/// naming `customer_id` and the setting, and kept in the rejected store; known customers and
+/// unmetered events go on. Past `onboarding.maxPeople` a new person's events are stored but
+/// not followed, and their onboarding answers 503 `onboarding_full`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_new_ids_stops_at_each_states_bound() {
+    let nats = Nats::start();
+    let mut config = limits_config();
+    config["metering"]["maxCustomers"] = json!(3);
+    config["onboarding"] = json!({"maxPeople": 3});
+    let server = InProcess::start(&nats, &config, Clock::manual(MARCH_10)).await;
+    let at = "2026-03-10T10:00:00Z";
+    let tracked = |id: &str, customer: &str, user: &str| {
+        json!({"type": "track", "messageId": id, "userId": user, "event": "api_call_made",
+               "timestamp": at, "context": {"groupId": customer}, "properties": {"endpoint": "/x"}})
+    };
+    let first = json!({"batch": [tracked("b1-1", "c1", "p1"), tracked("b1-2", "c2", "p2"), tracked("b1-3", "c3", "p3")]});
+    assert_eq!(server.post("/v1/batch", &first).await.json()["accepted"], 3);
+
+    let second = json!({"batch": [
+        tracked("b2-1", "c1", "p4"),
+        tracked("b2-2", "c4", "p5"),
+        {"type": "track", "messageId": "b2-3", "userId": "p6", "event": "signup_completed",
+         "timestamp": at, "context": {"groupId": "c5"}},
+    ]});
+    let answer = server.post("/v1/batch", &second).await.json();
+    assert_eq!(
+        answer["accepted"], 2,
+        "a known customer and an unmetered event: {answer}"
+    );
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    let error = &answer["errors"][0];
+    assert_eq!(error["index"], 1, "{answer}");
+    assert_eq!(error["field"], "customer_id", "{answer}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("metering.maxCustomers"),
+        "{answer}"
+    );
+    used(&server, "c1", "api_requests", 2.0).await;
+    // Consumes of a new customer are refused the same way; a known one's go on.
+    let (status, body) = check(
+        &server,
+        json!({"customer_id": "c6", "feature": "api_requests", "consume": true}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("customer_id"),
+        "{body}"
+    );
+    let (status, body) = check(
+        &server,
+        json!({"customer_id": "c2", "feature": "api_requests", "consume": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // The refused event is kept, with its reason, to replay once the bound is raised.
+    harness::wait_rows(&server.data, "rejected_events", 1).await;
+    let rejected = harness::query(
+        &server.data,
+        "SELECT event_id, reasons FROM rejected_events",
+    )
+    .await;
+    assert_eq!(rejected[0]["event_id"], "b2-2", "{rejected:?}");
+    assert!(
+        rejected[0]["reasons"]
+            .as_str()
+            .unwrap_or("")
+            .contains("metering.maxCustomers"),
+        "{rejected:?}"
+    );
+
+    // Onboarding followed p1..p3; p4 came fourth and is stored but not followed.
+    harness::eventually(Duration::from_secs(20), async || {
+        let metrics = server.get_as(ADMIN_KEY, "/metrics").await.text();
+        match harness::metric(&metrics, "northstar_onboarding_unfollowed_events_total") {
+            Some(n) if n >= 2 => Ok(()),
+            other => Err(format!("unfollowed events: {other:?}")),
+        }
+    })
+    .await;
+    let followed = server.get_as(SERVICE_KEY, "/v1/users/p1/onboarding").await;
+    assert_eq!(followed.status, 200, "{}", followed.text());
+    let unfollowed = server.get_as(SERVICE_KEY, "/v1/users/p4/flags").await;
+    assert_eq!(unfollowed.status, 503, "{}", unfollowed.text());
+    assert_eq!(unfollowed.json()["code"], "onboarding_full");
+    assert!(unfollowed.text().contains("onboarding.maxPeople"));
+    harness::wait_archived(&server.data, 6).await;
+    assert_healthy(&server).await;
+}

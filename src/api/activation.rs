@@ -157,7 +157,7 @@ pub async fn user(state: &AppState, parts: &Parts, user: &str, what: &str) -> Ht
         Ok(body) => respond::json(200, &body),
         Err(error) => respond::error(&HttpError::new(
             ErrorKind::Unavailable,
-            "onboarding_unavailable",
+            error.code(),
             error.to_string(),
         )),
     }

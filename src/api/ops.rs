@@ -133,7 +133,7 @@ fn heap_sizes() -> String {
 fn state_sizes(state: &AppState) -> String {
     let (people, linked) = state.onboarding.sizes();
     let mut parts = vec![
-        ("meter_customers", state.meter.counters().customer_count()),
+        ("meter_customers", state.meter.counters().customers_held()),
         ("meter_counters", state.meter.counters().counter_count()),
         ("onboarding_people", people),
         ("onboarding_linked_ids", linked),
@@ -152,5 +152,11 @@ fn state_sizes(state: &AppState) -> String {
             "northstar_state_entries{{part=\"{part}\"}} {entries}\n"
         ));
     }
+    text.push_str(&format!(
+        "# HELP northstar_onboarding_unfollowed_events_total Events of people onboarding does not follow (onboarding.maxPeople reached).\n\
+         # TYPE northstar_onboarding_unfollowed_events_total counter\n\
+         northstar_onboarding_unfollowed_events_total {}\n",
+        state.onboarding.unfollowed()
+    ));
     text
 }

@@ -44,6 +44,12 @@ pub struct LimitsBench {
     /// Counters of the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pub counters: usize,
+    /// People of the memory measurement (onboarding facts, one event each).
+    #[arg(long, default_value_t = 200_000)]
+    pub people: usize,
+    /// `groupBy` values of the memory measurement (one counter's breakdown).
+    #[arg(long, default_value_t = 100_000)]
+    pub group_values: usize,
 }
 
 /// Runs the benchmark and prints its table.
@@ -56,8 +62,13 @@ pub async fn run(options: LimitsBench) -> anyhow::Result<()> {
 }
 
 async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
-    eprintln!("memory: {} counters…", options.counters);
+    eprintln!(
+        "memory: {} counters, {} people, {} group values…",
+        options.counters, options.people, options.group_values
+    );
     let per_counter = counter_memory(options.counters);
+    let per_person = person_memory(options.people);
+    let per_group_value = group_value_memory(options.group_values);
 
     let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
     let (mut child, base) = spawn_server(work, nats.url()).await?;
@@ -142,6 +153,24 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
             ratio: None,
         },
         Row {
+            measure: format!(
+                "memory per person (onboarding facts, {} people of one event)",
+                thousands(options.people as f64)
+            ),
+            ours: format!("{per_person:.0} bytes"),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: format!(
+                "memory per groupBy value ({} values of one counter)",
+                thousands(options.group_values as f64)
+            ),
+            ours: format!("{per_group_value:.0} bytes"),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
             measure: "peak RSS of the server process".into(),
             ours: server_rss.map(mib).unwrap_or_else(|| "n/a".into()),
             baseline: String::new(),
@@ -156,30 +185,106 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Peak RSS growth per counter when `n` customers each get one counter, through the meter's
-/// own data structure and apply path.
-fn counter_memory(n: usize) -> f64 {
+/// Live heap bytes `build` leaves allocated, per one of the `n` entries it makes (what it
+/// returns is kept alive until measured). Falls back to peak RSS where the allocator cannot
+/// tell.
+fn bytes_per<T>(n: usize, build: impl FnOnce() -> T) -> f64 {
+    let live = || crate::heap::usage().map(|heap| heap.in_use);
     let pid = std::process::id();
-    let counters = Counters::default();
-    let before = super::peak_rss_bytes(pid).unwrap_or(0);
-    for i in 0..n {
-        let customer = format!("customer-{i:07}");
-        let mut shard = counters.lock(&customer);
-        shard.apply(
-            &customer,
-            0,
-            Aggregation::Sum,
-            0,
-            &Contribution::Amount(Decimal::ONE),
-            None,
-            0,
-            "",
+    let (before, peak_before) = (live(), super::peak_rss_bytes(pid).unwrap_or(0));
+    let built = build();
+    let grown = match (before, live()) {
+        (Some(before), Some(after)) => after.saturating_sub(before),
+        _ => super::peak_rss_bytes(pid)
+            .unwrap_or(0)
+            .saturating_sub(peak_before),
+    };
+    drop(built);
+    grown as f64 / n.max(1) as f64
+}
+
+/// Memory per counter when `n` customers each get one counter, through the meter's own data
+/// structure and apply path.
+fn counter_memory(n: usize) -> f64 {
+    bytes_per(n, || {
+        let counters = Counters::default();
+        for i in 0..n {
+            let customer = format!("customer-{i:07}");
+            let mut shard = counters.lock(&customer);
+            shard.apply(
+                &customer,
+                0,
+                Aggregation::Sum,
+                0,
+                &Contribution::Amount(Decimal::ONE),
+                None,
+                0,
+                "",
+            );
+        }
+        counters
+    })
+}
+
+/// Memory per person the onboarding engine follows, each with one event.
+fn person_memory(n: usize) -> f64 {
+    let dir = std::env::temp_dir().join(format!("northstar-bench-people-{}", std::process::id()));
+    let mut config = crate::config::Config::default();
+    config.onboarding.max_people = n as u64;
+    let per = bytes_per(n, || {
+        let engine = crate::onboarding::Onboarding::new(
+            &config,
+            crate::activation::store::ActivationStore::open(&dir),
+            Box::new(|_| "free".to_string()),
         );
-    }
-    let after = super::peak_rss_bytes(pid).unwrap_or(0);
-    let counted = counters.counter_count().max(1);
-    drop(counters);
-    after.saturating_sub(before) as f64 / counted as f64
+        for i in 0..n {
+            let message = crate::event::EventRecord {
+                event_id: format!("e{i}"),
+                kind: crate::event::EventType::Track,
+                event: Some("api_call_made".into()),
+                user_id: Some(format!("user-{i:07}")),
+                anonymous_id: None,
+                customer_id: Some(format!("customer-{:04}", i % 1000)),
+                timestamp: 1_700_000_000_000_000,
+                received_at: 1_700_000_000_000_000,
+                properties: serde_json::Map::new(),
+                context: serde_json::Map::new(),
+                source: "bench".into(),
+                schema_version: None,
+                sample_rate: None,
+            }
+            .to_bus_json();
+            if let Ok(event) = crate::event::EventView::decode(&message) {
+                engine.apply_event(i as u64 + 1, &event);
+            }
+        }
+        engine
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    per
+}
+
+/// Memory per `groupBy` value of one counter's breakdown.
+fn group_value_memory(n: usize) -> f64 {
+    bytes_per(n, || {
+        let counters = Counters::default();
+        let mut shard = counters.lock("customer");
+        for i in 0..n {
+            let value = format!("region-{i:07}");
+            shard.apply(
+                "customer",
+                0,
+                Aggregation::Sum,
+                0,
+                &Contribution::Amount(Decimal::ONE),
+                Some((&value, usize::MAX)),
+                0,
+                "",
+            );
+        }
+        drop(shard);
+        counters
+    })
 }
 
 async fn spawn_server(

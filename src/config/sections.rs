@@ -616,6 +616,13 @@ pub struct MeteringSettings {
     /// rejected with the property named. With it, a period's sum stays exact (see
     /// `schema::quantity`).
     pub max_quantity: u64,
+    /// Most customers the meter holds counters for. Past it ingest refuses an event that
+    /// would add one (to the rejected store, naming `customer_id`; replay it once the bound is
+    /// raised): each costs memory until the server restarts with a smaller history.
+    pub max_customers: u64,
+    /// Most `groupBy` values one counter breaks its usage down by; the usage of values past
+    /// it is counted under the value `(other)`, so the total stays exact.
+    pub max_group_values: u64,
 }
 
 impl Default for MeteringSettings {
@@ -634,6 +641,8 @@ impl Default for MeteringSettings {
             anomaly_factor: 10.0,
             anomaly_min_events: 1_000,
             max_quantity: 1_000_000_000_000,
+            max_customers: 100_000,
+            max_group_values: 1_000,
         }
     }
 }
@@ -654,6 +663,12 @@ impl MeteringSettings {
         }
         if self.max_consume == 0 {
             return Err(("maxConsume".into(), "must be at least 1".into()));
+        }
+        if self.max_customers == 0 {
+            return Err(("maxCustomers".into(), "must be at least 1".into()));
+        }
+        if self.max_group_values == 0 {
+            return Err(("maxGroupValues".into(), "must be at least 1".into()));
         }
         if self.max_quantity == 0
             || self.max_quantity > crate::schema::quantity::MAX_QUANTITY_CEILING
@@ -805,6 +820,9 @@ pub struct OnboardingSettings {
     pub start_trigger: String,
     /// Where fired triggers are also POSTed (JSON, `Idempotency-Key` header).
     pub trigger_webhook: Option<String>,
+    /// Most people the engine keeps facts of. Past it a new person's events are stored as
+    /// usual but not followed: their onboarding and flags answer 503 `onboarding_full`.
+    pub max_people: u64,
 }
 
 impl Default for OnboardingSettings {
@@ -813,6 +831,7 @@ impl Default for OnboardingSettings {
             steps: Vec::new(),
             start_trigger: "onboarding_start".into(),
             trigger_webhook: None,
+            max_people: 1_000_000,
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rust_decimal::Decimal;
@@ -19,6 +19,10 @@ use crate::schema::quantity::Contribution;
 
 /// Number of shards (independent locks) of the counters.
 pub const SHARDS: usize = 16;
+
+/// The `groupBy` value usage is counted under once a counter breaks down by
+/// `metering.maxGroupValues` values.
+pub const OTHER_GROUP: &str = "(other)";
 
 /// Most events a shard holds applied ahead of the follower; past it, events wait for the
 /// follower (ingest sheds long before: `ingest.maxLag`).
@@ -168,6 +172,9 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Counters {
     shards: Vec<Mutex<Shard>>,
+    /// Customers each shard holds, as its last lock holder left it: read without a lock
+    /// by ingest's admission of new customers.
+    held: Vec<AtomicUsize>,
     applied: AtomicU64,
 }
 
@@ -175,8 +182,36 @@ impl Default for Counters {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            held: (0..SHARDS).map(|_| AtomicUsize::new(0)).collect(),
             applied: AtomicU64::new(0),
         }
+    }
+}
+
+/// A locked shard; when it is let go, the shard's customer count is published for
+/// [`Counters::customers_held`].
+pub struct ShardGuard<'a> {
+    guard: MutexGuard<'a, Shard>,
+    held: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.guard
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    fn drop(&mut self) {
+        self.held
+            .store(self.guard.customers.len(), Ordering::Relaxed);
     }
 }
 
@@ -202,18 +237,32 @@ impl Hasher for Fnv {
 
 impl Counters {
     /// Locks the shard of `customer`.
-    pub fn lock(&self, customer: &str) -> MutexGuard<'_, Shard> {
+    pub fn lock(&self, customer: &str) -> ShardGuard<'_> {
         self.lock_shard(shard_of(customer))
     }
 
     /// Locks shard `index`.
-    pub fn lock_shard(&self, index: usize) -> MutexGuard<'_, Shard> {
-        match self.shards[index % SHARDS].lock() {
+    pub fn lock_shard(&self, index: usize) -> ShardGuard<'_> {
+        let guard = match self.shards[index % SHARDS].lock() {
             Ok(guard) => guard,
             // A panic while holding the lock cannot leave a counter half-updated (every
             // update is a single assignment), so the data is still good.
             Err(poisoned) => poisoned.into_inner(),
+        };
+        ShardGuard {
+            guard,
+            held: &self.held[index % SHARDS],
         }
+    }
+
+    /// Customers held, without taking a lock (as of each shard's last unlock).
+    pub fn customers_held(&self) -> usize {
+        self.held.iter().map(|h| h.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether the meter holds counters of `customer`.
+    pub fn holds(&self, customer: &str) -> bool {
+        self.lock(customer).customers.contains_key(customer)
     }
 
     /// The last stream sequence applied (every event at or below it is counted).
@@ -239,13 +288,6 @@ impl Counters {
         self.set_applied(0);
     }
 
-    /// Customers held (for metrics).
-    pub fn customer_count(&self) -> usize {
-        (0..SHARDS)
-            .map(|i| self.lock_shard(i).customers.len())
-            .sum()
-    }
-
     /// Number of counters (for metrics and the memory benchmark).
     pub fn counter_count(&self) -> usize {
         (0..SHARDS)
@@ -263,7 +305,9 @@ impl Counters {
 impl Shard {
     /// Applies one event's contribution to the counter of (`customer`, `feature`,
     /// `period_start`), keeping at most two periods per feature (the current and the one
-    /// before; an event for an older period is ignored and `None` is returned).
+    /// before; an event for an older period is ignored and `None` is returned). `group` is
+    /// the event's `groupBy` value and the most values the counter breaks down by: a value
+    /// past them is counted under [`OTHER_GROUP`].
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         &mut self,
@@ -272,7 +316,7 @@ impl Shard {
         aggregation: Aggregation,
         period_start: i64,
         contribution: &Contribution,
-        group: Option<&str>,
+        group: Option<(&str, usize)>,
         at: i64,
         event_id: &str,
     ) -> Option<Applied> {
@@ -339,12 +383,14 @@ impl Shard {
         let counter = &mut usage.counters[index];
         let before = counter.value.used();
         counter.value.add(contribution, at);
-        if let (Some(group), Contribution::Amount(amount)) = (group, contribution) {
-            let sum = counter
-                .groups
-                .get_or_insert_with(Box::default)
-                .entry(group.into())
-                .or_default();
+        if let (Some((group, most)), Contribution::Amount(amount)) = (group, contribution) {
+            let groups = counter.groups.get_or_insert_with(Box::default);
+            let key = if groups.contains_key(group) || groups.len() < most {
+                group
+            } else {
+                OTHER_GROUP
+            };
+            let sum = groups.entry(key.into()).or_default();
             *sum = sum.saturating_add(*amount);
         }
         Some(Applied {
@@ -458,6 +504,39 @@ mod tests {
 
     fn amount(n: i64) -> Contribution {
         Contribution::Amount(Decimal::from(n))
+    }
+
+    #[test]
+    fn group_values_past_the_bound_are_counted_as_other_and_the_total_stays_exact() {
+        let counters = Counters::default();
+        let mut shard = counters.lock("c");
+        for (i, region) in ["eu", "us", "ap", "eu", "sa"].iter().enumerate() {
+            shard.apply(
+                "c",
+                0,
+                Aggregation::Sum,
+                0,
+                &amount(i as i64 + 1),
+                Some((region, 2)),
+                1,
+                "x",
+            );
+        }
+        let counter = &shard.customers["c"].counters[0];
+        let groups = counter.groups.as_deref().expect("groups");
+        let by: Vec<(&str, i64)> = groups
+            .iter()
+            .map(|(k, v)| (&**k, i64::try_from(*v).unwrap()))
+            .collect();
+        assert_eq!(by, [("(other)", 3 + 5), ("eu", 1 + 4), ("us", 2)]);
+        assert_eq!(counter.value.used(), Decimal::from(15));
+        drop(shard);
+        assert_eq!(
+            counters.customers_held(),
+            1,
+            "published when the lock is let go"
+        );
+        assert!(counters.holds("c") && !counters.holds("d"));
     }
 
     #[test]
