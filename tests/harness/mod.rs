@@ -180,6 +180,11 @@ impl Northstar {
         Self::launch(None, config, &[])
     }
 
+    /// Starts northstar with its own embedded nats-server and extra environment variables.
+    pub fn start_embedded_with_env(config: &Value, env: &[(&str, &str)]) -> Self {
+        Self::launch(None, config, env)
+    }
+
     /// Starts northstar against a NATS URL of the caller's (a proxy in front of the server).
     pub fn start_at(nats_url: &str, config: &Value) -> Self {
         Self::launch(Some(nats_url.to_string()), config, &[])
