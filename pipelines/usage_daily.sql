@@ -1,4 +1,5 @@
 -- window: 1d
+-- incremental
 -- Usage of every metered feature per customer in daily (UTC) tumbling windows.
 SELECT customer_id,
        feature,

@@ -6,6 +6,11 @@
 //! those days, and replaces that day's file under `data/usage/pipeline=<name>/date=<day>/`.
 //! A late event re-runs its day, so windows are corrected, never left stale. The results are
 //! the `usage` table.
+//!
+//! An `-- incremental` pipeline (the shipped ones) reads only the events a day gained since
+//! its file was written and merges their windows in: the file's footer records the sequence
+//! it reflects, so the cost of a run follows what arrived, not the size of the day, and a run
+//! repeated after a crash adds nothing twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +37,36 @@ pub struct Pipeline {
     pub window: Duration,
     /// The SELECT, with `{date}` to fill in.
     pub sql: String,
+    /// `-- incremental` header: the SELECT reads `FROM metered_events` and its `quantity` and
+    /// `events` are sums, its `max_quantity` and `max_seq` maxima, so a run over the events a
+    /// day gained merges into that day's windows instead of re-reading the day.
+    pub incremental: bool,
 }
+
+/// The footer key of a day's output holding the stream sequence it reflects: every event of
+/// that day at or below it, and none above.
+const UPTO_KEY: &str = "northstar.pipeline.upto";
+
+impl Pipeline {
+    /// The SELECT for `date`, over the events with `after < seq <= upto` when the pipeline is
+    /// incremental (all of the day's otherwise).
+    fn over(&self, date: &str, after: u64, upto: u64) -> String {
+        let sql = self.sql.replace("{date}", date);
+        if !self.incremental {
+            return sql;
+        }
+        sql.replacen(
+            METERED_FROM,
+            &format!(
+                "FROM (SELECT * FROM metered_events WHERE seq > {after} AND seq <= {upto}) AS metered_events"
+            ),
+            1,
+        )
+    }
+}
+
+/// What an incremental pipeline reads, exactly as written.
+const METERED_FROM: &str = "FROM metered_events";
 
 /// Why pipelines could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -148,10 +182,17 @@ fn parse(name: &str, sql: &str, path: &Path) -> Result<Pipeline, PipelineError> 
             "the query must restrict itself to one day with `date = '{date}'`".into(),
         ));
     }
+    let incremental = sql.lines().any(|line| line.trim() == "-- incremental");
+    if incremental && sql.matches(METERED_FROM).count() != 1 {
+        return Err(err(format!(
+            "an `-- incremental` pipeline reads `{METERED_FROM}` once, written so"
+        )));
+    }
     Ok(Pipeline {
         name: name.to_string(),
         window,
         sql: sql.to_string(),
+        incremental,
     })
 }
 
@@ -234,8 +275,9 @@ pub async fn run(
             .min()
             .unwrap_or(target);
         progress.send_replace(done);
-        // A day is re-read whole on every run: runs are spaced so a busy day is not re-read
-        // after every commit (the freshness of `usage` is this interval plus the archive's).
+        // Runs are spaced so a busy day is not read after every commit (whole, for a pipeline
+        // that is not incremental): the freshness of `usage` is this interval plus the
+        // archive's.
         tokio::select! {
             _ = tokio::time::sleep_until(started + min_interval) => {}
             () = wait_for_stop(&mut shutdown) => return,
@@ -279,13 +321,32 @@ pub async fn run_once(
         if !valid_date(&date) {
             continue;
         }
-        // The day as committed now: at least up to `upto`, perhaps a little past it (a later
-        // run then re-runs the day, which changes nothing that was right).
-        let batches = engine
-            .collect_internal(&pipeline.sql.replace("{date}", &date))
-            .await
-            .map_err(|e| err(&e))?;
-        write_day(data_dir, &pipeline.name, &date, &batches).map_err(|e| err(&e))?;
+        let path = day_path(data_dir, &pipeline.name, &date);
+        let previous = match pipeline.incremental {
+            true => read_day(&path).map_err(|e| err(&e))?,
+            false => None,
+        };
+        let batches = match previous {
+            Some((reflected, _)) if reflected >= upto => continue,
+            Some((reflected, kept)) => {
+                // Only the events the day gained since its file was written are read.
+                let gained = engine
+                    .collect_internal(&pipeline.over(&date, reflected, upto))
+                    .await
+                    .map_err(|e| err(&e))?;
+                merge_windows(kept, to_usage(&gained).map_err(|e| err(&e))?)
+                    .await
+                    .map_err(|e| err(&e))?
+            }
+            // The whole day: as committed now for a pipeline that is not incremental (at
+            // least up to `upto`, perhaps a little past it: a later run re-runs the day,
+            // which changes nothing that was right), exactly up to `upto` for one that is.
+            None => engine
+                .collect_internal(&pipeline.over(&date, 0, upto))
+                .await
+                .map_err(|e| err(&e))?,
+        };
+        write_day(&path, &batches, upto).map_err(|e| err(&e))?;
     }
     PipelineManifest { last_seq: upto }
         .store(data_dir, &pipeline.name)
@@ -297,19 +358,68 @@ fn valid_date(date: &str) -> bool {
     date.len() == 10 && date.bytes().all(|b| b.is_ascii_digit() || b == b'-')
 }
 
-/// Replaces one day's output of a pipeline (cast to the `usage` schema).
-fn write_day(
-    data_dir: &Path,
-    name: &str,
-    date: &str,
-    batches: &[RecordBatch],
-) -> Result<(), String> {
-    let schema = usage_schema();
-    let dir = data_dir
+/// The file holding one day's output of a pipeline.
+fn day_path(data_dir: &Path, name: &str, date: &str) -> PathBuf {
+    data_dir
         .join("usage")
         .join(format!("pipeline={name}"))
-        .join(format!("date={date}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        .join(format!("date={date}"))
+        .join("usage.parquet")
+}
+
+/// A day's output and the sequence it reflects; `None` when there is no file, or one written
+/// before outputs recorded their sequence (the day is then run whole again).
+fn read_day(path: &Path) -> Result<Option<(u64, Vec<RecordBatch>)>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let reflected = crate::archive::commit::key_value(reader.metadata().file_metadata(), UPTO_KEY)
+        .and_then(|value| value.parse::<u64>().ok());
+    let Some(reflected) = reflected else {
+        return Ok(None);
+    };
+    let batches = reader
+        .build()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some((reflected, batches)))
+}
+
+/// A day's windows with the windows of the events it gained: keyed by customer, feature and
+/// window, quantities and counts add up and maxima take the larger.
+async fn merge_windows(
+    kept: Vec<RecordBatch>,
+    gained: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>, String> {
+    let parts: Vec<RecordBatch> = kept.into_iter().chain(gained).collect();
+    let table = datafusion::datasource::MemTable::try_new(usage_schema(), vec![parts])
+        .map_err(|e| e.to_string())?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("parts", Arc::new(table))
+        .map_err(|e| e.to_string())?;
+    let merged = ctx
+        .sql(
+            "SELECT customer_id, feature, window_start, window_end, sum(quantity) AS quantity, \
+             max(max_quantity) AS max_quantity, sum(events) AS events, max(max_seq) AS max_seq \
+             FROM parts GROUP BY customer_id, feature, window_start, window_end \
+             ORDER BY customer_id, window_start",
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    to_usage(&merged)
+}
+
+/// Batches cast to the `usage` schema (a missing nullable column is nulls).
+fn to_usage(batches: &[RecordBatch]) -> Result<Vec<RecordBatch>, String> {
+    let schema = usage_schema();
     let mut converted = Vec::with_capacity(batches.len());
     for batch in batches {
         let columns = schema
@@ -330,15 +440,31 @@ fn write_day(
             .collect::<Result<Vec<_>, _>>()?;
         converted.push(RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?);
     }
-    let path = dir.join("usage.parquet");
+    Ok(converted)
+}
+
+/// Replaces one day's output of a pipeline (cast to the `usage` schema), recording that it
+/// reflects the day's events up to `upto`.
+fn write_day(path: &Path, batches: &[RecordBatch], upto: u64) -> Result<(), String> {
+    let schema = usage_schema();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let converted = to_usage(batches)?;
     let properties = crate::archive::commit::writer_properties(
         &schema,
         &["customer_id", "window_start"],
         3,
         128 * 1024,
     );
-    crate::archive::commit::write_parquet_file(&path, &schema, converted.iter(), properties)
-        .map_err(|e| e.to_string())?;
+    crate::archive::commit::write_parquet_file_with(
+        path,
+        &schema,
+        converted.iter(),
+        properties,
+        &[(UPTO_KEY, upto.to_string())],
+    )
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -365,8 +491,43 @@ mod tests {
             .collect();
         assert_eq!(compiled.len(), from_files.len());
         for (a, b) in compiled.iter().zip(&from_files) {
-            assert_eq!((&a.name, a.window, &a.sql), (&b.name, b.window, &b.sql));
+            assert_eq!(
+                (&a.name, a.window, &a.sql, a.incremental),
+                (&b.name, b.window, &b.sql, b.incremental)
+            );
         }
+    }
+
+    #[test]
+    fn an_incremental_pipeline_reads_only_the_events_a_day_gained() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let hourly = load(Some(&dir)).unwrap().remove(1);
+        assert!(hourly.incremental);
+        let sql = hourly.over("2026-03-10", 40, 90);
+        assert!(
+            sql.contains(
+                "FROM (SELECT * FROM metered_events WHERE seq > 40 AND seq <= 90) AS metered_events"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("date = '2026-03-10'"), "{sql}");
+        let whole = Pipeline {
+            incremental: false,
+            ..hourly
+        };
+        assert!(!whole.over("2026-03-10", 40, 90).contains("seq >"));
+    }
+
+    #[test]
+    fn an_incremental_pipeline_must_read_metered_events_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("x.sql"),
+            "-- window: 1h\n-- incremental\nSELECT * FROM usage WHERE date = '{date}'",
+        )
+        .unwrap();
+        let err = load(Some(dir.path())).unwrap_err().to_string();
+        assert!(err.contains("FROM metered_events"), "{err}");
     }
 
     #[test]

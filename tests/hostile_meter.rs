@@ -833,3 +833,68 @@ async fn a_flood_of_new_ids_stops_at_each_states_bound() {
     harness::wait_archived(&server.data, 6).await;
     assert_healthy(&server).await;
 }
+
+/// The usage pipelines read only what each day gained since its file was written, and merge
+/// it in: over several commits, a late event to an earlier day, and a run started again from
+/// an older position (a crash between a day's file and the pipeline's manifest), every window
+/// counts each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_windows_merged_run_by_run_count_every_event_once() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let windows = async || {
+        harness::query(
+            &server.data,
+            "SELECT CAST(window_start AS VARCHAR) AS w, CAST(sum(events) AS BIGINT) AS n \
+             FROM usage WHERE pipeline = 'usage_hourly' AND customer_id = 'w' \
+             GROUP BY 1 ORDER BY 1",
+        )
+        .await
+    };
+    let post_and_settle = async |batch: Vec<Value>, stored: u64| {
+        let answer = server
+            .post("/v1/batch", &json!({"batch": batch}))
+            .await
+            .json();
+        assert_eq!(answer["rejected"], 0, "{answer}");
+        harness::wait_archived(&server.data, stored).await;
+        let report = verified(&server).await;
+        assert_eq!(report["ok"], true, "{report}");
+    };
+    post_and_settle(
+        (1..=3)
+            .map(|i| call(&format!("w-a{i}"), "w", "2026-03-10T10:05:00Z"))
+            .collect(),
+        3,
+    )
+    .await;
+    post_and_settle(
+        vec![
+            call("w-b1", "w", "2026-03-10T10:30:00Z"),
+            call("w-b2", "w", "2026-03-10T10:59:59Z"),
+            call("w-b3", "w", "2026-03-10T11:00:00Z"),
+        ],
+        6,
+    )
+    .await;
+    post_and_settle(vec![call("w-c1", "w", "2026-03-09T23:00:00Z")], 7).await;
+    let expected = |late: i64| {
+        vec![
+            json!({"w": "2026-03-09T23:00:00Z", "n": late}),
+            json!({"w": "2026-03-10T10:00:00Z", "n": 5}),
+            json!({"w": "2026-03-10T11:00:00Z", "n": 1}),
+        ]
+    };
+    assert_eq!(windows().await, expected(1));
+
+    // As after a crash that wrote the days' files but not the manifests: every day is run
+    // again from the beginning, and what a file already holds is not added twice.
+    for pipeline in ["usage_hourly", "usage_daily"] {
+        let manifest = server
+            .data
+            .join(format!("usage/pipeline={pipeline}/_manifest.json"));
+        std::fs::write(&manifest, br#"{"last_seq":0}"#).expect("roll the manifest back");
+    }
+    post_and_settle(vec![call("w-d1", "w", "2026-03-09T23:30:00Z")], 8).await;
+    assert_eq!(windows().await, expected(2));
+}

@@ -141,6 +141,18 @@ pub fn write_parquet_file<'a>(
     batches: impl IntoIterator<Item = &'a RecordBatch>,
     properties: WriterProperties,
 ) -> Result<u64, ArchiveError> {
+    write_parquet_file_with(path, schema, batches, properties, &[])
+}
+
+/// [`write_parquet_file`], with `metadata` as key-value pairs in the file's footer (what the
+/// file reflects, read back with [`key_value`]).
+pub fn write_parquet_file_with<'a>(
+    path: &Path,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: impl IntoIterator<Item = &'a RecordBatch>,
+    properties: WriterProperties,
+    metadata: &[(&str, String)],
+) -> Result<u64, ArchiveError> {
     let dir = parent(path)?;
     let temp = temp_path(path);
     let io = |source: std::io::Error| ArchiveError::Io {
@@ -158,6 +170,12 @@ pub fn write_parquet_file<'a>(
     for batch in batches {
         writer.write(batch).map_err(parquet)?;
     }
+    for (key, value) in metadata {
+        writer.append_key_value_metadata(parquet::file::metadata::KeyValue::new(
+            key.to_string(),
+            value.clone(),
+        ));
+    }
     writer.close().map_err(parquet)?;
     handle.sync_all().map_err(io)?;
     let bytes = handle.metadata().map_err(io)?.len();
@@ -167,6 +185,15 @@ pub fn write_parquet_file<'a>(
     })?;
     fsync_dir(dir)?;
     Ok(bytes)
+}
+
+/// The value of `key` in a Parquet footer's key-value metadata.
+pub fn key_value(metadata: &parquet::file::metadata::FileMetaData, key: &str) -> Option<String> {
+    metadata
+        .key_value_metadata()?
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone())
 }
 
 /// Writes a small file atomically: temp, fsync, rename, directory fsync.
