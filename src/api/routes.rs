@@ -182,7 +182,53 @@ fn ingest_wire(path: &str) -> Option<Wire> {
     }
 }
 
+/// Who may call a route: declared here for every route and checked once, in [`dispatch`],
+/// before its handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: health, metrics, the OpenAPI document, CORS preflights, and the answers of
+    /// no route.
+    Open,
+    /// A write key, which the ingest handler reads wherever the wire carries it (a header
+    /// or the body).
+    WriteKey,
+    /// A service key or the admin key, as `Authorization: Bearer`.
+    Service,
+    /// The admin key, as `Authorization: Bearer`.
+    Admin,
+    /// A `Stripe-Signature` over the body, which the webhook handler verifies.
+    Signed,
+}
+
 impl Route {
+    /// Who may call the route.
+    pub fn access(&self) -> Access {
+        match self {
+            Self::Ingest(_) => Access::WriteKey,
+            Self::Check
+            | Self::Usage(_)
+            | Self::Entitlement(..)
+            | Self::Activation
+            | Self::NorthStar
+            | Self::User(..) => Access::Service,
+            Self::Sql
+            | Self::Verify
+            | Self::RejectedReplay
+            | Self::Anomalies
+            | Self::ActivationRecompute
+            | Self::Customer(_)
+            | Self::BillingStatus
+            | Self::BillingRetry => Access::Admin,
+            Self::StripeWebhook => Access::Signed,
+            Self::Preflight
+            | Self::OpenApi
+            | Self::Health
+            | Self::Metrics
+            | Self::MethodNotAllowed(_)
+            | Self::NotFound => Access::Open,
+        }
+    }
+
     /// The most body bytes the route reads (ingest bodies may be gzip, so this bounds the
     /// compressed size; the decoded size is bounded again after decompression).
     pub fn body_limit(&self, config: &Config) -> usize {
@@ -240,33 +286,45 @@ impl Route {
     }
 }
 
-/// Runs the handler of `route`.
+/// Runs the handler of `route`, once the caller has the route's [`Access`].
 pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Bytes) -> HttpResponse {
+    let bearer = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let allowed = match route.access() {
+        Access::Service => state.require_service(bearer),
+        Access::Admin => state.require_admin(bearer),
+        Access::Open | Access::WriteKey | Access::Signed => Ok(()),
+    };
+    if let Err(error) = allowed {
+        return respond::error(&error);
+    }
     match route {
         Route::Ingest(wire) => ingest_routes::handle(state, *wire, parts, &body).await,
         Route::Preflight => respond::preflight(),
         Route::Sql => sql::handle(state, parts, &body).await,
-        Route::Check => limits::check(state, parts, &body).await,
-        Route::Verify => limits::verify(state, parts).await,
-        Route::RejectedReplay => rejected::replay(state, parts, &body).await,
-        Route::Anomalies => limits::anomalies(state, parts).await,
-        Route::Activation => activation::get(state, parts).await,
-        Route::ActivationRecompute => activation::recompute(state, parts).await,
-        Route::NorthStar => activation::northstar(state, parts).await,
-        Route::User(user, what) => activation::user(state, parts, user, what).await,
+        Route::Check => limits::check(state, &body).await,
+        Route::Verify => limits::verify(state).await,
+        Route::RejectedReplay => rejected::replay(state, &body).await,
+        Route::Anomalies => limits::anomalies(state).await,
+        Route::Activation => activation::get(state).await,
+        Route::ActivationRecompute => activation::recompute(state).await,
+        Route::NorthStar => activation::northstar(state).await,
+        Route::User(user, what) => activation::user(state, user, what).await,
         Route::OpenApi => {
             respond::bytes_response(200, "application/json", OPENAPI.as_bytes().to_vec())
         }
-        Route::Usage(customer) => limits::usage(state, parts, customer).await,
+        Route::Usage(customer) => limits::usage(state, customer).await,
         Route::Entitlement(customer, feature) => {
-            limits::entitlement(state, parts, customer, feature).await
+            limits::entitlement(state, customer, feature).await
         }
         Route::Customer(customer) if parts.method == Method::PUT => {
-            limits::put_customer(state, parts, customer, &body).await
+            limits::put_customer(state, customer, &body).await
         }
-        Route::Customer(customer) => limits::get_customer(state, parts, customer).await,
-        Route::BillingStatus => billing::status(state, parts),
-        Route::BillingRetry => billing::retry(state, parts),
+        Route::Customer(customer) => limits::get_customer(state, customer).await,
+        Route::BillingStatus => billing::status(state),
+        Route::BillingRetry => billing::retry(state),
         Route::StripeWebhook => billing::stripe_webhook(state, parts, &body).await,
         Route::Health => ops::healthz(state).await,
         Route::Metrics => ops::metrics(state).await,
@@ -292,6 +350,52 @@ pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Byte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The access each route declares is what the OpenAPI document says of its operation: a
+    /// bearer key where the route checks one, none where it is open or signed.
+    #[test]
+    fn each_routes_access_is_the_documented_security() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi");
+        let mut checked = 0;
+        for (path, operations) in document["paths"].as_object().expect("paths") {
+            let concrete = path
+                .replace("{id}", "acme")
+                .replace("{feature}", "api_requests");
+            for (method, operation) in operations.as_object().expect("operations") {
+                let Ok(method) = method.to_uppercase().parse::<Method>() else {
+                    continue;
+                };
+                let access = route(&method, &concrete).access();
+                let bearer = operation["security"]
+                    .as_array()
+                    .is_some_and(|schemes| schemes.iter().any(|s| s.get("bearer").is_some()));
+                match access {
+                    Access::WriteKey => continue,
+                    Access::Service | Access::Admin => {
+                        assert!(bearer, "{method} {path} takes a key the document omits")
+                    }
+                    Access::Open | Access::Signed => {
+                        assert!(
+                            !bearer,
+                            "{method} {path} is documented with a key it does not check"
+                        )
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "{checked} operations checked");
+        assert_eq!(route(&Method::POST, "/v1/sql").access(), Access::Admin);
+        assert_eq!(route(&Method::POST, "/v1/check").access(), Access::Service);
+        assert_eq!(
+            route(&Method::PUT, "/v1/customers/a").access(),
+            Access::Admin
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/webhooks/stripe").access(),
+            Access::Signed
+        );
+    }
 
     #[test]
     fn every_documented_ingest_route_is_routed() {
