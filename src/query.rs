@@ -232,8 +232,14 @@ impl QueryEngine {
     ) -> Result<Self, QueryError> {
         let settings = config.sql.clone();
         // No list-files cache: DataFusion's default keeps a table's file list forever, and the
-        // archive adds a file every commit and swaps files on compaction.
-        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        // archive adds a file every commit and swaps files on compaction. The footer and
+        // statistics caches are bounded by the config: entries of replaced files leave only
+        // when a cache is full, so what they may hold is memory the server keeps.
+        let mib = |n: usize| n.saturating_mul(1024 * 1024);
+        let caches = CacheManagerConfig::default()
+            .with_list_files_cache_limit(0)
+            .with_metadata_cache_limit(mib(settings.metadata_cache_mb))
+            .with_file_statistics_cache_limit(mib(settings.statistics_cache_mb));
         let memory_limit = settings.memory_limit_mb.saturating_mul(1024 * 1024);
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(memory_limit, 1.0)

@@ -550,6 +550,12 @@ pub struct SqlSettings {
     /// and the answer says so. Unset: a quarter of `memoryLimitMb`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_answer_bytes: Option<usize>,
+    /// Parquet footers kept between queries (MiB). Every compaction writes a day's file anew,
+    /// and the footers of the files it replaced leave only when this is full: the engine's
+    /// own default (50 MiB) was most of what a long soak's memory climbed by.
+    pub metadata_cache_mb: usize,
+    /// File statistics kept between queries (MiB); filled and emptied like the footers.
+    pub statistics_cache_mb: usize,
 }
 
 impl SqlSettings {
@@ -583,6 +589,8 @@ impl Default for SqlSettings {
             max_rows: 100_000,
             memory_limit_mb: 2_048,
             max_answer_bytes: None,
+            metadata_cache_mb: 16,
+            statistics_cache_mb: 4,
         }
     }
 }
