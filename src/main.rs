@@ -296,8 +296,13 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,async_nats=warn,datafusion=warn")
     });
+    // Colour only for a person at a terminal who has not asked for none (NO_COLOR): log
+    // files and pipes get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if std::env::var("NORTHSTAR_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

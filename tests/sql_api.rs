@@ -299,3 +299,28 @@ fn sql_output_into_a_pipe_closed_early_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.to_lowercase().contains("broken pipe"), "{stderr}");
 }
+
+/// Log lines written to a pipe or a file carry no colour codes (they used to, whatever
+/// stderr was).
+#[test]
+fn log_lines_into_a_pipe_are_plain_text() {
+    let work = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(["sql", "SELECT 1 AS one", "--data"])
+        .arg(work.path().join("data"))
+        .current_dir(work.path())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not found; using built-in defaults"),
+        "the run logs a line: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+}
