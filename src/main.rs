@@ -97,7 +97,7 @@ enum Command {
         config: PathBuf,
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        format: ReportFormat,
         /// Judge the cohort against this time (RFC 3339) instead of the last event's.
         #[arg(long)]
         as_of: Option<String>,
@@ -199,9 +199,9 @@ enum BillingCommand {
         /// Config file.
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
-        /// Output format (table or json).
+        /// Output format.
         #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        format: ReportFormat,
     },
     /// Compare what northstar delivered with Stripe's meter event summaries (needs
     /// STRIPE_SECRET_KEY); exits 1 on any difference.
@@ -212,9 +212,9 @@ enum BillingCommand {
         /// Config file (the `billing` section).
         #[arg(long, default_value = "schemas/northstar.json")]
         config: PathBuf,
-        /// Output format (table or json).
+        /// Output format.
         #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        format: ReportFormat,
     },
 }
 
@@ -290,6 +290,16 @@ macro_rules! say_raw {
         use std::io::Write as _;
         write!(std::io::stdout(), $($arg)*)?
     }};
+}
+
+/// How a report (the aha analysis, billing status) is printed: a table for people, JSON for
+/// programs. Its rows are not one SQL answer, so the SQL formats (CSV, Arrow) do not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    /// Text for people.
+    Table,
+    /// JSON for programs.
+    Json,
 }
 
 fn init_logging() {
@@ -458,13 +468,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bar.finish_and_clear();
             let (analysis, version) = result?;
             match format {
-                Format::Json => say!(
+                ReportFormat::Json => say!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({"version": version, "analysis": analysis})
                     )?
                 ),
-                _ => {
+                ReportFormat::Table => {
                     say_raw!("{}", northstar::activation::analysis::table(&analysis, top));
                     say!("picture: {}", store.picture(version.version).display());
                 }
@@ -528,7 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } => northstar::billing::cli::status(
                     &load_config(&config)?,
                     &data,
-                    format == Format::Json,
+                    format == ReportFormat::Json,
                 )?,
                 BillingCommand::Reconcile {
                     data,
@@ -538,7 +548,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     northstar::billing::cli::reconcile_command(
                         &load_config(&config)?,
                         &data,
-                        format == Format::Json,
+                        format == ReportFormat::Json,
                     )
                     .await?
                 }

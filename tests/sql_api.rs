@@ -324,3 +324,21 @@ fn log_lines_into_a_pipe_are_plain_text() {
         "colour codes in a pipe: {stderr:?}"
     );
 }
+
+/// Reports print as a table or JSON; the SQL-only formats are refused by name instead of
+/// printing a table (`aha --format csv` and `billing status --format arrow` used to).
+#[test]
+fn reports_refuse_the_sql_only_formats() {
+    for args in [
+        &["aha", "--format", "csv"][..],
+        &["billing", "status", "--format", "arrow"][..],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("possible values: table, json"), "{stderr}");
+    }
+}
