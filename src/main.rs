@@ -251,20 +251,39 @@ enum UsageCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     northstar::heap::bound_arenas();
     init_logging();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    match runtime.block_on(run(cli)) {
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of our output went away (`northstar sql … | head`): that ends the
         // command, as it does any Unix tool's, and is not a failure.
-        Err(error) if is_broken_pipe(&error) => Ok(()),
-        other => other,
+        Err(error) if is_broken_pipe(&error) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", report(&error));
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// An error and its causes on one line, each cause once: many of our errors already say
+/// their cause in their own message, which a plain chain would repeat.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Whether `error` comes from writing to a pipe whose reader has closed it.

@@ -342,3 +342,26 @@ fn reports_refuse_the_sql_only_formats() {
         assert!(stderr.contains("possible values: table, json"), "{stderr}");
     }
 }
+
+/// A failing command prints one line, `error: …`, each cause once, and exits 1 (the
+/// config error used to repeat its cause under "Caused by:").
+#[test]
+fn a_failing_command_says_its_error_once() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(["sql", "SELECT 1", "--config", "/nonexistent/northstar.json"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read config /nonexistent/northstar.json"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
