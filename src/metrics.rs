@@ -372,7 +372,7 @@ impl Metrics {
                 |a| a.visible_seq.get() as f64,
             ),
             (
-                "northstar_archive_commit_seconds_sum",
+                "northstar_archive_commit_seconds_total",
                 "counter",
                 "Total time spent committing.",
                 |a| a.commit_micros_sum.get() as f64 / 1e6,
@@ -417,5 +417,28 @@ mod tests {
         assert!(
             text.contains("northstar_http_responses_total{route=\"segment\",status=\"200\"} 1")
         );
+    }
+
+    /// Prometheus's naming rules, as `promtool check metrics` applies them: a counter ends
+    /// in `_total`, and nothing else uses the suffixes of summaries and histograms
+    /// (`northstar_archive_commit_seconds_sum` was a counter named like a summary's part).
+    #[test]
+    fn every_counter_ends_in_total_and_no_name_takes_a_summary_suffix() {
+        let text = Metrics::default().render();
+        let mut counters = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').expect("name and type");
+            if kind == "counter" {
+                counters += 1;
+                assert!(name.ends_with("_total"), "counter {name}");
+            }
+            for suffix in ["_sum", "_count", "_bucket"] {
+                assert!(!name.ends_with(suffix), "{name} ends in {suffix}");
+            }
+        }
+        assert!(counters > 10, "{counters} counters");
     }
 }

@@ -587,7 +587,7 @@ async fn northstar_ingest(
     );
     let commit_seconds = metric_value(
         &metrics,
-        "northstar_archive_commit_seconds_sum{table=\"events\"}",
+        "northstar_archive_commit_seconds_total{table=\"events\"}",
     );
     let commits = metric_value(
         &metrics,
