@@ -80,37 +80,10 @@ fn decode_base64(bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
 
 /// The `data` field of a urlencoded form body.
 fn form_data_field(raw: &[u8]) -> Result<Vec<u8>, IngestError> {
-    for pair in raw.split(|b| *b == b'&') {
-        if let Some(value) = pair.strip_prefix(b"data=") {
-            return Ok(percent_decode(value));
-        }
-    }
-    Err(IngestError::InvalidBody(
-        "form body has no `data` field".into(),
-    ))
-}
-
-fn percent_decode(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        match input[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < input.len() => {
-                let hex = std::str::from_utf8(&input[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(byte) => {
-                        out.push(byte);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    out
+    form_urlencoded::parse(raw)
+        .find(|(key, _)| key == "data")
+        .map(|(_, value)| value.into_owned().into_bytes())
+        .ok_or_else(|| IngestError::InvalidBody("form body has no `data` field".into()))
 }
 
 #[cfg(test)]
@@ -180,9 +153,10 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding_survives_truncation() {
-        assert_eq!(percent_decode(b"a%4"), b"a%4");
-        assert_eq!(percent_decode(b"a%41"), b"aA");
-        assert_eq!(percent_decode(b"%"), b"%");
+    fn a_form_field_survives_truncated_escapes() {
+        assert_eq!(form_data_field(b"data=a%4").unwrap(), b"a%4");
+        assert_eq!(form_data_field(b"x=1&data=a%41+b").unwrap(), b"aA b");
+        assert_eq!(form_data_field(b"data=%").unwrap(), b"%");
+        assert!(form_data_field(b"other=1").is_err());
     }
 }
