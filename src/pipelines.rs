@@ -414,7 +414,8 @@ async fn merge_windows(
         .collect()
         .await
         .map_err(|e| e.to_string())?;
-    to_usage(&merged)
+    // `write_day` casts the merged windows to the `usage` schema.
+    Ok(merged)
 }
 
 /// Batches cast to the `usage` schema (a missing nullable column is nulls).

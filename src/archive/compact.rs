@@ -365,6 +365,31 @@ mod tests {
         write_parquet_file(&dir.join(name.file_name()), &schema(), [&batch], props).unwrap();
     }
 
+    /// The customer ids and sequences of a merged file, in its order.
+    fn read_rows(path: &Path) -> (Vec<String>, Vec<u64>) {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let (mut customers, mut seqs) = (Vec::new(), Vec::new());
+        for batch in reader {
+            let batch = batch.unwrap();
+            let c = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let s = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap();
+            customers.extend((0..c.len()).map(|i| c.value(i).to_string()));
+            seqs.extend(s.values().iter().copied());
+        }
+        (customers, seqs)
+    }
+
     #[test]
     fn merging_keeps_every_row_once_and_in_order() {
         let table = tempfile::tempdir().unwrap();
@@ -381,27 +406,7 @@ mod tests {
 
         let parts = list_parts(table.path()).unwrap();
         assert_eq!(parts.len(), 1, "inputs are gone: {parts:?}");
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&parts[0].path).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        let mut customers = Vec::new();
-        let mut seqs = Vec::new();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let c = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let s = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .unwrap();
-            customers.extend((0..c.len()).map(|i| c.value(i).to_string()));
-            seqs.extend(s.values().iter().copied());
-        }
+        let (customers, mut seqs) = read_rows(&parts[0].path);
         assert_eq!(customers, vec!["a", "a", "b", "b", "c", "c", "d", "e", "f"]);
         seqs.sort();
         assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
@@ -479,26 +484,7 @@ mod tests {
         compact(&dir, &inputs, &schema(), &["customer_id"], props).unwrap();
         let parts = list_parts(table.path()).unwrap();
         assert_eq!(parts.len(), 1);
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&parts[0].path).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        let (mut customers, mut seqs) = (Vec::new(), Vec::new());
-        for batch in reader {
-            let batch = batch.unwrap();
-            let c = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let s = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .unwrap();
-            customers.extend((0..c.len()).map(|i| c.value(i).to_string()));
-            seqs.extend(s.values().iter().copied());
-        }
+        let (customers, mut seqs) = read_rows(&parts[0].path);
         assert!(
             customers.is_sorted(),
             "the merged file keeps the sort order"
