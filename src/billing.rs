@@ -14,7 +14,6 @@
 //! identifier, which the provider keeps once. What is owed is derived from closed usage, which
 //! is a function of the stream, so a crash and replay re-derive it and owe nothing twice.
 
-pub mod cli;
 pub mod deliver;
 pub mod outbox;
 pub mod reconcile;

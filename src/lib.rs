@@ -21,6 +21,7 @@
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`api`]: the HTTP server that fronts all of the above;
 //! - [`server`]: `serve`, which starts and stops the components in order;
+//! - [`cli`]: the command line, each subcommand a function (`main.rs` only calls it);
 //! - [`bench`]: `northstar bench`, our numbers next to a baseline measured in the same run.
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
@@ -35,6 +36,7 @@ pub mod archive;
 pub mod bench;
 pub mod billing;
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -1,0 +1,111 @@
+//! Commands that ask a running server over HTTP: `import`, `rejected replay`, `usage verify`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::AdminServer;
+use crate::client::HttpClient;
+
+#[derive(Args)]
+pub(super) struct ImportArgs {
+    /// The file.
+    file: PathBuf,
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    url: String,
+    /// A write key of the source the history belongs to.
+    #[arg(long, env = "NORTHSTAR_WRITE_KEY", hide_env_values = true)]
+    write_key: String,
+}
+
+impl ImportArgs {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let report = crate::ingest::import::run(&self.file, &self.url, &self.write_key)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        say!(
+            "{} lines: {} stored, {} already stored, {} rejected, {} sampled out",
+            report.lines,
+            report.accepted,
+            report.duplicates,
+            report.rejected,
+            report.sampled_out
+        );
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub(super) enum RejectedCommand {
+    /// Re-submit rejected messages through today's validation (as their original source).
+    Replay {
+        #[command(flatten)]
+        server: AdminServer,
+        /// Only messages received since (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only messages of this source.
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
+impl RejectedCommand {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let RejectedCommand::Replay {
+            server,
+            since,
+            source,
+        } = self;
+        let body = serde_json::to_vec(&json!({"since": since, "source": source}))?;
+        let (status, answer) = server.post("/v1/rejected/replay", body).await?;
+        say!("{}", serde_json::to_string_pretty(&answer)?);
+        anyhow::ensure!(status == 200, "replay failed with status {status}");
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub(super) enum UsageCommand {
+    /// Ask a running server to compare its meter with SQL over events and the usage windows
+    /// (exit 1 on any difference).
+    Verify {
+        #[command(flatten)]
+        server: AdminServer,
+    },
+}
+
+impl UsageCommand {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let UsageCommand::Verify { server } = self;
+        let (status, report) = server.post("/v1/usage/verify", Vec::new()).await?;
+        say!("{}", serde_json::to_string_pretty(&report)?);
+        if status != 200 || report["ok"] != Value::Bool(true) {
+            anyhow::bail!("usage verification failed");
+        }
+        Ok(())
+    }
+}
+
+impl AdminServer {
+    /// POSTs `body` (JSON, or nothing) to `path` with the admin key; the status and the JSON
+    /// answer.
+    async fn post(&self, path: &str, body: Vec<u8>) -> anyhow::Result<(u16, Value)> {
+        let bearer = format!("Bearer {}", self.admin_key);
+        let mut headers = vec![("authorization", bearer.as_str())];
+        if !body.is_empty() {
+            headers.push(("content-type", "application/json"));
+        }
+        let response = HttpClient::new()
+            .send(
+                http::Method::POST,
+                &format!("{}{path}", self.url),
+                &headers,
+                body,
+            )
+            .await?;
+        Ok((response.status, response.json()))
+    }
+}

@@ -1,0 +1,104 @@
+//! `northstar serve`: the server, until a stop signal.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{ConfigFile, DataDir};
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigFile,
+    #[command(flatten)]
+    data: DataDir,
+    /// HTTP listen address (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// External NATS server or cluster; without it northstar runs its own nats-server.
+    #[arg(long, env = "NORTHSTAR_NATS_URL")]
+    nats_url: Option<String>,
+    /// After start, send this many demo events and print what to try next.
+    #[arg(long)]
+    demo: Option<usize>,
+    /// Directory of the windowed usage pipelines [default: ./pipelines if it exists, else
+    /// the shipped usage_hourly and usage_daily].
+    #[arg(long)]
+    pipelines: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let mut config = self.config.load()?;
+        let write_key = std::env::var("NORTHSTAR_WRITE_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        if let Some(key) = &write_key {
+            config.add_default_write_key(key);
+        }
+        let demo_key = write_key.or_else(|| {
+            config
+                .sources
+                .iter()
+                .flat_map(|s| s.write_keys.first())
+                .next()
+                .cloned()
+        });
+        let data = self.data.path;
+        let options = crate::server::ServeOptions {
+            config,
+            data_dir: data.clone(),
+            listen: self.listen,
+            nats_url: self.nats_url,
+            admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
+            service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
+            clock: crate::clock::Clock::system(),
+            pipelines_dir: self.pipelines,
+            billing_secrets: crate::billing::Secrets::from_env(),
+        };
+        let server = crate::server::start(options).await?;
+        let base = format!("http://{}", server.addr);
+        // The harness and scripts read this line; a closed stdout must not stop the server.
+        let _ = writeln!(std::io::stdout(), "northstar listening on {base}");
+        if let Some(count) = self.demo {
+            let key = demo_key.context(
+                "--demo needs a write key: set NORTHSTAR_WRITE_KEY or add one to the config",
+            )?;
+            print_demo(&base, &key, count, &data).await;
+        }
+        crate::server::shutdown_signal().await;
+        eprintln!("stopping: committing what is buffered…");
+        server.stop().await;
+        Ok(())
+    }
+}
+
+/// Sends the demo workload and prints what to try next.
+async fn print_demo(base: &str, write_key: &str, count: usize, data: &Path) {
+    let now = crate::clock::system_micros();
+    match crate::demo::send_demo(base, write_key, count, now).await {
+        Ok(report) => {
+            let exe = std::env::args()
+                .next()
+                .unwrap_or_else(|| "northstar".into());
+            // A server whose stdout is gone goes on serving: this print is a courtesy.
+            let _ = writeln!(
+                std::io::stdout(),
+                "\nDemo: {} events stored ({} already there from an earlier run).\n\n\
+                 Write key: {write_key}\n\n\
+                 Send an event:\n  curl -s -u '{write_key}:' {base}/v1/track -H 'content-type: application/json' \\\n    \
+                 -d '{{\"userId\":\"u1\",\"event\":\"api_call_made\",\"properties\":{{\"endpoint\":\"/v1/search\"}}}}'\n\n\
+                 Query it (events are in Parquet within a few seconds):\n  \
+                 {exe} sql --data {} \"SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC\"\n\n\
+                 Stop with Ctrl-C (buffered events are committed first).",
+                report.accepted,
+                report.duplicates,
+                data.display()
+            );
+        }
+        Err(error) => eprintln!("demo workload failed: {error}"),
+    }
+}
