@@ -41,14 +41,16 @@ const MERGE_BATCH_ROWS: usize = 8_192;
 /// [`MERGE_BATCH_ROWS`]). A merge behind a busy day used to hold 8,192 rows of each of its 30
 /// or 40 inputs, 100–180 MiB at 29,000 events/s, growing as the day's file slowed each merge
 /// and more commits piled up behind it.
-const MERGE_HELD_ROWS: usize = 65_536;
+const MERGE_HELD_ROWS: usize = 32_768;
 
 /// The fewest rows one input reads at a time (a smaller batch costs more per row to decode).
 const MIN_INPUT_BATCH_ROWS: usize = 1_024;
 
 /// Most files one compaction merges; more wait for the next run. With
-/// [`MIN_INPUT_BATCH_ROWS`] this bounds what a merge holds at 64 × 1,024 rows.
-pub const MAX_INPUTS: usize = 64;
+/// [`MIN_INPUT_BATCH_ROWS`] this bounds the rows a merge holds at 32 × 1,024; what each input
+/// costs beside its rows (a decoded page and a zstd context per column, the dictionaries) is
+/// about 2.8 MiB, measured at 64 inputs behind a busy day.
+pub const MAX_INPUTS: usize = 32;
 
 /// Rows each of `inputs` reads at a time.
 fn input_batch_rows(inputs: usize) -> usize {
@@ -61,28 +63,44 @@ struct Journal {
     inputs: Vec<String>,
 }
 
-/// Picks the files of one partition worth merging: committed (at or below `committed_seq`),
-/// smaller than `target_bytes`, oldest first, until their total would pass `target_bytes` or
-/// [`MAX_INPUTS`] are picked. Returns nothing unless at least `min_files` qualify.
+/// Picks the files of one partition worth merging: committed (at or below `committed_seq`)
+/// and smaller than `target_bytes`, without the oldest while one alone is larger than all
+/// the files after it together; then oldest first, until their total would pass
+/// `target_bytes` or [`MAX_INPUTS`] are picked. Returns nothing unless at least `min_files`
+/// are picked.
+///
+/// Leaving the large files out makes the merges tiered: a day's large file is rewritten only
+/// when the files behind it have grown as large, not after every few commits. Without it
+/// each merge of a busy day rewrote the whole of the day's growing file, took longer each
+/// time, and found more commits waiting (each a reader held in memory) when it was done.
 pub fn pick_inputs(
     parts: &[PartFile],
     committed_seq: u64,
     min_files: usize,
     target_bytes: u64,
 ) -> Vec<PartFile> {
+    let eligible: Vec<&PartFile> = parts
+        .iter()
+        .filter(|part| part.name.last_seq <= committed_seq && part.bytes < target_bytes)
+        .collect();
+    let mut after: u64 = eligible.iter().map(|part| part.bytes).sum();
+    let larger_than_the_rest = eligible
+        .iter()
+        .take_while(|part| {
+            after -= part.bytes;
+            part.bytes > after
+        })
+        .count();
     let mut picked = Vec::new();
     let mut total = 0u64;
-    for part in parts {
-        if part.name.last_seq > committed_seq || part.bytes >= target_bytes {
-            continue;
-        }
+    for part in &eligible[larger_than_the_rest..] {
         if (total + part.bytes > target_bytes && picked.len() >= min_files)
             || picked.len() == MAX_INPUTS
         {
             break;
         }
         total += part.bytes;
-        picked.push(part.clone());
+        picked.push((*part).clone());
     }
     if picked.len() >= min_files {
         picked
@@ -458,12 +476,58 @@ mod tests {
         assert_eq!(picked[0].name.first_seq, 1, "the oldest first");
     }
 
+    /// A busy day's compacted file is left alone while the commits behind it are smaller
+    /// together, so merges stay small and quick; it joins a merge once they have caught up.
+    #[test]
+    fn a_large_file_joins_a_merge_only_when_the_files_after_it_are_as_large() {
+        let part = |i: u64, bytes: u64| PartFile {
+            date: "d".into(),
+            path: format!("p{i}").into(),
+            name: PartName {
+                first_seq: i * 10 + 1,
+                last_seq: i * 10 + 10,
+                compacted: i == 0,
+            },
+            bytes,
+        };
+        let day = part(0, 1_000);
+        let commits: Vec<PartFile> = (1..=12).map(|i| part(i, 10)).collect();
+        let parts: Vec<PartFile> = std::iter::once(day.clone())
+            .chain(commits.iter().cloned())
+            .collect();
+        let picked = pick_inputs(&parts, u64::MAX, 12, u64::MAX);
+        assert_eq!(picked.len(), 12, "the commits alone");
+        assert!(picked.iter().all(|p| p.bytes == 10));
+
+        // Tiers: the day's file, a merge of earlier commits, new commits. The earlier merge
+        // is larger than the new commits together, so they merge alone.
+        let mut parts = vec![day.clone(), part(1, 200)];
+        parts.extend((2..=13).map(|i| part(i, 10)));
+        let picked = pick_inputs(&parts, u64::MAX, 12, u64::MAX);
+        assert_eq!(picked.len(), 12);
+        assert_eq!(picked[0].name.first_seq, 21);
+
+        // Once the files behind the day's file are as large as it, it merges with them.
+        let mut parts = vec![day, part(1, 500), part(2, 400)];
+        parts.extend((3..=12).map(|i| part(i, 10)));
+        let picked = pick_inputs(&parts, u64::MAX, 12, u64::MAX);
+        assert_eq!(picked.len(), 13, "the day's file and all behind it");
+        assert_eq!(picked[0].name.first_seq, 1);
+
+        // A day's file near the target does not hold back the commits after it.
+        let mut parts = vec![part(0, 990)];
+        parts.extend((1..=12).map(|i| part(i, 10)));
+        let picked = pick_inputs(&parts, u64::MAX, 12, 1_000);
+        assert_eq!(picked.len(), 12, "the commits merge without the day's file");
+        assert!(picked.iter().all(|p| p.bytes == 10));
+    }
+
     /// What a merge holds decoded stays at [`MERGE_HELD_ROWS`] (or the floor of a batch per
     /// input) however many inputs it has, and small batches change nothing in the output.
     #[test]
     fn many_inputs_are_read_in_smaller_batches_and_merge_the_same() {
         assert_eq!(input_batch_rows(2), MERGE_BATCH_ROWS);
-        assert_eq!(input_batch_rows(32), MERGE_HELD_ROWS / 32);
+        assert_eq!(input_batch_rows(16), MERGE_HELD_ROWS / 16);
         assert_eq!(input_batch_rows(MAX_INPUTS), MIN_INPUT_BATCH_ROWS);
         assert!(input_batch_rows(MAX_INPUTS) * MAX_INPUTS <= MERGE_HELD_ROWS);
 
