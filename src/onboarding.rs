@@ -488,7 +488,9 @@ fn save(dir: &std::path::Path, state: &State) -> bool {
     }
 }
 
-/// Starts the trigger delivery and returns the engine's part of the stream followers.
+/// Starts the trigger delivery and returns the engine's part of the stream followers, and the
+/// delivery's task: it ends once the part is dropped (with the followers, at stop) and what it
+/// was handed is delivered.
 pub async fn prepare(
     engine: Arc<Onboarding>,
     js: &jetstream::Context,
@@ -497,7 +499,7 @@ pub async fn prepare(
     data_dir: &std::path::Path,
     webhook: Option<String>,
     supervisor: &Arc<crate::supervise::Supervisor>,
-) -> Result<Part, BusError> {
+) -> Result<(Part, tokio::task::JoinHandle<()>), BusError> {
     let dir = data_dir.join("onboarding");
     let saved: Option<State> = std::fs::read(dir.join("state.json"))
         .ok()
@@ -508,14 +510,14 @@ pub async fn prepare(
     engine.applied.store(after, Ordering::SeqCst);
     *engine.write_state() = state;
     let (tx, rx) = mpsc::unbounded_channel();
-    supervisor.spawn("onboarding-triggers", deliver(rx, client, webhook));
+    let delivery = supervisor.spawn("onboarding-triggers", deliver(rx, client, webhook));
     let follower = OnboardingFollower {
         engine,
         fired: tx,
         dir,
         saved: Arc::new(std::sync::atomic::AtomicU64::new(after)),
     };
-    Ok(Part::new(follower, after, Duration::from_secs(5)))
+    Ok((Part::new(follower, after, Duration::from_secs(5)), delivery))
 }
 
 /// Publishes fired triggers (deduplicated downstream by `Nats-Msg-Id` = event id + trigger) and

@@ -1,10 +1,15 @@
 //! `northstar serve`: wires the components together and takes them down in order.
 //!
-//! Start: NATS (embedded child or `--nats-url`) → streams → archivers (recover, resume after
-//! their manifests) → customers, then the stream followers (meter, identities, billing windows,
-//! onboarding: snapshot + replay, on one shared consumer) → HTTP. Stop (SIGTERM, Ctrl-C): HTTP
-//! stops accepting and finishes the requests in flight → archivers commit what they hold and
-//! ack, the followers write their snapshots → the embedded server stops.
+//! Start: everything that can be checked without NATS first (the data dir's lock, the schema
+//! registry, the usage pipelines), so a mistake in them is said before any process is spawned;
+//! then NATS (embedded child or `--nats-url`) → streams → archivers (recover, resume after their
+//! manifests) → customers, then the stream followers (meter, identities, billing windows,
+//! onboarding: snapshot + replay, on one shared consumer) → HTTP on the listener the caller
+//! bound. Stop (SIGTERM, Ctrl-C, or the caller's shutdown future): HTTP stops accepting and
+//! finishes the requests in flight → archivers commit what they hold and ack, the followers
+//! write their snapshots → every background task ends → the embedded server stops. Every task
+//! the server spawns is owned by [`RunningServer`] and awaited at stop; a panic in one is
+//! counted and shown by `/healthz` (see [`crate::supervise`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,8 +82,6 @@ pub struct ServeOptions {
     pub config: Config,
     /// The data dir (Parquet tables, manifests, the embedded JetStream store).
     pub data_dir: PathBuf,
-    /// Where to listen (loopback by default).
-    pub listen: SocketAddr,
     /// An external NATS server or cluster; `None` runs the embedded one.
     pub nats_url: Option<String>,
     /// The admin key; admin routes are closed without one.
@@ -106,8 +109,11 @@ pub struct RunningServer {
     stop_archivers: watch::Sender<bool>,
     stop_meter: watch::Sender<bool>,
     followers: JoinHandle<()>,
-    billing_delivery: Option<JoinHandle<()>>,
-    http: JoinHandle<()>,
+    /// The tasks beside the pipeline (customers, notices, billing delivery, the stream, disk
+    /// and NATS watchers, scheduled recomputes): each ends on `stop_meter`.
+    background: Vec<JoinHandle<()>>,
+    /// `None` once it has ended and been awaited.
+    http: Option<JoinHandle<()>>,
     archivers: Vec<JoinHandle<()>>,
     client: async_nats::Client,
     embedded: Option<Arc<tokio::sync::Mutex<EmbeddedNats>>>,
@@ -115,12 +121,24 @@ pub struct RunningServer {
     _lock: crate::files::DirLock,
 }
 
-/// Starts everything and returns once HTTP is accepting requests.
-pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
+/// Binds the HTTP address, before anything else starts: an address in use is said at once.
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            context: format!("binding {listen}"),
+            source,
+        })
+}
+
+/// Starts everything and returns once HTTP is accepting requests on `listener`.
+pub async fn start(
+    options: ServeOptions,
+    listener: TcpListener,
+) -> Result<RunningServer, ServeError> {
     let ServeOptions {
         config,
         data_dir,
-        listen,
         nats_url,
         admin_key,
         service_key,
@@ -149,6 +167,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             });
         }
     };
+    let definitions = crate::pipelines::load(pipelines_dir.as_deref())?;
+    let schema_dir = PathBuf::from(&config.registry.schema_dir);
+    let registry = Arc::new(crate::schema::Registry::load(&config, Some(&schema_dir))?);
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        context: "reading the bound address".into(),
+        source,
+    })?;
     if config.sources.iter().all(|s| s.write_keys.is_empty()) {
         tracing::warn!(
             "no write keys configured: every ingest request will get 401; set NORTHSTAR_WRITE_KEY or add sources[] to the config"
@@ -191,6 +216,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());
     let (stop_archivers, archivers_stop) = watch::channel(false);
+    let (stop_meter, meter_stop) = watch::channel(false);
+    let mut background = Vec::new();
     // The follower loop hands each event on to the events archiver (see `archive::Feed`).
     let (feed_tx, feed) = match config.archive.feed_capacity {
         0 => (None, None),
@@ -238,7 +265,10 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         )
         .await?,
     );
-    supervisor.spawn("customers", customers.clone().follow());
+    background.push(supervisor.spawn(
+        "customers",
+        customers.clone().follow(stop_meter.subscribe()),
+    ));
     let (notice_tx, notice_rx) = notices::channel();
     let meter = Arc::new(Meter::new(
         &config,
@@ -248,7 +278,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         clock.clone(),
     ));
-    let (stop_meter, meter_stop) = watch::channel(false);
     let js = publisher.jetstream().clone();
     let mut followers = vec![
         runner::prepare(
@@ -272,7 +301,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     )
     .await?;
     followers.push(identity);
-    let mut billing_delivery = None;
     let billing = match crate::billing::start(
         &config,
         billing_secrets,
@@ -289,12 +317,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
     {
         Some(started) => {
             followers.push(started.follower);
-            billing_delivery = Some(supervisor.spawn("billing-delivery", started.delivery));
+            background.push(supervisor.spawn("billing-delivery", started.delivery));
             Some(started.billing)
         }
         None => None,
     };
-    supervisor.spawn(
+    background.push(supervisor.spawn(
         "notices",
         notices::run(
             notice_rx,
@@ -302,15 +330,15 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             customers,
             config.metering.threshold_webhook.clone(),
             clock.clone(),
+            stop_meter.subscribe(),
         ),
-    );
+    ));
 
     let live = crate::query::tables::LiveTables {
         events: Some(events.live.clone()),
         rejected: Some(rejected.live.clone()),
     };
     let query = Arc::new(QueryEngine::open_live(&data_dir, &config, &live).await?);
-    let definitions = crate::pipelines::load(pipelines_dir.as_deref())?;
     let (pipelines_tx, pipelines_progress) = watch::channel(0);
     let pipelines_task = supervisor.spawn(
         "pipelines",
@@ -324,8 +352,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             archivers_stop_for_pipelines,
         ),
     );
-    let schema_dir = PathBuf::from(&config.registry.schema_dir);
-    let registry = Arc::new(crate::schema::Registry::load(&config, Some(&schema_dir))?);
     let ingestor = Ingestor::new(
         config.clone(),
         registry,
@@ -344,7 +370,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             acked: Box::new(move |seq| backlog.acked(seq)),
         });
     }
-    supervisor.spawn(
+    background.push(supervisor.spawn(
         "stream-state",
         watch_stream(
             publisher.jetstream().clone(),
@@ -355,7 +381,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             metrics.clone(),
             stop_meter.subscribe(),
         ),
-    );
+    ));
     {
         let mut watched = vec![
             data_dir.clone(),
@@ -365,20 +391,20 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         if embedded.is_some() {
             watched.push(store_dir.clone());
         }
-        supervisor.spawn(
+        background.push(supervisor.spawn(
             "disk",
             ingestor.disk().clone().run(
                 watched,
                 config.storage.check_interval.get(),
                 stop_meter.subscribe(),
             ),
-        );
+        ));
     }
     let embedded = embedded.map(|server| Arc::new(tokio::sync::Mutex::new(server)));
     let jetstream_health = ingestor.jetstream().clone();
     {
         let disk = ingestor.disk().clone();
-        supervisor.spawn(
+        background.push(supervisor.spawn(
             "jetstream-watch",
             crate::bus::watch::watch(
                 client.clone(),
@@ -388,12 +414,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
                 config.storage.check_interval.get(),
                 stop_meter.subscribe(),
             ),
-        );
+        ));
     }
     let activation_store = crate::activation::ActivationStore::open(&data_dir);
     let question = crate::activation::Question::from_config(&config);
     if !config.activation.schedule.get().is_zero() {
-        supervisor.spawn(
+        background.push(supervisor.spawn(
             "activation",
             recompute_on_schedule(
                 query.clone(),
@@ -403,7 +429,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
                 clock.clone(),
                 stop_meter.subscribe(),
             ),
-        );
+        ));
     }
     let plans_of = meter.customers().clone();
     let onboarding = Arc::new(crate::onboarding::Onboarding::new(
@@ -411,18 +437,18 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         activation_store.clone(),
         Box::new(move |customer| plans_of.terms(customer).plan.clone()),
     ));
-    followers.push(
-        crate::onboarding::prepare(
-            onboarding.clone(),
-            &js,
-            client.clone(),
-            &config.stream.name,
-            &data_dir,
-            config.onboarding.trigger_webhook.clone(),
-            &supervisor,
-        )
-        .await?,
-    );
+    let (onboarding_part, trigger_delivery) = crate::onboarding::prepare(
+        onboarding.clone(),
+        &js,
+        client.clone(),
+        &config.stream.name,
+        &data_dir,
+        config.onboarding.trigger_webhook.clone(),
+        &supervisor,
+    )
+    .await?;
+    followers.push(onboarding_part);
+    background.push(trigger_delivery);
     let followers = Fanout::new(followers).supervised(supervisor.clone());
     {
         // The meter takes each event in when its publish is acked, before the client hears
@@ -529,16 +555,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
             jetstream: jetstream_health,
         },
     });
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Io {
-            context: format!("binding {listen}"),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Io {
-        context: "reading the bound address".into(),
-        source,
-    })?;
     let (stop_http, mut http_stop) = watch::channel(false);
     let http = tokio::spawn(api::serve(listener, state, async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
@@ -552,8 +568,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
         stop_archivers,
         stop_meter,
         followers,
-        billing_delivery,
-        http,
+        background,
+        http: Some(http),
         archivers: vec![events.task, rejected.task, pipelines_task],
         client,
         embedded,
@@ -562,17 +578,35 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, ServeError> {
 }
 
 impl RunningServer {
-    /// Stops in order: HTTP drains, archivers commit and ack, NATS stops.
+    /// Serves until `shutdown` resolves (or the HTTP server ends on its own, which only a
+    /// panic in it does), then stops in order.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
+        if let Some(http) = self.http.as_mut() {
+            tokio::select! {
+                () = shutdown => {}
+                _ = http => {
+                    tracing::error!("the HTTP server ended; stopping");
+                    self.http = None;
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Stops in order: HTTP drains, archivers commit and ack, the followers snapshot, the
+    /// background tasks end, NATS stops.
     pub async fn stop(self) {
         let _ = self.stop_http.send(true);
-        let _ = self.http.await;
+        if let Some(http) = self.http {
+            let _ = http.await;
+        }
         let _ = self.stop_archivers.send(true);
         let _ = self.stop_meter.send(true);
         for task in self.archivers {
             let _ = task.await;
         }
         let _ = self.followers.await;
-        if let Some(task) = self.billing_delivery {
+        for task in self.background {
             let _ = task.await;
         }
         let _ = self.client.flush().await;

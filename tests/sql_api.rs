@@ -365,3 +365,29 @@ fn a_failing_command_says_its_error_once() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// `serve` checks what it can before it spawns anything: a wrong pipeline file is said and
+/// nats-server never started (its store dir is never made).
+#[test]
+fn a_wrong_pipeline_is_said_before_nats_server_is_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir(&pipelines).unwrap();
+    std::fs::write(pipelines.join("usage_weekly.sql"), "SELECT 1").unwrap();
+    let data = dir.path().join("data");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--pipelines")
+        .arg(&pipelines)
+        .env_remove("NORTHSTAR_NATS_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("usage_weekly.sql"), "{stderr}");
+    assert!(
+        !data.join("jetstream").exists(),
+        "nats-server was started before the pipelines were checked"
+    );
+}

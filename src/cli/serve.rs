@@ -48,10 +48,10 @@ impl ServeArgs {
                 .cloned()
         });
         let data = self.data.path;
+        let listener = crate::server::bind(self.listen).await?;
         let options = crate::server::ServeOptions {
             config,
             data_dir: data.clone(),
-            listen: self.listen,
             nats_url: self.nats_url,
             admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
             service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
@@ -59,7 +59,7 @@ impl ServeArgs {
             pipelines_dir: self.pipelines,
             billing_secrets: crate::billing::Secrets::from_env(),
         };
-        let server = crate::server::start(options).await?;
+        let server = crate::server::start(options, listener).await?;
         let base = format!("http://{}", server.addr);
         // The harness and scripts read this line; a closed stdout must not stop the server.
         let _ = writeln!(std::io::stdout(), "northstar listening on {base}");
@@ -69,9 +69,12 @@ impl ServeArgs {
             )?;
             print_demo(&base, &key, count, &data).await;
         }
-        crate::server::shutdown_signal().await;
-        eprintln!("stopping: committing what is buffered…");
-        server.stop().await;
+        server
+            .run_until(async {
+                crate::server::shutdown_signal().await;
+                eprintln!("stopping: committing what is buffered…");
+            })
+            .await;
         Ok(())
     }
 }

@@ -317,15 +317,22 @@ impl CustomerStore {
         customer
     }
 
-    /// Follows changes other nodes make, until the watch ends.
-    pub async fn follow(self: Arc<Self>) {
+    /// Follows changes other nodes make, until the watch ends or `stop` turns true.
+    pub async fn follow(self: Arc<Self>, mut stop: crate::shutdown::Shutdown) {
         let Ok(mut watch) = self.kv.watch_all().await else {
             tracing::warn!(
                 "cannot watch the customer bucket; changes made by other nodes are not seen"
             );
             return;
         };
-        while let Some(entry) = watch.next().await {
+        loop {
+            let entry = tokio::select! {
+                entry = watch.next() => entry,
+                () = crate::shutdown::wait_for_stop(&mut stop) => return,
+            };
+            let Some(entry) = entry else {
+                return;
+            };
             if let Ok(entry) = entry
                 && let Ok(customer) = serde_json::from_slice::<Customer>(&entry.value)
             {

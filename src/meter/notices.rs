@@ -118,9 +118,19 @@ pub async fn run(
     customers: Arc<CustomerStore>,
     webhook: Option<String>,
     clock: Clock,
+    mut stop: crate::shutdown::Shutdown,
 ) {
     let http = HttpClient::new();
-    while let Some(notice) = notices.recv().await {
+    loop {
+        // At stop, what is queued is still delivered; then the task ends.
+        let notice = tokio::select! {
+            biased;
+            notice = notices.recv() => notice,
+            () = crate::shutdown::wait_for_stop(&mut stop) => notices.try_recv().ok(),
+        };
+        let Some(notice) = notice else {
+            return;
+        };
         match &notice {
             Notice::Suspend {
                 customer_id,

@@ -580,7 +580,6 @@ impl InProcess {
         let options = northstar::server::ServeOptions {
             config,
             data_dir: data.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
             nats_url: Some(nats.url.clone()),
             admin_key: Some(ADMIN_KEY.into()),
             service_key: Some(SERVICE_KEY.into()),
@@ -591,7 +590,10 @@ impl InProcess {
                 webhook_secret: Some(STRIPE_WEBHOOK_SECRET.into()),
             },
         };
-        let server = northstar::server::start(options)
+        let listener = northstar::server::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("a loopback port");
+        let server = northstar::server::start(options, listener)
             .await
             .expect("server starts");
         let base = format!("http://{}", server.addr);
