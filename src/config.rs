@@ -6,6 +6,7 @@
 //! write key must belong to one source only, …). Only a validated [`Config`] leaves this module.
 
 mod duration;
+pub mod schemaver;
 mod sections;
 
 use std::collections::{BTreeMap, HashSet};
@@ -224,7 +225,7 @@ impl Config {
                 }
             }
             if let Some(version) = &event.version
-                && crate::schema::schemaver::SchemaVer::parse(version).is_none()
+                && schemaver::SchemaVer::parse(version).is_none()
             {
                 return Err((
                     format!("events[{i}].version"),

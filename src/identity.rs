@@ -16,18 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::bus::BusError;
 use crate::bus::follower::{Follow, Part, Saved};
-use crate::event::{EventType, EventView, timestamp_type};
+use crate::catalog::{IDENTITIES, identities_schema};
+use crate::event::{EventType, EventView};
 pub use graph::{IdentityGraph, Outcome, is_placeholder};
 
 /// Directory of the identity state and table under the data dir.
-pub const DIR: &str = "identities";
 const STATE_FILE: &str = "_state.json";
 const TABLE_FILE: &str = "identities.parquet";
 /// How far past the table's own sequence nothing changed it: a restart resumes after that.
@@ -40,17 +39,6 @@ struct CleanThrough {
     table_seq: u64,
     /// No event after `table_seq` up to this one changed the table.
     through: u64,
-}
-
-/// Schema of the `identities` table.
-pub fn identities_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("person_id", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("linked_at", timestamp_type(), false),
-        Field::new("seq", DataType::UInt64, false),
-    ]))
 }
 
 /// The resumable state: the graph and the last sequence it includes.
@@ -247,7 +235,7 @@ pub fn save_graph(data_dir: &Path, graph: IdentityGraph) -> Result<(), String> {
         stream_created: None,
         graph,
     };
-    write(&data_dir.join(DIR), &state)
+    write(&data_dir.join(IDENTITIES.dir), &state)
 }
 
 /// Writes the table (Parquet) and then the state (JSON), each atomically.
@@ -303,7 +291,7 @@ pub async fn prepare(
     js: &jetstream::Context,
     target: IdentityTarget,
 ) -> Result<(Part, Arc<IdentityStats>), BusError> {
-    let dir = target.data_dir.join(DIR);
+    let dir = target.data_dir.join(IDENTITIES.dir);
     let mut stream = js
         .get_stream(&target.stream)
         .await

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod backlog;
 pub mod body;
+pub mod check;
 pub mod fast;
 pub mod import;
 pub mod normalize;

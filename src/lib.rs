@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //!
-//! Data flows down this list; dependencies point the same way (nothing reaches back up).
+//! Data flows down this list; dependencies point the same way (nothing reaches back up:
+//! `tests/layers.rs` fails on an import circle between files or between these components).
 //!
 //! - [`config`]: the config file (the seed's template as a strict superset), validated once;
+//! - [`catalog`]: every table's name, directory and schema, shared by its writer and by SQL;
 //! - [`ingest`]: Segment and PostHog wires → validated [`event::EventRecord`]s;
 //! - [`bus`]: NATS JetStream, embedded or external: streams, consumers, acked publishing;
 //! - [`schema`]: what a valid event is (metered quantities today, the registry tomorrow);
@@ -36,6 +38,7 @@ pub mod archive;
 pub mod bench;
 pub mod billing;
 pub mod bus;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod clock;

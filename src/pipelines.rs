@@ -21,10 +21,10 @@ use arrow::compute::cast;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::catalog::usage_schema;
 use crate::config::parse_duration;
 use crate::files;
 use crate::query::QueryEngine;
-use crate::query::tables::usage_schema;
 use crate::shutdown::{Shutdown, wait_for_stop};
 use crate::supervise::Supervisor;
 

@@ -148,7 +148,7 @@ pub fn derived_state(data_dir: &Path) -> Vec<PathBuf> {
         data_dir
             .join("meter")
             .join(crate::meter::snapshot::SNAPSHOT_FILE),
-        data_dir.join(crate::identity::DIR),
+        data_dir.join(crate::catalog::IDENTITIES.dir),
         data_dir
             .join("billing")
             .join(crate::billing::runner::SNAPSHOT_FILE),

@@ -25,6 +25,7 @@ use crate::archive::{self, ArchiveTarget, EventsFormat, RejectedFormat};
 use crate::bus::budget::Budget;
 use crate::bus::follower::{Fanout, follow};
 use crate::bus::{self, EmbeddedNats, Publisher, ensure_streams};
+use crate::catalog;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ingest::Ingestor;
@@ -232,7 +233,7 @@ pub async fn start(
         ArchiveTarget {
             stream: config.stream.name.clone(),
             consumer: "archiver-events".into(),
-            dir: data_dir.join("events"),
+            dir: data_dir.join(catalog::EVENTS.dir),
             feed,
         },
         config.archive.clone(),
@@ -246,7 +247,7 @@ pub async fn start(
         ArchiveTarget {
             stream: config.stream.rejected_name.clone(),
             consumer: "archiver-rejected".into(),
-            dir: data_dir.join("rejected"),
+            dir: data_dir.join(catalog::REJECTED_EVENTS.dir),
             feed: None,
         },
         config.archive.clone(),
@@ -385,8 +386,8 @@ pub async fn start(
     {
         let mut watched = vec![
             data_dir.clone(),
-            data_dir.join("events"),
-            data_dir.join("rejected"),
+            data_dir.join(catalog::EVENTS.dir),
+            data_dir.join(catalog::REJECTED_EVENTS.dir),
         ];
         if embedded.is_some() {
             watched.push(store_dir.clone());
@@ -549,8 +550,8 @@ pub async fn start(
             publisher,
             events_stream: config.stream.name.clone(),
             archived: vec![
-                ("events", events.committed.clone()),
-                ("rejected_events", rejected.committed.clone()),
+                (catalog::EVENTS.name, events.committed.clone()),
+                (catalog::REJECTED_EVENTS.name, rejected.committed.clone()),
             ],
             jetstream: jetstream_health,
         },

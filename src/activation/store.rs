@@ -10,15 +10,11 @@ use arrow::array::{
     ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
     UInt32Array, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
 use super::analysis::Analysis;
 use super::stats::Candidate;
-use crate::event::timestamp_type;
-
-/// Directory under the data dir.
-pub const DIR: &str = "activation";
+use crate::catalog::{ACTIVATION, activation_schema};
 
 /// One recomputation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,7 +49,7 @@ impl ActivationStore {
     /// Opens the results of `data_dir` (none yet is fine).
     pub fn open(data_dir: &Path) -> Arc<Self> {
         let store = Arc::new(Self {
-            dir: data_dir.join(DIR),
+            dir: data_dir.join(ACTIVATION.dir),
             versions: RwLock::new((Vec::new(), None)),
         });
         store.refresh();
@@ -242,31 +238,4 @@ impl ActivationStore {
             .map_err(|e| e.to_string())?;
         Ok(())
     }
-}
-
-/// Schema of the `activation` table.
-pub fn activation_schema() -> SchemaRef {
-    let f = |name: &str| Field::new(name, DataType::Float64, true);
-    Arc::new(Schema::new(vec![
-        Field::new("version", DataType::UInt32, false),
-        Field::new("computed_at", timestamp_type(), false),
-        Field::new("event", DataType::Utf8, true),
-        Field::new("times", DataType::UInt32, false),
-        Field::new("days", DataType::UInt32, false),
-        Field::new("a", DataType::UInt64, false),
-        Field::new("b", DataType::UInt64, false),
-        Field::new("c", DataType::UInt64, false),
-        Field::new("d", DataType::UInt64, false),
-        f("share_above"),
-        f("retention_above"),
-        f("retention_below"),
-        f("lift"),
-        f("sensitivity"),
-        f("specificity"),
-        f("phi"),
-        f("phi_ci_low"),
-        f("phi_ci_high"),
-        Field::new("passes_guards", DataType::Boolean, true),
-        Field::new("chosen", DataType::Boolean, true),
-    ]))
 }

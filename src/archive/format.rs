@@ -13,8 +13,9 @@ use arrow::array::{
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 
-use crate::event::{EventView, events_schema};
-use crate::rejected::{RejectedView, rejected_schema};
+use crate::catalog::{self, Table};
+use crate::event::EventView;
+use crate::rejected::RejectedView;
 
 /// Buffered rows by partition day (days since the Unix epoch, UTC); the `YYYY-MM-DD` text
 /// is only made at commit time.
@@ -29,12 +30,20 @@ pub fn day_of(micros: i64) -> i64 {
 pub trait TableFormat: Send + Sync + 'static {
     /// Column builders of one partition.
     type Rows: Send + 'static;
+    /// The table it writes, from the catalog.
+    fn table(&self) -> &'static Table;
     /// Directory under the data dir, also the table's name in messages.
-    fn dir(&self) -> &'static str;
+    fn dir(&self) -> &'static str {
+        self.table().dir
+    }
     /// Arrow schema of the files (without the `date` partition column).
-    fn schema(&self) -> SchemaRef;
+    fn schema(&self) -> SchemaRef {
+        (self.table().schema)()
+    }
     /// Columns each file is sorted by, so row-group statistics prune on them.
-    fn sort_columns(&self) -> &'static [&'static str];
+    fn sort_columns(&self) -> &'static [&'static str] {
+        self.table().sorted_by
+    }
     /// Decodes one stream message and appends it to its partition.
     fn append(
         &self,
@@ -77,16 +86,8 @@ pub struct EventRows {
 impl TableFormat for EventsFormat {
     type Rows = EventRows;
 
-    fn dir(&self) -> &'static str {
-        "events"
-    }
-
-    fn schema(&self) -> SchemaRef {
-        events_schema()
-    }
-
-    fn sort_columns(&self) -> &'static [&'static str] {
-        &["customer_id", "timestamp"]
+    fn table(&self) -> &'static Table {
+        &catalog::EVENTS
     }
 
     fn append(
@@ -166,16 +167,8 @@ pub struct RejectedRows {
 impl TableFormat for RejectedFormat {
     type Rows = RejectedRows;
 
-    fn dir(&self) -> &'static str {
-        "rejected"
-    }
-
-    fn schema(&self) -> SchemaRef {
-        rejected_schema()
-    }
-
-    fn sort_columns(&self) -> &'static [&'static str] {
-        &["received_at"]
+    fn table(&self) -> &'static Table {
+        &catalog::REJECTED_EVENTS
     }
 
     fn append(

@@ -242,7 +242,7 @@ elapsed = time.time() - start
 print("RESULT", len(rows), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 "#,
         events = data.join("events").display(),
-        identities = data.join(crate::identity::DIR).display(),
+        identities = data.join(crate::catalog::IDENTITIES.dir).display(),
         sql = sql_path.display(),
     );
     // Timed from outside, like `northstar aha`: process start, reading the files' metadata and

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::outbox::Outcome;
 use super::outbox::{Entry, Outbox};
-use super::sink::{Outcome, Sink};
+use super::sink::Sink;
 use super::windows::Key;
 use crate::clock::system_micros;
 use crate::shutdown::{Shutdown, wait_for_stop};

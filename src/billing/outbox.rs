@@ -16,12 +16,35 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
 use super::windows::Key;
+
+/// What an attempt to deliver an entry came to; the outbox records it (`done`, `dead`) or
+/// the entry waits for the next attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The provider has the report (now or from an earlier attempt).
+    Delivered,
+    /// Try again: after `after` if the provider said (429 `Retry-After`), else with backoff.
+    Retry {
+        /// The provider's `Retry-After`.
+        after: Option<Duration>,
+        /// What went wrong, for logs.
+        reason: String,
+    },
+    /// Refused for good (a 4xx other than 429): parked as a dead letter.
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+}
 
 /// The outbox file's name under the billing directory.
 pub const OUTBOX_FILE: &str = "outbox.jsonl";

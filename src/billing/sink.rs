@@ -6,31 +6,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::outbox::Entry;
+use super::outbox::{Entry, Outcome};
 use super::stripe::{Stripe, error_message, retry_after};
 use crate::client::HttpClient;
 use crate::clock::format_micros;
-
-/// What a delivery attempt came to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// The provider has the report (now or from an earlier attempt).
-    Delivered,
-    /// Try again: after `after` if the provider said (429 `Retry-After`), else with backoff.
-    Retry {
-        /// The provider's `Retry-After`.
-        after: Option<Duration>,
-        /// What went wrong, for logs.
-        reason: String,
-    },
-    /// Refused for good (a 4xx other than 429): parked as a dead letter.
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// The provider's message.
-        message: String,
-    },
-}
 
 /// A billing provider.
 #[derive(Clone)]

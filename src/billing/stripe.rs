@@ -8,8 +8,7 @@ use http::Method;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use super::outbox::Entry;
-use super::sink::Outcome;
+use super::outbox::{Entry, Outcome};
 use crate::client::{ClientResponse, HttpClient};
 
 /// A Stripe API client.

@@ -55,8 +55,8 @@ impl SchemaCommand {
 fn check(file: &std::path::Path, config: &Config) -> anyhow::Result<ExitCode> {
     let schema_dir = PathBuf::from(&config.registry.schema_dir);
     let registry = crate::schema::Registry::load(config, Some(&schema_dir))?;
-    let (lines, violations) =
-        tools::check(&registry, file).with_context(|| format!("reading {}", file.display()))?;
+    let (lines, violations) = crate::ingest::check::check(&registry, file)
+        .with_context(|| format!("reading {}", file.display()))?;
     for v in &violations {
         say!("{}:{}: {}: {}", file.display(), v.line, v.field, v.message);
     }

@@ -6,6 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use super::HumanDuration;
 
+/// Highest `metering.maxQuantity` the config takes. The meter's decimals hold 28 digits: with
+/// 10 decimal places, a period's sum is exact up to about 7.9 × 10^18, which is 7,900 events
+/// at this ceiling or 7.9 million at the default (10^12) for one customer in one period. Past
+/// Decimal's range a counter saturates instead of overflowing (see `meter::state`).
+pub const MAX_QUANTITY_CEILING: u64 = 1_000_000_000_000_000;
+
 /// The seed's `northStarMetric`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -678,14 +684,12 @@ impl MeteringSettings {
         if self.max_group_values == 0 {
             return Err(("maxGroupValues".into(), "must be at least 1".into()));
         }
-        if self.max_quantity == 0
-            || self.max_quantity > crate::schema::quantity::MAX_QUANTITY_CEILING
-        {
+        if self.max_quantity == 0 || self.max_quantity > MAX_QUANTITY_CEILING {
             return Err((
                 "maxQuantity".into(),
                 format!(
                     "must be between 1 and {} (a period's sum must stay exact)",
-                    crate::schema::quantity::MAX_QUANTITY_CEILING
+                    MAX_QUANTITY_CEILING
                 ),
             ));
         }

@@ -24,7 +24,14 @@ use datafusion::sql::sqlparser::ast::{
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
-use super::readonly::Refusal;
+/// Parser questions a statement may ask per token of its text. A statement the parser reads
+/// without retrying asks about four per token (`query::dialect` tests measure the queries
+/// shipped in `queries/` and the README); the rest is room for the retries real statements
+/// need.
+pub const WORK_PER_TOKEN: u64 = 64;
+
+/// Parser questions every statement may ask, whatever its length.
+pub const WORK_BASE: u64 = 10_000;
 
 /// Most tokens (words, literals, operators; not whitespace or comments) in a statement.
 pub const MAX_TOKENS: usize = 100_000;
@@ -79,7 +86,7 @@ pub enum Bound {
     Depth,
     /// [`MAX_SIZE`].
     Size,
-    /// The parser's work: [`super::dialect::WORK_PER_TOKEN`] per token.
+    /// The parser's work: [`WORK_PER_TOKEN`] per token.
     Work,
 }
 
@@ -116,8 +123,35 @@ impl std::fmt::Display for Bound {
                 "the statement took the parser more than {} steps per token, the bound on parsing \
                  work (a statement that ends in a syntax error after deep nesting or long chains \
                  makes the parser retry every way of reading it: check the syntax, or split it)",
-                super::dialect::WORK_PER_TOKEN
+                WORK_PER_TOKEN
             ),
+        }
+    }
+}
+
+/// Why a statement is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The text does not parse.
+    Syntax(String),
+    /// Not exactly one statement.
+    StatementCount(usize),
+    /// A statement that writes, changes settings, or reads files.
+    NotReadOnly(String),
+    /// Longer, deeper or larger than the sandbox plans.
+    OverBound(Bound),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Syntax(message) => write!(f, "SQL syntax error: {message}"),
+            Self::StatementCount(n) => write!(f, "send exactly one statement (got {n})"),
+            Self::NotReadOnly(kind) => write!(
+                f,
+                "only read-only statements are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); refused: {kind}"
+            ),
+            Self::OverBound(bound) => write!(f, "statement refused: {bound}"),
         }
     }
 }

@@ -23,17 +23,7 @@ use datafusion::sql::sqlparser::ast::{Expr, Statement as SqlStatement};
 use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect};
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 
-use super::bounds::Bound;
-use super::readonly::Refusal;
-
-/// Parser questions a statement may ask per token of its text. A statement the parser reads
-/// without retrying asks about four per token (`query::dialect` tests measure the queries
-/// shipped in `queries/` and the README); the rest is room for the retries real statements
-/// need.
-pub const WORK_PER_TOKEN: u64 = 64;
-
-/// Parser questions every statement may ask, whatever its length.
-pub const WORK_BASE: u64 = 10_000;
+use super::bounds::{Bound, Refusal, WORK_BASE, WORK_PER_TOKEN};
 
 /// Parses `sql`, which has `tokens` tokens, within the budget on the parser's work.
 pub fn parse(sql: &str, tokens: usize) -> Result<VecDeque<Statement>, Refusal> {

@@ -10,35 +10,9 @@
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 
-use super::bounds::{self, Bound};
+use super::bounds;
+pub use super::bounds::Refusal;
 use super::dialect;
-
-/// Why a statement is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The text does not parse.
-    Syntax(String),
-    /// Not exactly one statement.
-    StatementCount(usize),
-    /// A statement that writes, changes settings, or reads files.
-    NotReadOnly(String),
-    /// Longer, deeper or larger than the sandbox plans.
-    OverBound(Bound),
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Syntax(message) => write!(f, "SQL syntax error: {message}"),
-            Self::StatementCount(n) => write!(f, "send exactly one statement (got {n})"),
-            Self::NotReadOnly(kind) => write!(
-                f,
-                "only read-only statements are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); refused: {kind}"
-            ),
-            Self::OverBound(bound) => write!(f, "statement refused: {bound}"),
-        }
-    }
-}
 
 /// The gate of `/v1/sql` and `northstar sql`: `sql` must be one read-only statement within
 /// the bounds. Returns the parsed statement, which is what gets planned, so what was checked

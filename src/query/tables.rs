@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
@@ -26,55 +26,8 @@ use datafusion::prelude::{SessionContext, col};
 
 use crate::archive::live::{Chunk, LiveRows};
 
+use crate::catalog;
 use crate::config::{Aggregation, Config};
-use crate::event::{events_schema, timestamp_type};
-use crate::rejected::rejected_schema;
-
-/// A hive-partitioned Parquet table under the data dir.
-pub struct TableDef {
-    /// SQL name.
-    pub name: &'static str,
-    /// Directory under the data dir.
-    pub dir: &'static str,
-    /// File schema (the `date` partition column is added).
-    pub schema: fn() -> SchemaRef,
-    /// Order each file is sorted in, so plans can use it.
-    pub sorted_by: &'static [&'static str],
-}
-
-/// Decimal type of usage quantities: exact, 28 integer and 10 fractional digits.
-pub const QUANTITY_TYPE: DataType = DataType::Decimal128(38, 10);
-
-/// Schema of the `usage` table (pipeline outputs), without its `pipeline` and `date`
-/// partition columns.
-pub fn usage_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("customer_id", DataType::Utf8, true),
-        Field::new("feature", DataType::Utf8, false),
-        Field::new("window_start", timestamp_type(), false),
-        Field::new("window_end", timestamp_type(), false),
-        Field::new("quantity", QUANTITY_TYPE, true),
-        Field::new("max_quantity", QUANTITY_TYPE, true),
-        Field::new("events", DataType::Int64, false),
-        Field::new("max_seq", DataType::UInt64, true),
-    ]))
-}
-
-/// The archived tables.
-pub const TABLES: &[TableDef] = &[
-    TableDef {
-        name: "events",
-        dir: "events",
-        schema: events_schema,
-        sorted_by: &["customer_id", "timestamp"],
-    },
-    TableDef {
-        name: "rejected_events",
-        dir: "rejected",
-        schema: rejected_schema,
-        sorted_by: &["received_at"],
-    },
-];
 
 /// The archivers' uncommitted rows of a running server, by table; none when SQL runs over a
 /// data dir on its own (`northstar sql`).
@@ -89,8 +42,8 @@ pub struct LiveTables {
 impl LiveTables {
     fn of(&self, table: &str) -> Option<Arc<LiveRows>> {
         match table {
-            "events" => self.events.clone(),
-            "rejected_events" => self.rejected.clone(),
+            name if name == catalog::EVENTS.name => self.events.clone(),
+            name if name == catalog::REJECTED_EVENTS.name => self.rejected.clone(),
             _ => None,
         }
     }
@@ -106,59 +59,32 @@ pub async fn register_all(
     config: &Config,
     live: &LiveTables,
 ) -> Result<()> {
-    for table in TABLES {
+    for table in catalog::ALL {
         let dir = data_dir.join(table.dir);
         std::fs::create_dir_all(&dir)?;
-        let order = table
+        let order: Vec<_> = table
             .sorted_by
             .iter()
             .map(|c| col(*c).sort(true, true))
-            .collect::<Vec<_>>();
-        let files = parquet_dir(&dir, (table.schema)(), &["date"], vec![order])?;
+            .collect();
+        let orders = if order.is_empty() {
+            vec![]
+        } else {
+            vec![order]
+        };
+        let files = parquet_dir(&dir, (table.schema)(), table.partitions, orders)?;
         let provider: Arc<dyn TableProvider> = match live.of(table.name) {
             Some(live) => Arc::new(LiveTable::new(files, live)?),
             None => files,
         };
         ctx.register_table(table.name, provider)?;
     }
-    let usage = data_dir.join("usage");
-    std::fs::create_dir_all(&usage)?;
-    register_parquet_dir(ctx, "usage", &usage, usage_schema(), &["pipeline", "date"])?;
-    let activation = data_dir.join(crate::activation::store::DIR);
-    std::fs::create_dir_all(&activation)?;
-    register_parquet_dir(
-        ctx,
-        "activation",
-        &activation,
-        crate::activation::store::activation_schema(),
-        &[],
-    )?;
-    let identities = data_dir.join(crate::identity::DIR);
-    std::fs::create_dir_all(&identities)?;
-    register_parquet_dir(
-        ctx,
-        "identities",
-        &identities,
-        crate::identity::identities_schema(),
-        &[],
-    )?;
     ctx.sql(&format!(
         "CREATE VIEW metered_events AS {}",
         metered_events_sql(config)
     ))
     .await?;
     ctx.sql(EVENTS_RESOLVED).await?;
-    Ok(())
-}
-
-fn register_parquet_dir(
-    ctx: &SessionContext,
-    name: &str,
-    dir: &Path,
-    schema: SchemaRef,
-    partitions: &[&str],
-) -> Result<()> {
-    ctx.register_table(name, parquet_dir(dir, schema, partitions, vec![])?)?;
     Ok(())
 }
 

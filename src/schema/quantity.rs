@@ -11,12 +11,6 @@ use crate::rejected::Rejection;
 /// (`DECIMAL(38, 10)`), so the meter and SQL count the same.
 pub const MAX_QUANTITY_SCALE: u32 = 10;
 
-/// Highest `metering.maxQuantity` the config takes. The meter's decimals hold 28 digits: with
-/// 10 decimal places, a period's sum is exact up to about 7.9 × 10^18, which is 7,900 events
-/// at this ceiling or 7.9 million at the default (10^12) for one customer in one period. Past
-/// Decimal's range a counter saturates instead of overflowing (see `meter::state`).
-pub const MAX_QUANTITY_CEILING: u64 = 1_000_000_000_000_000;
-
 /// What one event contributes to a meter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Contribution {
