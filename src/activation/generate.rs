@@ -153,100 +153,16 @@ pub fn data_end_micros(spec: &HistorySpec) -> i64 {
     spec.start_micros + (spec.signup_spread_days as i64 + DATA_TAIL_DAYS) * DAY_MICROS
 }
 
-/// `(year, month, day)` of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Day count since 1970-01-01 of a civil date (inverse of [`civil_from_days`]).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// RFC 3339 UTC with milliseconds and `Z` (e.g. `2025-01-01T00:00:00.000Z`), as Segment sends.
 pub fn format_timestamp(micros: i64) -> String {
-    let (year, month, day) = civil_from_days(micros.div_euclid(DAY_MICROS));
-    let in_day = micros.rem_euclid(DAY_MICROS);
-    let (secs, millis) = (in_day / 1_000_000, (in_day % 1_000_000) / MS);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        secs / 3_600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// Parse a fixed-width decimal field of a timestamp.
-fn field(text: &str, range: std::ops::Range<usize>) -> Option<i64> {
-    let part = text.get(range)?;
-    if part.bytes().all(|b| b.is_ascii_digit()) {
-        part.parse().ok()
-    } else {
-        None
-    }
-}
-
-/// Microseconds of an optional fraction (`.123456…`), and the rest of the string after it.
-fn parse_fraction(rest: &str) -> Option<(i64, &str)> {
-    let Some(digits_and_zone) = rest.strip_prefix('.') else {
-        return Some((0, rest));
-    };
-    let len = digits_and_zone
-        .bytes()
-        .take_while(u8::is_ascii_digit)
-        .count();
-    let digits = digits_and_zone.get(..len)?;
-    let padded: String = digits.chars().chain("000000".chars()).take(6).collect();
-    Some((padded.parse().ok()?, digits_and_zone.get(len..)?))
-}
-
-/// Offset in µs of a `Z`, `+HH:MM` or `-HH:MM` zone suffix.
-fn parse_zone(zone: &str) -> Option<i64> {
-    if zone == "Z" || zone == "z" {
-        return Some(0);
-    }
-    let sign = match zone.get(..1)? {
-        "+" => 1,
-        "-" => -1,
-        _ => return None,
-    };
-    if zone.len() != 6 || zone.get(3..4)? != ":" {
-        return None;
-    }
-    Some(sign * (field(zone, 1..3)? * 3_600 + field(zone, 4..6)? * 60) * 1_000_000)
+    crate::clock::format_micros(micros)
 }
 
 /// Parse an RFC 3339 timestamp into µs since the epoch; `None` when it is not one.
 pub fn parse_timestamp(text: &str) -> Option<i64> {
-    let separators = [(4, "-"), (7, "-"), (13, ":"), (16, ":")];
-    if separators
-        .iter()
-        .any(|&(at, sep)| text.get(at..at + 1) != Some(sep))
-    {
-        return None;
-    }
-    if !matches!(text.get(10..11), Some("T" | "t" | " ")) {
-        return None;
-    }
-    let days = days_from_civil(field(text, 0..4)?, field(text, 5..7)?, field(text, 8..10)?);
-    let secs = field(text, 11..13)? * 3_600 + field(text, 14..16)? * 60 + field(text, 17..19)?;
-    let (fraction, zone) = parse_fraction(text.get(19..)?)?;
-    Some(days * DAY_MICROS + secs * 1_000_000 + fraction - parse_zone(zone)?)
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| time.timestamp_micros())
 }
 
 /// Who a message names: the fields Segment puts at the top level.

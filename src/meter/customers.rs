@@ -359,8 +359,7 @@ pub fn key_for(id: &str) -> String {
     if plain {
         id.to_string()
     } else {
-        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("x.{hex}")
+        format!("x.{}", hex::encode(id))
     }
 }
 
