@@ -154,18 +154,37 @@ fn percent_decode(segment: &str) -> String {
 
 /// The wire of an ingest path, Segment's or PostHog's.
 fn ingest_wire(path: &str) -> Option<Wire> {
-    if let Some(name) = path.strip_prefix("/v1/") {
-        let name = name.trim_end_matches('/');
-        return match name {
-            "batch" | "b" => Some(Wire::Segment(None)),
-            other => EventType::parse(other).map(|kind| Wire::Segment(Some(kind))),
-        };
-    }
-    match path.trim_end_matches('/') {
-        "/batch" | "/capture" | "/e" | "/i/v0/e" | "/track" => Some(Wire::PostHog),
-        _ => None,
-    }
+    let path = path.trim_end_matches('/');
+    INGEST_PATHS
+        .iter()
+        .find(|(served, _)| served.trim_end_matches('/') == path)
+        .map(|&(_, wire)| wire)
 }
+
+/// Every ingest path, with or without its trailing slash, and the wire it speaks: Segment's
+/// (and its browser SDK's one-letter paths), PostHog's. The OpenAPI document lists each (a
+/// test holds the two together).
+pub const INGEST_PATHS: &[(&str, Wire)] = &[
+    ("/v1/batch", Wire::Segment(None)),
+    ("/v1/b", Wire::Segment(None)),
+    ("/v1/track", Wire::Segment(Some(EventType::Track))),
+    ("/v1/t", Wire::Segment(Some(EventType::Track))),
+    ("/v1/identify", Wire::Segment(Some(EventType::Identify))),
+    ("/v1/i", Wire::Segment(Some(EventType::Identify))),
+    ("/v1/page", Wire::Segment(Some(EventType::Page))),
+    ("/v1/p", Wire::Segment(Some(EventType::Page))),
+    ("/v1/screen", Wire::Segment(Some(EventType::Screen))),
+    ("/v1/s", Wire::Segment(Some(EventType::Screen))),
+    ("/v1/group", Wire::Segment(Some(EventType::Group))),
+    ("/v1/g", Wire::Segment(Some(EventType::Group))),
+    ("/v1/alias", Wire::Segment(Some(EventType::Alias))),
+    ("/v1/a", Wire::Segment(Some(EventType::Alias))),
+    ("/batch/", Wire::PostHog),
+    ("/capture/", Wire::PostHog),
+    ("/e/", Wire::PostHog),
+    ("/i/v0/e/", Wire::PostHog),
+    ("/track", Wire::PostHog),
+];
 
 /// Who may call a route: declared here for every route and checked once, in [`dispatch`],
 /// before its handler runs.
@@ -382,30 +401,57 @@ mod tests {
         );
     }
 
+    /// The document says what a request must carry (a required body where the route reads
+    /// one, with its 400; 401 where it checks a key), and lists every ingest path served,
+    /// the SDKs' aliases included.
     #[test]
-    fn every_documented_ingest_route_is_routed() {
-        for (path, wire) in [
-            ("/v1/batch", Wire::Segment(None)),
-            ("/v1/b", Wire::Segment(None)),
-            ("/v1/track", Wire::Segment(Some(EventType::Track))),
-            ("/v1/t", Wire::Segment(Some(EventType::Track))),
-            ("/v1/identify", Wire::Segment(Some(EventType::Identify))),
-            ("/v1/i", Wire::Segment(Some(EventType::Identify))),
-            ("/v1/page", Wire::Segment(Some(EventType::Page))),
-            ("/v1/p", Wire::Segment(Some(EventType::Page))),
-            ("/v1/screen", Wire::Segment(Some(EventType::Screen))),
-            ("/v1/s", Wire::Segment(Some(EventType::Screen))),
-            ("/v1/group", Wire::Segment(Some(EventType::Group))),
-            ("/v1/g", Wire::Segment(Some(EventType::Group))),
-            ("/v1/alias", Wire::Segment(Some(EventType::Alias))),
-            ("/v1/a", Wire::Segment(Some(EventType::Alias))),
-            ("/batch/", Wire::PostHog),
-            ("/capture/", Wire::PostHog),
-            ("/e/", Wire::PostHog),
-            ("/i/v0/e/", Wire::PostHog),
-            ("/track", Wire::PostHog),
-        ] {
+    fn the_document_says_what_each_request_carries_and_lists_every_ingest_path() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi");
+        let paths = document["paths"].as_object().expect("paths");
+        for (path, operations) in paths {
+            let concrete = path
+                .replace("{id}", "acme")
+                .replace("{feature}", "api_requests");
+            for (method, operation) in operations.as_object().expect("operations") {
+                let Ok(method) = method.to_uppercase().parse::<Method>() else {
+                    continue;
+                };
+                if !matches!(method, Method::GET | Method::PUT | Method::POST) {
+                    continue;
+                }
+                let routed = route(&method, &concrete.replace("/v1/users/acme", "/v1/users/u1"));
+                if let Some(body) = operation.get("requestBody") {
+                    assert_eq!(body["required"], true, "{method} {path}: body not required");
+                    assert!(
+                        operation["responses"].get("400").is_some(),
+                        "{method} {path}: no 400"
+                    );
+                }
+                if !matches!(routed.access(), Access::Open | Access::Signed) {
+                    assert!(
+                        operation["responses"].get("401").is_some(),
+                        "{method} {path} checks a key but documents no 401"
+                    );
+                }
+                if routed.access() == Access::WriteKey {
+                    assert!(
+                        operation.get("requestBody").is_some(),
+                        "{method} {path}: ingest without a documented body"
+                    );
+                }
+            }
+        }
+        for &(path, wire) in INGEST_PATHS {
+            assert!(
+                paths.get(path).and_then(|p| p.get("post")).is_some(),
+                "POST {path} is served but not documented"
+            );
             assert_eq!(route(&Method::POST, path), Route::Ingest(wire), "{path}");
+            let other = match path.strip_suffix('/') {
+                Some(bare) => bare.to_string(),
+                None => format!("{path}/"),
+            };
+            assert_eq!(route(&Method::POST, &other), Route::Ingest(wire), "{other}");
         }
         assert_eq!(route(&Method::OPTIONS, "/v1/t"), Route::Preflight);
         assert_eq!(
