@@ -6,11 +6,13 @@
 //!   and the guarded argmax;
 //! - [`plot`]: the picture (phi over the grid; retention above vs below);
 //! - [`store`]: versioned results (table `activation`), the current threshold;
+//! - [`northstar`]: the North Star Metric's daily series at the current threshold;
 //! - [`generate`]: a synthetic history with a planted threshold, for tests, demos and benchmarks.
 
 pub mod analysis;
 pub mod generate;
 pub mod handcount;
+pub mod northstar;
 pub mod plot;
 pub mod stats;
 pub mod store;

@@ -47,6 +47,12 @@ use answer::AnswerBounds;
 pub use answer::Truncation;
 pub use output::Format;
 
+/// `text` as a SQL string literal (`'it''s'`): the one way northstar puts a value from config
+/// or a request into SQL it writes itself.
+pub fn string_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// Stack of each query thread. What [`bounds`] admits needs about 4 MiB in a debug build
 /// (DataFusion's planner and evaluator take several KiB per level of an expression, and the
 /// tree of a statement at [`bounds::MAX_TOKENS`] takes 64 bytes per level to drop); the rest
@@ -421,6 +427,13 @@ async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_string_literal_doubles_its_quotes() {
+        assert_eq!(string_literal("it's"), "'it''s'");
+        assert_eq!(string_literal("''"), "");
+        assert_eq!(string_literal(""), "''");
+    }
 
     #[tokio::test]
     async fn a_query_whose_files_vanish_is_retried_and_other_failures_are_not() {

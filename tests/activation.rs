@@ -134,6 +134,12 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         .json();
     assert_eq!(served["current"]["times"], 3);
     assert_eq!(served["current"]["days"], 7);
+    // The picture it names is the one under the server's own data dir.
+    assert_eq!(
+        served["current"]["picture"].as_str().map(std::path::PathBuf::from),
+        Some(picture.clone()),
+        "{served}"
+    );
     assert_eq!(served["history"].as_array().unwrap().len(), 2);
     let series = server
         .client
@@ -155,6 +161,8 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         .map(|d| d["activated"].as_i64().unwrap())
         .sum();
     assert!(activated > 0, "{series}");
+    let last = series["series"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["cumulative"].as_i64(), Some(activated), "{series}");
     // Recompute over HTTP (cohort judged at the last event).
     let recomputed = server
         .client

@@ -118,7 +118,7 @@ pub struct Analysis {
 
 /// Renders the histogram query for `dialect`.
 pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> String {
-    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let quote = crate::query::string_literal;
     let active = if question.active_events.is_empty() {
         String::new()
     } else {
@@ -298,7 +298,7 @@ pub async fn run(
 
 /// Why an analysis has nothing to count: no events, no signup event, or no North Star event.
 async fn missing_events(engine: &QueryEngine, question: &Question) -> Result<(), AnalysisError> {
-    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let quote = crate::query::string_literal;
     let counts = engine
         .collect_internal(&format!(
             "SELECT count(*) AS total, \

@@ -6,11 +6,15 @@ use serde_json::json;
 use super::AppState;
 use super::respond::{self, HttpError, HttpResponse};
 use crate::activation::AnalysisError;
+use crate::activation::northstar::{self, Threshold};
 use crate::error::ErrorKind;
 
 /// `GET /v1/activation`: the current threshold (the latest version that chose one) and history.
 pub async fn get(state: &AppState) -> HttpResponse {
-    let current = state.activation.current().map(|v| current_json(&v));
+    let current = state
+        .activation
+        .current()
+        .map(|v| current_json(&state.activation, &v));
     let history: Vec<serde_json::Value> = state
         .activation
         .history()
@@ -27,7 +31,10 @@ pub async fn get(state: &AppState) -> HttpResponse {
     respond::json(200, &json!({"current": current, "history": history}))
 }
 
-fn current_json(v: &crate::activation::Version) -> serde_json::Value {
+fn current_json(
+    store: &crate::activation::ActivationStore,
+    v: &crate::activation::Version,
+) -> serde_json::Value {
     let chosen = v.chosen.as_ref();
     json!({
         "version": v.version,
@@ -44,7 +51,7 @@ fn current_json(v: &crate::activation::Version) -> serde_json::Value {
         "cohort": v.cohort,
         "as_of": v.as_of,
         "computed_at": v.computed_at,
-        "picture": format!("data/activation/v{}.svg", v.version),
+        "picture": store.picture(v.version).display().to_string(),
     })
 }
 
@@ -63,7 +70,7 @@ pub async fn recompute(state: &AppState) -> HttpResponse {
     {
         Ok((_, version)) => respond::json(
             200,
-            &json!({"current": current_json(&version), "chosen": version.chosen.is_some(), "reason": version.reason}),
+            &json!({"current": current_json(&state.activation, &version), "chosen": version.chosen.is_some(), "reason": version.reason}),
         ),
         Err(AnalysisError::Query(error)) => respond::error(&error),
         Err(error) => respond::error(&HttpError::new(
@@ -74,66 +81,27 @@ pub async fn recompute(state: &AppState) -> HttpResponse {
     }
 }
 
-/// `GET /v1/northstar`: the North Star Metric as a daily series: people who reached the
-/// current threshold (at least x North Star events within y days of signup) on each day.
+/// `GET /v1/northstar`: the North Star Metric as a daily series at the current threshold.
 pub async fn northstar(state: &AppState) -> HttpResponse {
-    let (times, days, from) = match state.activation.current_threshold() {
-        Some((x, y)) => (x, y, "activation"),
-        None => {
-            let metric = state.config.north_star_metric.as_ref();
-            let x = metric.and_then(|m| m.threshold).unwrap_or(1);
-            let y = metric
-                .and_then(|m| m.window)
-                .map(|w| (w.get().as_secs() / 86_400) as u32)
-                .unwrap_or(30);
-            (x, y, "config")
-        }
-    };
-    let quote = |t: &str| format!("'{}'", t.replace('\'', "''"));
-    let sql = format!(
-        "WITH signups AS (SELECT person_id, min(\"timestamp\") AS signup_at FROM events_resolved WHERE event = {signup} GROUP BY person_id), \
-         ranked AS (SELECT e.person_id, e.\"timestamp\" AS ts, row_number() OVER (PARTITION BY e.person_id ORDER BY e.\"timestamp\") AS k \
-                    FROM events_resolved e JOIN signups s ON s.person_id = e.person_id \
-                    WHERE e.event = {star} AND e.\"timestamp\" >= s.signup_at AND CAST(e.\"timestamp\" AS BIGINT) < CAST(s.signup_at AS BIGINT) + {window}) \
-         SELECT CAST(date_trunc('day', ts) AS DATE) AS day, count(*) AS activated FROM ranked WHERE k = {times} GROUP BY 1 ORDER BY 1",
-        signup = quote(&state.question.signup_event),
-        star = quote(&state.question.north_star_event),
-        window = i64::from(days) * 86_400_000_000,
-    );
-    match state.query.collect_internal(&sql).await {
-        Ok(batches) => {
-            let rows = crate::query::output::rows_json(&batches).unwrap_or_default();
-            let mut total = 0i64;
-            let series: Vec<serde_json::Value> = rows
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|r| {
-                    total += r["activated"].as_i64().unwrap_or(0);
-                    json!({"day": r["day"], "activated": r["activated"], "cumulative": total})
-                })
-                .collect();
-            respond::json(
-                200,
-                &json!({"event": state.question.north_star_event, "times": times, "days": days, "threshold_from": from, "series": series}),
-            )
-        }
+    let threshold = Threshold::current(&state.activation, &state.config);
+    match northstar::series(&state.query, &state.question, threshold).await {
+        Ok(series) => respond::json(
+            200,
+            &json!({
+                "event": state.question.north_star_event,
+                "times": threshold.times,
+                "days": threshold.days,
+                "threshold_from": threshold.from,
+                "series": series,
+            }),
+        ),
         Err(error) => respond::error(&error),
     }
 }
 
 /// `GET /v1/users/{id}/onboarding` and `GET /v1/users/{id}/flags` (service key).
 pub async fn user(state: &AppState, user: &str, what: &str) -> HttpResponse {
-    let metric = state.config.north_star_metric.as_ref();
-    let fallback = metric.and_then(|m| m.threshold).map(|x| {
-        (
-            x,
-            metric
-                .and_then(|m| m.window)
-                .map(|w| (w.get().as_secs() / 86_400) as u32)
-                .unwrap_or(30),
-        )
-    });
+    let fallback = Threshold::configured(&state.config);
     let answer = if what == "flags" {
         state.onboarding.flags(user, fallback)
     } else {

@@ -12,6 +12,7 @@ use super::AppState;
 use super::respond::{self, HttpError, HttpResponse};
 use crate::error::ErrorKind;
 use crate::ingest::Resubmitted;
+use crate::query::string_literal as quote;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,9 +167,4 @@ async fn stored_ids(state: &AppState, ids: Vec<String>) -> Result<HashSet<String
         }
     }
     Ok(found)
-}
-
-/// A SQL string literal.
-fn quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }

@@ -267,7 +267,7 @@ const EVENTS_RESOLVED: &str = "CREATE VIEW events_resolved AS \
 /// The `metered_events` view: one row per event and meter it counts for, with the feature and
 /// its exact quantity (1 per event without a value property), as the meter counts them.
 pub fn metered_events_sql(config: &Config) -> String {
-    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let quote = super::string_literal;
     let mut parts = Vec::new();
     for event in &config.events {
         let Some(metering) = &event.metering else {
