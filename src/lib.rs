@@ -21,6 +21,7 @@
 //! - [`onboarding`]: per-person facts, triggers, onboarding steps and feature flags;
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
+//! - [`resubmit`]: rejected messages replayed through today's validation, none stored twice;
 //! - [`api`]: the HTTP server that fronts all of the above;
 //! - [`server`]: `serve`, which starts and stops the components in order;
 //! - [`cli`]: the command line, each subcommand a function (`main.rs` only calls it);
@@ -59,6 +60,7 @@ pub mod pipelines;
 pub mod query;
 pub mod rejected;
 pub mod replay;
+pub mod resubmit;
 pub mod schema;
 pub mod server;
 pub mod shutdown;
