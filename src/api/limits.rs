@@ -28,12 +28,9 @@ pub async fn check(state: &AppState, body: &[u8]) -> HttpResponse {
         Ok(standing) => respond::json(200, &standing),
         Err(LimitError::Exceeded(mut denial)) => {
             if let Some(billing) = &state.billing {
-                let customer = state.meter.customers().get(&denial.customer_id);
-                denial.upgrade.plan = billing.upgrade_plan(&customer, &denial.feature);
-                if let Some((id, url)) = billing.checkout_for(&customer, &denial.feature).await {
-                    denial.upgrade.checkout_session_id = Some(id);
-                    denial.upgrade.checkout_url = Some(url);
-                }
+                billing
+                    .offer_upgrade(state.meter.customers(), &mut denial)
+                    .await;
             }
             respond::json(402, denial.as_ref())
         }

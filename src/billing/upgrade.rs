@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{Billing, BillingError, stripe};
-use crate::meter::customers::{Customer, CustomerError, CustomerUpdate};
+use crate::meter::Denial;
+use crate::meter::customers::{Customer, CustomerError, CustomerStore, CustomerUpdate};
 use crate::meter::spec::Allowance;
 
 /// How long a Checkout Session is reused (Stripe's last 24 hours).
@@ -141,6 +142,17 @@ fn make_room(cache: &mut HashMap<(String, String), CheckoutSlot>) -> bool {
 }
 
 impl Billing {
+    /// Fills in the upgrade path of a 402: the plan the customer should move to and, where
+    /// Checkout is set up, a session to pay for it.
+    pub async fn offer_upgrade(&self, customers: &CustomerStore, denial: &mut Denial) {
+        let customer = customers.get(&denial.customer_id);
+        denial.upgrade.plan = self.upgrade_plan(&customer, &denial.feature);
+        if let Some((id, url)) = self.checkout_for(&customer, &denial.feature).await {
+            denial.upgrade.checkout_session_id = Some(id);
+            denial.upgrade.checkout_url = Some(url);
+        }
+    }
+
     /// The plan a customer stuck at a limit of `feature` should move to: among plans with a
     /// Checkout price, the one with the smallest limit above the current plan's (unlimited last).
     pub fn upgrade_plan(&self, customer: &Customer, feature: &str) -> Option<String> {
