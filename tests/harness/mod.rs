@@ -2,7 +2,9 @@
 //! `northstar serve` process against it on 127.0.0.1:0, and helpers that read like the
 //! scenarios they check. Everything is cleaned up on drop; either process can be killed with
 //! SIGKILL and restarted on the same store.
-#![allow(dead_code)]
+// Each test binary uses a part of the harness; its items are `pub` for the binaries, not for
+// a library.
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
