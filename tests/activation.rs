@@ -136,7 +136,9 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
     assert_eq!(served["current"]["days"], 7);
     // The picture it names is the one under the server's own data dir.
     assert_eq!(
-        served["current"]["picture"].as_str().map(std::path::PathBuf::from),
+        served["current"]["picture"]
+            .as_str()
+            .map(std::path::PathBuf::from),
         Some(picture.clone()),
         "{served}"
     );
@@ -255,13 +257,7 @@ async fn bad_questions_get_clear_answers_not_wrong_numbers() {
     let batch: Vec<Value> = (0..5)
         .map(|i| json!({"type": "track", "messageId": format!("b-{i}"), "userId": format!("u{i}"), "event": "signup_completed"}))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     server.wait_archived(5).await;
     server.terminate();
     let config_path = server.data.parent().unwrap().join("northstar.json");

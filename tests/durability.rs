@@ -249,13 +249,7 @@ async fn a_message_deleted_from_the_stream_does_not_stall_the_archive() {
     let stream = js.get_stream("EVENTS").await.unwrap();
     assert!(stream.delete_message(5).await.unwrap());
     server.restart();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": tracks("del-after", 0..5)}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(tracks("del-after", 0..5)).await;
     wait_caught_up(&nats.url, &server.data).await;
     assert_eq!(
         scalar(&server.data, "SELECT count(*) FROM events").await,

@@ -118,13 +118,7 @@ async fn quantities_at_decimal_max_are_refused_and_stored_ones_cannot_stop_the_m
         call("after-1", "acme", "2026-03-10T11:00:00Z"),
         call("after-2", "acme", "2026-03-10T11:00:00Z"),
     ];
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": good}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(good).await;
     used(&server, "acme", "api_requests", 2.0).await;
     harness::wait_archived(&server.data, 5).await;
     assert_healthy(&server).await;
@@ -155,13 +149,7 @@ async fn far_future_events_cannot_erase_the_current_period() {
     let batch: Vec<Value> = (0..5)
         .map(|i| call(&format!("now-{i}"), "acme", "2026-03-10T10:00:00Z"))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     used(&server, "acme", "api_requests", 5.0).await;
     let over = json!({"customer_id": "acme", "feature": "api_requests", "quantity": 16});
     assert_eq!(check(&server, over.clone()).await.0, 402);
@@ -410,13 +398,7 @@ async fn consume_ids_meet_neither_other_consumes_nor_ingested_ids() {
     // An ingested event that is not metered, then a consume under its messageId.
     let plain = json!({"type": "track", "messageId": "svc-id-1", "userId": "u", "event": "report_created",
                        "timestamp": "2026-03-10T11:00:00Z", "context": {"groupId": "acme"}});
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": [plain]}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch([plain]).await;
     let (status, body) = check(&server, consume(5, "svc-id-1")).await;
     assert_eq!(
         (status, body["consumed"].as_f64()),
@@ -448,13 +430,7 @@ async fn ids_keys_and_errors_are_treated_alike_on_every_route() {
     let padded = (0..3)
         .map(|i| call(&format!("pad-{i}"), "pad\u{a0}", "2026-03-10T11:00:00Z"))
         .collect::<Vec<_>>();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": padded}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(padded).await;
     used(&server, "pad", "api_requests", 3.0).await;
     for path in [
         "/v1/customers/pad%20/entitlements/api_requests",
@@ -677,21 +653,9 @@ async fn past_days_touched_by_several_commits_are_merged_into_one_file() {
             })
             .collect()
     };
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": spread("a")}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(spread("a")).await;
     harness::wait_archived(&server.data, 20).await;
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": spread("b")}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(spread("b")).await;
     harness::wait_archived(&server.data, 40).await;
     let files_per_day = || -> Vec<usize> {
         (1..=20)

@@ -74,13 +74,7 @@ async fn anonymous_activity_resolves_to_its_person_and_strangers_stay_apart() {
         ),
         msg("e10", "alias", json!({"userId": "u1", "previousId": "u3"})),
     ];
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     // PostHog: $identify with $anon_distinct_id, and $create_alias.
     let ph = json!({"api_key": WRITE_KEY, "batch": [
         {"event": "$pageview", "distinct_id": "ph-anon", "uuid": "0190d5a0-0000-7000-8000-0000000000b1", "properties": {"$is_identified": false}},

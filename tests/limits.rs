@@ -45,13 +45,7 @@ async fn usage_is_exact_fresh_and_answers_every_feature() {
             storage("s-2", "acme", json!("0.2"), "2026-03-10T11:00:00Z"),
         ])
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
 
     let usage = eventually(&server, "/v1/customers/acme/usage", |b| {
         b["as_of"]["seq"].as_u64() >= Some(9)
@@ -123,13 +117,7 @@ async fn a_hard_limit_refuses_with_the_upgrade_path_and_a_plan_change_lifts_it()
     let batch: Vec<Value> = (0..20)
         .map(|i| call(&format!("h-{i}"), "globex", "2026-03-10T10:00:00Z"))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     eventually(&server, "/v1/customers/globex/usage", |b| {
         b["as_of"]["seq"].as_u64() >= Some(20)
     })
@@ -196,13 +184,7 @@ async fn concurrent_consumes_never_both_take_the_last_unit() {
     let batch: Vec<Value> = (0..15)
         .map(|i| call(&format!("r-{i}"), "initech", "2026-03-10T10:00:00Z"))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     eventually(&server, "/v1/customers/initech/usage", |b| {
         b["as_of"]["seq"].as_u64() >= Some(15)
     })
@@ -275,13 +257,7 @@ async fn periods_roll_over_at_the_billing_anchor() {
         .map(|i| call(&format!("p-{i}"), "hooli", "2026-03-10T10:00:00Z"))
         .chain((0..2).map(|i| call(&format!("q-{i}"), "hooli", "2026-03-15T10:00:00Z")))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     let before = eventually(&server, "/v1/customers/hooli/usage", |b| {
         b["as_of"]["seq"].as_u64() >= Some(5)
     })
@@ -467,13 +443,7 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
                 }
             })
             .collect();
-        assert_eq!(
-            server
-                .post("/v1/batch", &json!({"batch": batch}))
-                .await
-                .status,
-            200
-        );
+        server.send_batch(batch).await;
     }
     let usage = |server: &Northstar| {
         let (client, base) = (server.client.clone(), server.base.clone());
@@ -561,13 +531,7 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
     let batch: Vec<Value> = (0..200)
         .map(|i| call(&format!("late-{i}"), customers[i % customers.len()], &now))
         .collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": batch}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(batch).await;
     let applied_800 = async |server: &Northstar| {
         let now = usage(server).await;
         match now.iter().all(|(seq, _)| *seq == 800) {

@@ -325,23 +325,11 @@ async fn a_customer_far_above_their_own_baseline_is_flagged() {
     let call = |id: String| json!({"type": "track", "messageId": id, "userId": "u", "event": "api_call_made", "context": {"groupId": "spiky"}});
     for minute in 0..12 {
         let batch: Vec<Value> = (0..5).map(|i| call(format!("n-{minute}-{i}"))).collect();
-        assert_eq!(
-            server
-                .post("/v1/batch", &json!({"batch": batch}))
-                .await
-                .status,
-            200
-        );
+        server.send_batch(batch).await;
         server.clock.advance(Duration::from_secs(60));
     }
     let burst: Vec<Value> = (0..200).map(|i| call(format!("burst-{i}"))).collect();
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": burst}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(burst).await;
     let first = harness::eventually(Duration::from_secs(20), async || {
         let flagged = server.get_as(ADMIN_KEY, "/v1/anomalies").await.json();
         match flagged["flagged"].as_array().and_then(|f| f.first()) {

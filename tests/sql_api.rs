@@ -37,13 +37,7 @@ async fn the_sql_api_answers_admins_in_three_formats_and_refuses_writes() {
     let mut config = test_config();
     config["sql"] = json!({"maxRows": 5, "timeout": "2s"});
     let server = Northstar::start(&nats, &config);
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": tracks("sql", 0..20)}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(tracks("sql", 0..20)).await;
     server.wait_archived(20).await;
 
     // Keys: none, wrong, a write key.
@@ -168,13 +162,7 @@ async fn the_sql_api_answers_admins_in_three_formats_and_refuses_writes() {
     let r = sql_with(&server, Some(ADMIN_KEY), None, "DESCRIBE events").await;
     assert!(r.text().contains("event_id"), "{}", r.text());
     // The server's engine sees files committed after its first query.
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": tracks("sql-later", 0..3)}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(tracks("sql-later", 0..3)).await;
     server.wait_archived(23).await;
     let r = sql_with(
         &server,
@@ -190,13 +178,7 @@ async fn the_sql_api_answers_admins_in_three_formats_and_refuses_writes() {
 async fn the_sql_command_works_without_a_server() {
     let nats = Nats::start();
     let mut server = Northstar::start(&nats, &test_config());
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": tracks("cli", 0..10)}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(tracks("cli", 0..10)).await;
     server.wait_archived(10).await;
     server.terminate();
     let run = |format: &str| {
@@ -238,13 +220,7 @@ async fn the_saved_queries_run() {
     let server = Northstar::start(&nats, &test_config());
     let now = northstar::clock::system_micros();
     let demo = northstar::demo::demo_messages(300, now, 1);
-    assert_eq!(
-        server
-            .post("/v1/batch", &json!({"batch": demo}))
-            .await
-            .status,
-        200
-    );
+    server.send_batch(demo).await;
     let bad = json!({"batch": [{"type": "track", "userId": "u"}]});
     assert_eq!(server.post("/v1/batch", &bad).await.status, 200);
     server.wait_archived(300).await;

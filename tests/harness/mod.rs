@@ -153,13 +153,21 @@ pub fn test_config() -> Value {
 /// A `northstar serve` child process.
 pub struct Northstar {
     child: Option<Child>,
-    pub base: String,
+    /// Its HTTP API (the methods of [`Api`] are the server's, through `Deref`).
+    pub api: Api,
     pub data: PathBuf,
     config_path: PathBuf,
     nats_url: Option<String>,
     env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
-    pub client: HttpClient,
+}
+
+impl std::ops::Deref for Northstar {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Northstar {
@@ -219,7 +227,7 @@ impl Northstar {
         std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let mut server = Self {
             child: None,
-            base: String::new(),
+            api: Api::new(String::new()),
             data,
             config_path,
             nats_url,
@@ -228,7 +236,6 @@ impl Northstar {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             _dir: Some(dir),
-            client: HttpClient::new(),
         };
         server.spawn();
         server
@@ -271,7 +278,7 @@ impl Northstar {
                 }
             }
         });
-        self.base = rx
+        self.api.base = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("northstar did not start listening within 60 s");
         self.child = Some(child);
@@ -313,6 +320,33 @@ impl Northstar {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Runs SQL over the data dir with the real engine (no server involved), rows as JSON.
+    pub async fn sql(&self, sql: &str) -> Vec<Value> {
+        query(&self.data, sql).await
+    }
+
+    /// Waits until the events archive has committed at least `rows` rows (per its manifest).
+    pub async fn wait_archived(&self, rows: u64) {
+        wait_archived(&self.data, rows).await
+    }
+}
+
+/// A running server's HTTP API, with the keys the test servers accept: what the tests say
+/// to a server, whether it runs as a process ([`Northstar`]) or in the test ([`InProcess`]).
+pub struct Api {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    pub client: HttpClient,
+}
+
+impl Api {
+    fn new(base: String) -> Self {
+        Self {
+            base,
+            client: HttpClient::new(),
+        }
+    }
+
     /// POST `body` to `path` with the test write key as Basic auth.
     pub async fn post(&self, path: &str, body: &Value) -> ClientResponse {
         let auth = basic_auth(WRITE_KEY);
@@ -324,6 +358,20 @@ impl Northstar {
             )
             .await
             .expect("request answered")
+    }
+
+    /// POSTs `events` as one Segment batch with the test write key, and fails the test
+    /// unless all of them are stored; returns the answer's JSON.
+    pub async fn send_batch(&self, events: impl IntoIterator<Item = Value>) -> Value {
+        let events: Vec<Value> = events.into_iter().collect();
+        let answer = self.post("/v1/batch", &json!({ "batch": events })).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let body = answer.json();
+        assert!(
+            body.get("errors").is_none(),
+            "some events were refused: {body}"
+        );
+        body
     }
 
     /// POST raw bytes with the given headers.
@@ -354,15 +402,8 @@ impl Northstar {
 
     /// POST /v1/sql as admin; returns the JSON answer.
     pub async fn sql_api(&self, sql: &str) -> ClientResponse {
-        let auth = format!("Bearer {ADMIN_KEY}");
-        self.client
-            .post_json(
-                &format!("{}/v1/sql", self.base),
-                &[("authorization", &auth)],
-                &json!({"sql": sql}),
-            )
+        self.post_as(ADMIN_KEY, "/v1/sql", &json!({"sql": sql}))
             .await
-            .expect("request answered")
     }
 
     /// Runs SQL through the server's `POST /v1/sql` (the archivers' buffers included), rows
@@ -376,16 +417,6 @@ impl Northstar {
         }
     }
 
-    /// Runs SQL over the data dir with the real engine (no server involved), rows as JSON.
-    pub async fn sql(&self, sql: &str) -> Vec<Value> {
-        query(&self.data, sql).await
-    }
-
-    /// Waits until the events archive has committed at least `rows` rows (per its manifest).
-    pub async fn wait_archived(&self, rows: u64) {
-        wait_archived(&self.data, rows).await
-    }
-
     /// GET with a bearer key (a service key for the limits API).
     pub async fn get_as(&self, key: &str, path: &str) -> ClientResponse {
         let bearer = format!("Bearer {key}");
@@ -393,6 +424,36 @@ impl Northstar {
             .get(
                 &format!("{}{path}", self.base),
                 &[("authorization", &bearer)],
+            )
+            .await
+            .expect("answered")
+    }
+
+    /// POST JSON with a bearer key.
+    pub async fn post_as(&self, key: &str, path: &str, body: &Value) -> ClientResponse {
+        let bearer = format!("Bearer {key}");
+        self.client
+            .post_json(
+                &format!("{}{path}", self.base),
+                &[("authorization", &bearer)],
+                body,
+            )
+            .await
+            .expect("answered")
+    }
+
+    /// PUT JSON with the admin key.
+    pub async fn put_admin(&self, path: &str, body: &Value) -> ClientResponse {
+        let bearer = format!("Bearer {ADMIN_KEY}");
+        self.client
+            .send(
+                http::Method::PUT,
+                &format!("{}{path}", self.base),
+                &[
+                    ("authorization", &bearer),
+                    ("content-type", "application/json"),
+                ],
+                body.to_string().into_bytes(),
             )
             .await
             .expect("answered")
@@ -555,11 +616,19 @@ pub const SERVICE_KEY: &str = "sk_test_0123456789abcdef";
 /// A northstar server inside the test process, on a clock the test controls.
 pub struct InProcess {
     pub server: Option<northstar::server::RunningServer>,
-    pub base: String,
+    /// Its HTTP API (the methods of [`Api`] are the server's, through `Deref`).
+    pub api: Api,
     pub data: PathBuf,
-    pub client: HttpClient,
     pub clock: northstar::clock::Clock,
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for InProcess {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl InProcess {
@@ -601,9 +670,8 @@ impl InProcess {
         let base = format!("http://{}", server.addr);
         Self {
             server: Some(server),
-            base,
+            api: Api::new(base),
             data,
-            client: HttpClient::new(),
             clock,
             _dir: dir,
         }
@@ -614,61 +682,6 @@ impl InProcess {
         if let Some(server) = self.server.take() {
             server.stop().await;
         }
-    }
-
-    /// POST a Segment batch with the test write key.
-    pub async fn post(&self, path: &str, body: &Value) -> ClientResponse {
-        let auth = basic_auth(WRITE_KEY);
-        self.client
-            .post_json(
-                &format!("{}{path}", self.base),
-                &[("authorization", &auth)],
-                body,
-            )
-            .await
-            .expect("answered")
-    }
-
-    /// POST with a bearer key.
-    pub async fn post_as(&self, key: &str, path: &str, body: &Value) -> ClientResponse {
-        let bearer = format!("Bearer {key}");
-        self.client
-            .post_json(
-                &format!("{}{path}", self.base),
-                &[("authorization", &bearer)],
-                body,
-            )
-            .await
-            .expect("answered")
-    }
-
-    /// GET with a bearer key.
-    pub async fn get_as(&self, key: &str, path: &str) -> ClientResponse {
-        let bearer = format!("Bearer {key}");
-        self.client
-            .get(
-                &format!("{}{path}", self.base),
-                &[("authorization", &bearer)],
-            )
-            .await
-            .expect("answered")
-    }
-
-    /// PUT JSON with the admin key.
-    pub async fn put_admin(&self, path: &str, body: &Value) -> ClientResponse {
-        let bearer = format!("Bearer {ADMIN_KEY}");
-        self.client
-            .send(
-                http::Method::PUT,
-                &format!("{}{path}", self.base),
-                &[
-                    ("authorization", &bearer),
-                    ("content-type", "application/json"),
-                ],
-                body.to_string().into_bytes(),
-            )
-            .await
-            .expect("answered")
     }
 }
 
