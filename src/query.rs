@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn a_string_literal_doubles_its_quotes() {
         assert_eq!(string_literal("it's"), "'it''s'");
-        assert_eq!(string_literal("''"), "");
+        assert_eq!(string_literal("''"), "''''''");
         assert_eq!(string_literal(""), "''");
     }
 
