@@ -89,6 +89,9 @@ pub struct Config {
     /// The onboarding engine and triggers.
     #[serde(default)]
     pub onboarding: OnboardingSettings,
+    /// The identity graph (which ids are one person).
+    #[serde(default)]
+    pub identity: IdentitySettings,
     /// Feature flags.
     #[serde(default)]
     pub flags: Vec<FlagSpec>,
@@ -119,6 +122,7 @@ impl Default for Config {
             registry: RegistrySettings::default(),
             activation: ActivationSettings::default(),
             onboarding: OnboardingSettings::default(),
+            identity: IdentitySettings::default(),
             flags: Vec::new(),
             billing: None,
         }
@@ -326,6 +330,12 @@ impl Config {
         self.activation
             .validate()
             .map_err(|(at, m)| (format!("activation.{at}"), m))?;
+        if self.identity.max_ids == 0 {
+            return Err((
+                "identity.maxIds".into(),
+                "must be at least 1: it bounds the ids the identity graph records".into(),
+            ));
+        }
         if self.onboarding.max_people == 0 {
             return Err(("onboarding.maxPeople".into(), "must be at least 1".into()));
         }

@@ -73,12 +73,26 @@ struct IdentityFollower {
     marked: u64,
     stats: Arc<IdentityStats>,
     saved: Saved,
+    /// The graph's bound was reported (once a run).
+    warned_full: bool,
 }
 
 impl IdentityFollower {
+    /// Says once per run that the graph is full: every event of a new id would say it again.
+    fn warn_full(&mut self) {
+        if !self.warned_full {
+            self.warned_full = true;
+            tracing::warn!(
+                "the identity graph holds identity.maxIds ids: new ids are not recorded or linked (their events are stored and resolve to themselves); raise identity.maxIds"
+            );
+        }
+    }
+
     fn observe(&mut self, seq: u64, event: &EventView<'_>) {
-        if let Some(user) = event.user_id.as_deref() {
-            self.state.graph.observe_user(user);
+        if let Some(user) = event.user_id.as_deref()
+            && !self.state.graph.observe_user(user)
+        {
+            self.warn_full();
         }
         let properties = || {
             serde_json::from_str::<serde_json::Value>(event.properties.get()).unwrap_or_default()
@@ -124,6 +138,10 @@ impl IdentityFollower {
                 self.dirty = true;
             }
             Outcome::Unchanged => {}
+            Outcome::Refused(_) if self.state.graph.is_full() => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.warn_full();
+            }
             Outcome::Refused(reason) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(seq, %reason, "identity merge refused");
@@ -284,6 +302,8 @@ pub struct IdentityTarget {
     pub data_dir: PathBuf,
     /// How often a changed graph is written.
     pub snapshot_interval: Duration,
+    /// Most ids the graph records (`identity.maxIds`).
+    pub max_ids: u64,
 }
 
 /// Loads the state and returns the identity graph's part of the stream followers.
@@ -329,6 +349,9 @@ pub async fn prepare(
         stream_created: Some(created),
         ..state
     };
+    state
+        .graph
+        .set_max_ids(usize::try_from(target.max_ids).unwrap_or(usize::MAX));
     let mark: Option<CleanThrough> = std::fs::read(dir.join(POSITION_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -352,6 +375,7 @@ pub async fn prepare(
         marked: 0,
         stats: stats.clone(),
         saved: Arc::new(std::sync::atomic::AtomicU64::new(after_seq)),
+        warned_full: false,
     };
     Ok((
         Part::new(follower, after_seq, target.snapshot_interval),

@@ -298,6 +298,7 @@ pub async fn start(
             stream: config.stream.name.clone(),
             data_dir: data_dir.clone(),
             snapshot_interval: Duration::from_secs(1),
+            max_ids: config.identity.max_ids,
         },
     )
     .await?;

@@ -50,6 +50,10 @@ pub struct LimitsBench {
     /// `groupBy` values of the memory measurement (one counter's breakdown).
     #[arg(long, default_value_t = 100_000)]
     pub group_values: usize,
+    /// Ids of the identity graph's memory measurement (an anonymous id identified as a new
+    /// user each pair).
+    #[arg(long, default_value_t = 200_000)]
+    pub identity_ids: usize,
 }
 
 /// Runs the benchmark and prints its table.
@@ -69,6 +73,7 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     let per_counter = counter_memory(options.counters);
     let per_person = person_memory(options.people);
     let per_group_value = group_value_memory(options.group_values);
+    let per_identity_id = identity_memory(options.identity_ids);
 
     let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
     let (mut child, base) = spawn_server(work, nats.url()).await?;
@@ -171,6 +176,15 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
             ratio: None,
         },
         Row {
+            measure: format!(
+                "memory per identity id ({} ids, an anonymous id and a user id per person)",
+                thousands(options.identity_ids as f64)
+            ),
+            ours: format!("{per_identity_id:.0} bytes"),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
             measure: "peak RSS of the server process".into(),
             ours: server_rss.map(mib).unwrap_or_else(|| "n/a".into()),
             baseline: String::new(),
@@ -262,6 +276,19 @@ fn person_memory(n: usize) -> f64 {
     });
     let _ = std::fs::remove_dir_all(&dir);
     per
+}
+
+/// Memory per id of the identity graph: each person an anonymous id identified as a user.
+fn identity_memory(n: usize) -> f64 {
+    bytes_per(n, || {
+        let mut graph = crate::identity::IdentityGraph::default();
+        for i in 0..n / 2 {
+            let user = format!("user-{i:07}");
+            graph.observe_user(&user);
+            graph.identify(&format!("anon-{i:07}"), &user, i as u64, 0);
+        }
+        graph
+    })
 }
 
 /// Memory per `groupBy` value of one counter's breakdown.

@@ -848,6 +848,23 @@ impl Default for OnboardingSettings {
     }
 }
 
+/// The identity graph.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct IdentitySettings {
+    /// Most ids the graph records, among user ids seen and linked ids each (about 300 bytes
+    /// an id, measured by `bench limits`). Past it events are stored as usual, a new user id
+    /// is not recorded and a merge that would add an id is refused; the ids it holds keep
+    /// resolving to their people.
+    pub max_ids: u64,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self { max_ids: 1_000_000 }
+    }
+}
+
 /// A feature flag for experiment groups.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

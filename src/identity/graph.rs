@@ -131,6 +131,9 @@ pub struct IdentityGraph {
     next_group: u64,
     /// Ids re-filed by merges since start: what merges cost (a metric; not saved).
     moved: u64,
+    /// Most ids the graph records, among user ids seen and linked ids each (`identity.maxIds`;
+    /// none when unset). Not saved: the config sets it at every start.
+    max_ids: Option<usize>,
 }
 
 impl IdentityGraph {
@@ -173,18 +176,37 @@ impl IdentityGraph {
         self.moved
     }
 
-    /// Records that `user_id` was sent as a user id (it is identified).
-    pub fn observe_user(&mut self, user_id: &str) {
-        if !self.identified.contains(user_id) && !is_placeholder(user_id) {
-            self.identified.insert(user_id.to_string());
-            if let Some(group) = self
-                .group_of
-                .get(user_id)
-                .and_then(|g| self.groups.get_mut(g))
-            {
-                group.identified += 1;
-            }
+    /// Bounds the ids the graph records (`identity.maxIds`): past it, a new user id is not
+    /// recorded as identified and a link that would add an id is refused; the ids it holds
+    /// keep resolving.
+    pub fn set_max_ids(&mut self, max: usize) {
+        self.max_ids = Some(max);
+    }
+
+    /// Whether the graph holds as many ids as it may.
+    pub fn is_full(&self) -> bool {
+        self.max_ids
+            .is_some_and(|max| self.identified.len() >= max || self.group_of.len() >= max)
+    }
+
+    /// Records that `user_id` was sent as a user id (it is identified). False when the graph
+    /// is full and the id is new: it is not recorded.
+    pub fn observe_user(&mut self, user_id: &str) -> bool {
+        if self.identified.contains(user_id) || is_placeholder(user_id) {
+            return true;
         }
+        if self.is_full() {
+            return false;
+        }
+        self.identified.insert(user_id.to_string());
+        if let Some(group) = self
+            .group_of
+            .get(user_id)
+            .and_then(|g| self.groups.get_mut(g))
+        {
+            group.identified += 1;
+        }
+        true
     }
 
     /// `identify` with an anonymous id and a user id.
@@ -222,6 +244,14 @@ impl IdentityGraph {
         if is_placeholder(id) || is_placeholder(user_id) {
             return Outcome::Refused(format!(
                 "placeholder id in a merge of `{id}` and `{user_id}`"
+            ));
+        }
+        if self.is_full()
+            && !(self.group_of.contains_key(id) && self.group_of.contains_key(user_id))
+        {
+            return Outcome::Refused(format!(
+                "the identity graph holds its bound of {} ids (identity.maxIds); `{id}` is not linked to `{user_id}`",
+                self.max_ids.unwrap_or_default()
             ));
         }
         self.observe_user(user_id);
@@ -513,5 +543,26 @@ mod tests {
         assert_eq!(graph.alias("device-1", "u9", 1, 0, false), Outcome::Linked);
         assert_eq!(graph.identify("anon-7", "device-1", 2, 0), Outcome::Linked);
         assert_eq!(graph.person_of("anon-7"), "u9");
+    }
+
+    /// A full graph records no new id, refuses links that would add one, and keeps resolving
+    /// the ids it holds (and linking them among themselves).
+    #[test]
+    fn a_full_graph_refuses_new_ids_and_keeps_the_ones_it_holds() {
+        let mut graph = IdentityGraph::default();
+        graph.set_max_ids(4);
+        assert_eq!(graph.identify("anon-1", "u1", 1, 0), Outcome::Linked);
+        assert_eq!(graph.identify("anon-2", "u2", 2, 0), Outcome::Linked);
+        assert!(graph.is_full());
+        assert!(matches!(
+            graph.identify("anon-3", "u3", 3, 0),
+            Outcome::Refused(reason) if reason.contains("identity.maxIds")
+        ));
+        assert!(!graph.observe_user("u4"));
+        assert_eq!(graph.person_of("anon-3"), "anon-3");
+        assert_eq!(graph.person_of("anon-1"), "u1");
+        assert_eq!(graph.person_of("anon-2"), "u2");
+        assert_eq!(graph.alias("anon-2", "u1", 4, 0, true), Outcome::Linked);
+        assert_eq!(graph.person_of("anon-2"), "u1");
     }
 }
