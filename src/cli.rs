@@ -183,6 +183,18 @@ enum ReportFormat {
     Json,
 }
 
+/// What a report command reads and how it prints: the data dir, the config, the format.
+#[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    data: DataDir,
+    #[command(flatten)]
+    config: ConfigFile,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: ReportFormat,
+}
+
 /// The data dir a command reads or writes.
 #[derive(Args)]
 struct DataDir {

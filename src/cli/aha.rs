@@ -3,19 +3,14 @@
 use anyhow::Context;
 use clap::Args;
 
-use super::{ConfigFile, DataDir, ReportFormat};
+use super::{ReportArgs, ReportFormat};
 use crate::activation::{ActivationStore, Question, analysis};
 use crate::query::QueryEngine;
 
 #[derive(Args)]
 pub(super) struct AhaArgs {
     #[command(flatten)]
-    data: DataDir,
-    #[command(flatten)]
-    config: ConfigFile,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    format: ReportFormat,
+    report: ReportArgs,
     /// Judge the cohort against this time (RFC 3339) instead of the last event's.
     #[arg(long)]
     as_of: Option<String>,
@@ -26,7 +21,7 @@ pub(super) struct AhaArgs {
 
 impl AhaArgs {
     pub(super) async fn run(self) -> anyhow::Result<()> {
-        let config = self.config.load()?;
+        let config = self.report.config.load()?;
         let as_of = match &self.as_of {
             Some(text) => Some(
                 chrono::DateTime::parse_from_rfc3339(text)
@@ -35,9 +30,9 @@ impl AhaArgs {
             ),
             None => None,
         };
-        let engine = QueryEngine::open(&self.data.path, &config).await?;
+        let engine = QueryEngine::open(&self.report.data.path, &config).await?;
         let question = Question::from_config(&config);
-        let store = ActivationStore::open(&self.data.path);
+        let store = ActivationStore::open(&self.report.data.path);
         // The analysis reads every event: a spinner names the step it is on.
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -53,7 +48,7 @@ impl AhaArgs {
         .await;
         bar.finish_and_clear();
         let (analysis, version) = result?;
-        match self.format {
+        match self.report.format {
             ReportFormat::Json => say!(
                 "{}",
                 serde_json::to_string_pretty(

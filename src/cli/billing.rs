@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::{ConfigFile, DataDir, ReportFormat, verdict};
+use super::{ReportArgs, ReportFormat, verdict};
 use crate::billing::outbox::Outbox;
 use crate::billing::reconcile::reconcile;
 use crate::billing::stripe::Stripe;
@@ -17,41 +17,21 @@ use crate::config::{BillingProvider, Config};
 pub(super) enum BillingCommand {
     /// The outbox on disk: totals per customer and meter, pending reports, dead letters
     /// (exits 1 if there are dead letters). No server needed.
-    Status {
-        #[command(flatten)]
-        data: DataDir,
-        #[command(flatten)]
-        config: ConfigFile,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        format: ReportFormat,
-    },
+    Status(ReportArgs),
     /// Compare what northstar delivered with Stripe's meter event summaries (needs
     /// STRIPE_SECRET_KEY); exits 1 on any difference.
-    Reconcile {
-        #[command(flatten)]
-        data: DataDir,
-        #[command(flatten)]
-        config: ConfigFile,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        format: ReportFormat,
-    },
+    Reconcile(ReportArgs),
 }
 
 impl BillingCommand {
     pub(super) async fn run(self) -> anyhow::Result<ExitCode> {
         match self {
-            BillingCommand::Status {
-                data,
-                config,
-                format,
-            } => status(&config.load()?, &data.path, format),
-            BillingCommand::Reconcile {
-                data,
-                config,
-                format,
-            } => reconcile_with_stripe(&config.load()?, &data.path, format).await,
+            BillingCommand::Status(args) => {
+                status(&args.config.load()?, &args.data.path, args.format)
+            }
+            BillingCommand::Reconcile(args) => {
+                reconcile_with_stripe(&args.config.load()?, &args.data.path, args.format).await
+            }
         }
     }
 }
