@@ -254,7 +254,33 @@ impl Config {
                 ));
             }
         }
+        let per_counter = self.metering.max_unique_values_per_counter;
         for (i, feature) in self.usage_features.iter().enumerate() {
+            let counts_unique = self
+                .events
+                .iter()
+                .filter_map(|e| e.metering.as_ref())
+                .any(|m| m.feature_id == feature.id && m.aggregation == Aggregation::UniqueCount);
+            let bounds = feature
+                .limits
+                .iter()
+                .filter_map(|(plan, limit)| Some(("limits", plan, (*limit)?)))
+                .chain(
+                    feature
+                        .hard_caps
+                        .iter()
+                        .map(|(plan, cap)| ("hardCaps", plan, *cap)),
+                );
+            for (key, plan, bound) in bounds {
+                if counts_unique && bound > per_counter {
+                    return Err((
+                        format!("usageFeatures[{i}].{key}.{plan}"),
+                        format!(
+                            "{bound} is above metering.maxUniqueValuesPerCounter ({per_counter}): a unique_count counter holds no more values than that, so it could never reach this"
+                        ),
+                    ));
+                }
+            }
             for plan in feature.soft_limits.iter().chain(feature.hard_caps.keys()) {
                 if !feature.limits.contains_key(plan) {
                     return Err((
@@ -445,6 +471,30 @@ mod tests {
         let text = SEED.replace("\"featureId\": \"api_requests\"", "\"featureId\": \"nope\"");
         let err = Config::from_json(&text, "x.json").unwrap_err().to_string();
         assert!(err.contains("events[1].metering.featureId"), "{err}");
+    }
+
+    #[test]
+    fn a_unique_count_limit_must_fit_in_one_counter() {
+        let config = |limit: u64, cap: u64| {
+            serde_json::json!({
+                "events": [{"name": "seat_used", "metering":
+                    {"featureId": "seats", "aggregation": "unique_count", "valueProperty": "member"}}],
+                "usageFeatures": [{"id": "seats", "limits": {"free": limit, "pro": null},
+                                   "hardCaps": {"free": cap}}],
+                "metering": {"maxUniqueValuesPerCounter": 100}
+            })
+            .to_string()
+        };
+        let err = Config::from_json(&config(101, 50), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("usageFeatures[0].limits.free"), "{err}");
+        assert!(err.contains("maxUniqueValuesPerCounter"), "{err}");
+        let err = Config::from_json(&config(10, 500), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("usageFeatures[0].hardCaps.free"), "{err}");
+        assert!(Config::from_json(&config(100, 100), "x").is_ok());
     }
 
     #[test]

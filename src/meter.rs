@@ -43,7 +43,7 @@ use crate::schema::quantity;
 use customers::{Customer, CustomerStore};
 use notices::Notice;
 use spec::{Allowance, MeterSpec};
-use state::Counters;
+use state::{Bounds, Counters};
 
 /// Why a limits request got no usual answer.
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +286,12 @@ impl Meter {
         Self {
             feature_ids: spec.features.iter().map(|f| f.id.clone()).collect(),
             spec,
-            counters: Counters::default(),
+            counters: Counters::new(Bounds {
+                group_values: usize::try_from(config.metering.max_group_values)
+                    .unwrap_or(usize::MAX),
+                unique_values: usize::try_from(config.metering.max_unique_values_per_counter)
+                    .unwrap_or(usize::MAX),
+            }),
             customers,
             settings: config.metering.clone(),
             known_plans: config
@@ -357,23 +362,77 @@ impl Meter {
         ))
     }
 
-    /// [`Meter::admits_customer`] for a stream message about to be published: an event that
-    /// no meter counts, or one of a customer the meter holds, always passes. Read only once
-    /// the meter is at its bound, so ingest pays nothing for it before.
+    /// [`Meter::admits_customer`] and [`Meter::admits_unique_values`] for a stream message
+    /// about to be published: an event that no meter counts always passes. Read only once
+    /// the meter is at one of its bounds, so ingest pays nothing for them before.
     pub fn admits_message(&self, message: &[u8]) -> Result<(), Rejection> {
-        let most = usize::try_from(self.settings.max_customers).unwrap_or(usize::MAX);
-        if self.counters.customers_held() < most {
+        let most_customers = usize::try_from(self.settings.max_customers).unwrap_or(usize::MAX);
+        let most_values = usize::try_from(self.settings.max_unique_values).unwrap_or(usize::MAX);
+        let customers_full = self.counters.customers_held() >= most_customers;
+        let values_full = self.counters.unique_values_held() >= most_values;
+        if !customers_full && !values_full {
             return Ok(());
         }
         let Ok(event) = EventView::decode(message) else {
             return Ok(());
         };
-        match (event.event.as_deref(), event.customer_id.as_deref()) {
-            (Some(name), Some(customer)) if self.spec.by_event.contains_key(name) => {
-                self.admits_customer(customer)
-            }
-            _ => Ok(()),
+        let (Some(meters), Some(customer)) = (
+            event
+                .event
+                .as_deref()
+                .and_then(|name| self.spec.by_event.get(name)),
+            event.customer_id.as_deref(),
+        ) else {
+            return Ok(());
+        };
+        if customers_full {
+            self.admits_customer(customer)?;
         }
+        if values_full {
+            self.admits_unique_values(&event, meters, customer, most_values)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the meter, holding `metering.maxUniqueValues` distinct values, may count
+    /// `event`: each `unique_count` meter of it must already hold the event's value (or be
+    /// full, and take no more). Under the shard lock of the customer; soft by the values of
+    /// requests admitted at the same moment, like the customer bound.
+    fn admits_unique_values(
+        &self,
+        event: &EventView<'_>,
+        meters: &[spec::EventMeter],
+        customer: &str,
+        most: usize,
+    ) -> Result<(), Rejection> {
+        let properties = RawObject::parse(event.properties.get()).unwrap_or_default();
+        let period = self.customers.terms(customer).period_at(event.timestamp);
+        let shard = self.counters.lock(customer);
+        for meter in meters {
+            if self.spec.features[meter.feature].aggregation != Aggregation::UniqueCount {
+                continue;
+            }
+            let Some(property) = meter.value_property.as_deref() else {
+                continue;
+            };
+            let value = properties.field(property);
+            let Ok(contribution) =
+                quantity::quantity_of(Some(property), Aggregation::UniqueCount, value.as_deref())
+            else {
+                continue;
+            };
+            let index = u16::try_from(meter.feature).unwrap_or(u16::MAX);
+            if shard.would_hold(customer, index, period.start, &contribution) {
+                return Err(Rejection::new(
+                    format!("properties.{property}"),
+                    format!(
+                        "the meter holds {most} distinct values of unique_count meters, its bound (metering.maxUniqueValues), and this is a new one; \
+                         raise the bound and replay the rejected store to meter it"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies one stream event (the runner calls this in stream order). An event already
@@ -445,8 +504,6 @@ impl Meter {
                 };
                 let group = (!meter.group_by.is_empty())
                     .then(|| quantity::group_key(&meter.group_by, &properties));
-                let most_groups =
-                    usize::try_from(self.settings.max_group_values).unwrap_or(usize::MAX);
                 let index = u16::try_from(meter.feature).unwrap_or(u16::MAX);
                 let Some(applied) = shard.apply(
                     customer_id,
@@ -454,7 +511,7 @@ impl Meter {
                     feature.aggregation,
                     period.start,
                     &contribution,
-                    group.as_deref().map(|g| (g, most_groups)),
+                    group.as_deref(),
                     event.timestamp,
                     &event.event_id,
                 ) else {

@@ -862,3 +862,74 @@ async fn usage_windows_merged_run_by_run_count_every_event_once() {
     post_and_settle(vec![call("w-d1", "w", "2026-03-09T23:30:00Z")], 8).await;
     assert_eq!(windows().await, expected(2));
 }
+
+/// A flood of distinct values of a `unique_count` meter stops at its bounds (issue: memory
+/// grows with every new id). One counter takes at most `metering.maxUniqueValuesPerCounter`
+/// values and then stays there, past any limit the config accepts, so the limit still holds;
+/// past `metering.maxUniqueValues` held in all, a metered event with a new value is refused
+/// at the door, naming the property and the setting, and kept in the rejected store. Values
+/// the meter holds, full counters and unmetered events go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_distinct_values_stops_at_the_unique_count_bounds() {
+    let nats = Nats::start();
+    let mut config = limits_config();
+    config["events"].as_array_mut().unwrap().push(json!({
+        "name": "seat_used",
+        "properties": ["member"],
+        "metering": {"featureId": "seats", "aggregation": "unique_count", "valueProperty": "member"}
+    }));
+    config["usageFeatures"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "seats", "limits": {"free": 2}}));
+    config["metering"]["maxUniqueValues"] = json!(4);
+    config["metering"]["maxUniqueValuesPerCounter"] = json!(3);
+    let server = InProcess::start(&nats, &config, Clock::manual(MARCH_10)).await;
+    let seat = |id: &str, customer: &str, member: &str| {
+        json!({"type": "track", "messageId": id, "userId": member, "event": "seat_used",
+               "timestamp": "2026-03-10T10:00:00Z", "context": {"groupId": customer},
+               "properties": {"member": member}})
+    };
+    let first = json!({"batch": [
+        seat("s1", "c1", "m1"), seat("s2", "c1", "m2"), seat("s3", "c1", "m3"),
+        seat("s4", "c1", "m4"), seat("s5", "c1", "m1"), seat("s6", "c2", "n1"),
+    ]});
+    assert_eq!(server.post("/v1/batch", &first).await.json()["accepted"], 6);
+    used(&server, "c1", "seats", 3.0).await;
+    used(&server, "c2", "seats", 1.0).await;
+    let (status, body) = check(&server, json!({"customer_id": "c1", "feature": "seats"})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (402, Some("usage_limit_exceeded")),
+        "a full counter is past its limit: {body}"
+    );
+
+    let second = json!({"batch": [
+        seat("s7", "c2", "n2"),
+        seat("s8", "c2", "n1"),
+        seat("s9", "c1", "m9"),
+        call("s10", "c2", "2026-03-10T10:00:00Z"),
+    ]});
+    let answer = server.post("/v1/batch", &second).await.json();
+    assert_eq!(
+        answer["accepted"], 3,
+        "a held value, a full counter, another meter's event: {answer}"
+    );
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    let error = &answer["errors"][0];
+    assert_eq!(error["index"], 0, "{answer}");
+    assert_eq!(error["field"], "properties.member", "{answer}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("metering.maxUniqueValues"),
+        "{answer}"
+    );
+    harness::wait_rows(&server.data, "rejected_events", 1).await;
+    let rejected = harness::query(&server.data, "SELECT event_id FROM rejected_events").await;
+    assert_eq!(rejected[0]["event_id"], "s7", "{rejected:?}");
+    harness::wait_archived(&server.data, 9).await;
+    used(&server, "c2", "seats", 1.0).await;
+    assert_healthy(&server).await;
+}

@@ -135,6 +135,10 @@ fn state_sizes(state: &AppState) -> String {
     let mut parts = vec![
         ("meter_customers", state.meter.counters().customers_held()),
         ("meter_counters", state.meter.counters().counter_count()),
+        (
+            "meter_unique_values",
+            state.meter.counters().unique_values_held(),
+        ),
         ("onboarding_people", people),
         ("onboarding_linked_ids", linked),
     ];

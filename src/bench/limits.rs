@@ -54,6 +54,9 @@ pub struct LimitsBench {
     /// user each pair).
     #[arg(long, default_value_t = 200_000)]
     pub identity_ids: usize,
+    /// Distinct values of the `unique_count` memory measurement (spread over 100 counters).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub unique_values: usize,
 }
 
 /// Runs the benchmark and prints its table.
@@ -74,6 +77,7 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     let per_person = person_memory(options.people);
     let per_group_value = group_value_memory(options.group_values);
     let per_identity_id = identity_memory(options.identity_ids);
+    let per_unique_value = unique_value_memory(options.unique_values);
 
     let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
     let (mut child, base) = spawn_server(work, nats.url()).await?;
@@ -181,6 +185,15 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
                 thousands(options.identity_ids as f64)
             ),
             ours: format!("{per_identity_id:.0} bytes"),
+            baseline: String::new(),
+            ratio: None,
+        },
+        Row {
+            measure: format!(
+                "memory per unique_count value ({} values over 100 counters)",
+                thousands(options.unique_values as f64)
+            ),
+            ours: format!("{per_unique_value:.0} bytes"),
             baseline: String::new(),
             ratio: None,
         },
@@ -304,12 +317,34 @@ fn group_value_memory(n: usize) -> f64 {
                 Aggregation::Sum,
                 0,
                 &Contribution::Amount(Decimal::ONE),
-                Some((&value, usize::MAX)),
+                Some(&value),
                 0,
                 "",
             );
         }
         drop(shard);
+        counters
+    })
+}
+
+/// Memory per distinct value of `unique_count` counters: `n` values over 100 customers.
+fn unique_value_memory(n: usize) -> f64 {
+    bytes_per(n, || {
+        let counters = Counters::default();
+        for i in 0..n {
+            let customer = format!("customer-{:03}", i % 100);
+            let mut shard = counters.lock(&customer);
+            shard.apply(
+                &customer,
+                0,
+                Aggregation::UniqueCount,
+                0,
+                &Contribution::Distinct(format!("user-{i:08}")),
+                None,
+                0,
+                "",
+            );
+        }
         counters
     })
 }

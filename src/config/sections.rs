@@ -637,6 +637,16 @@ pub struct MeteringSettings {
     /// Most `groupBy` values one counter breaks its usage down by; the usage of values past
     /// it is counted under the value `(other)`, so the total stays exact.
     pub max_group_values: u64,
+    /// Most distinct values the meter's `unique_count` counters hold together (each costs
+    /// the bytes `bench limits` measures). Past it ingest refuses an event that would add
+    /// one (to the rejected store, naming the value's property; replay it once the bound is
+    /// raised or a period has ended).
+    pub max_unique_values: u64,
+    /// Most distinct values one `unique_count` counter (a customer's feature in one period)
+    /// holds; it takes no more after that, so its count stays at this bound. A plan limit or
+    /// hard cap of a `unique_count` feature must not be above it, so a full counter is
+    /// always past its limit.
+    pub max_unique_values_per_counter: u64,
 }
 
 impl Default for MeteringSettings {
@@ -657,6 +667,8 @@ impl Default for MeteringSettings {
             max_quantity: 1_000_000_000_000,
             max_customers: 100_000,
             max_group_values: 1_000,
+            max_unique_values: 10_000_000,
+            max_unique_values_per_counter: 1_000_000,
         }
     }
 }
@@ -683,6 +695,15 @@ impl MeteringSettings {
         }
         if self.max_group_values == 0 {
             return Err(("maxGroupValues".into(), "must be at least 1".into()));
+        }
+        if self.max_unique_values == 0 {
+            return Err(("maxUniqueValues".into(), "must be at least 1".into()));
+        }
+        if self.max_unique_values_per_counter == 0 {
+            return Err((
+                "maxUniqueValuesPerCounter".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.max_quantity == 0 || self.max_quantity > MAX_QUANTITY_CEILING {
             return Err((

@@ -188,6 +188,7 @@ pub fn load(
                 guard.customers.insert(customer, usage);
             }
         }
+        guard.recount_unique_values();
         restored.shard_seqs[record.shard] = record.seq;
     }
     Ok(restored)

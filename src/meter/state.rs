@@ -45,8 +45,60 @@ pub enum Aggregate {
         /// The value.
         value: Decimal,
     },
-    /// Distinct values seen.
-    Unique(Box<HashSet<Box<str>>>),
+    /// Distinct values seen, each held as its [`value_hash`]: a value costs the same few
+    /// bytes whatever its length. At most `metering.maxUniqueValuesPerCounter` of them.
+    Unique(#[serde(with = "unique_values")] Box<HashSet<u64>>),
+}
+
+/// The 64-bit FNV-1a hash a `unique_count` counter holds a value as. Stable across runs and
+/// releases (snapshots hold it). Two of a million distinct values share a hash with a
+/// chance of about 3 in 10^8, so the count is exact for any bound the config accepts.
+pub fn value_hash(value: &str) -> u64 {
+    let mut hasher = Fnv(FNV_OFFSET);
+    hasher.write(value.as_bytes());
+    hasher.finish()
+}
+
+/// The hash a `unique_count` counter holds a contribution as (a number counts as written).
+fn distinct_hash(contribution: &Contribution) -> u64 {
+    match contribution {
+        Contribution::Distinct(v) => value_hash(v),
+        Contribution::Amount(a) => value_hash(&a.to_string()),
+    }
+}
+
+/// Snapshots before hashed values listed the values themselves: both read back.
+mod unique_values {
+    use std::collections::HashSet;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Held {
+        Hash(u64),
+        Value(String),
+    }
+
+    pub(super) fn serialize<S: Serializer>(set: &HashSet<u64>, out: S) -> Result<S::Ok, S::Error> {
+        set.serialize(out)
+    }
+
+    // The field's own type: boxed so an `Aggregate` of any other kind stays small.
+    #[allow(clippy::box_collection)]
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        input: D,
+    ) -> Result<Box<HashSet<u64>>, D::Error> {
+        let held = Vec::<Held>::deserialize(input)?;
+        Ok(Box::new(
+            held.into_iter()
+                .map(|h| match h {
+                    Held::Hash(hash) => hash,
+                    Held::Value(value) => super::value_hash(&value),
+                })
+                .collect(),
+        ))
+    }
 }
 
 impl Aggregate {
@@ -74,7 +126,14 @@ impl Aggregate {
         }
     }
 
-    fn add(&mut self, contribution: &Contribution, at: i64) {
+    /// Adds one event's contribution; returns how many distinct values it added (one or
+    /// none), for the meter's count of values held. A `unique_count` counter holding
+    /// `most_unique` values takes no new one: its count stays at the bound.
+    fn add(&mut self, contribution: &Contribution, at: i64, most_unique: usize) -> usize {
+        let distinct = match self {
+            Self::Unique(_) => distinct_hash(contribution),
+            _ => 0,
+        };
         match (&mut *self, contribution) {
             (Self::Sum(total), Contribution::Amount(a)) => *total = total.saturating_add(*a),
             (Self::Count(n), _) => *n += 1,
@@ -85,13 +144,21 @@ impl Aggregate {
                     *value = *a;
                 }
             }
-            (Self::Unique(set), Contribution::Distinct(v)) => {
-                set.insert(v.as_str().into());
-            }
-            (Self::Unique(set), Contribution::Amount(a)) => {
-                set.insert(a.to_string().into());
+            (Self::Unique(set), _) => {
+                if set.len() < most_unique || set.contains(&distinct) {
+                    return usize::from(set.insert(distinct));
+                }
             }
             (_, Contribution::Distinct(_)) => {}
+        }
+        0
+    }
+
+    /// Distinct values held (zero for other aggregates).
+    fn values_held(&self) -> usize {
+        match self {
+            Self::Unique(set) => set.len(),
+            _ => 0,
         }
     }
 }
@@ -140,6 +207,25 @@ struct Reservation {
     amount: Decimal,
 }
 
+/// What one counter may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// `groupBy` values a counter breaks its usage down by (`metering.maxGroupValues`).
+    pub group_values: usize,
+    /// Distinct values a `unique_count` counter holds
+    /// (`metering.maxUniqueValuesPerCounter`).
+    pub unique_values: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            group_values: usize::MAX,
+            unique_values: usize::MAX,
+        }
+    }
+}
+
 /// One shard: the customers whose id hashes to it.
 #[derive(Debug, Default)]
 pub struct Shard {
@@ -151,6 +237,9 @@ pub struct Shard {
     /// Events of this shard applied when ingest's publish was acked, ahead of the follower
     /// (which skips them when it delivers them). Bounded by [`MAX_AHEAD_PER_SHARD`].
     pub ahead: std::collections::BTreeSet<u64>,
+    /// Distinct values its `unique_count` counters hold together.
+    pub unique_values: usize,
+    bounds: Bounds,
     reservations: HashMap<Box<str>, Reservation>,
     reserved: HashMap<(Box<str>, u16, i64), Decimal>,
 }
@@ -172,27 +261,30 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Counters {
     shards: Vec<Mutex<Shard>>,
-    /// Customers each shard holds, as its last lock holder left it: read without a lock
-    /// by ingest's admission of new customers.
-    held: Vec<AtomicUsize>,
+    /// Customers and distinct values each shard holds, as its last lock holder left it: read
+    /// without a lock by ingest's admission of new customers and values.
+    held: Vec<Held>,
     applied: AtomicU64,
+    bounds: Bounds,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    customers: AtomicUsize,
+    unique_values: AtomicUsize,
 }
 
 impl Default for Counters {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            held: (0..SHARDS).map(|_| AtomicUsize::new(0)).collect(),
-            applied: AtomicU64::new(0),
-        }
+        Self::new(Bounds::default())
     }
 }
 
-/// A locked shard; when it is let go, the shard's customer count is published for
-/// [`Counters::customers_held`].
+/// A locked shard; when it is let go, the shard's customer and value counts are published
+/// for [`Counters::customers_held`] and [`Counters::unique_values_held`].
 pub struct ShardGuard<'a> {
     guard: MutexGuard<'a, Shard>,
-    held: &'a AtomicUsize,
+    held: &'a Held,
 }
 
 impl std::ops::Deref for ShardGuard<'_> {
@@ -211,16 +303,22 @@ impl std::ops::DerefMut for ShardGuard<'_> {
 impl Drop for ShardGuard<'_> {
     fn drop(&mut self) {
         self.held
+            .customers
             .store(self.guard.customers.len(), Ordering::Relaxed);
+        self.held
+            .unique_values
+            .store(self.guard.unique_values, Ordering::Relaxed);
     }
 }
 
 /// The shard of a customer id (stable across runs: FNV-1a).
 pub fn shard_of(customer: &str) -> usize {
-    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut hasher = Fnv(FNV_OFFSET);
     customer.hash(&mut hasher);
     (hasher.finish() % SHARDS as u64) as usize
 }
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 struct Fnv(u64);
 
@@ -236,6 +334,23 @@ impl Hasher for Fnv {
 }
 
 impl Counters {
+    /// Empty counters, each holding at most `bounds`.
+    pub fn new(bounds: Bounds) -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        bounds,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
+            held: (0..SHARDS).map(|_| Held::default()).collect(),
+            applied: AtomicU64::new(0),
+            bounds,
+        }
+    }
+
     /// Locks the shard of `customer`.
     pub fn lock(&self, customer: &str) -> ShardGuard<'_> {
         self.lock_shard(shard_of(customer))
@@ -257,7 +372,19 @@ impl Counters {
 
     /// Customers held, without taking a lock (as of each shard's last unlock).
     pub fn customers_held(&self) -> usize {
-        self.held.iter().map(|h| h.load(Ordering::Relaxed)).sum()
+        self.held
+            .iter()
+            .map(|h| h.customers.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Distinct values the `unique_count` counters hold, without taking a lock (as of each
+    /// shard's last unlock).
+    pub fn unique_values_held(&self) -> usize {
+        self.held
+            .iter()
+            .map(|h| h.unique_values.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Whether the meter holds counters of `customer`.
@@ -283,7 +410,10 @@ impl Counters {
     /// make the follower skip the new stream's event of that number.
     pub fn reset(&self) {
         for index in 0..SHARDS {
-            *self.lock_shard(index) = Shard::default();
+            *self.lock_shard(index) = Shard {
+                bounds: self.bounds,
+                ..Shard::default()
+            };
         }
         self.set_applied(0);
     }
@@ -306,8 +436,8 @@ impl Shard {
     /// Applies one event's contribution to the counter of (`customer`, `feature`,
     /// `period_start`), keeping at most two periods per feature (the current and the one
     /// before; an event for an older period is ignored and `None` is returned). `group` is
-    /// the event's `groupBy` value and the most values the counter breaks down by: a value
-    /// past them is counted under [`OTHER_GROUP`].
+    /// the event's `groupBy` value: a value past the shard's [`Bounds::group_values`] is
+    /// counted under [`OTHER_GROUP`].
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         &mut self,
@@ -316,7 +446,7 @@ impl Shard {
         aggregation: Aggregation,
         period_start: i64,
         contribution: &Contribution,
-        group: Option<(&str, usize)>,
+        group: Option<&str>,
         at: i64,
         event_id: &str,
     ) -> Option<Applied> {
@@ -370,9 +500,15 @@ impl Shard {
                 if starts.len() > 2 {
                     starts.sort_unstable();
                     let oldest = starts[0];
-                    usage
-                        .counters
-                        .retain(|c| c.feature != feature || c.period_start != oldest);
+                    let mut dropped = 0;
+                    usage.counters.retain(|c| {
+                        let keep = c.feature != feature || c.period_start != oldest;
+                        if !keep {
+                            dropped += c.value.values_held();
+                        }
+                        keep
+                    });
+                    self.unique_values = self.unique_values.saturating_sub(dropped);
                 }
                 usage
                     .counters
@@ -382,10 +518,12 @@ impl Shard {
         };
         let counter = &mut usage.counters[index];
         let before = counter.value.used();
-        counter.value.add(contribution, at);
-        if let (Some((group, most)), Contribution::Amount(amount)) = (group, contribution) {
+        self.unique_values += counter
+            .value
+            .add(contribution, at, self.bounds.unique_values);
+        if let (Some(group), Contribution::Amount(amount)) = (group, contribution) {
             let groups = counter.groups.get_or_insert_with(Box::default);
-            let key = if groups.contains_key(group) || groups.len() < most {
+            let key = if groups.contains_key(group) || groups.len() < self.bounds.group_values {
                 group
             } else {
                 OTHER_GROUP
@@ -399,6 +537,38 @@ impl Shard {
             before,
             after: counter.value.used(),
         })
+    }
+
+    /// Whether counting `contribution` in the `unique_count` counter of (`customer`,
+    /// `feature`, `period_start`) would hold a new value: not when the counter has it
+    /// already, or is full (it then takes no more).
+    pub fn would_hold(
+        &self,
+        customer: &str,
+        feature: u16,
+        period_start: i64,
+        contribution: &Contribution,
+    ) -> bool {
+        let Some(Aggregate::Unique(set)) = self
+            .customers
+            .get(customer)
+            .and_then(|u| u.counter(feature, period_start))
+            .map(|c| &c.value)
+        else {
+            return true;
+        };
+        set.len() < self.bounds.unique_values && !set.contains(&distinct_hash(contribution))
+    }
+
+    /// Counts the distinct values the shard's counters hold again (after a snapshot is
+    /// loaded into it).
+    pub fn recount_unique_values(&mut self) {
+        self.unique_values = self
+            .customers
+            .values()
+            .flat_map(|u| &u.counters)
+            .map(|c| c.value.values_held())
+            .sum();
     }
 
     /// Counts a metered event's arrival for abuse detection.
@@ -508,7 +678,10 @@ mod tests {
 
     #[test]
     fn group_values_past_the_bound_are_counted_as_other_and_the_total_stays_exact() {
-        let counters = Counters::default();
+        let counters = Counters::new(Bounds {
+            group_values: 2,
+            ..Bounds::default()
+        });
         let mut shard = counters.lock("c");
         for (i, region) in ["eu", "us", "ap", "eu", "sa"].iter().enumerate() {
             shard.apply(
@@ -517,7 +690,7 @@ mod tests {
                 Aggregation::Sum,
                 0,
                 &amount(i as i64 + 1),
-                Some((region, 2)),
+                Some(region),
                 1,
                 "x",
             );
@@ -666,6 +839,89 @@ mod tests {
             );
         }
         assert_eq!(shard.used("c", 2, 0), Decimal::from(2));
+    }
+
+    #[test]
+    fn a_full_unique_counter_takes_no_new_value_and_the_meter_counts_what_it_holds() {
+        let counters = Counters::new(Bounds {
+            unique_values: 3,
+            ..Bounds::default()
+        });
+        let distinct = |v: &str| Contribution::Distinct(v.into());
+        {
+            let mut shard = counters.lock("c");
+            for v in ["u1", "u2", "u1", "u3", "u4", "u2"] {
+                shard.apply(
+                    "c",
+                    0,
+                    Aggregation::UniqueCount,
+                    100,
+                    &distinct(v),
+                    None,
+                    1,
+                    v,
+                );
+            }
+            assert_eq!(
+                shard.used("c", 0, 100),
+                Decimal::from(3),
+                "stays at the bound"
+            );
+            assert!(
+                !shard.would_hold("c", 0, 100, &distinct("u5")),
+                "full: takes no more"
+            );
+            assert!(!shard.would_hold("c", 0, 100, &distinct("u1")));
+            assert!(
+                shard.would_hold("c", 0, 200, &distinct("u1")),
+                "another period"
+            );
+        }
+        assert_eq!(counters.unique_values_held(), 3, "published at unlock");
+        {
+            let mut shard = counters.lock("c");
+            shard.apply(
+                "c",
+                0,
+                Aggregation::UniqueCount,
+                200,
+                &distinct("a"),
+                None,
+                1,
+                "a",
+            );
+            shard.apply(
+                "c",
+                0,
+                Aggregation::UniqueCount,
+                300,
+                &distinct("b"),
+                None,
+                1,
+                "b",
+            );
+        }
+        assert_eq!(
+            counters.unique_values_held(),
+            2,
+            "the oldest period's values are let go with it"
+        );
+        let mut shard = counters.lock("c");
+        shard.unique_values = 0;
+        shard.recount_unique_values();
+        assert_eq!(shard.unique_values, 2);
+    }
+
+    #[test]
+    fn unique_values_are_read_back_from_snapshots_that_listed_them() {
+        let held: Aggregate = serde_json::from_str(r#"{"unique":["u1","u2",7]}"#).unwrap();
+        let Aggregate::Unique(set) = &held else {
+            panic!("not a unique count: {held:?}")
+        };
+        assert!(set.contains(&value_hash("u1")) && set.contains(&7));
+        let again: Aggregate =
+            serde_json::from_str(&serde_json::to_string(&held).unwrap()).unwrap();
+        assert_eq!(again, held);
     }
 
     #[test]
