@@ -8,18 +8,18 @@
 //! - [`billing`]: meter events/s from the outbox to a local Stripe-speaking server, vs raw POSTs;
 //! - [`soak`]: half the measured peak for minutes: memory, lag and disk over time.
 
-pub mod activation;
-pub mod billing;
-pub mod ingest;
-pub mod limits;
-pub mod report;
-pub mod soak;
+pub(crate) mod activation;
+pub(crate) mod billing;
+pub(crate) mod ingest;
+pub(crate) mod limits;
+pub(crate) mod report;
+pub(crate) mod soak;
 
 use clap::Subcommand;
 
 /// The benchmark suites.
 #[derive(Debug, Subcommand)]
-pub enum Suite {
+pub(crate) enum Suite {
     /// End-to-end ingest: events/s acked over HTTP and landed in Parquet, vs raw JetStream.
     Ingest(ingest::IngestBench),
     /// The limits API: check latency and throughput vs a bare hyper server; freshness; memory.
@@ -36,7 +36,7 @@ pub enum Suite {
 }
 
 /// Runs a suite and prints its table.
-pub async fn run(suite: Suite) -> anyhow::Result<()> {
+pub(crate) async fn run(suite: Suite) -> anyhow::Result<()> {
     match suite {
         Suite::Ingest(options) => ingest::run(options).await,
         Suite::Limits(options) => limits::run(options).await,
@@ -48,7 +48,7 @@ pub async fn run(suite: Suite) -> anyhow::Result<()> {
 }
 
 /// Peak resident memory of a process (`VmHWM`), in bytes.
-pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
+use northstar::config::Config;
 
 /// `println!` that returns the write's error instead of panicking on a closed stdout.
 macro_rules! say {
@@ -45,7 +45,7 @@ mod sql;
     version,
     about = "Product-led-growth event pipeline: HTTP → NATS JetStream → Parquet → SQL"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -100,7 +100,7 @@ enum Command {
 
 /// Runs the parsed command. `Ok(FAILURE)` is a verdict the command reached (a dead letter, a
 /// schema violation, a difference with Stripe); `Err` is a command that could not do its work.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => args.run().await.map(done),
         Command::Replay(args) => args.run().map(done),
@@ -131,7 +131,7 @@ fn verdict(ok: bool) -> ExitCode {
 
 /// An error and its causes on one line, each cause once: many of our errors already say
 /// their cause in their own message, which a plain chain would repeat.
-pub fn report(error: &anyhow::Error) -> String {
+pub(crate) fn report(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
@@ -145,7 +145,7 @@ pub fn report(error: &anyhow::Error) -> String {
 
 /// Whether `error` comes from writing to a pipe whose reader has closed it: that ends a
 /// command, as it does any Unix tool's, and is not a failure.
-pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
@@ -156,7 +156,7 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
 /// Logs on stderr: `RUST_LOG` filters, `NORTHSTAR_LOG_FORMAT=json` for machines, colour only
 /// for a person at a terminal who has not asked for none (`NO_COLOR`): files and pipes get
 /// plain text.
-pub fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,async_nats=warn,datafusion=warn")
     });

@@ -23,9 +23,12 @@
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`resubmit`]: rejected messages replayed through today's validation, none stored twice;
 //! - [`api`]: the HTTP server that fronts all of the above;
-//! - [`server`]: `serve`, which starts and stops the components in order;
-//! - [`cli`]: the command line, each subcommand a function (`main.rs` only calls it);
-//! - [`bench`]: `northstar bench`, our numbers next to a baseline measured in the same run.
+//! - [`server`]: `serve`, which starts and stops the components in order.
+//!
+//! The command line (`cli`, each subcommand a function) and `northstar bench` (our numbers
+//! next to a baseline measured in the same run) are modules of the `northstar` binary
+//! (`src/main.rs`), not of this library: tests and other programs link the server without
+//! them, and the library's errors are all typed.
 //!
 //! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
 //! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
@@ -36,11 +39,9 @@
 pub mod activation;
 pub mod api;
 pub mod archive;
-pub mod bench;
 pub mod billing;
 pub mod bus;
 pub mod catalog;
-pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -1,11 +1,16 @@
 //! The `northstar` binary: parses the command line, sets up logging and the async runtime,
-//! and runs the command (`northstar::cli`), whose answer becomes the exit code.
+//! and runs the command ([`cli`]), whose answer becomes the exit code. The command line and
+//! the benchmarks live in the binary, not the library: the library is the server and its parts,
+//! with typed errors; `anyhow` ends here.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use northstar::cli::{self, Cli};
+use cli::Cli;
+
+mod bench;
+mod cli;
 
 fn main() -> ExitCode {
     northstar::heap::bound_arenas();

@@ -17,35 +17,35 @@ use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
 use super::report::{Row, mib, print_table, thousands};
-use crate::activation::analysis::{Dialect, Question, render};
-use crate::archive::TableFormat;
-use crate::archive::commit::{
+use northstar::activation::analysis::{Dialect, Question, render};
+use northstar::archive::TableFormat;
+use northstar::archive::commit::{
     PartFile, PartName, ensure_partition_dir, list_parts, sort_batch, write_parquet_file,
     writer_properties,
 };
-use crate::archive::compact::compact;
-use crate::archive::format::{EventsFormat, Partitions};
-use crate::config::ArchiveSettings;
-use crate::demo::Rng;
-use crate::event::{EventRecord, EventType};
-use crate::identity::IdentityGraph;
+use northstar::archive::compact::compact;
+use northstar::archive::format::{EventsFormat, Partitions};
+use northstar::config::ArchiveSettings;
+use northstar::demo::Rng;
+use northstar::event::{EventRecord, EventType};
+use northstar::identity::IdentityGraph;
 
 /// Options of the activation benchmark.
 #[derive(Debug, clap::Args)]
-pub struct ActivationBench {
+pub(crate) struct ActivationBench {
     /// Users in the history.
     #[arg(long, default_value_t = 200_000)]
-    pub users: usize,
+    pub(crate) users: usize,
     /// Background events per user (page views and other activity) on top of the planted ones.
     #[arg(long, default_value_t = 46)]
-    pub activity: usize,
+    pub(crate) activity: usize,
     /// Write the history here and keep it (default: a temporary directory, removed after).
     #[arg(long)]
-    pub keep_data: Option<std::path::PathBuf>,
+    pub(crate) keep_data: Option<std::path::PathBuf>,
 }
 
 /// Runs the benchmark and prints its table.
-pub async fn run(options: ActivationBench) -> anyhow::Result<()> {
+pub(crate) async fn run(options: ActivationBench) -> anyhow::Result<()> {
     if let Some(keep) = &options.keep_data {
         if keep.exists() {
             bail!(
@@ -76,7 +76,7 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
         serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
     config["activation"] = json!({"schedule": "0"});
     std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
-    let as_of = crate::clock::format_micros(end_us);
+    let as_of = northstar::clock::format_micros(end_us);
 
     eprintln!("northstar aha (DataFusion)…");
     let started = Instant::now();
@@ -94,7 +94,7 @@ async fn run_in(options: &ActivationBench, work: &Path) -> anyhow::Result<()> {
         serde_json::from_slice(&ours_out).context("northstar aha answered no JSON")?;
     let chosen = &ours["analysis"]["evaluation"]["chosen"];
 
-    let config = crate::config::Config::from_json(&config.to_string(), "bench")?;
+    let config = northstar::config::Config::from_json(&config.to_string(), "bench")?;
     let question = Question::from_config(&config);
     let duck = duckdb_run(&data, work, &question, end_us).await;
 
@@ -242,7 +242,7 @@ elapsed = time.time() - start
 print("RESULT", len(rows), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 "#,
         events = data.join("events").display(),
-        identities = data.join(crate::catalog::IDENTITIES.dir).display(),
+        identities = data.join(northstar::catalog::IDENTITIES.dir).display(),
         sql = sql_path.display(),
     );
     // Timed from outside, like `northstar aha`: process start, reading the files' metadata and
@@ -409,7 +409,7 @@ fn write_history(data: &Path, options: &ActivationBench) -> anyhow::Result<(u64,
         }
     }
     written += flush(&format, &schema, &table, &mut partitions, commit + 1, seq)?;
-    crate::identity::save_graph(data, graph).map_err(anyhow::Error::msg)?;
+    northstar::identity::save_graph(data, graph).map_err(anyhow::Error::msg)?;
     Ok((written, end))
 }
 
@@ -464,7 +464,10 @@ fn flush(
         let batch = format.finish(&mut buffered)?;
         let batch = sort_batch(&batch, format.sort_columns())?;
         rows += batch.num_rows() as u64;
-        let dir = ensure_partition_dir(table, &crate::event::partition_date(day * 86_400_000_000))?;
+        let dir = ensure_partition_dir(
+            table,
+            &northstar::event::partition_date(day * 86_400_000_000),
+        )?;
         let settings = ArchiveSettings::default();
         let properties = writer_properties(
             schema,

@@ -15,24 +15,24 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, watch};
 
 use super::report::{Row, print_table, thousands};
-use crate::billing::deliver::{self, DeliveryStats, Pace};
-use crate::billing::outbox::{Closing, Outbox};
-use crate::billing::sink::Sink;
-use crate::billing::stripe::{Stripe, encode_form};
-use crate::client::HttpClient;
+use northstar::billing::deliver::{self, DeliveryStats, Pace};
+use northstar::billing::outbox::{Closing, Outbox};
+use northstar::billing::sink::Sink;
+use northstar::billing::stripe::{Stripe, encode_form};
+use northstar::client::HttpClient;
 
 /// Options of `bench billing`.
 #[derive(Debug, Clone, Args)]
-pub struct BillingBench {
+pub(crate) struct BillingBench {
     /// Reports to deliver (one per customer and window).
     #[arg(long, default_value_t = 20_000)]
-    pub reports: usize,
+    pub(crate) reports: usize,
     /// Distinct customers.
     #[arg(long, default_value_t = 1_000)]
-    pub customers: usize,
+    pub(crate) customers: usize,
     /// Calls in flight.
     #[arg(long, default_value_t = 16)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
 }
 
 /// A loopback server that answers meter events like Stripe (200, identifier kept once).
@@ -76,7 +76,7 @@ async fn provider() -> anyhow::Result<(String, Arc<AtomicU64>)> {
 }
 
 /// Runs the benchmark and prints its table.
-pub async fn run(options: BillingBench) -> anyhow::Result<()> {
+pub(crate) async fn run(options: BillingBench) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let customers = options.customers.max(1);
     let windows = options.reports.div_ceil(customers);

@@ -28,33 +28,33 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::report::{Row, mib, print_table, thousands};
-use crate::archive::ArchiveManifest;
-use crate::bus::EmbeddedNats;
-use crate::client::{HttpClient, basic_auth};
-use crate::ingest::segment;
+use northstar::archive::ArchiveManifest;
+use northstar::bus::EmbeddedNats;
+use northstar::client::{HttpClient, basic_auth};
+use northstar::ingest::segment;
 
 pub(super) const WRITE_KEY: &str = "bench-write-key-0001";
 pub(super) const ADMIN_KEY: &str = "bench-admin-key-0001";
 
 /// Options of the ingest benchmark.
 #[derive(Debug, clap::Args)]
-pub struct IngestBench {
+pub(crate) struct IngestBench {
     /// Events to send.
     #[arg(long, default_value_t = 1_000_000)]
-    pub events: usize,
+    pub(crate) events: usize,
     /// Concurrent HTTP clients (keep-alive connections).
     #[arg(long, default_value_t = 8)]
-    pub clients: usize,
+    pub(crate) clients: usize,
     /// Messages per `/v1/batch` request.
     #[arg(long, default_value_t = 500)]
-    pub batch: usize,
+    pub(crate) batch: usize,
     /// Use this NATS server instead of starting one.
     #[arg(long, env = "NORTHSTAR_NATS_URL")]
-    pub nats_url: Option<String>,
+    pub(crate) nats_url: Option<String>,
 }
 
 /// Runs the benchmark and prints its table.
-pub async fn run(options: IngestBench) -> anyhow::Result<()> {
+pub(crate) async fn run(options: IngestBench) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("northstar-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(&options, &work).await;
@@ -194,12 +194,12 @@ async fn run_in(options: &IngestBench, work: &Path) -> anyhow::Result<()> {
 
 /// Segment track messages like an API product sends: ~1,000 customers, 10,000 users.
 fn messages(count: usize) -> Vec<Value> {
-    let mut rng = crate::demo::Rng::new(42);
-    let start = crate::clock::system_micros() - 3_600_000_000;
+    let mut rng = northstar::demo::Rng::new(42);
+    let start = northstar::clock::system_micros() - 3_600_000_000;
     (0..count)
         .map(|i| {
             let user = rng.below(10_000);
-            let at = crate::clock::format_micros(start + (i as i64) * 3);
+            let at = northstar::clock::format_micros(start + (i as i64) * 3);
             json!({
                 "type": "track",
                 "messageId": format!("bench-{i}"),
@@ -227,7 +227,7 @@ fn bus_payloads(messages: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
                 None,
                 segment::Inherited::default(),
                 "bench",
-                crate::clock::system_micros(),
+                northstar::clock::system_micros(),
             )
             .map_err(|r| anyhow::anyhow!("bench message rejected: {} {}", r.field, r.message))?;
             Ok((record.event_id.clone(), Bytes::from(record.to_bus_json())))
@@ -252,8 +252,8 @@ fn validation_cost(messages: &[Value]) -> anyhow::Result<ValidationCost> {
         "type": "object",
         "properties": {"endpoint": {"type": "string"}, "latency_ms": {"type": "integer", "minimum": 0}, "status": {"type": "integer"}}
     });
-    let config = crate::config::Config::from_json(&config.to_string(), "bench")?;
-    let registry = crate::schema::Registry::load(&config, None)?;
+    let config = northstar::config::Config::from_json(&config.to_string(), "bench")?;
+    let registry = northstar::schema::Registry::load(&config, None)?;
     let run = |validate: bool| {
         let started = Instant::now();
         let mut kept = 0usize;
@@ -273,7 +273,10 @@ fn validation_cost(messages: &[Value]) -> anyhow::Result<ValidationCost> {
                     &record.properties,
                     &mut record.context,
                 );
-                kept += usize::from(matches!(decision, crate::schema::Decision::Accept { .. }));
+                kept += usize::from(matches!(
+                    decision,
+                    northstar::schema::Decision::Accept { .. }
+                ));
             }
             kept += record.to_bus_json().len() & 1;
         }
@@ -296,7 +299,7 @@ struct RawTimes {
 }
 
 async fn raw_jetstream(url: &str, payloads: &[(String, Bytes)]) -> anyhow::Result<RawTimes> {
-    let client = crate::bus::connect_ready(url, Duration::from_secs(10)).await?;
+    let client = northstar::bus::connect_ready(url, Duration::from_secs(10)).await?;
     let js = jetstream::context::ContextBuilder::new()
         .max_ack_inflight(65_536)
         .backpressure_on_inflight(true)
@@ -780,7 +783,7 @@ fn percentiles(times: &[Duration]) -> String {
 }
 
 fn parquet_size(dir: &Path) -> u64 {
-    crate::archive::commit::list_parts(dir)
+    northstar::archive::commit::list_parts(dir)
         .map(|parts| parts.iter().map(|p| p.bytes).sum())
         .unwrap_or(0)
 }

@@ -17,50 +17,50 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::report::{Row, mib, print_table, thousands};
-use crate::bus::EmbeddedNats;
-use crate::client::{HttpClient, basic_auth};
-use crate::config::Aggregation;
-use crate::meter::state::Counters;
-use crate::schema::quantity::Contribution;
+use northstar::bus::EmbeddedNats;
+use northstar::client::{HttpClient, basic_auth};
+use northstar::config::Aggregation;
+use northstar::meter::state::Counters;
+use northstar::schema::quantity::Contribution;
 
 const WRITE_KEY: &str = "bench-write-key-0001";
 const SERVICE_KEY: &str = "bench-service-key-0001";
 
 /// Options of the limits benchmark.
 #[derive(Debug, clap::Args)]
-pub struct LimitsBench {
+pub(crate) struct LimitsBench {
     /// Concurrent keep-alive clients of the throughput run.
     #[arg(long, default_value_t = 32)]
-    pub clients: usize,
+    pub(crate) clients: usize,
     /// Keep-alive connections of the fixed-rate latency run (a service's connection pool).
     #[arg(long, default_value_t = 8)]
-    pub latency_clients: usize,
+    pub(crate) latency_clients: usize,
     /// Seconds of each throughput run.
     #[arg(long, default_value_t = 5)]
-    pub seconds: u64,
+    pub(crate) seconds: u64,
     /// Rate of the fixed-rate latency run (checks/s).
     #[arg(long, default_value_t = 10_000)]
-    pub rate: u64,
+    pub(crate) rate: u64,
     /// Counters of the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
-    pub counters: usize,
+    pub(crate) counters: usize,
     /// People of the memory measurement (onboarding facts, one event each).
     #[arg(long, default_value_t = 200_000)]
-    pub people: usize,
+    pub(crate) people: usize,
     /// `groupBy` values of the memory measurement (one counter's breakdown).
     #[arg(long, default_value_t = 100_000)]
-    pub group_values: usize,
+    pub(crate) group_values: usize,
     /// Ids of the identity graph's memory measurement (an anonymous id identified as a new
     /// user each pair).
     #[arg(long, default_value_t = 200_000)]
-    pub identity_ids: usize,
+    pub(crate) identity_ids: usize,
     /// Distinct values of the `unique_count` memory measurement (spread over 100 counters).
     #[arg(long, default_value_t = 1_000_000)]
-    pub unique_values: usize,
+    pub(crate) unique_values: usize,
 }
 
 /// Runs the benchmark and prints its table.
-pub async fn run(options: LimitsBench) -> anyhow::Result<()> {
+pub(crate) async fn run(options: LimitsBench) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("northstar-bench-limits-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(&options, &work).await;
@@ -216,7 +216,7 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
 /// returns is kept alive until measured). Falls back to peak RSS where the allocator cannot
 /// tell.
 fn bytes_per<T>(n: usize, build: impl FnOnce() -> T) -> f64 {
-    let live = || crate::heap::usage().map(|heap| heap.in_use);
+    let live = || northstar::heap::usage().map(|heap| heap.in_use);
     let pid = std::process::id();
     let (before, peak_before) = (live(), super::peak_rss_bytes(pid).unwrap_or(0));
     let built = build();
@@ -256,18 +256,18 @@ fn counter_memory(n: usize) -> f64 {
 /// Memory per person the onboarding engine follows, each with one event.
 fn person_memory(n: usize) -> f64 {
     let dir = std::env::temp_dir().join(format!("northstar-bench-people-{}", std::process::id()));
-    let mut config = crate::config::Config::default();
+    let mut config = northstar::config::Config::default();
     config.onboarding.max_people = n as u64;
     let per = bytes_per(n, || {
-        let engine = crate::onboarding::Onboarding::new(
+        let engine = northstar::onboarding::Onboarding::new(
             &config,
-            crate::activation::store::ActivationStore::open(&dir),
+            northstar::activation::store::ActivationStore::open(&dir),
             Box::new(|_| "free".to_string()),
         );
         for i in 0..n {
-            let message = crate::event::EventRecord {
+            let message = northstar::event::EventRecord {
                 event_id: format!("e{i}"),
-                kind: crate::event::EventType::Track,
+                kind: northstar::event::EventType::Track,
                 event: Some("api_call_made".into()),
                 user_id: Some(format!("user-{i:07}")),
                 anonymous_id: None,
@@ -281,7 +281,7 @@ fn person_memory(n: usize) -> f64 {
                 sample_rate: None,
             }
             .to_bus_json();
-            if let Ok(event) = crate::event::EventView::decode(&message) {
+            if let Ok(event) = northstar::event::EventView::decode(&message) {
                 engine.apply_event(i as u64 + 1, &event);
             }
         }
@@ -294,7 +294,7 @@ fn person_memory(n: usize) -> f64 {
 /// Memory per id of the identity graph: each person an anonymous id identified as a user.
 fn identity_memory(n: usize) -> f64 {
     bytes_per(n, || {
-        let mut graph = crate::identity::IdentityGraph::default();
+        let mut graph = northstar::identity::IdentityGraph::default();
         for i in 0..n / 2 {
             let user = format!("user-{i:07}");
             graph.observe_user(&user);
@@ -401,7 +401,7 @@ async fn spawn_child(args: &[&str]) -> anyhow::Result<(tokio::process::Child, St
 /// A bare hyper server answering every request with a fixed JSON: the floor of what HTTP on
 /// loopback costs here. It runs as its own process, as northstar does, and prints its address
 /// the way `serve` does.
-pub async fn bare_server() -> anyhow::Result<()> {
+pub(crate) async fn bare_server() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("northstar listening on http://{}", listener.local_addr()?);
     let serve = async move {
@@ -428,7 +428,7 @@ pub async fn bare_server() -> anyhow::Result<()> {
     };
     tokio::select! {
         () = serve => {}
-        () = crate::server::shutdown_signal() => {}
+        () = northstar::server::shutdown_signal() => {}
     }
     Ok(())
 }

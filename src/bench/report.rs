@@ -1,19 +1,19 @@
 //! The table every benchmark prints (Markdown, so it can go straight into the README).
 
 /// One row: what was measured, its value, and the baseline it is compared with.
-pub struct Row {
+pub(crate) struct Row {
     /// What was measured.
-    pub measure: String,
+    pub(crate) measure: String,
     /// Our value, formatted.
-    pub ours: String,
+    pub(crate) ours: String,
     /// The baseline's value, formatted (empty if none).
-    pub baseline: String,
+    pub(crate) baseline: String,
     /// ours / baseline, when both are rates.
-    pub ratio: Option<f64>,
+    pub(crate) ratio: Option<f64>,
 }
 
 /// Prints rows as a Markdown table under a title.
-pub fn print_table(title: &str, baseline_name: &str, rows: &[Row]) {
+pub(crate) fn print_table(title: &str, baseline_name: &str, rows: &[Row]) {
     println!("\n### {title}\n");
     println!("| measure | northstar | {baseline_name} | ratio |");
     println!("|---|---:|---:|---:|");
@@ -28,7 +28,7 @@ pub fn print_table(title: &str, baseline_name: &str, rows: &[Row]) {
 }
 
 /// `123,456` style thousands.
-pub fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let rounded = value.round() as u64;
     let digits = rounded.to_string();
     let mut out = String::new();
@@ -42,7 +42,7 @@ pub fn thousands(value: f64) -> String {
 }
 
 /// Bytes as MiB with one decimal.
-pub fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 

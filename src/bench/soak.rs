@@ -20,28 +20,28 @@ use serde_json::{Value, json};
 
 use super::ingest::{ServerChild, WRITE_KEY, metric_value};
 use super::report::{mib, thousands};
-use crate::bus::EmbeddedNats;
-use crate::client::{HttpClient, basic_auth};
+use northstar::bus::EmbeddedNats;
+use northstar::client::{HttpClient, basic_auth};
 
 /// Options of the soak.
 #[derive(Debug, clap::Args)]
-pub struct SoakBench {
+pub(crate) struct SoakBench {
     /// How long to run at half the peak.
     #[arg(long, default_value_t = 10)]
-    pub minutes: u64,
+    pub(crate) minutes: u64,
     /// Events/s to hold instead of half the measured peak.
     #[arg(long)]
-    pub rate: Option<u64>,
+    pub(crate) rate: Option<u64>,
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 8)]
-    pub clients: usize,
+    pub(crate) clients: usize,
     /// Messages per `/v1/batch` request.
     #[arg(long, default_value_t = 100)]
-    pub batch: usize,
+    pub(crate) batch: usize,
 }
 
 /// Runs the soak and prints its table.
-pub async fn run(options: SoakBench) -> anyhow::Result<()> {
+pub(crate) async fn run(options: SoakBench) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("northstar-soak-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(&options, &work).await;
@@ -169,7 +169,7 @@ async fn run_in(options: &SoakBench, work: &Path) -> anyhow::Result<()> {
                 followers_lag,
                 archive_lag,
                 stream_bytes: metric_value(&last_text, "northstar_stream_bytes"),
-                parquet_bytes: crate::disk::dir_bytes(&data.join("events")),
+                parquet_bytes: northstar::disk::dir_bytes(&data.join("events")),
                 acked: load.acked.load(Ordering::Relaxed),
                 shed: metric_value(&last_text, "northstar_ingest_shed_total"),
             });
@@ -356,7 +356,7 @@ impl Load {
 
     async fn post_one(&self) -> anyhow::Result<()> {
         let first = self.next_id.fetch_add(self.batch as u64, Ordering::Relaxed);
-        let now = crate::clock::format_micros(crate::clock::system_micros());
+        let now = northstar::clock::format_micros(northstar::clock::system_micros());
         let batch: Vec<Value> = (first..first + self.batch as u64)
             .map(|i| {
                 json!({"type": "track", "messageId": format!("soak-{i}"), "userId": format!("user-{}", i % 10_000),

@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{ReportArgs, ReportFormat};
-use crate::activation::{ActivationStore, Question, analysis};
-use crate::query::QueryEngine;
+use northstar::activation::{ActivationStore, Question, analysis};
+use northstar::query::QueryEngine;
 
 #[derive(Args)]
 pub(super) struct AhaArgs {
@@ -37,12 +37,12 @@ impl AhaArgs {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         let progress = |step: &str| bar.set_message(step.to_string());
-        let result = crate::activation::recompute(
+        let result = northstar::activation::recompute(
             &engine,
             &question,
             &store,
             as_of,
-            crate::clock::system_micros(),
+            northstar::clock::system_micros(),
             &progress,
         )
         .await;

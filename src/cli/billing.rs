@@ -7,11 +7,11 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{ReportArgs, ReportFormat, verdict};
-use crate::billing::outbox::Outbox;
-use crate::billing::reconcile::reconcile;
-use crate::billing::stripe::Stripe;
-use crate::billing::{Secrets, status_of};
-use crate::config::{BillingProvider, Config};
+use northstar::billing::outbox::Outbox;
+use northstar::billing::reconcile::reconcile;
+use northstar::billing::stripe::Stripe;
+use northstar::billing::{Secrets, status_of};
+use northstar::config::{BillingProvider, Config};
 
 #[derive(Subcommand)]
 pub(super) enum BillingCommand {

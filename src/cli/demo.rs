@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::activation::generate::{HistorySpec, generate};
+use northstar::activation::generate::{HistorySpec, generate};
 
 #[derive(Subcommand)]
 pub(super) enum DemoCommand {
@@ -45,7 +45,7 @@ impl DemoCommand {
             seed,
             planted_times: times,
             planted_days: days,
-            ..HistorySpec::ending_at(crate::clock::system_micros())
+            ..HistorySpec::ending_at(northstar::clock::system_micros())
         };
         let mut text = String::new();
         for message in generate(&spec) {

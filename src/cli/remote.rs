@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::AdminServer;
-use crate::client::HttpClient;
+use northstar::client::HttpClient;
 
 #[derive(Args)]
 pub(super) struct ImportArgs {
@@ -22,7 +22,7 @@ pub(super) struct ImportArgs {
 
 impl ImportArgs {
     pub(super) async fn run(self) -> anyhow::Result<()> {
-        let report = crate::ingest::import::run(&self.file, &self.url, &self.write_key)
+        let report = northstar::ingest::import::run(&self.file, &self.url, &self.write_key)
             .await
             .map_err(anyhow::Error::msg)?;
         say!(

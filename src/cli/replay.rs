@@ -14,7 +14,7 @@ pub(super) struct ReplayArgs {
 impl ReplayArgs {
     pub(super) fn run(self) -> anyhow::Result<()> {
         let data = self.data.path;
-        let Some(_lock) = crate::files::lock_dir(&data)
+        let Some(_lock) = northstar::files::lock_dir(&data)
             .with_context(|| format!("locking data dir {}", data.display()))?
         else {
             anyhow::bail!(
@@ -22,8 +22,9 @@ impl ReplayArgs {
                 data.display()
             );
         };
-        let stamp = crate::clock::format_micros(crate::clock::system_micros()).replace(':', "-");
-        let moved = crate::replay::set_aside(&data, &stamp)
+        let stamp =
+            northstar::clock::format_micros(northstar::clock::system_micros()).replace(':', "-");
+        let moved = northstar::replay::set_aside(&data, &stamp)
             .with_context(|| format!("setting derived state aside in {}", data.display()))?;
         if moved.is_empty() {
             say!(

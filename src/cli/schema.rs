@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{ConfigFile, verdict};
-use crate::config::Config;
-use crate::schema::tools;
+use northstar::config::Config;
+use northstar::schema::tools;
 
 #[derive(Subcommand)]
 pub(super) enum SchemaCommand {
@@ -54,8 +54,8 @@ impl SchemaCommand {
 
 fn check(file: &std::path::Path, config: &Config) -> anyhow::Result<ExitCode> {
     let schema_dir = PathBuf::from(&config.registry.schema_dir);
-    let registry = crate::schema::Registry::load(config, Some(&schema_dir))?;
-    let (lines, violations) = crate::ingest::check::check(&registry, file)
+    let registry = northstar::schema::Registry::load(config, Some(&schema_dir))?;
+    let (lines, violations) = northstar::ingest::check::check(&registry, file)
         .with_context(|| format!("reading {}", file.display()))?;
     for v in &violations {
         say!("{}:{}: {}: {}", file.display(), v.line, v.field, v.message);

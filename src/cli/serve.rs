@@ -48,18 +48,18 @@ impl ServeArgs {
                 .cloned()
         });
         let data = self.data.path;
-        let listener = crate::server::bind(self.listen).await?;
-        let options = crate::server::ServeOptions {
+        let listener = northstar::server::bind(self.listen).await?;
+        let options = northstar::server::ServeOptions {
             config,
             data_dir: data.clone(),
             nats_url: self.nats_url,
             admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
             service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
-            clock: crate::clock::Clock::system(),
+            clock: northstar::clock::Clock::system(),
             pipelines_dir: self.pipelines,
-            billing_secrets: crate::billing::Secrets::from_env(),
+            billing_secrets: northstar::billing::Secrets::from_env(),
         };
-        let server = crate::server::start(options, listener).await?;
+        let server = northstar::server::start(options, listener).await?;
         let base = format!("http://{}", server.addr);
         // The harness and scripts read this line; a closed stdout must not stop the server.
         let _ = writeln!(std::io::stdout(), "northstar listening on {base}");
@@ -71,7 +71,7 @@ impl ServeArgs {
         }
         server
             .run_until(async {
-                crate::server::shutdown_signal().await;
+                northstar::server::shutdown_signal().await;
                 eprintln!("stopping: committing what is buffered…");
             })
             .await;
@@ -81,8 +81,8 @@ impl ServeArgs {
 
 /// Sends the demo workload and prints what to try next.
 async fn print_demo(base: &str, write_key: &str, count: usize, data: &Path) {
-    let now = crate::clock::system_micros();
-    match crate::demo::send_demo(base, write_key, count, now).await {
+    let now = northstar::clock::system_micros();
+    match northstar::demo::send_demo(base, write_key, count, now).await {
         Ok(report) => {
             let exe = std::env::args()
                 .next()

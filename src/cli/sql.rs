@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{ConfigFile, DataDir};
-use crate::query::{Format, QueryEngine, output};
+use northstar::query::{Format, QueryEngine, output};
 
 #[derive(Args)]
 pub(super) struct SqlArgs {
