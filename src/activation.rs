@@ -11,7 +11,6 @@
 
 pub mod analysis;
 pub mod generate;
-pub mod handcount;
 pub mod northstar;
 pub mod plot;
 pub mod stats;

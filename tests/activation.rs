@@ -2,11 +2,13 @@
 //! through ingest, the DataFusion analysis recovers the threshold, its cells equal a hand count,
 //! and the result is versioned, served and drawn.
 
+#[path = "activation/handcount.rs"]
+mod handcount;
 mod harness;
 
+use handcount::{CountOptions, count_grid};
 use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
 use northstar::activation::generate::{HistorySpec, data_end_micros, generate};
-use northstar::activation::handcount::{CountOptions, count_grid};
 use northstar::activation::stats::Cell;
 use serde_json::{Value, json};
 

@@ -1,5 +1,6 @@
 //! Synthetic product history with a planted activation threshold, as Segment-shaped JSON messages
-//! (the plain-loop hand count to test the SQL against is in [`super::handcount`]).
+//! (the plain-loop hand count to test the SQL against is the integration tests' oracle,
+//! `tests/activation/handcount.rs`).
 //!
 //! Definitions (shared with `stats`):
 //! - day k after signup is `[signup + k·24h, signup + (k+1)·24h)`;
@@ -28,9 +29,9 @@ pub const DAY_MICROS: i64 = 86_400_000_000;
 /// Timestamps are emitted with millisecond precision, so every generated time is a whole ms.
 const MS: i64 = 1_000;
 /// Activity from this day on counts as retention; churned users stop before it.
-pub(super) const RETENTION_START_DAY: i64 = 28;
+pub const RETENTION_START_DAY: i64 = 28;
 /// End (exclusive) of the retention window.
-pub(super) const RETENTION_END_DAY: i64 = 56;
+pub const RETENTION_END_DAY: i64 = 56;
 /// Days after the last possible signup where the data ends (≥ 56 so everyone is in the cohort).
 const DATA_TAIL_DAYS: i64 = 60;
 /// Non-North-Star event names used for background and retention activity.
@@ -445,22 +446,7 @@ pub fn generate(spec: &HistorySpec) -> Vec<Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::handcount::{CountOptions, count_cells, count_grid, str_field};
-    use super::super::stats::{Candidate, Guards, evaluate, phi};
     use super::*;
-    use std::collections::HashSet;
-
-    fn small_spec() -> HistorySpec {
-        HistorySpec {
-            users: 2_000,
-            seed: 7,
-            ..HistorySpec::default()
-        }
-    }
-
-    fn phi_at(messages: &[Value], times: u32, days: u32, options: &CountOptions) -> f64 {
-        phi(&count_cells(messages, times, days, options)).unwrap_or(f64::NAN)
-    }
 
     #[test]
     fn a_history_ending_today_ends_on_today_and_is_otherwise_the_default() {
@@ -517,147 +503,6 @@ mod tests {
                 seed: spec.seed + 1,
                 ..spec.clone()
             })
-        );
-    }
-
-    #[test]
-    fn messages_are_segment_shaped() {
-        let spec = HistorySpec {
-            users: 300,
-            ..HistorySpec::default()
-        };
-        let messages = generate(&spec);
-        let mut ids = HashSet::new();
-        let mut previous = i64::MIN;
-        for message in &messages {
-            assert!(
-                ids.insert(str_field(message, "messageId").map(str::to_string)),
-                "duplicate id"
-            );
-            let kind = str_field(message, "type").unwrap_or_default();
-            assert!(kind == "track" || kind == "identify");
-            assert_eq!(kind == "track", message.get("event").is_some());
-            let at = str_field(message, "timestamp")
-                .and_then(parse_timestamp)
-                .unwrap_or(i64::MIN);
-            assert!(
-                at >= previous && at < data_end_micros(&spec),
-                "sorted and before the end of data"
-            );
-            previous = at;
-            assert!(message.get("userId").is_some() || message.get("anonymousId").is_some());
-            assert!(
-                message
-                    .pointer("/context/groupId")
-                    .and_then(Value::as_str)
-                    .is_some()
-            );
-        }
-        let linked = messages
-            .iter()
-            .filter(|m| str_field(m, "type") == Some("identify") && m.get("anonymousId").is_some())
-            .count();
-        assert!(
-            (50..=130).contains(&linked),
-            "about 30% of 300 users are anonymous first: {linked}"
-        );
-        let customers: HashSet<_> = messages
-            .iter()
-            .filter_map(|m| m.pointer("/context/groupId"))
-            .collect();
-        assert!(
-            customers.len() > 300 / 5 && customers.len() < 300,
-            "a few users per customer"
-        );
-    }
-
-    #[test]
-    fn planted_split_is_about_half_and_retention_as_specified() {
-        let spec = small_spec();
-        let messages = generate(&spec);
-        let (x0, y0) = planted_truth(&spec);
-        let cell = count_cells(&messages, x0, y0, &CountOptions::for_spec(&spec));
-        assert_eq!(
-            cell.n(),
-            spec.users as u64,
-            "every user is old enough to be judged"
-        );
-        let c = Candidate::from_cell(&cell, &Guards::default());
-        assert!(
-            (0.45..=0.55).contains(&c.share_above),
-            "share above {}",
-            c.share_above
-        );
-        let above = c.retention_above.unwrap_or_default();
-        let below = c.retention_below.unwrap_or_default();
-        assert!((above - 0.8).abs() < 0.05, "retention above {above}");
-        assert!((below - 0.15).abs() < 0.05, "retention below {below}");
-        // With the latest message as the end of data the cohort only loses the youngest users.
-        let by_latest = count_cells(&messages, x0, y0, &CountOptions::default());
-        assert!(by_latest.n() <= cell.n() && by_latest.n() > cell.n() * 8 / 10);
-    }
-
-    #[test]
-    fn planted_candidate_beats_neighbours() {
-        let spec = small_spec();
-        let messages = generate(&spec);
-        let options = CountOptions::for_spec(&spec);
-        let (x0, y0) = planted_truth(&spec);
-        let best = phi_at(&messages, x0, y0, &options);
-        assert!(best > 0.5, "planted phi {best}");
-        for (times, days) in [
-            (x0 - 1, y0),
-            (x0 + 1, y0),
-            (x0, y0 - 1),
-            (x0, y0 + 1),
-            (1, 1),
-        ] {
-            let other = phi_at(&messages, times, days, &options);
-            assert!(
-                best > other + 0.03,
-                "({times}, {days}) phi {other} vs planted {best}"
-            );
-        }
-        let grid = count_grid(&messages, 1..=10, 1..=15, &options);
-        assert_eq!(grid.len(), 150);
-        let evaluation = evaluate(&grid, &Guards::default());
-        assert_eq!(evaluation.chosen.map(|c| (c.times, c.days)), Some((x0, y0)));
-    }
-
-    #[test]
-    fn anonymous_events_count_only_with_identity_resolution() {
-        let spec = small_spec();
-        let messages = generate(&spec);
-        let (x0, y0) = planted_truth(&spec);
-        let on = count_cells(&messages, x0, y0, &CountOptions::for_spec(&spec));
-        let off_options = CountOptions {
-            resolve_identities: false,
-            ..CountOptions::for_spec(&spec)
-        };
-        let off = count_cells(&messages, x0, y0, &off_options);
-        assert_eq!(
-            on.n(),
-            off.n(),
-            "signups carry the userId, so the cohort is the same"
-        );
-        assert!(
-            off.a + off.b < on.a + on.b,
-            "lost anonymous events drop users below the threshold"
-        );
-        assert!(phi(&off).unwrap_or(1.0) < phi(&on).unwrap_or(0.0));
-        let without_anonymous = HistorySpec {
-            anonymous_share: 0.0,
-            ..spec.clone()
-        };
-        let plain = generate(&without_anonymous);
-        let options = CountOptions::for_spec(&without_anonymous);
-        let plain_off = CountOptions {
-            resolve_identities: false,
-            ..options.clone()
-        };
-        assert_eq!(
-            count_cells(&plain, x0, y0, &options),
-            count_cells(&plain, x0, y0, &plain_off)
         );
     }
 }
