@@ -535,16 +535,14 @@ async fn health_and_metrics_answer_on_the_seed_config() {
             })
             .sum()
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut text = String::new();
-    while std::time::Instant::now() < deadline {
-        text = server.get("/metrics").await.text();
-        if metered(&text) == 3 {
-            break;
+    let text = harness::eventually(std::time::Duration::from_secs(20), async || {
+        let text = server.get("/metrics").await.text();
+        match metered(&text) {
+            3 => Ok(text),
+            n => Err(format!("{n} metered events counted")),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(metered(&text), 3, "{text}");
+    })
+    .await;
     assert!(
         text.contains("northstar_meter_events_skipped_total 0"),
         "{text}"
