@@ -20,9 +20,9 @@ pub struct ClientError(String);
 pub struct ClientResponse {
     /// Status code.
     pub status: u16,
-    /// Headers.
+    /// Response headers (`Retry-After`, `Content-Type`, … for the callers that act on them).
     pub headers: HeaderMap,
-    /// Body.
+    /// The whole body, read before the response is returned.
     pub body: Bytes,
 }
 

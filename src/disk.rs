@@ -30,7 +30,7 @@ pub struct DiskFull {
     pub path: String,
     /// Bytes free there.
     pub free: u64,
-    /// The reserve.
+    /// Bytes kept free on it (`storage.minFreeMb`): ingest stops there, before the disk is full.
     pub reserve: u64,
 }
 

@@ -62,7 +62,7 @@ pub enum LimitError {
     /// The customer is suspended.
     #[error("customer `{customer}` is suspended: {reason}")]
     Suspended {
-        /// The customer.
+        /// Id of the suspended customer, for the message.
         customer: String,
         /// Why.
         reason: String,
@@ -118,9 +118,9 @@ pub struct Denial {
     pub code: &'static str,
     /// For people.
     pub message: String,
-    /// The customer.
+    /// Id of the customer asked about, as the request named it.
     pub customer_id: String,
-    /// The feature.
+    /// Id of the feature (`usageFeatures[].id`).
     pub feature: String,
     /// The customer's plan.
     pub plan: String,
@@ -189,9 +189,9 @@ pub struct CheckRequest {
 pub struct Standing {
     /// Whether the request is allowed (checks) / the feature is usable (entitlements).
     pub allowed: bool,
-    /// The customer.
+    /// Id of the customer asked about, as the request named it.
     pub customer_id: String,
-    /// The feature.
+    /// Id of the feature (`usageFeatures[].id`).
     pub feature: String,
     /// The customer's plan.
     pub plan: String,

@@ -26,9 +26,9 @@ pub enum Dialect {
 /// What the analysis is about, resolved from the config.
 #[derive(Debug, Clone, Serialize)]
 pub struct Question {
-    /// The North Star event.
+    /// Name of the track event whose repetition may mark activation (`activation.northStarEvent`).
     pub north_star_event: String,
-    /// The signup event.
+    /// Name of the track event that starts a person's clock (`activation.signupEvent`).
     pub signup_event: String,
     /// x from 1 to this.
     pub max_times: u32,
@@ -76,7 +76,7 @@ pub enum AnalysisError {
         "event `{event}` ({role}) never occurs in the history; check the name (activation.{key})"
     )]
     EventMissing {
-        /// The event.
+        /// Name of the event the config gives for the role.
         event: String,
         /// What it is for.
         role: &'static str,

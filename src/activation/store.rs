@@ -25,9 +25,9 @@ pub struct Version {
     pub computed_at: String,
     /// End of the data the cohort was judged against (RFC 3339).
     pub as_of: String,
-    /// The North Star event.
+    /// Name of the North Star event this version counted.
     pub event: String,
-    /// The signup event.
+    /// Name of the signup event this version counted from.
     pub signup_event: String,
     /// People in the cohort.
     pub cohort: u64,

@@ -16,7 +16,7 @@ pub struct Line {
     pub customer_id: String,
     /// The customer at Stripe.
     pub stripe_customer: String,
-    /// The feature.
+    /// Id of the feature (`usageFeatures[].id`).
     pub feature: String,
     /// The Stripe meter's event name.
     pub event_name: String,

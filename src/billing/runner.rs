@@ -27,7 +27,7 @@ pub const SNAPSHOT_FILE: &str = "windows.json";
 /// A billed meter of one event.
 #[derive(Debug, Clone)]
 pub struct BilledMeter {
-    /// The feature.
+    /// Id of the feature the event meters (`usageFeatures[].id`).
     pub feature: String,
     /// The provider's meter name.
     pub event_name: String,
@@ -92,7 +92,7 @@ pub struct BillingFollower {
     pub windows: Windows,
     /// Billed meters by event name.
     pub meters: HashMap<String, Vec<BilledMeter>>,
-    /// The outbox.
+    /// What is owed and not yet delivered, shared with the delivery task.
     pub outbox: Arc<Mutex<Outbox>>,
     /// Customers (for Stripe customer ids).
     pub customers: Arc<CustomerStore>,

@@ -10,7 +10,7 @@ use northstar::client::HttpClient;
 
 #[derive(Args)]
 pub(super) struct ImportArgs {
-    /// The file.
+    /// JSON-lines file of Segment or PostHog messages (.jsonl or .jsonl.gz).
     file: PathBuf,
     /// The server.
     #[arg(long, default_value = "http://127.0.0.1:7070")]

@@ -16,7 +16,7 @@ pub(super) enum SchemaCommand {
     /// Check a JSON-lines file of Segment or PostHog events (.jsonl or .jsonl.gz) against the
     /// registry; prints every violation with its line and exits 1 if there is any.
     Check {
-        /// The file.
+        /// JSON-lines file of events (.jsonl or .jsonl.gz).
         file: PathBuf,
         #[command(flatten)]
         config: ConfigFile,

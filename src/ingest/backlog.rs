@@ -36,7 +36,7 @@ pub struct Behind {
     pub setting: &'static str,
     /// How far the reader is behind: events acked that it has not taken in, or seconds.
     pub lag: u64,
-    /// The bound.
+    /// The lag at which the reader holds up ingest, in `unit`s.
     pub bound: u64,
     /// `events`, or `seconds` for the age of the oldest message not saved.
     pub unit: &'static str,

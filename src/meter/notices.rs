@@ -28,9 +28,9 @@ pub const ANOMALY_SUBJECT: &str = "northstar.usage.anomaly";
 pub enum Notice {
     /// Usage crossed a fraction of the limit.
     Threshold {
-        /// The customer.
+        /// Id of the customer whose usage it is.
         customer_id: String,
-        /// The feature.
+        /// Id of the feature (`usageFeatures[].id`).
         feature: String,
         /// The customer's plan.
         plan: String,
@@ -47,14 +47,14 @@ pub enum Notice {
     },
     /// A customer's usage rate spiked far above their own baseline.
     Anomaly {
-        /// The customer.
+        /// Id of the customer whose usage it is.
         customer_id: String,
-        /// The spike.
+        /// How fast, against which baseline, in which minute.
         spike: super::anomaly::Spike,
     },
     /// A hard cap was reached: suspend the customer.
     Suspend {
-        /// The customer.
+        /// Id of the customer to suspend.
         customer_id: String,
         /// Why.
         reason: String,

@@ -182,7 +182,7 @@ pub struct Counter {
 /// A customer's counters (a few: current and previous period of each feature).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CustomerUsage {
-    /// The counters.
+    /// One per feature and period kept (two periods at most each).
     pub counters: Vec<Counter>,
     /// Arrival rate of metered events, for abuse detection (rebuilt after a restart).
     #[serde(skip)]
@@ -247,9 +247,9 @@ pub struct Shard {
 /// What applying an event changed, for thresholds and hard caps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
-    /// Feature index.
+    /// Index of the feature in the meter spec.
     pub feature: u16,
-    /// Period start.
+    /// Start of the period the event counted in (UTC µs).
     pub period_start: i64,
     /// Usage before the event.
     pub before: Decimal,

@@ -43,11 +43,11 @@ pub struct VerifyReport {
 /// One pair that disagrees.
 #[derive(Debug, Clone, Serialize)]
 pub struct Mismatch {
-    /// Customer.
+    /// Id of the customer whose usage differs.
     pub customer_id: String,
-    /// Feature.
+    /// Id of the feature (`usageFeatures[].id`).
     pub feature: String,
-    /// Meter.
+    /// Usage as the meter's counters hold it.
     pub meter: Decimal,
     /// SQL over events.
     pub events: Decimal,

@@ -28,11 +28,11 @@ use datafusion::scalar::ScalarValue;
      (a sixteenth of sql.memoryLimitMb)"
 )]
 pub struct ValueTooLarge {
-    /// The function.
+    /// Name of the SQL function called.
     pub function: String,
     /// The upper bound worked out for the call.
     pub bytes: u128,
-    /// The bound.
+    /// The most bytes one call may make (a sixteenth of `sql.memoryLimitMb`).
     pub bound: usize,
 }
 

@@ -35,7 +35,7 @@ pub enum Decision {
 #[derive(Debug, thiserror::Error)]
 #[error("schema of event `{event}` ({origin}): {message}")]
 pub struct RegistryError {
-    /// The event.
+    /// Name of the event whose schema is wrong.
     pub event: String,
     /// Where the schema came from.
     pub origin: String,

@@ -237,7 +237,7 @@ pub enum Impact {
 /// One difference between two versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    /// The event.
+    /// Name of the event whose schema changed.
     pub event: String,
     /// Its impact.
     pub impact: Impact,
