@@ -226,11 +226,14 @@ async fn handle(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> HttpResponse {
+    let started = std::time::Instant::now();
     let route = routes::route(request.method(), request.uri().path());
     let response = route.finish(answer(&state, &clients, &route, request, peer).await);
-    state
-        .metrics
-        .http_answered(route.family(), response.status().as_u16());
+    state.metrics.http_answered(
+        route.family(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::debug!(%peer, route = route.family(), status = response.status().as_u16(), "answered");
     response
 }

@@ -160,6 +160,44 @@ impl Billing {
         let checkouts = self.checkouts.lock().map(|c| c.len()).unwrap_or(0);
         (outbox, checkouts)
     }
+
+    /// What delivery has done, for `/metrics`: the outbox's entries by standing and the
+    /// delivery task's counts since start.
+    pub fn delivery(&self) -> Delivery {
+        let mut delivery = Delivery::default();
+        if let Ok(outbox) = self.outbox.lock() {
+            for (_, standing) in outbox.all() {
+                match standing {
+                    Standing::Pending => delivery.pending += 1,
+                    Standing::Delivered => delivery.delivered += 1,
+                    Standing::Dead { .. } => delivery.dead += 1,
+                }
+            }
+        }
+        if let Ok(stats) = self.stats.lock() {
+            delivery.attempts = stats.attempts;
+            delivery.retries = stats.retries;
+            delivery.confirmed = stats.delivered;
+        }
+        delivery
+    }
+}
+
+/// The outbox's entries by standing, and the calls delivery made since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Reports owed and not yet confirmed by the provider.
+    pub pending: u64,
+    /// Reports the provider confirmed (kept until the outbox's retention lets them go).
+    pub delivered: u64,
+    /// Reports the provider refused for good (`northstar billing status` lists them).
+    pub dead: u64,
+    /// Calls made to the provider since start.
+    pub attempts: u64,
+    /// Calls that failed for a reason that passes and will be made again.
+    pub retries: u64,
+    /// Reports confirmed since start.
+    pub confirmed: u64,
 }
 
 /// Prepares delivery and the windows' follower; `None` when the config has no `billing`

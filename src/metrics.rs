@@ -148,29 +148,96 @@ const FAMILIES: &[&str] = &[
     "other",
 ];
 
-/// HTTP answers by route family and status, lock-free (the limits path counts every request).
+/// Upper bounds (seconds) of the request-duration histogram's buckets: from the limits
+/// API's fraction of a millisecond to the SQL API's time limit.
+const DURATION_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
+
+/// HTTP answers by route family and status, and their durations by route family, lock-free
+/// (the limits path counts every request).
 #[derive(Debug)]
-struct HttpCounts(Vec<AtomicU64>);
+struct HttpCounts {
+    /// `FAMILIES × 500` statuses (100–599).
+    answers: Vec<AtomicU64>,
+    /// `FAMILIES × (buckets + 1)`: answers whose duration fell in each bucket (not
+    /// cumulative; the last is past every bound).
+    durations: Vec<AtomicU64>,
+    /// Sum of durations by family, microseconds.
+    duration_micros: Vec<AtomicU64>,
+}
 
 impl Default for HttpCounts {
     fn default() -> Self {
-        Self(
-            (0..FAMILIES.len() * 500)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-        )
+        let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            answers: zeros(FAMILIES.len() * 500),
+            durations: zeros(FAMILIES.len() * (DURATION_BUCKETS.len() + 1)),
+            duration_micros: zeros(FAMILIES.len()),
+        }
     }
 }
 
 impl Metrics {
-    /// Counts one HTTP answer of a route family (`segment`, `posthog`, `sql`, …).
-    pub fn http_answered(&self, family: &'static str, status: u16) {
+    /// Counts one HTTP answer of a route family (`segment`, `posthog`, `sql`, …) and the
+    /// time it took, from its headers to its answer.
+    pub fn http_answered(&self, family: &'static str, status: u16, took: std::time::Duration) {
         let row = FAMILIES
             .iter()
             .position(|f| *f == family)
             .unwrap_or(FAMILIES.len() - 1);
         let column = usize::from(status.clamp(100, 599) - 100);
-        self.http.0[row * 500 + column].fetch_add(1, Ordering::Relaxed);
+        self.http.answers[row * 500 + column].fetch_add(1, Ordering::Relaxed);
+        let seconds = took.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.http.durations[row * (DURATION_BUCKETS.len() + 1) + bucket]
+            .fetch_add(1, Ordering::Relaxed);
+        self.http.duration_micros[row].fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// `northstar_http_request_duration_seconds`, a histogram by route family (families
+    /// that answered nothing yet are left out).
+    fn render_durations(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP northstar_http_request_duration_seconds Time from a request's headers to its answer, by route family.\n\
+             # TYPE northstar_http_request_duration_seconds histogram"
+        );
+        let width = DURATION_BUCKETS.len() + 1;
+        for (row, family) in FAMILIES.iter().enumerate() {
+            let counts: Vec<u64> = self.http.durations[row * width..(row + 1) * width]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect();
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let name = "northstar_http_request_duration_seconds";
+            let mut below = 0;
+            for (bound, count) in DURATION_BUCKETS.iter().zip(&counts) {
+                below += count;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{family}\",le=\"{bound}\"}} {below}"
+                );
+            }
+            let micros = self.http.duration_micros[row].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{family}\",le=\"+Inf\"}} {total}\n\
+                 {name}_sum{{route=\"{family}\"}} {}\n\
+                 {name}_count{{route=\"{family}\"}} {total}",
+                micros as f64 / 1e6
+            );
+        }
     }
 
     /// The Prometheus text exposition.
@@ -254,7 +321,7 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE northstar_http_responses_total counter");
         for (row, family) in FAMILIES.iter().enumerate() {
             for column in 0..500 {
-                let count = self.http.0[row * 500 + column].load(Ordering::Relaxed);
+                let count = self.http.answers[row * 500 + column].load(Ordering::Relaxed);
                 if count > 0 {
                     let status = column + 100;
                     let _ = writeln!(
@@ -264,6 +331,7 @@ impl Metrics {
                 }
             }
         }
+        self.render_durations(&mut out);
         let stream_last = self.stream_last_seq.get();
         let _ = writeln!(
             out,
@@ -411,11 +479,39 @@ mod tests {
         let metrics = Metrics::default();
         metrics.stream_last_seq.set(120);
         metrics.archive_events.last_seq.set(100);
-        metrics.http_answered("segment", 200);
+        metrics.http_answered("segment", 200, std::time::Duration::from_micros(700));
         let text = metrics.render();
         assert!(text.contains("northstar_stream_lag 20"), "{text}");
         assert!(
             text.contains("northstar_http_responses_total{route=\"segment\",status=\"200\"} 1")
+        );
+    }
+
+    /// Buckets are cumulative, end in `+Inf` equal to `_count`, and `_sum` is in seconds.
+    #[test]
+    fn request_durations_are_a_histogram_by_route() {
+        let metrics = Metrics::default();
+        for micros in [700, 800, 40_000] {
+            let took = std::time::Duration::from_micros(micros);
+            metrics.http_answered("check", 200, took);
+        }
+        let text = metrics.render();
+        let line = |suffix: &str| {
+            let name = format!("northstar_http_request_duration_seconds{suffix} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .to_string()
+        };
+        assert_eq!(line("_bucket{route=\"check\",le=\"0.0005\"}"), "0");
+        assert_eq!(line("_bucket{route=\"check\",le=\"0.001\"}"), "2");
+        assert_eq!(line("_bucket{route=\"check\",le=\"0.05\"}"), "3");
+        assert_eq!(line("_bucket{route=\"check\",le=\"+Inf\"}"), "3");
+        assert_eq!(line("_count{route=\"check\"}"), "3");
+        assert_eq!(line("_sum{route=\"check\"}"), "0.0415");
+        assert!(
+            !text.contains("route=\"sql\",le="),
+            "no series before a first answer"
         );
     }
 

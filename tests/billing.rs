@@ -257,6 +257,30 @@ async fn permanent_error_is_dead_lettered_and_others_flow() {
         "only the refused customer is dead-lettered: {status}"
     );
 
+    // /metrics says the same: one report dead, the healthy one confirmed, the calls made.
+    let metrics = eventually(Duration::from_secs(30), async || {
+        let text = send_as(&server, ADMIN_KEY, http::Method::GET, "/metrics", None)
+            .await
+            .text();
+        let standing = |s: &str| {
+            harness::metric(
+                &text,
+                &format!("northstar_billing_reports{{standing=\"{s}\"}}"),
+            )
+        };
+        match (standing("dead"), standing("delivered"), standing("pending")) {
+            (Some(1), Some(delivered), Some(0)) if delivered >= 1 => Ok(text),
+            other => Err(format!("dead, delivered, pending: {other:?}")),
+        }
+    })
+    .await;
+    let count = |name: &str| harness::metric(&metrics, name).unwrap_or(0);
+    assert!(count("northstar_billing_confirmed_total") >= 1, "{metrics}");
+    assert!(
+        count("northstar_billing_calls_total") >= 2,
+        "a call for each customer at least: {metrics}"
+    );
+
     // The CLI reads the outbox on disk, next to the running server.
     let data = server.data.to_string_lossy().into_owned();
     let (code, stdout, stderr) = northstar_billing(&["status", "--data", &data]).await;

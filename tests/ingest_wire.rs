@@ -516,8 +516,16 @@ async fn health_and_metrics_answer_on_the_seed_config() {
     let health = server.get("/healthz").await;
     assert_eq!(health.status, 200, "{}", health.text());
     assert_eq!(health.json()["nats"], "connected");
-    let metrics = server.get("/metrics").await;
-    assert!(metrics.text().contains("northstar_stream_lag"));
+    let metrics = server.get("/metrics").await.text();
+    assert!(metrics.contains("northstar_stream_lag"), "{metrics}");
+    assert_eq!(
+        harness::metric(
+            &metrics,
+            "northstar_http_request_duration_seconds_count{route=\"healthz\"}"
+        ),
+        Some(1),
+        "the /healthz answer is timed: {metrics}"
+    );
 
     // The meter's counters: three metered events, counted (or late, for an old period).
     let r = server

@@ -109,8 +109,34 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     state.metrics.archive_lag.set(archive);
     let mut text = state.metrics.render();
     text.push_str(&state_sizes(state));
+    text.push_str(&billing_delivery(state));
     text.push_str(&heap_sizes());
     respond::bytes_response(200, "text/plain; version=0.0.4", text.into_bytes())
+}
+
+/// The billing sink's outbox and delivery calls, when billing is on.
+fn billing_delivery(state: &AppState) -> String {
+    let Some(billing) = &state.billing else {
+        return String::new();
+    };
+    let d = billing.delivery();
+    format!(
+        "# HELP northstar_billing_reports Usage reports in the outbox by standing: owed (pending), confirmed by the provider (delivered), refused for good (dead).\n\
+         # TYPE northstar_billing_reports gauge\n\
+         northstar_billing_reports{{standing=\"pending\"}} {}\n\
+         northstar_billing_reports{{standing=\"delivered\"}} {}\n\
+         northstar_billing_reports{{standing=\"dead\"}} {}\n\
+         # HELP northstar_billing_calls_total Calls made to the billing provider since start.\n\
+         # TYPE northstar_billing_calls_total counter\n\
+         northstar_billing_calls_total {}\n\
+         # HELP northstar_billing_retries_total Provider calls that failed for a passing reason and will be made again.\n\
+         # TYPE northstar_billing_retries_total counter\n\
+         northstar_billing_retries_total {}\n\
+         # HELP northstar_billing_confirmed_total Usage reports the provider confirmed since start.\n\
+         # TYPE northstar_billing_confirmed_total counter\n\
+         northstar_billing_confirmed_total {}\n",
+        d.pending, d.delivered, d.dead, d.attempts, d.retries, d.confirmed
+    )
 }
 
 /// `northstar_heap_bytes{state}`: live allocations next to freed memory the allocator keeps,
