@@ -203,6 +203,35 @@ struct DataDir {
     path: PathBuf,
 }
 
+impl DataDir {
+    /// The data dir, for a command that reads what a server wrote there: one that does not
+    /// exist, or holds none of northstar's tables, is an error, not an empty answer.
+    fn written(&self) -> anyhow::Result<&std::path::Path> {
+        let path = self.path.as_path();
+        if !path.is_dir() {
+            anyhow::bail!(
+                "data dir {} does not exist: give --data the directory `northstar serve --data` writes to",
+                path.display()
+            );
+        }
+        if !northstar::catalog::ALL
+            .iter()
+            .any(|table| path.join(table.dir).is_dir())
+        {
+            let tables: Vec<String> = northstar::catalog::ALL
+                .iter()
+                .map(|table| format!("{}/", table.dir))
+                .collect();
+            anyhow::bail!(
+                "data dir {} holds none of northstar's tables ({}): is it the directory `northstar serve --data` writes to?",
+                path.display(),
+                tables.join(", ")
+            );
+        }
+        Ok(path)
+    }
+}
+
 const DEFAULT_CONFIG: &str = "schemas/northstar.json";
 
 /// The config file a command reads.

@@ -65,6 +65,19 @@ async fn the_sql_api_answers_admins_in_three_formats_and_refuses_writes() {
     assert_eq!(body["rows"][0], json!({"customer_id": "cust-0", "n": 4}));
     assert_eq!(body["row_count"], 5);
     assert_eq!(body["truncated"], false);
+    // Decimals come back exact: as JSON numbers with every digit, not through a float.
+    let r = sql_with(
+        &server,
+        Some(ADMIN_KEY),
+        None,
+        "SELECT CAST('12345678901234567.1234567891' AS DECIMAL(38,10)) AS d",
+    )
+    .await;
+    assert!(
+        r.text().contains(r#""d":12345678901234567.1234567891"#),
+        "{}",
+        r.text()
+    );
     // JSON properties.
     let r = sql_with(&server, Some(ADMIN_KEY), None, "SELECT max(CAST(properties->>'n' AS BIGINT)) AS top FROM events WHERE (properties->>'endpoint') = '/v1/search'").await;
     assert_eq!(r.json()["rows"][0]["top"], 19, "{}", r.text());
@@ -212,6 +225,52 @@ async fn the_sql_command_works_without_a_server() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("read-only"));
+    let exact = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+        .args([
+            "sql",
+            "SELECT CAST('12345678901234567.1234567891' AS DECIMAL(38,10)) AS d",
+            "--format",
+            "json",
+            "--data",
+        ])
+        .arg(&server.data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&exact.stdout);
+    assert!(
+        stdout.contains(r#""d":12345678901234567.1234567891"#),
+        "{stdout}"
+    );
+}
+
+/// A data dir that does not exist, or holds no northstar table, is an error naming it (it
+/// used to answer 0 rows, and to leave empty table directories behind).
+#[test]
+fn the_sql_command_refuses_a_data_dir_that_is_not_one() {
+    let root = tempfile::tempdir().unwrap();
+    let missing = root.path().join("nowhere");
+    let run = |data: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
+            .args(["sql", "SELECT count(*) FROM events", "--data"])
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let out = run(&missing);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    assert!(!missing.exists(), "nothing is made where nothing was");
+    let out = run(root.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds none of northstar's tables"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,6 +305,7 @@ fn sql_output_into_a_pipe_closed_early_ends_quietly() {
     use std::process::{Command, Stdio};
     // `northstar sql … | head -2`: far more output than a pipe holds, and the reader leaves.
     let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir(data.path().join("events")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_northstar"))
         .args([
             "sql",
@@ -281,6 +341,7 @@ fn sql_output_into_a_pipe_closed_early_ends_quietly() {
 #[test]
 fn log_lines_into_a_pipe_are_plain_text() {
     let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(work.path().join("data/events")).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
         .args(["sql", "SELECT 1 AS one", "--data"])
         .arg(work.path().join("data"))

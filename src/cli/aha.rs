@@ -30,7 +30,7 @@ impl AhaArgs {
             ),
             None => None,
         };
-        let engine = QueryEngine::open(&self.report.data.path, &config).await?;
+        let engine = QueryEngine::open(self.report.data.written()?, &config).await?;
         let question = Question::from_config(&config);
         let store = ActivationStore::open(&self.report.data.path);
         // The analysis reads every event: a spinner names the step it is on.

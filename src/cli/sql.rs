@@ -35,7 +35,7 @@ impl SqlArgs {
             (None, None) => anyhow::bail!("give a statement or --file"),
         };
         let config = self.config.load()?;
-        let engine = QueryEngine::open(&self.data.path, &config).await?;
+        let engine = QueryEngine::open(self.data.written()?, &config).await?;
         let result = engine.run(&query).await?;
         let bytes = output::render(&result, self.format)?;
         std::io::stdout().write_all(&bytes)?;
