@@ -479,6 +479,16 @@ async fn upgrade_flow_end_to_end() {
     );
     assert_eq!(param("metadata[plan]"), Some("pro"), "{params:?}");
     assert_eq!(
+        param("line_items[0][quantity]"),
+        Some("1"),
+        "a licensed price names its quantity: {params:?}"
+    );
+    assert_eq!(
+        fake.api_versions(),
+        std::collections::BTreeSet::from([northstar::billing::stripe::API_VERSION.to_string()]),
+        "every call pins the API version"
+    );
+    assert_eq!(
         param("success_url"),
         Some("https://app.example/ok"),
         "{params:?}"
@@ -534,6 +544,81 @@ async fn upgrade_flow_end_to_end() {
         plan_of(&server, "upgrader").await,
         "free",
         "a repeated event id is applied once"
+    );
+}
+
+/// A Checkout of a metered price names no quantity (Stripe refuses one), and the plan moves
+/// only once the checkout is paid: not on a completed session still `unpaid` (a bank debit
+/// not yet cleared), but on its `async_payment_succeeded`; a paused subscription goes back
+/// to the default plan.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkout_upgrades_once_paid_and_a_metered_price_names_no_quantity() {
+    let fake = FakeStripe::start(Faults::none()).await;
+    fake.add_price("price_pro_metered", "metered");
+    let nats = Nats::start();
+    let mut config = billing_config(&fake.base());
+    config["billing"]["checkout"]["prices"]["pro"] = json!("price_pro_metered");
+    let server = start(&nats, &config);
+    for i in 0..20 {
+        let answer = consume(&server, "debit", &format!("debit-{i}")).await;
+        assert_eq!(answer.status, 200, "unit {i} of 20: {}", answer.text());
+    }
+    let refused = consume(&server, "debit", "debit-20").await;
+    assert_eq!(refused.status, 402, "{}", refused.text());
+    let session = refused.json()["upgrade"]["checkout_session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("Stripe took the checkout: {}", refused.text()))
+        .to_string();
+    let checkouts = fake.checkout_requests();
+    assert_eq!(
+        checkouts[0].get("line_items[0][quantity]"),
+        None,
+        "{checkouts:?}"
+    );
+
+    let deliver = async |body: Vec<u8>| {
+        let answer = stripe_webhook(
+            &server,
+            Some(&FakeStripe::sign(WEBHOOK_SECRET, &body)),
+            &body,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    };
+    let mut unpaid: Value =
+        serde_json::from_slice(&checkout_completed("evt_debit_1", &session, "debit", "pro"))
+            .expect("a JSON event");
+    unpaid["data"]["object"]["payment_status"] = json!("unpaid");
+    deliver(unpaid.to_string().into_bytes()).await;
+    assert_eq!(
+        plan_of(&server, "debit").await,
+        "free",
+        "not paid yet: the plan stays"
+    );
+    let mut succeeded = unpaid.clone();
+    succeeded["id"] = json!("evt_debit_2");
+    succeeded["type"] = json!("checkout.session.async_payment_succeeded");
+    succeeded["data"]["object"]["payment_status"] = json!("paid");
+    deliver(succeeded.to_string().into_bytes()).await;
+    assert_eq!(
+        plan_of(&server, "debit").await,
+        "pro",
+        "paid: the plan moves"
+    );
+
+    let mut paused: Value = serde_json::from_slice(&subscription_event(
+        "evt_debit_3",
+        "customer.subscription.updated",
+        "debit",
+        "price_pro_metered",
+    ))
+    .expect("a JSON event");
+    paused["data"]["object"]["status"] = json!("paused");
+    deliver(paused.to_string().into_bytes()).await;
+    assert_eq!(
+        plan_of(&server, "debit").await,
+        "free",
+        "a paused subscription is not paid for"
     );
 }
 

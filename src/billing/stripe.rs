@@ -2,6 +2,8 @@
 //! Sessions, and webhook signatures. Requests are form-encoded with a Bearer secret key, as
 //! Stripe's own libraries send them.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Method;
@@ -11,6 +13,16 @@ use subtle::ConstantTimeEq;
 use super::outbox::{Entry, Outcome};
 use crate::client::{ClientResponse, HttpClient};
 
+/// The API version every call asks for (`Stripe-Version`), so the shapes of answers and
+/// webhook events are the ones northstar reads, whatever the account's default version.
+pub const API_VERSION: &str = "2024-06-20";
+
+/// What a path segment escapes: anything but the letters, digits, `_`, `-` and `.` of ids.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'_')
+    .remove(b'-')
+    .remove(b'.');
+
 /// A Stripe API client.
 #[derive(Clone)]
 pub struct Stripe {
@@ -18,6 +30,9 @@ pub struct Stripe {
     base: String,
     secret_key: String,
     timeout: Duration,
+    /// Whether each price looked up is metered (`recurring.usage_type`): a checkout of a
+    /// metered price must not name a quantity. Prices are few (one per plan).
+    metered_prices: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 /// A call that got no usable answer.
@@ -33,6 +48,7 @@ impl Stripe {
             base: base.trim_end_matches('/').to_string(),
             secret_key: secret_key.to_string(),
             timeout,
+            metered_prices: Arc::default(),
         }
     }
 
@@ -44,7 +60,10 @@ impl Stripe {
         idempotency_key: Option<&str>,
     ) -> Result<ClientResponse, StripeError> {
         let bearer = format!("Bearer {}", self.secret_key);
-        let mut headers = vec![("authorization", bearer.as_str())];
+        let mut headers = vec![
+            ("authorization", bearer.as_str()),
+            ("stripe-version", API_VERSION),
+        ];
         if let Some(key) = idempotency_key {
             headers.push(("idempotency-key", key));
         }
@@ -117,10 +136,10 @@ impl Stripe {
         success_url: &str,
         cancel_url: &str,
     ) -> Result<(String, String), StripeError> {
+        let metered = self.price_is_metered(price).await?;
         let mut form = vec![
             ("mode", "subscription"),
             ("line_items[0][price]", price),
-            ("line_items[0][quantity]", "1"),
             ("client_reference_id", customer),
             ("success_url", success_url),
             ("cancel_url", cancel_url),
@@ -129,6 +148,9 @@ impl Stripe {
             ("subscription_data[metadata][northstar_customer]", customer),
             ("subscription_data[metadata][plan]", plan),
         ];
+        if !metered {
+            form.push(("line_items[0][quantity]", "1"));
+        }
         if let Some(id) = stripe_customer {
             form.push(("customer", id));
         }
@@ -147,6 +169,37 @@ impl Stripe {
             (Some(id), url) => Ok((id.to_string(), url.unwrap_or_default().to_string())),
             _ => Err(StripeError("checkout session: answer without an id".into())),
         }
+    }
+
+    /// Whether `price` is metered (`GET /v1/prices/{price}`, looked up once per price): Stripe
+    /// refuses a checkout that sets a quantity for a metered price, and needs one otherwise.
+    pub async fn price_is_metered(&self, price: &str) -> Result<bool, StripeError> {
+        if let Some(metered) = self
+            .metered_prices
+            .lock()
+            .ok()
+            .and_then(|m| m.get(price).copied())
+        {
+            return Ok(metered);
+        }
+        let path = format!(
+            "/v1/prices/{}",
+            percent_encoding::utf8_percent_encode(price, PATH_SEGMENT)
+        );
+        let response = self.call(Method::GET, &path, &[], None).await?;
+        let body = response.json();
+        if !(200..300).contains(&response.status) {
+            return Err(StripeError(format!(
+                "price {price}: HTTP {}: {}",
+                response.status,
+                error_message(&body)
+            )));
+        }
+        let metered = body["recurring"]["usage_type"].as_str() == Some("metered");
+        if let Ok(mut known) = self.metered_prices.lock() {
+            known.insert(price.to_string(), metered);
+        }
+        Ok(metered)
     }
 
     /// `GET /v1/billing/meters`: (id, event_name) of every meter.

@@ -262,7 +262,13 @@ impl Billing {
         }
         let object = &event["data"]["object"];
         let change = match kind.as_str() {
-            "checkout.session.completed" => self.plan_of_checkout(object)?,
+            // A session completes before an asynchronous payment (a bank debit) has cleared:
+            // the plan moves once it is paid, here or on `async_payment_succeeded`.
+            "checkout.session.completed" => match object["payment_status"].as_str() {
+                Some("paid" | "no_payment_required") | None => self.plan_of_checkout(object)?,
+                Some(_) => None,
+            },
+            "checkout.session.async_payment_succeeded" => self.plan_of_checkout(object)?,
             "customer.subscription.created" | "customer.subscription.updated" => {
                 self.plan_of_subscription(object, false)?
             }
@@ -357,10 +363,14 @@ impl Billing {
                 }
             },
         };
+        // Not yet paid for: the plan stays as it is (a checkout moves it once paid).
+        if !deleted && subscription["status"].as_str() == Some("incomplete") {
+            return Ok(None);
+        }
         let ended = deleted
             || matches!(
                 subscription["status"].as_str(),
-                Some("canceled" | "unpaid" | "incomplete_expired")
+                Some("canceled" | "unpaid" | "incomplete_expired" | "paused")
             );
         let plan = if ended {
             self.default_plan.clone()

@@ -51,7 +51,11 @@ async fn handle(state: &Shared, request: Request) -> Outcome {
             "Invalid API Key provided. Send `Authorization: Bearer sk_test_…`.",
         ));
     }
+    if let Some(version) = request.header("stripe-version") {
+        lock(state).api_versions.insert(version.to_string());
+    }
     match (request.method.as_str(), segments.as_slice()) {
+        ("GET", ["v1", "prices", id]) => Outcome::Answer(get_price(state, id)),
         ("POST", ["v1", "billing", "meter_events"]) => meter_event(state, &request).await,
         ("GET", ["v1", "billing", "meters"]) => Outcome::Answer(list_meters(state)),
         ("GET", ["v1", "billing", "meters", id]) => Outcome::Answer(get_meter(state, id)),
@@ -290,12 +294,57 @@ fn event_summaries(state: &Shared, id: &str, request: &Request) -> Answer {
     }))
 }
 
+/// `GET /v1/prices/{id}`: a recurring price, licensed or metered.
+fn get_price(state: &Shared, id: &str) -> Answer {
+    match lock(state).prices.get(id) {
+        Some(usage_type) => Answer::ok(json!({
+            "id": id,
+            "object": "price",
+            "type": "recurring",
+            "recurring": {"interval": "month", "usage_type": usage_type},
+            "livemode": false,
+        })),
+        None => Answer::error(
+            404,
+            "invalid_request_error",
+            Some("resource_missing"),
+            Some("id"),
+            &format!("No such price: '{id}'"),
+        ),
+    }
+}
+
 fn checkout(state: &Shared, request: &Request) -> Answer {
     let params: BTreeMap<String, String> = parse_form(&request.body).into_iter().collect();
     for required in ["mode", "line_items[0][price]"] {
         if !params.contains_key(required) {
             return Answer::missing_param(required);
         }
+    }
+    // Stripe's rule for a subscription's line item: a quantity for a licensed price, none
+    // for a metered one.
+    let usage_type = lock(state)
+        .prices
+        .get(&params["line_items[0][price]"])
+        .cloned();
+    match (
+        usage_type.as_deref(),
+        params.contains_key("line_items[0][quantity]"),
+    ) {
+        (Some("metered"), true) => {
+            return Answer::invalid(
+                "line_items[0][quantity]",
+                "Quantity should not be specified where usage_type is `metered`. Remove quantity from `line_items[0]`.",
+            );
+        }
+        (Some("licensed"), false) => return Answer::missing_param("line_items[0][quantity]"),
+        (None, _) => {
+            return Answer::invalid(
+                "line_items[0][price]",
+                &format!("No such price: '{}'", params["line_items[0][price]"]),
+            );
+        }
+        _ => {}
     }
     let metadata: serde_json::Map<String, Value> = params
         .iter()

@@ -83,6 +83,10 @@ struct State {
     meters: BTreeSet<String>,
     hooks: Vec<(String, HookCall)>,
     checkouts: Vec<BTreeMap<String, String>>,
+    /// Prices by id: their `recurring.usage_type` (`licensed` or `metered`).
+    prices: BTreeMap<String, String>,
+    /// Every `Stripe-Version` header received.
+    api_versions: BTreeSet<String>,
     in_flight: HashMap<(String, String), u32>,
     duplicates: u64,
     concurrency_violations: u64,
@@ -114,6 +118,7 @@ impl FakeStripe {
         );
         let state = Arc::new(Mutex::new(State {
             faults: FaultDice::new(faults),
+            prices: BTreeMap::from([("price_pro".to_string(), "licensed".to_string())]),
             ..State::default()
         }));
         let shared = state.clone();
@@ -228,6 +233,18 @@ impl FakeStripe {
     /// name was being processed (Stripe allows one at a time).
     pub fn concurrency_violations(&self) -> u64 {
         lock(&self.state).concurrency_violations
+    }
+
+    /// Adds a recurring price whose `usage_type` is `licensed` or `metered`.
+    pub fn add_price(&self, id: &str, usage_type: &str) {
+        lock(&self.state)
+            .prices
+            .insert(id.to_string(), usage_type.to_string());
+    }
+
+    /// Every `Stripe-Version` header the server received.
+    pub fn api_versions(&self) -> BTreeSet<String> {
+        lock(&self.state).api_versions.clone()
     }
 
     /// Every Checkout Session created: its form parameters, decoded.
