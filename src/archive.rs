@@ -35,7 +35,8 @@ use crate::config::ArchiveSettings;
 use crate::metrics::ArchiveMetrics;
 use crate::shutdown::wait_for_stop;
 use arrow::array::RecordBatch;
-pub use format::{EventsFormat, RejectedFormat, TableFormat};
+pub(crate) use format::RejectedFormat;
+pub use format::{EventsFormat, TableFormat};
 pub use live::LiveRows;
 pub use manifest::ArchiveManifest;
 
@@ -101,7 +102,7 @@ pub struct ArchiveTarget {
 /// applied, so nats-server need not deliver each event twice. The follower loop never waits
 /// for the archiver: when the channel is full it drops the message, and the archiver reads
 /// what it missed through its own consumer.
-pub type Feed = tokio::sync::mpsc::Receiver<jetstream::Message>;
+pub(crate) type Feed = tokio::sync::mpsc::Receiver<jetstream::Message>;
 
 type OwnMessages = async_nats::jetstream::consumer::pull::Stream;
 

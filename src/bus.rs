@@ -18,8 +18,8 @@ use std::time::Duration;
 use crate::error::{Classify, ErrorKind};
 
 pub use embedded::EmbeddedNats;
-pub use publisher::{PublishReport, Publisher};
-pub use streams::{ensure_streams, subject_for};
+pub use publisher::Publisher;
+pub(crate) use streams::{ensure_streams, subject_for};
 
 /// Failures talking to NATS.
 #[derive(Debug, thiserror::Error)]

@@ -34,7 +34,7 @@ pub const EVENTS: Table = Table {
 };
 
 /// Every message refused at ingest, with why (the rejected archiver).
-pub const REJECTED_EVENTS: Table = Table {
+pub(crate) const REJECTED_EVENTS: Table = Table {
     name: "rejected_events",
     dir: "rejected",
     schema: rejected_schema,
@@ -43,7 +43,7 @@ pub const REJECTED_EVENTS: Table = Table {
 };
 
 /// Windowed usage, one directory per pipeline (`pipelines/*.sql`).
-pub const USAGE: Table = Table {
+pub(crate) const USAGE: Table = Table {
     name: "usage",
     dir: "usage",
     schema: usage_schema,
@@ -52,7 +52,7 @@ pub const USAGE: Table = Table {
 };
 
 /// Every activation recompute's candidates (the activation store).
-pub const ACTIVATION: Table = Table {
+pub(crate) const ACTIVATION: Table = Table {
     name: "activation",
     dir: "activation",
     schema: activation_schema,
@@ -73,10 +73,10 @@ pub const IDENTITIES: Table = Table {
 pub const ALL: &[&Table] = &[&EVENTS, &REJECTED_EVENTS, &USAGE, &ACTIVATION, &IDENTITIES];
 
 /// Decimal type of usage quantities: exact, 28 integer and 10 fractional digits.
-pub const QUANTITY_TYPE: DataType = DataType::Decimal128(38, 10);
+pub(crate) const QUANTITY_TYPE: DataType = DataType::Decimal128(38, 10);
 
 /// Schema of the `usage` table (pipeline outputs).
-pub fn usage_schema() -> SchemaRef {
+pub(crate) fn usage_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("customer_id", DataType::Utf8, true),
         Field::new("feature", DataType::Utf8, false),
@@ -90,7 +90,7 @@ pub fn usage_schema() -> SchemaRef {
 }
 
 /// Schema of the `activation` table.
-pub fn activation_schema() -> SchemaRef {
+pub(crate) fn activation_schema() -> SchemaRef {
     let f = |name: &str| Field::new(name, DataType::Float64, true);
     Arc::new(Schema::new(vec![
         Field::new("version", DataType::UInt32, false),
@@ -117,7 +117,7 @@ pub fn activation_schema() -> SchemaRef {
 }
 
 /// Schema of the `identities` table.
-pub fn identities_schema() -> SchemaRef {
+pub(crate) fn identities_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("person_id", DataType::Utf8, false),

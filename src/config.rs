@@ -12,7 +12,8 @@ mod sections;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-pub use duration::{HumanDuration, format_duration, parse_duration};
+pub(crate) use duration::format_duration;
+pub use duration::{HumanDuration, parse_duration};
 pub use sections::*;
 
 use serde::{Deserialize, Serialize};

@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::shutdown::{Shutdown, wait_for_stop};
 
 /// Seconds a client is told to wait while the disk is full.
-pub const RETRY_AFTER_SECS: u64 = 5;
+pub(crate) const RETRY_AFTER_SECS: u64 = 5;
 
 /// Ingest refused for space.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// Longest id (message, user, anonymous, customer) we store.
-pub const MAX_ID_CHARS: usize = 255;
+pub(crate) const MAX_ID_CHARS: usize = 255;
 
 /// What is wrong with an id as it will be stored (trimmed, not empty), if anything: the
 /// same rule for ingest, `/v1/check` and webhooks, so an id one accepts the others accept.
-pub fn id_problem(text: &str) -> Option<String> {
+pub(crate) fn id_problem(text: &str) -> Option<String> {
     if text.is_empty() {
         return Some("must not be empty".into());
     }
@@ -177,12 +177,12 @@ pub fn partition_date(timestamp_micros: i64) -> String {
 }
 
 /// Timestamp type of event times: microseconds, UTC.
-pub fn timestamp_type() -> DataType {
+pub(crate) fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
 /// The Parquet/Arrow schema of the `events` table, without the `date` partition column.
-pub fn events_schema() -> SchemaRef {
+pub(crate) fn events_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("event_id", DataType::Utf8, false),
         Field::new("seq", DataType::UInt64, false),

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, directory fsync).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = parent(path)?;
     std::fs::create_dir_all(dir)?;
     let temp = temp_path(path);
@@ -27,13 +27,13 @@ pub fn replace(temp: &Path, path: &Path) -> std::io::Result<()> {
 }
 
 /// Makes a directory's entries (new names, renames, removals) durable.
-pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// The temp name of `path`: hidden, and not ending in the target's extension, so no reader
 /// that lists `*.parquet` or `*.json` picks it up.
-pub fn temp_path(path: &Path) -> std::path::PathBuf {
+pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -67,7 +67,7 @@ mod tests {
 pub struct DirLock(#[allow(dead_code)] File);
 
 /// The lock file's name under a data dir.
-pub const LOCK_FILE: &str = "northstar.lock";
+pub(crate) const LOCK_FILE: &str = "northstar.lock";
 
 /// Takes the data dir's lock; `None` when another process holds it.
 pub fn lock_dir(dir: &Path) -> std::io::Result<Option<DirLock>> {

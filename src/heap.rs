@@ -36,7 +36,7 @@ pub fn usage() -> Option<Heap> {
 /// Returns free memory at the top of the allocator's heaps to the system. A compaction holds a
 /// row group of its output and a batch per input at once; glibc keeps such freed blocks, so
 /// without this the process keeps the high-water mark of its largest compaction.
-pub fn give_back_freed_memory() {
+pub(crate) fn give_back_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the system;
     // it has no preconditions and touches no live allocation.

@@ -24,7 +24,7 @@ use crate::bus::BusError;
 use crate::bus::follower::{Follow, Part, Saved};
 use crate::catalog::{IDENTITIES, identities_schema};
 use crate::event::{EventType, EventView};
-pub use graph::{IdentityGraph, Outcome, is_placeholder};
+pub use graph::{IdentityGraph, Outcome};
 
 /// Directory of the identity state and table under the data dir.
 const STATE_FILE: &str = "_state.json";
@@ -51,7 +51,7 @@ struct State {
 
 /// Counters of the follower, for metrics and tests.
 #[derive(Debug, Default)]
-pub struct IdentityStats {
+pub(crate) struct IdentityStats {
     /// Links made.
     pub linked: AtomicU64,
     /// Merges refused (placeholders, conflicts).
@@ -295,7 +295,7 @@ fn write(dir: &Path, state: &State) -> Result<(), String> {
 }
 
 /// Where the identity follower reads and writes.
-pub struct IdentityTarget {
+pub(crate) struct IdentityTarget {
     /// The events stream.
     pub stream: String,
     /// Data dir (the table goes to `identities/` under it).
@@ -307,7 +307,7 @@ pub struct IdentityTarget {
 }
 
 /// Loads the state and returns the identity graph's part of the stream followers.
-pub async fn prepare(
+pub(crate) async fn prepare(
     js: &jetstream::Context,
     target: IdentityTarget,
 ) -> Result<(Part, Arc<IdentityStats>), BusError> {

@@ -191,12 +191,12 @@ pub struct Ingestor {
 
 /// Told of each event newly stored, with its stream sequence and message, once JetStream
 /// acked it and before the client is answered (the meter takes it in here).
-pub type OnStored = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
+pub(crate) type OnStored = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 /// Asked of each event about to be published, with its stream message: `Err` when storing it
 /// would add an id to state past that state's bound (the meter's customers). The event goes
 /// to the rejected store with the reason, and can be replayed once the bound is raised.
-pub type Admits = Box<dyn Fn(&[u8]) -> Result<(), Rejection> + Send + Sync>;
+pub(crate) type Admits = Box<dyn Fn(&[u8]) -> Result<(), Rejection> + Send + Sync>;
 
 impl Ingestor {
     /// An ingestor publishing through `publisher`, validating with `registry`.
@@ -824,7 +824,7 @@ fn admit_writes(
 /// What becomes of a normalised event: the registry's decision, then the stream message (or
 /// `None` when the event is sampled out). The size bound is checked again on the event as it
 /// will be stored, so a large batch-level context cannot multiply a small request.
-pub fn prepare(
+pub(crate) fn prepare(
     mut event: EventRecord,
     registry: &Registry,
     shards: u32,
@@ -876,7 +876,7 @@ fn joined(violations: Vec<Rejection>) -> Rejection {
 }
 
 /// Parses one message as a JSON object.
-pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, Rejection> {
+pub(crate) fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, Rejection> {
     match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Rejection::new(".", "each message must be a JSON object")),

@@ -15,18 +15,18 @@ use serde_json::{Map, Value};
 
 /// An object's top-level entries, in the order they were written, values as raw JSON.
 #[derive(Debug, Default)]
-pub struct RawObject<'a> {
+pub(crate) struct RawObject<'a> {
     entries: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
 impl<'a> RawObject<'a> {
     /// Reads `text`, which must be one JSON object.
-    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+    pub(crate) fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
     }
 
     /// The raw value of `key` (the last one written, as `serde_json` keeps it).
-    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.entries
             .iter()
             .rev()
@@ -35,28 +35,23 @@ impl<'a> RawObject<'a> {
     }
 
     /// The value of `key`, parsed.
-    pub fn value(&self, key: &str) -> Option<Value> {
+    pub(crate) fn value(&self, key: &str) -> Option<Value> {
         self.get(key)
             .and_then(|raw| serde_json::from_str(raw.get()).ok())
     }
 
     /// The keys, in the order written.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(k, _)| k.as_ref())
     }
 
-    /// Number of entries (a repeated key counts each time).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     /// Whether the object has no entries.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// The whole object as a `Value` (the last of a repeated key wins, as in `serde_json`).
-    pub fn to_value(&self) -> Value {
+    pub(crate) fn to_value(&self) -> Value {
         let mut map = serde_json::Map::new();
         for (key, raw) in &self.entries {
             if let Ok(value) = serde_json::from_str(raw.get()) {
@@ -156,7 +151,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
 /// Whether `text` reads as `serde_json` reads a `Value` (strings and numbers included) and
 /// no object in it, at any depth, writes a key twice: then its text and its `Value` say the
 /// same to every reader. One pass, no allocation but for escaped keys.
-pub fn is_plain(text: &str) -> bool {
+pub(crate) fn is_plain(text: &str) -> bool {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Plain::deserialize(&mut deserializer).is_ok() && deserializer.end().is_ok()
 }
@@ -222,7 +217,7 @@ impl<'de> Visitor<'de> for PlainVisitor {
 }
 
 /// Whether `raw` is a JSON object (as opposed to any other JSON value).
-pub fn is_object(raw: &RawValue) -> bool {
+pub(crate) fn is_object(raw: &RawValue) -> bool {
     raw.get().trim_start().starts_with('{')
 }
 
@@ -233,7 +228,7 @@ pub fn is_null(raw: &RawValue) -> bool {
 
 /// Appends valid JSON `text` to `out` without the whitespace between tokens (what
 /// `serde_json` would write for the same value, but for key order and number spelling).
-pub fn minify(text: &str, out: &mut Vec<u8>) {
+pub(crate) fn minify(text: &str, out: &mut Vec<u8>) {
     let bytes = text.as_bytes();
     let mut in_string = false;
     let mut escaped = false;
@@ -265,7 +260,7 @@ mod tests {
     fn reads_one_level_and_borrows() {
         let text = r#"{"a": 1, "b\"q": {"c": [1, 2]}, "a": "two"}"#;
         let object = RawObject::parse(text).unwrap();
-        assert_eq!(object.len(), 3);
+        assert_eq!(object.keys().count(), 3);
         assert_eq!(
             object.get("a").unwrap().get(),
             r#""two""#,

@@ -29,11 +29,11 @@ use crate::event::{EventType, EventView};
 use crate::identity::IdentityGraph;
 
 /// Subject prefix of fired triggers.
-pub const TRIGGER_PREFIX: &str = "northstar.triggers";
+pub(crate) const TRIGGER_PREFIX: &str = "northstar.triggers";
 
 /// What is known about a person.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Facts {
+pub(crate) struct Facts {
     /// Count of each event name.
     pub counts: BTreeMap<String, u64>,
     /// Latest traits (identify).
@@ -491,7 +491,7 @@ fn save(dir: &std::path::Path, state: &State) -> bool {
 /// Starts the trigger delivery and returns the engine's part of the stream followers, and the
 /// delivery's task: it ends once the part is dropped (with the followers, at stop) and what it
 /// was handed is delivered.
-pub async fn prepare(
+pub(crate) async fn prepare(
     engine: Arc<Onboarding>,
     js: &jetstream::Context,
     client: async_nats::Client,

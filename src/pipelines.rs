@@ -101,7 +101,7 @@ const SHIPPED: [(&str, &str); 2] = [
 ];
 
 /// Where the pipelines come from when `--pipelines` is not given.
-pub const DEFAULT_DIR: &str = "pipelines";
+pub(crate) const DEFAULT_DIR: &str = "pipelines";
 
 /// The pipelines to run: every `*.sql` of `dir` when one is given (an error if it is missing,
 /// so a mistyped path is not silently no pipelines); otherwise those of `./pipelines` when it
@@ -198,7 +198,7 @@ fn parse(name: &str, sql: &str, path: &Path) -> Result<Pipeline, PipelineError> 
 
 /// How far a pipeline has run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PipelineManifest {
+pub(crate) struct PipelineManifest {
     /// Every event up to this stream sequence is reflected in the pipeline's output.
     pub last_seq: u64,
 }
@@ -212,7 +212,7 @@ impl PipelineManifest {
     }
 
     /// The manifest of pipeline `name` (zero if it never ran).
-    pub fn load(data_dir: &Path, name: &str) -> Self {
+    pub(crate) fn load(data_dir: &Path, name: &str) -> Self {
         std::fs::read(Self::path(data_dir, name))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -292,7 +292,7 @@ pub async fn run(
 }
 
 /// Re-runs one pipeline for every day with events in `(after, upto]`, then records `upto`.
-pub async fn run_once(
+pub(crate) async fn run_once(
     pipeline: &Pipeline,
     engine: &QueryEngine,
     data_dir: &Path,

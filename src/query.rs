@@ -49,7 +49,7 @@ pub use output::Format;
 
 /// `text` as a SQL string literal (`'it''s'`): the one way northstar puts a value from config
 /// or a request into SQL it writes itself.
-pub fn string_literal(text: &str) -> String {
+pub(crate) fn string_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -57,7 +57,7 @@ pub fn string_literal(text: &str) -> String {
 /// (DataFusion's planner and evaluator take several KiB per level of an expression, and the
 /// tree of a statement at [`bounds::MAX_TOKENS`] takes 64 bytes per level to drop); the rest
 /// is margin. Only the pages a query touches are ever resident.
-pub const SQL_THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const SQL_THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a query gave no answer.
 #[derive(Debug, thiserror::Error)]

@@ -31,11 +31,11 @@ impl Rejection {
 }
 
 /// Most bytes of a raw payload kept; longer payloads are cut and say so in their reasons.
-pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
 /// A rejected message as published on the rejected stream.
 #[derive(Debug, Clone, Serialize)]
-pub struct RejectedRecord {
+pub(crate) struct RejectedRecord {
     /// Deterministic id (hash of source and payload): re-sending the same bad message is kept once.
     pub rejected_id: String,
     /// When northstar received it, UTC microseconds.
@@ -54,7 +54,7 @@ pub struct RejectedRecord {
 
 impl RejectedRecord {
     /// Builds a record from a raw payload and its reasons.
-    pub fn new(
+    pub(crate) fn new(
         payload: &[u8],
         reasons: Vec<Rejection>,
         source: &str,
@@ -93,7 +93,7 @@ impl RejectedRecord {
     }
 
     /// The bytes published on the rejected stream.
-    pub fn to_bus_json(&self) -> Vec<u8> {
+    pub(crate) fn to_bus_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
@@ -116,7 +116,7 @@ fn escaped_prefix(text: &str, limit: usize) -> usize {
 
 /// A rejected record read back from the stream.
 #[derive(Debug, Deserialize)]
-pub struct RejectedView<'a> {
+pub(crate) struct RejectedView<'a> {
     /// See [`RejectedRecord::rejected_id`].
     #[serde(borrow)]
     pub rejected_id: Cow<'a, str>,
@@ -140,7 +140,7 @@ pub struct RejectedView<'a> {
 }
 
 /// Schema of the `rejected_events` table, without the `date` partition column.
-pub fn rejected_schema() -> SchemaRef {
+pub(crate) fn rejected_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("rejected_id", DataType::Utf8, false),
         Field::new("seq", DataType::UInt64, false),

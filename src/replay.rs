@@ -24,14 +24,14 @@ use crate::query::{QueryEngine, QueryError};
 
 /// Stream sequences read back per query: bounds the memory a window takes (about 400 bytes a
 /// row) and how often progress is logged.
-pub const WINDOW: u64 = 65_536;
+pub(crate) const WINDOW: u64 = 65_536;
 
 const COLUMNS: &str = "event_id, seq, \"type\", event, user_id, anonymous_id, customer_id, \
     \"timestamp\", received_at, properties, context, source, schema_version, sample_rate";
 
 /// Applies the archived events with sequences in `(after, upto]` to `follower`, in sequence
 /// order, and returns the last sequence it reached (`upto`).
-pub async fn from_parquet(
+pub(crate) async fn from_parquet(
     engine: &QueryEngine,
     follower: &mut impl Follow,
     after: u64,
@@ -143,7 +143,7 @@ fn internal(error: impl std::fmt::Display) -> QueryError {
 /// The derived state files under a data dir, each rebuilt from the archive and the stream.
 /// The billing outbox is not among them: it records what was owed and reported, and a rebuilt
 /// window that it already holds is not owed again.
-pub fn derived_state(data_dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn derived_state(data_dir: &Path) -> Vec<PathBuf> {
     vec![
         data_dir
             .join("meter")

@@ -17,10 +17,10 @@ use crate::query::{QueryEngine, QueryError, string_literal};
 use crate::rejected::Rejection;
 
 /// Messages past this many are left for the next replay.
-pub const MAX_MESSAGES: usize = 1_000_000;
+pub(crate) const MAX_MESSAGES: usize = 1_000_000;
 
 /// Messages one replay takes when it does not say.
-pub const DEFAULT_MESSAGES: usize = 100_000;
+pub(crate) const DEFAULT_MESSAGES: usize = 100_000;
 
 /// Still-rejected messages a report names (the count covers them all).
 const EXAMPLES: usize = 20;

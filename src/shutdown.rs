@@ -5,9 +5,9 @@
 use tokio::sync::watch;
 
 /// A stage's stop signal, as tasks receive it.
-pub type Shutdown = watch::Receiver<bool>;
+pub(crate) type Shutdown = watch::Receiver<bool>;
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn wait_for_stop(shutdown: &mut Shutdown) {
+pub(crate) async fn wait_for_stop(shutdown: &mut Shutdown) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }

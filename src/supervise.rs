@@ -166,7 +166,7 @@ impl Supervisor {
 }
 
 /// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
-pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_string()
     } else if let Some(text) = payload.downcast_ref::<String>() {

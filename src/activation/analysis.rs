@@ -12,7 +12,7 @@ use crate::config::{ActivationSettings, Config};
 use crate::query::QueryEngine;
 
 /// The histogram query, shipped in the binary (and in `queries/` for people to read).
-pub const HISTOGRAM_SQL: &str = include_str!("../../queries/activation/histogram.sql");
+pub(crate) const HISTOGRAM_SQL: &str = include_str!("../../queries/activation/histogram.sql");
 
 /// SQL engines the query is rendered for (the benchmark runs the same query in DuckDB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +180,7 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
 }
 
 /// Cells of every candidate from the histogram rows `(days, times, retained, people)`.
-pub fn cells_from_histogram(
+pub(crate) fn cells_from_histogram(
     rows: &[(u32, u64, bool, u64)],
     max_times: u32,
     max_days: u32,

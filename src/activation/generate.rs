@@ -155,7 +155,7 @@ pub fn data_end_micros(spec: &HistorySpec) -> i64 {
 }
 
 /// RFC 3339 UTC with milliseconds and `Z` (e.g. `2025-01-01T00:00:00.000Z`), as Segment sends.
-pub fn format_timestamp(micros: i64) -> String {
+pub(crate) fn format_timestamp(micros: i64) -> String {
     crate::clock::format_micros(micros)
 }
 

@@ -609,7 +609,7 @@ fn pct_or_na(value: Option<f64>) -> String {
 }
 
 /// One-line summary of a chosen threshold, as shown in the report header.
-pub fn summary_line(chosen: &Candidate) -> String {
+pub(crate) fn summary_line(chosen: &Candidate) -> String {
     let phi = chosen
         .phi
         .map_or_else(|| "n/a".to_string(), |p| format!("{p:.2}"));
@@ -639,7 +639,7 @@ fn report_days(evaluation: &Evaluation) -> Option<u32> {
 /// The whole activation picture in one SVG: header, heatmap, retention chart.
 ///
 /// The header names the event and the chosen threshold, or the reason nothing was chosen.
-pub fn report_svg(evaluation: &Evaluation, event: &str) -> String {
+pub(crate) fn report_svg(evaluation: &Evaluation, event: &str) -> String {
     let mut body = text(
         20.0,
         30.0,

@@ -143,7 +143,7 @@ pub fn phi(cell: &Cell) -> Option<f64> {
 ///
 /// |phi| = 1 would make `atanh` infinite, so phi is clamped just inside ±1 first; the interval is
 /// then one-sided in practice (its far end is ±1).
-pub fn phi_interval(phi: f64, n: u64) -> Option<(f64, f64)> {
+pub(crate) fn phi_interval(phi: f64, n: u64) -> Option<(f64, f64)> {
     if n <= 3 || !phi.is_finite() {
         return None;
     }

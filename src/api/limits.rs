@@ -92,7 +92,7 @@ pub async fn entitlement(state: &AppState, customer: &str, feature: &str) -> Htt
 }
 
 /// `GET /v1/customers/{id}` (admin).
-pub async fn get_customer(state: &AppState, customer: &str) -> HttpResponse {
+pub(crate) async fn get_customer(state: &AppState, customer: &str) -> HttpResponse {
     respond::json(200, &*state.meter.customers().get(customer))
 }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::error::{Classify, ErrorKind};
 
 /// The response type of every route.
-pub type HttpResponse = Response<Full<Bytes>>;
+pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
 /// A JSON answer with `status`.
 pub fn json<T: Serialize>(status: u16, body: &T) -> HttpResponse {
@@ -17,7 +17,11 @@ pub fn json<T: Serialize>(status: u16, body: &T) -> HttpResponse {
 }
 
 /// An answer of any content type.
-pub fn bytes_response(status: u16, content_type: &'static str, body: Vec<u8>) -> HttpResponse {
+pub(crate) fn bytes_response(
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -81,7 +85,7 @@ impl Classify for HttpError {
 }
 
 /// Lets browsers call the ingest routes from any origin (the browser SDKs do).
-pub fn allow_cors(response: &mut HttpResponse) {
+pub(crate) fn allow_cors(response: &mut HttpResponse) {
     let headers = response.headers_mut();
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,

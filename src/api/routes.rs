@@ -12,7 +12,7 @@ use crate::event::EventType;
 use crate::ingest::Wire;
 
 /// The OpenAPI 3.1 document of every route here (a test keeps the two in step).
-pub const OPENAPI: &str = include_str!("openapi.json");
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 
 /// Largest body of non-ingest routes (SQL text, admin JSON).
 const SMALL_BODY_LIMIT: usize = 1024 * 1024;
@@ -164,7 +164,7 @@ fn ingest_wire(path: &str) -> Option<Wire> {
 /// Every ingest path, with or without its trailing slash, and the wire it speaks: Segment's
 /// (and its browser SDK's one-letter paths), PostHog's. The OpenAPI document lists each (a
 /// test holds the two together).
-pub const INGEST_PATHS: &[(&str, Wire)] = &[
+pub(crate) const INGEST_PATHS: &[(&str, Wire)] = &[
     ("/v1/batch", Wire::Segment(None)),
     ("/v1/b", Wire::Segment(None)),
     ("/v1/track", Wire::Segment(Some(EventType::Track))),
@@ -291,7 +291,12 @@ impl Route {
 }
 
 /// Runs the handler of `route`, once the caller has the route's [`Access`].
-pub async fn dispatch(state: &AppState, route: &Route, parts: &Parts, body: Bytes) -> HttpResponse {
+pub(crate) async fn dispatch(
+    state: &AppState,
+    route: &Route,
+    parts: &Parts,
+    body: Bytes,
+) -> HttpResponse {
     let bearer = parts
         .headers
         .get(http::header::AUTHORIZATION)

@@ -84,7 +84,7 @@ pub struct PartFile {
 /// decoded page and dictionary per column: a compaction merging a busy day's large files held
 /// Parquet's default of 1 MiB each, for every column of every input, 60–80 MiB above its
 /// usual working set. Smaller pages also give the page index finer ranges to skip.
-pub const PAGE_BYTES: usize = 128 * 1024;
+pub(crate) const PAGE_BYTES: usize = 128 * 1024;
 
 /// Values the writer encodes between checks of [`PAGE_BYTES`]: a page may pass the bound by
 /// this many values (a few hundred bytes each in the `properties` column).
@@ -159,7 +159,7 @@ pub fn write_parquet_file<'a>(
 
 /// [`write_parquet_file`], with `metadata` as key-value pairs in the file's footer (what the
 /// file reflects, read back with [`key_value`]).
-pub fn write_parquet_file_with<'a>(
+pub(crate) fn write_parquet_file_with<'a>(
     path: &Path,
     schema: &arrow::datatypes::SchemaRef,
     batches: impl IntoIterator<Item = &'a RecordBatch>,
@@ -201,7 +201,10 @@ pub fn write_parquet_file_with<'a>(
 }
 
 /// The value of `key` in a Parquet footer's key-value metadata.
-pub fn key_value(metadata: &parquet::file::metadata::FileMetaData, key: &str) -> Option<String> {
+pub(crate) fn key_value(
+    metadata: &parquet::file::metadata::FileMetaData,
+    key: &str,
+) -> Option<String> {
     metadata
         .key_value_metadata()?
         .iter()
@@ -210,7 +213,7 @@ pub fn key_value(metadata: &parquet::file::metadata::FileMetaData, key: &str) ->
 }
 
 /// Writes a small file atomically: temp, fsync, rename, directory fsync.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
     crate::files::write_atomic(path, bytes).map_err(|source| ArchiveError::Io {
         path: path.to_path_buf(),
         source,
@@ -218,7 +221,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
 }
 
 /// Makes a directory's entries (new names, renames, removals) durable.
-pub fn fsync_dir(dir: &Path) -> Result<(), ArchiveError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), ArchiveError> {
     crate::files::fsync_dir(dir).map_err(|source| ArchiveError::Io {
         path: dir.to_path_buf(),
         source,
@@ -238,7 +241,7 @@ pub fn ensure_partition_dir(table_dir: &Path, date: &str) -> Result<PathBuf, Arc
     Ok(dir)
 }
 
-pub use crate::files::temp_path;
+pub(crate) use crate::files::temp_path;
 
 fn parent(path: &Path) -> Result<&Path, ArchiveError> {
     path.parent().ok_or_else(|| ArchiveError::Io {
@@ -292,7 +295,7 @@ pub fn list_parts(table_dir: &Path) -> Result<Vec<PartFile>, ArchiveError> {
 
 /// What recovery found and removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Temp files of interrupted writes.
     pub temp_files: usize,
     /// Files of a commit that never reached the manifest.
@@ -301,7 +304,7 @@ pub struct Recovery {
 
 /// Removes what an interrupted commit left behind, so the table holds exactly the rows up to
 /// `committed_seq`. Run before the archiver resumes after `committed_seq`.
-pub fn recover(table_dir: &Path, committed_seq: u64) -> Result<Recovery, ArchiveError> {
+pub(crate) fn recover(table_dir: &Path, committed_seq: u64) -> Result<Recovery, ArchiveError> {
     let mut recovery = Recovery::default();
     let remove = |path: &Path| {
         std::fs::remove_file(path).map_err(|source| ArchiveError::Io {

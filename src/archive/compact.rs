@@ -26,11 +26,11 @@ use super::ArchiveError;
 use super::commit::{PartFile, PartName, fsync_dir, temp_path, write_atomic};
 
 /// The journal of a compaction in progress, in the partition directory.
-pub const JOURNAL_FILE: &str = "_compaction.json";
+pub(crate) const JOURNAL_FILE: &str = "_compaction.json";
 
 /// Held for reading by in-process queries and for writing by the swap of a compaction, so
 /// that a query of this process never lists a day's merged file beside its inputs.
-pub static SWAP_LOCK: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+pub(crate) static SWAP_LOCK: std::sync::LazyLock<tokio::sync::RwLock<()>> =
     std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
 
 /// Rows per merged output batch, and the most rows read from one input at a time.
@@ -50,7 +50,7 @@ const MIN_INPUT_BATCH_ROWS: usize = 1_024;
 /// [`MIN_INPUT_BATCH_ROWS`] this bounds the rows a merge holds at 32 × 1,024; what each input
 /// costs beside its rows (a decoded page and a zstd context per column, the dictionaries) is
 /// about 2.8 MiB, measured at 64 inputs behind a busy day.
-pub const MAX_INPUTS: usize = 32;
+pub(crate) const MAX_INPUTS: usize = 32;
 
 /// Rows each of `inputs` reads at a time.
 fn input_batch_rows(inputs: usize) -> usize {
@@ -73,7 +73,7 @@ struct Journal {
 /// when the files behind it have grown as large, not after every few commits. Without it
 /// each merge of a busy day rewrote the whole of the day's growing file, took longer each
 /// time, and found more commits waiting (each a reader held in memory) when it was done.
-pub fn pick_inputs(
+pub(crate) fn pick_inputs(
     parts: &[PartFile],
     committed_seq: u64,
     min_files: usize,
@@ -190,7 +190,7 @@ fn finish_swap(partition_dir: &Path, journal: &Journal) -> Result<(), ArchiveErr
 }
 
 /// Completes or undoes a compaction interrupted by a crash. Run before [`super::commit::recover`].
-pub fn recover_compactions(table_dir: &Path) -> Result<usize, ArchiveError> {
+pub(crate) fn recover_compactions(table_dir: &Path) -> Result<usize, ArchiveError> {
     let mut finished = 0;
     let Ok(entries) = std::fs::read_dir(table_dir) else {
         return Ok(0);

@@ -22,7 +22,7 @@ use crate::rejected::RejectedView;
 pub type Partitions<R> = BTreeMap<i64, R>;
 
 /// The UTC day (since the epoch) of a timestamp in microseconds.
-pub fn day_of(micros: i64) -> i64 {
+pub(crate) fn day_of(micros: i64) -> i64 {
     micros.div_euclid(86_400_000_000)
 }
 
@@ -149,11 +149,11 @@ impl TableFormat for EventsFormat {
 }
 
 /// The `rejected_events` table.
-pub struct RejectedFormat;
+pub(crate) struct RejectedFormat;
 
 /// Column builders of the `rejected_events` table.
 #[derive(Default)]
-pub struct RejectedRows {
+pub(crate) struct RejectedRows {
     rejected_id: StringBuilder,
     seq: UInt64Builder,
     received_at: TimestampMicrosecondBuilder,

@@ -19,7 +19,7 @@ use arrow::array::RecordBatch;
 
 /// How often the archiver seals its buffer for SQL: the most an event taken in by the
 /// archiver waits before a query sees it.
-pub const SEAL_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const SEAL_EVERY: Duration = Duration::from_millis(100);
 
 /// Rows of one date partition, sealed together.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use super::commit::write_atomic;
 
 /// File name of the manifest inside a table directory (ignored by Parquet readers: it does
 /// not end in `.parquet`, and Spark skips names that start with `_`).
-pub const MANIFEST_FILE: &str = "_manifest.json";
+pub(crate) const MANIFEST_FILE: &str = "_manifest.json";
 
 /// Progress of one archived table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,7 +50,7 @@ pub struct DeliveryStats {
 
 /// The delay before retry `attempt` (1 = first retry): `base · 2^(attempt-1)`, capped, with
 /// jitter drawn from its upper half so a crowd of retries spreads out.
-pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+pub(crate) fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let full = exp.min(max);
     let half = full / 2;

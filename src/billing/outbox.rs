@@ -47,7 +47,7 @@ pub enum Outcome {
 }
 
 /// The outbox file's name under the billing directory.
-pub const OUTBOX_FILE: &str = "outbox.jsonl";
+pub(crate) const OUTBOX_FILE: &str = "outbox.jsonl";
 
 /// One report owed to the provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,11 +22,11 @@ use crate::meter::customers::CustomerStore;
 use crate::schema::quantity::{self, Contribution};
 
 /// The snapshot's file name under the billing directory.
-pub const SNAPSHOT_FILE: &str = "windows.json";
+pub(crate) const SNAPSHOT_FILE: &str = "windows.json";
 
 /// A billed meter of one event.
 #[derive(Debug, Clone)]
-pub struct BilledMeter {
+pub(crate) struct BilledMeter {
     /// Id of the feature the event meters (`usageFeatures[].id`).
     pub feature: String,
     /// The provider's meter name.
@@ -39,7 +39,7 @@ pub struct BilledMeter {
 
 /// What status pages read of the windows.
 #[derive(Debug, Clone, Default)]
-pub struct WindowsView {
+pub(crate) struct WindowsView {
     /// Windows still open.
     pub open: usize,
     /// The watermark (UTC µs).
@@ -87,7 +87,7 @@ pub fn load(dir: &std::path::Path, created: &str, window: i64, grace: i64) -> (W
 }
 
 /// The follower.
-pub struct BillingFollower {
+pub(crate) struct BillingFollower {
     /// Usage windows.
     pub windows: Windows,
     /// Billed meters by event name.

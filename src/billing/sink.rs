@@ -38,7 +38,7 @@ impl Sink {
 }
 
 /// The webhook's JSON body of a report.
-pub fn webhook_body(entry: &Entry) -> serde_json::Value {
+pub(crate) fn webhook_body(entry: &Entry) -> serde_json::Value {
     json!({
         "identifier": entry.identifier,
         "customer_id": entry.customer_id,

@@ -285,13 +285,13 @@ impl Stripe {
 /// The `timestamp` of a report: the window's start, moved into what Stripe accepts (within
 /// the past 35 days: a correction of an older window is stamped 34 days before it was owed).
 /// Fixed per entry, so every retry sends the very same parameters under its idempotency key.
-pub fn report_timestamp(entry: &Entry) -> i64 {
+pub(crate) fn report_timestamp(entry: &Entry) -> i64 {
     let oldest = entry.created_at.div_euclid(1_000_000) - 34 * 86_400;
     entry.window_start.div_euclid(1_000_000).max(oldest)
 }
 
 /// What an answer to a meter event means for the outbox.
-pub fn classify(response: &ClientResponse) -> Outcome {
+pub(crate) fn classify(response: &ClientResponse) -> Outcome {
     let body = response.json();
     match response.status {
         200..=299 => Outcome::Delivered,
@@ -339,7 +339,7 @@ pub fn retry_after(response: &ClientResponse) -> Option<Duration> {
 }
 
 /// Stripe's `error.message`, or the body's text.
-pub fn error_message(body: &Value) -> String {
+pub(crate) fn error_message(body: &Value) -> String {
     body["error"]["message"]
         .as_str()
         .map(str::to_string)
@@ -358,9 +358,9 @@ pub fn encode_form(pairs: &[(&str, &str)]) -> String {
 
 /// Longest `Stripe-Signature` header read: a timestamp and a few signatures (Stripe sends
 /// one `v1` per active secret, two while one is rolled) fit many times over.
-pub const MAX_SIGNATURE_HEADER_BYTES: usize = 2_048;
+pub(crate) const MAX_SIGNATURE_HEADER_BYTES: usize = 2_048;
 /// Most `v1` entries read from one header.
-pub const MAX_SIGNATURES: usize = 8;
+pub(crate) const MAX_SIGNATURES: usize = 8;
 
 /// Why a webhook's signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -390,7 +390,7 @@ pub enum SignatureError {
 /// before any work, the HMAC is computed once whatever the number of entries, and each entry
 /// is compared with it in constant time: an unsigned request costs at most one pass over
 /// its body.
-pub fn verify_signature(
+pub(crate) fn verify_signature(
     header: Option<&str>,
     payload: &[u8],
     secret: &str,

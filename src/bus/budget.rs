@@ -27,7 +27,7 @@ const REJECTED_TENTHS: i64 = 1;
 
 /// The sizes in bytes; `-1` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// The embedded server's `max_file_store`; `None` with an external server.
     pub store: Option<i64>,
     /// `max_bytes` of the events stream.
@@ -38,7 +38,7 @@ pub struct Budget {
 
 impl Budget {
     /// The budget of an embedded server whose store is `store_dir`.
-    pub fn embedded(settings: &StreamSettings, store_dir: &Path) -> Self {
+    pub(crate) fn embedded(settings: &StreamSettings, store_dir: &Path) -> Self {
         let store = if settings.store_max_bytes > 0 {
             settings.store_max_bytes
         } else {
@@ -50,7 +50,7 @@ impl Budget {
     }
 
     /// The budget on an external server whose account may limit storage (`-1`/`None`: not).
-    pub fn external(settings: &StreamSettings, account_limit: Option<i64>) -> Self {
+    pub(crate) fn external(settings: &StreamSettings, account_limit: Option<i64>) -> Self {
         match account_limit.filter(|limit| *limit > 0) {
             Some(limit) => Self::within(settings, None, limit),
             None => {

@@ -52,10 +52,10 @@ pub trait Follow: Send + 'static {
 }
 
 /// A follower's saved position, updated as its snapshots finish.
-pub type Saved = Arc<AtomicU64>;
+pub(crate) type Saved = Arc<AtomicU64>;
 
 /// Where a follower reads.
-pub struct FollowSpec {
+pub(crate) struct FollowSpec {
     /// The events stream.
     pub stream: String,
     /// Durable consumer name.
@@ -69,7 +69,7 @@ pub struct FollowSpec {
 }
 
 /// Runs `state` on the stream until shutdown, then writes its final snapshot.
-pub async fn follow<F: Follow>(
+pub(crate) async fn follow<F: Follow>(
     js: jetstream::Context,
     spec: FollowSpec,
     mut state: F,
@@ -220,7 +220,7 @@ impl Part {
 /// Several followers on one consumer (see the module docs). A part that panics on an event
 /// is recorded with the supervisor and goes on with the next event: one poisoned message
 /// never stops the stream for the others.
-pub struct Fanout {
+pub(crate) struct Fanout {
     parts: Vec<Part>,
     /// How often [`Follow::snapshot`] is called: the shortest interval of a part.
     tick: Duration,
@@ -229,7 +229,7 @@ pub struct Fanout {
 
 impl Fanout {
     /// The followers, in the order each event is applied to them.
-    pub fn new(parts: Vec<Part>) -> Self {
+    pub(crate) fn new(parts: Vec<Part>) -> Self {
         let tick = parts
             .iter()
             .map(|p| p.snapshot_interval)
@@ -243,13 +243,13 @@ impl Fanout {
     }
 
     /// Records the parts' panics with `supervisor`.
-    pub fn supervised(mut self, supervisor: Arc<Supervisor>) -> Self {
+    pub(crate) fn supervised(mut self, supervisor: Arc<Supervisor>) -> Self {
         self.supervisor = Some(supervisor);
         self
     }
 
     /// The saved position of the part furthest behind, read as its snapshots finish.
-    pub fn saved_position(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+    pub(crate) fn saved_position(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
         let saved: Vec<Saved> = self.parts.iter().map(|p| p.saved.clone()).collect();
         move || {
             saved
@@ -261,7 +261,7 @@ impl Fanout {
     }
 
     /// Where the shared consumer starts: after the position of the part furthest behind.
-    pub fn spec(&self, stream: &str, consumer: &str) -> FollowSpec {
+    pub(crate) fn spec(&self, stream: &str, consumer: &str) -> FollowSpec {
         FollowSpec {
             stream: stream.to_string(),
             consumer: consumer.to_string(),

@@ -18,21 +18,21 @@ use super::budget::Budget;
 use crate::config::StreamSettings;
 
 /// Subject prefix of accepted events.
-pub const EVENTS_PREFIX: &str = "events";
+pub(crate) const EVENTS_PREFIX: &str = "events";
 /// The account's storage limit on the server (`None`: none, or the server would not say).
-pub async fn account_storage_limit(js: &jetstream::Context) -> Option<i64> {
+pub(crate) async fn account_storage_limit(js: &jetstream::Context) -> Option<i64> {
     js.query_account().await.ok()?.limits.max_storage
 }
 
 /// Subject prefix of rejected messages.
-pub const REJECTED_PREFIX: &str = "rejected";
+pub(crate) const REJECTED_PREFIX: &str = "rejected";
 
 /// Creates the streams, or updates their limits to match the config and the budget. Returns
 /// the size bounds in force: a stream that holds more than its budget now (a fuller disk at
 /// this start, or a smaller `maxBytes`) keeps a bound of what it holds, since shrinking it here
 /// would drop its oldest messages before any reader could say it has saved them. The smaller
 /// bound is applied later, once the readers have saved everything (see `apply_budget`).
-pub async fn ensure_streams(
+pub(crate) async fn ensure_streams(
     js: &jetstream::Context,
     settings: &StreamSettings,
     budget: &Budget,
@@ -113,7 +113,7 @@ fn kept_bound(wanted: i64, held: u64) -> i64 {
 
 /// Sets the events stream's size bound to `max_bytes` (once its readers have saved what a
 /// smaller bound would drop).
-pub async fn apply_budget(
+pub(crate) async fn apply_budget(
     js: &jetstream::Context,
     stream: &str,
     max_bytes: i64,
@@ -137,7 +137,7 @@ pub async fn apply_budget(
 
 /// The subject an event is published on: `events.<shard>.<type>`, the shard chosen by
 /// customer so that one archiver or meter per shard sees all of a customer's events.
-pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
+pub(crate) fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
     let shard = if shards <= 1 {
         0
     } else {
@@ -147,12 +147,12 @@ pub fn subject_for(shards: u32, shard_key: &str, kind: &str) -> String {
 }
 
 /// Subject of a rejected message from `source`.
-pub fn rejected_subject(source: &str) -> String {
+pub(crate) fn rejected_subject(source: &str) -> String {
     format!("{REJECTED_PREFIX}.{}", subject_token(source))
 }
 
 /// A name as a single NATS subject token (anything but letters, digits, `_`, `-` becomes `_`).
-pub fn subject_token(name: &str) -> String {
+pub(crate) fn subject_token(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -179,7 +179,7 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 }
 
 /// Settings of a durable pull consumer that acks in commits.
-pub struct DurableSpec<'a> {
+pub(crate) struct DurableSpec<'a> {
     /// Stream to read.
     pub stream: &'a str,
     /// Durable name (`archiver-events`, …).
@@ -197,7 +197,7 @@ pub struct DurableSpec<'a> {
 
 /// Reads a pull consumer as a stream of messages: batches of up to 1,000, a heartbeat every 5 s
 /// (a dead connection is noticed), each pull request expiring after 30 s.
-pub async fn pull_messages(
+pub(crate) async fn pull_messages(
     consumer: &consumer::PullConsumer,
 ) -> Result<consumer::pull::Stream, BusError> {
     consumer
@@ -216,7 +216,7 @@ pub async fn pull_messages(
 /// Gets the durable consumer positioned right after `after_seq`, recreating it when its own
 /// position disagrees with the caller's (the caller's commit record is the truth: acks may
 /// be lost in a crash, and a wiped data dir must be refilled from the stream).
-pub async fn durable_consumer(
+pub(crate) async fn durable_consumer(
     js: &jetstream::Context,
     spec: &DurableSpec<'_>,
 ) -> Result<consumer::PullConsumer, BusError> {
@@ -293,7 +293,10 @@ pub async fn sequences(js: &jetstream::Context, stream: &str) -> Result<(u64, u6
 
 /// Which incarnation of `stream` this is (a stream deleted and made anew is another one):
 /// state derived from a stream records it, and is set aside when it does not match.
-pub async fn stream_incarnation(js: &jetstream::Context, stream: &str) -> Result<String, BusError> {
+pub(crate) async fn stream_incarnation(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<String, BusError> {
     let mut handle = js
         .get_stream(stream)
         .await
@@ -308,7 +311,7 @@ const INCARNATION_PREFIX: &str = "ns-";
 /// The incarnation of a stream: the id [`ensure_streams`] wrote in its description when it
 /// made the stream. Its creation time is no substitute: nats-server 2.9 does not keep it
 /// across restarts, so a stream would look made anew at every start.
-pub fn incarnation(info: &stream::Info) -> String {
+pub(crate) fn incarnation(info: &stream::Info) -> String {
     marked_incarnation(&info.config).unwrap_or_else(|| info.created.to_string())
 }
 
@@ -322,13 +325,13 @@ fn marked_incarnation(config: &stream::Config) -> Option<String> {
 /// Whether state saved against incarnation `saved` belongs to the stream now at `current`.
 /// State saved before incarnations existed holds a creation time (unreliable, see
 /// [`incarnation`]): it is taken as belonging, and its sequence checks still apply.
-pub fn same_incarnation(saved: &str, current: &str) -> bool {
+pub(crate) fn same_incarnation(saved: &str, current: &str) -> bool {
     !saved.starts_with(INCARNATION_PREFIX) || saved == current
 }
 
 /// Deletes consumers of `stream` that are no longer used (an upgrade from a release that had
 /// them). Best effort: one that is not there, or a server that refuses, changes nothing.
-pub async fn delete_consumers(js: &jetstream::Context, stream: &str, names: &[&str]) {
+pub(crate) async fn delete_consumers(js: &jetstream::Context, stream: &str, names: &[&str]) {
     let Ok(stream) = js.get_stream_no_info(stream).await else {
         return;
     };
@@ -343,7 +346,7 @@ pub async fn delete_consumers(js: &jetstream::Context, stream: &str, names: &[&s
 }
 
 /// The stream sequence of a delivered message.
-pub fn sequence_of(message: &jetstream::Message) -> Option<u64> {
+pub(crate) fn sequence_of(message: &jetstream::Message) -> Option<u64> {
     match message.info() {
         Ok(info) => Some(info.stream_sequence),
         Err(error) => {
@@ -357,7 +360,7 @@ pub fn sequence_of(message: &jetstream::Message) -> Option<u64> {
 /// sequence asks this: a skipped sequence that is not in the stream was deleted or aged out
 /// (skipping it is right); one that is there was delivered and lost on the way (a cut
 /// connection), and acking past it would lose it for good. Unsure means yes.
-pub async fn stream_has(js: &jetstream::Context, stream: &str, seq: u64) -> bool {
+pub(crate) async fn stream_has(js: &jetstream::Context, stream: &str, seq: u64) -> bool {
     let Ok(stream) = js.get_stream_no_info(stream).await else {
         return true;
     };

@@ -22,11 +22,11 @@ use super::EmbeddedNats;
 use crate::shutdown::{Shutdown, wait_for_stop};
 
 /// Unanswered questions in a row before JetStream counts as down.
-pub const FAILURES_BEFORE_DOWN: u32 = 3;
+pub(crate) const FAILURES_BEFORE_DOWN: u32 = 3;
 
 /// How long one question may wait: far above what a loaded server takes (milliseconds), so
 /// load alone never counts as down.
-pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// What the watcher knows, read by `/healthz` and `/metrics`.
 #[derive(Debug)]

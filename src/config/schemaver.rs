@@ -6,7 +6,7 @@ use std::fmt;
 
 /// A parsed SchemaVer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SchemaVer {
+pub(crate) struct SchemaVer {
     /// Breaks all historical data.
     pub model: u32,
     /// May break some historical data.
@@ -17,7 +17,7 @@ pub struct SchemaVer {
 
 impl SchemaVer {
     /// Parses `1-0-0`.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let mut parts = text.trim().split('-').map(|p| p.parse::<u32>().ok());
         let version = Self {
             model: parts.next()??,

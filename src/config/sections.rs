@@ -10,7 +10,7 @@ use super::HumanDuration;
 /// 10 decimal places, a period's sum is exact up to about 7.9 × 10^18, which is 7,900 events
 /// at this ceiling or 7.9 million at the default (10^12) for one customer in one period. Past
 /// Decimal's range a counter saturates instead of overflowing (see `meter::state`).
-pub const MAX_QUANTITY_CEILING: u64 = 1_000_000_000_000_000;
+pub(crate) const MAX_QUANTITY_CEILING: u64 = 1_000_000_000_000_000;
 
 /// The seed's `northStarMetric`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -309,9 +309,9 @@ impl IngestSettings {
 }
 
 /// Smallest explicit stream size: a few full batches.
-pub const MIN_STREAM_BYTES: i64 = 1024 * 1024;
+pub(crate) const MIN_STREAM_BYTES: i64 = 1024 * 1024;
 /// Smallest explicit JetStream store: both streams at their smallest and the KV buckets.
-pub const MIN_STORE_BYTES: i64 = 8 * 1024 * 1024;
+pub(crate) const MIN_STORE_BYTES: i64 = 8 * 1024 * 1024;
 
 /// The JetStream stream that carries events.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -35,7 +35,7 @@ const PLACEHOLDERS: &[&str] = &[
 ];
 
 /// Whether an id is a placeholder (case-insensitive, quotes and surrounding spaces ignored).
-pub fn is_placeholder(id: &str) -> bool {
+pub(crate) fn is_placeholder(id: &str) -> bool {
     let trimmed = id
         .trim()
         .trim_matches(|c| c == '"' || c == '\'')
@@ -94,7 +94,7 @@ pub enum Outcome {
 /// Most ids one person may have. A merge that would make a person larger is refused (and
 /// counted with the other refusals): no real person has more devices and aliases, and the
 /// bound keeps each merge's cost and each person's share of memory fixed.
-pub const MAX_IDS_PER_PERSON: usize = 10_000;
+pub(crate) const MAX_IDS_PER_PERSON: usize = 10_000;
 
 /// How one linked id joined its person (the person itself is its group's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

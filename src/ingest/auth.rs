@@ -153,7 +153,7 @@ impl WriteKeys {
 }
 
 /// The key from `Authorization: Basic base64(key:)` (colon optional).
-pub fn basic_user(authorization: Option<&str>) -> Option<String> {
+pub(crate) fn basic_user(authorization: Option<&str>) -> Option<String> {
     let encoded = strip_scheme(authorization?, "basic")?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
@@ -166,7 +166,7 @@ pub fn basic_user(authorization: Option<&str>) -> Option<String> {
 }
 
 /// The token of `Authorization: Bearer <token>`.
-pub fn bearer_token(authorization: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer_token(authorization: Option<&str>) -> Option<&str> {
     strip_scheme(authorization?, "bearer").map(str::trim)
 }
 

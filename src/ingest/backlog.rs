@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Where a stream reader is: the last events-stream sequence it has taken in.
-pub type Position = Box<dyn Fn() -> u64 + Send + Sync>;
+pub(crate) type Position = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// The readers ingest waits for.
 pub struct Readers {

@@ -4,15 +4,17 @@ use serde_json::{Map, Value};
 
 use crate::json::JsonObject;
 
-pub use crate::event::MAX_ID_CHARS;
 /// Longest event name we store.
-pub const MAX_EVENT_NAME_CHARS: usize = 255;
+pub(crate) const MAX_EVENT_NAME_CHARS: usize = 255;
 
 pub use crate::rejected::Rejection;
 
 /// An id field: a non-empty string or a number (some SDKs send numeric user ids); JSON null
 /// or absence is `None`.
-pub fn id_field(message: &Map<String, Value>, field: &str) -> Result<Option<String>, Rejection> {
+pub(crate) fn id_field(
+    message: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, Rejection> {
     match message.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => id_value(value, field),
@@ -20,7 +22,7 @@ pub fn id_field(message: &Map<String, Value>, field: &str) -> Result<Option<Stri
 }
 
 /// See [`id_field`].
-pub fn id_value(value: &Value, field: &str) -> Result<Option<String>, Rejection> {
+pub(crate) fn id_value(value: &Value, field: &str) -> Result<Option<String>, Rejection> {
     let text = match value {
         Value::Null => return Ok(None),
         Value::String(s) => s.trim().to_string(),
@@ -61,7 +63,7 @@ pub fn event_name(value: Option<&Value>, field: &str) -> Result<String, Rejectio
 }
 
 /// An object field, empty when absent or null.
-pub fn object_field(
+pub(crate) fn object_field(
     message: &mut Map<String, Value>,
     field: &str,
 ) -> Result<Map<String, Value>, Rejection> {
@@ -74,7 +76,11 @@ pub fn object_field(
 
 /// Refuses an event time more than `max_skew` (µs) after its arrival: metering periods follow
 /// event time, and a client's clock must not be able to open a period ahead of now.
-pub fn within_skew(timestamp: i64, received_at: i64, bounds: TimeBounds) -> Result<(), Rejection> {
+pub(crate) fn within_skew(
+    timestamp: i64,
+    received_at: i64,
+    bounds: TimeBounds,
+) -> Result<(), Rejection> {
     if timestamp > received_at.saturating_add(bounds.future_skew) {
         let ahead = timestamp.saturating_sub(received_at) / 1_000_000;
         return Err(Rejection::new(
@@ -185,7 +191,7 @@ pub fn customer_id(
 }
 
 /// Fills `into` with the keys of `defaults` it lacks (batch-level context under the message's).
-pub fn merge_missing(into: &mut Map<String, Value>, defaults: Option<&Map<String, Value>>) {
+pub(crate) fn merge_missing(into: &mut Map<String, Value>, defaults: Option<&Map<String, Value>>) {
     if let Some(defaults) = defaults {
         for (key, value) in defaults {
             into.entry(key.clone()).or_insert_with(|| value.clone());

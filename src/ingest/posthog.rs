@@ -30,7 +30,7 @@ const KNOWN_KEYS: &[&str] = &[
 ];
 
 /// The events and the key of a capture body, whatever of its three shapes it has.
-pub struct CaptureBody {
+pub(crate) struct CaptureBody {
     /// Each event, still raw JSON so one bad event can be rejected alone.
     pub events: Vec<Value>,
     /// `api_key` / `token` from the body or, failing that, from the first event.
@@ -38,7 +38,7 @@ pub struct CaptureBody {
 }
 
 /// Splits a parsed body: one event, an array of events, or `{api_key, batch, sent_at}`.
-pub fn split_body(body: Value) -> Result<CaptureBody, String> {
+pub(crate) fn split_body(body: Value) -> Result<CaptureBody, String> {
     let key_of = |map: &Map<String, Value>| -> Option<String> {
         ["api_key", "token", "$token"]
             .iter()

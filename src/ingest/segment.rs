@@ -37,7 +37,7 @@ pub(crate) const KNOWN_KEYS: &[&str] = &[
 
 /// A `/v1/batch` body. Unknown top-level keys are ignored, as Segment does.
 #[derive(Deserialize)]
-pub struct BatchEnvelope<'a> {
+pub(crate) struct BatchEnvelope<'a> {
     /// The messages, kept as raw JSON so each can be bounded, parsed and rejected on its own.
     #[serde(borrow)]
     pub batch: Vec<&'a RawValue>,
@@ -54,13 +54,13 @@ pub struct BatchEnvelope<'a> {
 
 impl BatchEnvelope<'_> {
     /// The body's write key, if it is a string.
-    pub fn write_key(&self) -> Option<&str> {
+    pub(crate) fn write_key(&self) -> Option<&str> {
         self.write_key.as_ref().and_then(Value::as_str)
     }
 
     /// What each message inherits. A batch-level field of the wrong type costs no message:
     /// it is ignored.
-    pub fn inherited(&self) -> Inherited<'_> {
+    pub(crate) fn inherited(&self) -> Inherited<'_> {
         Inherited {
             context: self.context.as_ref().and_then(Value::as_object),
             integrations: self.integrations.as_ref().and_then(Value::as_object),

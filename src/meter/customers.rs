@@ -14,7 +14,7 @@ use crate::bus::BusError;
 use crate::config::PeriodKind;
 
 /// Name of the key-value bucket of customers.
-pub const BUCKET: &str = "northstar_customers";
+pub(crate) const BUCKET: &str = "northstar_customers";
 
 /// A customer: the billed account usage is metered for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -351,7 +351,7 @@ fn management<E: std::fmt::Display>(action: &'static str) -> impl Fn(E) -> BusEr
 }
 
 /// The key of a customer id: itself when it is a valid key, else `x.` and its hex bytes.
-pub fn key_for(id: &str) -> String {
+pub(crate) fn key_for(id: &str) -> String {
     let plain = !id.is_empty()
         && id
             .chars()

@@ -19,9 +19,9 @@ use crate::client::HttpClient;
 use crate::clock::{Clock, format_micros};
 
 /// The subject threshold events are published on.
-pub const THRESHOLD_SUBJECT: &str = "northstar.usage.threshold";
+pub(crate) const THRESHOLD_SUBJECT: &str = "northstar.usage.threshold";
 /// The subject usage anomalies are published on.
-pub const ANOMALY_SUBJECT: &str = "northstar.usage.anomaly";
+pub(crate) const ANOMALY_SUBJECT: &str = "northstar.usage.anomaly";
 
 /// Something the meter noticed.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,15 +16,15 @@ pub struct Period {
 }
 
 /// An anchor cut to its hour: periods start on whole hours.
-pub fn anchor_hour(anchor_micros: i64) -> i64 {
+pub(crate) fn anchor_hour(anchor_micros: i64) -> i64 {
     anchor_micros - anchor_micros.rem_euclid(3_600_000_000)
 }
 
 /// The default anchor: the Unix epoch, so monthly periods are calendar months.
-pub const DEFAULT_ANCHOR: i64 = 0;
+pub(crate) const DEFAULT_ANCHOR: i64 = 0;
 
 /// The period of `kind` anchored at `anchor` that contains `at`.
-pub fn period_at(kind: PeriodKind, anchor: i64, at: i64) -> Period {
+pub(crate) fn period_at(kind: PeriodKind, anchor: i64, at: i64) -> Period {
     let anchor = anchor_hour(anchor);
     match kind {
         PeriodKind::Daily => fixed(anchor, at, 86_400_000_000),

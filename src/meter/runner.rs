@@ -17,7 +17,7 @@ use crate::bus::follower::{Follow, Part, Saved};
 use crate::event::EventView;
 
 /// Where the meter reads from and keeps its snapshot.
-pub struct MeterTarget {
+pub(crate) struct MeterTarget {
     /// The events stream.
     pub stream: String,
     /// Directory of the snapshot (`data/meter`).
@@ -29,7 +29,7 @@ pub struct MeterTarget {
 /// Loads the snapshot and returns the meter's part of the stream followers. A snapshot of
 /// another stream (deleted and made anew) is set aside: the meter is rebuilt from the stream,
 /// which is its source.
-pub async fn prepare(
+pub(crate) async fn prepare(
     meter: Arc<Meter>,
     js: &jetstream::Context,
     target: MeterTarget,

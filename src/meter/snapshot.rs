@@ -19,7 +19,7 @@ use super::state::{Counters, CustomerUsage, SHARDS};
 use crate::files;
 
 /// File name of the snapshot in the meter's directory.
-pub const SNAPSHOT_FILE: &str = "snapshot.jsonl";
+pub(crate) const SNAPSHOT_FILE: &str = "snapshot.jsonl";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {

@@ -18,15 +18,15 @@ use crate::config::Aggregation;
 use crate::schema::quantity::Contribution;
 
 /// Number of shards (independent locks) of the counters.
-pub const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
 /// The `groupBy` value usage is counted under once a counter breaks down by
 /// `metering.maxGroupValues` values.
-pub const OTHER_GROUP: &str = "(other)";
+pub(crate) const OTHER_GROUP: &str = "(other)";
 
 /// Most events a shard holds applied ahead of the follower; past it, events wait for the
 /// follower (ingest sheds long before: `ingest.maxLag`).
-pub const MAX_AHEAD_PER_SHARD: usize = 65_536;
+pub(crate) const MAX_AHEAD_PER_SHARD: usize = 65_536;
 
 /// An aggregate of one feature in one period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ pub enum Aggregate {
 /// The 64-bit FNV-1a hash a `unique_count` counter holds a value as. Stable across runs and
 /// releases (snapshots hold it). Two of a million distinct values share a hash with a
 /// chance of about 3 in 10^8, so the count is exact for any bound the config accepts.
-pub fn value_hash(value: &str) -> u64 {
+pub(crate) fn value_hash(value: &str) -> u64 {
     let mut hasher = Fnv(FNV_OFFSET);
     hasher.write(value.as_bytes());
     hasher.finish()
@@ -312,7 +312,7 @@ impl Drop for ShardGuard<'_> {
 }
 
 /// The shard of a customer id (stable across runs: FNV-1a).
-pub fn shard_of(customer: &str) -> usize {
+pub(crate) fn shard_of(customer: &str) -> usize {
     let mut hasher = Fnv(FNV_OFFSET);
     customer.hash(&mut hasher);
     (hasher.finish() % SHARDS as u64) as usize

@@ -84,7 +84,7 @@ pub async fn collect(
 /// memory the answer keeps alive, which [`RecordBatch::get_array_memory_size`] would count
 /// again for every slice.
 #[derive(Debug, Default)]
-pub struct HeldBytes {
+pub(crate) struct HeldBytes {
     seen: HashSet<usize>,
     /// Bytes so far.
     pub total: usize,
@@ -92,7 +92,7 @@ pub struct HeldBytes {
 
 impl HeldBytes {
     /// Counts the buffers of `batch` not counted yet; returns the new total.
-    pub fn add(&mut self, batch: &RecordBatch) -> usize {
+    pub(crate) fn add(&mut self, batch: &RecordBatch) -> usize {
         let mut open: Vec<ArrayData> = batch.columns().iter().map(|c| c.to_data()).collect();
         while let Some(data) = open.pop() {
             let nulls = data.nulls().map(|n| n.buffer());

@@ -28,13 +28,13 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 /// without retrying asks about four per token (`query::dialect` tests measure the queries
 /// shipped in `queries/` and the README); the rest is room for the retries real statements
 /// need.
-pub const WORK_PER_TOKEN: u64 = 64;
+pub(crate) const WORK_PER_TOKEN: u64 = 64;
 
 /// Parser questions every statement may ask, whatever its length.
-pub const WORK_BASE: u64 = 10_000;
+pub(crate) const WORK_BASE: u64 = 10_000;
 
 /// Most tokens (words, literals, operators; not whitespace or comments) in a statement.
-pub const MAX_TOKENS: usize = 100_000;
+pub(crate) const MAX_TOKENS: usize = 100_000;
 
 /// Deepest nesting of brackets (`(`, `[`, `{`) and `CASE … END` in the text, before parsing.
 ///
@@ -44,7 +44,7 @@ pub const MAX_TOKENS: usize = 100_000;
 /// nothing can stop. At 16 levels the worst case found is about half a second in a debug
 /// build, which the budget on the parser's work ([`super::dialect`]) now cuts short; real
 /// queries rarely nest a third as deep.
-pub const MAX_NESTING: usize = 16;
+pub(crate) const MAX_NESTING: usize = 16;
 
 /// Most subscripts (`[…]`) chained in one expression (`a.b[1][2].c[3]` has three).
 ///
@@ -53,25 +53,25 @@ pub const MAX_NESTING: usize = 16;
 /// `a.b[A][A].` repeated ten times and ending in `c.` took 3.5 s; 24 names, one `[A]` and a
 /// trailing `.` more than 10 s. The same chains well formed parse in microseconds. Real
 /// queries chain far fewer.
-pub const MAX_CHAIN_SUBSCRIPTS: usize = 8;
+pub(crate) const MAX_CHAIN_SUBSCRIPTS: usize = 8;
 
 /// Most `.` in one chain of names (`catalog.schema.table.column` has three). A failing chain
 /// on the right of an operator (`x > a.a.…a.<junk>`, found by the fuzz target) costs the parser
 /// about twice the work per name: 24 names took over 10 s.
-pub const MAX_CHAIN_PERIODS: usize = 8;
+pub(crate) const MAX_CHAIN_PERIODS: usize = 8;
 
 /// Most elements (names and subscripts) over all chains of a statement that have both a `.`
 /// and a subscript; see [`MAX_CHAIN_SUBSCRIPTS`]. The retries multiply across such chains
 /// nested in each other's subscripts (three levels of ten names: over 10 s). Chains without
 /// subscripts, or without `.`, parse in linear time at any length.
-pub const MAX_DOTTED_SUBSCRIPTED: usize = 16;
+pub(crate) const MAX_DOTTED_SUBSCRIPTED: usize = 16;
 
 /// Deepest nesting of expressions, operator chains, subqueries and set operations.
-pub const MAX_DEPTH: usize = 256;
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// Most expressions, queries and table references in a statement, counting each use of a
 /// common table expression at the size of its definition.
-pub const MAX_SIZE: u64 = 100_000;
+pub(crate) const MAX_SIZE: u64 = 100_000;
 
 /// Which bound a statement is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl std::fmt::Display for Refusal {
 /// Refuses text over [`MAX_TOKENS`]. Runs before the parser, whose tree of a long operator
 /// chain is as deep as the chain. Returns the number of tokens, which sizes the parser's budget
 /// ([`super::dialect::parse`]).
-pub fn check_text(sql: &str) -> Result<usize, Refusal> {
+pub(crate) fn check_text(sql: &str) -> Result<usize, Refusal> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
         .map_err(|e| Refusal::Syntax(e.to_string()))?;
@@ -355,7 +355,7 @@ fn text_nesting(tokens: &[Token]) -> usize {
 
 /// Refuses a statement over [`MAX_DEPTH`] or [`MAX_SIZE`]. The walk stops at the first level
 /// past the bound, so it never goes deeper than the bound itself.
-pub fn check_tree(statement: &Statement) -> Result<(), Refusal> {
+pub(crate) fn check_tree(statement: &Statement) -> Result<(), Refusal> {
     let mut measure = Measure::default();
     match statement.visit(&mut measure) {
         ControlFlow::Continue(()) => Ok(()),

@@ -38,7 +38,7 @@ pub fn parse(sql: &str, tokens: usize) -> Result<VecDeque<Statement>, Refusal> {
 
 /// [`GenericDialect`] with a budget of parser questions; see the module's documentation.
 #[derive(Debug)]
-pub struct Budgeted {
+pub(crate) struct Budgeted {
     inner: GenericDialect,
     left: Cell<u64>,
     /// A question came after the budget was spent (a statement that fits it exactly is fine).
@@ -47,7 +47,7 @@ pub struct Budgeted {
 
 impl Budgeted {
     /// A dialect that lets the parser ask `budget` questions.
-    pub fn new(budget: u64) -> Self {
+    pub(crate) fn new(budget: u64) -> Self {
         Self {
             inner: GenericDialect {},
             left: Cell::new(budget),
@@ -56,7 +56,7 @@ impl Budgeted {
     }
 
     /// Whether the budget ran out.
-    pub fn spent(&self) -> bool {
+    pub(crate) fn spent(&self) -> bool {
         self.over.get()
     }
 

@@ -27,7 +27,7 @@ use datafusion::scalar::ScalarValue;
     "{function}(…) would make up to {bytes} bytes in one call; the bound is {bound} bytes \
      (a sixteenth of sql.memoryLimitMb)"
 )]
-pub struct ValueTooLarge {
+pub(crate) struct ValueTooLarge {
     /// Name of the SQL function called.
     pub function: String,
     /// The upper bound worked out for the call.
@@ -78,7 +78,7 @@ const BOUNDED: &[(&str, Growth)] = &[
 
 /// Registers the bounded versions of the functions in `ctx`, each call making at most
 /// `bound` bytes.
-pub fn register(ctx: &SessionContext, bound: usize) {
+pub(crate) fn register(ctx: &SessionContext, bound: usize) {
     for (name, growth) in BOUNDED {
         if let Ok(inner) = ctx.udf(name) {
             ctx.register_udf(ScalarUDF::new_from_impl(Bounded {

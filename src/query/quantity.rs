@@ -19,26 +19,26 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 /// The function's name in SQL.
-pub const NAME: &str = "metered_quantity";
+pub(crate) const NAME: &str = "metered_quantity";
 
 /// Precision of the quantities SQL answers: 38 digits, [`MAX_QUANTITY_SCALE`] of them decimals.
 const PRECISION: u8 = 38;
 
 /// Registers `metered_quantity` in `ctx`.
-pub fn register(ctx: &SessionContext) {
+pub(crate) fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(MeteredQuantity {
         signature: Signature::string(1, Volatility::Immutable),
     }));
 }
 
 /// The quantity a meter counts for a value property's JSON text, as the SQL type of usage.
-pub fn data_type() -> DataType {
+pub(crate) fn data_type() -> DataType {
     DataType::Decimal128(PRECISION, MAX_QUANTITY_SCALE as i8)
 }
 
 /// The quantity the meter counts for `text`, scaled to [`MAX_QUANTITY_SCALE`] places, or
 /// `None` where the meter counts nothing (not a number, negative, out of range).
-pub fn scaled(text: &str) -> Option<i128> {
+pub(crate) fn scaled(text: &str) -> Option<i128> {
     let amount = parse_decimal(text.trim())?;
     if amount.is_sign_negative() && !amount.is_zero() {
         return None;

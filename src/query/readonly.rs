@@ -20,7 +20,7 @@ use super::dialect;
 ///
 /// Never panics and never recurses deeper than the bounds, whatever the text (a fuzz target
 /// holds it to that), so it is safe on any thread.
-pub fn admit(sql: &str) -> Result<DfStatement, Refusal> {
+pub(crate) fn admit(sql: &str) -> Result<DfStatement, Refusal> {
     let tokens = bounds::check_text(sql)?;
     let mut statements = dialect::parse(sql, tokens)?;
     if statements.len() != 1 {

@@ -53,7 +53,7 @@ impl LiveTables {
 /// meters. A table whose directory does not exist yet is created empty, so queries on a new
 /// install answer with no rows rather than an error. The archived tables read `live`'s rows
 /// beside their files.
-pub async fn register_all(
+pub(crate) async fn register_all(
     ctx: &SessionContext,
     data_dir: &Path,
     config: &Config,
@@ -116,7 +116,7 @@ fn parquet_dir(
 /// the files with `seq <= committed` of that snapshot, and the snapshot's rows beside them, so
 /// a commit finishing during the query neither hides rows nor shows them twice.
 #[derive(Debug)]
-pub struct LiveTable {
+pub(crate) struct LiveTable {
     files: Arc<dyn TableProvider>,
     live: Arc<LiveRows>,
     /// Index of the `seq` column in the table's schema.
@@ -125,7 +125,7 @@ pub struct LiveTable {
 
 impl LiveTable {
     /// Wraps the listing of `files` (whose schema has a `seq` column) with `live`'s rows.
-    pub fn new(files: Arc<dyn TableProvider>, live: Arc<LiveRows>) -> Result<Self> {
+    pub(crate) fn new(files: Arc<dyn TableProvider>, live: Arc<LiveRows>) -> Result<Self> {
         let seq = files.schema().index_of("seq")?;
         Ok(Self { files, live, seq })
     }
@@ -266,7 +266,7 @@ const EVENTS_RESOLVED: &str = "CREATE VIEW events_resolved AS \
 
 /// The `metered_events` view: one row per event and meter it counts for, with the feature and
 /// its exact quantity (1 per event without a value property), as the meter counts them.
-pub fn metered_events_sql(config: &Config) -> String {
+pub(crate) fn metered_events_sql(config: &Config) -> String {
     let quote = super::string_literal;
     let mut parts = Vec::new();
     for event in &config.events {

@@ -9,7 +9,7 @@ use crate::rejected::Rejection;
 
 /// Most decimal places a metered quantity may have: what SQL's `metered_events` view keeps
 /// (`DECIMAL(38, 10)`), so the meter and SQL count the same.
-pub const MAX_QUANTITY_SCALE: u32 = 10;
+pub(crate) const MAX_QUANTITY_SCALE: u32 = 10;
 
 /// What one event contributes to a meter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub fn quantity(
 }
 
 /// The contribution to a meter of `value`, the value of its `value_property`.
-pub fn quantity_of(
+pub(crate) fn quantity_of(
     value_property: Option<&str>,
     aggregation: Aggregation,
     value: Option<&Value>,
@@ -74,7 +74,7 @@ pub fn quantity_of(
 
 /// Checks a quantity accepted at the door (ingest, `/v1/check`) against the bounds the
 /// meter keeps exact: at most `max`, at most [`MAX_QUANTITY_SCALE`] decimal places.
-pub fn within_bounds(
+pub(crate) fn within_bounds(
     contribution: &Contribution,
     max: u64,
     value_property: Option<&str>,
@@ -88,7 +88,11 @@ pub fn within_bounds(
 }
 
 /// [`within_bounds`] for one amount, naming `field`.
-pub fn amount_within_bounds(amount: Decimal, max: u64, field: &str) -> Result<(), Rejection> {
+pub(crate) fn amount_within_bounds(
+    amount: Decimal,
+    max: u64,
+    field: &str,
+) -> Result<(), Rejection> {
     if amount > Decimal::from(max) {
         return Err(Rejection::new(
             field,
@@ -107,7 +111,7 @@ pub fn amount_within_bounds(amount: Decimal, max: u64, field: &str) -> Result<()
 }
 
 /// Exact decimal from JSON number text (`12`, `0.001`, `1e3`); floats never enter.
-pub fn parse_decimal(text: &str) -> Option<Decimal> {
+pub(crate) fn parse_decimal(text: &str) -> Option<Decimal> {
     if text.is_empty() || text.len() > 64 {
         return None;
     }
@@ -118,7 +122,7 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
 }
 
 /// The series key of an event for a meter with `group_by` (empty without one).
-pub fn group_key(group_by: &[String], properties: &dyn JsonObject) -> String {
+pub(crate) fn group_key(group_by: &[String], properties: &dyn JsonObject) -> String {
     group_by
         .iter()
         .map(|p| match properties.field(p).as_deref() {

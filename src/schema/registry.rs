@@ -12,7 +12,7 @@ use crate::json::JsonObject;
 use crate::rejected::Rejection;
 
 /// Where tagged violations go in an event's context.
-pub const TAGS_KEY: &str = "schema_violations";
+pub(crate) const TAGS_KEY: &str = "schema_violations";
 
 /// What the registry decided about an event.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,7 +303,7 @@ fn compile(event: &str, origin: &str, properties: &PropertySpec) -> Result<Shape
 }
 
 /// Deterministic sampling by event id: a retry of a kept event is kept again.
-pub fn in_sample(event_id: &str, rate: f64) -> bool {
+pub(crate) fn in_sample(event_id: &str, rate: f64) -> bool {
     let hash = event_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
