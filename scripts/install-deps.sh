@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to run and test northstar:
 #   nats-server (Debian's package; JetStream included) and, with --test, the Python SDK clients
-#   the wire tests drive (segment-analytics-python, posthog).
+#   the wire tests drive (segment-analytics-python, posthog) and promtool (Debian's prometheus
+#   package), which checks /metrics.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -32,5 +33,15 @@ if $want_test; then
   if ! python3 -c 'import segment.analytics, posthog' >/dev/null 2>&1; then
     echo "installing the Python SDK clients for the wire tests…"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  fi
+  if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing promtool (Debian's prometheus package)…"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || {
+      as_root apt-get update -qq
+      as_root apt-get install -y --no-install-recommends prometheus
+    }
+    # Only its promtool is wanted: the package's own server is stopped.
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
 fi

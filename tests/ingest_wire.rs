@@ -526,6 +526,7 @@ async fn health_and_metrics_answer_on_the_seed_config() {
         Some(1),
         "the /healthz answer is timed: {metrics}"
     );
+    promtool_accepts(&metrics);
 
     // The meter's counters: three metered events, counted (or late, for an old period).
     let r = server
@@ -554,6 +555,43 @@ async fn health_and_metrics_answer_on_the_seed_config() {
     assert!(
         text.contains("northstar_meter_events_skipped_total 0"),
         "{text}"
+    );
+}
+
+/// `promtool check metrics` (Prometheus's own linter) accepts the exposition. promtool comes
+/// with `scripts/install-deps.sh --test`; without it the check is said to be skipped, and
+/// under CI its absence fails.
+fn promtool_accepts(metrics: &str) {
+    use std::io::Write as _;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is missing ({error}): scripts/install-deps.sh --test installs it"
+            );
+            eprintln!("promtool not installed ({error}): /metrics not checked by it");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
