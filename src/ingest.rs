@@ -395,6 +395,7 @@ impl Ingestor {
                     let raw = raw.get().as_bytes();
                     let result = self.check_size(raw).and_then(|()| {
                         let message = parse_object(raw)?;
+                        self.check_merged_size(raw, &message, inherited)?;
                         segment::normalize(message, None, inherited, &source, received_at)
                     });
                     batch.push(index, result, raw, &source, "/v1/batch", received_at);
@@ -521,12 +522,36 @@ impl Ingestor {
         Ok(source.to_string())
     }
 
+    /// The bound on a message as the client sent it.
     fn check_size(&self, raw: &[u8]) -> Result<(), Rejection> {
         let limit = self.config.ingest.max_message_bytes;
         if raw.len() > limit {
             return Err(Rejection::new(
                 ".",
                 format!("message is {} bytes; the limit is {limit}", raw.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same bound with the batch's `context` and `integrations` merged in, so a large
+    /// batch-level context cannot multiply a small request. Only what is really merged
+    /// counts (keys the message sets itself are not), and the error says so.
+    fn check_merged_size(
+        &self,
+        raw: &[u8],
+        message: &Map<String, Value>,
+        inherited: segment::Inherited<'_>,
+    ) -> Result<(), Rejection> {
+        let limit = self.config.ingest.max_message_bytes;
+        let merged = segment::merged_bytes(message, inherited);
+        if raw.len() + merged > limit {
+            return Err(Rejection::new(
+                "context",
+                format!(
+                    "message is {} bytes, and the batch's context and integrations merged into it add {merged}; the limit is {limit}",
+                    raw.len()
+                ),
             ));
         }
         Ok(())
@@ -724,8 +749,7 @@ impl<'a> ParsedBatch<'a> {
         }
     }
 
-    /// Adds one message's outcome. The size bound is checked again on the event as it will
-    /// be stored, so a large batch-level context cannot multiply a small request.
+    /// Adds one message's outcome (its stored form is bounded by [`prepare`]).
     fn push(
         &mut self,
         index: usize,
@@ -821,9 +845,22 @@ fn admit_writes(
     Ok(())
 }
 
+/// Bytes the stored form of a message may take beyond twice `ingest.maxMessageBytes`.
+const STORED_SLACK: usize = 8 * 1024;
+
+/// The most bytes a message takes as stored. `ingest.maxMessageBytes` bounds what the client
+/// sent (and the batch context merged in); the stored form adds northstar's own fields (ids,
+/// times, source, schema version) and the registry's tags, which name at most what the
+/// message holds, so a message within the bound as sent always fits.
+pub(crate) fn stored_bound(max_message_bytes: usize) -> usize {
+    max_message_bytes
+        .saturating_mul(2)
+        .saturating_add(STORED_SLACK)
+}
+
 /// What becomes of a normalised event: the registry's decision, then the stream message (or
-/// `None` when the event is sampled out). The size bound is checked again on the event as it
-/// will be stored, so a large batch-level context cannot multiply a small request.
+/// `None` when the event is sampled out). The message as sent was bounded at the door; the
+/// stored form is bounded too ([`stored_bound`]), so nothing unbounded reaches the stream.
 pub(crate) fn prepare(
     mut event: EventRecord,
     registry: &Registry,
@@ -846,11 +883,12 @@ pub(crate) fn prepare(
         }
     }
     let payload = event.to_bus_json();
-    if payload.len() > max_message_bytes {
+    let stored_limit = stored_bound(max_message_bytes);
+    if payload.len() > stored_limit {
         return Err(Rejection::new(
             "context",
             format!(
-                "message with the batch context merged in is {} bytes; the limit is {max_message_bytes}",
+                "the message as stored is {} bytes with the fields northstar adds and the registry's tags; the stored bound is {stored_limit} (twice ingest.maxMessageBytes and {STORED_SLACK} bytes)",
                 payload.len(),
             ),
         ));

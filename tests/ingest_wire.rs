@@ -636,3 +636,105 @@ async fn the_seed_template_as_it_stands_with_the_env_write_key() {
         .await;
     assert_eq!(r.status, 401);
 }
+
+/// `ingest.maxMessageBytes` bounds a message as the client sent it, through every wire: a
+/// message of exactly the bound is stored (northstar's own fields never tip it over), one byte
+/// more is refused naming the bound, and in a batch with a batch-level context the bytes
+/// really merged in count, and the refusal says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_at_the_bound_as_sent_is_stored_through_every_wire() {
+    const LIMIT: usize = 4_096;
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["ingest"]["maxMessageBytes"] = json!(LIMIT);
+    let server = Northstar::start(&nats, &config);
+    // A message whose JSON text is exactly `size` bytes, padded in one property.
+    let sized = |size: usize, make: &dyn Fn(&str) -> serde_json::Value| {
+        let empty = make("").to_string().len();
+        let message = make(&"x".repeat(size - empty));
+        assert_eq!(message.to_string().len(), size);
+        message
+    };
+    let segment = |id: &'static str| move |pad: &str| json!({"type": "track", "messageId": id, "userId": "u", "event": "e", "properties": {"pad": pad}});
+
+    // Segment batch.
+    let batch = json!({"batch": [sized(LIMIT, &segment("seg-at")), sized(LIMIT + 1, &segment("seg-over"))]});
+    let answer = server.post("/v1/batch", &batch).await.json();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(answer["errors"][0]["index"], 1, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], ".", "{answer}");
+    let over = format!("message is {} bytes; the limit is {LIMIT}", LIMIT + 1);
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&over),
+        "{answer}"
+    );
+
+    // Segment batch with a batch context: `"lib":"batch",` (14 bytes) is merged into each.
+    let merged = r#""lib":"batch","#.len();
+    let batch = json!({"context": {"lib": "batch"}, "batch": [
+        sized(LIMIT - merged, &segment("ctx-at")),
+        sized(LIMIT - merged + 1, &segment("ctx-over")),
+    ]});
+    let answer = server.post("/v1/batch", &batch).await.json();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(answer["errors"][0]["index"], 1, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "context", "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("merged into it add {merged}")),
+        "{answer}"
+    );
+
+    // Segment single-message route: the body is the message.
+    let single = |id: &'static str| move |pad: &str| json!({"messageId": id, "userId": "u", "event": "e", "properties": {"pad": pad}});
+    let at = server
+        .post("/v1/track", &sized(LIMIT, &single("one-at")))
+        .await;
+    assert_eq!(at.status, 200, "{}", at.text());
+    let over = server
+        .post("/v1/track", &sized(LIMIT + 1, &single("one-over")))
+        .await;
+    assert_eq!(over.status, 413, "{}", over.text());
+
+    // PostHog batch: each event as sent.
+    let posthog = |uuid: &'static str| move |pad: &str| json!({"event": "e", "distinct_id": "u", "uuid": uuid, "properties": {"pad": pad}});
+    let body = json!({"api_key": WRITE_KEY, "batch": [
+        sized(LIMIT, &posthog("0190d5a0-0000-7000-8000-00000000b001")),
+        sized(LIMIT + 1, &posthog("0190d5a0-0000-7000-8000-00000000b002")),
+    ]});
+    let r = server
+        .post_raw(
+            "/batch/",
+            &[("content-type", "application/json")],
+            body.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    server.wait_archived(4).await;
+    let stored = harness::query(
+        &server.data,
+        "SELECT event_id FROM events ORDER BY event_id",
+    )
+    .await;
+    let ids: Vec<&str> = stored
+        .iter()
+        .filter_map(|r| r["event_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "0190d5a0-0000-7000-8000-00000000b001",
+            "ctx-at",
+            "one-at",
+            "seg-at"
+        ],
+        "every message at the bound, none past it"
+    );
+    harness::wait_rows(&server.data, "rejected_events", 3).await;
+}

@@ -204,7 +204,7 @@ fn accept(text: &str, batch: &Batch<'_>) -> Option<Fast> {
         out.json(&rate);
     }
     out.raw("}");
-    if payload.len() > batch.max_message_bytes {
+    if payload.len() > super::stored_bound(batch.max_message_bytes) {
         return None;
     }
     let shard_key = customer_id.as_deref().unwrap_or(&event_id);
@@ -532,11 +532,20 @@ mod tests {
             integrations: Some(&empty),
         };
         assert_eq!(both(message, &batch(&registry, nothing)), "ready");
+        // A message exactly at the bound as sent is taken, whatever northstar adds to it.
+        let mut exact = batch(&registry, Inherited::default());
+        exact.max_message_bytes = message.len();
+        assert_eq!(both(message, &exact), "ready");
+        // A stored form past its own bound goes the reference path, which names the bound.
+        let padded = format!(
+            r#"{{"type":"track","messageId":"i2","userId":"u","event":"api_call_made","properties":{{"pad":"{}"}}}}"#,
+            "x".repeat(20_000)
+        );
         let mut small = batch(&registry, Inherited::default());
-        small.max_message_bytes = 100;
-        assert_eq!(both(message, &small), "fallback");
+        small.max_message_bytes = 4_000;
+        assert_eq!(both(&padded, &small), "fallback");
         assert!(
-            reference(message, &small).is_err(),
+            reference(&padded, &small).is_err(),
             "the reference names the bound"
         );
     }

@@ -77,6 +77,26 @@ pub struct Inherited<'a> {
     pub integrations: Option<&'a Map<String, Value>>,
 }
 
+/// Bytes the batch-level `context` and `integrations` add to `message` when merged into it
+/// (the keys it does not set itself, written as JSON members): what the message costs
+/// beyond what the client sent for it.
+pub(crate) fn merged_bytes(message: &Map<String, Value>, inherited: Inherited<'_>) -> usize {
+    let added = |own: Option<&Value>, defaults: Option<&Map<String, Value>>| -> usize {
+        let own = own.and_then(Value::as_object);
+        defaults
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| own.is_none_or(|own| !own.contains_key(*key)))
+            .map(|(key, value)| {
+                // "key":value, and the comma before the next member.
+                key.len() + 4 + serde_json::to_vec(value).map_or(0, |v| v.len())
+            })
+            .sum()
+    };
+    added(message.get("context"), inherited.context)
+        + added(message.get("integrations"), inherited.integrations)
+}
+
 /// Turns one Segment message into an event. `route` is the type implied by a single-message
 /// route (`/v1/track` …), `None` for batches.
 pub fn normalize(
