@@ -233,6 +233,43 @@ async fn single_routes_browser_aliases_and_every_key_form() {
         .unwrap();
     assert_eq!(r.status, 204);
     assert_eq!(r.headers["access-control-allow-origin"], "*");
+
+    // What else a browser SDK meets carries CORS too, so it reads the answer: an ingest
+    // error, and the preflight and 404 of a path northstar does not serve (posthog-js asks
+    // for `/flags/?v=2` and `/array/<key>/config`).
+    let send = async |method: http::Method, path: &str, body: &[u8]| {
+        server
+            .client
+            .send(
+                method,
+                &format!("{}{path}", server.base),
+                &[],
+                body.to_vec(),
+            )
+            .await
+            .unwrap()
+    };
+    for (method, path, status) in [
+        (http::Method::POST, "/v1/t", 401),
+        (http::Method::OPTIONS, "/flags/?v=2", 204),
+        (http::Method::POST, "/flags/?v=2", 404),
+        (http::Method::GET, "/array/phc_key/config", 404),
+        (http::Method::GET, "/v1/batch", 405),
+    ] {
+        let r = send(method.clone(), path, br#"{"event": "e"}"#).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+        assert_eq!(
+            r.headers
+                .get("access-control-allow-origin")
+                .map(|v| v.as_bytes()),
+            Some(&b"*"[..]),
+            "{method} {path}"
+        );
+    }
+    // The keyed API answers carry none.
+    let r = send(http::Method::POST, "/v1/sql", b"{}").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.headers.get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

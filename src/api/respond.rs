@@ -84,7 +84,8 @@ impl Classify for HttpError {
     }
 }
 
-/// Lets browsers call the ingest routes from any origin (the browser SDKs do).
+/// Lets browsers call the ingest routes from any origin (the browser SDKs do), and read the
+/// errors they meet.
 pub(crate) fn allow_cors(response: &mut HttpResponse) {
     let headers = response.headers_mut();
     headers.insert(
@@ -93,7 +94,7 @@ pub(crate) fn allow_cors(response: &mut HttpResponse) {
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
+        HeaderValue::from_static("GET, POST, OPTIONS"),
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,

@@ -68,6 +68,16 @@ pub enum Route {
 
 /// Finds the route of a request.
 pub fn route(method: &Method, path: &str) -> Route {
+    match known_route(method, path) {
+        // A browser asks before calling a path it does not know we lack (a PostHog SDK's
+        // `/flags`, `/decide`, `/array/…/config`): the preflight passes, so the call that
+        // follows gets its 404 with CORS, which the SDK can read, instead of a CORS error.
+        Route::NotFound if method == Method::OPTIONS => Route::Preflight,
+        route => route,
+    }
+}
+
+fn known_route(method: &Method, path: &str) -> Route {
     let wire = ingest_wire(path);
     match (method, path) {
         (&Method::OPTIONS, _) if wire.is_some() => Route::Preflight,
@@ -281,9 +291,14 @@ impl Route {
         }
     }
 
-    /// Adds what every answer of this route carries (CORS on ingest routes).
+    /// Adds what every answer of this route carries: CORS on the ingest routes (errors
+    /// included) and on the answers a browser SDK can meet elsewhere (a preflight, a 404, a
+    /// 405), so it reads them instead of a CORS error. The keyed API routes carry none.
     pub fn finish(&self, mut response: HttpResponse) -> HttpResponse {
-        if matches!(self, Self::Ingest(_) | Self::Preflight) {
+        if matches!(
+            self,
+            Self::Ingest(_) | Self::Preflight | Self::NotFound | Self::MethodNotAllowed(_)
+        ) {
             respond::allow_cors(&mut response);
         }
         response
