@@ -145,6 +145,44 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         "{served}"
     );
     assert_eq!(served["history"].as_array().unwrap().len(), 2);
+    // …and it is served: the same SVG, as an image that can run nothing.
+    let url = served["current"]["picture_url"]
+        .as_str()
+        .expect("picture_url");
+    assert_eq!(url, "/v1/activation/versions/2/picture.svg");
+    let image = server
+        .client
+        .get(
+            &format!("{}{url}", server.base),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(image.status, 200, "{}", image.text());
+    assert_eq!(image.headers["content-type"], "image/svg+xml");
+    assert!(
+        image.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    assert_eq!(image.text(), std::fs::read_to_string(&picture).unwrap());
+    let missing = server
+        .client
+        .get(
+            &format!("{}/v1/activation/versions/9/picture.svg", server.base),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    assert_eq!(missing.json()["code"], "version_not_found");
+    let anonymous = server
+        .client
+        .get(&format!("{}{url}", server.base), &[])
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, 401, "a key is needed");
     let series = server
         .client
         .get(

@@ -1,5 +1,6 @@
-//! Activation routes: `GET /v1/activation`, `POST /v1/activation/recompute` (admin), and the
-//! North Star Metric series `GET /v1/northstar`.
+//! Activation routes: `GET /v1/activation`, each version's picture
+//! (`GET /v1/activation/versions/{n}/picture.svg`), `POST /v1/activation/recompute` (admin),
+//! and the North Star Metric series `GET /v1/northstar`.
 
 use serde_json::json;
 
@@ -25,6 +26,7 @@ pub async fn get(state: &AppState) -> HttpResponse {
                 "version": v.version, "computed_at": v.computed_at, "as_of": v.as_of, "event": v.event, "cohort": v.cohort,
                 "times": v.chosen.as_ref().map(|c| c.times), "days": v.chosen.as_ref().map(|c| c.days),
                 "phi": v.chosen.as_ref().and_then(|c| c.phi), "reason": v.reason,
+                "picture_url": picture_url(v.version),
             })
         })
         .collect();
@@ -52,7 +54,49 @@ fn current_json(
         "as_of": v.as_of,
         "computed_at": v.computed_at,
         "picture": store.picture(v.version).display().to_string(),
+        "picture_url": picture_url(v.version),
     })
+}
+
+/// Where a version's picture is served.
+fn picture_url(version: u32) -> String {
+    format!("/v1/activation/versions/{version}/picture.svg")
+}
+
+/// `GET /v1/activation/versions/{n}/picture.svg`: the picture of version `n`, as written when
+/// it was computed. Served as an image that can run nothing (`Content-Security-Policy`), so
+/// an event name drawn in it stays text even opened on its own.
+pub async fn picture(state: &AppState, version: u32) -> HttpResponse {
+    let path = state.activation.picture(version);
+    match tokio::fs::read(&path).await {
+        Ok(svg) => {
+            let mut response = respond::bytes_response(200, "image/svg+xml", svg);
+            let headers = response.headers_mut();
+            headers.insert(
+                http::header::CONTENT_SECURITY_POLICY,
+                http::HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+            );
+            headers.insert(
+                http::header::X_CONTENT_TYPE_OPTIONS,
+                http::HeaderValue::from_static("nosniff"),
+            );
+            response
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            respond::error(&HttpError::new(
+                ErrorKind::NotFound,
+                "version_not_found",
+                format!(
+                    "activation version {version} has no picture (see GET /v1/activation for the versions)"
+                ),
+            ))
+        }
+        Err(error) => respond::error(&HttpError::new(
+            ErrorKind::Unavailable,
+            "picture_unreadable",
+            format!("activation version {version}'s picture: {error}"),
+        )),
+    }
 }
 
 /// `POST /v1/activation/recompute` (admin): runs the analysis now.

@@ -38,6 +38,8 @@ pub enum Route {
     OpenApi,
     /// `GET /v1/activation`.
     Activation,
+    /// `GET /v1/activation/versions/{n}/picture.svg`: a version's picture.
+    ActivationPicture(u32),
     /// `POST /v1/activation/recompute`.
     ActivationRecompute,
     /// `GET /v1/northstar`.
@@ -91,6 +93,17 @@ fn known_route(method: &Method, path: &str) -> Route {
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
         (&Method::GET, "/openapi.json") => Route::OpenApi,
         (&Method::GET, "/v1/activation") => Route::Activation,
+        (method, path) if path.starts_with("/v1/activation/versions/") => {
+            match path
+                .trim_start_matches("/v1/activation/versions/")
+                .strip_suffix("/picture.svg")
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                Some(version) if method == Method::GET => Route::ActivationPicture(version),
+                Some(_) => Route::MethodNotAllowed("GET"),
+                None => Route::NotFound,
+            }
+        }
         (&Method::POST, "/v1/activation/recompute") => Route::ActivationRecompute,
         (&Method::GET, "/v1/northstar") => Route::NorthStar,
         (&Method::GET, "/v1/billing/status") => Route::BillingStatus,
@@ -223,6 +236,7 @@ impl Route {
             | Self::Usage(_)
             | Self::Entitlement(..)
             | Self::Activation
+            | Self::ActivationPicture(_)
             | Self::NorthStar
             | Self::User(..) => Access::Service,
             Self::Sql
@@ -282,7 +296,9 @@ impl Route {
             | Self::BillingStatus
             | Self::BillingRetry => "admin",
             Self::StripeWebhook => "webhooks",
-            Self::Activation | Self::NorthStar | Self::User(..) => "usage",
+            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar | Self::User(..) => {
+                "usage"
+            }
             Self::Usage(_) | Self::Entitlement(..) => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
@@ -333,6 +349,7 @@ pub(crate) async fn dispatch(
         Route::RejectedReplay => rejected::replay(state, &body).await,
         Route::Anomalies => limits::anomalies(state).await,
         Route::Activation => activation::get(state).await,
+        Route::ActivationPicture(version) => activation::picture(state, *version).await,
         Route::ActivationRecompute => activation::recompute(state).await,
         Route::NorthStar => activation::northstar(state).await,
         Route::User(user, what) => activation::user(state, user, what).await,
@@ -384,7 +401,8 @@ mod tests {
         for (path, operations) in document["paths"].as_object().expect("paths") {
             let concrete = path
                 .replace("{id}", "acme")
-                .replace("{feature}", "api_requests");
+                .replace("{feature}", "api_requests")
+                .replace("{version}", "1");
             for (method, operation) in operations.as_object().expect("operations") {
                 let Ok(method) = method.to_uppercase().parse::<Method>() else {
                     continue;
@@ -431,7 +449,8 @@ mod tests {
         for (path, operations) in paths {
             let concrete = path
                 .replace("{id}", "acme")
-                .replace("{feature}", "api_requests");
+                .replace("{feature}", "api_requests")
+                .replace("{version}", "1");
             for (method, operation) in operations.as_object().expect("operations") {
                 let Ok(method) = method.to_uppercase().parse::<Method>() else {
                     continue;
@@ -508,7 +527,8 @@ mod tests {
             let concrete = path
                 .replace("/v1/users/{id}", "/v1/users/u1")
                 .replace("{id}", "acme")
-                .replace("{feature}", "api_requests");
+                .replace("{feature}", "api_requests")
+                .replace("{version}", "1");
             for method in ["get", "put", "post"] {
                 if item.get(method).is_some() {
                     let m: Method = method.to_uppercase().parse().unwrap();
@@ -539,6 +559,7 @@ mod tests {
             route(&Method::GET, "/openapi.json"),
             route(&Method::GET, "/v1/activation"),
             route(&Method::POST, "/v1/activation/recompute"),
+            route(&Method::GET, "/v1/activation/versions/1/picture.svg"),
             route(&Method::GET, "/v1/northstar"),
             route(&Method::GET, "/v1/users/u1/onboarding"),
             route(&Method::GET, "/v1/users/u1/flags"),
