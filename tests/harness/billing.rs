@@ -302,6 +302,13 @@ pub async fn stripe_webhook(
         .await
 }
 
+/// Delivers `body` as Stripe would, signed with the test secret, and expects it taken.
+pub async fn deliver_signed(server: &Northstar, body: &[u8]) {
+    let signature = super::stripe::FakeStripe::sign(WEBHOOK_SECRET, body);
+    let answer = stripe_webhook(server, Some(&signature), body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
 /// A `checkout.session.completed` event moving `customer` to `plan`.
 pub fn checkout_completed(event_id: &str, session_id: &str, customer: &str, plan: &str) -> Vec<u8> {
     json!({
