@@ -503,7 +503,7 @@ pub struct ArchiveSettings {
 impl Default for ArchiveSettings {
     fn default() -> Self {
         Self {
-            commit_interval: HumanDuration::secs(2),
+            commit_interval: HumanDuration::secs(1),
             max_rows_per_commit: 250_000,
             max_bytes_per_commit: 64 * 1024 * 1024,
             row_group_rows: 128 * 1024,
