@@ -33,7 +33,11 @@ pub async fn recompute(
 ) -> Result<(Analysis, Version), AnalysisError> {
     let analysis = analysis::run(engine, question, as_of, progress).await?;
     progress("drawing and storing the result");
-    let svg = plot::report_svg(&analysis.evaluation, &question.north_star_event);
+    let counted = plot::Counted {
+        cohort: analysis.cohort,
+        as_of: &analysis.as_of,
+    };
+    let svg = plot::report_svg(&analysis.evaluation, &question.north_star_event, counted);
     let version = store.record(&analysis, now, &svg).map_err(|message| {
         AnalysisError::Query(crate::query::QueryError::Internal(format!(
             "storing the result: {message}"

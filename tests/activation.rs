@@ -117,6 +117,10 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
     let picture = server.data.join("activation/v2.svg");
     let svg = std::fs::read_to_string(&picture).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("class=\"chosen\""));
+    assert!(
+        svg.contains(" people, data to "),
+        "the header says who was counted"
+    );
     // Versioned in SQL, served over HTTP.
     let versions = query(
         &server.data,

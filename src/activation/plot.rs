@@ -636,17 +636,31 @@ fn report_days(evaluation: &Evaluation) -> Option<u32> {
         .map(|c| c.days)
 }
 
+/// Who the picture counted: the cohort's size and the end of the data it was judged against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counted<'a> {
+    /// People in the cohort.
+    pub(crate) cohort: u64,
+    /// End of the data (RFC 3339).
+    pub(crate) as_of: &'a str,
+}
+
 /// The whole activation picture in one SVG: header, heatmap, retention chart.
 ///
-/// The header names the event and the chosen threshold, or the reason nothing was chosen.
-pub(crate) fn report_svg(evaluation: &Evaluation, event: &str) -> String {
+/// The header names the event, who was counted (the cohort and the end of its data, so a
+/// picture read on its own says what it stands for) and the chosen threshold, or the reason
+/// nothing was chosen.
+pub(crate) fn report_svg(evaluation: &Evaluation, event: &str, counted: Counted<'_>) -> String {
     let mut body = text(
         20.0,
         30.0,
         18,
         "start",
         "font-weight=\"bold\"",
-        &format!("Activation: {event}"),
+        &format!(
+            "Activation: {event} ({} people, data to {})",
+            counted.cohort, counted.as_of
+        ),
     );
     let line = match (&evaluation.chosen, &evaluation.reason) {
         (Some(chosen), _) => summary_line(chosen),
@@ -676,6 +690,11 @@ pub(crate) fn report_svg(evaluation: &Evaluation, event: &str) -> String {
 mod tests {
     use super::super::stats::{Cell, Guards, evaluate};
     use super::*;
+
+    const COUNTED: Counted<'static> = Counted {
+        cohort: 2000,
+        as_of: "2026-03-01T00:00:00Z",
+    };
 
     fn grid_evaluation() -> Evaluation {
         let mut cells = Vec::new();
@@ -738,7 +757,7 @@ mod tests {
         assert!(svg.contains("a &lt; b &amp; &quot;c&quot;"));
         assert!(!svg.contains("a < b"));
         assert_eq!(svg.matches("class=\"chosen\"").count(), 0);
-        let report = report_svg(&evaluation, "<script>&");
+        let report = report_svg(&evaluation, "<script>&", COUNTED);
         assert!(report.contains("&lt;script&gt;&amp;"));
         assert!(!report.contains("<script>"));
     }
@@ -759,9 +778,11 @@ mod tests {
     #[test]
     fn report_names_event_and_choice() {
         let evaluation = grid_evaluation();
-        let svg = report_svg(&evaluation, "core_action_completed");
+        let svg = report_svg(&evaluation, "core_action_completed", COUNTED);
         assert_wellformed(&svg);
-        assert!(svg.contains("Activation: core_action_completed"));
+        assert!(svg.contains(
+            "Activation: core_action_completed (2000 people, data to 2026-03-01T00:00:00Z)"
+        ));
         assert!(svg.contains("at least 3 times in 7 days: phi "));
         assert!(svg.contains("retention "));
         assert_eq!(svg.matches("class=\"chosen\"").count(), 1);
@@ -770,7 +791,7 @@ mod tests {
     #[test]
     fn empty_grid_does_not_panic() {
         let evaluation = evaluate(&[], &Guards::default());
-        let report = report_svg(&evaluation, "e");
+        let report = report_svg(&evaluation, "e", COUNTED);
         assert_wellformed(&report);
         assert!(report.contains("no threshold chosen: no candidates"));
         assert_wellformed(&phi_heatmap(&[], None, "empty"));
@@ -786,7 +807,7 @@ mod tests {
             }],
             &Guards::default(),
         );
-        assert_wellformed(&report_svg(&one, "e"));
+        assert_wellformed(&report_svg(&one, "e", COUNTED));
         assert_wellformed(&retention_chart(&one.candidates, 3, "one"));
     }
 }
