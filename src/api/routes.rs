@@ -392,6 +392,14 @@ pub(crate) async fn dispatch(
 mod tests {
     use super::*;
 
+    /// A documented path with its parameters filled in, as a client would call it.
+    fn concrete(path: &str) -> String {
+        path.replace("/v1/users/{id}", "/v1/users/u1")
+            .replace("{id}", "acme")
+            .replace("{feature}", "api_requests")
+            .replace("{version}", "1")
+    }
+
     /// The access each route declares is what the OpenAPI document says of its operation: a
     /// bearer key where the route checks one, none where it is open or signed.
     #[test]
@@ -399,10 +407,7 @@ mod tests {
         let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi");
         let mut checked = 0;
         for (path, operations) in document["paths"].as_object().expect("paths") {
-            let concrete = path
-                .replace("{id}", "acme")
-                .replace("{feature}", "api_requests")
-                .replace("{version}", "1");
+            let concrete = concrete(path);
             for (method, operation) in operations.as_object().expect("operations") {
                 let Ok(method) = method.to_uppercase().parse::<Method>() else {
                     continue;
@@ -447,10 +452,7 @@ mod tests {
         let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi");
         let paths = document["paths"].as_object().expect("paths");
         for (path, operations) in paths {
-            let concrete = path
-                .replace("{id}", "acme")
-                .replace("{feature}", "api_requests")
-                .replace("{version}", "1");
+            let concrete = concrete(path);
             for (method, operation) in operations.as_object().expect("operations") {
                 let Ok(method) = method.to_uppercase().parse::<Method>() else {
                     continue;
@@ -524,11 +526,7 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         let mut documented = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
-            let concrete = path
-                .replace("/v1/users/{id}", "/v1/users/u1")
-                .replace("{id}", "acme")
-                .replace("{feature}", "api_requests")
-                .replace("{version}", "1");
+            let concrete = concrete(path);
             for method in ["get", "put", "post"] {
                 if item.get(method).is_some() {
                     let m: Method = method.to_uppercase().parse().unwrap();

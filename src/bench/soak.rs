@@ -409,14 +409,18 @@ mod tests {
         }
     }
 
+    /// One sample a minute from minute 1, at `mibs`.
+    fn minutes(mibs: &[u64]) -> Vec<Sample> {
+        mibs.iter()
+            .enumerate()
+            .map(|(i, mib)| at(i as u64 + 1, *mib))
+            .collect()
+    }
+
     /// 343 → 485 MiB used to print as "±17.2%" (half the spread around the midpoint).
     #[test]
     fn the_rise_is_a_plain_percentage_from_minute_1_and_from_minute_5() {
-        let samples: Vec<Sample> = [343, 343, 343, 350, 360, 400, 485]
-            .iter()
-            .enumerate()
-            .map(|(i, mib)| at(i as u64 + 1, *mib))
-            .collect();
+        let samples = minutes(&[343, 343, 343, 350, 360, 400, 485]);
         let lines = rss_verdicts(&samples);
         assert!(
             lines[0].contains("floor from minute 1 to minute 7") && lines[0].contains("+41.4%"),
@@ -440,11 +444,7 @@ mod tests {
         let swing = [
             200, 200, 200, 200, 200, 240, 200, 260, 200, 200, 210, 200, 250, 200, 200,
         ];
-        let samples: Vec<Sample> = swing
-            .iter()
-            .enumerate()
-            .map(|(i, mib)| at(i as u64 + 1, *mib))
-            .collect();
+        let samples = minutes(&swing);
         let lines = rss_verdicts(&samples);
         assert!(
             lines[5].contains("peak, minutes 5–9 against minutes 11–15")
