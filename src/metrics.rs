@@ -1,6 +1,10 @@
-//! Operational metrics, rendered as Prometheus text at `GET /metrics`.
+//! Operational metrics at `GET /metrics`: plain atomics on the hot paths, read at each scrape
+//! into the Prometheus client library's encoder (Prometheus text, or OpenMetrics when asked).
 
-use std::fmt::Write;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -202,16 +206,173 @@ impl Metrics {
         );
     }
 
-    /// `northstar_http_request_duration_seconds`, a histogram by route family (families
-    /// that answered nothing yet are left out).
-    fn render_durations(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP northstar_http_request_duration_seconds Time from a request's headers to its answer, by route family.\n\
-             # TYPE northstar_http_request_duration_seconds histogram"
+    /// Every family these atomics hold, read now (the HTTP families list only the route
+    /// families and statuses that answered something).
+    pub fn families(&self) -> Vec<Family> {
+        let count =
+            |name, help, counter: &Counter| Family::counter(name, help).value(counter.get());
+        let gauge = |name, help, gauge: &Gauge| Family::gauge(name, help).value(gauge.get());
+        let mut families = vec![
+            count(
+                "northstar_followers_lost_total",
+                "Stream messages gone (deleted, or dropped by retention) before the followers applied them.",
+                &self.followers_lost,
+            ),
+            count(
+                "northstar_ingest_events_accepted_total",
+                "Events newly stored.",
+                &self.ingest_accepted,
+            ),
+            count(
+                "northstar_ingest_events_duplicate_total",
+                "Events whose id was already stored.",
+                &self.ingest_duplicates,
+            ),
+            count(
+                "northstar_ingest_events_rejected_total",
+                "Messages sent to the rejected store.",
+                &self.ingest_rejected,
+            ),
+            count(
+                "northstar_ingest_unavailable_total",
+                "Requests answered 503 (stream unavailable).",
+                &self.ingest_unavailable,
+            ),
+            count(
+                "northstar_ingest_rate_limited_total",
+                "Requests answered 429 (write key over its rate).",
+                &self.ingest_rate_limited,
+            ),
+            count(
+                "northstar_meter_events_applied_total",
+                "Metered events applied to the meter's counters.",
+                &self.meter_applied,
+            ),
+            count(
+                "northstar_meter_events_late_total",
+                "Metered events for a period older than the two the meter keeps.",
+                &self.meter_late,
+            ),
+            count(
+                "northstar_meter_events_skipped_total",
+                "Metered events without a valid quantity (not counted).",
+                &self.meter_skipped,
+            ),
+            count(
+                "northstar_meter_anomalies_total",
+                "Customers flagged for usage far above their own baseline.",
+                &self.meter_anomalies,
+            ),
+            count(
+                "northstar_panics_total",
+                "Panics caught in followers and background tasks (/healthz names them).",
+                &self.panics,
+            ),
+            count(
+                "northstar_sql_queries_total",
+                "SQL queries run.",
+                &self.sql_queries,
+            ),
+            count(
+                "northstar_sql_failures_total",
+                "SQL queries that failed.",
+                &self.sql_failures,
+            ),
+            self.responses(),
+            self.durations(),
+            gauge(
+                "northstar_stream_last_seq",
+                "Last sequence in the events stream.",
+                &self.stream_last_seq,
+            ),
+            count(
+                "northstar_ingest_shed_total",
+                "Ingest requests shed (503 overloaded) because a reader of the stream was past its lag bound.",
+                &self.ingest_shed,
+            ),
+            Family::gauge(
+                "northstar_consumer_lag",
+                "Events acked by ingest and not yet taken in, by reader.",
+            )
+            .labelled(&[("reader", "followers")], self.followers_lag.get())
+            .labelled(&[("reader", "archive")], self.archive_lag.get()),
+            count(
+                "northstar_ingest_disk_full_total",
+                "Ingest requests refused (503 disk_full) because a disk was below storage.minFreeMb.",
+                &self.ingest_disk_full,
+            ),
+            gauge(
+                "northstar_disk_free_bytes",
+                "Least free space of the disks northstar writes to.",
+                &self.disk_free_bytes,
+            ),
+            gauge(
+                "northstar_disk_full",
+                "1 while a disk is below storage.minFreeMb.",
+                &self.disk_full,
+            ),
+            gauge(
+                "northstar_stream_bytes",
+                "Bytes the events stream holds.",
+                &self.stream_bytes,
+            ),
+            gauge(
+                "northstar_stream_messages",
+                "Messages the events stream holds.",
+                &self.stream_messages,
+            ),
+            gauge(
+                "northstar_stream_first_seq",
+                "First sequence the events stream still holds (retention drops older ones).",
+                &self.stream_first_seq,
+            ),
+            gauge(
+                "northstar_sql_queries_running",
+                "SQL queries running now (a query given up stops at once).",
+                &self.sql_running,
+            ),
+        ];
+        families.extend(self.archive_families());
+        let lag = self
+            .stream_last_seq
+            .get()
+            .saturating_sub(self.archive_events.last_seq.get());
+        families.push(
+            Family::gauge(
+                "northstar_stream_lag",
+                "Events in the stream not yet committed to Parquet.",
+            )
+            .value(lag),
+        );
+        families
+    }
+
+    /// `northstar_http_responses_total{route,status}`.
+    fn responses(&self) -> Family {
+        let mut family = Family::counter(
+            "northstar_http_responses_total",
+            "HTTP answers by route family and status.",
+        );
+        for (row, route) in FAMILIES.iter().enumerate() {
+            for column in 0..500 {
+                let count = self.http.answers[row * 500 + column].load(Ordering::Relaxed);
+                if count > 0 {
+                    let status = (column + 100).to_string();
+                    family = family.labelled(&[("route", route), ("status", &status)], count);
+                }
+            }
+        }
+        family
+    }
+
+    /// `northstar_http_request_duration_seconds{route}`, a histogram.
+    fn durations(&self) -> Family {
+        let mut family = Family::histogram(
+            "northstar_http_request_duration_seconds",
+            "Time from a request's headers to its answer, by route family.",
         );
         let width = DURATION_BUCKETS.len() + 1;
-        for (row, family) in FAMILIES.iter().enumerate() {
+        for (row, route) in FAMILIES.iter().enumerate() {
             let counts: Vec<u64> = self.http.durations[row * width..(row + 1) * width]
                 .iter()
                 .map(|c| c.load(Ordering::Relaxed))
@@ -220,254 +381,336 @@ impl Metrics {
             if total == 0 {
                 continue;
             }
-            let name = "northstar_http_request_duration_seconds";
-            let mut below = 0;
-            for (bound, count) in DURATION_BUCKETS.iter().zip(&counts) {
-                below += count;
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{route=\"{family}\",le=\"{bound}\"}} {below}"
-                );
-            }
+            let buckets = DURATION_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(counts)
+                .collect();
             let micros = self.http.duration_micros[row].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{route=\"{family}\",le=\"+Inf\"}} {total}\n\
-                 {name}_sum{{route=\"{family}\"}} {}\n\
-                 {name}_count{{route=\"{family}\"}} {total}",
-                micros as f64 / 1e6
-            );
+            family.samples.push(Sample {
+                labels: vec![("route", (*route).to_string())],
+                reading: Reading::Histogram {
+                    sum: micros as f64 / 1e6,
+                    count: total,
+                    buckets,
+                },
+            });
         }
+        family
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        counter(
-            "northstar_followers_lost_total",
-            "Stream messages gone (deleted, or dropped by retention) before the followers applied them.",
-            self.followers_lost.get(),
-        );
-        counter(
-            "northstar_ingest_events_accepted_total",
-            "Events newly stored.",
-            self.ingest_accepted.get(),
-        );
-        counter(
-            "northstar_ingest_events_duplicate_total",
-            "Events whose id was already stored.",
-            self.ingest_duplicates.get(),
-        );
-        counter(
-            "northstar_ingest_events_rejected_total",
-            "Messages sent to the rejected store.",
-            self.ingest_rejected.get(),
-        );
-        counter(
-            "northstar_ingest_unavailable_total",
-            "Requests answered 503 (stream unavailable).",
-            self.ingest_unavailable.get(),
-        );
-        counter(
-            "northstar_ingest_rate_limited_total",
-            "Requests answered 429 (write key over its rate).",
-            self.ingest_rate_limited.get(),
-        );
-        counter(
-            "northstar_meter_events_applied_total",
-            "Metered events applied to the meter's counters.",
-            self.meter_applied.get(),
-        );
-        counter(
-            "northstar_meter_events_late_total",
-            "Metered events for a period older than the two the meter keeps.",
-            self.meter_late.get(),
-        );
-        counter(
-            "northstar_meter_events_skipped_total",
-            "Metered events without a valid quantity (not counted).",
-            self.meter_skipped.get(),
-        );
-        counter(
-            "northstar_meter_anomalies_total",
-            "Customers flagged for usage far above their own baseline.",
-            self.meter_anomalies.get(),
-        );
-        counter(
-            "northstar_panics_total",
-            "Panics caught in followers and background tasks (/healthz names them).",
-            self.panics.get(),
-        );
-        counter(
-            "northstar_sql_queries_total",
-            "SQL queries run.",
-            self.sql_queries.get(),
-        );
-        counter(
-            "northstar_sql_failures_total",
-            "SQL queries that failed.",
-            self.sql_failures.get(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_http_responses_total HTTP answers by route family and status."
-        );
-        let _ = writeln!(out, "# TYPE northstar_http_responses_total counter");
-        for (row, family) in FAMILIES.iter().enumerate() {
-            for column in 0..500 {
-                let count = self.http.answers[row * 500 + column].load(Ordering::Relaxed);
-                if count > 0 {
-                    let status = column + 100;
-                    let _ = writeln!(
-                        out,
-                        "northstar_http_responses_total{{route=\"{family}\",status=\"{status}\"}} {count}"
-                    );
-                }
-            }
-        }
-        self.render_durations(&mut out);
-        let stream_last = self.stream_last_seq.get();
-        let _ = writeln!(
-            out,
-            "# HELP northstar_stream_last_seq Last sequence in the events stream.\n# TYPE northstar_stream_last_seq gauge\nnorthstar_stream_last_seq {stream_last}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_ingest_shed_total Ingest requests shed (503 overloaded) because a reader of the stream was past its lag bound.\n# TYPE northstar_ingest_shed_total counter\nnorthstar_ingest_shed_total {}",
-            self.ingest_shed.get()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_consumer_lag Events acked by ingest and not yet taken in, by reader.\n# TYPE northstar_consumer_lag gauge\nnorthstar_consumer_lag{{reader=\"followers\"}} {}\nnorthstar_consumer_lag{{reader=\"archive\"}} {}",
-            self.followers_lag.get(),
-            self.archive_lag.get()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_ingest_disk_full_total Ingest requests refused (503 disk_full) because a disk was below storage.minFreeMb.\n# TYPE northstar_ingest_disk_full_total counter\nnorthstar_ingest_disk_full_total {}",
-            self.ingest_disk_full.get()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_disk_free_bytes Least free space of the disks northstar writes to.\n# TYPE northstar_disk_free_bytes gauge\nnorthstar_disk_free_bytes {}\n# HELP northstar_disk_full 1 while a disk is below storage.minFreeMb.\n# TYPE northstar_disk_full gauge\nnorthstar_disk_full {}",
-            self.disk_free_bytes.get(),
-            self.disk_full.get()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP northstar_stream_bytes Bytes the events stream holds.\n# TYPE northstar_stream_bytes gauge\nnorthstar_stream_bytes {}\n# HELP northstar_stream_messages Messages the events stream holds.\n# TYPE northstar_stream_messages gauge\nnorthstar_stream_messages {}\n# HELP northstar_stream_first_seq First sequence the events stream still holds (retention drops older ones).\n# TYPE northstar_stream_first_seq gauge\nnorthstar_stream_first_seq {}",
-            self.stream_bytes.get(),
-            self.stream_messages.get(),
-            self.stream_first_seq.get()
-        );
-        let sql_running = self.sql_running.get();
-        let _ = writeln!(
-            out,
-            "# HELP northstar_sql_queries_running SQL queries running now (a query given up stops at once).\n# TYPE northstar_sql_queries_running gauge\nnorthstar_sql_queries_running {sql_running}"
-        );
-        type Read = fn(&ArchiveMetrics) -> f64;
-        let archive_lines: [(&str, &str, &str, Read); 13] = [
+    /// The archive's families, one sample per table.
+    fn archive_families(&self) -> Vec<Family> {
+        type Read = fn(&ArchiveMetrics) -> Value;
+        let lines: [(&str, Kind, &str, Read); 13] = [
             (
                 "northstar_archive_rows_total",
-                "counter",
+                Kind::Counter,
                 "Rows committed to Parquet.",
-                |a| a.rows.get() as f64,
+                |a| Value::Count(a.rows.get()),
             ),
             (
                 "northstar_archive_commits_total",
-                "counter",
+                Kind::Counter,
                 "Parquet commits.",
-                |a| a.commits.get() as f64,
+                |a| Value::Count(a.commits.get()),
             ),
             (
                 "northstar_archive_files_total",
-                "counter",
+                Kind::Counter,
                 "Parquet files written by commits.",
-                |a| a.files.get() as f64,
+                |a| Value::Count(a.files.get()),
             ),
             (
                 "northstar_archive_compactions_total",
-                "counter",
+                Kind::Counter,
                 "Compactions of small files.",
-                |a| a.compactions.get() as f64,
+                |a| Value::Count(a.compactions.get()),
             ),
             (
                 "northstar_archive_undecodable_total",
-                "counter",
+                Kind::Counter,
                 "Stream messages skipped as undecodable.",
-                |a| a.undecodable.get() as f64,
+                |a| Value::Count(a.undecodable.get()),
             ),
             (
                 "northstar_archive_repositions_total",
-                "counter",
+                Kind::Counter,
                 "Deliveries that skipped sequences still in the stream, repositioned.",
-                |a| a.repositions.get() as f64,
+                |a| Value::Count(a.repositions.get()),
             ),
             (
                 "northstar_archive_feed_gaps_total",
-                "counter",
+                Kind::Counter,
                 "Times the followers' feed dropped messages and the archiver read them itself.",
-                |a| a.feed_gaps.get() as f64,
+                |a| Value::Count(a.feed_gaps.get()),
             ),
             (
                 "northstar_archive_lost_total",
-                "counter",
+                Kind::Counter,
                 "Stream messages gone (deleted, or dropped by retention) before the archiver read them.",
-                |a| a.lost.get() as f64,
+                |a| Value::Count(a.lost.get()),
             ),
             (
                 "northstar_archive_failures_total",
-                "counter",
+                Kind::Counter,
                 "Commits that failed (full disk, I/O error) and were retried from the manifest.",
-                |a| a.failures.get() as f64,
+                |a| Value::Count(a.failures.get()),
             ),
             (
                 "northstar_archive_last_seq",
-                "gauge",
+                Kind::Gauge,
                 "Last stream sequence committed to Parquet.",
-                |a| a.last_seq.get() as f64,
+                |a| Value::Count(a.last_seq.get()),
             ),
             (
                 "northstar_archive_visible_seq",
-                "gauge",
+                Kind::Gauge,
                 "Last stream sequence SQL sees: committed, or in the write buffer SQL reads.",
-                |a| a.visible_seq.get() as f64,
+                |a| Value::Count(a.visible_seq.get()),
             ),
             (
                 "northstar_archive_commit_seconds_total",
-                "counter",
+                Kind::Counter,
                 "Total time spent committing.",
-                |a| a.commit_micros_sum.get() as f64 / 1e6,
+                |a| Value::Real(a.commit_micros_sum.get() as f64 / 1e6),
             ),
             (
                 "northstar_archive_commit_seconds_max",
-                "gauge",
+                Kind::Gauge,
                 "Longest commit.",
-                |a| a.commit_micros_max.get() as f64 / 1e6,
+                |a| Value::Real(a.commit_micros_max.get() as f64 / 1e6),
             ),
         ];
-        for (name, kind, help, read) in archive_lines {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (table, archive) in [
-                ("events", &*self.archive_events),
-                ("rejected_events", &*self.archive_rejected),
-            ] {
-                let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", read(archive));
+        lines
+            .into_iter()
+            .map(|(name, kind, help, read)| {
+                let mut family = Family::new(name, help, kind);
+                for (table, archive) in [
+                    ("events", &*self.archive_events),
+                    ("rejected_events", &*self.archive_rejected),
+                ] {
+                    family = family.labelled(&[("table", table)], read(archive));
+                }
+                family
+            })
+            .collect()
+    }
+
+    /// This server's families in the Prometheus text format (what tests and tools read).
+    pub fn render(&self) -> String {
+        exposition(self.families(), Format::Prometheus)
+    }
+}
+
+/// The kind of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up; its name ends in `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations counted into buckets, with their sum.
+    Histogram,
+}
+
+/// A sample's value: a whole count, or a quantity with a fraction (seconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    /// A whole number, printed as one.
+    Count(u64),
+    /// A number with a fraction.
+    Real(f64),
+}
+
+impl From<u64> for Value {
+    fn from(count: u64) -> Self {
+        Self::Count(count)
+    }
+}
+
+impl From<usize> for Value {
+    fn from(count: usize) -> Self {
+        Self::Count(count as u64)
+    }
+}
+
+/// What one sample holds.
+#[derive(Debug, Clone)]
+enum Reading {
+    Value(Value),
+    /// Non-cumulative bucket counts by upper bound (the last is `+Inf`), as the encoder
+    /// sums them.
+    Histogram {
+        sum: f64,
+        count: u64,
+        buckets: Vec<(f64, u64)>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    labels: Vec<(&'static str, String)>,
+    reading: Reading,
+}
+
+/// One metric family read at scrape time: its name as exposed (a counter's ends in
+/// `_total`), its help, and its samples. Parts other than these atomics (the meter's sizes,
+/// the billing outbox) hand theirs to the `/metrics` handler the same way.
+#[derive(Debug, Clone)]
+pub struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    samples: Vec<Sample>,
+}
+
+impl Family {
+    fn new(name: &'static str, help: &'static str, kind: Kind) -> Self {
+        debug_assert_eq!(
+            kind == Kind::Counter,
+            name.ends_with("_total"),
+            "{name}: a counter's name, and only a counter's, ends in _total"
+        );
+        Self {
+            name,
+            help,
+            kind,
+            samples: Vec::new(),
+        }
+    }
+
+    /// A counter; `name` ends in `_total`.
+    pub fn counter(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, help, Kind::Counter)
+    }
+
+    /// A gauge.
+    pub fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, help, Kind::Gauge)
+    }
+
+    fn histogram(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, help, Kind::Histogram)
+    }
+
+    /// Adds the family's one unlabelled sample.
+    pub fn value(self, value: impl Into<Value>) -> Self {
+        self.labelled(&[], value)
+    }
+
+    /// Adds a sample with labels.
+    pub fn labelled(mut self, labels: &[(&'static str, &str)], value: impl Into<Value>) -> Self {
+        self.samples.push(Sample {
+            labels: labels
+                .iter()
+                .map(|(key, value)| (*key, (*value).to_string()))
+                .collect(),
+            reading: Reading::Value(value.into()),
+        });
+        self
+    }
+}
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4, the default (what `promtool check metrics` reads).
+    Prometheus,
+    /// OpenMetrics 1.0 text, for scrapers that ask for it in `Accept`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a scraper's `Accept` header asks for: OpenMetrics when it names it with a
+    /// weight above zero, else Prometheus text.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let wants_openmetrics = accept.into_iter().flat_map(|a| a.split(',')).any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        });
+        if wants_openmetrics {
+            Self::OpenMetrics
+        } else {
+            Self::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Families read at one scrape, handed to the encoder as one collector.
+#[derive(Debug)]
+struct Scrape(Vec<Family>);
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for family in &self.0 {
+            let (name, kind) = match family.kind {
+                // The encoder appends `_total` to a counter's name.
+                Kind::Counter => (
+                    family.name.strip_suffix("_total").unwrap_or(family.name),
+                    MetricType::Counter,
+                ),
+                Kind::Gauge => (family.name, MetricType::Gauge),
+                Kind::Histogram => (family.name, MetricType::Histogram),
+            };
+            let mut metric = encoder.encode_descriptor(name, family.help, None, kind)?;
+            for sample in &family.samples {
+                let mut labelled = metric.encode_family(&sample.labels)?;
+                match (&sample.reading, family.kind) {
+                    (Reading::Value(Value::Count(n)), Kind::Counter) => {
+                        labelled.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+                    }
+                    (Reading::Value(Value::Real(x)), Kind::Counter) => {
+                        labelled.encode_counter::<NoLabelSet, _, f64>(x, None)?;
+                    }
+                    (Reading::Value(Value::Count(n)), _) => labelled.encode_gauge(n)?,
+                    (Reading::Value(Value::Real(x)), _) => labelled.encode_gauge(x)?,
+                    (
+                        Reading::Histogram {
+                            sum,
+                            count,
+                            buckets,
+                        },
+                        _,
+                    ) => labelled.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?,
+                }
             }
         }
-        let lag = stream_last.saturating_sub(self.archive_events.last_seq.get());
-        let _ = writeln!(
-            out,
-            "# HELP northstar_stream_lag Events in the stream not yet committed to Parquet.\n# TYPE northstar_stream_lag gauge\nnorthstar_stream_lag {lag}"
-        );
-        out
+        Ok(())
     }
+}
+
+/// The text of `families` in `format`, through the Prometheus project's own client library.
+pub fn exposition(families: Vec<Family>, format: Format) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape(families)));
+    let mut out = String::new();
+    // Writing into a String cannot fail; a family the encoder refuses would show as a gap.
+    let written = match format {
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        }
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+    };
+    if let Err(error) = written {
+        tracing::error!(%error, "metrics: the exposition could not be written whole");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -536,5 +779,41 @@ mod tests {
             }
         }
         assert!(counters > 10, "{counters} counters");
+    }
+
+    /// Prometheus's own scrape `Accept` header gets OpenMetrics; anything else, or
+    /// OpenMetrics refused with `q=0`, gets the Prometheus text format.
+    #[test]
+    fn openmetrics_is_served_only_to_scrapers_that_ask_for_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::from_accept(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        let refused = "application/openmetrics-text; q=0, text/plain";
+        assert_eq!(Format::from_accept(Some(refused)), Format::Prometheus);
+    }
+
+    /// The two formats carry the same samples; OpenMetrics names a counter family without
+    /// `_total` (its samples keep it) and ends in `# EOF`.
+    #[test]
+    fn both_formats_carry_the_same_samples() {
+        let metrics = Metrics::default();
+        metrics.ingest_accepted.add(7);
+        metrics.archive_events.commit_micros_sum.add(1_500_000);
+        let families = metrics.families();
+        let text = exposition(families.clone(), Format::Prometheus);
+        let open = exposition(families, Format::OpenMetrics);
+        assert!(text.contains("# TYPE northstar_ingest_events_accepted_total counter\n"));
+        assert!(open.contains("# TYPE northstar_ingest_events_accepted counter\n"));
+        for sample in [
+            "northstar_ingest_events_accepted_total 7\n",
+            "northstar_archive_commit_seconds_total{table=\"events\"} 1.5\n",
+        ] {
+            assert!(text.contains(sample), "{sample} in {text}");
+            assert!(open.contains(sample), "{sample} in {open}");
+        }
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -564,6 +564,25 @@ async fn health_and_metrics_answer_on_the_seed_config() {
         "the /healthz answer is timed: {metrics}"
     );
     promtool_accepts(&metrics);
+    // A Prometheus server asks for OpenMetrics first, and gets it.
+    let accept =
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let open = server
+        .client
+        .get(&format!("{}/metrics", server.base), &[("accept", accept)])
+        .await
+        .expect("answered");
+    assert_eq!(open.status, 200);
+    assert_eq!(
+        open.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let open = open.text();
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# TYPE northstar_ingest_events_accepted counter"),
+        "{open}"
+    );
 
     // The meter's counters: three metered events, counted (or late, for an old period).
     let r = server

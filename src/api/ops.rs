@@ -10,6 +10,7 @@ use super::AppState;
 use super::respond::{self, HttpResponse};
 use crate::bus::Publisher;
 use crate::bus::streams::last_sequence;
+use crate::metrics::{self, Family, Format};
 use crate::supervise::Supervisor;
 
 /// What health and metrics look at.
@@ -88,8 +89,9 @@ pub async fn healthz(state: &AppState) -> HttpResponse {
     response
 }
 
-/// Prometheus text; refreshes the stream's last sequence first (bounded wait).
-pub async fn metrics(state: &AppState) -> HttpResponse {
+/// Prometheus text (OpenMetrics when the scraper's `Accept` asks for it); refreshes the
+/// stream's last sequence first (bounded wait).
+pub async fn metrics(state: &AppState, parts: &http::request::Parts) -> HttpResponse {
     let health = &state.health;
     let js = health.publisher.jetstream();
     if let Ok(Ok(last)) = tokio::time::timeout(
@@ -107,86 +109,92 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     let (followers, archive) = state.ingestor.backlog().lags();
     state.metrics.followers_lag.set(followers);
     state.metrics.archive_lag.set(archive);
-    let mut text = state.metrics.render();
-    text.push_str(&state_sizes(state));
-    text.push_str(&billing_delivery(state));
-    text.push_str(&heap_sizes());
-    respond::bytes_response(200, "text/plain; version=0.0.4", text.into_bytes())
+    let mut families = state.metrics.families();
+    families.extend(state_sizes(state));
+    families.extend(billing_delivery(state));
+    families.extend(heap_sizes());
+    let accept = parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = Format::from_accept(accept);
+    let text = metrics::exposition(families, format);
+    respond::bytes_response(200, format.content_type(), text.into_bytes())
 }
 
 /// The billing sink's outbox and delivery calls, when billing is on.
-fn billing_delivery(state: &AppState) -> String {
+fn billing_delivery(state: &AppState) -> Vec<Family> {
     let Some(billing) = &state.billing else {
-        return String::new();
+        return Vec::new();
     };
     let d = billing.delivery();
-    format!(
-        "# HELP northstar_billing_reports Usage reports in the outbox by standing: owed (pending), confirmed by the provider (delivered), refused for good (dead).\n\
-         # TYPE northstar_billing_reports gauge\n\
-         northstar_billing_reports{{standing=\"pending\"}} {}\n\
-         northstar_billing_reports{{standing=\"delivered\"}} {}\n\
-         northstar_billing_reports{{standing=\"dead\"}} {}\n\
-         # HELP northstar_billing_calls_total Calls made to the billing provider since start.\n\
-         # TYPE northstar_billing_calls_total counter\n\
-         northstar_billing_calls_total {}\n\
-         # HELP northstar_billing_retries_total Provider calls that failed for a passing reason and will be made again.\n\
-         # TYPE northstar_billing_retries_total counter\n\
-         northstar_billing_retries_total {}\n\
-         # HELP northstar_billing_confirmed_total Usage reports the provider confirmed since start.\n\
-         # TYPE northstar_billing_confirmed_total counter\n\
-         northstar_billing_confirmed_total {}\n",
-        d.pending, d.delivered, d.dead, d.attempts, d.retries, d.confirmed
-    )
+    vec![
+        Family::gauge(
+            "northstar_billing_reports",
+            "Usage reports in the outbox by standing: owed (pending), confirmed by the provider (delivered), refused for good (dead).",
+        )
+        .labelled(&[("standing", "pending")], d.pending)
+        .labelled(&[("standing", "delivered")], d.delivered)
+        .labelled(&[("standing", "dead")], d.dead),
+        Family::counter(
+            "northstar_billing_calls_total",
+            "Calls made to the billing provider since start.",
+        )
+        .value(d.attempts),
+        Family::counter(
+            "northstar_billing_retries_total",
+            "Provider calls that failed for a passing reason and will be made again.",
+        )
+        .value(d.retries),
+        Family::counter(
+            "northstar_billing_confirmed_total",
+            "Usage reports the provider confirmed since start.",
+        )
+        .value(d.confirmed),
+    ]
 }
 
 /// `northstar_heap_bytes{state}`: live allocations next to freed memory the allocator keeps,
 /// so a rise in RSS reads as state that grows or as fragmentation.
-fn heap_sizes() -> String {
-    let Some(heap) = crate::heap::usage() else {
-        return String::new();
-    };
-    format!(
-        "# HELP northstar_heap_bytes Bytes the allocator holds: live (in_use) or freed and kept (free).\n\
-         # TYPE northstar_heap_bytes gauge\n\
-         northstar_heap_bytes{{state=\"in_use\"}} {}\n\
-         northstar_heap_bytes{{state=\"free\"}} {}\n",
-        heap.in_use, heap.free
+fn heap_sizes() -> Option<Family> {
+    let heap = crate::heap::usage()?;
+    Some(
+        Family::gauge(
+            "northstar_heap_bytes",
+            "Bytes the allocator holds: live (in_use) or freed and kept (free).",
+        )
+        .labelled(&[("state", "in_use")], heap.in_use)
+        .labelled(&[("state", "free")], heap.free),
     )
 }
 
 /// `northstar_state_entries{part}`: how many entries the in-memory state of each part holds,
 /// so what grows with ids or with history shows on a dashboard before it shows in RSS.
-fn state_sizes(state: &AppState) -> String {
+fn state_sizes(state: &AppState) -> [Family; 2] {
     let (people, linked) = state.onboarding.sizes();
-    let mut parts = vec![
-        ("meter_customers", state.meter.counters().customers_held()),
-        ("meter_counters", state.meter.counters().counter_count()),
-        (
-            "meter_unique_values",
-            state.meter.counters().unique_values_held(),
-        ),
-        ("onboarding_people", people),
-        ("onboarding_linked_ids", linked),
-    ];
+    let counters = state.meter.counters();
+    let mut entries = Family::gauge(
+        "northstar_state_entries",
+        "Entries held in memory by each part of the state.",
+    )
+    .labelled(&[("part", "meter_customers")], counters.customers_held())
+    .labelled(&[("part", "meter_counters")], counters.counter_count())
+    .labelled(
+        &[("part", "meter_unique_values")],
+        counters.unique_values_held(),
+    )
+    .labelled(&[("part", "onboarding_people")], people)
+    .labelled(&[("part", "onboarding_linked_ids")], linked);
     if let Some(billing) = &state.billing {
         let (outbox, checkouts) = billing.sizes();
-        parts.push(("billing_outbox_entries", outbox));
-        parts.push(("billing_checkouts", checkouts));
+        entries = entries
+            .labelled(&[("part", "billing_outbox_entries")], outbox)
+            .labelled(&[("part", "billing_checkouts")], checkouts);
     }
-    let mut text = String::from(
-        "# HELP northstar_state_entries Entries held in memory by each part of the state.\n\
-         # TYPE northstar_state_entries gauge\n",
-    );
-    for (part, entries) in parts {
-        text.push_str(&format!(
-            "northstar_state_entries{{part=\"{part}\"}} {entries}\n"
-        ));
-    }
-    text.push_str(&format!(
-        "# HELP northstar_onboarding_unfollowed_events_total Events of people onboarding does not follow (onboarding.maxPeople reached).\n\
-         # TYPE northstar_onboarding_unfollowed_events_total counter\n\
-         northstar_onboarding_unfollowed_events_total {}\n",
-        state.onboarding.unfollowed()
-    ));
-    text
+    let unfollowed = Family::counter(
+        "northstar_onboarding_unfollowed_events_total",
+        "Events of people onboarding does not follow (onboarding.maxPeople reached).",
+    )
+    .value(state.onboarding.unfollowed());
+    [entries, unfollowed]
 }

@@ -368,7 +368,7 @@ pub(crate) async fn dispatch(
         Route::BillingRetry => billing::retry(state),
         Route::StripeWebhook => billing::stripe_webhook(state, parts, &body).await,
         Route::Health => ops::healthz(state).await,
-        Route::Metrics => ops::metrics(state).await,
+        Route::Metrics => ops::metrics(state, parts).await,
         Route::MethodNotAllowed(allowed) => {
             let mut response = respond::error(&HttpError::new(
                 ErrorKind::MethodNotAllowed,
