@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to run and test northstar:
-#   nats-server (Debian's package; JetStream included) and, with --test, the Python SDK clients
-#   the wire tests drive (segment-analytics-python, posthog) and promtool (Debian's prometheus
-#   package), which checks /metrics.
+#   nats-server (Debian's package; JetStream included) and, with --test, the SDK clients the
+#   wire tests drive (Python: segment-analytics-python, posthog; Node: @segment/analytics-node,
+#   posthog-node) and promtool (Debian's prometheus package), which checks /metrics.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -33,6 +33,25 @@ if $want_test; then
   if ! python3 -c 'import segment.analytics, posthog' >/dev/null 2>&1; then
     echo "installing the Python SDK clients for the wire tests…"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  fi
+  # The official Node SDKs (posthog-node, @segment/analytics-node), pinned by the lock file;
+  # they need Node 20 or newer.
+  node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+  if [ "$(node_major)" -lt 20 ] || ! command -v npm >/dev/null 2>&1; then
+    echo "installing Node.js and npm (Debian packages)…"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get install -y --no-install-recommends nodejs npm >/dev/null 2>&1 || {
+      as_root apt-get update -qq
+      as_root apt-get install -y --no-install-recommends nodejs npm
+    }
+    if [ "$(node_major)" -lt 20 ]; then
+      echo "the Node SDK tests need Node.js 20 or newer; this machine has $(node --version 2>&1)" >&2
+      exit 1
+    fi
+  fi
+  if [ ! -d tests/sdk/node/node_modules ] || [ tests/sdk/node/package-lock.json -nt tests/sdk/node/node_modules ]; then
+    echo "installing the Node SDK clients for the wire tests…"
+    npm ci --prefix tests/sdk/node --no-audit --no-fund --loglevel=error
   fi
   if ! command -v promtool >/dev/null 2>&1; then
     echo "installing promtool (Debian's prometheus package)…"

@@ -162,6 +162,18 @@ impl<'a> EventView<'a> {
     pub fn decode(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+
+    /// The user id this event vouches for as an identified person: its `user_id`, unless the
+    /// same id is also its anonymous id. That pair is how ingest stores a PostHog distinct id
+    /// whose standing the SDK did not say (posthog-node and posthog-python send no
+    /// `$is_identified`): PostHog treats such an id as anonymous until an `$identify` or an
+    /// alias names it, and so may merge it into a person; so does the identity graph.
+    pub fn identified_user(&self) -> Option<&str> {
+        match (self.user_id.as_deref(), self.anonymous_id.as_deref()) {
+            (Some(user), Some(anonymous)) if user == anonymous => None,
+            (user, _) => user,
+        }
+    }
 }
 
 /// Microseconds in a day, for partition dates.

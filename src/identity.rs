@@ -89,7 +89,7 @@ impl IdentityFollower {
     }
 
     fn observe(&mut self, seq: u64, event: &EventView<'_>) {
-        if let Some(user) = event.user_id.as_deref()
+        if let Some(user) = event.identified_user()
             && !self.state.graph.observe_user(user)
         {
             self.warn_full();

@@ -314,7 +314,7 @@ impl Onboarding {
         let Some(id) = event.user_id.as_deref().or(event.anonymous_id.as_deref()) else {
             return fired;
         };
-        if let Some(user) = event.user_id.as_deref() {
+        if let Some(user) = event.identified_user() {
             state.graph.observe_user(user);
         }
         // Every event comes here: keys and ids are copied only when they are new.

@@ -1,16 +1,24 @@
-//! The official SDKs, unchanged, pointed at northstar: Segment's Python SDK and PostHog's.
-//! `./scripts/install-deps.sh --test` (run by `make test` and CI) installs them.
+//! The official SDKs, unchanged, pointed at northstar: Segment's and PostHog's, for Python and
+//! for Node. `./scripts/install-deps.sh --test` (run by `make test` and CI) installs them, at
+//! the versions pinned in `tests/sdk/requirements.txt` and `tests/sdk/node/package-lock.json`.
 
 mod harness;
 
 use harness::{Nats, Northstar, WRITE_KEY, query, test_config};
+use serde_json::Value;
 
 fn run_python(script: &str, base: &str) {
-    let out = std::process::Command::new("python3")
-        .arg(format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR")))
+    run("python3", &format!("sdk/{script}"), base);
+}
+
+/// Runs `tests/<script>` with `program`, the server's base URL and the write key; fails the
+/// test with its output when it does not exit 0.
+fn run(program: &str, script: &str, base: &str) {
+    let out = std::process::Command::new(program)
+        .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
         .args([base, WRITE_KEY])
         .output()
-        .expect("python3 runs");
+        .unwrap_or_else(|e| panic!("{program} runs ({e}); ./scripts/install-deps.sh --test"));
     assert!(
         out.status.success(),
         "{script} failed (are the SDKs installed? ./scripts/install-deps.sh --test)\nstdout: {}\nstderr: {}",
@@ -69,4 +77,81 @@ async fn segment_and_posthog_python_sdks_work_unchanged() {
         "group"
     );
     assert_eq!(rows.len(), 10);
+}
+
+/// posthog-node sends no `$is_identified`: its anonymous distinct id is merged into the person
+/// by `identify` with `$anon_distinct_id`, and `alias` adds a device, as PostHog itself does.
+/// @segment/analytics-node's identify-with-anonymousId and alias merge the same way, and its
+/// message just under `maxMessageBytes` is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_sdks_merge_anonymous_activity_into_the_person() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    let base = server.base.clone();
+    tokio::task::spawn_blocking(move || run("node", "sdk/node/send.mjs", &base))
+        .await
+        .unwrap();
+    server.wait_archived(15).await;
+    let identities = harness::eventually(std::time::Duration::from_secs(20), async || {
+        let rows = query(
+            &server.data,
+            "SELECT id, person_id FROM identities ORDER BY id",
+        )
+        .await;
+        let pairs: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (text(&r["id"]), text(&r["person_id"])))
+            .collect();
+        match pairs.len() {
+            4 => Ok(pairs),
+            n => Err(format!("{n} identities: {pairs:?}")),
+        }
+    })
+    .await;
+    let pair = |id: &str, person: &str| (id.to_string(), person.to_string());
+    assert_eq!(
+        identities,
+        vec![
+            pair("ph-anon-1", "ph-user-1"),
+            pair("ph-dev2-1", "ph-user-1"),
+            pair("seg-anon-1", "seg-user-1"),
+            pair("seg-dev-1", "seg-user-1"),
+        ]
+    );
+    let rows = query(
+        &server.data,
+        "SELECT coalesce(event, \"type\") AS event, person_id, \
+         context->'library'->>'name' AS lib, count(*) AS n \
+         FROM events_resolved GROUP BY 1, 2, 3 ORDER BY 3, 1",
+    )
+    .await;
+    let seen: Vec<(String, String, String, u64)> = rows
+        .iter()
+        .map(|r| {
+            let n = r["n"].as_u64().unwrap_or_default();
+            (text(&r["lib"]), text(&r["event"]), text(&r["person_id"]), n)
+        })
+        .collect();
+    let row = |lib: &str, event: &str, person: &str, n| {
+        (lib.to_string(), event.to_string(), person.to_string(), n)
+    };
+    assert_eq!(
+        seen,
+        vec![
+            row("@segment/analytics-node", "alias", "seg-user-1", 1),
+            row("@segment/analytics-node", "identify", "seg-user-1", 1),
+            row("@segment/analytics-node", "note_saved", "seg-user-1", 1),
+            row("@segment/analytics-node", "page_viewed", "seg-user-1", 2),
+            row("@segment/analytics-node", "report_opened", "seg-user-1", 1),
+            row("posthog-node", "$create_alias", "ph-user-1", 1),
+            row("posthog-node", "$identify", "ph-user-1", 1),
+            row("posthog-node", "page_viewed", "ph-user-1", 6),
+            row("posthog-node", "report_opened", "ph-user-1", 1),
+        ],
+        "{rows:?}"
+    );
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
 }

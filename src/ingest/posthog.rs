@@ -126,17 +126,21 @@ pub fn normalize(event: Value, source: &str, received_at: i64) -> Result<EventRe
         "$groupidentify" => EventType::Group,
         _ => EventType::Track,
     };
-    let anonymous = properties.get("$is_identified") == Some(&Value::Bool(false));
-    let (user_id, anonymous_id) = match kind {
-        EventType::Identify => {
+    // PostHog's distinct id is a user id once identified, an anonymous id before. posthog-js
+    // says which (`$is_identified`); the server SDKs say nothing, and then the id is stored as
+    // both: it is who did the event, and it may still be merged into a person (PostHog's rule,
+    // see `EventView::identified_user`). `$identify` and `$create_alias` name an identified id.
+    let (user_id, anonymous_id) = match (kind, properties.get("$is_identified")) {
+        (EventType::Identify, _) => {
             let anon = match properties.get("$anon_distinct_id") {
                 Some(value) => normalize::id_value(value, "properties.$anon_distinct_id")?,
                 None => None,
             };
             (Some(distinct_id), anon)
         }
-        _ if anonymous => (None, Some(distinct_id)),
-        _ => (Some(distinct_id), None),
+        (EventType::Alias, _) | (_, Some(Value::Bool(true))) => (Some(distinct_id), None),
+        (_, Some(Value::Bool(false))) => (None, Some(distinct_id)),
+        _ => (Some(distinct_id.clone()), Some(distinct_id)),
     };
 
     let mut context = Map::new();
@@ -217,6 +221,27 @@ mod tests {
         assert_eq!(record.anonymous_id.as_deref(), Some("anon-9"));
         assert_eq!(record.context["library"]["name"], "posthog-python");
         assert_eq!(record.event_id, "0190d5a0-0000-7000-8000-000000000001");
+    }
+
+    /// A distinct id is a user id when the SDK says it is identified, an anonymous id when it
+    /// says it is not, and both when it says nothing (the server SDKs): then it is who did the
+    /// event and may still be merged into a person.
+    #[test]
+    fn a_distinct_id_is_stored_by_what_the_sdk_says_of_it() {
+        let ids = |properties: Value, event: &str| {
+            let record = normalize(
+                json!({"event": event, "distinct_id": "d1", "properties": properties}),
+                "app",
+                0,
+            )
+            .unwrap();
+            (record.user_id, record.anonymous_id)
+        };
+        let d1 = || Some("d1".to_string());
+        assert_eq!(ids(json!({"$is_identified": true}), "x"), (d1(), None));
+        assert_eq!(ids(json!({"$is_identified": false}), "x"), (None, d1()));
+        assert_eq!(ids(json!({}), "x"), (d1(), d1()));
+        assert_eq!(ids(json!({"alias": "d0"}), "$create_alias"), (d1(), None));
     }
 
     #[test]
