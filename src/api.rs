@@ -19,6 +19,7 @@ pub mod billing;
 pub mod ingest_routes;
 pub mod limits;
 pub mod ops;
+pub mod posthog_flags;
 pub mod rejected;
 pub mod respond;
 pub mod routes;

@@ -77,6 +77,71 @@ struct IdentityFollower {
     warned_full: bool,
 }
 
+/// A merge an event asks for: `id` joins the person of `user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LinkRequest<'a> {
+    id: std::borrow::Cow<'a, str>,
+    user: &'a str,
+    kind: graph::LinkKind,
+}
+
+impl LinkRequest<'_> {
+    /// The id that joins.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The user whose person it joins.
+    pub(crate) fn user(&self) -> &str {
+        self.user
+    }
+
+    /// Makes the link in `graph`.
+    pub(crate) fn apply(&self, graph: &mut IdentityGraph, seq: u64, at: i64) -> Outcome {
+        match self.kind {
+            graph::LinkKind::Identify => graph.identify(&self.id, self.user, seq, at),
+            graph::LinkKind::Alias => graph.alias(&self.id, self.user, seq, at, false),
+            graph::LinkKind::Merge => graph.alias(&self.id, self.user, seq, at, true),
+        }
+    }
+}
+
+/// The merge `event` asks for, if any: an identify with both ids, an alias (Segment's
+/// `previousId`, PostHog's `$create_alias` with `alias`), or PostHog's `$merge_dangerously`.
+/// Every follower that keeps a graph (identity, onboarding) reads merges through this one
+/// place, so an id resolves to the same person in SQL, in flags and in onboarding.
+pub(crate) fn requested_link<'a>(event: &'a EventView<'_>) -> Option<LinkRequest<'a>> {
+    let user = event.user_id.as_deref()?;
+    let property = |names: &[&str]| -> Option<String> {
+        let text = event.properties.get();
+        if !names.iter().any(|name| text.contains(name)) {
+            return None;
+        }
+        let properties = serde_json::from_str::<serde_json::Value>(text).ok()?;
+        names
+            .iter()
+            .find_map(|name| properties.get(name).and_then(|v| v.as_str()))
+            .map(str::to_string)
+    };
+    let (id, kind) = match event.kind {
+        EventType::Identify => (
+            std::borrow::Cow::Borrowed(event.anonymous_id.as_deref()?),
+            graph::LinkKind::Identify,
+        ),
+        // Segment carries `previousId`; PostHog's `$create_alias` carries `alias`.
+        EventType::Alias => (
+            std::borrow::Cow::Owned(property(&["previousId", "alias"])?),
+            graph::LinkKind::Alias,
+        ),
+        EventType::Track if event.event.as_deref() == Some("$merge_dangerously") => (
+            std::borrow::Cow::Owned(property(&["alias"])?),
+            graph::LinkKind::Merge,
+        ),
+        _ => return None,
+    };
+    Some(LinkRequest { id, user, kind })
+}
+
 impl IdentityFollower {
     /// Says once per run that the graph is full: every event of a new id would say it again.
     fn warn_full(&mut self) {
@@ -94,44 +159,10 @@ impl IdentityFollower {
         {
             self.warn_full();
         }
-        let properties = || {
-            serde_json::from_str::<serde_json::Value>(event.properties.get()).unwrap_or_default()
+        let Some(link) = requested_link(event) else {
+            return;
         };
-        let name = event.event.as_deref().unwrap_or_default();
-        let outcome = match (event.kind, event.user_id.as_deref()) {
-            (EventType::Identify, Some(user)) => {
-                let Some(anonymous) = event.anonymous_id.as_deref() else {
-                    return;
-                };
-                self.state
-                    .graph
-                    .identify(anonymous, user, seq, event.timestamp)
-            }
-            (EventType::Alias, Some(user)) => {
-                let props = properties();
-                // Segment carries `previousId`; PostHog's `$create_alias` carries `alias`.
-                let Some(previous) = props
-                    .get("previousId")
-                    .or_else(|| props.get("alias"))
-                    .and_then(|v| v.as_str())
-                else {
-                    return;
-                };
-                self.state
-                    .graph
-                    .alias(previous, user, seq, event.timestamp, false)
-            }
-            (EventType::Track, Some(user)) if name == "$merge_dangerously" => {
-                let props = properties();
-                let Some(other) = props.get("alias").and_then(|v| v.as_str()) else {
-                    return;
-                };
-                self.state
-                    .graph
-                    .alias(other, user, seq, event.timestamp, true)
-            }
-            _ => return,
-        };
+        let outcome = link.apply(&mut self.state.graph, seq, event.timestamp);
         match outcome {
             Outcome::Linked => {
                 self.stats.linked.fetch_add(1, Ordering::Relaxed);

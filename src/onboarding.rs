@@ -271,18 +271,42 @@ impl Onboarding {
 
     /// `GET /v1/users/{id}/flags`: every flag, on or off, by deterministic bucketing.
     pub fn flags(&self, id: &str, fallback: Option<(u32, u32)>) -> Result<Value, Unavailable> {
-        let (person, facts) = self.person(id)?;
-        let activated = self.activated(&facts, fallback);
-        let flags: serde_json::Map<String, Value> = self
-            .flags
-            .iter()
-            .map(|flag| {
-                let on = self.holds(&flag.when, &facts, activated)
-                    && bucket(&flag.key, &person) < flag.rollout;
-                (flag.key.clone(), Value::Bool(on))
-            })
+        let (person, answers) = self.evaluate_flags(id, fallback, None)?;
+        let flags: serde_json::Map<String, Value> = answers
+            .into_iter()
+            .map(|answer| (answer.key.to_string(), Value::Bool(answer.on())))
             .collect();
         Ok(json!({"user_id": id, "person_id": person, "flags": flags}))
+    }
+
+    /// The flags of the person `id` belongs to, in config order, each with why it is on or
+    /// off; only those named in `keys` when given. Also the person's id.
+    pub fn evaluate_flags(
+        &self,
+        id: &str,
+        fallback: Option<(u32, u32)>,
+        keys: Option<&[String]>,
+    ) -> Result<(String, Vec<FlagAnswer<'_>>), Unavailable> {
+        let (person, facts) = self.person(id)?;
+        let activated = self.activated(&facts, fallback);
+        let answers = self
+            .flags
+            .iter()
+            .enumerate()
+            .filter(|(_, flag)| keys.is_none_or(|keys| keys.contains(&flag.key)))
+            .map(|(index, flag)| FlagAnswer {
+                key: &flag.key,
+                index,
+                reason: if !self.holds(&flag.when, &facts, activated) {
+                    FlagReason::NotTargeted
+                } else if bucket(&flag.key, &person) >= flag.rollout {
+                    FlagReason::OutOfRollout
+                } else {
+                    FlagReason::Targeted
+                },
+            })
+            .collect();
+        Ok((person, answers))
     }
 
     /// Applies one event; returns how many triggers it fires (the follower sends them on).
@@ -295,17 +319,13 @@ impl Onboarding {
         let mut fired = Vec::new();
         let mut state = self.write_state();
         state.seq = seq;
-        if let (EventType::Identify, Some(user), Some(anonymous)) = (
-            event.kind,
-            event.user_id.as_deref(),
-            event.anonymous_id.as_deref(),
-        ) {
-            let before = state.graph.person_of(anonymous).to_string();
-            if state.graph.identify(anonymous, user, seq, event.timestamp)
+        if let Some(link) = crate::identity::requested_link(event) {
+            let before = state.graph.person_of(link.id()).to_string();
+            if link.apply(&mut state.graph, seq, event.timestamp)
                 == crate::identity::Outcome::Linked
             {
-                // The anonymous person's facts join the user's.
-                let target = state.graph.person_of(user).to_string();
+                // The joining person's facts join the user's.
+                let target = state.graph.person_of(link.user()).to_string();
                 if let Some(old) = state.people.remove(&before) {
                     merge(state.people.entry(target).or_default(), old);
                 }
@@ -350,11 +370,7 @@ impl Onboarding {
         {
             facts.customer_id = Some(customer.to_string());
         }
-        if event.kind == EventType::Identify
-            && let Ok(Value::Object(traits)) = serde_json::from_str::<Value>(event.properties.get())
-        {
-            facts.traits.extend(traits);
-        }
+        apply_traits(facts, event);
         if name == self.signup && facts.signup_at.is_none_or(|t| event.timestamp < t) {
             facts.signup_at = Some(event.timestamp);
         }
@@ -412,6 +428,65 @@ fn merge(into: &mut Facts, from: Facts) {
     };
     into.onboarding_started = into.onboarding_started.or(from.onboarding_started);
     into.customer_id = into.customer_id.take().or(from.customer_id);
+}
+
+/// Keeps the person's traits: an identify's traits, and PostHog's person properties, which any
+/// event may carry as `$set` (latest wins) and `$set_once` (first wins). Only events whose
+/// properties name `$set` are parsed for them, so the common event costs a substring search.
+fn apply_traits(facts: &mut Facts, event: &EventView<'_>) {
+    let text = event.properties.get();
+    if event.kind != EventType::Identify && !text.contains("\"$set") {
+        return;
+    }
+    let Ok(Value::Object(mut properties)) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    let set = properties.remove("$set");
+    let set_once = properties.remove("$set_once");
+    if event.kind == EventType::Identify {
+        facts.traits.extend(
+            properties
+                .into_iter()
+                .filter(|(key, _)| !key.starts_with('$')),
+        );
+    }
+    if let Some(Value::Object(set)) = set {
+        facts.traits.extend(set);
+    }
+    if let Some(Value::Object(once)) = set_once {
+        for (key, value) in once {
+            facts.traits.entry(key).or_insert(value);
+        }
+    }
+}
+
+/// One flag's answer for one person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlagAnswer<'a> {
+    /// The flag's key.
+    pub key: &'a str,
+    /// Its place in the config's `flags` (a stable id for SDKs that want one).
+    pub index: usize,
+    /// Why it is on or off.
+    pub reason: FlagReason,
+}
+
+impl FlagAnswer<'_> {
+    /// Whether the flag is on for the person.
+    pub fn on(&self) -> bool {
+        self.reason == FlagReason::Targeted
+    }
+}
+
+/// Why a flag is on or off for a person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagReason {
+    /// The person meets the flag's `when` and falls inside its rollout: on.
+    Targeted,
+    /// The person does not meet the flag's `when`: off.
+    NotTargeted,
+    /// The person meets `when` but falls outside the rollout share: off.
+    OutOfRollout,
 }
 
 /// Deterministic bucket in [0, 1) of a person for a flag: the same person gets the same answer

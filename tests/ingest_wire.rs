@@ -235,8 +235,8 @@ async fn single_routes_browser_aliases_and_every_key_form() {
     assert_eq!(r.headers["access-control-allow-origin"], "*");
 
     // What else a browser SDK meets carries CORS too, so it reads the answer: an ingest
-    // error, and the preflight and 404 of a path northstar does not serve (posthog-js asks
-    // for `/flags/?v=2` and `/array/<key>/config`).
+    // error, a flags request without its distinct id, and the preflight and 404 of a path
+    // northstar does not serve (posthog-js asks for `/array/<key>/config`).
     let send = async |method: http::Method, path: &str, body: &[u8]| {
         server
             .client
@@ -252,7 +252,8 @@ async fn single_routes_browser_aliases_and_every_key_form() {
     for (method, path, status) in [
         (http::Method::POST, "/v1/t", 401),
         (http::Method::OPTIONS, "/flags/?v=2", 204),
-        (http::Method::POST, "/flags/?v=2", 404),
+        (http::Method::POST, "/flags/?v=2", 400),
+        (http::Method::OPTIONS, "/array/phc_key/config", 204),
         (http::Method::GET, "/array/phc_key/config", 404),
         (http::Method::GET, "/v1/batch", 405),
     ] {

@@ -6,7 +6,7 @@ mod harness;
 use std::time::Duration;
 
 use futures::StreamExt;
-use harness::{Nats, Northstar, SERVICE_KEY, limits_config};
+use harness::{Nats, Northstar, SERVICE_KEY, WRITE_KEY, limits_config};
 use serde_json::{Value, json};
 
 fn config() -> Value {
@@ -148,4 +148,54 @@ async fn signup_starts_the_flow_and_steps_complete_themselves() {
         flags,
         "the same answer every time"
     );
+
+    // PostHog's flag endpoints give the same answers, for any id of the person (a1 is u1),
+    // with CORS for the browser SDK.
+    let ask = |path: &'static str, body: Value| {
+        let server = &server;
+        async move {
+            let bytes = body.to_string().into_bytes();
+            server
+                .post_raw(path, &[("content-type", "application/json")], bytes)
+                .await
+        }
+    };
+    let decide = ask("/decide/", json!({"token": WRITE_KEY, "distinct_id": "a1"})).await;
+    assert_eq!(decide.status, 200, "{}", decide.text());
+    assert_eq!(decide.headers["access-control-allow-origin"], "*");
+    let older = decide.json();
+    assert_eq!(older["featureFlags"], flags["flags"], "{older}");
+    assert_eq!(older["errorsWhileComputingFlags"], false);
+    let detailed = ask(
+        "/flags/?v=2",
+        json!({"api_key": WRITE_KEY, "distinct_id": "a1", "flag_keys_to_evaluate": ["admins_only"]}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        detailed["flags"]["admins_only"]["enabled"], true,
+        "{detailed}"
+    );
+    assert_eq!(
+        detailed["flags"]["admins_only"]["reason"]["code"],
+        "condition_match"
+    );
+    assert!(
+        detailed["flags"].get("new_ui").is_none(),
+        "only the keys asked: {detailed}"
+    );
+    // Errors name what is wrong, and are readable by a browser.
+    let refused = ask(
+        "/flags/?v=2",
+        json!({"token": "wk_nobody", "distinct_id": "a1"}),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.json()["code"].as_str()),
+        (401, Some("invalid_write_key"))
+    );
+    assert_eq!(refused.headers["access-control-allow-origin"], "*");
+    let no_id = ask("/flags/?v=2", json!({"token": WRITE_KEY})).await;
+    assert_eq!(no_id.status, 400);
+    assert!(no_id.text().contains("distinct_id"), "{}", no_id.text());
 }

@@ -4,19 +4,24 @@
 
 mod harness;
 
-use harness::{Nats, Northstar, WRITE_KEY, query, test_config};
-use serde_json::Value;
+use harness::{Nats, Northstar, SERVICE_KEY, WRITE_KEY, limits_config, query, test_config};
+use serde_json::{Value, json};
 
 fn run_python(script: &str, base: &str) {
     run("python3", &format!("sdk/{script}"), base);
 }
 
-/// Runs `tests/<script>` with `program`, the server's base URL and the write key; fails the
-/// test with its output when it does not exit 0.
-fn run(program: &str, script: &str, base: &str) {
+/// Runs `tests/<script>` with `program`, the server's base URL, the write key and `args`;
+/// fails the test with its output when it does not exit 0, else returns what it printed.
+fn run(program: &str, script: &str, base: &str) -> String {
+    run_with(program, script, base, &[])
+}
+
+fn run_with(program: &str, script: &str, base: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(program)
         .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
         .args([base, WRITE_KEY])
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{program} runs ({e}); ./scripts/install-deps.sh --test"));
     assert!(
@@ -25,6 +30,7 @@ fn run(program: &str, script: &str, base: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -82,11 +88,19 @@ async fn segment_and_posthog_python_sdks_work_unchanged() {
 /// posthog-node sends no `$is_identified`: its anonymous distinct id is merged into the person
 /// by `identify` with `$anon_distinct_id`, and `alias` adds a device, as PostHog itself does.
 /// @segment/analytics-node's identify-with-anonymousId and alias merge the same way, and its
-/// message just under `maxMessageBytes` is stored.
+/// message just under `maxMessageBytes` is stored. Then posthog-node reads northstar's flags:
+/// the same answer for every id of the person, targeting the person property its identify
+/// set (`$set`), and its `$feature_flag_called` events are stored like any other.
 #[tokio::test(flavor = "multi_thread")]
-async fn node_sdks_merge_anonymous_activity_into_the_person() {
+async fn node_sdks_merge_anonymous_activity_into_the_person_and_read_its_flags() {
     let nats = Nats::start();
-    let server = Northstar::start(&nats, &test_config());
+    let mut config = limits_config();
+    config["flags"] = json!([
+        {"key": "new_ui"},
+        {"key": "pro_only", "when": {"traitEquals": {"plan": "pro"}}},
+        {"key": "nobody", "rollout": 0.0}
+    ]);
+    let server = Northstar::start(&nats, &config);
     let base = server.base.clone();
     tokio::task::spawn_blocking(move || run("node", "sdk/node/send.mjs", &base))
         .await
@@ -150,6 +164,42 @@ async fn node_sdks_merge_anonymous_activity_into_the_person() {
         ],
         "{rows:?}"
     );
+
+    // Flags, once onboarding has applied the identify (its own follower).
+    harness::eventually(std::time::Duration::from_secs(20), async || {
+        let answer = server
+            .get_as(SERVICE_KEY, "/v1/users/ph-anon-1/flags")
+            .await;
+        match answer.json()["flags"]["pro_only"].as_bool() {
+            Some(true) => Ok(()),
+            _ => Err(answer.text()),
+        }
+    })
+    .await;
+    let base = server.base.clone();
+    let printed = tokio::task::spawn_blocking(move || {
+        let ids = ["ph-anon-1", "ph-dev2-1", "ph-user-1", "stranger"];
+        run_with("node", "sdk/node/flags.mjs", &base, &ids)
+    })
+    .await
+    .unwrap();
+    let answers: Value = serde_json::from_str(printed.trim()).expect("flags.mjs prints JSON");
+    let person = json!({"new_ui": true, "pro_only": true, "nobody": false});
+    for id in ["ph-anon-1", "ph-dev2-1", "ph-user-1"] {
+        for part in ["all", "enabled", "value"] {
+            assert_eq!(answers[id][part], person, "{id} {part}: {answers}");
+        }
+    }
+    let stranger = json!({"new_ui": true, "pro_only": false, "nobody": false});
+    assert_eq!(answers["stranger"]["all"], stranger, "{answers}");
+    // getFeatureFlag captured `$feature_flag_called`, one per id and flag.
+    server.wait_archived(15 + 12).await;
+    let called = query(
+        &server.data,
+        "SELECT count(*) AS n FROM events WHERE event = '$feature_flag_called'",
+    )
+    .await;
+    assert_eq!(called[0]["n"], 12, "{called:?}");
 }
 
 fn text(value: &Value) -> String {

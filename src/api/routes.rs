@@ -5,7 +5,9 @@ use http::Method;
 use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
-use super::{AppState, activation, billing, ingest_routes, limits, ops, rejected, sql};
+use super::{
+    AppState, activation, billing, ingest_routes, limits, ops, posthog_flags, rejected, sql,
+};
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::event::EventType;
@@ -58,6 +60,8 @@ pub enum Route {
     BillingRetry,
     /// `POST /v1/webhooks/stripe`.
     StripeWebhook,
+    /// PostHog's `POST /flags` and `POST /decide`, answered from northstar's flags.
+    PostHogFlags,
     /// `GET /healthz`.
     Health,
     /// `GET /metrics`.
@@ -85,6 +89,9 @@ fn known_route(method: &Method, path: &str) -> Route {
         (&Method::OPTIONS, _) if wire.is_some() => Route::Preflight,
         (&Method::POST, _) if wire.is_some() => wire.map(Route::Ingest).unwrap_or(Route::NotFound),
         (_, _) if wire.is_some() => Route::MethodNotAllowed("POST"),
+        (&Method::OPTIONS, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::Preflight,
+        (&Method::POST, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::PostHogFlags,
+        (_, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/sql") => Route::Sql,
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
@@ -231,7 +238,7 @@ impl Route {
     /// Who may call the route.
     pub fn access(&self) -> Access {
         match self {
-            Self::Ingest(_) => Access::WriteKey,
+            Self::Ingest(_) | Self::PostHogFlags => Access::WriteKey,
             Self::Check
             | Self::Usage(_)
             | Self::Entitlement(..)
@@ -285,7 +292,7 @@ impl Route {
     pub fn family(&self) -> &'static str {
         match self {
             Self::Ingest(Wire::Segment(_)) => "segment",
-            Self::Ingest(Wire::PostHog) => "posthog",
+            Self::Ingest(Wire::PostHog) | Self::PostHogFlags => "posthog",
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
@@ -313,7 +320,11 @@ impl Route {
     pub fn finish(&self, mut response: HttpResponse) -> HttpResponse {
         if matches!(
             self,
-            Self::Ingest(_) | Self::Preflight | Self::NotFound | Self::MethodNotAllowed(_)
+            Self::Ingest(_)
+                | Self::PostHogFlags
+                | Self::Preflight
+                | Self::NotFound
+                | Self::MethodNotAllowed(_)
         ) {
             respond::allow_cors(&mut response);
         }
@@ -367,6 +378,7 @@ pub(crate) async fn dispatch(
         Route::BillingStatus => billing::status(state),
         Route::BillingRetry => billing::retry(state),
         Route::StripeWebhook => billing::stripe_webhook(state, parts, &body).await,
+        Route::PostHogFlags => posthog_flags::evaluate(state, parts, &body).await,
         Route::Health => ops::healthz(state).await,
         Route::Metrics => ops::metrics(state, parts).await,
         Route::MethodNotAllowed(allowed) => {
@@ -544,6 +556,7 @@ mod tests {
             route(&Method::POST, "/v1/batch"),
             route(&Method::POST, "/v1/track"),
             route(&Method::POST, "/batch/"),
+            route(&Method::POST, "/flags/"),
             route(&Method::POST, "/v1/sql"),
             route(&Method::POST, "/v1/check"),
             route(&Method::POST, "/v1/usage/verify"),
