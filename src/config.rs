@@ -426,6 +426,28 @@ impl Config {
                     "must be between 0 and 1".into(),
                 ));
             }
+            let mut variant_keys = HashSet::new();
+            for (j, variant) in flag.variants.iter().enumerate() {
+                if variant.key.is_empty() || !variant_keys.insert(variant.key.as_str()) {
+                    return Err((
+                        format!("flags[{i}].variants[{j}].key"),
+                        "must be non-empty and not listed twice".into(),
+                    ));
+                }
+                if !(0.0..=1.0).contains(&variant.share) {
+                    return Err((
+                        format!("flags[{i}].variants[{j}].share"),
+                        "must be between 0 and 1".into(),
+                    ));
+                }
+            }
+            let shares: f64 = flag.variants.iter().map(|v| v.share).sum();
+            if !flag.variants.is_empty() && (shares - 1.0).abs() > 1e-9 {
+                return Err((
+                    format!("flags[{i}].variants"),
+                    format!("the variants' shares sum to {shares}; they must sum to 1"),
+                ));
+            }
         }
         Ok(())
     }
@@ -496,6 +518,28 @@ mod tests {
             .to_string();
         assert!(err.contains("usageFeatures[0].hardCaps.free"), "{err}");
         assert!(Config::from_json(&config(100, 100), "x").is_ok());
+    }
+
+    #[test]
+    fn a_flags_variants_are_named_once_and_share_everyone() {
+        let config = |variants: serde_json::Value| {
+            serde_json::json!({"flags": [{"key": "checkout", "variants": variants}]}).to_string()
+        };
+        let halves = serde_json::json!([{"key": "a", "share": 0.5}, {"key": "b", "share": 0.5}]);
+        assert!(Config::from_json(&config(halves), "x").is_ok());
+        let short = serde_json::json!([{"key": "a", "share": 0.5}, {"key": "b", "share": 0.4}]);
+        let err = Config::from_json(&config(short), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("flags[0].variants") && err.contains("sum to 1"),
+            "{err}"
+        );
+        let twice = serde_json::json!([{"key": "a", "share": 0.5}, {"key": "a", "share": 0.5}]);
+        let err = Config::from_json(&config(twice), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flags[0].variants[1].key"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::activation::ActivationStore;
 use crate::bus::BusError;
 use crate::bus::follower::{Follow, Part, Saved};
-use crate::config::{Condition, Config, FlagSpec, OnboardingStep};
+use crate::config::{Condition, Config, FlagSpec, FlagVariant, OnboardingStep};
 use crate::event::{EventType, EventView};
 use crate::identity::IdentityGraph;
 
@@ -271,39 +271,59 @@ impl Onboarding {
 
     /// `GET /v1/users/{id}/flags`: every flag, on or off, by deterministic bucketing.
     pub fn flags(&self, id: &str, fallback: Option<(u32, u32)>) -> Result<Value, Unavailable> {
-        let (person, answers) = self.evaluate_flags(id, fallback, None)?;
+        let (person, answers) = self.evaluate_flags(id, fallback, &FlagQuery::default())?;
         let flags: serde_json::Map<String, Value> = answers
             .into_iter()
-            .map(|answer| (answer.key.to_string(), Value::Bool(answer.on())))
+            .map(|answer| (answer.key.to_string(), answer.value()))
             .collect();
         Ok(json!({"user_id": id, "person_id": person, "flags": flags}))
     }
 
     /// The flags of the person `id` belongs to, in config order, each with why it is on or
-    /// off; only those named in `keys` when given. Also the person's id.
+    /// off, its variant and payload; as `query` narrows and overrides. Also the person's id.
     pub fn evaluate_flags(
         &self,
         id: &str,
         fallback: Option<(u32, u32)>,
-        keys: Option<&[String]>,
+        query: &FlagQuery,
     ) -> Result<(String, Vec<FlagAnswer<'_>>), Unavailable> {
-        let (person, facts) = self.person(id)?;
+        let (person, mut facts) = self.person(id)?;
+        // What the caller knows of the person now wins over what the stream said so far.
+        facts.traits.extend(query.person_properties.clone());
         let activated = self.activated(&facts, fallback);
         let answers = self
             .flags
             .iter()
             .enumerate()
-            .filter(|(_, flag)| keys.is_none_or(|keys| keys.contains(&flag.key)))
-            .map(|(index, flag)| FlagAnswer {
-                key: &flag.key,
-                index,
-                reason: if !self.holds(&flag.when, &facts, activated) {
+            .filter(|(_, flag)| {
+                query
+                    .keys
+                    .as_ref()
+                    .is_none_or(|keys| keys.contains(&flag.key))
+            })
+            .map(|(index, flag)| {
+                let reason = if !self.holds(&flag.when, &facts, activated) {
                     FlagReason::NotTargeted
                 } else if bucket(&flag.key, &person) >= flag.rollout {
                     FlagReason::OutOfRollout
                 } else {
                     FlagReason::Targeted
-                },
+                };
+                let variant = (reason == FlagReason::Targeted)
+                    .then(|| variant_of(flag, &person))
+                    .flatten();
+                let payload = match (reason, variant) {
+                    (FlagReason::Targeted, Some(variant)) => variant.payload.as_ref(),
+                    (FlagReason::Targeted, None) => flag.payload.as_ref(),
+                    _ => None,
+                };
+                FlagAnswer {
+                    key: &flag.key,
+                    index,
+                    reason,
+                    variant: variant.map(|v| v.key.as_str()),
+                    payload,
+                }
             })
             .collect();
         Ok((person, answers))
@@ -460,8 +480,34 @@ fn apply_traits(facts: &mut Facts, event: &EventView<'_>) {
     }
 }
 
+/// What a caller asks of the flags beyond the person's id.
+#[derive(Debug, Clone, Default)]
+pub struct FlagQuery {
+    /// Only these flags (all when absent).
+    pub keys: Option<Vec<String>>,
+    /// Person properties the caller knows now, over the traits the stream gave (PostHog's
+    /// `person_properties`).
+    pub person_properties: serde_json::Map<String, Value>,
+}
+
+/// The variant of a multivariate flag a person gets: the first whose cumulative share is past
+/// the person's bucket for the flag's variants (a hash apart from the rollout's, so who gets
+/// the flag and which variant they get are independent).
+fn variant_of<'f>(flag: &'f crate::config::FlagSpec, person: &str) -> Option<&'f FlagVariant> {
+    let at = bucket(&format!("{}#variant", flag.key), person);
+    let mut below = 0.0;
+    for variant in &flag.variants {
+        below += variant.share;
+        if at < below {
+            return Some(variant);
+        }
+    }
+    // Shares sum to 1 (the config says so); rounding may leave the last sliver.
+    flag.variants.last()
+}
+
 /// One flag's answer for one person.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlagAnswer<'a> {
     /// The flag's key.
     pub key: &'a str,
@@ -469,12 +515,24 @@ pub struct FlagAnswer<'a> {
     pub index: usize,
     /// Why it is on or off.
     pub reason: FlagReason,
+    /// The variant the person gets, when the flag is on and multivariate.
+    pub variant: Option<&'a str>,
+    /// The payload that goes with the flag's answer, when it is on.
+    pub payload: Option<&'a Value>,
 }
 
 impl FlagAnswer<'_> {
     /// Whether the flag is on for the person.
     pub fn on(&self) -> bool {
         self.reason == FlagReason::Targeted
+    }
+
+    /// The flag's value: its variant when it has one, else whether it is on.
+    pub fn value(&self) -> Value {
+        match self.variant {
+            Some(variant) => Value::String(variant.to_string()),
+            None => Value::Bool(self.on()),
+        }
     }
 }
 
@@ -718,6 +776,30 @@ mod tests {
         assert!(
             (700..1_100).contains(&other),
             "flags split independently: {other}"
+        );
+    }
+
+    /// A multivariate flag gives each person one variant, the same every time, in the
+    /// configured shares, independently of who the flag is on for.
+    #[test]
+    fn variants_split_people_by_their_shares() {
+        let flag: FlagSpec = serde_json::from_value(serde_json::json!({
+            "key": "checkout", "rollout": 0.5,
+            "variants": [{"key": "a", "share": 0.2}, {"key": "b", "share": 0.8}]
+        }))
+        .unwrap();
+        let people: Vec<String> = (0..10_000).map(|i| format!("u{i}")).collect();
+        let of = |person: &String| variant_of(&flag, person).map(|v| v.key.as_str());
+        assert!(people.iter().all(|p| of(p) == of(p)));
+        let a = people.iter().filter(|p| of(p) == Some("a")).count();
+        assert!((1_800..2_200).contains(&a), "{a}");
+        let on_and_a = people
+            .iter()
+            .filter(|p| bucket(&flag.key, p) < flag.rollout && of(p) == Some("a"))
+            .count();
+        assert!(
+            (850..1_150).contains(&on_and_a),
+            "independent of the rollout: {on_and_a}"
         );
     }
 }

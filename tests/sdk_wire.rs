@@ -98,7 +98,12 @@ async fn node_sdks_merge_anonymous_activity_into_the_person_and_read_its_flags()
     config["flags"] = json!([
         {"key": "new_ui"},
         {"key": "pro_only", "when": {"traitEquals": {"plan": "pro"}}},
-        {"key": "nobody", "rollout": 0.0}
+        {"key": "nobody", "rollout": 0.0},
+        {"key": "checkout", "variants": [
+            {"key": "blue", "share": 0.5, "payload": {"color": "#00f"}},
+            {"key": "green", "share": 0.5, "payload": {"color": "#0f0"}}
+        ]},
+        {"key": "banner", "payload": {"text": "hello"}}
     ]);
     let server = Northstar::start(&nats, &config);
     let base = server.base.clone();
@@ -178,28 +183,76 @@ async fn node_sdks_merge_anonymous_activity_into_the_person_and_read_its_flags()
     .await;
     let base = server.base.clone();
     let printed = tokio::task::spawn_blocking(move || {
-        let ids = ["ph-anon-1", "ph-dev2-1", "ph-user-1", "stranger"];
+        let ids = [
+            SERVICE_KEY,
+            "ph-anon-1",
+            "ph-dev2-1",
+            "ph-user-1",
+            "stranger",
+        ];
         run_with("node", "sdk/node/flags.mjs", &base, &ids)
     })
     .await
     .unwrap();
     let answers: Value = serde_json::from_str(printed.trim()).expect("flags.mjs prints JSON");
-    let person = json!({"new_ui": true, "pro_only": true, "nobody": false});
+    // The SDK's every answer is northstar's own answer for the person (`/v1/users/{id}/flags`).
+    let own = server
+        .get_as(SERVICE_KEY, "/v1/users/ph-user-1/flags")
+        .await
+        .json()["flags"]
+        .clone();
+    let variant = own["checkout"].as_str().unwrap_or_default().to_string();
+    assert!(["blue", "green"].contains(&variant.as_str()), "{own}");
+    assert_eq!(
+        own,
+        json!({"new_ui": true, "pro_only": true, "nobody": false, "checkout": variant, "banner": true})
+    );
+    let color = if variant == "blue" { "#00f" } else { "#0f0" };
+    let payloads = json!({"new_ui": null, "pro_only": null, "nobody": null,
+                          "checkout": {"color": color}, "banner": {"text": "hello"}});
+    let enabled = json!({"new_ui": true, "pro_only": true, "nobody": false, "checkout": true, "banner": true});
     for id in ["ph-anon-1", "ph-dev2-1", "ph-user-1"] {
-        for part in ["all", "enabled", "value"] {
-            assert_eq!(answers[id][part], person, "{id} {part}: {answers}");
-        }
+        let answer = &answers[id];
+        assert_eq!(answer["all"], own, "{id}: {answers}");
+        assert_eq!(answer["value"], own, "{id}: {answers}");
+        assert_eq!(answer["enabled"], enabled, "{id}: {answers}");
+        assert_eq!(answer["payload"], payloads, "{id}: {answers}");
+        assert_eq!(answer["asPro"], true, "{id}: {answers}");
     }
-    let stranger = json!({"new_ui": true, "pro_only": false, "nobody": false});
-    assert_eq!(answers["stranger"]["all"], stranger, "{answers}");
-    // getFeatureFlag captured `$feature_flag_called`, one per id and flag.
-    server.wait_archived(15 + 12).await;
-    let called = query(
-        &server.data,
-        "SELECT count(*) AS n FROM events WHERE event = '$feature_flag_called'",
-    )
+    let stranger = &answers["stranger"];
+    let theirs = server
+        .get_as(SERVICE_KEY, "/v1/users/stranger/flags")
+        .await
+        .json()["flags"]
+        .clone();
+    assert_eq!(stranger["all"], theirs, "{answers}");
+    assert_eq!(stranger["all"]["pro_only"], false, "{answers}");
+    assert_eq!(
+        stranger["asPro"], true,
+        "person_properties sent with the request target: {answers}"
+    );
+    // Local evaluation: a person-property flag is answered by the SDK itself from the
+    // properties the app passes; a flag bucketed by person is left to the server.
+    assert_eq!(
+        answers["local"],
+        json!({"proWithPlan": true, "proWithout": false, "everyone": true,
+               "checkoutLocally": null, "checkout": variant}),
+        "{answers}"
+    );
+    // getFeatureFlag captured `$feature_flag_called`: at least one per id and flag.
+    harness::eventually(std::time::Duration::from_secs(20), async || {
+        let called = server
+            .live_sql(
+                "SELECT count(DISTINCT concat(user_id, '/', properties->>'$feature_flag')) AS n \
+                 FROM events WHERE event = '$feature_flag_called'",
+            )
+            .await;
+        match called[0]["n"].as_u64() {
+            Some(20) => Ok(()),
+            n => Err(format!("{n:?} (id, flag) pairs called")),
+        }
+    })
     .await;
-    assert_eq!(called[0]["n"], 12, "{called:?}");
 }
 
 fn text(value: &Value) -> String {

@@ -6,6 +6,10 @@
 //! - `POST /flags/` without `v=2`, and `POST /decide/`: the older shape, `featureFlags` with a
 //!   value per key (older SDKs).
 //!
+//! - `GET /flags/definitions` (posthog-node 5) and `GET /api/feature_flag/local_evaluation`
+//!   (older server SDKs): the definitions a server SDK evaluates locally, with a service key
+//!   as the personal API key.
+//!
 //! The project token in the body (`token` or `api_key`) is a write key, as on the capture
 //! routes; the distinct id resolves to its person through the identity graph, so a flag
 //! answers the same for every id of one person.
@@ -17,7 +21,7 @@ use super::AppState;
 use super::respond::{self, HttpResponse};
 use crate::activation::northstar::Threshold;
 use crate::ingest::{Encoding, IngestError};
-use crate::onboarding::{FlagAnswer, FlagReason};
+use crate::onboarding::{FlagAnswer, FlagQuery, FlagReason};
 
 /// Most bytes a flags request may decode to: a distinct id, groups and properties.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
@@ -38,21 +42,21 @@ pub async fn evaluate(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespo
         return respond::error(&IngestError::BadKey);
     }
     let fallback = Threshold::configured(&state.config);
-    let keys = request.keys.as_deref();
-    let answer = match state
-        .onboarding
-        .evaluate_flags(&request.distinct_id, fallback, keys)
-    {
-        Ok((_, answers)) if detailed => detailed_shape(&answers),
-        Ok((_, answers)) => older_shape(&answers),
-        // PostHog's own answer when it cannot compute flags: the SDK falls back to its
-        // defaults and says so.
-        Err(error) => {
-            tracing::warn!(%error, "flags asked for a person onboarding does not follow");
-            json!({"flags": {}, "featureFlags": {}, "featureFlagPayloads": {},
+    let answer =
+        match state
+            .onboarding
+            .evaluate_flags(&request.distinct_id, fallback, &request.query)
+        {
+            Ok((_, answers)) if detailed => detailed_shape(&answers),
+            Ok((_, answers)) => older_shape(&answers),
+            // PostHog's own answer when it cannot compute flags: the SDK falls back to its
+            // defaults and says so.
+            Err(error) => {
+                tracing::warn!(%error, "flags asked for a person onboarding does not follow");
+                json!({"flags": {}, "featureFlags": {}, "featureFlagPayloads": {},
                    "errorsWhileComputingFlags": true})
-        }
-    };
+            }
+        };
     respond::json(200, &answer)
 }
 
@@ -61,8 +65,8 @@ pub async fn evaluate(state: &AppState, parts: &Parts, body: &[u8]) -> HttpRespo
 struct FlagsRequest {
     token: Option<String>,
     distinct_id: String,
-    /// `flag_keys_to_evaluate`: only these.
-    keys: Option<Vec<String>>,
+    /// `flag_keys_to_evaluate` and `person_properties`.
+    query: FlagQuery,
 }
 
 fn read_request(parts: &Parts, body: &[u8]) -> Result<FlagsRequest, IngestError> {
@@ -111,10 +115,22 @@ fn read_request(parts: &Parts, body: &[u8]) -> Result<FlagsRequest, IngestError>
             ));
         }
     };
+    let person_properties = match fields.get("person_properties") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(properties)) => properties.clone(),
+        Some(_) => {
+            return Err(IngestError::InvalidJson(
+                "person_properties: must be an object".into(),
+            ));
+        }
+    };
     Ok(FlagsRequest {
         token,
         distinct_id,
-        keys,
+        query: FlagQuery {
+            keys,
+            person_properties,
+        },
     })
 }
 
@@ -130,12 +146,14 @@ fn detailed_shape(answers: &[FlagAnswer<'_>]) -> Value {
                     ("out_of_rollout_bound", "Matched the condition, outside the rollout")
                 }
             };
+            // PostHog sends a payload as JSON text; the SDKs parse it back.
+            let payload = answer.payload.map(Value::to_string);
             let detail = json!({
                 "key": answer.key,
                 "enabled": answer.on(),
-                "variant": null,
+                "variant": answer.variant,
                 "reason": {"code": code, "condition_index": 0, "description": description},
-                "metadata": {"id": answer.index + 1, "version": 1, "payload": null, "description": null},
+                "metadata": {"id": answer.index + 1, "version": 1, "payload": payload, "description": null},
             });
             (answer.key.to_string(), detail)
         })
@@ -144,11 +162,82 @@ fn detailed_shape(answers: &[FlagAnswer<'_>]) -> Value {
            "requestId": uuid::Uuid::now_v7().to_string()})
 }
 
-/// `/decide/` and `/flags/` v1: `featureFlags` by key, a boolean each.
+/// `/decide/` and `/flags/` v1: `featureFlags` by key (a variant or a boolean each), and the
+/// payloads of those on.
 fn older_shape(answers: &[FlagAnswer<'_>]) -> Value {
     let flags: Map<String, Value> = answers
         .iter()
-        .map(|answer| (answer.key.to_string(), Value::Bool(answer.on())))
+        .map(|answer| (answer.key.to_string(), answer.value()))
         .collect();
-    json!({"featureFlags": flags, "featureFlagPayloads": {}, "errorsWhileComputingFlags": false})
+    let payloads: Map<String, Value> = answers
+        .iter()
+        .filter_map(|answer| Some((answer.key.to_string(), answer.payload?.clone())))
+        .collect();
+    json!({"featureFlags": flags, "featureFlagPayloads": payloads,
+           "errorsWhileComputingFlags": false})
+}
+
+/// The flag definitions a server SDK evaluates locally. A flag whose answer needs northstar's
+/// state of the person (plan, activation, event counts), a partial rollout or variants
+/// (bucketed by person, which the SDK cannot know) is marked
+/// `ensure_experience_continuity`: the SDK then asks `/flags` for it. A flag that targets only
+/// person properties (`traitEquals`), for everyone or no one, is evaluated by the SDK from
+/// the properties the app passes, as PostHog's own local evaluation does.
+pub fn definitions(state: &AppState) -> HttpResponse {
+    let flags: Vec<Value> = state
+        .config
+        .flags
+        .iter()
+        .enumerate()
+        .map(|(index, flag)| {
+            let when = &flag.when;
+            let local = flag.variants.is_empty()
+                && (flag.rollout == 0.0 || flag.rollout == 1.0)
+                && when.plan.is_none()
+                && when.activated.is_none()
+                && when.event_count_at_least.is_empty()
+                && when.event_count_below.is_empty();
+            let properties: Vec<Value> = when
+                .trait_equals
+                .iter()
+                .map(|(key, value)| {
+                    json!({"key": key, "value": value, "operator": "exact", "type": "person"})
+                })
+                .collect();
+            let mut payloads = Map::new();
+            if let Some(payload) = &flag.payload {
+                payloads.insert("true".into(), Value::String(payload.to_string()));
+            }
+            for variant in &flag.variants {
+                if let Some(payload) = &variant.payload {
+                    payloads.insert(variant.key.clone(), Value::String(payload.to_string()));
+                }
+            }
+            let multivariate = (!flag.variants.is_empty()).then(|| {
+                let variants: Vec<Value> = flag
+                    .variants
+                    .iter()
+                    .map(|v| json!({"key": v.key, "rollout_percentage": v.share * 100.0}))
+                    .collect();
+                json!({ "variants": variants })
+            });
+            json!({
+                "id": index + 1,
+                "key": flag.key,
+                "name": flag.key,
+                "active": true,
+                "deleted": false,
+                "ensure_experience_continuity": !local,
+                "filters": {
+                    "groups": [{"properties": properties, "rollout_percentage": flag.rollout * 100.0}],
+                    "multivariate": multivariate,
+                    "payloads": payloads,
+                },
+            })
+        })
+        .collect();
+    respond::json(
+        200,
+        &json!({"flags": flags, "group_type_mapping": {}, "cohorts": {}}),
+    )
 }

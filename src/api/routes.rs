@@ -62,6 +62,9 @@ pub enum Route {
     StripeWebhook,
     /// PostHog's `POST /flags` and `POST /decide`, answered from northstar's flags.
     PostHogFlags,
+    /// PostHog's `GET /flags/definitions` and `/api/feature_flag/local_evaluation`: the flag
+    /// definitions server SDKs evaluate locally.
+    PostHogFlagDefinitions,
     /// `GET /healthz`.
     Health,
     /// `GET /metrics`.
@@ -92,6 +95,20 @@ fn known_route(method: &Method, path: &str) -> Route {
         (&Method::OPTIONS, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::Preflight,
         (&Method::POST, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::PostHogFlags,
         (_, "/flags" | "/flags/" | "/decide" | "/decide/") => Route::MethodNotAllowed("POST"),
+        (
+            &Method::GET,
+            "/flags/definitions"
+            | "/flags/definitions/"
+            | "/api/feature_flag/local_evaluation"
+            | "/api/feature_flag/local_evaluation/",
+        ) => Route::PostHogFlagDefinitions,
+        (
+            _,
+            "/flags/definitions"
+            | "/flags/definitions/"
+            | "/api/feature_flag/local_evaluation"
+            | "/api/feature_flag/local_evaluation/",
+        ) => Route::MethodNotAllowed("GET"),
         (&Method::POST, "/v1/sql") => Route::Sql,
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
@@ -245,7 +262,8 @@ impl Route {
             | Self::Activation
             | Self::ActivationPicture(_)
             | Self::NorthStar
-            | Self::User(..) => Access::Service,
+            | Self::User(..)
+            | Self::PostHogFlagDefinitions => Access::Service,
             Self::Sql
             | Self::Verify
             | Self::RejectedReplay
@@ -292,7 +310,9 @@ impl Route {
     pub fn family(&self) -> &'static str {
         match self {
             Self::Ingest(Wire::Segment(_)) => "segment",
-            Self::Ingest(Wire::PostHog) | Self::PostHogFlags => "posthog",
+            Self::Ingest(Wire::PostHog) | Self::PostHogFlags | Self::PostHogFlagDefinitions => {
+                "posthog"
+            }
             Self::Preflight => "preflight",
             Self::Sql => "sql",
             Self::Check => "check",
@@ -379,6 +399,7 @@ pub(crate) async fn dispatch(
         Route::BillingRetry => billing::retry(state),
         Route::StripeWebhook => billing::stripe_webhook(state, parts, &body).await,
         Route::PostHogFlags => posthog_flags::evaluate(state, parts, &body).await,
+        Route::PostHogFlagDefinitions => posthog_flags::definitions(state),
         Route::Health => ops::healthz(state).await,
         Route::Metrics => ops::metrics(state, parts).await,
         Route::MethodNotAllowed(allowed) => {
@@ -557,6 +578,7 @@ mod tests {
             route(&Method::POST, "/v1/track"),
             route(&Method::POST, "/batch/"),
             route(&Method::POST, "/flags/"),
+            route(&Method::GET, "/flags/definitions"),
             route(&Method::POST, "/v1/sql"),
             route(&Method::POST, "/v1/check"),
             route(&Method::POST, "/v1/usage/verify"),

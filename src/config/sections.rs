@@ -898,6 +898,26 @@ pub struct FlagSpec {
     /// Who is targeted (absent: everyone).
     #[serde(default)]
     pub when: Condition,
+    /// A multivariate flag's variants: a person it is on for gets one of them, by shares that
+    /// sum to 1 (deterministic by person and key). Absent: the flag is on or off.
+    #[serde(default)]
+    pub variants: Vec<FlagVariant>,
+    /// JSON handed to the SDK with the flag when it is on (PostHog's payload).
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+}
+
+/// One variant of a multivariate flag.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlagVariant {
+    /// The value the flag takes (`getFeatureFlag` returns it).
+    pub key: String,
+    /// Share of the people the flag is on for who get this variant.
+    pub share: f64,
+    /// JSON handed to the SDK with this variant (instead of the flag's `payload`).
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
 }
 
 fn full_rollout() -> f64 {
