@@ -2,7 +2,8 @@
 # Installs what a fresh machine lacks to run and test northstar:
 #   nats-server (Debian's package; JetStream included) and, with --test, the SDK clients the
 #   wire tests drive (Python: segment-analytics-python, posthog; Node: @segment/analytics-node,
-#   posthog-node) and promtool (Debian's prometheus package), which checks /metrics.
+#   posthog-node; posthog-js in Debian's Chromium) and promtool (Debian's prometheus package),
+#   which checks /metrics.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -52,6 +53,15 @@ if $want_test; then
   if [ ! -d tests/sdk/node/node_modules ] || [ tests/sdk/node/package-lock.json -nt tests/sdk/node/node_modules ]; then
     echo "installing the Node SDK clients for the wire tests…"
     npm ci --prefix tests/sdk/node --no-audit --no-fund --loglevel=error
+  fi
+  # posthog-js runs in headless Chromium (Debian's package).
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "installing Chromium (Debian package) for the browser SDK test…"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || {
+      as_root apt-get update -qq
+      as_root apt-get install -y --no-install-recommends chromium
+    }
   fi
   if ! command -v promtool >/dev/null 2>&1; then
     echo "installing promtool (Debian's prometheus package)…"

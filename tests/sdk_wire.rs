@@ -94,18 +94,7 @@ async fn segment_and_posthog_python_sdks_work_unchanged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn node_sdks_merge_anonymous_activity_into_the_person_and_read_its_flags() {
     let nats = Nats::start();
-    let mut config = limits_config();
-    config["flags"] = json!([
-        {"key": "new_ui"},
-        {"key": "pro_only", "when": {"traitEquals": {"plan": "pro"}}},
-        {"key": "nobody", "rollout": 0.0},
-        {"key": "checkout", "variants": [
-            {"key": "blue", "share": 0.5, "payload": {"color": "#00f"}},
-            {"key": "green", "share": 0.5, "payload": {"color": "#0f0"}}
-        ]},
-        {"key": "banner", "payload": {"text": "hello"}}
-    ]);
-    let server = Northstar::start(&nats, &config);
+    let server = Northstar::start(&nats, &flags_config());
     let base = server.base.clone();
     tokio::task::spawn_blocking(move || run("node", "sdk/node/send.mjs", &base))
         .await
@@ -253,6 +242,114 @@ async fn node_sdks_merge_anonymous_activity_into_the_person_and_read_its_flags()
         }
     })
     .await;
+}
+
+/// The limits test config with flags of each kind: for everyone, by person property, for no
+/// one, multivariate with payloads, boolean with a payload.
+fn flags_config() -> Value {
+    let mut config = limits_config();
+    config["flags"] = json!([
+        {"key": "new_ui"},
+        {"key": "pro_only", "when": {"traitEquals": {"plan": "pro"}}},
+        {"key": "nobody", "rollout": 0.0},
+        {"key": "checkout", "variants": [
+            {"key": "blue", "share": 0.5, "payload": {"color": "#00f"}},
+            {"key": "green", "share": 0.5, "payload": {"color": "#0f0"}}
+        ]},
+        {"key": "banner", "payload": {"text": "hello"}}
+    ]);
+    config
+}
+
+/// posthog-js 1.455.2, unchanged, in headless Chromium (`tests/sdk/node/browser.html`): the
+/// anonymous visitor's pageview joins the person it identifies as, and the flags the page
+/// reads are northstar's for that person, the identify's `plan` targeting included.
+#[tokio::test(flavor = "multi_thread")]
+async fn posthog_js_in_a_browser_merges_the_visitor_and_reads_its_flags() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &flags_config());
+    let page = format!(
+        "file://{}/tests/sdk/node/browser.html?base={}&key={WRITE_KEY}",
+        env!("CARGO_MANIFEST_DIR"),
+        server.base
+    );
+    // The browser runs until the page's answer is in: the test waits on that event, not on
+    // a clock.
+    let browser = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            // posthog-js drops events from a user agent that names itself headless.
+            "--user-agent=Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/148.0.0.0 Safari/537.36",
+            &page,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("chromium runs (./scripts/install-deps.sh --test installs it)");
+    let _browser = KillOnDrop(browser);
+    let seen = harness::eventually(std::time::Duration::from_secs(60), async || {
+        let rows = server
+            .live_sql(
+                "SELECT properties->>'answer' AS answer FROM events WHERE event = 'flags_seen'",
+            )
+            .await;
+        match rows.first() {
+            Some(row) => Ok(row["answer"].clone()),
+            None => Err("no flags_seen event yet".to_string()),
+        }
+    })
+    .await;
+    let answer: Value = match &seen {
+        Value::String(text) => serde_json::from_str(text).unwrap_or_default(),
+        other => other.clone(),
+    };
+    let own = server
+        .get_as(SERVICE_KEY, "/v1/users/web-user-1/flags")
+        .await
+        .json()["flags"]
+        .clone();
+    let color = if own["checkout"] == "blue" {
+        "#00f"
+    } else {
+        "#0f0"
+    };
+    assert_eq!(
+        answer,
+        json!({"distinctId": "web-user-1", "pro": true, "nobody": false,
+               "checkout": own["checkout"], "payload": {"color": color}, "errors": []}),
+    );
+    // The anonymous pageview, the identify and the event after it: one person.
+    let rows = harness::eventually(std::time::Duration::from_secs(20), async || {
+        let rows = server
+            .live_sql(
+                "SELECT event, person_id FROM events_resolved \
+                 WHERE (context->'library'->>'name') = 'web' ORDER BY event",
+            )
+            .await;
+        let events: Vec<String> = rows.iter().map(|r| text(&r["event"])).collect();
+        let wanted = ["$identify", "$pageview", "flags_seen"];
+        match wanted.iter().all(|w| events.iter().any(|e| e == w)) {
+            true => Ok(rows),
+            false => Err(format!("events so far: {events:?}")),
+        }
+    })
+    .await;
+    for row in &rows {
+        assert_eq!(row["person_id"], "web-user-1", "{rows:?}");
+    }
+}
+
+/// A child process killed (and reaped) when the test ends, whichever way it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn text(value: &Value) -> String {
