@@ -7,7 +7,7 @@ use arrow::array::{Array, Int64Array};
 use arrow::datatypes::DataType;
 use serde::Serialize;
 
-use super::stats::{self, Cell, Evaluation, Guards};
+use super::stats::{self, Cell, Evaluation, Guards, percent_tenths};
 use crate::config::{ActivationSettings, Config};
 use crate::query::QueryEngine;
 
@@ -345,10 +345,7 @@ fn first_i64(batches: &[arrow::record_batch::RecordBatch], column: usize) -> Opt
 
 /// The top candidates as a text table, with the choice (or why there is none) below it.
 pub fn table(analysis: &Analysis, top: usize) -> String {
-    let pct = |v: Option<f64>| {
-        v.map(|v| format!("{:.1}%", v * 100.0))
-            .unwrap_or_else(|| "–".into())
-    };
+    let pct = |v: Option<f64>| v.map(percent_tenths).unwrap_or_else(|| "–".into());
     let num = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into());
     let mut out = format!(
         "North Star `{}` after `{}`: {} people signed up at least {} days before {}\n\n",

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::stats::{Candidate, Evaluation, percent};
+use super::stats::{Candidate, Evaluation, percent_tenths};
 
 /// Width of every chart, so the stacked report lines up.
 const WIDTH: f64 = 760.0;
@@ -157,6 +157,9 @@ impl Grid {
     }
 }
 
+/// Fill of a cell whose phi is undefined (a row or column of its table is empty).
+const NO_DATA: &str = "#d9d9d9";
+
 /// Hatch pattern for guarded-out cells.
 fn hatch_defs() -> String {
     "<defs><pattern id=\"ns-hatch\" width=\"6\" height=\"6\" patternUnits=\"userSpaceOnUse\" \
@@ -173,7 +176,7 @@ fn heat_cell(grid: &Grid, candidate: &Candidate, limit: f64) -> String {
     let (w, h) = (grid.cell_w, grid.cell_h);
     let fill = candidate
         .phi
-        .map_or_else(|| "#d9d9d9".to_string(), |p| phi_colour(p, limit));
+        .map_or_else(|| NO_DATA.to_string(), |p| phi_colour(p, limit));
     let tip = match candidate.phi {
         Some(p) => format!(
             "at least {} times in {} days: phi {p:.3}",
@@ -189,7 +192,9 @@ fn heat_cell(grid: &Grid, candidate: &Candidate, limit: f64) -> String {
          stroke=\"#ffffff\" stroke-width=\"0.5\"><title>{}</title></rect>\n",
         escape(&tip)
     );
-    if !candidate.passes_guards {
+    // Hatched: the cell has data and fails a guard. A cell without data (phi undefined) is
+    // plain grey, so "nothing to judge" never reads as "judged and refused".
+    if !candidate.passes_guards && candidate.phi.is_some() {
         let _ = writeln!(
             out,
             "<rect class=\"guarded\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" \
@@ -332,6 +337,12 @@ fn heat_legend(x: f64, top: f64, limit: f64) -> String {
         "",
         "fails guards",
     ));
+    let none_y = key_y + 20.0;
+    let _ = writeln!(
+        out,
+        "<rect x=\"{x:.1}\" y=\"{none_y:.1}\" width=\"14\" height=\"14\" fill=\"{NO_DATA}\" stroke=\"#888888\"/>"
+    );
+    out.push_str(&text(x + 18.0, none_y + 11.0, 10, "start", "", "no data"));
     out
 }
 
@@ -509,10 +520,10 @@ fn line_series(scale: &LineScale, points: &[(u32, Option<f64>)], colour: &str) -
         for (t, v) in segment {
             let _ = writeln!(
                 out,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{colour}\"><title>{t}: {:.1}%</title></circle>",
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{colour}\"><title>{t}: {}</title></circle>",
                 scale.x(t),
                 scale.y(v),
-                v * 100.0
+                percent_tenths(v)
             );
         }
     }
@@ -550,7 +561,13 @@ fn line_legend(x: f64, y: f64) -> String {
 }
 
 /// The retention chart drawn at vertical offset `top`.
-fn retention_fragment(candidates: &[Candidate], days: u32, title: &str, top: f64) -> Fragment {
+fn retention_fragment(
+    candidates: &[Candidate],
+    days: u32,
+    chosen: Option<u32>,
+    title: &str,
+    top: f64,
+) -> Fragment {
     let mut row: Vec<&Candidate> = candidates.iter().filter(|c| c.days == days).collect();
     row.sort_by_key(|c| c.times);
     row.dedup_by_key(|c| c.times);
@@ -583,6 +600,9 @@ fn retention_fragment(candidates: &[Candidate], days: u32, title: &str, top: f64
     }
     let above: Vec<(u32, Option<f64>)> = row.iter().map(|c| (c.times, c.retention_above)).collect();
     let below: Vec<(u32, Option<f64>)> = row.iter().map(|c| (c.times, c.retention_below)).collect();
+    if let Some(times) = chosen.filter(|t| times.contains(t)) {
+        body.push_str(&chosen_marker(&scale, times));
+    }
     body.push_str(&line_series(&scale, &above, ABOVE_COLOUR));
     body.push_str(&line_series(&scale, &below, BELOW_COLOUR));
     body.push_str(&line_legend(
@@ -595,17 +615,37 @@ fn retention_fragment(candidates: &[Candidate], days: u32, title: &str, top: f64
     }
 }
 
+/// A dashed vertical line at the chosen x, labelled, under the series.
+fn chosen_marker(scale: &LineScale, times: u32) -> String {
+    let x = scale.x(times);
+    let mut out = format!(
+        "<line class=\"chosen-x\" x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" \
+         stroke=\"#000000\" stroke-width=\"1.5\" stroke-dasharray=\"5,4\"/>\n",
+        scale.top,
+        scale.top + LINE_H
+    );
+    out.push_str(&text(
+        x + 4.0,
+        scale.top + 12.0,
+        11,
+        "start",
+        "",
+        &format!("chosen: at least {times}"),
+    ));
+    out
+}
+
 /// Retention above vs below the threshold (percent) against times x, for one window of `days`.
 ///
 /// Shows how sharply retention separates as the threshold rises, which phi alone hides.
 pub fn retention_chart(candidates: &[Candidate], days: u32, title: &str) -> String {
-    let fragment = retention_fragment(candidates, days, title, 0.0);
+    let fragment = retention_fragment(candidates, days, None, title, 0.0);
     document(&fragment.body, fragment.height)
 }
 
-/// Format an optional fraction as a whole percentage, "n/a" when undefined.
+/// Format an optional fraction as a percentage, "n/a" when undefined.
 fn pct_or_na(value: Option<f64>) -> String {
-    value.map_or_else(|| "n/a".to_string(), |v| format!("{:.0}%", v * 100.0))
+    value.map_or_else(|| "n/a".to_string(), percent_tenths)
 }
 
 /// One-line summary of a chosen threshold, as shown in the report header.
@@ -623,7 +663,7 @@ pub(crate) fn summary_line(chosen: &Candidate) -> String {
         chosen.days,
         pct_or_na(chosen.retention_above),
         pct_or_na(chosen.retention_below),
-        percent((chosen.share_above * 1000.0).round() / 1000.0)
+        percent_tenths(chosen.share_above)
     )
 }
 
@@ -679,7 +719,12 @@ pub(crate) fn report_svg(evaluation: &Evaluation, event: &str, counted: Counted<
     top += heat.height;
     if let Some(days) = report_days(evaluation) {
         let title = format!("retention by threshold, within {days} days");
-        let chart = retention_fragment(&evaluation.candidates, days, &title, top);
+        let chosen = evaluation
+            .chosen
+            .as_ref()
+            .filter(|c| c.days == days)
+            .map(|c| c.times);
+        let chart = retention_fragment(&evaluation.candidates, days, chosen, &title, top);
         body.push_str(&chart.body);
         top += chart.height;
     }
@@ -786,6 +831,41 @@ mod tests {
         assert!(svg.contains("at least 3 times in 7 days: phi "));
         assert!(svg.contains("retention "));
         assert_eq!(svg.matches("class=\"chosen\"").count(), 1);
+        assert_eq!(
+            svg.matches("class=\"chosen-x\"").count(),
+            1,
+            "the chosen x is marked"
+        );
+        assert!(svg.contains(">chosen: at least 3<"));
+    }
+
+    /// A cell without data is grey and unhatched; a cell with data that fails a guard is
+    /// hatched; the legend names both.
+    #[test]
+    fn no_data_is_told_apart_from_failing_the_guards() {
+        let cells = [
+            Cell {
+                times: 1,
+                days: 1,
+                a: 0,
+                b: 0,
+                c: 40,
+                d: 60,
+            },
+            Cell {
+                times: 2,
+                days: 1,
+                a: 3,
+                b: 1,
+                c: 40,
+                d: 60,
+            },
+        ];
+        let evaluation = evaluate(&cells, &Guards::default());
+        let svg = phi_heatmap(&evaluation.candidates, None, "phi");
+        assert_eq!(svg.matches("class=\"guarded\"").count(), 1, "{svg}");
+        assert!(svg.contains(&format!("fill=\"{NO_DATA}\" stroke=\"#ffffff\"")));
+        assert!(svg.contains(">no data<") && svg.contains(">fails guards<"));
     }
 
     #[test]

@@ -154,13 +154,21 @@ pub(crate) fn phi_interval(phi: f64, n: u64) -> Option<(f64, f64)> {
     Some((low.clamp(-1.0, 1.0), high.clamp(-1.0, 1.0)))
 }
 
-/// Format a fraction as a short percentage ("5%", "2.5%") for human-readable messages.
+/// A share as a percentage with one decimal, rounded half away from zero on the per-mille
+/// (991 of 2000 is 49.6%): the one rounding of the table, the picture and its summary, so
+/// they never show the same share two ways.
+pub fn percent_tenths(fraction: f64) -> String {
+    format!("{:.1}%", (fraction * 1000.0).round() / 10.0)
+}
+
+/// A fraction as a short percentage for sentences ("5%", "49.6%"): the same rounding as
+/// [`percent_tenths`], without a trailing ".0".
 pub fn percent(fraction: f64) -> String {
-    let p = fraction * 100.0;
-    if (p - p.round()).abs() < 1e-9 {
-        format!("{p:.0}%")
+    let tenths = (fraction * 1000.0).round();
+    if tenths % 10.0 == 0.0 {
+        format!("{:.0}%", tenths / 10.0)
     } else {
-        format!("{p:.1}%")
+        format!("{:.1}%", tenths / 10.0)
     }
 }
 
@@ -483,5 +491,16 @@ mod tests {
         assert_eq!(evaluation.candidates.last().and_then(|c| c.phi), None);
         let none = evaluate(&[], &guards);
         assert!(none.reason.unwrap_or_default().contains("no candidates"));
+    }
+
+    /// 991 of 2000 is 49.55% exactly, which a float holds a hair below: every formatter says
+    /// 49.6%, as a person rounding the share would.
+    #[test]
+    fn every_formatter_rounds_a_share_the_same_way() {
+        let share = 991.0 / 2000.0;
+        assert_eq!(percent_tenths(share), "49.6%");
+        assert_eq!(percent(share), "49.6%");
+        assert_eq!(percent(0.05), "5%");
+        assert_eq!(percent_tenths(0.05), "5.0%");
     }
 }
