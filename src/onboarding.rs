@@ -73,6 +73,8 @@ pub struct Onboarding {
     start_trigger: String,
     north_star: String,
     signup: String,
+    /// Whether North Star events before signup count (`activation.windowStart`).
+    window_start: crate::config::WindowStart,
     triggers: HashMap<String, Vec<String>>,
     max_days: u32,
     activation: Arc<ActivationStore>,
@@ -124,6 +126,7 @@ impl Onboarding {
             start_trigger: config.onboarding.start_trigger.clone(),
             north_star: question.north_star_event,
             signup: question.signup_event,
+            window_start: question.window_start,
             triggers: config
                 .events
                 .iter()
@@ -199,10 +202,15 @@ impl Onboarding {
             return false;
         };
         let end = signup + i64::from(days) * 86_400_000_000;
+        // The analysis's window: from the first event, or from signup.
+        let start = match self.window_start {
+            crate::config::WindowStart::FirstSeen => i64::MIN,
+            crate::config::WindowStart::Signup => signup,
+        };
         facts
             .north_star_times
             .iter()
-            .filter(|t| **t >= signup && **t < end)
+            .filter(|t| **t >= start && **t < end)
             .count() as u64
             >= u64::from(times)
     }

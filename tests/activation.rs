@@ -247,6 +247,80 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
     assert_cells_equal(&result, &hand, "narrower question");
 }
 
+/// The usual journey: every person visits anonymously first, and each who does the core action
+/// tries it once, anonymously, the day before signing up; the planted rule counts that try.
+/// Counting from first seen (the default) recovers it; counting from signup (the only answer
+/// before `activation.windowStart`) sees one action fewer and chooses one time fewer. Both
+/// equal the hand count asked the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn counting_from_first_seen_recovers_a_rule_that_counts_actions_before_signup() {
+    let spec = HistorySpec {
+        users: 800,
+        anonymous_share: 1.0,
+        pre_signup_share: 1.0,
+        ..HistorySpec::default()
+    };
+    let messages = generate(&spec);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("history.jsonl");
+    let lines: String = messages.iter().map(|m| format!("{m}\n")).collect();
+    std::fs::write(&file, lines).unwrap();
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["activation"] = json!({"schedule": "0"});
+    let server = Northstar::start(&nats, &config);
+    let imported = northstar_cli(&[
+        "import",
+        file.to_str().unwrap(),
+        "--url",
+        &server.base,
+        "--write-key",
+        WRITE_KEY,
+    ]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    server.wait_archived(messages.len() as u64).await;
+    let identified = messages
+        .iter()
+        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
+        .count();
+    harness::wait_rows(&server.data, "identities", identified).await;
+    let as_of = northstar::clock::format_micros(data_end_micros(&spec));
+
+    let config_path = server.data.parent().unwrap().join("northstar.json");
+    let result = aha_json(&server.data, &config_path, &as_of);
+    let chosen = &result["analysis"]["evaluation"]["chosen"];
+    assert_eq!(
+        (chosen["times"].as_u64(), chosen["days"].as_u64()),
+        (Some(3), Some(7)),
+        "from first seen, the planted rule: {chosen}"
+    );
+    assert_eq!(result["analysis"]["question"]["window_start"], "firstSeen");
+    let from_first = CountOptions::for_spec(&spec);
+    let hand = count_grid(&messages, 1..=10, 1..=15, &from_first);
+    assert_cells_equal(&result, &hand, "from first seen");
+
+    config["activation"] = json!({"schedule": "0", "windowStart": "signup"});
+    let from_signup_config = dir.path().join("signup.json");
+    std::fs::write(&from_signup_config, serde_json::to_vec(&config).unwrap()).unwrap();
+    let result = aha_json(&server.data, &from_signup_config, &as_of);
+    let from_signup = CountOptions {
+        window_start: northstar::config::WindowStart::Signup,
+        ..CountOptions::for_spec(&spec)
+    };
+    let hand = count_grid(&messages, 1..=10, 1..=15, &from_signup);
+    assert_cells_equal(&result, &hand, "from signup");
+    let chosen = &result["analysis"]["evaluation"]["chosen"];
+    assert_eq!(
+        (chosen["times"].as_u64(), chosen["days"].as_u64()),
+        (Some(2), Some(7)),
+        "from signup the pre-signup try is lost: one time fewer than the planted rule: {chosen}"
+    );
+}
+
 /// `northstar aha --format json` over `data` with `config`, judged at `as_of`.
 fn aha_json(data: &std::path::Path, config: &std::path::Path, as_of: &str) -> Value {
     let out = northstar_cli(&[

@@ -7,11 +7,15 @@
 --   {cohort_end_us}         last signup time judged (UTC µs): people signed up after it are too young
 --   {retain_from} {retain_to}  retention window in days after signup, [from, to)
 --   {active}                extra condition on retention events ("" = any event counts)
+--   {counted}               which of a person's events count (activation.windowStart): `TRUE`
+--                           from their first event (`firstSeen`; those before signup fall on
+--                           negative days, inside every window), `r.ts >= c.signup_at` from signup
 --   {windows}               VALUES (1), (2), … (y)
 --   {star_sums}             one column per window y: `sum(CASE WHEN star_day < y THEN 1 ELSE 0 END) AS t<y>`
 --   {times_of_window}       `CASE w.y WHEN 1 THEN p.t1 … END`: a person's count within window y
 --   US(x)                   a timestamp as UTC microseconds (engine-specific)
--- People are resolved through identity merges, so anonymous events before an identify count.
+-- People are resolved through identity merges, so anonymous events before an identify count;
+-- with `firstSeen` so do those before the signup. A window ends y days after signup either way.
 --
 -- Shape: one join of the cohort with its people's events and one aggregation per person (each
 -- person's retention and their North Star count within every window as columns), then the
@@ -40,7 +44,7 @@ offsets AS (
            r.event
     FROM cohort c
     JOIN resolved r ON r.person_id = c.person_id
-    WHERE r.ts >= c.signup_at
+    WHERE {counted}
 ),
 marks AS (
     -- Only the days that matter; day 0 (the signup itself) keeps every cohort member here.

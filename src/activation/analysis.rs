@@ -8,7 +8,7 @@ use arrow::datatypes::DataType;
 use serde::Serialize;
 
 use super::stats::{self, Cell, Evaluation, Guards, percent_tenths};
-use crate::config::{ActivationSettings, Config};
+use crate::config::{ActivationSettings, Config, WindowStart};
 use crate::query::QueryEngine;
 
 /// The histogram query, shipped in the binary (and in `queries/` for people to read).
@@ -38,6 +38,8 @@ pub struct Question {
     pub retained_days: (u32, u32),
     /// Events that count as active (empty: any).
     pub active_events: Vec<String>,
+    /// Where a person's North Star window starts (`activation.windowStart`).
+    pub window_start: WindowStart,
     /// The guards of the choice.
     #[serde(skip)]
     pub guards: Guards,
@@ -59,6 +61,7 @@ impl Question {
             max_days: settings.max_days,
             retained_days: (settings.retained_from_day, settings.retained_to_day),
             active_events: settings.active_events.clone(),
+            window_start: settings.window_start,
             guards: Guards {
                 min_cell: settings.min_cell,
                 share_min: settings.share_min,
@@ -161,6 +164,13 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
         .replace("{retain_to}", &question.retained_days.1.to_string())
         .replace("{max_days}", &question.max_days.to_string())
         .replace("{active}", &active)
+        .replace(
+            "{counted}",
+            match question.window_start {
+                WindowStart::FirstSeen => "TRUE",
+                WindowStart::Signup => "r.ts >= c.signup_at",
+            },
+        )
         .replace("{windows}", &windows)
         .replace("{star_sums}", &star_sums)
         .replace("{times_of_window}", &times_of_window);

@@ -17,7 +17,10 @@
 //! Anonymous users: a share of users browse anonymously before signup, and their first North
 //! Star events after signup carry only `anonymousId` until an `identify` with both `userId` and
 //! `anonymousId` links them. Those events count toward the threshold only when identity
-//! resolution works, so the planted split is exact only with resolution on.
+//! resolution works, so the planted split is exact only with resolution on. With
+//! `pre_signup_share`, some of them do one planted North Star event the day before signup:
+//! the planted split is then exact counting from first seen (`activation.windowStart`
+//! `firstSeen`), not from signup.
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -62,6 +65,10 @@ pub struct HistorySpec {
     pub signup_event: String,
     /// Fraction of users whose early events are anonymous until an identify links them.
     pub anonymous_share: f64,
+    /// Fraction of those anonymous users who try the North Star action once anonymously just
+    /// before signing up: one of their planted events moves to the day before signup, so the
+    /// planted rule holds counting from first seen and is one short counting from signup.
+    pub pre_signup_share: f64,
 }
 
 impl Default for HistorySpec {
@@ -79,6 +86,7 @@ impl Default for HistorySpec {
             north_star_event: "core_action_completed".to_string(),
             signup_event: "signup_completed".to_string(),
             anonymous_share: 0.3,
+            pre_signup_share: 0.0,
         }
     }
 }
@@ -267,7 +275,14 @@ fn plan_user(spec: &HistorySpec, rng: &mut SplitMix64, anonymous: bool) -> Plan 
         rng.below(x0)
     };
     let window_end = signup + i64::from(spec.planted_days) * DAY_MICROS;
-    let in_window = rng.sorted_times(count..=count, signup, window_end);
+    let mut in_window = rng.sorted_times(count..=count, signup, window_end);
+    // (No draw at all when the share is 0, so older specs generate the same history.)
+    if anonymous && spec.pre_signup_share > 0.0 && rng.chance(spec.pre_signup_share) {
+        if let Some(first) = in_window.first_mut() {
+            *first = rng.time_in(signup - DAY_MICROS, signup);
+        }
+        in_window.sort_unstable();
+    }
     let retained = rng.chance(if activated {
         spec.retain_if_activated
     } else {

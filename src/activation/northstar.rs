@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{ActivationStore, Question};
-use crate::config::Config;
+use crate::config::{Config, WindowStart};
 use crate::query::{QueryEngine, QueryError, string_literal};
 
 /// The threshold a person reaches to count as activated.
@@ -73,11 +73,16 @@ pub async fn series(
         "WITH signups AS (SELECT person_id, min(\"timestamp\") AS signup_at FROM events_resolved WHERE event = {signup} GROUP BY person_id), \
          ranked AS (SELECT e.person_id, e.\"timestamp\" AS ts, row_number() OVER (PARTITION BY e.person_id ORDER BY e.\"timestamp\") AS k \
                     FROM events_resolved e JOIN signups s ON s.person_id = e.person_id \
-                    WHERE e.event = {star} AND e.\"timestamp\" >= s.signup_at AND CAST(e.\"timestamp\" AS BIGINT) < CAST(s.signup_at AS BIGINT) + {window}) \
+                    WHERE e.event = {star} AND {counted} AND CAST(e.\"timestamp\" AS BIGINT) < CAST(s.signup_at AS BIGINT) + {window}) \
          SELECT CAST(date_trunc('day', ts) AS DATE) AS day, count(*) AS activated FROM ranked WHERE k = {times} GROUP BY 1 ORDER BY 1",
         signup = string_literal(&question.signup_event),
         star = string_literal(&question.north_star_event),
         window = i64::from(threshold.days) * 86_400_000_000,
+        // The analysis's window: from the first event, or from signup (`activation.windowStart`).
+        counted = match question.window_start {
+            WindowStart::FirstSeen => "TRUE",
+            WindowStart::Signup => "e.\"timestamp\" >= s.signup_at",
+        },
         times = threshold.times,
     );
     let batches = engine.collect_internal(&sql).await?;

@@ -759,6 +759,20 @@ pub struct ActivationSettings {
     pub share_max: f64,
     /// How often `serve` recomputes (`0`: never on its own).
     pub schedule: HumanDuration,
+    /// Where a person's North Star window starts (it ends `y` days after signup either way).
+    pub window_start: WindowStart,
+}
+
+/// Where a person's North Star window starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WindowStart {
+    /// At their first event: what they did before signing up, anonymously too once an
+    /// identify links it, counts.
+    #[default]
+    FirstSeen,
+    /// At signup: only what they did from their signup on counts.
+    Signup,
 }
 
 impl Default for ActivationSettings {
@@ -775,6 +789,7 @@ impl Default for ActivationSettings {
             share_min: 0.05,
             share_max: 0.95,
             schedule: HumanDuration::secs(7 * 86_400),
+            window_start: WindowStart::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ use northstar::activation::generate::{
     parse_timestamp,
 };
 use northstar::activation::stats::Cell;
+use northstar::config::WindowStart;
 
 /// How to hand-count a candidate: event names, retention window and identity resolution.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,10 +29,13 @@ pub(crate) struct CountOptions {
     pub(crate) resolve_identities: bool,
     /// End of the data (µs); `None` means the latest message timestamp.
     pub(crate) data_end_micros: Option<i64>,
+    /// Where a person's North Star window starts; it ends `days` after signup either way.
+    pub(crate) window_start: WindowStart,
 }
 
 impl Default for CountOptions {
-    /// The DESIGN defaults: signup_completed, core_action_completed, days 28–56, resolution on.
+    /// The defaults: signup_completed, core_action_completed, days 28–56, resolution on, the
+    /// window from first seen.
     fn default() -> Self {
         Self {
             signup_event: "signup_completed".to_string(),
@@ -40,6 +44,7 @@ impl Default for CountOptions {
             active_events: Vec::new(),
             resolve_identities: true,
             data_end_micros: None,
+            window_start: WindowStart::FirstSeen,
         }
     }
 }
@@ -176,7 +181,11 @@ impl Histories {
             if signup > self.end - ret_end * DAY_MICROS {
                 continue; // too young to be judged
             }
-            let window = signup..signup + i64::from(days) * DAY_MICROS;
+            let start = match options.window_start {
+                WindowStart::FirstSeen => i64::MIN,
+                WindowStart::Signup => signup,
+            };
+            let window = start..signup + i64::from(days) * DAY_MICROS;
             let did = count_in(&timeline.north_star, &window) >= times as usize;
             let retention = signup + ret_start * DAY_MICROS..signup + ret_end * DAY_MICROS;
             let retained = count_in(&timeline.activity, &retention) > 0;
