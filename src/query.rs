@@ -19,6 +19,7 @@ pub mod bounds;
 pub mod dialect;
 pub mod functions;
 pub mod output;
+pub mod persons;
 pub mod quantity;
 pub mod readonly;
 pub mod tables;
@@ -269,6 +270,7 @@ impl QueryEngine {
         datafusion_functions_json::register_all(&mut ctx)?;
         functions::register(&ctx, memory_limit / 16);
         quantity::register(&ctx);
+        persons::register(&ctx);
         tables::register_all(&ctx, data_dir, config, live).await?;
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)

@@ -152,3 +152,103 @@ async fn anonymous_activity_resolves_to_its_person_and_strangers_stay_apart() {
     .await;
     assert_eq!(again, table);
 }
+
+/// `persons` and `groups` are queryable, with properties applied in event-time order however
+/// the events arrived: a late `$set` older than the latest does not overwrite it, the earliest
+/// `$set_once` wins, an `$unset` removes an older trait. The aggregate as a window function
+/// gives a person's properties as of each event.
+#[tokio::test(flavor = "multi_thread")]
+async fn persons_and_groups_hold_properties_in_event_time_order() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    let at = |seconds: u32| format!("2026-03-04T05:06:{seconds:02}Z");
+    let segment = vec![
+        json!({"type": "identify", "messageId": "p1", "anonymousId": "pa-1", "userId": "pu-1",
+               "traits": {"role": "admin", "plan": "free"}, "timestamp": at(0)}),
+        json!({"type": "group", "messageId": "p2", "userId": "pu-1", "groupId": "initech",
+               "traits": {"name": "Initech"}, "timestamp": at(1)}),
+        json!({"type": "page", "messageId": "p3", "anonymousId": "pa-1", "name": "Home",
+               "timestamp": at(2)}),
+    ];
+    server.send_batch(segment).await;
+    let ph = |uuid: u32, event: &str, seconds: u32, properties: Value| {
+        json!({"event": event, "distinct_id": "pu-1", "timestamp": at(seconds),
+               "uuid": format!("0190d5a0-0000-7000-8000-0000000{uuid:05}"),
+               "properties": properties})
+    };
+    // In arrival order; their event times say otherwise.
+    let posthog = json!({"api_key": WRITE_KEY, "batch": [
+        ph(1, "upgraded", 20, json!({"$set": {"plan": "pro"}})),
+        ph(2, "viewed", 10, json!({"$set": {"plan": "team"}})),
+        ph(3, "viewed", 5, json!({"$set_once": {"first_plan": "free"}})),
+        ph(4, "viewed", 3, json!({"$set_once": {"first_plan": "trial"}})),
+        ph(5, "left_team", 30, json!({"$unset": ["role"]})),
+        ph(6, "$groupidentify", 31, json!({"$group_type": "company", "$group_key": "acme",
+                                           "$group_set": {"name": "Acme", "size": 40}})),
+    ]});
+    let sent = server
+        .post_raw("/batch/", &[], posthog.to_string().into_bytes())
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.text());
+    server.wait_archived(9).await;
+    wait_identities(&server, 1).await;
+
+    let persons = server
+        .live_sql("SELECT person_id, properties, events, first_seen FROM persons WHERE person_id = 'pu-1'")
+        .await;
+    assert_eq!(persons.len(), 1, "{persons:?}");
+    let properties: Value =
+        serde_json::from_str(persons[0]["properties"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        properties,
+        json!({"plan": "pro", "first_plan": "trial"}),
+        "{persons:?}"
+    );
+    assert_eq!(
+        persons[0]["events"], 9,
+        "the anonymous page joined the person"
+    );
+
+    let groups = server
+        .live_sql("SELECT group_type, group_key, properties FROM groups ORDER BY group_key")
+        .await;
+    let groups: Vec<(String, String, Value)> = groups
+        .iter()
+        .map(|g| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            let properties = serde_json::from_str(g["properties"].as_str().unwrap()).unwrap();
+            (text(&g["group_type"]), text(&g["group_key"]), properties)
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            (
+                "company".into(),
+                "acme".into(),
+                json!({"name": "Acme", "size": 40})
+            ),
+            ("group".into(), "initech".into(), json!({"name": "Initech"})),
+        ]
+    );
+
+    // As of each event: at 05:06:10 the plan was `team`, and `role` still there.
+    let history = server
+        .live_sql(
+            "SELECT event, person_properties(\"type\", properties, \"timestamp\") \
+             OVER (PARTITION BY person_id ORDER BY \"timestamp\") AS properties \
+             FROM events_resolved WHERE person_id = 'pu-1' ORDER BY \"timestamp\"",
+        )
+        .await;
+    let at_ten = history
+        .iter()
+        .find(|row| {
+            row["event"] == "viewed" && row["properties"].as_str().unwrap().contains("team")
+        })
+        .unwrap_or_else(|| panic!("no row as of 05:06:10: {history:?}"));
+    let then: Value = serde_json::from_str(at_ten["properties"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        then,
+        json!({"plan": "team", "role": "admin", "first_plan": "trial"})
+    );
+}

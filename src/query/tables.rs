@@ -85,6 +85,8 @@ pub(crate) async fn register_all(
     ))
     .await?;
     ctx.sql(EVENTS_RESOLVED).await?;
+    ctx.sql(super::persons::PERSONS_VIEW).await?;
+    ctx.sql(super::persons::GROUPS_VIEW).await?;
     Ok(())
 }
 
