@@ -176,6 +176,91 @@ async fn a_hard_limit_refuses_with_the_upgrade_path_and_a_plan_change_lifts_it()
     );
 }
 
+/// `POST /v1/check/batch` answers each check as `/v1/check` would, in order: consumes later
+/// in the batch see what earlier ones recorded, the one past the limit gets the 402 with its
+/// upgrade path, a malformed check is named by its place, and the others still run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_checks_answers_each_as_a_single_check_would() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..18)
+        .map(|i| call(&format!("b-{i}"), "initech", "2026-03-10T10:00:00Z"))
+        .collect();
+    server.send_batch(batch).await;
+    eventually(&server, "/v1/customers/initech/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(18)
+    })
+    .await;
+
+    let consume = |id: &str| json!({"customer_id": "initech", "feature": "api_requests", "consume": true, "event_id": id});
+    let checks = json!({"checks": [
+        consume("batch-1"),
+        consume("batch-2"),
+        consume("batch-3"),
+        {"customer_id": "initech", "feature": "no_such_feature"},
+        {"customer_id": 5, "feature": "api_requests"},
+        {"customer_id": "hooli", "feature": "api_requests"},
+    ]});
+    let answer = server
+        .post_as(SERVICE_KEY, "/v1/check/batch", &checks)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let results = answer.json()["results"].clone();
+    let statuses: Vec<u64> = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    let unknown = server
+        .post_as(SERVICE_KEY, "/v1/check", &checks["checks"][3])
+        .await;
+    assert_eq!(
+        statuses,
+        [200, 200, 402, unknown.status as u64, 400, 200],
+        "{results}"
+    );
+    assert_eq!(
+        results[1]["body"]["used"], 20.0,
+        "the second consume saw the first: {results}"
+    );
+    assert_eq!(results[2]["body"]["code"], "usage_limit_exceeded");
+    assert!(
+        results[2]["body"]["upgrade"]["subscription_url"].is_string(),
+        "{results}"
+    );
+    assert_eq!(
+        results[3]["body"],
+        unknown.json(),
+        "the same error as a single check"
+    );
+    assert!(
+        results[4]["body"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("checks[4]"),
+        "{results}"
+    );
+    // A single check now answers what the batch's third did.
+    let single = server
+        .post_as(SERVICE_KEY, "/v1/check", &consume("batch-4"))
+        .await;
+    assert_eq!(single.status, 402);
+    assert_eq!(single.json()["used"], results[2]["body"]["used"]);
+
+    // Bounded, and keyed like /v1/check.
+    let too_many: Vec<Value> = (0..1_001).map(|i| consume(&format!("m-{i}"))).collect();
+    let refused = server
+        .post_as(SERVICE_KEY, "/v1/check/batch", &json!({"checks": too_many}))
+        .await;
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["code"], "too_many_checks");
+    let anonymous = server
+        .post_as("wk_not_a_service_key", "/v1/check/batch", &checks)
+        .await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_consumes_never_both_take_the_last_unit() {
     let nats = Nats::start();

@@ -24,18 +24,128 @@ pub async fn check(state: &AppState, body: &[u8]) -> HttpResponse {
             ));
         }
     };
-    match state.meter.check(request).await {
+    match checked(state, request).await {
         Ok(standing) => respond::json(200, &standing),
+        Err(error) => limit_error(&error),
+    }
+}
+
+/// A check's outcome; a denial carries the upgrade path when billing offers one.
+async fn checked(
+    state: &AppState,
+    request: CheckRequest,
+) -> Result<crate::meter::Standing, LimitError> {
+    match state.meter.check(request).await {
         Err(LimitError::Exceeded(mut denial)) => {
             if let Some(billing) = &state.billing {
                 billing
                     .offer_upgrade(state.meter.customers(), &mut denial)
                     .await;
             }
-            respond::json(402, denial.as_ref())
+            Err(LimitError::Exceeded(denial))
         }
-        Err(error) => limit_error(&error),
+        other => other,
     }
+}
+
+/// Most checks one `POST /v1/check/batch` carries.
+pub const MAX_BATCH_CHECKS: usize = 1_000;
+
+/// `POST /v1/check/batch`: `{"checks": [check, …]}`, each answered as `/v1/check` would, in
+/// order (a consume later in the batch sees the usage an earlier one recorded).
+pub async fn check_batch(state: &AppState, body: &[u8]) -> HttpResponse {
+    if let Some(replaying) = replaying(state) {
+        return replaying;
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch {
+        checks: Vec<serde_json::Value>,
+    }
+    let batch: Batch = match serde_json::from_slice(body) {
+        Ok(batch) => batch,
+        Err(e) => {
+            return respond::error(&HttpError::new(
+                ErrorKind::InvalidInput,
+                "invalid_json",
+                format!(
+                    "body must be {{\"checks\": [{{\"customer_id\", \"feature\", …}}, …]}}: {e}"
+                ),
+            ));
+        }
+    };
+    if batch.checks.len() > MAX_BATCH_CHECKS {
+        return respond::error(&HttpError::new(
+            ErrorKind::TooLarge,
+            "too_many_checks",
+            format!(
+                "checks: {} in one batch; at most {MAX_BATCH_CHECKS}",
+                batch.checks.len()
+            ),
+        ));
+    }
+    #[derive(serde::Serialize)]
+    struct Answered {
+        status: u16,
+        body: CheckAnswer,
+    }
+    let mut results = Vec::with_capacity(batch.checks.len());
+    for (i, check) in batch.checks.into_iter().enumerate() {
+        let answered = match serde_json::from_value::<CheckRequest>(check) {
+            Ok(request) => match checked(state, request).await {
+                Ok(standing) => Answered {
+                    status: 200,
+                    body: CheckAnswer::Allowed(Box::new(standing)),
+                },
+                Err(LimitError::Exceeded(denial)) => Answered {
+                    status: 402,
+                    body: CheckAnswer::Denied(denial),
+                },
+                Err(error) => Answered {
+                    status: error.kind().http_status(),
+                    body: CheckAnswer::Refused(error_body(&error)),
+                },
+            },
+            Err(e) => Answered {
+                status: 400,
+                body: CheckAnswer::Refused(serde_json::json!({
+                    "code": "invalid_json",
+                    "message": format!("checks[{i}]: {e}"),
+                })),
+            },
+        };
+        results.push(answered);
+    }
+    // Serialized straight from the standings, so their decimals keep their exact digits.
+    #[derive(serde::Serialize)]
+    struct Results {
+        results: Vec<Answered>,
+    }
+    respond::json(200, &Results { results })
+}
+
+/// What one check of a batch answers: a standing (200), a denial with its upgrade path (402),
+/// or an error body.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum CheckAnswer {
+    Allowed(Box<crate::meter::Standing>),
+    Denied(Box<crate::meter::Denial>),
+    Refused(serde_json::Value),
+}
+
+/// The body `/v1/check` gives an error (a suspension names the customer and why; a passing
+/// refusal says when to retry, which a single check says in `Retry-After`).
+fn error_body(error: &LimitError) -> serde_json::Value {
+    let mut body = serde_json::json!({"code": error.code(), "message": error.to_string()});
+    if let LimitError::Suspended { customer, reason } = error {
+        body["customer_id"] = serde_json::json!(customer);
+        body["reason"] = serde_json::json!(reason);
+    }
+    if let Some(seconds) = error.retry_after() {
+        body["retry_after"] = seconds.into();
+    }
+    body
 }
 
 /// `GET /v1/customers/{id}/usage`.
@@ -183,10 +293,7 @@ fn replaying(state: &AppState) -> Option<HttpResponse> {
 fn limit_error(error: &LimitError) -> HttpResponse {
     match error {
         LimitError::Exceeded(denial) => respond::json(402, denial.as_ref()),
-        LimitError::Suspended { customer, reason } => respond::json(
-            403,
-            &serde_json::json!({"code": error.code(), "message": error.to_string(), "customer_id": customer, "reason": reason}),
-        ),
+        LimitError::Suspended { .. } => respond::json(403, &error_body(error)),
         other => respond::error(other),
     }
 }

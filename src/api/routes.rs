@@ -30,6 +30,8 @@ pub enum Route {
     Sql,
     /// `POST /v1/check`.
     Check,
+    /// `POST /v1/check/batch`: up to 1,000 checks, each answered as `/v1/check` would.
+    CheckBatch,
     /// `POST /v1/usage/verify`.
     Verify,
     /// `POST /v1/rejected/replay`.
@@ -112,6 +114,8 @@ fn known_route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/sql") => Route::Sql,
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
+        (&Method::POST, "/v1/check/batch") => Route::CheckBatch,
+        (_, "/v1/check/batch") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
@@ -257,6 +261,7 @@ impl Route {
         match self {
             Self::Ingest(_) | Self::PostHogFlags => Access::WriteKey,
             Self::Check
+            | Self::CheckBatch
             | Self::Usage(_)
             | Self::Entitlement(..)
             | Self::Activation
@@ -303,7 +308,7 @@ impl Route {
     /// limit. A consume reserves usage, and only the outcome of its publish (bounded by the
     /// stream's ack timeout) keeps or releases the reservation: cut short, it would hold it.
     pub fn finishes_after_its_answer(&self) -> bool {
-        matches!(self, Self::Check)
+        matches!(self, Self::Check | Self::CheckBatch)
     }
 
     /// A short name for metrics and logs.
@@ -315,7 +320,7 @@ impl Route {
             }
             Self::Preflight => "preflight",
             Self::Sql => "sql",
-            Self::Check => "check",
+            Self::Check | Self::CheckBatch => "check",
             Self::Verify
             | Self::RejectedReplay
             | Self::Anomalies
@@ -376,6 +381,7 @@ pub(crate) async fn dispatch(
         Route::Preflight => respond::preflight(),
         Route::Sql => sql::handle(state, parts, &body).await,
         Route::Check => limits::check(state, &body).await,
+        Route::CheckBatch => limits::check_batch(state, &body).await,
         Route::Verify => limits::verify(state).await,
         Route::RejectedReplay => rejected::replay(state, &body).await,
         Route::Anomalies => limits::anomalies(state).await,
@@ -581,6 +587,7 @@ mod tests {
             route(&Method::GET, "/flags/definitions"),
             route(&Method::POST, "/v1/sql"),
             route(&Method::POST, "/v1/check"),
+            route(&Method::POST, "/v1/check/batch"),
             route(&Method::POST, "/v1/usage/verify"),
             route(&Method::POST, "/v1/rejected/replay"),
             route(&Method::GET, "/v1/anomalies"),
