@@ -96,6 +96,8 @@ pub struct ArchiveTarget {
     pub dir: PathBuf,
     /// The followers' delivery of the same stream, handed on (see [`Feed`]).
     pub feed: Option<Feed>,
+    /// How long the table keeps its days (`archive.retention`); none: for ever.
+    pub retention: Option<Duration>,
 }
 
 /// Messages of the events stream as the follower loop received them, handed on after they are
@@ -754,7 +756,13 @@ impl<F: TableFormat> Archiver<F> {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
         let compacting = self.compacting.clone();
+        let retention = self.target.retention;
         tokio::task::spawn_blocking(move || {
+            if let Some(retention) = retention
+                && let Err(error) = expire_days(format.dir(), &dir, retention, &metrics)
+            {
+                tracing::error!(table = format.dir(), %error, "dropping expired days failed; the next run retries");
+            }
             if let Err(error) =
                 compact_once(format.as_ref(), &dir, &settings, committed_seq, &metrics)
             {
@@ -818,6 +826,48 @@ fn write_commit<F: TableFormat>(
         ack: job.ack,
         cause: job.cause,
     })
+}
+
+/// Drops the table's days older than `retention` (`archive.retention`): whole `date=`
+/// directories whose date is before the day `retention` ago (UTC). Runs beside compaction on
+/// the same thread, so the two never touch one day at once, and under the swap lock, so no
+/// query of this process lists a day half gone. A crash part way leaves files of the day,
+/// which the next run drops; a late event committed into a dropped day is dropped by the next
+/// run too.
+fn expire_days(
+    table: &str,
+    dir: &Path,
+    retention: Duration,
+    metrics: &ArchiveMetrics,
+) -> Result<(), ArchiveError> {
+    let retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    let keep_from = crate::event::partition_date(
+        crate::clock::system_micros().saturating_sub(retention_micros),
+    );
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ArchiveError::Io { path, source }
+    };
+    let mut expired = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(date) = name.strip_prefix("date=")
+            && date < keep_from.as_str()
+        {
+            expired.push((date.to_string(), entry.path()));
+        }
+    }
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let _swap = compact::SWAP_LOCK.blocking_write();
+    for (date, path) in expired {
+        std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        metrics.expired_days.inc();
+        tracing::info!(table, date, kept_from = %keep_from, "dropped a day past archive.retention");
+    }
+    commit::fsync_dir(dir)
 }
 
 /// Most partitions one compaction run merges, those with the most small files first.

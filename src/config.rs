@@ -543,6 +543,18 @@ mod tests {
     }
 
     #[test]
+    fn a_retention_keeps_whole_days_or_everything() {
+        let config =
+            |kept: &str| format!(r#"{{"archive": {{"retention": {{"events": "{kept}"}}}}}}"#);
+        assert!(Config::from_json(&config("30d"), "x").is_ok());
+        assert!(Config::from_json(&config("0"), "x").is_ok());
+        let err = Config::from_json(&config("12h"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("archive.retention.events"), "{err}");
+    }
+
+    #[test]
     fn a_stream_must_hold_several_requests() {
         let small = r#"{"stream": {"maxBytes": 1048576}}"#;
         let err = Config::from_json(small, "x").unwrap_err().to_string();

@@ -76,6 +76,8 @@ pub struct ArchiveMetrics {
     pub lost: Counter,
     /// Commits that failed (a full disk, an I/O error) and were retried from the manifest.
     pub failures: Counter,
+    /// Days dropped whole because they were past `archive.retention`.
+    pub expired_days: Counter,
 }
 
 /// Every metric of a running server.
@@ -403,7 +405,7 @@ impl Metrics {
     /// The archive's families, one sample per table.
     fn archive_families(&self) -> Vec<Family> {
         type Read = fn(&ArchiveMetrics) -> Value;
-        let lines: [(&str, Kind, &str, Read); 13] = [
+        let lines: [(&str, Kind, &str, Read); 14] = [
             (
                 "northstar_archive_rows_total",
                 Kind::Counter,
@@ -457,6 +459,12 @@ impl Metrics {
                 Kind::Counter,
                 "Commits that failed (full disk, I/O error) and were retried from the manifest.",
                 |a| Value::Count(a.failures.get()),
+            ),
+            (
+                "northstar_archive_expired_partitions_total",
+                Kind::Counter,
+                "Day partitions dropped whole because they were past archive.retention.",
+                |a| Value::Count(a.expired_days.get()),
             ),
             (
                 "northstar_archive_last_seq",

@@ -235,6 +235,7 @@ pub async fn start(
             consumer: "archiver-events".into(),
             dir: data_dir.join(catalog::EVENTS.dir),
             feed,
+            retention: kept_for(&config.archive.retention.events),
         },
         config.archive.clone(),
         metrics.archive_events.clone(),
@@ -249,6 +250,7 @@ pub async fn start(
             consumer: "archiver-rejected".into(),
             dir: data_dir.join(catalog::REJECTED_EVENTS.dir),
             feed: None,
+            retention: kept_for(&config.archive.retention.rejected),
         },
         config.archive.clone(),
         metrics.archive_rejected.clone(),
@@ -622,6 +624,11 @@ impl RunningServer {
 
 /// Recomputes the activation threshold every `every`, starting one period after start (a
 /// recompute also happens on `POST /v1/activation/recompute` and `northstar aha`).
+/// A table's retention: none when the setting is "0" (kept for ever).
+fn kept_for(setting: &crate::config::HumanDuration) -> Option<Duration> {
+    Some(setting.get()).filter(|kept| !kept.is_zero())
+}
+
 async fn recompute_on_schedule(
     engine: Arc<QueryEngine>,
     question: crate::activation::Question,

@@ -350,3 +350,71 @@ async fn a_smaller_bound_at_start_drops_nothing_unsaved() {
     })
     .await;
 }
+
+/// `archive.retention`: days of the `events` table older than the retention are dropped whole,
+/// with a metric; the days inside it, and another table without a retention, keep everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn days_past_the_archive_retention_are_dropped_whole() {
+    let nats = Nats::start();
+    let mut config = test_config();
+    config["archive"] = json!({"retention": {"events": "3d"}});
+    let server = Northstar::start(&nats, &config);
+    let day = 86_400_000_000i64;
+    let now = northstar::clock::system_micros();
+    let stamped = |id: &str, at: i64| {
+        json!({"type": "track", "messageId": id, "userId": "u", "event": "kept_or_not",
+               "timestamp": northstar::clock::format_micros(at)})
+    };
+    let mut batch: Vec<Value> = (0..5)
+        .map(|i| stamped(&format!("old-{i}"), now - 10 * day))
+        .collect();
+    batch.extend((0..3).map(|i| stamped(&format!("week-{i}"), now - 6 * day)));
+    batch.extend((0..4).map(|i| stamped(&format!("new-{i}"), now - day / 2)));
+    // A message the registry refuses goes to rejected_events, which keeps everything.
+    batch.push(json!({"type": "track", "messageId": "bad", "userId": "u", "timestamp": 5}));
+    let sent = server.post("/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(
+        (sent.status, sent.json()["accepted"].as_u64()),
+        (200, Some(12)),
+        "{}",
+        sent.text()
+    );
+    let text = eventually(Duration::from_secs(30), async || {
+        let text = server.get("/metrics").await.text();
+        match metric(
+            &text,
+            "northstar_archive_expired_partitions_total{table=\"events\"} ",
+        ) {
+            Some(days) if days >= 2 => Ok(text),
+            n => Err(format!("{n:?} days dropped")),
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "northstar_archive_expired_partitions_total{table=\"rejected_events\"} "
+        ),
+        Some(0)
+    );
+    let kept = server
+        .live_sql("SELECT event_id FROM events ORDER BY event_id")
+        .await;
+    let ids: Vec<&str> = kept.iter().filter_map(|r| r["event_id"].as_str()).collect();
+    assert_eq!(
+        ids,
+        ["new-0", "new-1", "new-2", "new-3"],
+        "only the days within 3 days stay"
+    );
+    let rejected = server
+        .live_sql("SELECT count(*) AS n FROM rejected_events")
+        .await;
+    assert_eq!(rejected[0]["n"], 1);
+    let dates: Vec<String> = std::fs::read_dir(server.data.join("events"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("date="))
+        .collect();
+    assert_eq!(dates.len(), 1, "one day left on disk: {dates:?}");
+}

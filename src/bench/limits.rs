@@ -68,6 +68,9 @@ pub(crate) async fn run(options: LimitsBench) -> anyhow::Result<()> {
     result
 }
 
+/// Checks per request in the batch throughput run.
+const BATCH_CHECKS: usize = 100;
+
 async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     eprintln!(
         "memory: {} counters, {} people, {} group values…",
@@ -92,6 +95,14 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
     eprintln!("throughput: northstar /v1/check, then the bare server…");
     let ours = closed_loop(&format!("{base}/v1/check"), options, &body).await?;
     let baseline = closed_loop(&format!("{bare}/"), options, &body).await?;
+    eprintln!("throughput: /v1/check/batch of {BATCH_CHECKS}…");
+    let batch_body = |i: usize| {
+        let checks: Vec<_> = (0..BATCH_CHECKS)
+            .map(|j| json!({"customer_id": format!("customer-{}", (i * BATCH_CHECKS + j) % 1000), "feature": "api_requests"}))
+            .collect();
+        serde_json::to_vec(&json!({ "checks": checks })).unwrap_or_default()
+    };
+    let batched = closed_loop(&format!("{base}/v1/check/batch"), options, &batch_body).await?;
     eprintln!("latency at {} checks/s…", options.rate);
     let ours_fixed = open_loop(&format!("{base}/v1/check"), options, &body).await?;
     let bare_fixed = open_loop(&format!("{bare}/"), options, &body).await?;
@@ -109,6 +120,15 @@ async fn run_in(options: &LimitsBench, work: &Path) -> anyhow::Result<()> {
             ours: thousands(ours.rate),
             baseline: thousands(baseline.rate),
             ratio: Some(ours.rate / baseline.rate),
+        },
+        Row {
+            measure: format!(
+                "checks/s through /v1/check/batch of {BATCH_CHECKS}, {} clients (single checks above)",
+                options.clients
+            ),
+            ours: thousands(batched.rate * BATCH_CHECKS as f64),
+            baseline: String::new(),
+            ratio: None,
         },
         Row {
             measure: format!(

@@ -498,6 +498,27 @@ pub struct ArchiveSettings {
     /// Events the follower loop may hand on to the events archiver ahead of it, so
     /// nats-server delivers each event once; 0 gives the archiver a delivery of its own.
     pub feed_capacity: usize,
+    /// How long each table keeps its days in Parquet ("0": for ever).
+    pub retention: RetentionSettings,
+}
+
+/// How long each archived table keeps its days: older `date=` partitions are dropped whole.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RetentionSettings {
+    /// The `events` table ("0": for ever).
+    pub events: HumanDuration,
+    /// The `rejected_events` table ("0": for ever).
+    pub rejected: HumanDuration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            events: HumanDuration::secs(0),
+            rejected: HumanDuration::secs(0),
+        }
+    }
 }
 
 impl Default for ArchiveSettings {
@@ -511,6 +532,7 @@ impl Default for ArchiveSettings {
             compact_min_files: 12,
             compact_target_bytes: 256 * 1024 * 1024,
             feed_capacity: 32_768,
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -537,6 +559,19 @@ impl ArchiveSettings {
         }
         if self.compact_min_files < 2 {
             return Err(("compactMinFiles".into(), "must be at least 2".into()));
+        }
+        for (key, kept) in [
+            ("retention.events", &self.retention.events),
+            ("retention.rejected", &self.retention.rejected),
+        ] {
+            let kept = kept.get();
+            if !kept.is_zero() && kept < std::time::Duration::from_secs(86_400) {
+                return Err((
+                    key.into(),
+                    "must be at least a day (days are dropped whole), or \"0\" to keep everything"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
