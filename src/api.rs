@@ -17,6 +17,7 @@ pub mod activation;
 pub mod admission;
 pub mod billing;
 pub mod ingest_routes;
+pub mod insights;
 pub mod limits;
 pub mod ops;
 pub mod posthog_flags;

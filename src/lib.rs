@@ -53,6 +53,7 @@ pub mod files;
 pub mod heap;
 pub mod identity;
 pub mod ingest;
+pub mod insights;
 pub mod json;
 pub mod meter;
 pub mod metrics;

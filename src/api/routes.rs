@@ -6,7 +6,8 @@ use http::request::Parts;
 
 use super::respond::{self, HttpError, HttpResponse};
 use super::{
-    AppState, activation, billing, ingest_routes, limits, ops, posthog_flags, rejected, sql,
+    AppState, activation, billing, ingest_routes, insights, limits, ops, posthog_flags, rejected,
+    sql,
 };
 use crate::config::Config;
 use crate::error::ErrorKind;
@@ -32,6 +33,10 @@ pub enum Route {
     Check,
     /// `POST /v1/check/batch`: up to 1,000 checks, each answered as `/v1/check` would.
     CheckBatch,
+    /// `POST /v1/insights/funnel`.
+    Funnel,
+    /// `POST /v1/insights/retention`.
+    RetentionInsight,
     /// `POST /v1/usage/verify`.
     Verify,
     /// `POST /v1/rejected/replay`.
@@ -115,6 +120,9 @@ fn known_route(method: &Method, path: &str) -> Route {
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
         (&Method::POST, "/v1/check/batch") => Route::CheckBatch,
+        (&Method::POST, "/v1/insights/funnel") => Route::Funnel,
+        (&Method::POST, "/v1/insights/retention") => Route::RetentionInsight,
+        (_, "/v1/insights/funnel" | "/v1/insights/retention") => Route::MethodNotAllowed("POST"),
         (_, "/v1/check/batch") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
@@ -270,6 +278,8 @@ impl Route {
             | Self::User(..)
             | Self::PostHogFlagDefinitions => Access::Service,
             Self::Sql
+            | Self::Funnel
+            | Self::RetentionInsight
             | Self::Verify
             | Self::RejectedReplay
             | Self::Anomalies
@@ -319,7 +329,7 @@ impl Route {
                 "posthog"
             }
             Self::Preflight => "preflight",
-            Self::Sql => "sql",
+            Self::Sql | Self::Funnel | Self::RetentionInsight => "sql",
             Self::Check | Self::CheckBatch => "check",
             Self::Verify
             | Self::RejectedReplay
@@ -382,6 +392,8 @@ pub(crate) async fn dispatch(
         Route::Sql => sql::handle(state, parts, &body).await,
         Route::Check => limits::check(state, &body).await,
         Route::CheckBatch => limits::check_batch(state, &body).await,
+        Route::Funnel => insights::funnel(state, &body).await,
+        Route::RetentionInsight => insights::retention(state, &body).await,
         Route::Verify => limits::verify(state).await,
         Route::RejectedReplay => rejected::replay(state, &body).await,
         Route::Anomalies => limits::anomalies(state).await,
@@ -588,6 +600,8 @@ mod tests {
             route(&Method::POST, "/v1/sql"),
             route(&Method::POST, "/v1/check"),
             route(&Method::POST, "/v1/check/batch"),
+            route(&Method::POST, "/v1/insights/funnel"),
+            route(&Method::POST, "/v1/insights/retention"),
             route(&Method::POST, "/v1/usage/verify"),
             route(&Method::POST, "/v1/rejected/replay"),
             route(&Method::GET, "/v1/anomalies"),
