@@ -226,8 +226,60 @@ pub struct Standing {
     /// Usage by `groupBy` series, if the meter has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub groups: Option<Map<String, Value>>,
+    /// Where usage is heading at its rate so far this period (usage answers, from an hour
+    /// into the period).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projection: Option<Projection>,
     /// What the answer is based on.
     pub as_of: AsOf,
+}
+
+/// Where a feature's usage is heading at the period's rate so far: the trigger a sales-assist
+/// or in-app upgrade prompt wants before the limit is hit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Projection {
+    /// Units a day, over the period so far.
+    #[serde(serialize_with = "crate::json::exact::decimal")]
+    pub per_day: Decimal,
+    /// Usage at the period's end at that rate.
+    #[serde(serialize_with = "crate::json::exact::decimal")]
+    pub at_period_end: Decimal,
+    /// When the limit is reached at that rate (RFC 3339; in the past when usage is already
+    /// over it); none without a limit, without usage, or when the period ends first.
+    pub limit_reached_at: Option<String>,
+}
+
+/// The shortest part of a period a projection is made from: an hour's usage says little.
+const PROJECTION_MIN_ELAPSED_US: i64 = 3_600_000_000;
+
+/// The projection of `used` (with `limit`) over `period` at `now`, from the rate so far.
+fn project(
+    used: Decimal,
+    limit: Option<Decimal>,
+    period: &period::Period,
+    now: i64,
+) -> Option<Projection> {
+    let elapsed = now.saturating_sub(period.start);
+    if elapsed < PROJECTION_MIN_ELAPSED_US || now >= period.end {
+        return None;
+    }
+    let length = Decimal::from(period.end.saturating_sub(period.start));
+    let elapsed_dec = Decimal::from(elapsed);
+    let per_day = used.checked_mul(Decimal::from(86_400_000_000i64))? / elapsed_dec;
+    let at_period_end = used.checked_mul(length)? / elapsed_dec;
+    let limit_reached_at = limit.filter(|_| used > Decimal::ZERO).and_then(|limit| {
+        // The trend line from the period's start crosses the limit at start + limit / rate.
+        let offset = limit.checked_mul(elapsed_dec)? / used;
+        let at = period
+            .start
+            .checked_add(rust_decimal::prelude::ToPrimitive::to_i64(&offset.floor())?)?;
+        (at < period.end).then(|| format_micros(at))
+    });
+    Some(Projection {
+        per_day: per_day.round_dp(4),
+        at_period_end: at_period_end.round_dp(4),
+        limit_reached_at,
+    })
 }
 
 /// Which path takes an event into the counters.
@@ -655,10 +707,13 @@ impl Meter {
     /// `GET /v1/customers/{id}/usage`: every feature's standing.
     pub fn usage(&self, customer_id: &str) -> (Arc<Customer>, Vec<Standing>) {
         let customer = self.customers.get(customer_id);
+        let now = self.clock.now_micros();
+        let period = customer.period_at(now);
         let standings = (0..self.spec.features.len())
             .map(|i| {
                 let mut standing = self.standing(&customer, i, Decimal::ZERO, None);
                 standing.allowed &= customer.suspended.is_none();
+                standing.projection = project(standing.used, standing.limit, &period, now);
                 standing
             })
             .collect();
@@ -743,6 +798,7 @@ impl Meter {
             consumed,
             duplicate: false,
             groups,
+            projection: None,
             as_of: self.as_of(),
         }
     }
@@ -1137,6 +1193,45 @@ fn consume_ids(
 
 #[cfg(test)]
 mod tests {
+    /// A projection needs an hour of the period, usage to cross a limit, and a crossing
+    /// inside the period.
+    #[test]
+    fn a_projection_follows_the_rate_so_far() {
+        use rust_decimal::Decimal;
+        let hour = 3_600_000_000i64;
+        let period = super::period::Period {
+            start: 0,
+            end: 100 * hour,
+        };
+        assert_eq!(
+            super::project(Decimal::from(5), None, &period, hour / 2),
+            None
+        );
+        let p = super::project(
+            Decimal::from(10),
+            Some(Decimal::from(50)),
+            &period,
+            10 * hour,
+        )
+        .unwrap();
+        assert_eq!(p.per_day, Decimal::from(24));
+        assert_eq!(p.at_period_end, Decimal::from(100));
+        assert_eq!(
+            p.limit_reached_at.as_deref(),
+            Some("1970-01-03T02:00:00.000Z")
+        );
+        let slow = super::project(
+            Decimal::from(1),
+            Some(Decimal::from(50)),
+            &period,
+            10 * hour,
+        )
+        .unwrap();
+        assert_eq!(slow.limit_reached_at, None, "the period ends first");
+        let idle = super::project(Decimal::ZERO, Some(Decimal::from(50)), &period, 10 * hour);
+        assert_eq!(idle.unwrap().limit_reached_at, None);
+    }
+
     use super::*;
 
     #[test]

@@ -261,6 +261,64 @@ async fn a_batch_of_checks_answers_each_as_a_single_check_would() {
     assert_eq!(anonymous.status, 401, "{}", anonymous.text());
 }
 
+/// `/v1/customers/{id}/usage` projects each feature at the period's rate so far: units a day,
+/// usage at the period's end, and when the limit is reached (the upgrade trigger).
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_projects_the_period_end_and_when_the_limit_is_reached() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..8)
+        .map(|i| call(&format!("p-{i}"), "umbrella", "2026-03-09T10:00:00Z"))
+        .collect();
+    server.send_batch(batch).await;
+    let usage = eventually(&server, "/v1/customers/umbrella/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(8)
+    })
+    .await;
+    let feature = usage["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["feature"] == "api_requests")
+        .unwrap()
+        .clone();
+    let micros = |field: &str| {
+        northstar::activation::generate::parse_timestamp(feature[field].as_str().unwrap()).unwrap()
+    };
+    let (start, end) = (micros("period_start"), micros("period_end"));
+    let elapsed = (MARCH_10 - start) as f64;
+    let day = 86_400_000_000.0;
+    let projection = &feature["projection"];
+    let close =
+        |got: &Value, want: f64| (got.as_f64().unwrap() - want).abs() < 1e-3 * want.max(1.0);
+    assert!(
+        close(&projection["per_day"], 8.0 * day / elapsed),
+        "{feature}"
+    );
+    assert!(
+        close(
+            &projection["at_period_end"],
+            8.0 * (end - start) as f64 / elapsed
+        ),
+        "{feature}"
+    );
+    // The free plan's 20 calls are reached at 20/8 of the time elapsed, inside the period.
+    let reached = northstar::activation::generate::parse_timestamp(
+        projection["limit_reached_at"].as_str().unwrap(),
+    )
+    .unwrap();
+    let want = start as f64 + elapsed * 20.0 / 8.0;
+    assert!((reached as f64 - want).abs() < 1_000_000.0, "{feature}");
+    assert!(reached < end);
+    // A check answers no projection: it is the usage answer's.
+    let check = json!({"customer_id": "umbrella", "feature": "api_requests"});
+    let answer = server
+        .post_as(SERVICE_KEY, "/v1/check", &check)
+        .await
+        .json();
+    assert!(answer.get("projection").is_none(), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_consumes_never_both_take_the_last_unit() {
     let nats = Nats::start();
@@ -549,7 +607,10 @@ async fn usage_after_kill_9_equals_usage_before_and_verify_agrees() {
                 let mut features = body["features"].take();
                 for feature in features.as_array_mut().into_iter().flatten() {
                     if let Some(feature) = feature.as_object_mut() {
+                        // When it was asked, not what it counts: the projection moves with the
+                        // clock.
                         feature.remove("as_of");
+                        feature.remove("projection");
                     }
                 }
                 out.push((seq, features));
