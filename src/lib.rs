@@ -56,6 +56,7 @@ pub mod ingest;
 pub mod insights;
 pub mod json;
 pub mod meter;
+pub mod meter_query;
 pub mod metrics;
 pub mod onboarding;
 pub mod pipelines;

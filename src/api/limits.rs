@@ -148,6 +148,78 @@ fn error_body(error: &LimitError) -> serde_json::Value {
     body
 }
 
+/// `GET /v1/meters/{feature}/usage?customer=&from=&to=&windowSize=&windowTimeZone=&groupBy=
+/// &filter[dim]=`: JSON, or CSV when `Accept` asks for `text/csv`.
+pub async fn meter_usage(
+    state: &AppState,
+    feature: &str,
+    parts: &http::request::Parts,
+) -> HttpResponse {
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let answer = crate::meter_query::usage(
+        &state.query,
+        &state.config,
+        feature,
+        &params,
+        crate::clock::system_micros(),
+    )
+    .await;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(error) => return respond::error(&error),
+    };
+    let wants_csv = parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/csv"));
+    if !wants_csv {
+        return respond::json(200, &answer);
+    }
+    let dimensions: Vec<String> = answer
+        .data
+        .first()
+        .map(|w| w.group_by.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut csv = String::from("windowStart,windowEnd,customer");
+    for dimension in &dimensions {
+        csv.push(',');
+        csv.push_str(&csv_field(dimension));
+    }
+    csv.push_str(",value\n");
+    for window in &answer.data {
+        csv.push_str(&format!(
+            "{},{},{}",
+            window.window_start,
+            window.window_end,
+            csv_field(window.customer.as_deref().unwrap_or_default())
+        ));
+        for dimension in &dimensions {
+            let value = match &window.group_by[dimension] {
+                serde_json::Value::String(text) => text.clone(),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            csv.push(',');
+            csv.push_str(&csv_field(&value));
+        }
+        csv.push_str(&format!(",{}\n", window.value.normalize()));
+    }
+    respond::bytes_response(200, "text/csv; charset=utf-8", csv.into_bytes())
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
 /// `GET /v1/customers/{id}/usage`.
 pub async fn usage(state: &AppState, customer: &str) -> HttpResponse {
     if let Some(replaying) = replaying(state) {

@@ -33,6 +33,8 @@ pub enum Route {
     Check,
     /// `POST /v1/check/batch`: up to 1,000 checks, each answered as `/v1/check` would.
     CheckBatch,
+    /// `GET /v1/meters/{feature}/usage`: a feature's usage by window.
+    MeterUsage(String),
     /// `POST /v1/insights/funnel`.
     Funnel,
     /// `POST /v1/insights/retention`.
@@ -120,6 +122,20 @@ fn known_route(method: &Method, path: &str) -> Route {
         (_, "/v1/sql") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/check") => Route::Check,
         (&Method::POST, "/v1/check/batch") => Route::CheckBatch,
+        (method, path) if path.starts_with("/v1/meters/") => {
+            let segments: Vec<String> = path
+                .trim_start_matches("/v1/meters/")
+                .split('/')
+                .map(percent_decode)
+                .collect();
+            match (method, segments.as_slice()) {
+                (&Method::GET, [feature, usage]) if usage == "usage" && !feature.is_empty() => {
+                    Route::MeterUsage(feature.clone())
+                }
+                (_, [_, usage]) if usage == "usage" => Route::MethodNotAllowed("GET"),
+                _ => Route::NotFound,
+            }
+        }
         (&Method::POST, "/v1/insights/funnel") => Route::Funnel,
         (&Method::POST, "/v1/insights/retention") => Route::RetentionInsight,
         (_, "/v1/insights/funnel" | "/v1/insights/retention") => Route::MethodNotAllowed("POST"),
@@ -276,6 +292,7 @@ impl Route {
             | Self::ActivationPicture(_)
             | Self::NorthStar
             | Self::User(..)
+            | Self::MeterUsage(_)
             | Self::PostHogFlagDefinitions => Access::Service,
             Self::Sql
             | Self::Funnel
@@ -341,7 +358,7 @@ impl Route {
             Self::Activation | Self::ActivationPicture(_) | Self::NorthStar | Self::User(..) => {
                 "usage"
             }
-            Self::Usage(_) | Self::Entitlement(..) => "usage",
+            Self::Usage(_) | Self::Entitlement(..) | Self::MeterUsage(_) => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
             Self::Metrics => "metrics",
@@ -393,6 +410,7 @@ pub(crate) async fn dispatch(
         Route::Check => limits::check(state, &body).await,
         Route::CheckBatch => limits::check_batch(state, &body).await,
         Route::Funnel => insights::funnel(state, &body).await,
+        Route::MeterUsage(feature) => limits::meter_usage(state, feature, parts).await,
         Route::RetentionInsight => insights::retention(state, &body).await,
         Route::Verify => limits::verify(state).await,
         Route::RejectedReplay => rejected::replay(state, &body).await,
@@ -607,6 +625,7 @@ mod tests {
             route(&Method::GET, "/v1/anomalies"),
             route(&Method::GET, "/v1/customers/acme"),
             route(&Method::GET, "/v1/customers/acme/usage"),
+            route(&Method::GET, "/v1/meters/api_requests/usage"),
             route(&Method::GET, "/v1/customers/acme/entitlements/api_requests"),
             route(&Method::GET, "/healthz"),
             route(&Method::GET, "/metrics"),

@@ -277,7 +277,7 @@ pub(crate) fn metered_events_sql(config: &Config) -> String {
         };
         let select = |quantity: &str| {
             format!(
-                "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity \
+                "SELECT customer_id, {feature} AS feature, event_id, seq, \"timestamp\", date, {quantity} AS quantity, properties \
                  FROM events WHERE event = {event} AND customer_id IS NOT NULL",
                 feature = quote(&metering.feature_id),
                 event = quote(&event.name),
@@ -302,7 +302,7 @@ pub(crate) fn metered_events_sql(config: &Config) -> String {
     }
     if parts.is_empty() {
         return "SELECT customer_id, CAST(NULL AS VARCHAR) AS feature, event_id, seq, \"timestamp\", date, \
-                CAST(1 AS DECIMAL(38, 10)) AS quantity FROM events WHERE false"
+                CAST(1 AS DECIMAL(38, 10)) AS quantity, properties FROM events WHERE false"
             .to_string();
     }
     parts.join(" UNION ALL ")
