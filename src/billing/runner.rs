@@ -231,6 +231,8 @@ impl Follow for BillingFollower {
                 Ok(_) | Err(_) => continue,
             };
             let key = (customer.to_string(), meter.feature.clone());
+            // Said once per window and correction: an imported or replayed history makes
+            // thousands of late events, each for one of a few windows.
             if self
                 .windows
                 .add(key, event.timestamp, event.received_at, amount)
@@ -241,7 +243,7 @@ impl Follow for BillingFollower {
                     customer,
                     feature = %meter.feature,
                     event_time = %crate::clock::format_micros(event.timestamp),
-                    "late usage for a closed billing window: a correction will be reported"
+                    "late usage for a closed billing window: a correction will be reported (more late usage for it joins the same correction)"
                 );
             }
         }

@@ -47,6 +47,9 @@ pub enum Added {
     Open,
     /// Into a closed window: a correction is due.
     Late,
+    /// Into a closed window that already had late usage waiting to be reported: the same
+    /// correction grows.
+    LateAgain,
 }
 
 impl Windows {
@@ -82,8 +85,13 @@ impl Windows {
         let start = self.start_of(at);
         if self.is_closed(start) {
             add_to(self.closed.entry(key.clone()).or_default(), quantity);
+            let waiting = self.late.contains_key(&(key.clone(), start));
             add_to(self.late.entry((key, start)).or_default(), quantity);
-            Added::Late
+            if waiting {
+                Added::LateAgain
+            } else {
+                Added::Late
+            }
         } else {
             add_to(
                 self.open.entry(start).or_default().entry(key).or_default(),
@@ -302,5 +310,31 @@ mod tests {
         let earlier = r#"{"watermark": 5, "open": [], "closed": [["a", "api", "1"]], "late": [["a", "api", 0]]}"#;
         let mut old = Windows::from_state(10 * S, 0, serde_json::from_str(earlier).unwrap());
         assert_eq!(old.advance(6).len(), 1);
+    }
+
+    /// Late events for one window waiting to be reported make one correction: the first is
+    /// `Late`, the others `LateAgain` (what the follower logs once).
+    #[test]
+    fn late_events_of_one_window_are_one_correction() {
+        let mut w = Windows::new(10 * S, 0);
+        w.add(key("a"), 12 * S, 12 * S, Decimal::ONE);
+        w.advance(40 * S);
+        assert_eq!(w.add(key("a"), 13 * S, 41 * S, Decimal::ONE), Added::Late);
+        assert_eq!(
+            w.add(key("a"), 14 * S, 41 * S, Decimal::ONE),
+            Added::LateAgain
+        );
+        assert_eq!(
+            w.add(key("a"), 25 * S, 41 * S, Decimal::ONE),
+            Added::Late,
+            "another window"
+        );
+        let due = w.advance(42 * S);
+        assert_eq!(due.len(), 2, "{due:?}");
+        assert_eq!(
+            w.add(key("a"), 15 * S, 43 * S, Decimal::ONE),
+            Added::Late,
+            "reported: anew"
+        );
     }
 }
