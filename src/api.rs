@@ -82,6 +82,8 @@ pub struct AppState {
     pub permits: Arc<Semaphore>,
     /// The billing sink and upgrade path, when the config has `billing`.
     pub billing: Option<Arc<crate::billing::Billing>>,
+    /// Signs and checks portal tokens.
+    pub portal: Arc<crate::portal::PortalKeys>,
 }
 
 impl AppState {
@@ -113,6 +115,42 @@ impl AppState {
                 "invalid service key",
             ))
         }
+    }
+
+    /// The customer a portal token grants: from `Authorization: Bearer pt_…`, or `?token=`
+    /// (a browser's `EventSource` cannot send headers).
+    pub fn portal_grant(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<crate::portal::Grant, HttpError> {
+        let header = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let from_query = || {
+            form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        };
+        let token = crate::ingest::auth::bearer_token(header)
+            .map(str::to_string)
+            .or_else(from_query)
+            .ok_or_else(|| {
+                HttpError::new(
+                    ErrorKind::Unauthorized,
+                    "missing_portal_token",
+                    "send Authorization: Bearer <portal token>, or ?token=",
+                )
+            })?;
+        self.portal
+            .verify(&token, self.clock.now_micros())
+            .map_err(|error| {
+                let code = match error {
+                    crate::portal::TokenError::Invalid => "invalid_portal_token",
+                    crate::portal::TokenError::Expired(_) => "portal_token_expired",
+                };
+                HttpError::new(ErrorKind::Unauthorized, code, error.to_string())
+            })
     }
 
     /// Checks `Authorization: Bearer <admin key>` in constant time.

@@ -60,6 +60,7 @@ pub mod meter_query;
 pub mod metrics;
 pub mod onboarding;
 pub mod pipelines;
+pub mod portal;
 pub mod query;
 pub mod rejected;
 pub mod replay;

@@ -528,7 +528,12 @@ pub async fn start(
         })?;
     let mut service_keys = config.service_keys.clone();
     service_keys.extend(service_key.filter(|k| !k.is_empty()));
+    let portal = crate::portal::PortalKeys::open(&data_dir).map_err(|source| ServeError::Io {
+        context: "opening the portal token secret".into(),
+        source,
+    })?;
     let state = Arc::new(AppState {
+        portal: Arc::new(portal),
         permits: Arc::new(Semaphore::new(config.ingest.max_concurrent_requests)),
         billing,
         config: config.clone(),

@@ -849,3 +849,106 @@ async fn the_usage_query_api_windows_usage_in_a_time_zone() {
         assert!(answer.text().contains(field), "{path}: {}", answer.text());
     }
 }
+
+/// Portal tokens: a service asks for a token scoped to one customer and hands it to that
+/// customer's browser, which reads the customer's usage and entitlements with it (from any
+/// origin, by header or `?token=`); a changed token, an expired one, or a service key is
+/// refused on the portal routes, and only a service key makes tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portal_token_reads_one_customers_usage_until_it_expires() {
+    let nats = Nats::start();
+    let server = InProcess::start(&nats, &limits_config(), Clock::manual(MARCH_10)).await;
+    let batch: Vec<Value> = (0..3)
+        .map(|i| call(&format!("w-{i}"), "wonka", "2026-03-10T10:00:00Z"))
+        .collect();
+    server.send_batch(batch).await;
+    eventually(&server, "/v1/customers/wonka/usage", |b| {
+        b["as_of"]["seq"].as_u64() >= Some(3)
+    })
+    .await;
+
+    let asked = server
+        .post_as(
+            SERVICE_KEY,
+            "/v1/portal/tokens",
+            &json!({"customer_id": "wonka", "expiresIn": "10m"}),
+        )
+        .await;
+    assert_eq!(asked.status, 200, "{}", asked.text());
+    let token = asked.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(asked.json()["expires_at"], "2026-03-10T12:10:00.000Z");
+
+    let usage = server.get_as(&token, "/v1/portal/usage").await;
+    assert_eq!(usage.status, 200, "{}", usage.text());
+    assert_eq!(usage.headers["access-control-allow-origin"], "*");
+    let body = usage.json();
+    assert_eq!(body["customer_id"], "wonka");
+    assert_eq!(body["features"][0]["used"], 3.0);
+    let by_query = server
+        .client
+        .get(
+            &format!(
+                "{}/v1/portal/entitlements/api_requests?token={token}",
+                server.base
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_query.status, 200, "{}", by_query.text());
+    assert_eq!(by_query.json()["has_access"], true);
+    let preflight = server
+        .client
+        .send(
+            http::Method::OPTIONS,
+            &format!("{}/v1/portal/usage", server.base),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(preflight.status, 204);
+    assert_eq!(preflight.headers["access-control-allow-origin"], "*");
+
+    // Refusals: a changed token, a service key, no key to make one, then expiry.
+    let mut changed = token.clone();
+    changed.pop();
+    changed.push(if token.ends_with('A') { 'B' } else { 'A' });
+    for (key, code) in [
+        (changed.as_str(), "invalid_portal_token"),
+        (SERVICE_KEY, "invalid_portal_token"),
+    ] {
+        let refused = server.get_as(key, "/v1/portal/usage").await;
+        assert_eq!(
+            (refused.status, refused.json()["code"].as_str()),
+            (401, Some(code))
+        );
+        assert_eq!(
+            refused.headers["access-control-allow-origin"], "*",
+            "readable by the page"
+        );
+    }
+    let anonymous = server
+        .post_as(
+            "pt_nothing",
+            "/v1/portal/tokens",
+            &json!({"customer_id": "wonka"}),
+        )
+        .await;
+    assert_eq!(anonymous.status, 401);
+    let too_long = server
+        .post_as(
+            SERVICE_KEY,
+            "/v1/portal/tokens",
+            &json!({"customer_id": "wonka", "expiresIn": "2d"}),
+        )
+        .await;
+    assert_eq!(too_long.status, 400);
+    assert!(too_long.text().contains("expiresIn"));
+    server.clock.advance(Duration::from_secs(11 * 60));
+    let expired = server.get_as(&token, "/v1/portal/usage").await;
+    assert_eq!(
+        (expired.status, expired.json()["code"].as_str()),
+        (401, Some("portal_token_expired"))
+    );
+}

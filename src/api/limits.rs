@@ -220,6 +220,63 @@ fn csv_field(text: &str) -> String {
     }
 }
 
+/// `POST /v1/portal/tokens`: `{"customer_id", "expiresIn"?}` → a token the service hands to
+/// that customer's browser.
+pub fn portal_token(state: &AppState, body: &[u8]) -> HttpResponse {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Ask {
+        #[serde(alias = "customer_id")]
+        customer_id: String,
+        #[serde(default)]
+        expires_in: Option<String>,
+    }
+    let refuse = |field: &str, message: String| {
+        respond::error(&HttpError::new(
+            ErrorKind::InvalidInput,
+            "invalid_json",
+            format!("{field}: {message}"),
+        ))
+    };
+    let ask: Ask = match serde_json::from_slice(body) {
+        Ok(ask) => ask,
+        Err(e) => {
+            return refuse(
+                "body",
+                format!("must be {{\"customer_id\", \"expiresIn\"?}}: {e}"),
+            );
+        }
+    };
+    let customer = ask.customer_id.trim().to_string();
+    if let Some(problem) = crate::event::id_problem(&customer) {
+        return refuse("customer_id", problem);
+    }
+    let lifetime = match ask.expires_in.as_deref().map(crate::config::parse_duration) {
+        None => crate::portal::DEFAULT_LIFETIME,
+        Some(Ok(lifetime)) if !lifetime.is_zero() && lifetime <= crate::portal::MAX_LIFETIME => {
+            lifetime
+        }
+        Some(Ok(_)) => return refuse("expiresIn", "must be positive and at most 24h".into()),
+        Some(Err(e)) => return refuse("expiresIn", e),
+    };
+    let expires_at = state
+        .clock
+        .now_micros()
+        .saturating_add(i64::try_from(lifetime.as_micros()).unwrap_or(i64::MAX));
+    let grant = crate::portal::Grant {
+        customer_id: customer,
+        expires_at,
+    };
+    respond::json(
+        200,
+        &serde_json::json!({
+            "token": state.portal.issue(&grant),
+            "customer_id": grant.customer_id,
+            "expires_at": crate::clock::format_micros(expires_at),
+        }),
+    )
+}
+
 /// `GET /v1/customers/{id}/usage`.
 pub async fn usage(state: &AppState, customer: &str) -> HttpResponse {
     if let Some(replaying) = replaying(state) {

@@ -35,6 +35,12 @@ pub enum Route {
     CheckBatch,
     /// `GET /v1/meters/{feature}/usage`: a feature's usage by window.
     MeterUsage(String),
+    /// `POST /v1/portal/tokens`: a short-lived token for one customer's browser.
+    PortalToken,
+    /// `GET /v1/portal/usage`: the token's customer's usage.
+    PortalUsage,
+    /// `GET /v1/portal/entitlements/{feature}`.
+    PortalEntitlement(String),
     /// `POST /v1/insights/funnel`.
     Funnel,
     /// `POST /v1/insights/retention`.
@@ -134,6 +140,19 @@ fn known_route(method: &Method, path: &str) -> Route {
                 }
                 (_, [_, usage]) if usage == "usage" => Route::MethodNotAllowed("GET"),
                 _ => Route::NotFound,
+            }
+        }
+        (&Method::POST, "/v1/portal/tokens") => Route::PortalToken,
+        (_, "/v1/portal/tokens") => Route::MethodNotAllowed("POST"),
+        (&Method::OPTIONS, path) if path.starts_with("/v1/portal/") => Route::Preflight,
+        (&Method::GET, "/v1/portal/usage") => Route::PortalUsage,
+        (_, "/v1/portal/usage") => Route::MethodNotAllowed("GET"),
+        (method, path) if path.starts_with("/v1/portal/entitlements/") => {
+            let feature = percent_decode(path.trim_start_matches("/v1/portal/entitlements/"));
+            match method {
+                _ if feature.is_empty() || feature.contains('/') => Route::NotFound,
+                &Method::GET => Route::PortalEntitlement(feature),
+                _ => Route::MethodNotAllowed("GET"),
             }
         }
         (&Method::POST, "/v1/insights/funnel") => Route::Funnel,
@@ -275,6 +294,8 @@ pub enum Access {
     Service,
     /// The admin key, as `Authorization: Bearer`.
     Admin,
+    /// A portal token (`Authorization: Bearer pt_…` or `?token=`), scoped to one customer.
+    Portal,
     /// A `Stripe-Signature` over the body, which the webhook handler verifies.
     Signed,
 }
@@ -293,7 +314,9 @@ impl Route {
             | Self::NorthStar
             | Self::User(..)
             | Self::MeterUsage(_)
+            | Self::PortalToken
             | Self::PostHogFlagDefinitions => Access::Service,
+            Self::PortalUsage | Self::PortalEntitlement(_) => Access::Portal,
             Self::Sql
             | Self::Funnel
             | Self::RetentionInsight
@@ -359,6 +382,7 @@ impl Route {
                 "usage"
             }
             Self::Usage(_) | Self::Entitlement(..) | Self::MeterUsage(_) => "usage",
+            Self::PortalToken | Self::PortalUsage | Self::PortalEntitlement(_) => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
             Self::Metrics => "metrics",
@@ -374,6 +398,8 @@ impl Route {
             self,
             Self::Ingest(_)
                 | Self::PostHogFlags
+                | Self::PortalUsage
+                | Self::PortalEntitlement(_)
                 | Self::Preflight
                 | Self::NotFound
                 | Self::MethodNotAllowed(_)
@@ -395,9 +421,11 @@ pub(crate) async fn dispatch(
         .headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let mut grant = None;
     let allowed = match route.access() {
         Access::Service => state.require_service(bearer),
         Access::Admin => state.require_admin(bearer),
+        Access::Portal => state.portal_grant(parts).map(|g| grant = Some(g)),
         Access::Open | Access::WriteKey | Access::Signed => Ok(()),
     };
     if let Err(error) = allowed {
@@ -411,6 +439,22 @@ pub(crate) async fn dispatch(
         Route::CheckBatch => limits::check_batch(state, &body).await,
         Route::Funnel => insights::funnel(state, &body).await,
         Route::MeterUsage(feature) => limits::meter_usage(state, feature, parts).await,
+        Route::PortalToken => limits::portal_token(state, &body),
+        Route::PortalUsage | Route::PortalEntitlement(_) => {
+            let Some(grant) = grant else {
+                return respond::error(&HttpError::new(
+                    ErrorKind::Unauthorized,
+                    "missing_portal_token",
+                    "a portal token is needed",
+                ));
+            };
+            match route {
+                Route::PortalEntitlement(feature) => {
+                    limits::entitlement(state, &grant.customer_id, feature).await
+                }
+                _ => limits::usage(state, &grant.customer_id).await,
+            }
+        }
         Route::RetentionInsight => insights::retention(state, &body).await,
         Route::Verify => limits::verify(state).await,
         Route::RejectedReplay => rejected::replay(state, &body).await,
@@ -489,6 +533,15 @@ mod tests {
                     Access::WriteKey => continue,
                     Access::Service | Access::Admin => {
                         assert!(bearer, "{method} {path} takes a key the document omits")
+                    }
+                    Access::Portal => {
+                        let portal = operation["security"].as_array().is_some_and(|schemes| {
+                            schemes.iter().any(|s| s.get("portalToken").is_some())
+                        });
+                        assert!(
+                            portal,
+                            "{method} {path} takes a portal token the document omits"
+                        )
                     }
                     Access::Open | Access::Signed => {
                         assert!(
@@ -626,6 +679,9 @@ mod tests {
             route(&Method::GET, "/v1/customers/acme"),
             route(&Method::GET, "/v1/customers/acme/usage"),
             route(&Method::GET, "/v1/meters/api_requests/usage"),
+            route(&Method::POST, "/v1/portal/tokens"),
+            route(&Method::GET, "/v1/portal/usage"),
+            route(&Method::GET, "/v1/portal/entitlements/api_requests"),
             route(&Method::GET, "/v1/customers/acme/entitlements/api_requests"),
             route(&Method::GET, "/healthz"),
             route(&Method::GET, "/metrics"),
