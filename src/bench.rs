@@ -6,6 +6,7 @@
 //!   and the memory of a million counters;
 //! - [`activation`]: a full activation recompute vs DuckDB running the same SQL;
 //! - [`billing`]: meter events/s from the outbox to a local Stripe-speaking server, vs raw POSTs;
+//! - [`sql`]: analyst queries on a warm server through `/v1/sql` vs DuckDB on the same files;
 //! - [`soak`]: half the measured peak for minutes: memory, lag and disk over time.
 
 pub(crate) mod activation;
@@ -14,6 +15,7 @@ pub(crate) mod ingest;
 pub(crate) mod limits;
 pub(crate) mod report;
 pub(crate) mod soak;
+pub(crate) mod sql;
 
 use clap::Subcommand;
 
@@ -30,6 +32,8 @@ pub(crate) enum Suite {
     Billing(billing::BillingBench),
     /// Half the measured peak for `--minutes`: RSS, each reader's lag, stream and Parquet disk.
     Soak(soak::SoakBench),
+    /// Analyst queries on a warm server through `/v1/sql`, vs DuckDB on the same files.
+    Sql(sql::SqlBench),
     /// The bare hyper server of `bench limits` (run as its own process, like northstar).
     #[command(hide = true)]
     BareServer,
@@ -44,6 +48,7 @@ pub(crate) async fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Activation(options) => activation::run(options).await,
         Suite::Billing(options) => billing::run(options).await,
         Suite::Soak(options) => soak::run(options).await,
+        Suite::Sql(options) => sql::run(options).await,
     }
 }
 

@@ -1,0 +1,311 @@
+//! `northstar bench sql`: a fixed suite of analyst questions asked of a warm server through
+//! `POST /v1/sql`, next to DuckDB (Python package) running the same SQL on the same Parquet
+//! files, in the same run.
+//!
+//! A generated product history (signups, the core action, page views, anonymous visits linked
+//! by identify) is sent through the server's own ingest and waited for in Parquet, so the
+//! files are the ones a server makes. Each query runs once to warm up, then `--runs` times on
+//! each side; the median of each is compared, and the geometric mean of the ratios is the
+//! headline. DuckDB gets two threads, as the server's SQL has.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::ingest::{ADMIN_KEY, ServerChild, WRITE_KEY};
+use super::report::{Row, print_table, thousands};
+use northstar::activation::generate::{HistorySpec, generate};
+use northstar::archive::ArchiveManifest;
+use northstar::bus::EmbeddedNats;
+use northstar::client::{HttpClient, basic_auth};
+
+/// Options of the SQL benchmark.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SqlBench {
+    /// People in the generated history (about nine events each).
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) users: usize,
+    /// Timed runs of each query on each side (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) runs: usize,
+}
+
+/// The suite: counts, group-bys, a distinct count, a time range, a top-N and a self-join, in
+/// SQL both engines read the same way.
+fn suite(from: &str, to: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("count", "SELECT count(*) AS n FROM events".into()),
+        (
+            "events by name",
+            "SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC, event".into(),
+        ),
+        (
+            "distinct users",
+            "SELECT count(DISTINCT user_id) AS n FROM events".into(),
+        ),
+        (
+            "top customers in a week",
+            format!(
+                "SELECT customer_id, count(*) AS n FROM events \
+                 WHERE \"timestamp\" >= TIMESTAMP '{from}' AND \"timestamp\" < TIMESTAMP '{to}' \
+                 GROUP BY customer_id ORDER BY n DESC, customer_id LIMIT 10"
+            ),
+        ),
+        (
+            "events per day",
+            "SELECT date, count(*) AS n FROM events GROUP BY date ORDER BY date".into(),
+        ),
+        (
+            "most active users",
+            "SELECT user_id, count(*) AS n FROM events WHERE event = 'core_action_completed' \
+             GROUP BY user_id ORDER BY n DESC, user_id LIMIT 10"
+                .into(),
+        ),
+        (
+            "self-join: actions after signup",
+            "SELECT count(*) AS n FROM (SELECT user_id, min(\"timestamp\") AS t FROM events \
+             WHERE event = 'signup_completed' GROUP BY user_id) s \
+             JOIN events e ON e.user_id = s.user_id \
+             WHERE e.event = 'core_action_completed' AND e.\"timestamp\" >= s.t"
+                .into(),
+        ),
+    ]
+}
+
+/// Runs the benchmark and prints its table.
+pub(crate) async fn run(options: SqlBench) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("northstar-bench-sql-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = run_in(&options, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
+    let mut nats = EmbeddedNats::start(&work.join("jetstream"), None).await?;
+    let config_path = work.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
+    config["sources"] = json!([{"name": "bench", "writeKeys": [WRITE_KEY]}]);
+    config["activation"] = json!({"schedule": "0"});
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let data = work.join("data");
+    let server = ServerChild::spawn(&config_path, &data, nats.url()).await?;
+
+    let spec = HistorySpec {
+        users: options.users,
+        ..HistorySpec::ending_at(northstar::clock::system_micros())
+    };
+    let messages = generate(&spec);
+    eprintln!(
+        "sending a history of {} people ({} events) through ingest…",
+        thousands(options.users as f64),
+        thousands(messages.len() as f64)
+    );
+    let client = HttpClient::new();
+    let auth = basic_auth(WRITE_KEY);
+    for chunk in messages.chunks(1_000) {
+        let body = serde_json::to_vec(&json!({ "batch": chunk }))?;
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        loop {
+            let answer = client
+                .send(
+                    http::Method::POST,
+                    &format!("{}/v1/batch", server.base),
+                    &headers,
+                    body.clone(),
+                )
+                .await?;
+            match answer.status {
+                200 => break,
+                429 | 503 => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => bail!("ingest answered {other}: {}", answer.text()),
+            }
+        }
+    }
+    let started = Instant::now();
+    while ArchiveManifest::load(&data.join("events"))
+        .map(|m| m.rows)
+        .unwrap_or(0)
+        < messages.len() as u64
+    {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the history did not land in Parquet within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let end = northstar::activation::generate::data_end_micros(&spec);
+    let week = |days_back: i64| {
+        let micros = end - days_back * 86_400_000_000;
+        northstar::clock::format_micros(micros)
+            .trim_end_matches('Z')
+            .replace('T', " ")
+    };
+    let (from, to) = (week(74), week(67));
+    let queries = suite(&from, &to);
+    eprintln!("northstar: {} queries through POST /v1/sql…", queries.len());
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let mut ours = Vec::new();
+    for (name, sql) in &queries {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for run in 0..=options.runs {
+            let began = Instant::now();
+            let answer = client
+                .post_json(
+                    &format!("{}/v1/sql", server.base),
+                    &[("authorization", &bearer)],
+                    &json!({ "sql": sql }),
+                )
+                .await?;
+            let took = began.elapsed();
+            if answer.status != 200 {
+                bail!(
+                    "{name}: /v1/sql answered {}: {}",
+                    answer.status,
+                    answer.text()
+                );
+            }
+            rows = answer.json()["row_count"].as_u64().unwrap_or(0);
+            if run > 0 {
+                times.push(took);
+            }
+        }
+        ours.push((median(&mut times), rows));
+    }
+    server.stop().await;
+    nats.stop().await;
+
+    eprintln!("DuckDB: the same queries on the same files…");
+    let duck = duckdb_suite(&data, work, &queries, options.runs)?;
+    let mut rows = Vec::new();
+    let mut log_sum = 0.0;
+    for (i, (name, _)) in queries.iter().enumerate() {
+        let (ours_time, ours_rows) = ours[i];
+        let (duck_time, duck_rows) = duck[i];
+        let ratio = ours_time.as_secs_f64() / duck_time.as_secs_f64().max(1e-6);
+        log_sum += ratio.ln();
+        let same = if ours_rows == duck_rows {
+            ""
+        } else {
+            " (rows differ!)"
+        };
+        rows.push(Row {
+            measure: format!("{name}, median of {} runs{same}", options.runs),
+            ours: format!("{:.1} ms", ours_time.as_secs_f64() * 1000.0),
+            baseline: format!("{:.1} ms", duck_time.as_secs_f64() * 1000.0),
+            ratio: Some(ratio),
+        });
+    }
+    let geomean = (log_sum / queries.len() as f64).exp();
+    rows.push(Row {
+        measure: format!(
+            "geometric mean over {} queries, {} events",
+            queries.len(),
+            thousands(messages.len() as f64)
+        ),
+        ours: String::new(),
+        baseline: String::new(),
+        ratio: Some(geomean),
+    });
+    print_table(
+        "northstar bench sql — warm server, POST /v1/sql vs DuckDB on the same Parquet files",
+        "DuckDB (same SQL, same files)",
+        &rows,
+    );
+    eprintln!(
+        "(ours: from the request to the whole JSON answer over loopback; DuckDB: the query in its own process, no transfer)"
+    );
+    Ok(())
+}
+
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort_unstable();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+/// Each query in DuckDB (two threads) over the server's files: its median time and its rows.
+fn duckdb_suite(
+    data: &Path,
+    work: &Path,
+    queries: &[(&str, String)],
+    runs: usize,
+) -> anyhow::Result<Vec<(Duration, u64)>> {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !available {
+        let installed = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "duckdb"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !installed {
+            bail!("the duckdb Python package is not installable here");
+        }
+    }
+    let sql_path = work.join("queries.json");
+    let texts: Vec<&str> = queries.iter().map(|(_, sql)| sql.as_str()).collect();
+    std::fs::write(&sql_path, serde_json::to_vec(&texts)?)?;
+    let script = format!(
+        r#"
+import duckdb, json, time
+con = duckdb.connect()
+con.execute("SET threads TO 2")
+con.execute("SET enable_progress_bar = false")
+con.execute("SET TimeZone = 'UTC'")
+con.execute("CREATE VIEW events AS SELECT * FROM read_parquet('{events}/*/*.parquet', hive_partitioning = true)")
+for sql in json.load(open('{sql}')):
+    times = []
+    for run in range({runs} + 1):
+        start = time.time()
+        rows = con.sql(sql).fetchall()
+        if run > 0:
+            times.append(time.time() - start)
+    times.sort()
+    print("RESULT", times[len(times) // 2], len(rows))
+"#,
+        events = data.join("events").display(),
+        sql = sql_path.display(),
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .context("running python3")?;
+    if !out.status.success() {
+        bail!(
+            "duckdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let results: Vec<(Duration, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let seconds: f64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0.0);
+            let rows: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            (Duration::from_secs_f64(seconds), rows)
+        })
+        .collect();
+    if results.len() != queries.len() {
+        bail!(
+            "duckdb answered {} of {} queries: {text}",
+            results.len(),
+            queries.len()
+        );
+    }
+    Ok(results)
+}
