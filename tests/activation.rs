@@ -12,6 +12,18 @@ use northstar::activation::generate::{HistorySpec, data_end_micros, generate};
 use northstar::activation::stats::Cell;
 use serde_json::{Value, json};
 
+/// `northstar import FILE` into `server`.
+fn import(server: &Northstar, file: &std::path::Path) -> std::process::Output {
+    northstar_cli(&[
+        "import",
+        file.to_str().unwrap(),
+        "--url",
+        &server.base,
+        "--write-key",
+        WRITE_KEY,
+    ])
+}
+
 fn northstar_cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_northstar"))
         .args(args)
@@ -41,14 +53,7 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
     let mut config = test_config();
     config["activation"] = json!({"schedule": "0"});
     let server = Northstar::start(&nats, &config);
-    let imported = northstar_cli(&[
-        "import",
-        file.to_str().unwrap(),
-        "--url",
-        &server.base,
-        "--write-key",
-        WRITE_KEY,
-    ]);
+    let imported = import(&server, &file);
     assert!(
         imported.status.success(),
         "{}",
@@ -64,25 +69,14 @@ async fn the_analysis_recovers_a_planted_threshold_and_matches_a_hand_count() {
         "{report}"
     );
     // Re-importing stores nothing twice.
-    let again = northstar_cli(&[
-        "import",
-        file.to_str().unwrap(),
-        "--url",
-        &server.base,
-        "--write-key",
-        WRITE_KEY,
-    ]);
+    let again = import(&server, &file);
     assert!(
         String::from_utf8_lossy(&again.stdout)
             .contains(&format!("0 stored, {} already stored", messages.len()))
     );
 
     server.wait_archived(messages.len() as u64).await;
-    let identified = messages
-        .iter()
-        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
-        .count();
-    harness::wait_rows(&server.data, "identities", identified).await;
+    harness::wait_identified(&server.data, &messages).await;
 
     let config_path = server.data.parent().unwrap().join("northstar.json");
     let as_of = northstar::clock::format_micros(data_end_micros(&spec));
@@ -269,25 +263,14 @@ async fn counting_from_first_seen_recovers_a_rule_that_counts_actions_before_sig
     let mut config = test_config();
     config["activation"] = json!({"schedule": "0"});
     let server = Northstar::start(&nats, &config);
-    let imported = northstar_cli(&[
-        "import",
-        file.to_str().unwrap(),
-        "--url",
-        &server.base,
-        "--write-key",
-        WRITE_KEY,
-    ]);
+    let imported = import(&server, &file);
     assert!(
         imported.status.success(),
         "{}",
         String::from_utf8_lossy(&imported.stderr)
     );
     server.wait_archived(messages.len() as u64).await;
-    let identified = messages
-        .iter()
-        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
-        .count();
-    harness::wait_rows(&server.data, "identities", identified).await;
+    harness::wait_identified(&server.data, &messages).await;
     let as_of = northstar::clock::format_micros(data_end_micros(&spec));
 
     let config_path = server.data.parent().unwrap().join("northstar.json");

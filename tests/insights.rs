@@ -147,11 +147,7 @@ async fn funnels_and_retention_equal_the_hand_count() {
         server.send_batch(chunk.to_vec()).await;
     }
     server.wait_archived(messages.len() as u64).await;
-    let identified = messages
-        .iter()
-        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
-        .count();
-    harness::wait_rows(&server.data, "identities", identified).await;
+    harness::wait_identified(&server.data, &messages).await;
     let events = resolved(&messages);
     let range = (spec.start_micros - 5 * DAY, data_end_micros(&spec));
     let (from, to) = (

@@ -208,21 +208,7 @@ async fn duckdb_run(
     question: &Question,
     end_us: i64,
 ) -> Result<DuckRun, String> {
-    let available = std::process::Command::new("python3")
-        .args(["-c", "import duckdb"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !available {
-        let installed = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "duckdb"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !installed {
-            return Err("the duckdb Python package is not installable here".into());
-        }
-    }
+    super::report::ensure_duckdb()?;
     let cohort_end = end_us - i64::from(question.retained_days.1) * 86_400_000_000;
     let sql = render(question, cohort_end, Dialect::DuckDb);
     let sql_path = work.join("histogram.duckdb.sql");

@@ -46,6 +46,29 @@ pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// Makes sure Python's `duckdb` package (the baseline of `bench activation` and `bench sql`)
+/// can be imported, installing it with pip if it is missing.
+pub(crate) fn ensure_duckdb() -> Result<(), String> {
+    let imports = || {
+        std::process::Command::new("python3")
+            .args(["-c", "import duckdb"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if imports() {
+        return Ok(());
+    }
+    let installed = std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "duckdb"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed && imports() {
+        Ok(())
+    } else {
+        Err("the duckdb Python package is not installable here".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

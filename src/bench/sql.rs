@@ -237,21 +237,7 @@ fn duckdb_suite(
     queries: &[(&str, String)],
     runs: usize,
 ) -> anyhow::Result<Vec<(Duration, u64)>> {
-    let available = std::process::Command::new("python3")
-        .args(["-c", "import duckdb"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !available {
-        let installed = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "duckdb"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !installed {
-            bail!("the duckdb Python package is not installable here");
-        }
-    }
+    super::report::ensure_duckdb().map_err(anyhow::Error::msg)?;
     let sql_path = work.join("queries.json");
     let texts: Vec<&str> = queries.iter().map(|(_, sql)| sql.as_str()).collect();
     std::fs::write(&sql_path, serde_json::to_vec(&texts)?)?;

@@ -512,6 +512,15 @@ pub async fn wait_rows(data: &Path, table: &str, rows: usize) {
     .await
 }
 
+/// Waits until `identities` holds a row for every identify of `messages` that names both ids.
+pub async fn wait_identified(data: &Path, messages: &[Value]) {
+    let identified = messages
+        .iter()
+        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
+        .count();
+    wait_rows(data, "identities", identified).await
+}
+
 /// Waits (up to a minute) until the events manifest counts `rows` committed rows.
 pub async fn wait_archived(data: &Path, rows: u64) {
     eventually(Duration::from_secs(60), async || {
