@@ -3,7 +3,7 @@
 
 mod harness;
 
-use harness::{Nats, Northstar, WRITE_KEY, query, test_config};
+use harness::{ADMIN_KEY, Nats, Northstar, WRITE_KEY, query, test_config};
 use serde_json::{Value, json};
 
 fn msg(id: &str, kind: &str, fields: Value) -> Value {
@@ -251,4 +251,27 @@ async fn persons_and_groups_hold_properties_in_event_time_order() {
         then,
         json!({"plan": "team", "role": "admin", "first_plan": "trial"})
     );
+
+    // Over HTTP (admin key): the person by any of their ids, a group, and a 404 for neither.
+    let by_anonymous = server.get_as(ADMIN_KEY, "/v1/persons/pa-1").await;
+    assert_eq!(by_anonymous.status, 200, "{}", by_anonymous.text());
+    let profile = by_anonymous.json();
+    assert_eq!(profile["person_id"], "pu-1");
+    assert_eq!(
+        profile["properties"],
+        json!({"plan": "pro", "first_plan": "trial"})
+    );
+    assert_eq!(profile["events"], 9);
+    let group = server
+        .get_as(ADMIN_KEY, "/v1/groups/company/acme")
+        .await
+        .json();
+    assert_eq!(
+        group["properties"],
+        json!({"name": "Acme", "size": 40}),
+        "{group}"
+    );
+    for path in ["/v1/persons/nobody", "/v1/groups/company/nowhere"] {
+        assert_eq!(server.get_as(ADMIN_KEY, path).await.status, 404, "{path}");
+    }
 }

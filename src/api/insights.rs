@@ -29,6 +29,32 @@ pub async fn retention(state: &AppState, body: &[u8]) -> HttpResponse {
     }
 }
 
+/// `GET /v1/persons/{id}`: the person any of whose ids is `id`; 404 when none.
+pub async fn person(state: &AppState, id: &str) -> HttpResponse {
+    match crate::query::persons::person(&state.query, id).await {
+        Ok(Some(profile)) => respond::json(200, &profile),
+        Ok(None) => respond::error(&HttpError::new(
+            ErrorKind::NotFound,
+            "person_not_found",
+            format!("no person has the id `{id}`"),
+        )),
+        Err(error) => respond::error(&error),
+    }
+}
+
+/// `GET /v1/groups/{type}/{key}`; 404 when none.
+pub async fn group(state: &AppState, kind: &str, key: &str) -> HttpResponse {
+    match crate::query::persons::group(&state.query, kind, key).await {
+        Ok(Some(profile)) => respond::json(200, &profile),
+        Ok(None) => respond::error(&HttpError::new(
+            ErrorKind::NotFound,
+            "group_not_found",
+            format!("no group `{key}` of type `{kind}`"),
+        )),
+        Err(error) => respond::error(&error),
+    }
+}
+
 /// The body as a question, or the error that names what is wrong with it.
 fn question<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
     let mut reader = serde_json::Deserializer::from_slice(body);

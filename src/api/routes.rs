@@ -35,6 +35,10 @@ pub enum Route {
     CheckBatch,
     /// `GET /v1/meters/{feature}/usage`: a feature's usage by window.
     MeterUsage(String),
+    /// `GET /v1/persons/{id}`: a person's profile (any of their ids).
+    Person(String),
+    /// `GET /v1/groups/{type}/{key}`: a group's profile.
+    Group(String, String),
     /// `POST /v1/portal/tokens`: a short-lived token for one customer's browser.
     PortalToken,
     /// `GET /v1/portal/usage`: the token's customer's usage.
@@ -139,6 +143,28 @@ fn known_route(method: &Method, path: &str) -> Route {
                     Route::MeterUsage(feature.clone())
                 }
                 (_, [_, usage]) if usage == "usage" => Route::MethodNotAllowed("GET"),
+                _ => Route::NotFound,
+            }
+        }
+        (method, path) if path.starts_with("/v1/persons/") => {
+            let id = percent_decode(path.trim_start_matches("/v1/persons/"));
+            match method {
+                _ if id.trim().is_empty() || id.contains('/') => Route::NotFound,
+                &Method::GET => Route::Person(id),
+                _ => Route::MethodNotAllowed("GET"),
+            }
+        }
+        (method, path) if path.starts_with("/v1/groups/") => {
+            let segments: Vec<String> = path
+                .trim_start_matches("/v1/groups/")
+                .split('/')
+                .map(percent_decode)
+                .collect();
+            match (method, segments.as_slice()) {
+                (&Method::GET, [kind, key]) if !kind.is_empty() && !key.is_empty() => {
+                    Route::Group(kind.clone(), key.clone())
+                }
+                (_, [_, _]) => Route::MethodNotAllowed("GET"),
                 _ => Route::NotFound,
             }
         }
@@ -318,6 +344,8 @@ impl Route {
             | Self::PostHogFlagDefinitions => Access::Service,
             Self::PortalUsage | Self::PortalEntitlement(_) => Access::Portal,
             Self::Sql
+            | Self::Person(_)
+            | Self::Group(..)
             | Self::Funnel
             | Self::RetentionInsight
             | Self::Verify
@@ -370,6 +398,7 @@ impl Route {
             }
             Self::Preflight => "preflight",
             Self::Sql | Self::Funnel | Self::RetentionInsight => "sql",
+            Self::Person(_) | Self::Group(..) => "admin",
             Self::Check | Self::CheckBatch => "check",
             Self::Verify
             | Self::RejectedReplay
@@ -440,6 +469,8 @@ pub(crate) async fn dispatch(
         Route::Funnel => insights::funnel(state, &body).await,
         Route::MeterUsage(feature) => limits::meter_usage(state, feature, parts).await,
         Route::PortalToken => limits::portal_token(state, &body),
+        Route::Person(id) => insights::person(state, id).await,
+        Route::Group(kind, key) => insights::group(state, kind, key).await,
         Route::PortalUsage | Route::PortalEntitlement(_) => {
             let Some(grant) = grant else {
                 return respond::error(&HttpError::new(
@@ -511,6 +542,7 @@ mod tests {
             .replace("{id}", "acme")
             .replace("{feature}", "api_requests")
             .replace("{version}", "1")
+            .replace("{type}/{key}", "company/acme")
     }
 
     /// The access each route declares is what the OpenAPI document says of its operation: a
@@ -680,6 +712,8 @@ mod tests {
             route(&Method::GET, "/v1/customers/acme/usage"),
             route(&Method::GET, "/v1/meters/api_requests/usage"),
             route(&Method::POST, "/v1/portal/tokens"),
+            route(&Method::GET, "/v1/persons/acme"),
+            route(&Method::GET, "/v1/groups/company/acme"),
             route(&Method::GET, "/v1/portal/usage"),
             route(&Method::GET, "/v1/portal/entitlements/api_requests"),
             route(&Method::GET, "/v1/customers/acme/entitlements/api_requests"),

@@ -363,6 +363,51 @@ impl Accumulator for PropertiesAccumulator {
     }
 }
 
+/// The person `id` belongs to (any of their ids), as the `persons` view has them, or none.
+pub async fn person(
+    engine: &super::QueryEngine,
+    id: &str,
+) -> Result<Option<Value>, super::QueryError> {
+    let id = super::string_literal(id);
+    let sql = format!(
+        "SELECT person_id, properties, first_seen, last_seen, events, ids FROM persons \
+         WHERE person_id = coalesce((SELECT max(person_id) FROM identities WHERE id = {id}), {id})"
+    );
+    first_row(engine, &sql).await
+}
+
+/// The group of `group_type` and `key`, as the `groups` view has it, or none.
+pub async fn group(
+    engine: &super::QueryEngine,
+    group_type: &str,
+    key: &str,
+) -> Result<Option<Value>, super::QueryError> {
+    let sql = format!(
+        "SELECT group_type, group_key, properties, first_seen, last_seen FROM groups \
+         WHERE group_type = {} AND group_key = {}",
+        super::string_literal(group_type),
+        super::string_literal(key)
+    );
+    first_row(engine, &sql).await
+}
+
+/// The first row of `sql` as a JSON object, its `properties` parsed from their JSON text.
+async fn first_row(
+    engine: &super::QueryEngine,
+    sql: &str,
+) -> Result<Option<Value>, super::QueryError> {
+    let result = engine.collect_internal(sql).await?;
+    let rows = super::output::rows_json(&result)
+        .map_err(|e| super::QueryError::Internal(format!("reading a profile: {e}")))?;
+    let Some(mut row) = rows.as_array().and_then(|rows| rows.first()).cloned() else {
+        return Ok(None);
+    };
+    if let Some(text) = row["properties"].as_str() {
+        row["properties"] = serde_json::from_str(text).unwrap_or(Value::Null);
+    }
+    Ok(Some(row))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
