@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::activation::analysis::Dialect;
 use crate::query::{QueryEngine, QueryError, string_literal};
 
 const FUNNEL_SQL: &str = include_str!("../queries/insights/funnel.sql");
@@ -153,8 +154,12 @@ pub struct Funnel {
 }
 
 impl FunnelQuestion {
-    /// The SQL that answers it, checked.
-    pub fn render(&self, now: i64) -> Result<(String, i64, i64, Duration), InsightError> {
+    /// The SQL that answers it in `dialect`, checked; with the range and window it covers.
+    pub fn render(
+        &self,
+        now: i64,
+        dialect: Dialect,
+    ) -> Result<(String, i64, i64, Duration), InsightError> {
         if !(2..=MAX_STEPS).contains(&self.steps.len()) {
             return Err(invalid(
                 "steps",
@@ -209,7 +214,7 @@ impl FunnelQuestion {
                 "SELECT {k} AS step, breakdown, count(*) AS people, CAST(median(took) AS DOUBLE) AS median_us FROM s{k} GROUP BY breakdown"
             ));
         }
-        let sql = template(FUNNEL_SQL)
+        let sql = template(FUNNEL_SQL, dialect)
             .replace("{step_names}", &names.join(", "))
             .replace("{first_step}", &names[0])
             .replace("{from_us}", &from.to_string())
@@ -222,12 +227,43 @@ impl FunnelQuestion {
     }
 }
 
-/// The template without its comment lines (what runs, and what the answer shows).
-fn template(sql: &str) -> String {
-    sql.lines()
+/// The template without its comment lines, its engine-specific markers rendered for
+/// `dialect` (before any placeholder is filled, so no user text is ever rewritten):
+/// `US(x)`, a timestamp as UTC microseconds, and `FIRST_BY(x, t)`, the `x` of the least `t`.
+fn template(sql: &str, dialect: Dialect) -> String {
+    let mut sql = sql
+        .lines()
         .filter(|line| !line.trim_start().starts_with("--"))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    for marker in ["US(", "FIRST_BY("] {
+        while let Some(start) = sql.find(marker) {
+            let open = start + marker.len();
+            let mut depth = 1;
+            let Some(close) = sql[open..].char_indices().find_map(|(i, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                (depth == 0).then_some(open + i)
+            }) else {
+                break;
+            };
+            let inner = sql[open..close].to_string();
+            let rendered = match (marker, dialect) {
+                ("US(", Dialect::DataFusion) => format!("CAST({inner} AS BIGINT)"),
+                ("US(", Dialect::DuckDb) => format!("epoch_us({inner})"),
+                (_, Dialect::DataFusion) => match inner.split_once(',') {
+                    Some((x, t)) => format!("first_value({} ORDER BY {})", x.trim(), t.trim()),
+                    None => inner,
+                },
+                (_, Dialect::DuckDb) => format!("arg_min({inner})"),
+            };
+            sql.replace_range(start..=close, &rendered);
+        }
+    }
+    sql
 }
 
 /// Answers a funnel question.
@@ -236,7 +272,7 @@ pub async fn funnel(
     question: &FunnelQuestion,
     now: i64,
 ) -> Result<Funnel, InsightError> {
-    let (sql, from, to, window) = question.render(now)?;
+    let (sql, from, to, window) = question.render(now, Dialect::DataFusion)?;
     let rows = rows(engine, &sql).await?;
     // (breakdown as JSON text) → step → (people, median µs)
     let mut counted: BTreeMap<String, BTreeMap<u64, (u64, Option<f64>)>> = BTreeMap::new();
@@ -378,8 +414,8 @@ pub struct Retention {
 }
 
 impl RetentionQuestion {
-    /// The SQL that answers it, checked, and the number of periods.
-    pub fn render(&self, now: i64) -> Result<(String, u32), InsightError> {
+    /// The SQL that answers it in `dialect`, checked, and the number of periods.
+    pub fn render(&self, now: i64, dialect: Dialect) -> Result<(String, u32), InsightError> {
         for (field, name) in [
             ("cohortEvent", &self.cohort_event),
             ("returnEvent", &self.return_event),
@@ -396,7 +432,7 @@ impl RetentionQuestion {
             ));
         }
         let (from, to) = range(self.from.as_deref(), self.to.as_deref(), now)?;
-        let sql = template(RETENTION_SQL)
+        let sql = template(RETENTION_SQL, dialect)
             .replace("{cohort_event}", &string_literal(&self.cohort_event))
             .replace("{return_event}", &string_literal(&self.return_event))
             .replace("{from_us}", &from.to_string())
@@ -414,7 +450,7 @@ pub async fn retention(
     question: &RetentionQuestion,
     now: i64,
 ) -> Result<Retention, InsightError> {
-    let (sql, periods) = question.render(now)?;
+    let (sql, periods) = question.render(now, Dialect::DataFusion)?;
     let rows = rows(engine, &sql).await?;
     let mut cohorts: BTreeMap<i64, Cohort> = BTreeMap::new();
     for row in &rows {
@@ -464,25 +500,33 @@ mod tests {
     #[test]
     fn user_text_never_reaches_the_sql_unquoted() {
         let question = FunnelQuestion {
-            steps: vec!["a'); DROP TABLE events; --".into(), "b".into()],
+            steps: vec!["a'); DROP TABLE events; --".into(), "US(b)".into()],
             window: None,
             from: None,
             to: None,
             breakdown: Some("properties.x'y".into()),
         };
-        let (sql, ..) = question.render(1_000_000_000_000_000).unwrap();
+        let (sql, ..) = question
+            .render(1_000_000_000_000_000, Dialect::DataFusion)
+            .unwrap();
         assert!(sql.contains("'a''); DROP TABLE events; --'"), "{sql}");
         assert!(sql.contains("properties->>'x''y'"), "{sql}");
+        assert!(
+            sql.contains("'US(b)'"),
+            "a name is never taken for a marker: {sql}"
+        );
+        assert!(!sql.contains("US(\"") && sql.contains("first_value(breakdown ORDER BY ts)"));
         let bad = FunnelQuestion {
             breakdown: Some("user_id; DROP".into()),
             ..question.clone()
         };
-        let err = bad.render(0).unwrap_err().to_string();
+        let err = bad.render(0, Dialect::DataFusion).unwrap_err().to_string();
         assert!(err.starts_with("breakdown:"), "{err}");
         let one = FunnelQuestion {
             steps: vec!["a".into()],
             ..question
         };
-        assert!(one.render(0).unwrap_err().to_string().starts_with("steps:"));
+        let err = one.render(0, Dialect::DataFusion).unwrap_err().to_string();
+        assert!(err.starts_with("steps:"));
     }
 }

@@ -10,6 +10,8 @@
 --   {breakdown}     what splits the answer, read from the first step's event (NULL: no split)
 --   {later_steps}   one CTE per later step k ≥ 2, from the STEP template below
 --   {step_counts}   one SELECT per step, from the COUNT template below, joined by UNION ALL
+--   US(x)           a timestamp as UTC microseconds; FIRST_BY(x, t) the x of the least t
+--                   (engine-specific: rendered for DataFusion, and for DuckDB in `bench sql`)
 --
 -- A person enters at their first first-step event in the range; each later step is that
 -- step's first event after the previous step's and before first step + window (the earliest
@@ -17,17 +19,17 @@
 -- resolved through identity merges, so an anonymous step joins the person who later
 -- identifies.
 WITH e AS (
-    SELECT person_id, event, CAST("timestamp" AS BIGINT) AS ts, {breakdown} AS breakdown
+    SELECT person_id, event, US("timestamp") AS ts, {breakdown} AS breakdown
     FROM events_resolved
     WHERE event IN ({step_names})
-      AND CAST("timestamp" AS BIGINT) >= {from_us}
-      AND CAST("timestamp" AS BIGINT) < {to_us} + {window_us}
+      AND US("timestamp") >= {from_us}
+      AND US("timestamp") < {to_us} + {window_us}
       AND person_id IS NOT NULL
 ),
 s1 AS (
     SELECT person_id,
            min(ts) AS t1,
-           first_value(breakdown ORDER BY ts) AS breakdown,
+           FIRST_BY(breakdown, ts) AS breakdown,
            min(ts) AS t_prev
     FROM e
     WHERE event = {first_step} AND ts < {to_us}

@@ -33,9 +33,11 @@ pub(crate) struct SqlBench {
 }
 
 /// The suite: counts, group-bys, a distinct count, a time range, a top-N and a self-join, in
-/// SQL both engines read the same way.
-fn suite(from: &str, to: &str) -> Vec<(&'static str, String)> {
-    vec![
+/// SQL both engines read the same way; then a funnel and a retention table as the insights
+/// API renders them, for each engine (`queries/insights/`).
+fn suite(from: &str, to: &str, now: i64) -> anyhow::Result<Vec<(&'static str, String, String)>> {
+    let same = |name: &'static str, sql: String| (name, sql.clone(), sql);
+    let plain: Vec<(&'static str, String)> = vec![
         ("count", "SELECT count(*) AS n FROM events".into()),
         (
             "events by name",
@@ -71,7 +73,51 @@ fn suite(from: &str, to: &str) -> Vec<(&'static str, String)> {
              WHERE e.event = 'core_action_completed' AND e.\"timestamp\" >= s.t"
                 .into(),
         ),
-    ]
+    ];
+    let mut queries: Vec<_> = plain.into_iter().map(|(n, sql)| same(n, sql)).collect();
+    let funnel = northstar::insights::FunnelQuestion {
+        steps: vec![
+            "landing_page_viewed".into(),
+            "signup_completed".into(),
+            "core_action_completed".into(),
+        ],
+        window: Some("3d".into()),
+        from: Some(format!("{}Z", from.replace(' ', "T"))),
+        to: None,
+        breakdown: None,
+    };
+    let retention = northstar::insights::RetentionQuestion {
+        cohort_event: "signup_completed".into(),
+        return_event: "dashboard_viewed".into(),
+        period: northstar::insights::Period::Week,
+        periods: Some(8),
+        from: Some(format!("{}Z", from.replace(' ', "T"))),
+        to: None,
+    };
+    use northstar::insights::Dialect;
+    let render_funnel = |d| {
+        funnel
+            .render(now, d)
+            .map(|r| r.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let render_retention = |d| {
+        retention
+            .render(now, d)
+            .map(|r| r.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    queries.push((
+        "funnel, 3 steps in 3 days (insights)",
+        render_funnel(Dialect::DataFusion)?,
+        render_funnel(Dialect::DuckDb)?,
+    ));
+    queries.push((
+        "weekly retention, 8 weeks (insights)",
+        render_retention(Dialect::DataFusion)?,
+        render_retention(Dialect::DuckDb)?,
+    ));
+    Ok(queries)
 }
 
 /// Runs the benchmark and prints its table.
@@ -140,6 +186,29 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The funnel and retention resolve people: wait for the identity table too.
+    let linked = messages
+        .iter()
+        .filter(|m| m["type"] == "identify" && m.get("anonymousId").is_some())
+        .count() as u64;
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    loop {
+        let answer = client
+            .post_json(
+                &format!("{}/v1/sql", server.base),
+                &[("authorization", &bearer)],
+                &json!({"sql": "SELECT count(*) AS n FROM identities"}),
+            )
+            .await?;
+        if answer.json()["rows"][0]["n"].as_u64().unwrap_or(0) >= linked {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the identity table did not catch up within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let end = northstar::activation::generate::data_end_micros(&spec);
     let week = |days_back: i64| {
         let micros = end - days_back * 86_400_000_000;
@@ -148,11 +217,10 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
             .replace('T', " ")
     };
     let (from, to) = (week(74), week(67));
-    let queries = suite(&from, &to);
+    let queries = suite(&from, &to, end)?;
     eprintln!("northstar: {} queries through POST /v1/sql…", queries.len());
-    let bearer = format!("Bearer {ADMIN_KEY}");
     let mut ours = Vec::new();
-    for (name, sql) in &queries {
+    for (name, sql, _) in &queries {
         let mut times = Vec::new();
         let mut rows = 0;
         for run in 0..=options.runs {
@@ -186,7 +254,7 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
     let duck = duckdb_suite(&data, work, &queries, options.runs)?;
     let mut rows = Vec::new();
     let mut log_sum = 0.0;
-    for (i, (name, _)) in queries.iter().enumerate() {
+    for (i, (name, ..)) in queries.iter().enumerate() {
         let (ours_time, ours_rows) = ours[i];
         let (duck_time, duck_rows) = duck[i];
         let ratio = ours_time.as_secs_f64() / duck_time.as_secs_f64().max(1e-6);
@@ -234,13 +302,18 @@ fn median(times: &mut [Duration]) -> Duration {
 fn duckdb_suite(
     data: &Path,
     work: &Path,
-    queries: &[(&str, String)],
+    queries: &[(&str, String, String)],
     runs: usize,
 ) -> anyhow::Result<Vec<(Duration, u64)>> {
     super::report::ensure_duckdb().map_err(anyhow::Error::msg)?;
     let sql_path = work.join("queries.json");
-    let texts: Vec<&str> = queries.iter().map(|(_, sql)| sql.as_str()).collect();
+    let texts: Vec<&str> = queries.iter().map(|(_, _, duck)| duck.as_str()).collect();
     std::fs::write(&sql_path, serde_json::to_vec(&texts)?)?;
+    let resolved_path = work.join("events_resolved.json");
+    std::fs::write(
+        &resolved_path,
+        serde_json::to_vec(northstar::query::tables::EVENTS_RESOLVED)?,
+    )?;
     let script = format!(
         r#"
 import duckdb, json, time
@@ -249,6 +322,8 @@ con.execute("SET threads TO 2")
 con.execute("SET enable_progress_bar = false")
 con.execute("SET TimeZone = 'UTC'")
 con.execute("CREATE VIEW events AS SELECT * FROM read_parquet('{events}/*/*.parquet', hive_partitioning = true)")
+con.execute("CREATE VIEW identities AS SELECT * FROM read_parquet('{identities}/*.parquet')")
+con.execute(json.load(open('{resolved}')))
 for sql in json.load(open('{sql}')):
     times = []
     for run in range({runs} + 1):
@@ -260,6 +335,8 @@ for sql in json.load(open('{sql}')):
     print("RESULT", times[len(times) // 2], len(rows))
 "#,
         events = data.join("events").display(),
+        identities = data.join(northstar::catalog::IDENTITIES.dir).display(),
+        resolved = resolved_path.display(),
         sql = sql_path.display(),
     );
     let out = std::process::Command::new("python3")

@@ -260,7 +260,7 @@ const VIEW_COLUMNS: &[&str] = &[
 
 /// `events_resolved`: every event with the person it belongs to, through identity merges
 /// (an anonymous id that was identified, an alias, a merged user id), else its own id.
-const EVENTS_RESOLVED: &str = "CREATE VIEW events_resolved AS \
+pub const EVENTS_RESOLVED: &str = "CREATE VIEW events_resolved AS \
     SELECT e.*, coalesce(iu.person_id, e.user_id, ia.person_id, e.anonymous_id) AS person_id \
     FROM events e \
     LEFT JOIN identities iu ON iu.id = e.user_id \
