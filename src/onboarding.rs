@@ -215,7 +215,24 @@ impl Onboarding {
             >= u64::from(times)
     }
 
-    fn holds(&self, condition: &Condition, facts: &Facts, activated: bool) -> bool {
+    fn holds(
+        &self,
+        condition: &Condition,
+        facts: &Facts,
+        activated: bool,
+        groups: &serde_json::Map<String, Value>,
+    ) -> bool {
+        let group_matches = condition
+            .group_property_equals
+            .iter()
+            .all(|(kind, wanted)| {
+                wanted
+                    .iter()
+                    .all(|(key, value)| groups.get(kind).and_then(|g| g.get(key)) == Some(value))
+            });
+        if !group_matches {
+            return false;
+        }
         if let Some(plans) = &condition.plan {
             let plan = facts
                 .customer_id
@@ -255,7 +272,7 @@ impl Onboarding {
             .iter()
             .map(|step| {
                 let completed = facts.counts.get(&step.complete_on).copied().unwrap_or(0) > 0;
-                let applies = self.holds(&step.when, &facts, activated);
+                let applies = self.holds(&step.when, &facts, activated, &Default::default());
                 let state = if completed {
                     "completed"
                 } else if !applies {
@@ -310,7 +327,8 @@ impl Onboarding {
                     .is_none_or(|keys| keys.contains(&flag.key))
             })
             .map(|(index, flag)| {
-                let reason = if !self.holds(&flag.when, &facts, activated) {
+                let reason = if !self.holds(&flag.when, &facts, activated, &query.group_properties)
+                {
                     FlagReason::NotTargeted
                 } else if bucket(&flag.key, &person) >= flag.rollout {
                     FlagReason::OutOfRollout
@@ -496,6 +514,9 @@ pub struct FlagQuery {
     /// Person properties the caller knows now, over the traits the stream gave (PostHog's
     /// `person_properties`).
     pub person_properties: serde_json::Map<String, Value>,
+    /// Properties of the caller's groups by group type (PostHog's `group_properties`), for
+    /// `groupPropertyEquals`.
+    pub group_properties: serde_json::Map<String, Value>,
 }
 
 /// The variant of a multivariate flag a person gets: the first whose cumulative share is past

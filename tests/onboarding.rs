@@ -18,7 +18,8 @@ fn config() -> Value {
     ]});
     config["flags"] = json!([
         {"key": "new_ui", "rollout": 0.5},
-        {"key": "admins_only", "when": {"traitEquals": {"role": "admin"}}}
+        {"key": "admins_only", "when": {"traitEquals": {"role": "admin"}}},
+        {"key": "large_companies", "when": {"groupPropertyEquals": {"company": {"size": "large"}}}}
     ]);
     config
 }
@@ -184,6 +185,20 @@ async fn signup_starts_the_flow_and_steps_complete_themselves() {
         detailed["flags"].get("new_ui").is_none(),
         "only the keys asked: {detailed}"
     );
+    // Group properties the request carries target too; without them the flag is off.
+    let grouped = ask(
+        "/flags/?v=2",
+        json!({"token": WRITE_KEY, "distinct_id": "a1",
+               "group_properties": {"company": {"size": "large"}}}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        grouped["flags"]["large_companies"]["enabled"], true,
+        "{grouped}"
+    );
+    assert_eq!(detailed["flags"].get("large_companies"), None);
+    assert_eq!(older["featureFlags"]["large_companies"], false);
     // Errors name what is wrong, and are readable by a browser.
     let refused = ask(
         "/flags/?v=2",

@@ -124,12 +124,22 @@ fn read_request(parts: &Parts, body: &[u8]) -> Result<FlagsRequest, IngestError>
             ));
         }
     };
+    let group_properties = match fields.get("group_properties") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(groups)) => groups.clone(),
+        Some(_) => {
+            return Err(IngestError::InvalidJson(
+                "group_properties: must be an object of group type → properties".into(),
+            ));
+        }
+    };
     Ok(FlagsRequest {
         token,
         distinct_id,
         query: FlagQuery {
             keys,
             person_properties,
+            group_properties,
         },
     })
 }
@@ -193,6 +203,7 @@ pub fn definitions(state: &AppState) -> HttpResponse {
             let when = &flag.when;
             let local = flag.variants.is_empty()
                 && (flag.rollout == 0.0 || flag.rollout == 1.0)
+                && when.group_property_equals.is_empty()
                 && when.plan.is_none()
                 && when.activated.is_none()
                 && when.event_count_at_least.is_empty()

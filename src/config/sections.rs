@@ -875,6 +875,11 @@ pub struct Condition {
     /// The person's traits (from identify) have these values.
     #[serde(default)]
     pub trait_equals: BTreeMap<String, serde_json::Value>,
+    /// The groups the caller names have these properties: group type → property → value
+    /// (PostHog's `group_properties` of a flags request; a caller that names no group does
+    /// not match).
+    #[serde(default)]
+    pub group_property_equals: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
 }
 
 /// One onboarding step.
