@@ -77,9 +77,8 @@ fn invalid(field: &'static str, message: impl Into<String>) -> InsightError {
 /// RFC 3339.
 fn range(from: Option<&str>, to: Option<&str>, now: i64) -> Result<(i64, i64), InsightError> {
     let parse = |field: &'static str, text: &str| {
-        chrono::DateTime::parse_from_rfc3339(text)
-            .map(|t| t.timestamp_micros())
-            .map_err(|e| invalid(field, format!("not an RFC 3339 time ({e})")))
+        crate::activation::generate::parse_timestamp(text)
+            .ok_or_else(|| invalid(field, format!("`{text}` is not an RFC 3339 time")))
     };
     let to = to.map(|t| parse("to", t)).transpose()?.unwrap_or(now);
     let span = i64::try_from(DEFAULT_SPAN.as_micros()).unwrap_or(i64::MAX);

@@ -211,9 +211,8 @@ pub async fn usage(
         )
     })?;
     let time = |field: &str, text: &str| {
-        DateTime::parse_from_rfc3339(text)
-            .map(|t| t.timestamp_micros())
-            .map_err(|e| invalid(field, format!("not an RFC 3339 time ({e})")))
+        crate::activation::generate::parse_timestamp(text)
+            .ok_or_else(|| invalid(field, format!("`{text}` is not an RFC 3339 time")))
     };
     let to = param("to")
         .map(|t| time("to", t))

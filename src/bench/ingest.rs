@@ -485,7 +485,11 @@ impl ServerChild {
 }
 
 /// Waits until the events manifest counts `total` rows; returns the time since `started`.
-async fn wait_landed(events_dir: &Path, total: u64, started: Instant) -> anyhow::Result<Duration> {
+pub(super) async fn wait_landed(
+    events_dir: &Path,
+    total: u64,
+    started: Instant,
+) -> anyhow::Result<Duration> {
     loop {
         if ArchiveManifest::load(events_dir)
             .map(|m| m.rows)

@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use super::ingest::{ADMIN_KEY, ServerChild, WRITE_KEY};
 use super::report::{Row, print_table, thousands};
 use northstar::activation::generate::{HistorySpec, generate};
-use northstar::archive::ArchiveManifest;
 use northstar::bus::EmbeddedNats;
 use northstar::client::{HttpClient, basic_auth};
 
@@ -175,16 +174,7 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    while ArchiveManifest::load(&data.join("events"))
-        .map(|m| m.rows)
-        .unwrap_or(0)
-        < messages.len() as u64
-    {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("the history did not land in Parquet within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::ingest::wait_landed(&data.join("events"), messages.len() as u64, started).await?;
 
     // The funnel and retention resolve people: wait for the identity table too.
     let linked = messages
