@@ -2,8 +2,9 @@
 # Installs what a fresh machine lacks to run and test northstar:
 #   nats-server (Debian's package; JetStream included) and, with --test, the SDK clients the
 #   wire tests drive (Python: segment-analytics-python, posthog; Node: @segment/analytics-node,
-#   posthog-node; posthog-js in Debian's Chromium) and promtool (Debian's prometheus package),
-#   which checks /metrics.
+#   posthog-node; posthog-js in Debian's Chromium), the Postgres clients the Postgres wire test
+#   drives (psql from Debian's postgresql-client; psycopg, SQLAlchemy, pandas from PyPI) and
+#   promtool (Debian's prometheus package), which checks /metrics.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -31,8 +32,8 @@ if ! have_nats; then
 fi
 
 if $want_test; then
-  if ! python3 -c 'import segment.analytics, posthog' >/dev/null 2>&1; then
-    echo "installing the Python SDK clients for the wire tests…"
+  if ! python3 -c 'import segment.analytics, posthog, psycopg, sqlalchemy, pandas' >/dev/null 2>&1; then
+    echo "installing the Python SDK and Postgres clients for the wire tests…"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
   fi
   # The official Node SDKs (posthog-node, @segment/analytics-node), pinned by the lock file;
@@ -53,6 +54,16 @@ if $want_test; then
   if [ ! -d tests/sdk/node/node_modules ] || [ tests/sdk/node/package-lock.json -nt tests/sdk/node/node_modules ]; then
     echo "installing the Node SDK clients for the wire tests…"
     npm ci --prefix tests/sdk/node --no-audit --no-fund --loglevel=error
+  fi
+  # psql, for the Postgres wire test (Debian's postgresql-client).
+  # (openssl makes the certificate of its TLS case.)
+  if ! command -v psql >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+    echo "installing psql (Debian's postgresql-client) and openssl for the Postgres wire test…"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get install -y --no-install-recommends postgresql-client openssl >/dev/null 2>&1 || {
+      as_root apt-get update -qq
+      as_root apt-get install -y --no-install-recommends postgresql-client openssl
+    }
   fi
   # posthog-js runs in headless Chromium (Debian's package).
   if ! command -v chromium >/dev/null 2>&1; then

@@ -64,6 +64,8 @@ pub struct AppState {
     pub admin_key: Option<String>,
     /// Keys of services allowed on the limits API (config `serviceKeys`, `NORTHSTAR_SERVICE_KEY`).
     pub service_keys: Vec<String>,
+    /// Read-only keys of analysts (config `analystKeys`, `NORTHSTAR_ANALYST_KEY`).
+    pub analyst_keys: Vec<String>,
     /// The usage meter and limits.
     pub meter: Arc<crate::meter::Meter>,
     /// Time for answers and stored records.
@@ -153,6 +155,31 @@ impl AppState {
             })
     }
 
+    /// Checks `Authorization: Bearer <analyst or admin key>` in constant time: the reads of
+    /// the event history.
+    pub fn require_reader(&self, request_auth: Option<&str>) -> Result<(), HttpError> {
+        let token = crate::ingest::auth::bearer_token(request_auth);
+        let mut analyst = false;
+        for key in &self.analyst_keys {
+            analyst |=
+                token.is_some_and(|token| bool::from(token.as_bytes().ct_eq(key.as_bytes())));
+        }
+        if analyst {
+            return Ok(());
+        }
+        self.require_admin(request_auth).map_err(|error| {
+            if error.code == "missing_admin_key" {
+                HttpError::new(
+                    ErrorKind::Unauthorized,
+                    "missing_key",
+                    "send Authorization: Bearer <analyst or admin key>",
+                )
+            } else {
+                error
+            }
+        })
+    }
+
     /// Checks `Authorization: Bearer <admin key>` in constant time.
     pub fn require_admin(&self, request_auth: Option<&str>) -> Result<(), HttpError> {
         let Some(admin) = &self.admin_key else {
@@ -169,12 +196,21 @@ impl AppState {
                 "send Authorization: Bearer <admin key>",
             )
         })?;
-        let mut service = false;
+        let (mut service, mut analyst) = (false, false);
         for key in &self.service_keys {
             service |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
         }
+        for key in &self.analyst_keys {
+            analyst |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
+        }
         if bool::from(token.as_bytes().ct_eq(admin.as_bytes())) {
             Ok(())
+        } else if analyst {
+            Err(HttpError::new(
+                ErrorKind::Forbidden,
+                "analyst_key_not_allowed",
+                "analyst keys may only read (SQL, insights, people); use the admin key",
+            ))
         } else if service {
             Err(HttpError::new(
                 ErrorKind::Forbidden,

@@ -81,6 +81,9 @@ pub struct Config {
     /// Keys of services that call the limits API (check, usage, entitlements).
     #[serde(default)]
     pub service_keys: Vec<String>,
+    /// Read-only keys of analysts: SQL over HTTP and the Postgres wire, nothing that writes.
+    #[serde(default)]
+    pub analyst_keys: Vec<String>,
     /// Schema registry defaults.
     #[serde(default)]
     pub registry: RegistrySettings,
@@ -120,6 +123,7 @@ impl Default for Config {
             sql: SqlSettings::default(),
             metering: MeteringSettings::default(),
             service_keys: Vec::new(),
+            analyst_keys: Vec::new(),
             registry: RegistrySettings::default(),
             activation: ActivationSettings::default(),
             onboarding: OnboardingSettings::default(),
@@ -298,6 +302,14 @@ impl Config {
                 return Err((
                     format!("serviceKeys[{i}]"),
                     "service keys must be at least 16 characters".into(),
+                ));
+            }
+        }
+        for (i, key) in self.analyst_keys.iter().enumerate() {
+            if key.len() < 16 {
+                return Err((
+                    format!("analystKeys[{i}]"),
+                    "analyst keys must be at least 16 characters".into(),
                 ));
             }
         }

@@ -59,6 +59,7 @@ pub mod meter;
 pub mod meter_query;
 pub mod metrics;
 pub mod onboarding;
+pub mod pg;
 pub mod pipelines;
 pub mod portal;
 pub mod query;

@@ -299,6 +299,14 @@ impl QueryEngine {
         &self.ctx
     }
 
+    /// The query threads, for work that runs its own statements (the Postgres wire's sessions).
+    pub fn query_threads(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime
+            .0
+            .as_ref()
+            .map(|runtime| runtime.handle().clone())
+    }
+
     /// The data dir the tables live in.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -58,6 +58,9 @@ pub enum ServeError {
     /// The SQL engine could not open the tables.
     #[error(transparent)]
     Query(#[from] crate::query::QueryError),
+    /// The Postgres wire could not start.
+    #[error(transparent)]
+    Pg(#[from] crate::pg::PgError),
     /// A pipeline definition is wrong.
     #[error(transparent)]
     Pipeline(#[from] crate::pipelines::PipelineError),
@@ -89,6 +92,8 @@ pub struct ServeOptions {
     pub admin_key: Option<String>,
     /// A service key for the limits API, beside the config's `serviceKeys`.
     pub service_key: Option<String>,
+    /// A read-only analyst key, beside the config's `analystKeys`.
+    pub analyst_key: Option<String>,
     /// The clock events are stamped with.
     pub clock: Clock,
     /// Directory of the windowed usage pipelines (`pipelines/*.sql`); `None` for
@@ -102,6 +107,10 @@ pub struct ServeOptions {
 pub struct RunningServer {
     /// The address HTTP listens on.
     pub addr: SocketAddr,
+    /// The address the Postgres wire listens on, when `sql.pgListen` is set.
+    pub pg_addr: Option<SocketAddr>,
+    /// The Postgres wire's accept loop.
+    pg: Option<JoinHandle<()>>,
     /// The NATS URL in use (the embedded server's when embedded).
     pub nats_url: String,
     /// Committed sequence of the events archive.
@@ -143,6 +152,7 @@ pub async fn start(
         nats_url,
         admin_key,
         service_key,
+        analyst_key,
         clock,
         pipelines_dir,
         billing_secrets,
@@ -167,6 +177,16 @@ pub async fn start(
                 source,
             });
         }
+    };
+    let admin_key = admin_key.filter(|k| !k.is_empty());
+    let mut analyst_keys = config.analyst_keys.clone();
+    analyst_keys.extend(analyst_key.filter(|k| !k.is_empty()));
+    let pg = match config.sql.pg_listen {
+        Some(addr) => {
+            let keys = crate::pg::Keys::new(admin_key.as_deref(), &analyst_keys);
+            Some(crate::pg::Prepared::bind(addr, keys, &config.sql).await?)
+        }
+        None => None,
     };
     let definitions = crate::pipelines::load(pipelines_dir.as_deref())?;
     let schema_dir = PathBuf::from(&config.registry.schema_dir);
@@ -540,8 +560,9 @@ pub async fn start(
         ingestor,
         query,
         metrics,
-        admin_key: admin_key.filter(|k| !k.is_empty()),
+        admin_key,
         service_keys,
+        analyst_keys,
         meter,
         clock,
         activation: activation_store.clone(),
@@ -565,12 +586,22 @@ pub async fn start(
         },
     });
     let (stop_http, mut http_stop) = watch::channel(false);
+    let pg_addr = pg.as_ref().and_then(crate::pg::Prepared::local_addr);
+    let pg = match pg {
+        Some(pg) => Some(pg.start(&state.query, &config.sql, stop_http.subscribe())?),
+        None => None,
+    };
+    if let Some(pg_addr) = pg_addr {
+        tracing::info!(%pg_addr, "Postgres wire listening");
+    }
     let http = tokio::spawn(api::serve(listener, state, async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
     }));
     tracing::info!(%addr, nats = %nats_url, data = %data_dir.display(), "northstar serving");
     Ok(RunningServer {
         addr,
+        pg_addr,
+        pg,
         nats_url,
         events_committed: events.committed,
         stop_http,
@@ -606,6 +637,9 @@ impl RunningServer {
     /// background tasks end, NATS stops.
     pub async fn stop(self) {
         let _ = self.stop_http.send(true);
+        if let Some(pg) = self.pg {
+            let _ = pg.await;
+        }
         if let Some(http) = self.http {
             let _ = http.await;
         }

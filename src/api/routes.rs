@@ -320,6 +320,9 @@ pub enum Access {
     Service,
     /// The admin key, as `Authorization: Bearer`.
     Admin,
+    /// An analyst key or the admin key, as `Authorization: Bearer`: reads of the event
+    /// history (SQL, insights, people), nothing that writes or acts.
+    Read,
     /// A portal token (`Authorization: Bearer pt_…` or `?token=`), scoped to one customer.
     Portal,
     /// A `Stripe-Signature` over the body, which the webhook handler verifies.
@@ -347,8 +350,8 @@ impl Route {
             | Self::Person(_)
             | Self::Group(..)
             | Self::Funnel
-            | Self::RetentionInsight
-            | Self::Verify
+            | Self::RetentionInsight => Access::Read,
+            Self::Verify
             | Self::RejectedReplay
             | Self::Anomalies
             | Self::ActivationRecompute
@@ -454,6 +457,7 @@ pub(crate) async fn dispatch(
     let allowed = match route.access() {
         Access::Service => state.require_service(bearer),
         Access::Admin => state.require_admin(bearer),
+        Access::Read => state.require_reader(bearer),
         Access::Portal => state.portal_grant(parts).map(|g| grant = Some(g)),
         Access::Open | Access::WriteKey | Access::Signed => Ok(()),
     };
@@ -563,7 +567,7 @@ mod tests {
                     .is_some_and(|schemes| schemes.iter().any(|s| s.get("bearer").is_some()));
                 match access {
                     Access::WriteKey => continue,
-                    Access::Service | Access::Admin => {
+                    Access::Service | Access::Admin | Access::Read => {
                         assert!(bearer, "{method} {path} takes a key the document omits")
                     }
                     Access::Portal => {
@@ -586,7 +590,7 @@ mod tests {
             }
         }
         assert!(checked >= 20, "{checked} operations checked");
-        assert_eq!(route(&Method::POST, "/v1/sql").access(), Access::Admin);
+        assert_eq!(route(&Method::POST, "/v1/sql").access(), Access::Read);
         assert_eq!(route(&Method::POST, "/v1/check").access(), Access::Service);
         assert_eq!(
             route(&Method::PUT, "/v1/customers/a").access(),

@@ -21,6 +21,10 @@ pub(super) struct ServeArgs {
     /// External NATS server or cluster; without it northstar runs its own nats-server.
     #[arg(long, env = "NORTHSTAR_NATS_URL")]
     nats_url: Option<String>,
+    /// Also serve the Postgres wire here (`sql.pgListen` in the config), for psql, BI tools
+    /// and drivers; log in with NORTHSTAR_ANALYST_KEY or NORTHSTAR_ADMIN_KEY as the password.
+    #[arg(long)]
+    pg_listen: Option<SocketAddr>,
     /// After start, send this many demo events and print what to try next.
     #[arg(long)]
     demo: Option<usize>,
@@ -47,6 +51,9 @@ impl ServeArgs {
                 .next()
                 .cloned()
         });
+        if let Some(addr) = self.pg_listen {
+            config.sql.pg_listen = Some(addr);
+        }
         let data = self.data.path;
         let listener = northstar::server::bind(self.listen).await?;
         let options = northstar::server::ServeOptions {
@@ -55,13 +62,21 @@ impl ServeArgs {
             nats_url: self.nats_url,
             admin_key: std::env::var("NORTHSTAR_ADMIN_KEY").ok(),
             service_key: std::env::var("NORTHSTAR_SERVICE_KEY").ok(),
+            analyst_key: std::env::var("NORTHSTAR_ANALYST_KEY").ok(),
             clock: northstar::clock::Clock::system(),
             pipelines_dir: self.pipelines,
             billing_secrets: northstar::billing::Secrets::from_env(),
         };
         let server = northstar::server::start(options, listener).await?;
         let base = format!("http://{}", server.addr);
-        // The harness and scripts read this line; a closed stdout must not stop the server.
+        // The harness and scripts read these lines (the Postgres one first); a closed stdout
+        // must not stop the server.
+        if let Some(pg) = server.pg_addr {
+            let _ = writeln!(
+                std::io::stdout(),
+                "Postgres wire on {pg}: psql \"postgresql://northstar@{pg}/northstar\" (password: the analyst or admin key)"
+            );
+        }
         let _ = writeln!(std::io::stdout(), "northstar listening on {base}");
         if let Some(count) = self.demo {
             let key = demo_key.context(

@@ -597,6 +597,24 @@ pub struct SqlSettings {
     pub metadata_cache_mb: usize,
     /// File statistics kept between queries (MiB); filled and emptied like the footers.
     pub statistics_cache_mb: usize,
+    /// Where the Postgres wire listens (`--pg-listen`); unset, it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_listen: Option<std::net::SocketAddr>,
+    /// Most Postgres sessions open at once; one more is refused with `53300`.
+    pub pg_max_sessions: usize,
+    /// TLS for the Postgres wire (PEM files); unset, sessions are plain, as on loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_tls: Option<PgTls>,
+}
+
+/// The certificate and key the Postgres wire offers to clients that ask for TLS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PgTls {
+    /// PEM file of the certificate chain.
+    pub cert_file: std::path::PathBuf,
+    /// PEM file of the private key.
+    pub key_file: std::path::PathBuf,
 }
 
 impl SqlSettings {
@@ -612,6 +630,9 @@ impl SqlSettings {
         }
         if self.max_answer_bytes.is_some_and(|n| n < 1024) {
             return Err(("maxAnswerBytes".into(), "must be at least 1024".into()));
+        }
+        if self.pg_max_sessions == 0 {
+            return Err(("pgMaxSessions".into(), "must be at least 1".into()));
         }
         Ok(())
     }
@@ -632,6 +653,9 @@ impl Default for SqlSettings {
             max_answer_bytes: None,
             metadata_cache_mb: 16,
             statistics_cache_mb: 4,
+            pg_listen: None,
+            pg_max_sessions: 32,
+            pg_tls: None,
         }
     }
 }

@@ -47,7 +47,7 @@ pub fn check(sql: &str) -> Result<(), Refusal> {
 
 /// Bounds first: the refusal of a statement that is not read-only prints its start, and
 /// printing walks the whole tree.
-fn check_statement(statement: &Statement) -> Result<(), Refusal> {
+pub(crate) fn check_statement(statement: &Statement) -> Result<(), Refusal> {
     bounds::check_tree(statement)?;
     read_only(statement)
 }

@@ -155,6 +155,8 @@ pub struct Northstar {
     child: Option<Child>,
     /// Its HTTP API (the methods of [`Api`] are the server's, through `Deref`).
     pub api: Api,
+    /// `host:port` of its Postgres wire, when `sql.pgListen` is set.
+    pub pg_addr: Option<String>,
     pub data: PathBuf,
     config_path: PathBuf,
     nats_url: Option<String>,
@@ -228,6 +230,7 @@ impl Northstar {
         let mut server = Self {
             child: None,
             api: Api::new(String::new()),
+            pg_addr: None,
             data,
             config_path,
             nats_url,
@@ -253,6 +256,7 @@ impl Northstar {
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"))
             .args(["--listen", "127.0.0.1:0"])
             .env("NORTHSTAR_ADMIN_KEY", ADMIN_KEY)
+            .env("NORTHSTAR_ANALYST_KEY", ANALYST_KEY)
             .env_remove("NORTHSTAR_WRITE_KEY")
             .env_remove("NORTHSTAR_NATS_URL")
             .env(
@@ -272,13 +276,18 @@ impl Northstar {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut pg = None;
             while let Some(Ok(line)) = lines.next() {
+                // Printed before the HTTP line, when the Postgres wire is on.
+                if let Some(rest) = line.strip_prefix("Postgres wire on ") {
+                    pg = rest.split(": ").next().map(str::to_string);
+                }
                 if let Some(url) = line.strip_prefix("northstar listening on ") {
-                    let _ = tx.send(url.to_string());
+                    let _ = tx.send((url.to_string(), pg.take()));
                 }
             }
         });
-        self.api.base = rx
+        (self.api.base, self.pg_addr) = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("northstar did not start listening within 60 s");
         self.child = Some(child);
@@ -619,6 +628,9 @@ impl CutProxy {
     }
 }
 
+/// The read-only analyst key every test server accepts (SQL and the Postgres wire).
+pub const ANALYST_KEY: &str = "ak_test_0123456789abcdef";
+
 /// The service key every test server accepts on the limits API.
 pub const SERVICE_KEY: &str = "sk_test_0123456789abcdef";
 
@@ -663,6 +675,7 @@ impl InProcess {
             nats_url: Some(nats.url.clone()),
             admin_key: Some(ADMIN_KEY.into()),
             service_key: Some(SERVICE_KEY.into()),
+            analyst_key: Some(ANALYST_KEY.into()),
             clock: clock.clone(),
             pipelines_dir: Some(pipelines),
             billing_secrets: northstar::billing::Secrets {
