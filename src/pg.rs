@@ -4,13 +4,15 @@
 //! - [`auth`]: a read key as the password, the session bound, cancel requests;
 //! - [`gate`]: read-only statements within the bounds, and Postgres error codes;
 //! - [`session`]: the tables under `pg_catalog`'s eyes, and each statement's time and row
-//!   bounds.
+//!   bounds;
+//! - [`information_schema`]: `information_schema.columns` in Postgres type names.
 //!
 //! Off unless `sql.pgListen` (or `--pg-listen`) is set; loopback is the expected address.
 //! Sessions run on the query threads, never on the threads that ack ingest.
 
 pub mod auth;
 pub mod gate;
+pub mod information_schema;
 pub mod session;
 
 use std::net::SocketAddr;

@@ -120,6 +120,17 @@ async fn psql_psycopg_sqlalchemy_and_pandas_read_the_tables_within_the_sandbox()
             "information_schema lists {table}: {tables:?}"
         );
     }
+    assert_eq!(
+        seen["columns"]["timestamp"], "timestamp with time zone",
+        "{}",
+        seen["columns"]
+    );
+    assert_eq!(seen["columns"]["event"], "text", "{}", seen["columns"]);
+    assert_eq!(seen["columns"]["seq"], "numeric", "{}", seen["columns"]);
+    assert_eq!(
+        seen["catalog_queries"],
+        json!([true, true, true, true, true, true])
+    );
     // The answers equal the same SQL through the engine.
     let counted = server
         .sql("SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event")

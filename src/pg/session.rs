@@ -1,5 +1,5 @@
 //! One Postgres session's statements: the engine's tables under the database name
-//! `northstar`, `pg_catalog` beside them, and each statement within the sandbox's bounds.
+//! `northstar`, `pg_catalog` and `information_schema` beside them, and each statement within the sandbox's bounds.
 //!
 //! Statements are parsed, planned and executed by `datafusion-postgres` (which rewrites the
 //! catalog queries psql, DBeaver, Metabase and Grafana send into ones DataFusion plans) on
@@ -43,6 +43,7 @@ use tokio::time::Instant;
 
 use super::auth::CancelSignal;
 use super::gate::{self, ReadOnly};
+use super::information_schema::PgInformationSchema;
 use crate::archive::compact::SWAP_LOCK;
 use crate::query::QueryEngine;
 
@@ -68,7 +69,8 @@ pub(crate) fn context(engine: &QueryEngine) -> Result<SessionContext, DataFusion
         .config()
         .clone()
         .with_default_catalog_and_schema(DATABASE, "public")
-        .with_information_schema(true);
+        // The engine's own would shadow the one registered below.
+        .with_information_schema(false);
     let state = SessionStateBuilder::new_from_existing(state)
         .with_config(config)
         .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()))
@@ -77,7 +79,12 @@ pub(crate) fn context(engine: &QueryEngine) -> Result<SessionContext, DataFusion
     // Registered after the state is built, which makes an empty default catalog of its own.
     let database = Arc::new(MemoryCatalogProvider::new());
     database.register_schema("public", public)?;
-    ctx.register_catalog(DATABASE, database);
+    ctx.register_catalog(DATABASE, database.clone());
+    let catalogs = ctx.state().catalog_list().clone();
+    database.register_schema(
+        "information_schema",
+        Arc::new(PgInformationSchema::new(catalogs)),
+    )?;
     setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider).map_err(|e| *e)?;
     ctx.register_udf(version());
     ctx.register_udf(to_regtype());

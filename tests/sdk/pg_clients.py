@@ -44,6 +44,31 @@ with psycopg.connect(url(analyst_key), autocommit=True) as conn:
             "WHERE table_schema = 'public' ORDER BY table_name"
         )
     ]
+    # Grafana's query builder lists tables and columns, and finds time columns by their type.
+    seen["columns"] = {
+        name: kind
+        for name, kind in conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = %s ORDER BY ordinal_position",
+            ("events",),
+        )
+    }
+    # What DBeaver and JDBC (Metabase) ask at connect and to list schemas and tables.
+    seen["catalog_queries"] = [
+        conn.execute(query).fetchall() is not None
+        for query in (
+            "SELECT version()",
+            "SELECT current_schema(), session_user",
+            "SELECT n.oid, n.nspname FROM pg_catalog.pg_namespace n ORDER BY n.nspname",
+            "SELECT c.relname, c.relkind FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v') ORDER BY c.relname",
+            "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) "
+            "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relname = 'events' AND a.attnum > 0 ORDER BY a.attnum",
+            "SHOW search_path",
+        )
+    ]
     # A prepared statement with parameters (psycopg binds them on the server), used twice.
     query = (
         "SELECT count(*) FROM events WHERE timestamp >= %s AND timestamp < %s AND event = %s"
