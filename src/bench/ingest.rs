@@ -435,6 +435,8 @@ pub(super) struct ServerChild {
     child: tokio::process::Child,
     pub(super) pid: u32,
     pub(super) base: String,
+    /// `host:port` of its Postgres wire, when the config turns it on.
+    pub(super) pg: Option<String>,
 }
 
 impl ServerChild {
@@ -452,6 +454,7 @@ impl ServerChild {
             .args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
             .env("RUST_LOG", "warn")
             .env("NORTHSTAR_ADMIN_KEY", ADMIN_KEY)
+            .env_remove("NORTHSTAR_ANALYST_KEY")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -460,16 +463,26 @@ impl ServerChild {
         let pid = child.id().context("child pid")?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut pg = None;
         let base = loop {
             let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
                 .await
                 .context("northstar did not start within 60 s")??
                 .context("northstar exited before listening")?;
+            // Printed before the HTTP line when the Postgres wire is on.
+            if let Some(rest) = line.strip_prefix("Postgres wire on ") {
+                pg = rest.split(": ").next().map(str::to_string);
+            }
             if let Some(url) = line.strip_prefix("northstar listening on ") {
                 break url.to_string();
             }
         };
-        Ok(Self { child, pid, base })
+        Ok(Self {
+            child,
+            pid,
+            base,
+            pg,
+        })
     }
 
     /// SIGTERM (the graceful path) and wait.

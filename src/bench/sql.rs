@@ -1,5 +1,5 @@
 //! `northstar bench sql`: a fixed suite of analyst questions asked of a warm server through
-//! `POST /v1/sql`, next to DuckDB (Python package) running the same SQL on the same Parquet
+//! `POST /v1/sql` and through the Postgres wire, next to DuckDB (Python package) running the same SQL on the same Parquet
 //! files, in the same run.
 //!
 //! A generated product history (signups, the core action, page views, anonymous visits linked
@@ -135,6 +135,7 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
         serde_json::from_str(include_str!("../../tests/fixtures/config-template.json"))?;
     config["sources"] = json!([{"name": "bench", "writeKeys": [WRITE_KEY]}]);
     config["activation"] = json!({"schedule": "0"});
+    config["sql"] = json!({"pgListen": "127.0.0.1:0"});
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
     let data = work.join("data");
     let server = ServerChild::spawn(&config_path, &data, nats.url()).await?;
@@ -237,11 +238,43 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
         }
         ours.push((median(&mut times), rows));
     }
+    let pg = match &server.pg {
+        Some(addr) => Some(time_postgres_wire(addr, &queries, options.runs).await?),
+        None => None,
+    };
     server.stop().await;
     nats.stop().await;
 
     eprintln!("DuckDB: the same queries on the same files…");
     let duck = duckdb_suite(&data, work, &queries, options.runs)?;
+    let total = thousands(messages.len() as f64);
+    print_table(
+        "northstar bench sql — warm server, POST /v1/sql vs DuckDB on the same Parquet files",
+        "DuckDB (same SQL, same files)",
+        &compare(&queries, &ours, &duck, options.runs, &total),
+    );
+    eprintln!(
+        "(ours: from the request to the whole JSON answer over loopback; DuckDB: the query in its own process, no transfer)"
+    );
+    if let Some(pg) = pg {
+        print_table(
+            "northstar bench sql — warm server, the Postgres wire (tokio-postgres, simple query) vs DuckDB",
+            "DuckDB (same SQL, same files)",
+            &compare(&queries, &pg, &duck, options.runs, &total),
+        );
+        eprintln!("(ours: from the query to its last row over loopback, text format)");
+    }
+    Ok(())
+}
+
+/// Each query's median on both sides, their ratio, and the geometric mean of the ratios.
+fn compare(
+    queries: &[(&'static str, String, String)],
+    ours: &[(Duration, u64)],
+    duck: &[(Duration, u64)],
+    runs: usize,
+    events: &str,
+) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut log_sum = 0.0;
     for (i, (name, ..)) in queries.iter().enumerate() {
@@ -255,7 +288,7 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
             " (rows differ!)"
         };
         rows.push(Row {
-            measure: format!("{name}, median of {} runs{same}", options.runs),
+            measure: format!("{name}, median of {runs} runs{same}"),
             ours: format!("{:.1} ms", ours_time.as_secs_f64() * 1000.0),
             baseline: format!("{:.1} ms", duck_time.as_secs_f64() * 1000.0),
             ratio: Some(ratio),
@@ -264,23 +297,59 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
     let geomean = (log_sum / queries.len() as f64).exp();
     rows.push(Row {
         measure: format!(
-            "geometric mean over {} queries, {} events",
-            queries.len(),
-            thousands(messages.len() as f64)
+            "geometric mean over {} queries, {events} events",
+            queries.len()
         ),
         ours: String::new(),
         baseline: String::new(),
         ratio: Some(geomean),
     });
-    print_table(
-        "northstar bench sql — warm server, POST /v1/sql vs DuckDB on the same Parquet files",
-        "DuckDB (same SQL, same files)",
-        &rows,
-    );
+    rows
+}
+
+/// Times each query through the Postgres wire, as an analyst's client sends it: one session,
+/// the simple query protocol, every row read.
+async fn time_postgres_wire(
+    addr: &str,
+    queries: &[(&'static str, String, String)],
+    runs: usize,
+) -> anyhow::Result<Vec<(Duration, u64)>> {
+    let (host, port) = addr.rsplit_once(':').context("host:port")?;
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host={host} port={port} user=northstar dbname=northstar password={ADMIN_KEY}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .context("connecting to the Postgres wire")?;
+    let session = tokio::spawn(connection);
     eprintln!(
-        "(ours: from the request to the whole JSON answer over loopback; DuckDB: the query in its own process, no transfer)"
+        "northstar: {} queries through the Postgres wire…",
+        queries.len()
     );
-    Ok(())
+    let mut timed = Vec::new();
+    for (name, sql, _) in queries {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for run in 0..=runs {
+            let began = Instant::now();
+            let answer = client
+                .simple_query(sql)
+                .await
+                .with_context(|| format!("{name} through the Postgres wire"))?;
+            let took = began.elapsed();
+            rows = answer
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count() as u64;
+            if run > 0 {
+                times.push(took);
+            }
+        }
+        timed.push((median(&mut times), rows));
+    }
+    drop(client);
+    let _ = session.await;
+    Ok(timed)
 }
 
 fn median(times: &mut [Duration]) -> Duration {
