@@ -50,6 +50,7 @@ pub mod disk;
 pub mod error;
 pub mod event;
 pub mod files;
+pub mod gateway;
 pub mod heap;
 pub mod identity;
 pub mod ingest;
