@@ -22,13 +22,16 @@ use pgwire::api::Type;
 pub(crate) struct PgInformationSchema {
     inner: InformationSchemaProvider,
     catalogs: Arc<dyn CatalogProviderList>,
+    /// The database the types are said to belong to (`udt_catalog`).
+    database: &'static str,
 }
 
 impl PgInformationSchema {
-    pub(crate) fn new(catalogs: Arc<dyn CatalogProviderList>) -> Self {
+    pub(crate) fn new(catalogs: Arc<dyn CatalogProviderList>, database: &'static str) -> Self {
         Self {
             inner: InformationSchemaProvider::new(catalogs.clone()),
             catalogs,
+            database,
         }
     }
 }
@@ -43,6 +46,7 @@ impl SchemaProvider for PgInformationSchema {
         if name.eq_ignore_ascii_case("columns") {
             return Ok(Some(Arc::new(Columns {
                 catalogs: self.catalogs.clone(),
+                database: self.database,
             })));
         }
         self.inner.table(name).await
@@ -57,6 +61,7 @@ impl SchemaProvider for PgInformationSchema {
 #[derive(Debug)]
 struct Columns {
     catalogs: Arc<dyn CatalogProviderList>,
+    database: &'static str,
 }
 
 fn columns_schema() -> SchemaRef {
@@ -151,7 +156,7 @@ impl Columns {
                         rows.default.append_null();
                         rows.nullable
                             .append_value(if field.is_nullable() { "YES" } else { "NO" });
-                        rows.describe(field.data_type());
+                        rows.describe(field.data_type(), self.database);
                     }
                 }
             }
@@ -180,10 +185,10 @@ impl Columns {
 
 impl Rows {
     /// The type columns of one column of type `data_type`.
-    fn describe(&mut self, data_type: &DataType) {
+    fn describe(&mut self, data_type: &DataType, database: &str) {
         let pg = into_pg_type(data_type).unwrap_or(Type::TEXT);
         self.data_type.append_value(sql_type_name(&pg));
-        self.udt_catalog.append_value(super::session::DATABASE);
+        self.udt_catalog.append_value(database);
         self.udt_schema.append_value("pg_catalog");
         self.udt_name.append_value(pg.name());
         self.max_length.append_null();

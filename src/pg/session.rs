@@ -83,7 +83,7 @@ pub(crate) fn context(engine: &QueryEngine) -> Result<SessionContext, DataFusion
     let catalogs = ctx.state().catalog_list().clone();
     database.register_schema(
         "information_schema",
-        Arc::new(PgInformationSchema::new(catalogs)),
+        Arc::new(PgInformationSchema::new(catalogs, DATABASE)),
     )?;
     setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider).map_err(|e| *e)?;
     ctx.register_udf(version());
