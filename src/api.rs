@@ -20,6 +20,7 @@ pub mod ingest_routes;
 pub mod insights;
 pub mod limits;
 pub mod ops;
+pub mod portal_events;
 pub mod posthog_flags;
 pub mod rejected;
 pub mod respond;
@@ -86,6 +87,10 @@ pub struct AppState {
     pub billing: Option<Arc<crate::billing::Billing>>,
     /// Signs and checks portal tokens.
     pub portal: Arc<crate::portal::PortalKeys>,
+    /// Places for open portal event streams (`metering.portalMaxStreams`).
+    pub portal_streams: Arc<Semaphore>,
+    /// Turns true when the server stops: open event streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {

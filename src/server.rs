@@ -233,6 +233,7 @@ pub async fn start(
         "stream retention"
     );
     let in_force = ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
+    crate::bus::streams::ensure_portal_stream(publisher.jetstream(), &config.stream).await?;
 
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());
@@ -552,7 +553,10 @@ pub async fn start(
         context: "opening the portal token secret".into(),
         source,
     })?;
+    let (stop_http, mut http_stop) = watch::channel(false);
     let state = Arc::new(AppState {
+        portal_streams: Arc::new(Semaphore::new(config.metering.portal_max_streams)),
+        stopping: stop_http.subscribe(),
         portal: Arc::new(portal),
         permits: Arc::new(Semaphore::new(config.ingest.max_concurrent_requests)),
         billing,
@@ -585,7 +589,6 @@ pub async fn start(
             jetstream: jetstream_health,
         },
     });
-    let (stop_http, mut http_stop) = watch::channel(false);
     let pg_addr = pg.as_ref().and_then(crate::pg::Prepared::local_addr);
     let pg = match pg {
         Some(pg) => Some(pg.start(&state.query, &config.sql, stop_http.subscribe())?),

@@ -1,14 +1,22 @@
 //! Building HTTP answers: JSON bodies, `{"code","message"}` errors, CORS.
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
+use futures::Stream;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use serde::Serialize;
 
 use crate::error::{Classify, ErrorKind};
 
+/// The body of every answer: whole bytes, or a stream (Server-Sent Events).
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
+
 /// The response type of every route.
-pub(crate) type HttpResponse = Response<Full<Bytes>>;
+pub(crate) type HttpResponse = Response<Body>;
 
 /// A JSON answer with `status`.
 pub fn json<T: Serialize>(status: u16, body: &T) -> HttpResponse {
@@ -22,12 +30,29 @@ pub(crate) fn bytes_response(
     content_type: &'static str,
     body: Vec<u8>,
 ) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// An answer whose body is sent as `chunks` come: the stream ends the answer when it ends.
+pub(crate) fn streaming(
+    content_type: &'static str,
+    chunks: impl Stream<Item = Bytes> + Send + 'static,
+) -> HttpResponse {
+    use futures::StreamExt;
+    let frames = chunks.map(|chunk| Ok::<_, Infallible>(Frame::data(chunk)));
+    let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -43,6 +43,8 @@ pub enum Route {
     PortalToken,
     /// `GET /v1/portal/usage`: the token's customer's usage.
     PortalUsage,
+    /// `GET /v1/portal/events`: the customer's portal events (Server-Sent Events).
+    PortalEvents,
     /// `GET /v1/portal/entitlements/{feature}`.
     PortalEntitlement(String),
     /// `POST /v1/insights/funnel`.
@@ -172,6 +174,8 @@ fn known_route(method: &Method, path: &str) -> Route {
         (_, "/v1/portal/tokens") => Route::MethodNotAllowed("POST"),
         (&Method::OPTIONS, path) if path.starts_with("/v1/portal/") => Route::Preflight,
         (&Method::GET, "/v1/portal/usage") => Route::PortalUsage,
+        (&Method::GET, "/v1/portal/events") => Route::PortalEvents,
+        (_, "/v1/portal/events") => Route::MethodNotAllowed("GET"),
         (_, "/v1/portal/usage") => Route::MethodNotAllowed("GET"),
         (method, path) if path.starts_with("/v1/portal/entitlements/") => {
             let feature = percent_decode(path.trim_start_matches("/v1/portal/entitlements/"));
@@ -345,7 +349,7 @@ impl Route {
             | Self::MeterUsage(_)
             | Self::PortalToken
             | Self::PostHogFlagDefinitions => Access::Service,
-            Self::PortalUsage | Self::PortalEntitlement(_) => Access::Portal,
+            Self::PortalUsage | Self::PortalEntitlement(_) | Self::PortalEvents => Access::Portal,
             Self::Sql
             | Self::Person(_)
             | Self::Group(..)
@@ -414,7 +418,10 @@ impl Route {
                 "usage"
             }
             Self::Usage(_) | Self::Entitlement(..) | Self::MeterUsage(_) => "usage",
-            Self::PortalToken | Self::PortalUsage | Self::PortalEntitlement(_) => "usage",
+            Self::PortalToken
+            | Self::PortalUsage
+            | Self::PortalEntitlement(_)
+            | Self::PortalEvents => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
             Self::Metrics => "metrics",
@@ -432,6 +439,7 @@ impl Route {
                 | Self::PostHogFlags
                 | Self::PortalUsage
                 | Self::PortalEntitlement(_)
+                | Self::PortalEvents
                 | Self::Preflight
                 | Self::NotFound
                 | Self::MethodNotAllowed(_)
@@ -475,7 +483,7 @@ pub(crate) async fn dispatch(
         Route::PortalToken => limits::portal_token(state, &body),
         Route::Person(id) => insights::person(state, id).await,
         Route::Group(kind, key) => insights::group(state, kind, key).await,
-        Route::PortalUsage | Route::PortalEntitlement(_) => {
+        Route::PortalUsage | Route::PortalEntitlement(_) | Route::PortalEvents => {
             let Some(grant) = grant else {
                 return respond::error(&HttpError::new(
                     ErrorKind::Unauthorized,
@@ -487,6 +495,7 @@ pub(crate) async fn dispatch(
                 Route::PortalEntitlement(feature) => {
                     limits::entitlement(state, &grant.customer_id, feature).await
                 }
+                Route::PortalEvents => super::portal_events::events(state, parts, &grant).await,
                 _ => limits::usage(state, &grant.customer_id).await,
             }
         }

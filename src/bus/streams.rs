@@ -27,6 +27,71 @@ pub(crate) async fn account_storage_limit(js: &jetstream::Context) -> Option<i64
 /// Subject prefix of rejected messages.
 pub(crate) const REJECTED_PREFIX: &str = "rejected";
 
+/// Subject prefix of portal events (`portal.<hex of the customer id>`).
+pub(crate) const PORTAL_PREFIX: &str = "portal";
+
+/// How long the portal stream keeps an event: a browser that comes back within it misses
+/// nothing.
+pub(crate) const PORTAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Most bytes the portal stream holds (the oldest events go first past it).
+pub(crate) const PORTAL_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Creates the portal stream, or brings its limits to these. Its events carry deterministic
+/// ids, so a notice sent again (a replay crossing the same threshold) is stored once.
+pub(crate) async fn ensure_portal_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), BusError> {
+    let config = stream::Config {
+        name: settings.portal_name.clone(),
+        description: Some("northstar portal events: what each customer's browser is told".into()),
+        subjects: vec![format!("{PORTAL_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: settings.duplicate_window.get(),
+        max_age: PORTAL_MAX_AGE,
+        max_bytes: PORTAL_MAX_BYTES,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    js.create_or_update_stream(config)
+        .await
+        .map_err(management("create or update the portal stream"))?;
+    Ok(())
+}
+
+/// Stores one portal event for `customer_id` under the idempotency `id` (a second event with
+/// the same id within the duplicate window is dropped by JetStream). Failures are logged: a
+/// portal event is a courtesy to a browser, never a reason to stop metering.
+pub(crate) async fn publish_portal(
+    js: &jetstream::Context,
+    customer_id: &str,
+    id: &str,
+    body: &serde_json::Value,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let stored = match js
+        .publish_with_headers(portal_subject(customer_id), headers, bytes.into())
+        .await
+    {
+        Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = stored {
+        tracing::warn!(customer = %customer_id, %id, %error, "portal event not stored");
+    }
+}
+
+/// The subject of one customer's portal events: the id in hex, as an id may hold characters
+/// a subject cannot (`.`, `*`, `>`, spaces).
+pub(crate) fn portal_subject(customer_id: &str) -> String {
+    format!("{PORTAL_PREFIX}.{}", hex::encode(customer_id))
+}
+
 /// Creates the streams, or updates their limits to match the config and the budget. Returns
 /// the size bounds in force: a stream that holds more than its budget now (a fuller disk at
 /// this start, or a smaller `maxBytes`) keeps a bound of what it holds, since shrinking it here

@@ -321,6 +321,9 @@ pub struct StreamSettings {
     pub name: String,
     /// Stream name of the rejected-message log.
     pub rejected_name: String,
+    /// Stream name of what each customer's portal is told (threshold crossings, limit
+    /// reached, suspension, plan changes), read by `GET /v1/portal/events`.
+    pub portal_name: String,
     /// How long JetStream remembers an event id to drop repeats.
     pub duplicate_window: HumanDuration,
     /// How long messages stay in the stream (`0`: forever). Parquet is the long-term copy;
@@ -351,6 +354,7 @@ impl Default for StreamSettings {
         Self {
             name: "EVENTS".into(),
             rejected_name: "REJECTED".into(),
+            portal_name: "PORTAL".into(),
             duplicate_window: HumanDuration::secs(24 * 3600),
             max_age: HumanDuration::secs(7 * 86_400),
             max_bytes: 0,
@@ -378,6 +382,15 @@ impl StreamSettings {
             return Err((
                 "rejectedName".into(),
                 "letters, digits, `_` and `-`, and not the event stream's name".into(),
+            ));
+        }
+        if !valid_name(&self.portal_name)
+            || self.portal_name == self.name
+            || self.portal_name == self.rejected_name
+        {
+            return Err((
+                "portalName".into(),
+                "letters, digits, `_` and `-`, and not another stream's name".into(),
             ));
         }
         if self.duplicate_window.get().is_zero() {
@@ -696,6 +709,9 @@ pub struct MeteringSettings {
     /// Most `groupBy` values one counter breaks its usage down by; the usage of values past
     /// it is counted under the value `(other)`, so the total stays exact.
     pub max_group_values: u64,
+    /// Most portal event streams (`GET /v1/portal/events`) open at once; one more answers
+    /// 503 `too_many_streams`.
+    pub portal_max_streams: usize,
     /// Most distinct values the meter's `unique_count` counters hold together (each costs
     /// the bytes `bench limits` measures). Past it ingest refuses an event that would add
     /// one (to the rejected store, naming the value's property; replay it once the bound is
@@ -726,6 +742,7 @@ impl Default for MeteringSettings {
             max_quantity: 1_000_000_000_000,
             max_customers: 100_000,
             max_group_values: 1_000,
+            portal_max_streams: 1_000,
             max_unique_values: 10_000_000,
             max_unique_values_per_counter: 1_000_000,
         }
@@ -754,6 +771,9 @@ impl MeteringSettings {
         }
         if self.max_group_values == 0 {
             return Err(("maxGroupValues".into(), "must be at least 1".into()));
+        }
+        if self.portal_max_streams == 0 {
+            return Err(("portalMaxStreams".into(), "must be at least 1".into()));
         }
         if self.max_unique_values == 0 {
             return Err(("maxUniqueValues".into(), "must be at least 1".into()));

@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, kv};
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use super::period::{DEFAULT_ANCHOR, Period, anchor_hour, period_at};
 use crate::bus::BusError;
@@ -99,6 +100,8 @@ pub enum CustomerError {
 /// The customers, in the key-value bucket and in memory.
 pub struct CustomerStore {
     kv: kv::Store,
+    /// Where plan changes and suspensions are told to the customer's portal.
+    js: jetstream::Context,
     cache: RwLock<HashMap<String, Arc<Customer>>>,
     default_plan: String,
     default_period: PeriodKind,
@@ -141,6 +144,7 @@ impl CustomerStore {
         };
         let mut store = Self {
             kv,
+            js: js.clone(),
             cache: RwLock::new(HashMap::new()),
             default_plan: default_plan.to_string(),
             default_period,
@@ -298,14 +302,25 @@ impl CustomerStore {
     ) -> Result<Arc<Customer>, CustomerError> {
         customer.stored = true;
         customer.updated_at = Some(crate::clock::format_micros(now));
+        let before = self.get(&customer.id);
         let bytes = serde_json::to_vec(&customer).unwrap_or_default();
-        self.kv
+        let revision = self
+            .kv
             .put(key_for(&customer.id), bytes.into())
             .await
             .map_err(|e| BusError::Management {
                 action: "store customer",
                 message: e.to_string(),
             })?;
+        for (kind, body) in portal_changes(&before, &customer) {
+            let id = format!("{kind}:{}:{revision}", customer.id);
+            let mut body = body;
+            body["id"] = json!(id);
+            body["type"] = json!(kind);
+            body["customer_id"] = json!(customer.id);
+            body["at"] = json!(customer.updated_at);
+            crate::bus::streams::publish_portal(&self.js, &customer.id, &id, &body).await;
+        }
         Ok(self.remember(customer))
     }
 
@@ -340,6 +355,27 @@ impl CustomerStore {
             }
         }
     }
+}
+
+/// What a customer's portal is told of a change from `before` to `after`: a new plan, a
+/// suspension, its end.
+fn portal_changes(before: &Customer, after: &Customer) -> Vec<(&'static str, serde_json::Value)> {
+    let mut changes = Vec::new();
+    if before.plan != after.plan {
+        changes.push((
+            "plan.changed",
+            json!({"plan": after.plan, "previous_plan": before.plan}),
+        ));
+    }
+    match (&before.suspended, &after.suspended) {
+        (None, Some(suspension)) => changes.push((
+            "customer.suspended",
+            json!({"reason": suspension.reason, "since": suspension.since}),
+        )),
+        (Some(_), None) => changes.push(("customer.unsuspended", json!({}))),
+        _ => {}
+    }
+    changes
 }
 
 /// Wraps a key-value failure with what we were doing.

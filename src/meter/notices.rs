@@ -1,6 +1,6 @@
 //! What the meter tells the world, off its hot path: threshold events (on the NATS subject
-//! `northstar.usage.threshold` and, if configured, POSTed to a webhook) and suspensions of
-//! customers past a hard cap.
+//! `northstar.usage.threshold`, in the customer's portal stream, and, if configured, POSTed to
+//! a webhook) and suspensions of customers past a hard cap.
 //!
 //! A threshold event carries a deterministic `id` (customer, feature, period, threshold) sent
 //! as `Nats-Msg-Id` and as the webhook's `Idempotency-Key`: it fires once per period, and if a
@@ -62,6 +62,11 @@ pub enum Notice {
 }
 
 impl Notice {
+    /// Whether this is the crossing of the whole limit (a threshold of 1.0 or more).
+    pub fn reaches_limit(&self) -> bool {
+        matches!(self, Self::Threshold { threshold, .. } if *threshold >= Decimal::ONE)
+    }
+
     /// The threshold event's JSON body and its idempotency id.
     pub fn threshold_event(&self) -> Option<(String, serde_json::Value)> {
         let Self::Threshold {
@@ -121,6 +126,7 @@ pub async fn run(
     mut stop: crate::shutdown::Shutdown,
 ) {
     let http = HttpClient::new();
+    let js = async_nats::jetstream::new(client.clone());
     loop {
         // At stop, what is queued is still delivered; then the task ends.
         let notice = tokio::select! {
@@ -162,6 +168,11 @@ pub async fn run(
                     continue;
                 };
                 let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                if let Notice::Threshold { customer_id, .. } = &notice {
+                    let mut portal = body.clone();
+                    portal["limit_reached"] = json!(notice.reaches_limit());
+                    crate::bus::streams::publish_portal(&js, customer_id, &id, &portal).await;
+                }
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", id.as_str());
                 if let Err(error) = client
