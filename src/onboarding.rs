@@ -36,8 +36,13 @@ pub(crate) const TRIGGER_PREFIX: &str = "northstar.triggers";
 pub(crate) struct Facts {
     /// Count of each event name.
     pub counts: BTreeMap<String, u64>,
-    /// Latest traits (identify).
+    /// Traits (identify, PostHog `$set` / `$set_once`), as of the latest event time.
     pub traits: serde_json::Map<String, Value>,
+    /// When each trait was set, and whether by `$set_once`: traits apply in event-time order
+    /// whatever order their events arrive in. (A trait without one came from a snapshot
+    /// older than this field: any later set replaces it.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trait_times: BTreeMap<String, TraitTime>,
     /// The billed account of the latest event.
     pub customer_id: Option<String>,
     /// First signup (UTC µs).
@@ -47,6 +52,38 @@ pub(crate) struct Facts {
     pub north_star_times: Vec<i64>,
     /// When the onboarding flow started (UTC µs).
     pub onboarding_started: Option<i64>,
+}
+
+/// When a trait got its value.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct TraitTime {
+    /// Event time (UTC µs).
+    pub at: i64,
+    /// Set by `$set_once` (which a `$set` at any time replaces, and only an earlier
+    /// `$set_once` does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub once: bool,
+}
+
+/// Most traits kept per person; later keys are not kept (the `persons` view's bound).
+pub(crate) const MAX_TRAITS: usize = 1_000;
+
+impl Facts {
+    /// Offers `value` for trait `key` as of `time`: it is kept if it is what the person's
+    /// events say in event-time order. A set replaces an earlier set and any set-once; a
+    /// set-once fills an absent trait, or replaces a later set-once.
+    fn offer_trait(&mut self, key: String, value: Value, time: TraitTime) {
+        let wins = match (self.trait_times.get(&key), self.traits.contains_key(&key)) {
+            (Some(held), _) if time.once => held.once && time.at < held.at,
+            (Some(held), _) => held.once || time.at >= held.at,
+            (None, true) => !time.once,
+            (None, false) => self.traits.len() < MAX_TRAITS,
+        };
+        if wins {
+            self.traits.insert(key.clone(), value);
+            self.trait_times.insert(key, time);
+        }
+    }
 }
 
 /// Everything the engine keeps; a function of the stream.
@@ -464,8 +501,14 @@ fn merge(into: &mut Facts, from: Facts) {
     for (event, n) in from.counts {
         *into.counts.entry(event).or_default() += n;
     }
-    for (k, v) in from.traits {
-        into.traits.entry(k).or_insert(v);
+    let mut times = from.trait_times;
+    for (key, value) in from.traits {
+        // A trait of no known time (an old snapshot's) is offered as the oldest set.
+        let time = times.remove(&key).unwrap_or(TraitTime {
+            at: i64::MIN,
+            once: false,
+        });
+        into.offer_trait(key, value, time);
     }
     into.north_star_times.extend(from.north_star_times);
     into.signup_at = match (into.signup_at, from.signup_at) {
@@ -489,19 +532,22 @@ fn apply_traits(facts: &mut Facts, event: &EventView<'_>) {
     };
     let set = properties.remove("$set");
     let set_once = properties.remove("$set_once");
+    let at = event.timestamp;
     if event.kind == EventType::Identify {
-        facts.traits.extend(
-            properties
-                .into_iter()
-                .filter(|(key, _)| !key.starts_with('$')),
-        );
+        for (key, value) in properties {
+            if !key.starts_with('$') {
+                facts.offer_trait(key, value, TraitTime { at, once: false });
+            }
+        }
     }
     if let Some(Value::Object(set)) = set {
-        facts.traits.extend(set);
+        for (key, value) in set {
+            facts.offer_trait(key, value, TraitTime { at, once: false });
+        }
     }
     if let Some(Value::Object(once)) = set_once {
         for (key, value) in once {
-            facts.traits.entry(key).or_insert(value);
+            facts.offer_trait(key, value, TraitTime { at, once: true });
         }
     }
 }
@@ -727,6 +773,56 @@ mod tests {
     use super::*;
     use crate::bus::follower::Fanout;
     use crate::event::EventRecord;
+
+    /// PostHog #37000: a late event must not undo a later one's person properties.
+    #[test]
+    fn traits_apply_in_event_time_order_whatever_the_arrival_order() {
+        let set = |at| TraitTime { at, once: false };
+        let once = |at| TraitTime { at, once: true };
+        let mut facts = Facts::default();
+        facts.offer_trait("plan".into(), json!("pro"), set(10));
+        facts.offer_trait("plan".into(), json!("free"), set(5));
+        assert_eq!(
+            facts.traits["plan"], "pro",
+            "an earlier $set arriving late loses"
+        );
+        facts.offer_trait("plan".into(), json!("team"), set(10));
+        assert_eq!(
+            facts.traits["plan"], "team",
+            "the same time: the later arrival wins"
+        );
+        facts.offer_trait("plan".into(), json!("first"), once(1));
+        assert_eq!(
+            facts.traits["plan"], "team",
+            "a $set_once never replaces a $set"
+        );
+
+        facts.offer_trait("source".into(), json!("ads"), once(10));
+        facts.offer_trait("source".into(), json!("blog"), once(5));
+        assert_eq!(
+            facts.traits["source"], "blog",
+            "the earliest $set_once wins"
+        );
+        facts.offer_trait("source".into(), json!("direct"), set(1));
+        assert_eq!(
+            facts.traits["source"], "direct",
+            "a $set replaces a $set_once"
+        );
+
+        // Merging two people keeps the same answer as one person's events would.
+        let mut other = Facts::default();
+        other.offer_trait("plan".into(), json!("enterprise"), set(20));
+        other.offer_trait("source".into(), json!("older"), once(0));
+        merge(&mut facts, other);
+        assert_eq!(facts.traits["plan"], "enterprise");
+        assert_eq!(facts.traits["source"], "direct");
+
+        let mut full = Facts::default();
+        for i in 0..MAX_TRAITS + 10 {
+            full.offer_trait(format!("k{i}"), json!(i), set(1));
+        }
+        assert_eq!(full.traits.len(), MAX_TRAITS, "bounded");
+    }
 
     fn track(user: &str) -> Vec<u8> {
         EventRecord {
