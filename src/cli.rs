@@ -81,6 +81,10 @@ enum Command {
     /// Backfill a JSON-lines file (.jsonl or .jsonl.gz) of Segment- or PostHog-shaped events
     /// through a running server's ingest (same validation and dedup as live events).
     Import(remote::ImportArgs),
+    /// Pricing what-ifs: replay a period's usage through draft usageFeatures on a running
+    /// server; per customer and feature, the bill and the 402s and suspensions, now and with
+    /// the draft.
+    Simulate(remote::SimulateArgs),
     /// Demo data.
     Demo {
         #[command(subcommand)]
@@ -110,6 +114,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Billing { command } => command.run().await,
         Command::Aha(args) => args.run().await.map(done),
         Command::Import(args) => args.run().await.map(done),
+        Command::Simulate(args) => args.run().await.map(done),
         Command::Demo { command } => command.run().map(done),
         Command::Usage { command } => command.run().await.map(done),
         Command::Bench { suite } => crate::bench::run(suite).await.map(done),

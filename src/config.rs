@@ -206,7 +206,7 @@ impl Config {
     }
 
     /// Rules that span sections; the error is `(key path, message)`.
-    fn validate(&self) -> Result<(), (String, String)> {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         let mut names = HashSet::new();
         for (i, event) in self.events.iter().enumerate() {
             if event.name.trim().is_empty() {

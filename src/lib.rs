@@ -70,4 +70,5 @@ pub mod resubmit;
 pub mod schema;
 pub mod server;
 pub mod shutdown;
+pub mod simulate;
 pub mod supervise;

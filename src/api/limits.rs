@@ -426,3 +426,23 @@ fn limit_error(error: &LimitError) -> HttpResponse {
         other => respond::error(other),
     }
 }
+
+/// `POST /v1/simulate`: a period's usage replayed through draft `usageFeatures`.
+pub async fn simulate(state: &AppState, body: &[u8]) -> HttpResponse {
+    let draft: crate::simulate::Draft = match serde_json::from_slice(body) {
+        Ok(draft) => draft,
+        Err(e) => {
+            return respond::error(&HttpError::new(
+                ErrorKind::InvalidInput,
+                "invalid_json",
+                format!("body must be {{\"usageFeatures\": […], \"from\", \"to\"}}: {e}"),
+            ));
+        }
+    };
+    let customers = state.meter.customers();
+    let plan_of = |id: &str| customers.get(id).plan.clone();
+    match crate::simulate::run(&state.query, &state.config, plan_of, &draft).await {
+        Ok(simulation) => respond::json(200, &simulation),
+        Err(error) => respond::error(&error),
+    }
+}

@@ -45,6 +45,8 @@ pub enum Route {
     PortalUsage,
     /// `GET /v1/portal/events`: the customer's portal events (Server-Sent Events).
     PortalEvents,
+    /// `POST /v1/simulate`: pricing what-ifs over a period's usage.
+    Simulate,
     /// `GET /v1/portal/entitlements/{feature}`.
     PortalEntitlement(String),
     /// `POST /v1/insights/funnel`.
@@ -190,6 +192,8 @@ fn known_route(method: &Method, path: &str) -> Route {
         (_, "/v1/insights/funnel" | "/v1/insights/retention") => Route::MethodNotAllowed("POST"),
         (_, "/v1/check/batch") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/usage/verify") => Route::Verify,
+        (&Method::POST, "/v1/simulate") => Route::Simulate,
+        (_, "/v1/simulate") => Route::MethodNotAllowed("POST"),
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
         (&Method::GET, "/openapi.json") => Route::OpenApi,
@@ -356,6 +360,7 @@ impl Route {
             | Self::Funnel
             | Self::RetentionInsight => Access::Read,
             Self::Verify
+            | Self::Simulate
             | Self::RejectedReplay
             | Self::Anomalies
             | Self::ActivationRecompute
@@ -408,6 +413,7 @@ impl Route {
             Self::Person(_) | Self::Group(..) => "admin",
             Self::Check | Self::CheckBatch => "check",
             Self::Verify
+            | Self::Simulate
             | Self::RejectedReplay
             | Self::Anomalies
             | Self::ActivationRecompute
@@ -501,6 +507,7 @@ pub(crate) async fn dispatch(
         }
         Route::RetentionInsight => insights::retention(state, &body).await,
         Route::Verify => limits::verify(state).await,
+        Route::Simulate => limits::simulate(state, &body).await,
         Route::RejectedReplay => rejected::replay(state, &body).await,
         Route::Anomalies => limits::anomalies(state).await,
         Route::Activation => activation::get(state).await,

@@ -89,6 +89,80 @@ impl UsageCommand {
     }
 }
 
+#[derive(Args)]
+pub(super) struct SimulateArgs {
+    /// A JSON file: `{"usageFeatures": […], "from": "…", "to": "…"}` (features in the
+    /// config's shape; the period as RFC 3339 times).
+    draft: PathBuf,
+    #[command(flatten)]
+    server: AdminServer,
+    /// Print the server's JSON answer instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl SimulateArgs {
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let body = std::fs::read(&self.draft)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.draft.display()))?;
+        let (status, answer) = self.server.post("/v1/simulate", body).await?;
+        if status != 200 {
+            anyhow::bail!(
+                "the simulation was refused ({status}): {}",
+                answer["message"].as_str().unwrap_or_default()
+            );
+        }
+        if self.json {
+            say!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(());
+        }
+        let text = |v: &Value| match v {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        say!("usage {} .. {}", text(&answer["from"]), text(&answer["to"]));
+        say!(
+            "{:<20} {:<16} {:<10} {:>12}  {:>10} {:>10}  {:<24} {:<24} {:<24}",
+            "customer",
+            "feature",
+            "plan",
+            "used",
+            "bill now",
+            "bill draft",
+            "402 now",
+            "402 draft",
+            "suspended draft"
+        );
+        for line in answer["lines"].as_array().into_iter().flatten() {
+            say!(
+                "{:<20} {:<16} {:<10} {:>12}  {:>10} {:>10}  {:<24} {:<24} {:<24}",
+                text(&line["customer_id"]),
+                text(&line["feature"]),
+                text(&line["plan"]),
+                text(&line["used"]),
+                text(&line["today"]["bill"]),
+                text(&line["draft"]["bill"]),
+                text(&line["today"]["limit_reached_at"]),
+                text(&line["draft"]["limit_reached_at"]),
+                text(&line["draft"]["suspended_at"]),
+            );
+        }
+        let totals = &answer["totals"];
+        say!(
+            "total: {} lines; bill {} now, {} with the draft; 402 for {} now, {} with the draft; suspended {} now, {} with the draft",
+            text(&totals["lines"]),
+            text(&totals["bill_today"]),
+            text(&totals["bill_draft"]),
+            text(&totals["limit_reached_today"]),
+            text(&totals["limit_reached_draft"]),
+            text(&totals["suspended_today"]),
+            text(&totals["suspended_draft"]),
+        );
+        Ok(())
+    }
+}
+
 impl AdminServer {
     /// POSTs `body` (JSON, or nothing) to `path` with the admin key; the status and the JSON
     /// answer.
