@@ -16,6 +16,7 @@
 pub mod activation;
 pub mod admission;
 pub mod billing;
+pub mod dashboard;
 pub mod ingest_routes;
 pub mod insights;
 pub mod limits;

@@ -151,6 +151,7 @@ const FAMILIES: &[&str] = &[
     "customers",
     "healthz",
     "metrics",
+    "dashboard",
     "other",
 ];
 

@@ -45,6 +45,8 @@ pub enum Route {
     PortalUsage,
     /// `GET /v1/portal/events`: the customer's portal events (Server-Sent Events).
     PortalEvents,
+    /// `GET /dashboard` and its files.
+    Dashboard(super::dashboard::Asset),
     /// `POST /v1/simulate`: pricing what-ifs over a period's usage.
     Simulate,
     /// `GET /v1/portal/entitlements/{feature}`.
@@ -197,6 +199,12 @@ fn known_route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/rejected/replay") => Route::RejectedReplay,
         (&Method::GET, "/v1/anomalies") => Route::Anomalies,
         (&Method::GET, "/openapi.json") => Route::OpenApi,
+        (method, path) if super::dashboard::Asset::at(path).is_some() => {
+            match (method, super::dashboard::Asset::at(path)) {
+                (&Method::GET, Some(asset)) => Route::Dashboard(asset),
+                _ => Route::MethodNotAllowed("GET"),
+            }
+        }
         (&Method::GET, "/v1/activation") => Route::Activation,
         (method, path) if path.starts_with("/v1/activation/versions/") => {
             match path
@@ -370,6 +378,7 @@ impl Route {
             Self::StripeWebhook => Access::Signed,
             Self::Preflight
             | Self::OpenApi
+            | Self::Dashboard(_)
             | Self::Health
             | Self::Metrics
             | Self::MethodNotAllowed(_)
@@ -430,6 +439,7 @@ impl Route {
             | Self::PortalEvents => "usage",
             Self::Customer(_) => "customers",
             Self::Health | Self::OpenApi => "healthz",
+            Self::Dashboard(_) => "dashboard",
             Self::Metrics => "metrics",
             Self::MethodNotAllowed(_) | Self::NotFound => "other",
         }
@@ -515,6 +525,7 @@ pub(crate) async fn dispatch(
         Route::ActivationRecompute => activation::recompute(state).await,
         Route::NorthStar => activation::northstar(state).await,
         Route::User(user, what) => activation::user(state, user, what).await,
+        Route::Dashboard(asset) => super::dashboard::serve(*asset),
         Route::OpenApi => {
             respond::bytes_response(200, "application/json", OPENAPI.as_bytes().to_vec())
         }

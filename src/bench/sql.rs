@@ -200,6 +200,11 @@ async fn run_in(options: &SqlBench, work: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Time the steady state: the archiver compacts what it just committed for a while after
+    // the last event lands, and a query that runs beside a compaction pays for it.
+    let files = settle(&data.join("events")).await;
+    eprintln!("the events table settled at {files} files");
+
     let end = northstar::activation::generate::data_end_micros(&spec);
     let week = |days_back: i64| {
         let micros = end - days_back * 86_400_000_000;
@@ -350,6 +355,38 @@ async fn time_postgres_wire(
     drop(client);
     let _ = session.await;
     Ok(timed)
+}
+
+/// Waits until the table's Parquet files have not changed for five seconds (at most two
+/// minutes); returns how many there are.
+async fn settle(table: &Path) -> usize {
+    let files = || {
+        let mut names = Vec::new();
+        let days = std::fs::read_dir(table).into_iter().flatten().flatten();
+        for day in days {
+            let found = std::fs::read_dir(day.path())
+                .into_iter()
+                .flatten()
+                .flatten();
+            names.extend(
+                found
+                    .map(|f| f.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".parquet")),
+            );
+        }
+        names.sort_unstable();
+        names
+    };
+    let began = Instant::now();
+    let (mut seen, mut since) = (files(), Instant::now());
+    while since.elapsed() < Duration::from_secs(5) && began.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = files();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+    seen.len()
 }
 
 fn median(times: &mut [Duration]) -> Duration {

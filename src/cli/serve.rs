@@ -97,6 +97,14 @@ impl ServeArgs {
 /// Sends the demo workload and prints what to try next.
 async fn print_demo(base: &str, write_key: &str, count: usize, data: &Path) {
     let now = northstar::clock::system_micros();
+    let keyed = ["NORTHSTAR_ADMIN_KEY", "NORTHSTAR_ANALYST_KEY"]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|k| !k.is_empty()));
+    let sign_in = if keyed {
+        "sign in with the admin or an analyst key"
+    } else {
+        "to sign in, start with NORTHSTAR_ADMIN_KEY or NORTHSTAR_ANALYST_KEY set"
+    };
     match northstar::demo::send_demo(base, write_key, count, now).await {
         Ok(report) => {
             let exe = std::env::args()
@@ -111,6 +119,7 @@ async fn print_demo(base: &str, write_key: &str, count: usize, data: &Path) {
                  -d '{{\"userId\":\"u1\",\"event\":\"api_call_made\",\"properties\":{{\"endpoint\":\"/v1/search\"}}}}'\n\n\
                  Query it (events are in Parquet within a few seconds):\n  \
                  {exe} sql --data {} \"SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC\"\n\n\
+                 Dashboard: {base}/dashboard ({sign_in})\n\n\
                  Stop with Ctrl-C (buffered events are committed first).",
                 report.accepted,
                 report.duplicates,

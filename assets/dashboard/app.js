@@ -1,0 +1,198 @@
+// northstar's dashboard: plain calls to the server's own API with a key kept in this tab's
+// sessionStorage and sent as `Authorization: Bearer` (no cookies). Every value is put in the
+// page as text (textContent), never as HTML, so an event name cannot inject markup.
+"use strict";
+
+const KEY = "northstar-key";
+const $ = (id) => document.getElementById(id);
+
+function key() {
+  return sessionStorage.getItem(KEY);
+}
+
+// A key handed over in the address (`#key=…`, never sent to a server) is kept and removed
+// from the address at once.
+function takeKeyFromAddress() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const handed = params.get("key");
+  if (handed) {
+    sessionStorage.setItem(KEY, handed);
+    params.delete("key");
+    const view = params.get("view") || "overview";
+    history.replaceState(null, "", `${location.pathname}#${view}`);
+  }
+}
+
+async function api(path, body) {
+  const init = { headers: { authorization: `Bearer ${key()}` } };
+  if (body !== undefined) {
+    init.method = "POST";
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const answer = await fetch(path, init);
+  const text = await answer.text();
+  if (answer.status === 401 || answer.status === 403) {
+    sessionStorage.removeItem(KEY);
+    throw new Error(`the key was refused (${answer.status}): sign in again`);
+  }
+  if (!answer.ok) {
+    let message = text;
+    try { message = JSON.parse(text).message || text; } catch (_) { /* not JSON */ }
+    throw new Error(`${path}: ${answer.status} ${message}`);
+  }
+  return text;
+}
+
+async function sql(statement) {
+  return JSON.parse(await api("/v1/sql", { sql: statement })).rows;
+}
+
+// A value as a SQL string literal.
+function literal(text) {
+  return `'${String(text).replaceAll("'", "''")}'`;
+}
+
+function setText(id, value) {
+  $(id).textContent = value === null || value === undefined ? "–" : String(value);
+}
+
+function fillTable(id, rows, columns, onClick) {
+  const body = $(id).querySelector("tbody");
+  body.replaceChildren();
+  for (const row of rows) {
+    const tr = document.createElement("tr");
+    for (const column of columns) {
+      const td = document.createElement("td");
+      td.textContent = row[column] === null || row[column] === undefined ? "" : String(row[column]);
+      tr.append(td);
+    }
+    if (onClick) {
+      tr.dataset.id = "1";
+      tr.addEventListener("click", () => onClick(row));
+    }
+    body.append(tr);
+  }
+}
+
+function showError(error) {
+  setText("error", error ? error.message : "");
+}
+
+// Prometheus text → {name or name{labels}: value}.
+function parseMetrics(text) {
+  const samples = {};
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const at = line.lastIndexOf(" ");
+    samples[line.slice(0, at)] = Number(line.slice(at + 1));
+  }
+  return samples;
+}
+
+async function metrics() {
+  const answer = await fetch("/metrics");
+  return parseMetrics(await answer.text());
+}
+
+const today = () => new Date().toISOString().slice(0, 10);
+
+async function overview() {
+  const health = JSON.parse(await (await fetch("/healthz")).text());
+  setText("health", health.status);
+  const first = await metrics();
+  const [events, rejected, reasons] = await Promise.all([
+    sql(`SELECT count(*) AS n FROM events WHERE "timestamp" >= TIMESTAMP '${today()} 00:00:00'`),
+    sql(`SELECT count(*) AS n FROM rejected_events WHERE received_at >= TIMESTAMP '${today()} 00:00:00'`),
+    sql(`SELECT reasons, count(*) AS n FROM rejected_events WHERE received_at >= TIMESTAMP '${today()} 00:00:00' GROUP BY reasons ORDER BY n DESC LIMIT 20`),
+  ]);
+  setText("events-today", events[0].n);
+  setText("rejected-today", rejected[0].n);
+  fillTable("rejected-reasons", reasons, ["reasons", "n"]);
+  const accepted = (m) => m["northstar_ingest_events_accepted_total"] || 0;
+  const landed = (m) => m['northstar_archive_rows_total{table="events"}'] || 0;
+  const last = (m) => m['northstar_archive_last_seq{table="events"}'];
+  const visible = health.archive && health.archive.events ? health.archive.events.last_seq : null;
+  const streamed = first["northstar_stream_last_seq"];
+  setText("lag", streamed !== undefined && visible !== null ? Math.max(0, streamed - visible) : last(first));
+  await new Promise((done) => setTimeout(done, 1000));
+  const second = await metrics();
+  setText("rate-in", Math.round(accepted(second) - accepted(first)));
+  setText("rate-landed", Math.round(landed(second) - landed(first)));
+}
+
+async function latest(filters) {
+  const where = [];
+  if (filters.event) where.push(`event = ${literal(filters.event)}`);
+  if (filters.user) where.push(`(user_id = ${literal(filters.user)} OR anonymous_id = ${literal(filters.user)})`);
+  if (filters.customer) where.push(`customer_id = ${literal(filters.customer)}`);
+  if (filters.since && /^\d{4}-\d{2}-\d{2}/.test(filters.since)) {
+    where.push(`"timestamp" >= TIMESTAMP ${literal(filters.since.replace("T", " ").replace("Z", ""))}`);
+  }
+  const clause = where.length ? `WHERE ${where.join(" AND ")}` : "";
+  const rows = await sql(
+    `SELECT event_id, "timestamp" AS time, coalesce(event, type) AS event, coalesce(user_id, anonymous_id) AS user, customer_id AS customer FROM events ${clause} ORDER BY "timestamp" DESC LIMIT 50`,
+  );
+  fillTable("latest", rows, ["time", "event", "user", "customer"], (row) => detail(row.event_id).catch(showError));
+}
+
+async function detail(eventId) {
+  const [event] = await sql(`SELECT * FROM events_resolved WHERE event_id = ${literal(eventId)}`);
+  if (!event) return;
+  for (const field of ["properties", "context"]) {
+    try { event[field] = JSON.parse(event[field]); } catch (_) { /* kept as text */ }
+  }
+  $("event-json").textContent = JSON.stringify(event, null, 2);
+  setText("person", event.person_id);
+  const journey = await sql(
+    `SELECT "timestamp" AS time, coalesce(event, type) AS event, coalesce(user_id, anonymous_id) AS id FROM events_resolved WHERE person_id = ${literal(event.person_id)} ORDER BY "timestamp" LIMIT 500`,
+  );
+  fillTable("journey", journey, ["time", "event", "id"]);
+  $("detail").hidden = false;
+}
+
+const views = { overview: () => overview(), events: () => latest({}) };
+
+async function show() {
+  const view = location.hash.slice(1) in views ? location.hash.slice(1) : "overview";
+  for (const name of ["login", ...Object.keys(views)]) $(name).hidden = true;
+  if (!key()) {
+    $("login").hidden = false;
+    $("forget").hidden = true;
+    return;
+  }
+  $("forget").hidden = false;
+  for (const link of document.querySelectorAll("nav a")) {
+    link.classList.toggle("active", link.dataset.view === view);
+  }
+  $(view).hidden = false;
+  showError(null);
+  try {
+    await views[view]();
+    document.body.dataset.loaded = view;
+  } catch (error) {
+    showError(error);
+    if (!key()) show();
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  takeKeyFromAddress();
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, $("key").value);
+    $("key").value = "";
+    show();
+  });
+  $("forget").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    show();
+  });
+  $("filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    latest(Object.fromEntries(form.entries())).catch(showError);
+  });
+  window.addEventListener("hashchange", show);
+  show();
+});

@@ -1,0 +1,116 @@
+//! The dashboard in a real browser (Debian's Chromium, headless; installed by
+//! `./scripts/install-deps.sh --test`): it loads under its Content-Security-Policy, shows the
+//! numbers the API gives, opens with an analyst key, and renders a hostile event name as text.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{ANALYST_KEY, Nats, Northstar, test_config};
+use serde_json::json;
+
+/// The page's DOM once its script has loaded `view` (Chromium's `--dump-dom`), and what the
+/// browser wrote to stderr.
+fn render(base: &str, key: &str, view: &str) -> (String, String) {
+    let out = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=20000",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+        ])
+        .arg(format!("{base}/dashboard#key={key}&view={view}"))
+        .output()
+        .expect("chromium runs (./scripts/install-deps.sh --test installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        dom.contains(&format!("data-loaded=\"{view}\"")),
+        "the {view} view did not finish loading:\n{dom}\n{log}"
+    );
+    assert!(
+        dom.contains("role=\"alert\"></p>"),
+        "the page shows an error:\n{dom}"
+    );
+    assert!(!log.contains("Uncaught"), "a script error:\n{log}");
+    assert!(
+        !log.contains("Content Security Policy"),
+        "a CSP violation:\n{log}"
+    );
+    (dom, log)
+}
+
+/// The text of the element with `id` in a dumped DOM.
+fn text_of(dom: &str, id: &str) -> String {
+    let start = dom
+        .find(&format!("id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no #{id}"));
+    let rest = &dom[start + id.len() + 6..];
+    rest[..rest.find('<').unwrap_or(0)].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    let hostile = "<img src=x onerror=alert(1)>";
+    let mut events: Vec<_> = (0..7)
+        .map(|i| json!({"type": "track", "messageId": format!("d-{i}"), "userId": "u1", "event": "report_created"}))
+        .collect();
+    events
+        .push(json!({"type": "track", "messageId": "d-hostile", "userId": "u1", "event": hostile}));
+    server.send_batch(events).await;
+    // No event name: rejected, with its reason.
+    let refused = server
+        .post(
+            "/v1/batch",
+            &json!({"batch": [{"type": "track", "messageId": "d-bad", "userId": "u1"}]}),
+        )
+        .await;
+    assert_eq!(refused.json()["rejected"], 1, "{}", refused.text());
+    server.wait_archived(8).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while server
+        .sql("SELECT count(*) AS n FROM rejected_events")
+        .await[0]["n"]
+        != 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rejection never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The overview, with the read-only analyst key: its numbers are SQL's.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "overview");
+    let today = server
+        .sql("SELECT count(*) AS n FROM events WHERE \"timestamp\" >= date_trunc('day', now())")
+        .await;
+    assert_eq!(text_of(&dom, "events-today"), today[0]["n"].to_string());
+    assert_eq!(text_of(&dom, "rejected-today"), "1");
+    assert_eq!(text_of(&dom, "health"), "ok");
+    assert!(
+        dom.contains("event"),
+        "the rejection's reason names its field:\n{dom}"
+    );
+
+    // The events: the hostile name is text, not an element.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "events");
+    assert!(
+        dom.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "the hostile name is shown as text:\n{dom}"
+    );
+    assert!(!dom.contains("<img"), "no element was injected:\n{dom}");
+    assert!(dom.contains("report_created"));
+
+    // The page's own answer carries its policy.
+    let page = server.get("/dashboard").await;
+    assert_eq!(page.status, 200);
+    let policy = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'self'") && policy.contains("default-src 'none'"));
+}
