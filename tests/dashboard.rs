@@ -7,7 +7,8 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::{ANALYST_KEY, Nats, Northstar, test_config};
+use harness::{ADMIN_KEY, ANALYST_KEY, Nats, Northstar, WRITE_KEY, test_config};
+use serde_json::Value;
 use serde_json::json;
 
 /// The page's DOM once its script has loaded `view` (Chromium's `--dump-dom`), and what the
@@ -105,7 +106,10 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
         dom.contains("&lt;img src=x onerror=alert(1)&gt;"),
         "the hostile name is shown as text:\n{dom}"
     );
-    assert!(!dom.contains("<img"), "no element was injected:\n{dom}");
+    assert!(
+        !dom.contains("<img src=\"x\"") && !dom.contains("onerror=\""),
+        "no element was injected:\n{dom}"
+    );
     assert!(dom.contains("report_created"));
 
     // The page's own answer carries its policy.
@@ -113,4 +117,93 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
     assert_eq!(page.status, 200);
     let policy = page.headers["content-security-policy"].to_str().unwrap();
     assert!(policy.contains("script-src 'self'") && policy.contains("default-src 'none'"));
+}
+
+/// Runs `tests/sdk/node/dashboard.mjs` (puppeteer-core driving Chromium) with `key`.
+fn drive(base: &str, key: &str) -> Value {
+    let out = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/node/dashboard.mjs"
+        ))
+        .args([base, key])
+        .output()
+        .expect("node runs (./scripts/install-deps.sh --test installs it)");
+    assert!(
+        out.status.success(),
+        "dashboard.mjs failed (./scripts/install-deps.sh --test installs puppeteer-core)\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_recompute_button_makes_a_new_version_with_the_admin_key_only() {
+    let nats = Nats::start();
+    let server = Northstar::start(&nats, &test_config());
+    // A generated history with a planted answer, through ingest, as the README's first look.
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history.jsonl");
+    let northstar = env!("CARGO_BIN_EXE_northstar");
+    let generated = Command::new(northstar)
+        .args(["demo", "generate", "--users", "2000", "--out"])
+        .arg(&history)
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let imported = Command::new(northstar)
+        .arg("import")
+        .arg(&history)
+        .args(["--url", &server.base, "--write-key", WRITE_KEY])
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    server.wait_archived(18_066).await;
+
+    // The admin key: signs in once, recomputes, and the page shows the new version, its
+    // picture and the North Star series, without a script error.
+    let admin = drive(&server.base, ADMIN_KEY);
+    assert_eq!(admin["errors"], json!([]), "{admin}");
+    assert_eq!(admin["stored"], true);
+    assert_eq!(
+        (&admin["versions_before"], &admin["versions_after"]),
+        (&json!(0), &json!(1)),
+        "{admin}"
+    );
+    assert_eq!(admin["result"], "a new version was chosen");
+    let threshold = admin["threshold"].as_str().unwrap();
+    assert!(
+        threshold.contains("At least 3 × core_action_completed within 7 days"),
+        "{threshold}"
+    );
+    assert_eq!(admin["picture"], true, "the version's picture is shown");
+    assert!(admin["bars"].as_u64().unwrap() > 0, "{admin}");
+
+    // The analyst key views, and its recompute is refused without signing it out.
+    let analyst = drive(&server.base, ANALYST_KEY);
+    assert_eq!(
+        (&analyst["versions_before"], &analyst["versions_after"]),
+        (&json!(1), &json!(1)),
+        "{analyst}"
+    );
+    assert!(
+        analyst["result"].as_str().unwrap().contains("may not"),
+        "{analyst}"
+    );
+    assert_eq!(analyst["still_signed_in"], true);
+    let errors: Vec<&str> = analyst["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        errors.iter().all(|e| e.contains("403")),
+        "only the refused recompute: {errors:?}"
+    );
 }

@@ -32,9 +32,12 @@ async function api(path, body) {
   }
   const answer = await fetch(path, init);
   const text = await answer.text();
-  if (answer.status === 401 || answer.status === 403) {
+  if (answer.status === 401) {
     sessionStorage.removeItem(KEY);
-    throw new Error(`the key was refused (${answer.status}): sign in again`);
+    throw new Error("the key was refused: sign in again");
+  }
+  if (answer.status === 403) {
+    throw new Error("this key may not do that (an analyst key reads; the admin key also acts)");
   }
   if (!answer.ok) {
     let message = text;
@@ -151,7 +154,71 @@ async function detail(eventId) {
   $("detail").hidden = false;
 }
 
-const views = { overview: () => overview(), events: () => latest({}) };
+const percent = (share) => (share === null || share === undefined ? null : `${(share * 100).toFixed(1)}%`);
+
+async function activation() {
+  const { current, history } = JSON.parse(await api("/v1/activation"));
+  if (current && current.times) {
+    setText("threshold", `At least ${current.times} × ${current.event} within ${current.days} days (phi ${current.phi === null ? "–" : current.phi.toFixed(3)})`);
+  } else {
+    setText("threshold", current ? `No threshold chosen in version ${current.version}` : "No version computed yet");
+  }
+  setText("cohort", current ? current.cohort : null);
+  setText("retention-above", current ? percent(current.retention_above) : null);
+  setText("retention-below", current ? percent(current.retention_below) : null);
+  setText("as-of", current ? current.as_of : null);
+  if (current) {
+    // The picture needs the key: fetched, then shown from memory (an <img> cannot send it).
+    const answer = await fetch(current.picture_url, { headers: { authorization: `Bearer ${key()}` } });
+    if (answer.ok) {
+      const picture = $("picture");
+      if (picture.src.startsWith("blob:")) URL.revokeObjectURL(picture.src);
+      picture.src = URL.createObjectURL(await answer.blob());
+      $("picture-frame").hidden = false;
+    }
+  }
+  fillTable(
+    "versions",
+    history.map((v) => ({ ...v, threshold: v.times ? `${v.times} × in ${v.days} d` : "", phi: v.phi === null ? "" : v.phi.toFixed(3) })),
+    ["version", "computed_at", "threshold", "phi", "reason"],
+  );
+  const series = JSON.parse(await api("/v1/northstar")).series || [];
+  drawBars("northstar-chart", series.map((point) => [point.day, point.activated]));
+}
+
+// A bar per [label, value], drawn with the DOM (no markup strings).
+function drawBars(id, points) {
+  const svg = $(id);
+  svg.replaceChildren();
+  const most = Math.max(1, ...points.map(([, value]) => value));
+  const width = 600 / Math.max(1, points.length);
+  points.forEach(([label, value], i) => {
+    const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const height = (value / most) * 150;
+    bar.setAttribute("x", String(i * width + 1));
+    bar.setAttribute("y", String(160 - height));
+    bar.setAttribute("width", String(Math.max(1, width - 2)));
+    bar.setAttribute("height", String(height));
+    const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    title.textContent = `${label}: ${value}`;
+    bar.append(title);
+    svg.append(bar);
+  });
+  svg.dataset.bars = String(points.length);
+}
+
+async function recompute() {
+  setText("recompute-result", "computing…");
+  try {
+    const answer = JSON.parse(await api("/v1/activation/recompute", {}));
+    await activation();
+    setText("recompute-result", answer.chosen ? "a new version was chosen" : `no threshold chosen: ${answer.reason}`);
+  } catch (error) {
+    setText("recompute-result", error.message);
+  }
+}
+
+const views = { overview: () => overview(), events: () => latest({}), activation: () => activation() };
 
 async function show() {
   const view = location.hash.slice(1) in views ? location.hash.slice(1) : "overview";
@@ -193,6 +260,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const form = new FormData(event.target);
     latest(Object.fromEntries(form.entries())).catch(showError);
   });
+  $("recompute").addEventListener("click", () => recompute());
   window.addEventListener("hashchange", show);
   show();
 });

@@ -34,7 +34,7 @@ impl Asset {
 
 /// What the page may load and call: its own files and this server's API, nothing else.
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'; \
     frame-ancestors 'none'";
 
 /// Serves one asset with the page's security headers.

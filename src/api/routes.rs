@@ -339,6 +339,9 @@ pub enum Access {
     /// An analyst key or the admin key, as `Authorization: Bearer`: reads of the event
     /// history (SQL, insights, people), nothing that writes or acts.
     Read,
+    /// A service key, an analyst key or the admin key: reads a service and an analyst both
+    /// make (the activation result, the North Star series).
+    ServiceOrRead,
     /// A portal token (`Authorization: Bearer pt_…` or `?token=`), scoped to one customer.
     Portal,
     /// A `Stripe-Signature` over the body, which the webhook handler verifies.
@@ -354,13 +357,13 @@ impl Route {
             | Self::CheckBatch
             | Self::Usage(_)
             | Self::Entitlement(..)
-            | Self::Activation
-            | Self::ActivationPicture(_)
-            | Self::NorthStar
             | Self::User(..)
             | Self::MeterUsage(_)
             | Self::PortalToken
             | Self::PostHogFlagDefinitions => Access::Service,
+            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar => {
+                Access::ServiceOrRead
+            }
             Self::PortalUsage | Self::PortalEntitlement(_) | Self::PortalEvents => Access::Portal,
             Self::Sql
             | Self::Person(_)
@@ -482,6 +485,9 @@ pub(crate) async fn dispatch(
         Access::Service => state.require_service(bearer),
         Access::Admin => state.require_admin(bearer),
         Access::Read => state.require_reader(bearer),
+        Access::ServiceOrRead => state
+            .require_service(bearer)
+            .or_else(|_| state.require_reader(bearer)),
         Access::Portal => state.portal_grant(parts).map(|g| grant = Some(g)),
         Access::Open | Access::WriteKey | Access::Signed => Ok(()),
     };
@@ -594,7 +600,7 @@ mod tests {
                     .is_some_and(|schemes| schemes.iter().any(|s| s.get("bearer").is_some()));
                 match access {
                     Access::WriteKey => continue,
-                    Access::Service | Access::Admin | Access::Read => {
+                    Access::Service | Access::Admin | Access::Read | Access::ServiceOrRead => {
                         assert!(bearer, "{method} {path} takes a key the document omits")
                     }
                     Access::Portal => {
