@@ -64,6 +64,14 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
         .collect();
     events
         .push(json!({"type": "track", "messageId": "d-hostile", "userId": "u1", "event": hostile}));
+    // Metered usage of two customers, one of them with a hostile id.
+    for (i, customer) in ["acme", "acme", "acme", "<b>hooli</b>"]
+        .into_iter()
+        .enumerate()
+    {
+        events.push(json!({"type": "track", "messageId": format!("d-call-{i}"), "userId": "u2",
+            "event": "api_call_made", "context": {"groupId": customer}, "properties": {"endpoint": "/v1/search"}}));
+    }
     server.send_batch(events).await;
     // No event name: rejected, with its reason.
     let refused = server
@@ -73,7 +81,7 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
         )
         .await;
     assert_eq!(refused.json()["rejected"], 1, "{}", refused.text());
-    server.wait_archived(8).await;
+    server.wait_archived(12).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while server
         .sql("SELECT count(*) AS n FROM rejected_events")
@@ -111,6 +119,17 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
         "no element was injected:\n{dom}"
     );
     assert!(dom.contains("report_created"));
+
+    // The customers: the most metered first, their plan and standing; ids as text.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "customers");
+    let list = &dom[dom.find("id=\"customer-list\"").unwrap()..];
+    let list = &list[..list.find("</table>").unwrap()];
+    assert!(
+        list.contains("<td>acme</td><td>free</td><td>3</td><td>0.3%</td>"),
+        "acme: 3 of the free plan's 1,000 api_requests:\n{list}"
+    );
+    assert!(list.contains("<td>&lt;b&gt;hooli&lt;/b&gt;</td>"), "{list}");
+    assert!(!list.contains("<b>"), "{list}");
 
     // The page's own answer carries its policy.
     let page = server.get("/dashboard").await;

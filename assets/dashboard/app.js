@@ -154,6 +154,61 @@ async function detail(eventId) {
   $("detail").hidden = false;
 }
 
+async function usageOf(customer) {
+  return JSON.parse(await api(`/v1/customers/${encodeURIComponent(customer)}/usage`));
+}
+
+// The share of its limit the most used feature has taken (null: no limited feature).
+function nearest(usage) {
+  const shares = usage.features.filter((f) => f.limit !== null && f.limit > 0).map((f) => Number(f.used) / Number(f.limit));
+  return shares.length ? Math.max(...shares) : null;
+}
+
+async function customers() {
+  const top = await sql(
+    `SELECT customer_id, count(*) AS events FROM metered_events WHERE "timestamp" >= date_trunc('month', now()) GROUP BY customer_id ORDER BY events DESC, customer_id LIMIT 20`,
+  );
+  const rows = await Promise.all(
+    top.map(async (row) => {
+      const usage = await usageOf(row.customer_id);
+      return {
+        customer: row.customer_id,
+        plan: usage.plan,
+        events: row.events,
+        nearest: percent(nearest(usage)) || "",
+        suspended: usage.suspended ? usage.suspended.reason : "",
+      };
+    }),
+  );
+  fillTable("customer-list", rows, ["customer", "plan", "events", "nearest", "suspended"], (row) =>
+    customer(row.customer).catch(showError),
+  );
+  try {
+    const billing = JSON.parse(await api("/v1/billing/status"));
+    setText("billing", JSON.stringify(billing));
+  } catch (error) {
+    setText("billing", error.message);
+  }
+}
+
+async function customer(id) {
+  const usage = await usageOf(id);
+  setText("customer-name", `${id} (plan ${usage.plan}${usage.suspended ? `, suspended: ${usage.suspended.reason}` : ""})`);
+  fillTable(
+    "customer-usage",
+    usage.features.map((f) => ({
+      feature: f.feature,
+      used: f.used,
+      limit: f.limit === null ? "unlimited" : f.limit,
+      remaining: f.remaining === null || f.remaining === undefined ? "" : f.remaining,
+      share: f.limit ? percent(Number(f.used) / Number(f.limit)) : "",
+      reached: f.projection && f.projection.limit_reached_at ? f.projection.limit_reached_at : "",
+    })),
+    ["feature", "used", "limit", "remaining", "share", "reached"],
+  );
+  $("customer-detail").hidden = false;
+}
+
 const percent = (share) => (share === null || share === undefined ? null : `${(share * 100).toFixed(1)}%`);
 
 async function activation() {
@@ -218,7 +273,12 @@ async function recompute() {
   }
 }
 
-const views = { overview: () => overview(), events: () => latest({}), activation: () => activation() };
+const views = {
+  overview: () => overview(),
+  events: () => latest({}),
+  customers: () => customers(),
+  activation: () => activation(),
+};
 
 async function show() {
   const view = location.hash.slice(1) in views ? location.hash.slice(1) : "overview";

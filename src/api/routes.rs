@@ -355,13 +355,12 @@ impl Route {
             Self::Ingest(_) | Self::PostHogFlags => Access::WriteKey,
             Self::Check
             | Self::CheckBatch
-            | Self::Usage(_)
             | Self::Entitlement(..)
             | Self::User(..)
             | Self::MeterUsage(_)
             | Self::PortalToken
             | Self::PostHogFlagDefinitions => Access::Service,
-            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar => {
+            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar | Self::Usage(_) => {
                 Access::ServiceOrRead
             }
             Self::PortalUsage | Self::PortalEntitlement(_) | Self::PortalEvents => Access::Portal,
