@@ -203,6 +203,44 @@ async fn the_recompute_button_makes_a_new_version_with_the_admin_key_only() {
     assert_eq!(admin["picture"], true, "the version's picture is shown");
     assert!(admin["bars"].as_u64().unwrap() > 0, "{admin}");
 
+    // Funnels and retention: the page's numbers are the insights API's.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "insights");
+    let asked = server
+        .post_as(
+            ANALYST_KEY,
+            "/v1/insights/funnel",
+            &json!({"steps": ["signup_completed", "core_action_completed"], "window": "7d"}),
+        )
+        .await;
+    assert_eq!(asked.status, 200, "{}", asked.text());
+    for step in asked.json()["groups"][0]["steps"].as_array().unwrap() {
+        let row = format!(
+            "<tr><td>{}</td><td>{}</td>",
+            step["event"].as_str().unwrap(),
+            step["people"]
+        );
+        assert!(dom.contains(&row), "the funnel shows {row}:\n{dom}");
+    }
+    let asked = server
+        .post_as(
+            ANALYST_KEY,
+            "/v1/insights/retention",
+            &json!({"cohortEvent": "signup_completed", "returnEvent": "core_action_completed", "period": "week", "periods": 8}),
+        )
+        .await;
+    assert_eq!(asked.status, 200, "{}", asked.text());
+    for cohort in asked.json()["cohorts"].as_array().unwrap() {
+        let row = format!(
+            "<tr><td>{}</td><td>{}</td>",
+            &cohort["cohort"].as_str().unwrap()[..10],
+            cohort["people"]
+        );
+        assert!(
+            dom.contains(&row),
+            "the retention table shows {row}:\n{dom}"
+        );
+    }
+
     // The analyst key views, and its recompute is refused without signing it out.
     let analyst = drive(&server.base, ANALYST_KEY);
     assert_eq!(

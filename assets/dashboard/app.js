@@ -273,11 +273,52 @@ async function recompute() {
   }
 }
 
+const seconds = (s) => (s === null || s === undefined ? "" : s < 3600 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+
+async function funnel() {
+  const form = Object.fromEntries(new FormData($("funnel-form")).entries());
+  const steps = form.steps.split(",").map((step) => step.trim()).filter(Boolean);
+  const answer = JSON.parse(await api("/v1/insights/funnel", { steps, window: form.window }));
+  const whole = answer.groups[0] ? answer.groups[0].steps : [];
+  drawBars("funnel-chart", whole.map((step) => [step.event, step.people]));
+  fillTable(
+    "funnel",
+    whole.map((step) => ({
+      event: step.event,
+      people: step.people,
+      previous: percent(step.conversion_from_previous) || "",
+      first: percent(step.conversion_from_first) || "",
+      median: seconds(step.median_seconds_to_convert),
+    })),
+    ["event", "people", "previous", "first", "median"],
+  );
+}
+
+async function retention() {
+  const form = Object.fromEntries(new FormData($("retention-form")).entries());
+  const answer = JSON.parse(await api("/v1/insights/retention", { ...form, periods: 8 }));
+  fillTable(
+    "retention",
+    answer.cohorts.map((row) => ({
+      cohort: row.cohort.slice(0, 10),
+      people: row.people,
+      returned: row.returned.map((n) => (row.people ? `${Math.round((100 * n) / row.people)}%` : "–")).join("  "),
+    })),
+    ["cohort", "people", "returned"],
+  );
+}
+
+async function insights() {
+  await funnel();
+  await retention();
+}
+
 const views = {
   overview: () => overview(),
   events: () => latest({}),
   customers: () => customers(),
   activation: () => activation(),
+  insights: () => insights(),
 };
 
 async function show() {
@@ -321,6 +362,12 @@ document.addEventListener("DOMContentLoaded", () => {
     latest(Object.fromEntries(form.entries())).catch(showError);
   });
   $("recompute").addEventListener("click", () => recompute());
+  for (const [form, run] of [["funnel-form", funnel], ["retention-form", retention]]) {
+    $(form).addEventListener("submit", (event) => {
+      event.preventDefault();
+      run().catch(showError);
+    });
+  }
   window.addEventListener("hashchange", show);
   show();
 });
