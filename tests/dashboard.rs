@@ -131,6 +131,27 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
     assert!(list.contains("<td>&lt;b&gt;hooli&lt;/b&gt;</td>"), "{list}");
     assert!(!list.contains("<b>"), "{list}");
 
+    // The schema: per event and version, stored and tagged, as SQL counts them; rejections.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "schema");
+    let expected = server
+        .sql(
+            "SELECT coalesce(schema_version, '') AS v, count(*) AS n, \
+             sum(CASE WHEN context LIKE '%\"schema_violations\"%' THEN 1 ELSE 0 END) AS t \
+             FROM events WHERE event = 'report_created' GROUP BY 1",
+        )
+        .await;
+    let row = format!(
+        "<tr><td>report_created</td><td>{}</td><td>7</td><td>{}</td></tr>",
+        expected[0]["v"].as_str().unwrap(),
+        expected[0]["t"]
+    );
+    assert!(dom.contains(&row), "the schema view shows {row}:\n{dom}");
+    let rejected = &dom[dom.find("id=\"schema-rejected\"").unwrap()..];
+    assert!(
+        rejected.contains("<td>track</td>") && rejected.contains("is required"),
+        "{rejected}"
+    );
+
     // The page's own answer carries its policy.
     let page = server.get("/dashboard").await;
     assert_eq!(page.status, 200);

@@ -313,12 +313,31 @@ async function insights() {
   await retention();
 }
 
+async function schema() {
+  const week = `now() - INTERVAL '7 days'`;
+  const [events, violations, rejected] = await Promise.all([
+    sql(
+      `SELECT coalesce(event, type) AS event, coalesce(schema_version, '') AS version, count(*) AS stored, sum(CASE WHEN context LIKE '%"schema_violations"%' THEN 1 ELSE 0 END) AS tagged FROM events WHERE "timestamp" >= ${week} GROUP BY 1, 2 ORDER BY stored DESC, event LIMIT 100`,
+    ),
+    sql(
+      `SELECT json_get_json(context, 'schema_violations') AS violations, count(*) AS n FROM events WHERE "timestamp" >= ${week} AND context LIKE '%"schema_violations"%' GROUP BY 1 ORDER BY n DESC LIMIT 20`,
+    ),
+    sql(
+      `SELECT coalesce(json_get_str(payload, 'event'), json_get_str(payload, 'type'), '(none)') AS event, reasons, count(*) AS n FROM rejected_events WHERE received_at >= ${week} GROUP BY 1, 2 ORDER BY n DESC LIMIT 50`,
+    ),
+  ]);
+  fillTable("schema-events", events, ["event", "version", "stored", "tagged"]);
+  fillTable("schema-violations", violations, ["violations", "n"]);
+  fillTable("schema-rejected", rejected, ["event", "reasons", "n"]);
+}
+
 const views = {
   overview: () => overview(),
   events: () => latest({}),
   customers: () => customers(),
   activation: () => activation(),
   insights: () => insights(),
+  schema: () => schema(),
 };
 
 async function show() {
