@@ -233,7 +233,14 @@ pub async fn start(
         "stream retention"
     );
     let in_force = ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
-    crate::bus::streams::ensure_portal_stream(publisher.jetstream(), &config.stream).await?;
+    // Portal events are a courtesy to browsers: a stream that cannot be made (a server whose
+    // store the other streams fill) turns them off, not the server.
+    if let Err(error) =
+        crate::bus::streams::ensure_portal_stream(publisher.jetstream(), &config.stream, &in_force)
+            .await
+    {
+        tracing::warn!(%error, "the portal stream could not be made: GET /v1/portal/events answers 503 until it can");
+    }
 
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());

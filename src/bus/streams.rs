@@ -34,14 +34,25 @@ pub(crate) const PORTAL_PREFIX: &str = "portal";
 /// nothing.
 pub(crate) const PORTAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Most bytes the portal stream holds (the oldest events go first past it).
+/// Most bytes the portal stream holds (the oldest events go first past it), or a twentieth of
+/// the embedded server's store when that is less: the streams' bounds must fit the store,
+/// and the events and rejected streams take nine tenths of it.
 pub(crate) const PORTAL_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
+/// The portal stream's size bound within `budget`.
+fn portal_bytes(budget: &Budget) -> i64 {
+    match budget.store {
+        Some(store) => (store / 20).clamp(1024 * 1024, PORTAL_MAX_BYTES),
+        None => PORTAL_MAX_BYTES,
+    }
+}
 
 /// Creates the portal stream, or brings its limits to these. Its events carry deterministic
 /// ids, so a notice sent again (a replay crossing the same threshold) is stored once.
 pub(crate) async fn ensure_portal_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    budget: &Budget,
 ) -> Result<(), BusError> {
     let config = stream::Config {
         name: settings.portal_name.clone(),
@@ -52,7 +63,7 @@ pub(crate) async fn ensure_portal_stream(
         discard: stream::DiscardPolicy::Old,
         duplicate_window: settings.duplicate_window.get(),
         max_age: PORTAL_MAX_AGE,
-        max_bytes: PORTAL_MAX_BYTES,
+        max_bytes: portal_bytes(budget),
         num_replicas: settings.replicas,
         ..Default::default()
     };

@@ -126,8 +126,14 @@ fn set_verdict(set: &Set) -> Verdict {
 /// The first query hook: refuses what is not read-only, answers settings northstar ignores.
 pub(crate) struct ReadOnly;
 
-fn tag_answer(tag: &str) -> Response {
-    Response::Execution(Tag::new(tag))
+/// The gate's own answer to a statement, if it gives one: `None` lets the statement run.
+fn answer(statement: &Statement) -> Option<PgWireResult<Response>> {
+    match verdict(statement) {
+        Verdict::Run => None,
+        Verdict::Ignore(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
+        Verdict::Refuse(refusal) => Some(Err(refusal_error(&refusal))),
+        Verdict::Unsupported(why) => Some(Err(error("0A000", why))),
+    }
 }
 
 #[async_trait]
@@ -138,12 +144,7 @@ impl QueryHook for ReadOnly {
         _session_context: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        match verdict(statement) {
-            Verdict::Run => None,
-            Verdict::Ignore(tag) => Some(Ok(tag_answer(tag))),
-            Verdict::Refuse(refusal) => Some(Err(refusal_error(&refusal))),
-            Verdict::Unsupported(why) => Some(Err(error("0A000", why))),
-        }
+        answer(statement)
     }
 
     async fn handle_extended_parse_query(
@@ -152,15 +153,15 @@ impl QueryHook for ReadOnly {
         _session_context: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        match verdict(statement) {
-            Verdict::Run => None,
-            Verdict::Ignore(_) => Some(Ok(LogicalPlan::EmptyRelation(EmptyRelation {
-                produce_one_row: false,
-                schema: std::sync::Arc::new(DFSchema::empty()),
-            }))),
-            Verdict::Refuse(refusal) => Some(Err(refusal_error(&refusal))),
-            Verdict::Unsupported(why) => Some(Err(error("0A000", why))),
-        }
+        // A statement answered without the engine plans to nothing; it is answered at execute.
+        answer(statement).map(|answered| {
+            answered.map(|_| {
+                LogicalPlan::EmptyRelation(EmptyRelation {
+                    produce_one_row: false,
+                    schema: std::sync::Arc::new(DFSchema::empty()),
+                })
+            })
+        })
     }
 
     async fn handle_extended_query(
@@ -171,12 +172,7 @@ impl QueryHook for ReadOnly {
         _session_context: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        match verdict(statement) {
-            Verdict::Run => None,
-            Verdict::Ignore(tag) => Some(Ok(tag_answer(tag))),
-            Verdict::Refuse(refusal) => Some(Err(refusal_error(&refusal))),
-            Verdict::Unsupported(why) => Some(Err(error("0A000", why))),
-        }
+        answer(statement)
     }
 }
 
