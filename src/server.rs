@@ -232,15 +232,16 @@ pub async fn start(
         max_age = %crate::config::format_duration(config.stream.max_age.get()),
         "stream retention"
     );
-    let in_force = ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
-    // Portal events are a courtesy to browsers: a stream that cannot be made (a server whose
-    // store the other streams fill) turns them off, not the server.
+    // The portal stream first: when the store shrank (a fuller disk), its bound follows the
+    // store before the events stream asks for its share. Portal events are a courtesy to
+    // browsers: a stream that cannot be made turns them off, not the server.
     if let Err(error) =
-        crate::bus::streams::ensure_portal_stream(publisher.jetstream(), &config.stream, &in_force)
+        crate::bus::streams::ensure_portal_stream(publisher.jetstream(), &config.stream, &budget)
             .await
     {
         tracing::warn!(%error, "the portal stream could not be made: GET /v1/portal/events answers 503 until it can");
     }
+    let in_force = ensure_streams(publisher.jetstream(), &config.stream, &budget).await?;
 
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());

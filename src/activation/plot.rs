@@ -60,6 +60,19 @@ fn document(body: &str, height: f64) -> String {
     )
 }
 
+/// The attributes of a bold line of `content` at `size` that keep it within the picture: a
+/// line wider than the picture (a long event name and as-of time) is drawn narrower.
+fn fitted(content: &str, size: u32) -> String {
+    // A bold sans-serif character is about 0.62 of the font size wide on average.
+    let room = WIDTH - 40.0;
+    let wide = content.chars().count() as f64 * f64::from(size) * 0.62;
+    if wide > room {
+        format!("font-weight=\"bold\" textLength=\"{room:.0}\" lengthAdjust=\"spacingAndGlyphs\"")
+    } else {
+        "font-weight=\"bold\"".to_string()
+    }
+}
+
 /// One `<text>` element with escaped content.
 fn text(x: f64, y: f64, size: u32, anchor: &str, extra: &str, content: &str) -> String {
     format!(
@@ -691,17 +704,11 @@ pub(crate) struct Counted<'a> {
 /// picture read on its own says what it stands for) and the chosen threshold, or the reason
 /// nothing was chosen.
 pub(crate) fn report_svg(evaluation: &Evaluation, event: &str, counted: Counted<'_>) -> String {
-    let mut body = text(
-        20.0,
-        30.0,
-        18,
-        "start",
-        "font-weight=\"bold\"",
-        &format!(
-            "Activation: {event} ({} people, data to {})",
-            counted.cohort, counted.as_of
-        ),
+    let header = format!(
+        "Activation: {event} ({} people, data to {})",
+        counted.cohort, counted.as_of
     );
+    let mut body = text(20.0, 30.0, 18, "start", &fitted(&header, 18), &header);
     let line = match (&evaluation.chosen, &evaluation.reason) {
         (Some(chosen), _) => summary_line(chosen),
         (None, Some(reason)) => format!("no threshold chosen: {reason}"),
@@ -818,6 +825,14 @@ mod tests {
             svg.contains("retention above threshold") && svg.contains("retention below threshold")
         );
         assert_eq!(svg.matches("<circle").count(), 2 * 10 + 2);
+    }
+
+    #[test]
+    fn a_long_header_is_drawn_within_the_picture() {
+        assert_eq!(fitted("Activation: short", 18), "font-weight=\"bold\"");
+        let long =
+            "Activation: core_action_completed (2000 people, data to 2026-12-07T19:55:41.799Z)";
+        assert!(fitted(long, 18).contains("textLength=\"720\""));
     }
 
     #[test]
