@@ -47,6 +47,7 @@ use tokio::sync::Semaphore;
 use crate::config::Config;
 use crate::error::ErrorKind;
 use crate::ingest::Ingestor;
+use crate::ingest::auth::is_one_of;
 use crate::metrics::Metrics;
 use crate::query::QueryEngine;
 use respond::{HttpError, HttpResponse};
@@ -104,11 +105,7 @@ impl AppState {
                 "send Authorization: Bearer <service key>",
             )
         })?;
-        let mut valid = false;
-        for key in self.service_keys.iter().chain(self.admin_key.iter()) {
-            valid |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
-        }
-        if valid {
+        if is_one_of(token, self.service_keys.iter().chain(self.admin_key.iter())) {
             Ok(())
         } else if self.ingestor.write_keys().source_of(token).is_some() {
             Err(HttpError::new(
@@ -165,12 +162,7 @@ impl AppState {
     /// the event history.
     pub fn require_reader(&self, request_auth: Option<&str>) -> Result<(), HttpError> {
         let token = crate::ingest::auth::bearer_token(request_auth);
-        let mut analyst = false;
-        for key in &self.analyst_keys {
-            analyst |=
-                token.is_some_and(|token| bool::from(token.as_bytes().ct_eq(key.as_bytes())));
-        }
-        if analyst {
+        if token.is_some_and(|token| is_one_of(token, &self.analyst_keys)) {
             return Ok(());
         }
         self.require_admin(request_auth).map_err(|error| {
@@ -202,13 +194,8 @@ impl AppState {
                 "send Authorization: Bearer <admin key>",
             )
         })?;
-        let (mut service, mut analyst) = (false, false);
-        for key in &self.service_keys {
-            service |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
-        }
-        for key in &self.analyst_keys {
-            analyst |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
-        }
+        let service = is_one_of(token, &self.service_keys);
+        let analyst = is_one_of(token, &self.analyst_keys);
         if bool::from(token.as_bytes().ct_eq(admin.as_bytes())) {
             Ok(())
         } else if analyst {

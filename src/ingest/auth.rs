@@ -170,6 +170,16 @@ pub(crate) fn bearer_token(authorization: Option<&str>) -> Option<&str> {
     strip_scheme(authorization?, "bearer").map(str::trim)
 }
 
+/// Whether `token` is one of `keys`: every key is compared, in constant time, so the answer's
+/// time says nothing of which key matched or how much of one.
+pub(crate) fn is_one_of<'k>(token: &str, keys: impl IntoIterator<Item = &'k String>) -> bool {
+    let mut found = false;
+    for key in keys {
+        found |= bool::from(token.as_bytes().ct_eq(key.as_bytes()));
+    }
+    found
+}
+
 fn strip_scheme<'a>(header: &'a str, scheme: &str) -> Option<&'a str> {
     let (given, rest) = header.trim().split_once(' ')?;
     given.eq_ignore_ascii_case(scheme).then_some(rest)
