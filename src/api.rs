@@ -17,6 +17,7 @@ pub mod activation;
 pub mod admission;
 pub mod billing;
 pub mod dashboard;
+pub mod erasures;
 pub mod ingest_routes;
 pub mod insights;
 pub mod limits;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub question: crate::activation::Question,
     /// The onboarding engine and flags.
     pub onboarding: std::sync::Arc<crate::onboarding::Onboarding>,
+    /// The erasure log (`DELETE /v1/persons/{id}`).
+    pub erasures: Arc<crate::erasure::Erasures>,
     /// Where the meter, archive and pipelines are, for `POST /v1/usage/verify`.
     pub verify: crate::meter::verify::Positions,
     /// What `/healthz` reports.

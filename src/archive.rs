@@ -4,7 +4,8 @@
 //! - [`commit`]: the on-disk commit protocol and crash recovery;
 //! - [`manifest`]: the committed stream position, the archive's only progress record;
 //! - [`live`]: the rows taken but not yet committed, as SQL sees them;
-//! - [`compact`]: merging a day's small files.
+//! - [`compact`]: merging a day's small files;
+//! - `erase`: a person's rows taken out of the files that hold them (an erasure).
 //!
 //! The loop buffers rows per date partition and commits when `maxRowsPerCommit` rows are
 //! buffered or the oldest has waited `commitInterval`. A commit runs on a blocking thread while
@@ -15,6 +16,7 @@
 
 pub mod commit;
 pub mod compact;
+pub(crate) mod erase;
 pub mod format;
 pub mod live;
 pub mod manifest;
@@ -98,6 +100,8 @@ pub struct ArchiveTarget {
     pub feed: Option<Feed>,
     /// How long the table keeps its days (`archive.retention`); none: for ever.
     pub retention: Option<Duration>,
+    /// The erasure log whose rows this table gives up (the events table's).
+    pub erasures: Option<Arc<crate::erasure::Erasures>>,
 }
 
 /// Messages of the events stream as the follower loop received them, handed on after they are
@@ -441,6 +445,17 @@ impl<F: TableFormat> Archiver<F> {
                     if let Err(e) = self.seal(&mut buffer) {
                         break Stop::Failed(e);
                     }
+                    // An erasure waits for the maintenance run after a commit; on an idle
+                    // stream no commit comes, so it starts one.
+                    let committed = *self.committed.borrow();
+                    if self
+                        .target
+                        .erasures
+                        .as_ref()
+                        .is_some_and(|e| e.due_rewrite(committed).is_some())
+                    {
+                        self.maybe_compact(committed);
+                    }
                     if let Err(e) = self.commit_if_due(&mut buffer, &mut in_flight).await {
                         break Stop::Failed(e);
                     }
@@ -757,7 +772,15 @@ impl<F: TableFormat> Archiver<F> {
         let metrics = self.metrics.clone();
         let compacting = self.compacting.clone();
         let retention = self.target.retention;
+        let erasures = self.target.erasures.clone();
         tokio::task::spawn_blocking(move || {
+            if let Some(erasures) = erasures
+                && let Some(job) = erasures.due_rewrite(committed_seq)
+                && let Err(error) =
+                    erase::rewrite(format.as_ref(), &dir, &settings, &erasures, &job)
+            {
+                tracing::error!(table = format.dir(), job = job.job, %error, "erasing rows failed; the next run retries");
+            }
             if let Some(retention) = retention
                 && let Err(error) = expire_days(format.dir(), &dir, retention, &metrics)
             {

@@ -375,6 +375,12 @@ impl Config {
                 "must be at least 1: it bounds the ids the identity graph records".into(),
             ));
         }
+        if self.identity.max_erasures == 0 {
+            return Err((
+                "identity.maxErasures".into(),
+                "must be at least 1: it bounds the erasure log".into(),
+            ));
+        }
         if self.onboarding.max_people == 0 {
             return Err(("onboarding.maxPeople".into(), "must be at least 1".into()));
         }

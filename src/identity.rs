@@ -209,6 +209,19 @@ impl Follow for IdentityFollower {
         "identity"
     }
 
+    fn holds_people(&self) -> bool {
+        true
+    }
+
+    fn person_ids(&self, id: &str) -> Vec<String> {
+        self.state.graph.ids_of_person(id)
+    }
+
+    fn erase(&mut self, ids: &[String]) {
+        self.state.graph.forget(ids);
+        self.dirty = true;
+    }
+
     fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
         if let Some(event) = event {
             self.observe(seq, event);

@@ -22,6 +22,7 @@
 //! - [`query`]: DataFusion SQL over the archive, read-only and bounded;
 //! - [`pipelines`]: windowed usage (`pipelines/*.sql`) recomputed as days change (table `usage`);
 //! - [`resubmit`]: rejected messages replayed through today's validation, none stored twice;
+//! - [`privacy`]: erasing a person (`DELETE /v1/persons/{id}`) through the phases [`erasure`] records;
 //! - [`api`]: the HTTP server that fronts all of the above;
 //! - [`server`]: `serve`, which starts and stops the components in order.
 //!
@@ -30,7 +31,7 @@
 //! (`src/main.rs`), not of this library: tests and other programs link the server without
 //! them, and the library's errors are all typed.
 //!
-//! Shared pieces: [`event`] and [`rejected`] (the records), [`error`] (error kinds → HTTP
+//! Shared pieces: [`event`] and [`rejected`] (the records), [`erasure`] (the erasure log, which the followers, the archive and the API share), [`error`] (error kinds → HTTP
 //! status), [`json`] (borrowed JSON objects), [`metrics`], [`clock`] (injectable time),
 //! [`files`] (atomic durable writes), [`heap`] (what the allocator holds), [`disk`] (free space and the reserve kept on it), [`shutdown`] (stop signals), [`supervise`] (panics
 //! caught, counted and shown by `/healthz`), [`client`] (a loopback HTTP
@@ -47,6 +48,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod disk;
+pub mod erasure;
 pub mod error;
 pub mod event;
 pub mod files;
@@ -63,6 +65,7 @@ pub mod onboarding;
 pub mod pg;
 pub mod pipelines;
 pub mod portal;
+pub mod privacy;
 pub mod query;
 pub mod rejected;
 pub mod replay;

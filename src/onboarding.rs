@@ -392,6 +392,17 @@ impl Onboarding {
         Ok((person, answers))
     }
 
+    /// Forgets a person erased: their facts and every id of theirs (`ids`).
+    fn forget(&self, ids: &[String]) {
+        let mut state = self.write_state();
+        for id in ids {
+            let person = state.graph.person_of(id).to_string();
+            state.people.remove(&person);
+            state.people.remove(id);
+        }
+        state.graph.forget(ids);
+    }
+
     /// Applies one event; returns how many triggers it fires (the follower sends them on).
     pub fn apply_event(&self, seq: u64, event: &EventView<'_>) -> usize {
         self.apply(seq, event).len()
@@ -645,6 +656,18 @@ struct OnboardingFollower {
 impl Follow for OnboardingFollower {
     fn name(&self) -> &'static str {
         "onboarding"
+    }
+
+    fn holds_people(&self) -> bool {
+        true
+    }
+
+    fn person_ids(&self, id: &str) -> Vec<String> {
+        self.engine.read_state().graph.ids_of_person(id)
+    }
+
+    fn erase(&mut self, ids: &[String]) {
+        self.engine.forget(ids);
     }
 
     fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {

@@ -178,6 +178,15 @@ pub async fn start(
             });
         }
     };
+    let erasures = crate::erasure::Erasures::open(
+        &data_dir,
+        usize::try_from(config.identity.max_erasures).unwrap_or(usize::MAX),
+    )
+    .map_err(|message| ServeError::Io {
+        context: "opening the erasure log".into(),
+        source: std::io::Error::other(message),
+    })?;
+    let erasures = Arc::new(erasures);
     let admin_key = admin_key.filter(|k| !k.is_empty());
     let mut analyst_keys = config.analyst_keys.clone();
     analyst_keys.extend(analyst_key.filter(|k| !k.is_empty()));
@@ -265,6 +274,7 @@ pub async fn start(
             dir: data_dir.join(catalog::EVENTS.dir),
             feed,
             retention: kept_for(&config.archive.retention.events),
+            erasures: Some(erasures.clone()),
         },
         config.archive.clone(),
         metrics.archive_events.clone(),
@@ -280,6 +290,7 @@ pub async fn start(
             dir: data_dir.join(catalog::REJECTED_EVENTS.dir),
             feed: None,
             retention: kept_for(&config.archive.retention.rejected),
+            erasures: None,
         },
         config.archive.clone(),
         metrics.archive_rejected.clone(),
@@ -482,7 +493,19 @@ pub async fn start(
     .await?;
     followers.push(onboarding_part);
     background.push(trigger_delivery);
-    let followers = Fanout::new(followers).supervised(supervisor.clone());
+    let followers = Fanout::new(followers)
+        .supervised(supervisor.clone())
+        .with_erasures(erasures.clone());
+    background.push(supervisor.spawn(
+        "erasures",
+        crate::privacy::run(
+            erasures.clone(),
+            js.clone(),
+            config.stream.name.clone(),
+            query.clone(),
+            stop_meter.subscribe(),
+        ),
+    ));
     {
         // The meter takes each event in when its publish is acked, before the client hears
         // back: `/v1/check` is fresh whatever the followers' backlog.
@@ -579,6 +602,7 @@ pub async fn start(
         clock,
         activation: activation_store.clone(),
         onboarding,
+        erasures,
         question: question.clone(),
         verify: crate::meter::verify::Positions {
             js: publisher.jetstream().clone(),

@@ -39,6 +39,12 @@ pub enum Route {
     Person(String),
     /// `GET /v1/groups/{type}/{key}`: a group's profile.
     Group(String, String),
+    /// `DELETE /v1/persons/{id}`: erases a person (a job to follow).
+    ErasePerson(String),
+    /// `GET /v1/erasures/{job}`: how far an erasure got.
+    Erasure(String),
+    /// `GET /v1/erasures`: every erasure.
+    Erasures,
     /// `POST /v1/portal/tokens`: a short-lived token for one customer's browser.
     PortalToken,
     /// `GET /v1/portal/usage`: the token's customer's usage.
@@ -154,9 +160,20 @@ fn known_route(method: &Method, path: &str) -> Route {
         }
         (method, path) if path.starts_with("/v1/persons/") => {
             let id = percent_decode(path.trim_start_matches("/v1/persons/"));
-            match method {
+            match *method {
                 _ if id.trim().is_empty() || id.contains('/') => Route::NotFound,
-                &Method::GET => Route::Person(id),
+                Method::GET => Route::Person(id),
+                Method::DELETE => Route::ErasePerson(id),
+                _ => Route::MethodNotAllowed("GET, DELETE"),
+            }
+        }
+        (&Method::GET, "/v1/erasures") => Route::Erasures,
+        (_, "/v1/erasures") => Route::MethodNotAllowed("GET"),
+        (method, path) if path.starts_with("/v1/erasures/") => {
+            let job = percent_decode(path.trim_start_matches("/v1/erasures/"));
+            match method {
+                _ if job.is_empty() || job.contains('/') => Route::NotFound,
+                &Method::GET => Route::Erasure(job),
                 _ => Route::MethodNotAllowed("GET"),
             }
         }
@@ -370,6 +387,9 @@ impl Route {
             | Self::Funnel
             | Self::RetentionInsight => Access::Read,
             Self::Verify
+            | Self::ErasePerson(_)
+            | Self::Erasure(_)
+            | Self::Erasures
             | Self::Simulate
             | Self::RejectedReplay
             | Self::Anomalies
@@ -421,7 +441,11 @@ impl Route {
             }
             Self::Preflight => "preflight",
             Self::Sql | Self::Funnel | Self::RetentionInsight => "sql",
-            Self::Person(_) | Self::Group(..) => "admin",
+            Self::Person(_)
+            | Self::Group(..)
+            | Self::ErasePerson(_)
+            | Self::Erasure(_)
+            | Self::Erasures => "admin",
             Self::Check | Self::CheckBatch => "check",
             Self::Verify
             | Self::Simulate
@@ -504,6 +528,9 @@ pub(crate) async fn dispatch(
         Route::PortalToken => limits::portal_token(state, &body),
         Route::Person(id) => insights::person(state, id).await,
         Route::Group(kind, key) => insights::group(state, kind, key).await,
+        Route::ErasePerson(id) => super::erasures::erase_person(state, id).await,
+        Route::Erasure(job) => super::erasures::erasure(state, job),
+        Route::Erasures => super::erasures::erasures(state),
         Route::PortalUsage | Route::PortalEntitlement(_) | Route::PortalEvents => {
             let Some(grant) = grant else {
                 return respond::error(&HttpError::new(
@@ -579,6 +606,7 @@ mod tests {
             .replace("{feature}", "api_requests")
             .replace("{version}", "1")
             .replace("{type}/{key}", "company/acme")
+            .replace("{job}", "erase-1")
     }
 
     /// The access each route declares is what the OpenAPI document says of its operation: a

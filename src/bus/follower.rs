@@ -11,6 +11,7 @@
 //! in the stream (lost in a cut connection) repositions it too, so no event is ever skipped;
 //! sequences deleted from the stream are skipped as they should be.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use super::BusError;
 use super::streams::{DurableSpec, durable_consumer, pull_messages, sequence_of, stream_has};
+use crate::erasure::Erasures;
 use crate::event::EventView;
 use crate::shutdown::{Shutdown, wait_for_stop};
 use crate::supervise::Supervisor;
@@ -49,6 +51,25 @@ pub trait Follow: Send + 'static {
     /// The last sequence a restart would not need from the stream: what a finished snapshot
     /// holds (or state that nothing after it changed). Retention must not drop past it.
     fn saved(&self) -> Saved;
+    /// Whether it keeps state about people (identity, onboarding): such a part forgets an
+    /// erased person and never sees their erased events again ([`crate::erasure`]).
+    fn holds_people(&self) -> bool {
+        false
+    }
+    /// Every id of the person `id` belongs to, as this part's identity graph knows them.
+    fn person_ids(&self, id: &str) -> Vec<String> {
+        vec![id.to_string()]
+    }
+    /// Forgets everything about the person of `ids` (all of their ids).
+    fn erase(&mut self, ids: &[String]) {
+        let _ = ids;
+    }
+    /// How many sequences in `from..to` were deleted from the stream by an erasure (they are
+    /// not lost: nothing should apply them).
+    fn erased_between(&self, from: u64, to: u64) -> u64 {
+        let _ = (from, to);
+        0
+    }
 }
 
 /// A follower's saved position, updated as its snapshots finish.
@@ -159,13 +180,17 @@ async fn run<F: Follow>(
                                 if stream_has(js, &spec.stream, expected).await {
                                     return Err(Stop::Gap { expected, got: seq });
                                 }
-                                spec.lost.add(seq - expected);
-                                tracing::error!(
-                                    follower = state.name(),
-                                    from = expected,
-                                    to = seq - 1,
-                                    "the stream no longer holds sequences this follower has not applied (deleted, or dropped by retention while it was stopped); its state lacks them"
-                                );
+                                // Messages of an erased person were deleted on purpose.
+                                let lost = (seq - expected).saturating_sub(state.erased_between(expected, seq));
+                                if lost > 0 {
+                                    spec.lost.add(lost);
+                                    tracing::error!(
+                                        follower = state.name(),
+                                        from = expected,
+                                        to = seq - 1,
+                                        "the stream no longer holds sequences this follower has not applied (deleted, or dropped by retention while it was stopped); its state lacks them"
+                                    );
+                                }
                             }
                             if state.wants(seq) {
                                 let event = EventView::decode(&message.payload);
@@ -225,6 +250,13 @@ pub(crate) struct Fanout {
     /// How often [`Follow::snapshot`] is called: the shortest interval of a part.
     tick: Duration,
     supervisor: Option<Arc<Supervisor>>,
+    /// The erasure log, and what of it the parts have been told.
+    erasures: Option<Arc<Erasures>>,
+    erasures_seen: u64,
+    /// Erased ids → the sequence up to which their events are erased.
+    tombstones: HashMap<String, u64>,
+    /// The last sequence given to [`Follow::apply`].
+    position: u64,
 }
 
 impl Fanout {
@@ -235,11 +267,97 @@ impl Fanout {
             .map(|p| p.snapshot_interval)
             .min()
             .unwrap_or(Duration::from_secs(1));
+        let position = parts.iter().map(|p| p.after_seq).min().unwrap_or(0);
         Self {
             parts,
             tick,
             supervisor: None,
+            erasures: None,
+            erasures_seen: 0,
+            tombstones: HashMap::new(),
+            position,
         }
+    }
+
+    /// Honours the erasure log: the parts that hold people forget each erased person their
+    /// snapshot may still hold (taken at or before the erasure's sequence), skip the erased
+    /// events, and resolve the erasures asked for from now on (see [`crate::erasure`]).
+    pub(crate) fn with_erasures(mut self, erasures: Arc<Erasures>) -> Self {
+        for (ids, upto) in erasures.tombstones() {
+            for part in &mut self.parts {
+                if part.follower.holds_people() && part.after_seq <= upto {
+                    part.follower.erase(&ids);
+                }
+            }
+        }
+        self.erasures = Some(erasures);
+        self.check_erasures();
+        self
+    }
+
+    /// Resolves the erasures asked for since the last look: every id of the person as the
+    /// parts' graphs know them, and the erasure's sequence, past every part's position and
+    /// the stream's end when it was asked. Both are recorded before any part forgets the
+    /// person, so a crash in between cannot leave an id unerased.
+    fn check_erasures(&mut self) {
+        let Some(erasures) = self.erasures.clone() else {
+            return;
+        };
+        let generation = erasures.generation();
+        if generation == self.erasures_seen {
+            return;
+        }
+        let mut settled = true;
+        for (job, person, stream_last) in erasures.queued() {
+            let mut ids: Vec<String> = self
+                .parts
+                .iter()
+                .filter(|p| p.follower.holds_people())
+                .flat_map(|p| p.follower.person_ids(&person))
+                .collect();
+            ids.push(person.clone());
+            ids.sort();
+            ids.dedup();
+            let ahead = self.parts.iter().map(|p| p.after_seq).max().unwrap_or(0);
+            let upto = stream_last.max(self.position).max(ahead);
+            match erasures.resolve(&job, ids.clone(), upto) {
+                Ok(()) => {
+                    tracing::info!(
+                        job,
+                        ids = ids.len(),
+                        upto,
+                        "erasure resolved; the followers forget the person"
+                    );
+                    for part in &mut self.parts {
+                        if part.follower.holds_people() {
+                            part.follower.erase(&ids);
+                        }
+                    }
+                }
+                Err(error) => {
+                    settled = false;
+                    tracing::error!(job, %error, "erasure not resolved; retrying");
+                }
+            }
+        }
+        self.tombstones.clear();
+        for (ids, upto) in erasures.tombstones() {
+            for id in ids {
+                let at = self.tombstones.entry(id).or_default();
+                *at = (*at).max(upto);
+            }
+        }
+        if settled {
+            self.erasures_seen = generation;
+        }
+    }
+
+    /// Whether `event` is a person's erased event.
+    fn erased(&self, seq: u64, event: &EventView<'_>) -> bool {
+        [event.user_id.as_deref(), event.anonymous_id.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(|id| self.tombstones.get(id).is_some_and(|upto| seq <= *upto))
     }
 
     /// Records the parts' panics with `supervisor`.
@@ -282,9 +400,17 @@ impl Follow for Fanout {
     }
 
     fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
+        self.check_erasures();
+        let erased =
+            !self.tombstones.is_empty() && event.is_some_and(|event| self.erased(seq, event));
+        self.position = self.position.max(seq);
         for part in &mut self.parts {
             if seq > part.after_seq {
                 let follower = &mut part.follower;
+                let event = match erased && follower.holds_people() {
+                    true => None,
+                    false => event,
+                };
                 let applied =
                     std::panic::catch_unwind(AssertUnwindSafe(|| follower.apply(seq, event)));
                 if let Err(payload) = applied {
@@ -304,7 +430,15 @@ impl Follow for Fanout {
         }
     }
 
+    fn erased_between(&self, from: u64, to: u64) -> u64 {
+        self.erasures
+            .as_ref()
+            .map_or(0, |erasures| erasures.deleted_between(from, to))
+    }
+
     fn snapshot(&mut self) {
+        // An idle stream brings no event: erasures asked for meanwhile are resolved here.
+        self.check_erasures();
         let now = Instant::now();
         for part in &mut self.parts {
             // Ticks drift by microseconds; half a tick of slack keeps each part on its cadence.
@@ -346,11 +480,23 @@ mod tests {
         applied: Arc<Mutex<Vec<(u64, bool)>>>,
         snapshots: Arc<Mutex<usize>>,
         saved: Saved,
+        /// Keeps people: each id has a second one, `<id>-device`.
+        people: bool,
+        erased: Arc<Mutex<Vec<Vec<String>>>>,
     }
 
     impl Follow for Recorder {
         fn name(&self) -> &'static str {
             "recorder"
+        }
+        fn holds_people(&self) -> bool {
+            self.people
+        }
+        fn person_ids(&self, id: &str) -> Vec<String> {
+            vec![id.to_string(), format!("{id}-device")]
+        }
+        fn erase(&mut self, ids: &[String]) {
+            self.erased.lock().unwrap().push(ids.to_vec());
         }
         fn apply(&mut self, seq: u64, event: Option<&EventView<'_>>) {
             self.applied.lock().unwrap().push((seq, event.is_some()));
@@ -410,6 +556,100 @@ mod tests {
         ahead.saved.store(7, Ordering::SeqCst);
         behind.saved.store(4, Ordering::SeqCst);
         assert_eq!(saved(), 4, "the part whose snapshot is furthest behind");
+    }
+
+    fn track(user: &str) -> Vec<u8> {
+        crate::event::EventRecord {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            kind: crate::event::EventType::Track,
+            event: Some("report_created".into()),
+            user_id: Some(user.into()),
+            anonymous_id: None,
+            customer_id: None,
+            timestamp: 1_700_000_000_000_000,
+            received_at: 1_700_000_000_000_000,
+            properties: serde_json::Map::new(),
+            context: serde_json::Map::new(),
+            source: "web".into(),
+            schema_version: None,
+            sample_rate: None,
+        }
+        .to_bus_json()
+    }
+
+    #[tokio::test]
+    async fn an_erased_persons_events_reach_no_part_that_keeps_people_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let erasures = Arc::new(Erasures::open(dir.path(), 10).unwrap());
+        let tick = Duration::from_secs(1);
+        let (people, meter) = (
+            Recorder {
+                people: true,
+                ..Recorder::default()
+            },
+            Recorder::default(),
+        );
+        let mut fanout = Fanout::new(vec![
+            Part::new(people.clone(), 0, tick),
+            Part::new(meter.clone(), 0, tick),
+        ])
+        .with_erasures(erasures.clone());
+        let (u1, u2) = (track("u1"), track("u2"));
+        let view = |bytes| EventView::decode(bytes).unwrap();
+        fanout.apply(1, Some(&view(&u1)));
+        fanout.apply(2, Some(&view(&u2)));
+        let job = erasures.request("u1", 1).unwrap();
+        fanout.apply(3, Some(&view(&u1)));
+
+        let resolved = erasures.get(&job.job).unwrap();
+        let ids = vec!["u1".to_string(), "u1-device".to_string()];
+        assert_eq!(resolved.ids, ids, "every id the graphs know");
+        assert_eq!(
+            resolved.upto_seq, 2,
+            "past the followers' position, not only the stream's end when asked"
+        );
+        assert_eq!(*people.erased.lock().unwrap(), vec![ids.clone()]);
+        assert!(meter.erased.lock().unwrap().is_empty());
+        assert_eq!(
+            people.applied.lock().unwrap().last(),
+            Some(&(3, true)),
+            "an event after the erasure is a new person's"
+        );
+
+        // A restart from a snapshot taken before the erasure: the parts that keep people
+        // forget the person again and never see their erased events; the others do.
+        let (people, meter) = (
+            Recorder {
+                people: true,
+                ..Recorder::default()
+            },
+            Recorder::default(),
+        );
+        let mut fanout = Fanout::new(vec![
+            Part::new(people.clone(), 0, tick),
+            Part::new(meter.clone(), 0, tick),
+        ])
+        .with_erasures(erasures.clone());
+        assert_eq!(*people.erased.lock().unwrap(), vec![ids.clone()]);
+        for (seq, event) in [(1, &u1), (2, &u2), (3, &u1)] {
+            fanout.apply(seq, Some(&view(event)));
+        }
+        assert_eq!(
+            *people.applied.lock().unwrap(),
+            vec![(1, false), (2, true), (3, true)]
+        );
+        assert_eq!(
+            *meter.applied.lock().unwrap(),
+            vec![(1, true), (2, true), (3, true)]
+        );
+
+        // A part whose snapshot is past the erasure already forgot the person.
+        let ahead = Recorder {
+            people: true,
+            ..Recorder::default()
+        };
+        let _fanout = Fanout::new(vec![Part::new(ahead.clone(), 3, tick)]).with_erasures(erasures);
+        assert!(ahead.erased.lock().unwrap().is_empty());
     }
 
     /// Panics on one sequence, like a bug tripped by one poisoned message.

@@ -977,11 +977,18 @@ pub struct IdentitySettings {
     /// is not recorded and a merge that would add an id is refused; the ids it holds keep
     /// resolving to their people.
     pub max_ids: u64,
+    /// Most erasures (`DELETE /v1/persons/{id}`) the erasure log keeps, finished ones
+    /// included (each holds the erased ids, so a replay cannot bring them back). Past it a
+    /// new erasure is refused with 503 until the log is moved aside.
+    pub max_erasures: u64,
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
-        Self { max_ids: 1_000_000 }
+        Self {
+            max_ids: 1_000_000,
+            max_erasures: 10_000,
+        }
     }
 }
 

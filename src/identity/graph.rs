@@ -313,6 +313,33 @@ impl IdentityGraph {
         Outcome::Linked
     }
 
+    /// Every id of `id`'s person: the person's own, `id`, and every id merged into them.
+    pub fn ids_of_person(&self, id: &str) -> Vec<String> {
+        match self.group_of.get(id).and_then(|g| self.groups.get(g)) {
+            Some(group) => group.members.clone(),
+            None => vec![id.to_string()],
+        }
+    }
+
+    /// Forgets `ids` and every id of their people (a person erased): their links, their
+    /// groups and that they were identified. An id seen after this starts a person anew.
+    pub fn forget(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(group) = self.group_of.get(id).copied()
+                && let Some(removed) = self.groups.remove(&group)
+            {
+                for member in removed.members {
+                    self.group_of.remove(&member);
+                    self.links.remove(&member);
+                    self.identified.remove(&member);
+                }
+            }
+            self.group_of.remove(id);
+            self.links.remove(id);
+            self.identified.remove(id);
+        }
+    }
+
     /// The group of `id`, made (with `id` alone) if it has none.
     fn group_for(&mut self, id: &str) -> u64 {
         if let Some(group) = self.group_of.get(id) {
@@ -407,6 +434,29 @@ impl From<GraphRecord> for IdentityGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_person_leaves_no_id_behind_and_can_start_anew() {
+        let mut graph = IdentityGraph::default();
+        graph.observe_user("u1");
+        assert_eq!(graph.identify("anon-1", "u1", 1, 0), Outcome::Linked);
+        assert_eq!(graph.alias("old-1", "u1", 2, 0, false), Outcome::Linked);
+        assert_eq!(graph.identify("anon-2", "u2", 3, 0), Outcome::Linked);
+        let mut ids = graph.ids_of_person("anon-1");
+        ids.sort();
+        assert_eq!(ids, ["anon-1", "old-1", "u1"]);
+        assert_eq!(graph.ids_of_person("never-seen"), ["never-seen"]);
+        graph.forget(&ids);
+        assert_eq!(graph.person_of("anon-1"), "anon-1");
+        assert_eq!(graph.person_of("old-1"), "old-1");
+        assert!(graph.links().all(|(id, _)| id.ends_with('2')));
+        assert_eq!(graph.person_of("anon-2"), "u2", "others are untouched");
+        // Not identified any more: an anonymous id may join them again.
+        assert_eq!(graph.identify("anon-3", "u1", 4, 0), Outcome::Linked);
+        let record: IdentityGraph =
+            serde_json::from_str(&serde_json::to_string(&graph).unwrap()).unwrap();
+        assert_eq!(record.person_of("old-1"), "old-1");
+    }
 
     #[test]
     fn identify_links_anonymous_activity_to_the_user() {
