@@ -27,6 +27,7 @@ use crate::bus::follower::{Follow, Part, Saved};
 use crate::config::{Condition, Config, FlagSpec, FlagVariant, OnboardingStep};
 use crate::event::{EventType, EventView};
 use crate::identity::IdentityGraph;
+use crate::query::persons::Properties;
 
 /// Subject prefix of fired triggers.
 pub(crate) const TRIGGER_PREFIX: &str = "northstar.triggers";
@@ -52,6 +53,9 @@ pub(crate) struct Facts {
     pub north_star_times: Vec<i64>,
     /// When the onboarding flow started (UTC µs).
     pub onboarding_started: Option<i64>,
+    /// The groups the person's events name: group type → key (the latest).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, String>,
 }
 
 /// When a trait got its value.
@@ -92,7 +96,18 @@ struct State {
     seq: u64,
     people: HashMap<String, Facts>,
     graph: IdentityGraph,
+    /// Each group's properties, by `type` and key ([`group_id`]).
+    #[serde(default)]
+    groups: HashMap<String, Properties>,
 }
+
+/// The key of a group in [`State::groups`].
+fn group_id(kind: &str, key: &str) -> String {
+    format!("{kind}\u{1f}{key}")
+}
+
+/// Most group types one person belongs to (one key each).
+const MAX_GROUP_TYPES: usize = 16;
 
 /// A fired trigger, to deliver.
 #[derive(Debug, Clone)]
@@ -122,6 +137,8 @@ pub struct Onboarding {
     max_people: usize,
     /// Events of people not followed because the bound was reached.
     unfollowed: AtomicU64,
+    /// Most groups kept (`onboarding.maxGroups`).
+    max_groups: usize,
 }
 
 /// Why an onboarding answer is not available.
@@ -177,6 +194,7 @@ impl Onboarding {
             applied: AtomicU64::new(0),
             max_people: usize::try_from(config.onboarding.max_people).unwrap_or(usize::MAX),
             unfollowed: AtomicU64::new(0),
+            max_groups: usize::try_from(config.onboarding.max_groups).unwrap_or(usize::MAX),
         }
     }
 
@@ -352,6 +370,17 @@ impl Onboarding {
         let (person, mut facts) = self.person(id)?;
         // What the caller knows of the person now wins over what the stream said so far.
         facts.traits.extend(query.person_properties.clone());
+        let mut groups = self.groups_of(&facts);
+        for (kind, properties) in &query.group_properties {
+            match (groups.get_mut(kind), properties) {
+                (Some(Value::Object(held)), Value::Object(sent)) => {
+                    held.extend(sent.clone());
+                }
+                _ => {
+                    groups.insert(kind.clone(), properties.clone());
+                }
+            }
+        }
         let activated = self.activated(&facts, fallback);
         let answers = self
             .flags
@@ -364,8 +393,7 @@ impl Onboarding {
                     .is_none_or(|keys| keys.contains(&flag.key))
             })
             .map(|(index, flag)| {
-                let reason = if !self.holds(&flag.when, &facts, activated, &query.group_properties)
-                {
+                let reason = if !self.holds(&flag.when, &facts, activated, &groups) {
                     FlagReason::NotTargeted
                 } else if bucket(&flag.key, &person) >= flag.rollout {
                     FlagReason::OutOfRollout
@@ -390,6 +418,49 @@ impl Onboarding {
             })
             .collect();
         Ok((person, answers))
+    }
+
+    /// The properties northstar holds of the person's groups, by group type: the groups their
+    /// events named, and type `group` for their customer unless an event named another.
+    fn groups_of(&self, facts: &Facts) -> serde_json::Map<String, Value> {
+        let state = self.read_state();
+        let mut named: Vec<(&str, &str)> = facts
+            .groups
+            .iter()
+            .map(|(kind, key)| (kind.as_str(), key.as_str()))
+            .collect();
+        if let Some(customer) = facts.customer_id.as_deref()
+            && !facts.groups.contains_key("group")
+        {
+            named.push(("group", customer));
+        }
+        named
+            .into_iter()
+            .filter_map(|(kind, key)| {
+                let held = state.groups.get(&group_id(kind, key))?;
+                Some((kind.to_string(), Value::Object(held.current())))
+            })
+            .collect()
+    }
+
+    /// Applies a group call (Segment `group`, PostHog `$groupidentify`) to the group's
+    /// properties, in event-time order.
+    fn apply_group(&self, groups: &mut HashMap<String, Properties>, event: &EventView<'_>) {
+        let text = event.properties.get();
+        let named = group_named(text);
+        let (kind, key) = match (&named, event.customer_id.as_deref()) {
+            (Some((kind, key)), _) => (kind.as_str(), key.as_str()),
+            (None, Some(customer)) => ("group", customer),
+            (None, None) => return,
+        };
+        let id = group_id(kind, key);
+        if !groups.contains_key(&id) && groups.len() >= self.max_groups {
+            return;
+        }
+        groups
+            .entry(id)
+            .or_default()
+            .apply_group_event("group", text, event.timestamp);
     }
 
     /// Forgets a person erased: their facts and every id of theirs (`ids`).
@@ -424,6 +495,10 @@ impl Onboarding {
                     merge(state.people.entry(target).or_default(), old);
                 }
             }
+        }
+        if event.kind == EventType::Group {
+            let groups = &mut state.groups;
+            self.apply_group(groups, event);
         }
         let Some(id) = event.user_id.as_deref().or(event.anonymous_id.as_deref()) else {
             return fired;
@@ -465,6 +540,7 @@ impl Onboarding {
             facts.customer_id = Some(customer.to_string());
         }
         apply_traits(facts, event);
+        note_groups(facts, event);
         if name == self.signup && facts.signup_at.is_none_or(|t| event.timestamp < t) {
             facts.signup_at = Some(event.timestamp);
         }
@@ -528,6 +604,11 @@ fn merge(into: &mut Facts, from: Facts) {
     };
     into.onboarding_started = into.onboarding_started.or(from.onboarding_started);
     into.customer_id = into.customer_id.take().or(from.customer_id);
+    for (kind, key) in from.groups {
+        if into.groups.len() < MAX_GROUP_TYPES || into.groups.contains_key(&kind) {
+            into.groups.entry(kind).or_insert(key);
+        }
+    }
 }
 
 /// Keeps the person's traits: an identify's traits, and PostHog's person properties, which any
@@ -559,6 +640,57 @@ fn apply_traits(facts: &mut Facts, event: &EventView<'_>) {
     if let Some(Value::Object(once)) = set_once {
         for (key, value) in once {
             facts.offer_trait(key, value, TraitTime { at, once: true });
+        }
+    }
+}
+
+/// The group a PostHog `$groupidentify` names (`$group_type`, `$group_key`).
+fn group_named(text: &str) -> Option<(String, String)> {
+    if !text.contains("\"$group_type\"") {
+        return None;
+    }
+    let properties = serde_json::from_str::<Value>(text).ok()?;
+    let kind = properties.get("$group_type")?.as_str()?;
+    let key = properties.get("$group_key").and_then(|k| match k {
+        Value::String(key) => Some(key.clone()),
+        Value::Number(key) => Some(key.to_string()),
+        _ => None,
+    })?;
+    Some((kind.to_string(), key))
+}
+
+/// Records the groups an event names its person a member of: PostHog's `$groups` (type →
+/// key) on any event, and a Segment `group` call (type `group`, key the group id). A PostHog
+/// `$groupidentify` describes a group and names no member.
+fn note_groups(facts: &mut Facts, event: &EventView<'_>) {
+    let text = event.properties.get();
+    let mut join = |kind: &str, key: &str| {
+        if facts.groups.get(kind).map(String::as_str) == Some(key) {
+            return;
+        }
+        if facts.groups.contains_key(kind) || facts.groups.len() < MAX_GROUP_TYPES {
+            facts.groups.insert(kind.to_string(), key.to_string());
+        }
+    };
+    if event.kind == EventType::Group
+        && !text.contains("\"$group_type\"")
+        && let Some(customer) = event.customer_id.as_deref()
+    {
+        join("group", customer);
+    }
+    if !text.contains("\"$groups\"") {
+        return;
+    }
+    let Ok(Value::Object(mut properties)) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    if let Some(Value::Object(groups)) = properties.remove("$groups") {
+        for (kind, key) in groups {
+            match key {
+                Value::String(key) => join(&kind, &key),
+                Value::Number(key) => join(&kind, &key.to_string()),
+                _ => {}
+            }
         }
     }
 }
@@ -845,6 +977,63 @@ mod tests {
             full.offer_trait(format!("k{i}"), json!(i), set(1));
         }
         assert_eq!(full.traits.len(), MAX_TRAITS, "bounded");
+    }
+
+    /// A Segment `group` call describes the account and names its caller a member; any
+    /// event's customer is the person's group of type `group` too.
+    #[test]
+    fn segment_group_traits_target_the_groups_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            flags: vec![
+                serde_json::from_value(
+                    json!({"key": "gold", "when": {"groupPropertyEquals": {"group": {"tier": "gold"}}}}),
+                )
+                .unwrap(),
+            ],
+            ..Config::default()
+        };
+        let engine = Onboarding::new(
+            &config,
+            ActivationStore::open(dir.path()),
+            Box::new(|_| "free".to_string()),
+        );
+        let event = |kind: EventType, user: &str, customer: &str, traits: Value, at: i64| {
+            EventRecord {
+                event_id: format!("{user}-{at}"),
+                kind,
+                event: (kind == EventType::Track).then(|| "report_created".to_string()),
+                user_id: Some(user.into()),
+                anonymous_id: None,
+                customer_id: Some(customer.into()),
+                timestamp: at,
+                received_at: at,
+                properties: traits.as_object().cloned().unwrap_or_default(),
+                context: serde_json::Map::new(),
+                source: "web".into(),
+                schema_version: None,
+                sample_rate: None,
+            }
+            .to_bus_json()
+        };
+        let events = [
+            event(EventType::Group, "s1", "acme", json!({"tier": "gold"}), 2),
+            event(EventType::Group, "s1", "acme", json!({"tier": "silver"}), 1),
+            event(EventType::Track, "s2", "acme", json!({}), 3),
+            event(EventType::Track, "s3", "beta", json!({}), 3),
+        ];
+        for (seq, bytes) in events.iter().enumerate() {
+            engine.apply_event(seq as u64 + 1, &EventView::decode(bytes).unwrap());
+        }
+        let gold = |id: &str| {
+            let (_, answers) = engine
+                .evaluate_flags(id, None, &FlagQuery::default())
+                .unwrap();
+            answers[0].reason == FlagReason::Targeted
+        };
+        assert!(gold("s1"), "the caller of the group call");
+        assert!(gold("s2"), "a person whose customer it is");
+        assert!(!gold("s3"), "another account");
     }
 
     fn track(user: &str) -> Vec<u8> {

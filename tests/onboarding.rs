@@ -213,4 +213,53 @@ async fn signup_starts_the_flow_and_steps_complete_themselves() {
     let no_id = ask("/flags/?v=2", json!({"token": WRITE_KEY})).await;
     assert_eq!(no_id.status, 400);
     assert!(no_id.text().contains("distinct_id"), "{}", no_id.text());
+
+    // Group properties northstar holds target as well: a `$groupidentify` describes the
+    // company, a person's event names it in `$groups`, and a later (in time) description
+    // wins whatever the arrival order. What a request sends of a type wins over what is held.
+    let capture = |body: Value| {
+        let server = &server;
+        async move {
+            let answer = server
+                .post_raw(
+                    "/batch/",
+                    &[("content-type", "application/json")],
+                    json!({"api_key": WRITE_KEY, "batch": body})
+                        .to_string()
+                        .into_bytes(),
+                )
+                .await;
+            assert_eq!(answer.status, 200, "{}", answer.text());
+        }
+    };
+    capture(json!([
+        {"event": "$groupidentify", "distinct_id": "$company_initech", "timestamp": "2026-03-02T10:00:00Z",
+         "properties": {"$group_type": "company", "$group_key": "initech", "$group_set": {"size": "large"}}},
+        {"event": "$groupidentify", "distinct_id": "$company_initech", "timestamp": "2026-03-01T10:00:00Z",
+         "properties": {"$group_type": "company", "$group_key": "initech", "$group_set": {"size": "small"}}},
+        {"event": "report_created", "distinct_id": "g1", "timestamp": "2026-03-03T10:00:00Z",
+         "properties": {"$groups": {"company": "initech"}}},
+        {"event": "report_created", "distinct_id": "g2", "timestamp": "2026-03-03T10:00:00Z"}
+    ]))
+    .await;
+    eventually(&server, "g1", "flags", |f| {
+        f["flags"]["large_companies"] == true
+    })
+    .await;
+    assert_eq!(
+        user(&server, "g2", "flags").await["flags"]["large_companies"],
+        false,
+        "a person in no company"
+    );
+    let overridden = ask(
+        "/flags/?v=2",
+        json!({"token": WRITE_KEY, "distinct_id": "g1",
+               "group_properties": {"company": {"size": "small"}}}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        overridden["flags"]["large_companies"]["enabled"], false,
+        "{overridden}"
+    );
 }

@@ -919,9 +919,11 @@ pub struct Condition {
     /// The person's traits (from identify) have these values.
     #[serde(default)]
     pub trait_equals: BTreeMap<String, serde_json::Value>,
-    /// The groups the caller names have these properties: group type → property → value
-    /// (PostHog's `group_properties` of a flags request; a caller that names no group does
-    /// not match).
+    /// The person's groups have these properties: group type → property → value. A group's
+    /// properties are what northstar holds of it (PostHog `$groupidentify`, Segment `group`
+    /// traits, in event-time order), with what a flags request's `group_properties` says of
+    /// that type over them; a person belongs to the groups their events name (PostHog
+    /// `$groups`, Segment `group` calls; type `group` is also their customer).
     #[serde(default)]
     pub group_property_equals: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
 }
@@ -955,6 +957,9 @@ pub struct OnboardingSettings {
     /// Most people the engine keeps facts of. Past it a new person's events are stored as
     /// usual but not followed: their onboarding and flags answer 503 `onboarding_full`.
     pub max_people: u64,
+    /// Most groups (accounts) the engine keeps properties of, for `groupPropertyEquals`. Past
+    /// it a new group's calls are stored as usual but its properties are not kept.
+    pub max_groups: u64,
 }
 
 impl Default for OnboardingSettings {
@@ -964,6 +969,7 @@ impl Default for OnboardingSettings {
             start_trigger: "onboarding_start".into(),
             trigger_webhook: None,
             max_people: 1_000_000,
+            max_groups: 100_000,
         }
     }
 }
