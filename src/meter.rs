@@ -1108,18 +1108,24 @@ impl Meter {
             requested,
             period_start: format_micros(period.start),
             period_end: format_micros(period.end),
-            upgrade: Upgrade {
-                subscription_url: self
-                    .settings
-                    .upgrade_url
-                    .replace("{customer_id}", &url_encode(&customer.id))
-                    .replace("{feature}", &url_encode(&feature.id))
-                    .replace("{plan}", &url_encode(&customer.plan)),
-                plan: None,
-                checkout_session_id: None,
-                checkout_url: None,
-            },
+            upgrade: self.upgrade_path(customer, &feature.id),
             as_of: self.as_of(),
+        }
+    }
+
+    /// The upgrade path a 402 of `feature` carries for `customer`, before billing adds its
+    /// plan and Checkout Session.
+    pub fn upgrade_path(&self, customer: &Customer, feature: &str) -> Upgrade {
+        Upgrade {
+            subscription_url: self
+                .settings
+                .upgrade_url
+                .replace("{customer_id}", &url_encode(&customer.id))
+                .replace("{feature}", &url_encode(feature))
+                .replace("{plan}", &url_encode(&customer.plan)),
+            plan: None,
+            checkout_session_id: None,
+            checkout_url: None,
         }
     }
 }

@@ -29,8 +29,9 @@ fn render(base: &str, key: &str, view: &str) -> (String, String) {
         .expect("chromium runs (./scripts/install-deps.sh --test installs it)");
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let loaded = view.split('&').next().unwrap_or(view);
     assert!(
-        dom.contains(&format!("data-loaded=\"{view}\"")),
+        dom.contains(&format!("data-loaded=\"{loaded}\"")),
         "the {view} view did not finish loading:\n{dom}\n{log}"
     );
     assert!(
@@ -130,6 +131,21 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
     );
     assert!(list.contains("<td>&lt;b&gt;hooli&lt;/b&gt;</td>"), "{list}");
     assert!(!list.contains("<b>"), "{list}");
+    // One customer, as a link names it: each limited feature with the upgrade path a 402
+    // would carry.
+    let (dom, _) = render(&server.base, ANALYST_KEY, "customers&customer=acme");
+    let usage = &dom[dom.find("id=\"customer-usage\"").unwrap()..];
+    let usage = &usage[..usage.find("</table>").unwrap()];
+    assert!(
+        usage.contains("<td>api_requests</td><td>3</td><td>1000</td>"),
+        "{usage}"
+    );
+    assert!(
+        usage.contains(
+            "https://example.com/upgrade?customer=acme&amp;feature=api_requests&amp;plan=free"
+        ),
+        "the 402's upgrade link:\n{usage}"
+    );
 
     // The schema: per event and version, stored and tagged, as SQL counts them; rejections.
     let (dom, _) = render(&server.base, ANALYST_KEY, "schema");
@@ -161,17 +177,22 @@ async fn the_dashboard_shows_the_apis_numbers_and_renders_hostile_names_as_text(
 
 /// Runs `tests/sdk/node/dashboard.mjs` (puppeteer-core driving Chromium) with `key`.
 fn drive(base: &str, key: &str) -> Value {
+    drive_script("dashboard.mjs", base, key)
+}
+
+/// Runs the puppeteer-core script `tests/sdk/node/{script}` with `base` and `key`.
+fn drive_script(script: &str, base: &str, key: &str) -> Value {
     let out = Command::new("node")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/sdk/node/dashboard.mjs"
+        .arg(format!(
+            "{}/tests/sdk/node/{script}",
+            env!("CARGO_MANIFEST_DIR")
         ))
         .args([base, key])
         .output()
         .expect("node runs (./scripts/install-deps.sh --test installs it)");
     assert!(
         out.status.success(),
-        "dashboard.mjs failed (./scripts/install-deps.sh --test installs puppeteer-core)\n{}\n{}",
+        "{script} failed (./scripts/install-deps.sh --test installs puppeteer-core)\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -283,5 +304,77 @@ async fn the_recompute_button_makes_a_new_version_with_the_admin_key_only() {
     assert!(
         errors.iter().all(|e| e.contains("403")),
         "only the refused recompute: {errors:?}"
+    );
+}
+
+/// The customers view with billing on: what each customer owes and was billed, the dead
+/// letters with why, the plan a 402 offers; the retry button puts dead letters back in line
+/// with the admin key and is refused with the analyst key.
+#[tokio::test(flavor = "multi_thread")]
+async fn billing_dead_letters_show_with_why_and_the_admin_key_retries_them() {
+    use harness::billing::{billing_config, billing_status, call, now, send, set_stripe_customer};
+    use harness::stripe::{FakeStripe, Faults};
+    let fake = FakeStripe::start(Faults::none()).await;
+    let nats = Nats::start();
+    let server = harness::billing::start(&nats, &billing_config(&fake.base()));
+    // Stripe knows no such customer: its reports are refused for good.
+    set_stripe_customer(&server, "broken", "cus_missing").await;
+    let at = now();
+    send(
+        &server,
+        (0..3)
+            .flat_map(|i| {
+                [
+                    call(&format!("b-{i}"), "broken", &at),
+                    call(&format!("h-{i}"), "healthy", &at),
+                ]
+            })
+            .collect(),
+    )
+    .await;
+    harness::eventually(Duration::from_secs(60), async || {
+        let status = billing_status(&server).await;
+        match status["dead"].as_array().map(Vec::len) {
+            Some(n) if n > 0 => Ok(()),
+            _ => Err(status.to_string()),
+        }
+    })
+    .await;
+
+    let (dom, _) = render(&server.base, ADMIN_KEY, "customers&customer=broken");
+    let dead = &dom[dom.find("id=\"billing-dead\"").unwrap()..];
+    let dead = &dead[..dead.find("</table>").unwrap()];
+    assert!(
+        dead.contains("<td>broken</td><td>api_requests</td>"),
+        "{dead}"
+    );
+    assert!(!dead.contains("<td>healthy</td>"), "{dead}");
+    let usage = &dom[dom.find("id=\"customer-usage\"").unwrap()..];
+    let usage = &usage[..usage.find("</table>").unwrap()];
+    assert!(
+        usage.contains("<td>plan pro</td>"),
+        "a 402 offers the pro plan:\n{usage}"
+    );
+
+    let refused = drive_script("retry.mjs", &server.base, ANALYST_KEY);
+    // The browser logs the refused request itself; the page has no error of its own.
+    let errors = refused["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().all(|e| e.as_str().unwrap().contains("403")),
+        "{refused}"
+    );
+    assert_eq!(refused["dead_before"], 1, "an analyst sees the dead letter: {refused}");
+    assert!(
+        refused["retried"].as_str().unwrap().contains("may not"),
+        "{refused}"
+    );
+    let retried = drive_script("retry.mjs", &server.base, ADMIN_KEY);
+    assert_eq!(retried["errors"], json!([]), "{retried}");
+    let before = retried["dead_before"].as_u64().unwrap();
+    assert!(before > 0, "{retried}");
+    assert_eq!(
+        retried["retried"],
+        format!("{before} back in line"),
+        "{retried}"
     );
 }

@@ -19,7 +19,9 @@ function takeKeyFromAddress() {
     sessionStorage.setItem(KEY, handed);
     params.delete("key");
     const view = params.get("view") || "overview";
-    history.replaceState(null, "", `${location.pathname}#${view}`);
+    const customer = params.get("customer");
+    const chosen = customer ? `&customer=${encodeURIComponent(customer)}` : "";
+    history.replaceState(null, "", `${location.pathname}#${view}${chosen}`);
   }
 }
 
@@ -164,7 +166,7 @@ function nearest(usage) {
   return shares.length ? Math.max(...shares) : null;
 }
 
-async function customers() {
+async function customers(chosen) {
   const top = await sql(
     `SELECT customer_id, count(*) AS events FROM metered_events WHERE "timestamp" >= date_trunc('month', now()) GROUP BY customer_id ORDER BY events DESC, customer_id LIMIT 20`,
   );
@@ -180,15 +182,43 @@ async function customers() {
       };
     }),
   );
-  fillTable("customer-list", rows, ["customer", "plan", "events", "nearest", "suspended"], (row) =>
-    customer(row.customer).catch(showError),
-  );
+  fillTable("customer-list", rows, ["customer", "plan", "events", "nearest", "suspended"], (row) => {
+    location.hash = `customers&customer=${encodeURIComponent(row.customer)}`;
+  });
+  if (chosen) await customer(chosen);
+  await billing();
+}
+
+// Billing's standing: what is owed and delivered per customer and feature, and the dead
+// letters with why each was refused.
+async function billing() {
+  let status;
   try {
-    const billing = JSON.parse(await api("/v1/billing/status"));
-    setText("billing", JSON.stringify(billing));
+    status = JSON.parse(await api("/v1/billing/status"));
   } catch (error) {
     setText("billing", error.message);
+    fillTable("billing-totals", [], []);
+    fillTable("billing-dead", [], []);
+    return;
   }
+  setText(
+    "billing",
+    `Provider ${status.provider}: ${status.pending} reports pending, ${status.delivered} delivered, ${status.dead.length} dead.`,
+  );
+  fillTable("billing-totals", status.totals, ["customer_id", "feature", "owed", "delivered"]);
+  fillTable("billing-dead", status.dead, ["customer_id", "feature", "window_start", "value", "status", "message"]);
+}
+
+async function retryDead() {
+  setText("billing-retried", "retrying…");
+  try {
+    const { requeued } = JSON.parse(await api("/v1/billing/retry", {}));
+    setText("billing-retried", `${requeued} back in line`);
+  } catch (error) {
+    setText("billing-retried", error.message);
+    return;
+  }
+  await billing();
 }
 
 async function customer(id) {
@@ -203,8 +233,10 @@ async function customer(id) {
       remaining: f.remaining === null || f.remaining === undefined ? "" : f.remaining,
       share: f.limit ? percent(Number(f.used) / Number(f.limit)) : "",
       reached: f.projection && f.projection.limit_reached_at ? f.projection.limit_reached_at : "",
+      offers: f.upgrade ? (f.upgrade.plan ? `plan ${f.upgrade.plan}` : "the upgrade link") : "",
+      link: f.upgrade ? f.upgrade.subscription_url : "",
     })),
-    ["feature", "used", "limit", "remaining", "share", "reached"],
+    ["feature", "used", "limit", "remaining", "share", "reached", "offers", "link"],
   );
   $("customer-detail").hidden = false;
 }
@@ -334,14 +366,17 @@ async function schema() {
 const views = {
   overview: () => overview(),
   events: () => latest({}),
-  customers: () => customers(),
+  customers: (params) => customers(params.get("customer")),
   activation: () => activation(),
   insights: () => insights(),
   schema: () => schema(),
 };
 
 async function show() {
-  const view = location.hash.slice(1) in views ? location.hash.slice(1) : "overview";
+  // `#view`, or `#view&name=value…` (a customer chosen in the customers view).
+  const [name, ...rest] = location.hash.slice(1).split("&");
+  const view = name in views ? name : "overview";
+  const params = new URLSearchParams(rest.join("&"));
   for (const name of ["login", ...Object.keys(views)]) $(name).hidden = true;
   if (!key()) {
     $("login").hidden = false;
@@ -355,7 +390,7 @@ async function show() {
   $(view).hidden = false;
   showError(null);
   try {
-    await views[view]();
+    await views[view](params);
     document.body.dataset.loaded = view;
   } catch (error) {
     showError(error);
@@ -381,6 +416,7 @@ document.addEventListener("DOMContentLoaded", () => {
     latest(Object.fromEntries(form.entries())).catch(showError);
   });
   $("recompute").addEventListener("click", () => recompute());
+  $("billing-retry").addEventListener("click", () => retryDead());
   for (const [form, run] of [["funnel-form", funnel], ["retention-form", retention]]) {
     $(form).addEventListener("submit", (event) => {
       event.preventDefault();

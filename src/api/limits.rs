@@ -282,21 +282,44 @@ pub async fn usage(state: &AppState, customer: &str) -> HttpResponse {
     if let Some(replaying) = replaying(state) {
         return replaying;
     }
-    let (customer, features) = state.meter.usage(customer);
+    let (customer, standings) = state.meter.usage(customer);
     // Written straight from the standings, so their decimals keep their exact digits.
     #[derive(serde::Serialize)]
     struct Usage<'a> {
         customer_id: &'a str,
         plan: &'a str,
         suspended: &'a Option<crate::meter::customers::Suspension>,
-        features: &'a [crate::meter::Standing],
+        features: Vec<Feature<'a>>,
         as_of: crate::meter::AsOf,
     }
+    /// A feature's standing, and for a limited one the upgrade path its 402 would carry
+    /// (the plan to move to, without making a Checkout Session).
+    #[derive(serde::Serialize)]
+    struct Feature<'a> {
+        #[serde(flatten)]
+        standing: &'a crate::meter::Standing,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upgrade: Option<crate::meter::Upgrade>,
+    }
+    let features = standings
+        .iter()
+        .map(|standing| Feature {
+            standing,
+            upgrade: standing.limit.is_some().then(|| {
+                let mut upgrade = state.meter.upgrade_path(&customer, &standing.feature);
+                upgrade.plan = state
+                    .billing
+                    .as_ref()
+                    .and_then(|b| b.upgrade_plan(&customer, &standing.feature));
+                upgrade
+            }),
+        })
+        .collect();
     let body = Usage {
         customer_id: &customer.id,
         plan: &customer.plan,
         suspended: &customer.suspended,
-        features: &features,
+        features,
         as_of: state.meter.as_of(),
     };
     respond::json(200, &body)

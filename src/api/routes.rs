@@ -382,6 +382,7 @@ impl Route {
             }
             Self::PortalUsage | Self::PortalEntitlement(_) | Self::PortalEvents => Access::Portal,
             Self::Sql
+            | Self::BillingStatus
             | Self::Person(_)
             | Self::Group(..)
             | Self::Funnel
@@ -395,7 +396,6 @@ impl Route {
             | Self::Anomalies
             | Self::ActivationRecompute
             | Self::Customer(_)
-            | Self::BillingStatus
             | Self::BillingRetry => Access::Admin,
             Self::StripeWebhook => Access::Signed,
             Self::Preflight
