@@ -80,6 +80,8 @@ pub struct AppState {
     pub question: crate::activation::Question,
     /// The onboarding engine and flags.
     pub onboarding: std::sync::Arc<crate::onboarding::Onboarding>,
+    /// Holdout experiments of the aha threshold.
+    pub experiments: Arc<crate::experiments::Experiments>,
     /// The erasure log (`DELETE /v1/persons/{id}`).
     pub erasures: Arc<crate::erasure::Erasures>,
     /// Where the meter, archive and pipelines are, for `POST /v1/usage/verify`.

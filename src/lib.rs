@@ -51,6 +51,7 @@ pub mod disk;
 pub mod erasure;
 pub mod error;
 pub mod event;
+pub mod experiments;
 pub mod files;
 pub mod gateway;
 pub mod heap;

@@ -187,6 +187,11 @@ pub async fn start(
         source: std::io::Error::other(message),
     })?;
     let erasures = Arc::new(erasures);
+    let experiments =
+        crate::experiments::Experiments::open(&data_dir).map_err(|message| ServeError::Io {
+            context: "opening the activation experiments".into(),
+            source: std::io::Error::other(message),
+        })?;
     let admin_key = admin_key.filter(|k| !k.is_empty());
     let mut analyst_keys = config.analyst_keys.clone();
     analyst_keys.extend(analyst_key.filter(|k| !k.is_empty()));
@@ -603,6 +608,7 @@ pub async fn start(
         activation: activation_store.clone(),
         onboarding,
         erasures,
+        experiments: Arc::new(experiments),
         question: question.clone(),
         verify: crate::meter::verify::Positions {
             js: publisher.jetstream().clone(),

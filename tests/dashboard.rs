@@ -7,44 +7,10 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
+use harness::render_dashboard as render;
 use harness::{ADMIN_KEY, ANALYST_KEY, Nats, Northstar, WRITE_KEY, test_config};
 use serde_json::Value;
 use serde_json::json;
-
-/// The page's DOM once its script has loaded `view` (Chromium's `--dump-dom`), and what the
-/// browser wrote to stderr.
-fn render(base: &str, key: &str, view: &str) -> (String, String) {
-    let out = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=20000",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--dump-dom",
-        ])
-        .arg(format!("{base}/dashboard#key={key}&view={view}"))
-        .output()
-        .expect("chromium runs (./scripts/install-deps.sh --test installs it)");
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    let loaded = view.split('&').next().unwrap_or(view);
-    assert!(
-        dom.contains(&format!("data-loaded=\"{loaded}\"")),
-        "the {view} view did not finish loading:\n{dom}\n{log}"
-    );
-    assert!(
-        dom.contains("role=\"alert\"></p>"),
-        "the page shows an error:\n{dom}"
-    );
-    assert!(!log.contains("Uncaught"), "a script error:\n{log}");
-    assert!(
-        !log.contains("Content Security Policy"),
-        "a CSP violation:\n{log}"
-    );
-    (dom, log)
-}
 
 /// The text of the element with `id` in a dumped DOM.
 fn text_of(dom: &str, id: &str) -> String {
@@ -363,7 +329,10 @@ async fn billing_dead_letters_show_with_why_and_the_admin_key_retries_them() {
         errors.iter().all(|e| e.as_str().unwrap().contains("403")),
         "{refused}"
     );
-    assert_eq!(refused["dead_before"], 1, "an analyst sees the dead letter: {refused}");
+    assert_eq!(
+        refused["dead_before"], 1,
+        "an analyst sees the dead letter: {refused}"
+    );
     assert!(
         refused["retried"].as_str().unwrap().contains("may not"),
         "{refused}"

@@ -271,6 +271,34 @@ async function activation() {
   );
   const series = JSON.parse(await api("/v1/northstar")).series || [];
   drawBars("northstar-chart", series.map((point) => [point.day, point.activated]));
+  await experiments();
+}
+
+// The latest experiments with each arm's shares and the retention difference.
+async function experiments() {
+  const { experiments: all } = JSON.parse(await api("/v1/activation/experiments"));
+  const latest = all.slice(-10).reverse();
+  const reports = await Promise.all(
+    latest.map(async (e) => JSON.parse(await api(`/v1/activation/experiments/${encodeURIComponent(e.id)}`))),
+  );
+  const both = (arms, measure) =>
+    `${percent(arms.treatment[measure].share) || "–"} / ${percent(arms.control[measure].share) || "–"}`;
+  const interval = (d) =>
+    d ? `${(d.treatment_minus_control * 100).toFixed(1)} pts [${(d.ci95[0] * 100).toFixed(1)}, ${(d.ci95[1] * 100).toFixed(1)}]` : "not judged yet";
+  fillTable(
+    "experiments",
+    reports.map(({ experiment: e, arms, difference }) => ({
+      experiment: `${e.id} (${e.flag})${e.ended_at ? " stopped" : ""}`,
+      threshold: `${e.times} × ${e.event} in ${e.days} d`,
+      started: e.started_at,
+      people: `${arms.treatment.people} / ${arms.control.people}`,
+      reached: both(arms, "reached"),
+      retained: both(arms, "retained"),
+      difference: interval(difference.retained),
+      upgraded: both(arms, "upgraded"),
+    })),
+    ["experiment", "threshold", "started", "people", "reached", "retained", "difference", "upgraded"],
+  );
 }
 
 // A bar per [label, value], drawn with the DOM (no markup strings).

@@ -122,19 +122,7 @@ pub struct Analysis {
 /// Renders the histogram query for `dialect`.
 pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> String {
     let quote = crate::query::string_literal;
-    let active = if question.active_events.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "AND event IN ({})",
-            question
-                .active_events
-                .iter()
-                .map(|e| quote(e))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let active = active_condition(question);
     let days = 1..=question.max_days;
     let windows = days
         .clone()
@@ -164,17 +152,16 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
         .replace("{retain_to}", &question.retained_days.1.to_string())
         .replace("{max_days}", &question.max_days.to_string())
         .replace("{active}", &active)
-        .replace(
-            "{counted}",
-            match question.window_start {
-                WindowStart::FirstSeen => "TRUE",
-                WindowStart::Signup => "r.ts >= c.signup_at",
-            },
-        )
+        .replace("{counted}", counted_condition(question))
         .replace("{windows}", &windows)
         .replace("{star_sums}", &star_sums)
         .replace("{times_of_window}", &times_of_window);
-    // US(x): a timestamp as UTC microseconds.
+    render_micros(&mut sql, dialect);
+    sql
+}
+
+/// Renders each `US(x)` of a template (a timestamp as UTC microseconds) for `dialect`.
+pub(crate) fn render_micros(sql: &mut String, dialect: Dialect) {
     while let Some(start) = sql.find("US(") {
         let Some(len) = sql[start + 3..].find(')') else {
             break;
@@ -186,7 +173,31 @@ pub fn render(question: &Question, cohort_end_us: i64, dialect: Dialect) -> Stri
         };
         sql.replace_range(start..start + 4 + len, &rendered);
     }
-    sql
+}
+
+/// The condition on retention events (`activation.activeEvents`; empty: any event counts).
+pub(crate) fn active_condition(question: &Question) -> String {
+    if question.active_events.is_empty() {
+        return String::new();
+    }
+    let quote = crate::query::string_literal;
+    format!(
+        "AND event IN ({})",
+        question
+            .active_events
+            .iter()
+            .map(|e| quote(e))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Which of a person's events count toward the window (`activation.windowStart`).
+pub(crate) fn counted_condition(question: &Question) -> &'static str {
+    match question.window_start {
+        WindowStart::FirstSeen => "TRUE",
+        WindowStart::Signup => "r.ts >= c.signup_at",
+    }
 }
 
 /// Cells of every candidate from the histogram rows `(days, times, retained, people)`.

@@ -152,11 +152,109 @@ pub async fn user(state: &AppState, user: &str, what: &str) -> HttpResponse {
         state.onboarding.onboarding(user, fallback)
     };
     match answer {
-        Ok(body) => respond::json(200, &body),
+        Ok(mut body) => {
+            with_experiments(state, &mut body, what == "flags");
+            respond::json(200, &body)
+        }
         Err(error) => respond::error(&HttpError::new(
             ErrorKind::Unavailable,
             error.code(),
             error.to_string(),
         )),
     }
+}
+
+/// Adds the running experiments to a person's answer: each experiment's flag with the
+/// person's arm, and for a treated person the step nudging them toward the threshold.
+fn with_experiments(state: &AppState, body: &mut serde_json::Value, flags: bool) {
+    let Some(person) = body["person_id"].as_str().map(str::to_string) else {
+        return;
+    };
+    let activated = body["activated"] == true;
+    for experiment in state.experiments.running() {
+        if flags {
+            if let Some(answers) = body["flags"].as_object_mut() {
+                answers.insert(experiment.flag.clone(), json!(experiment.arm(&person)));
+            }
+        } else if experiment.treated(&person)
+            && let Some(steps) = body["steps"].as_array_mut()
+        {
+            steps.insert(0, experiment.nudge(activated));
+        }
+    }
+}
+
+/// `POST /v1/activation/experiments` (admin): starts a holdout for the current threshold.
+pub fn start_experiment(state: &AppState, body: &[u8]) -> HttpResponse {
+    let request: crate::experiments::StartRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(request) => request,
+            Err(e) => {
+                return respond::error(&HttpError::new(
+                    ErrorKind::InvalidInput,
+                    "invalid_json",
+                    format!(
+                        "body must be {{\"flag\", \"share\", \"times\", \"days\", \"started_at\"}} (each optional): {e}"
+                    ),
+                ));
+            }
+        }
+    };
+    match state.experiments.start(
+        &request,
+        &state.question.north_star_event,
+        state.activation.current_threshold(),
+        state.clock.now_micros(),
+    ) {
+        Ok(experiment) => respond::json(201, &experiment),
+        Err(error) => respond::error(&error),
+    }
+}
+
+/// `GET /v1/activation/experiments`.
+pub fn experiments(state: &AppState) -> HttpResponse {
+    respond::json(200, &json!({"experiments": state.experiments.list()}))
+}
+
+/// `POST /v1/activation/experiments/{id}/stop` (admin).
+pub fn stop_experiment(state: &AppState, id: &str) -> HttpResponse {
+    match state.experiments.stop(id, state.clock.now_micros()) {
+        Ok(experiment) => respond::json(200, &experiment),
+        Err(error) => respond::error(&error),
+    }
+}
+
+/// `GET /v1/activation/experiments/{id}`: each arm's numbers and the differences.
+pub async fn experiment(state: &AppState, id: &str) -> HttpResponse {
+    let experiment = match state.experiments.get(id) {
+        Ok(experiment) => experiment,
+        Err(error) => return respond::error(&error),
+    };
+    let people =
+        match crate::experiments::enrolled(&state.query, &state.question, &experiment).await {
+            Ok(people) => people,
+            Err(error) => return respond::error(&error),
+        };
+    let customers = state.meter.customers();
+    let default_plan = &state.config.metering.default_plan;
+    let upgraded_since = |id: &str| {
+        let customer = customers.get(id);
+        if !customer.stored || customer.plan == *default_plan {
+            return None;
+        }
+        customer
+            .updated_at
+            .as_deref()
+            .and_then(crate::activation::generate::parse_timestamp)
+    };
+    let report = crate::experiments::report(
+        &experiment,
+        &state.question,
+        &people,
+        &upgraded_since,
+        state.clock.now_micros(),
+    );
+    respond::json(200, &report)
 }

@@ -75,6 +75,14 @@ pub enum Route {
     ActivationPicture(u32),
     /// `POST /v1/activation/recompute`.
     ActivationRecompute,
+    /// `POST /v1/activation/experiments`: starts a holdout for the threshold.
+    ExperimentStart,
+    /// `GET /v1/activation/experiments`.
+    Experiments,
+    /// `GET /v1/activation/experiments/{id}`: the experiment's report.
+    Experiment(String),
+    /// `POST /v1/activation/experiments/{id}/stop`.
+    ExperimentStop(String),
     /// `GET /v1/northstar`.
     NorthStar,
     /// `GET /v1/users/{id}/onboarding` or `/flags`.
@@ -235,6 +243,21 @@ fn known_route(method: &Method, path: &str) -> Route {
             }
         }
         (&Method::POST, "/v1/activation/recompute") => Route::ActivationRecompute,
+        (&Method::POST, "/v1/activation/experiments") => Route::ExperimentStart,
+        (&Method::GET, "/v1/activation/experiments") => Route::Experiments,
+        (_, "/v1/activation/experiments") => Route::MethodNotAllowed("GET, POST"),
+        (method, path) if path.starts_with("/v1/activation/experiments/") => {
+            let rest = path.trim_start_matches("/v1/activation/experiments/");
+            match (method, rest.split_once('/')) {
+                (&Method::GET, None) if !rest.is_empty() => Route::Experiment(percent_decode(rest)),
+                (&Method::POST, Some((id, "stop"))) if !id.is_empty() => {
+                    Route::ExperimentStop(percent_decode(id))
+                }
+                (_, None) if !rest.is_empty() => Route::MethodNotAllowed("GET"),
+                (_, Some((_, "stop"))) => Route::MethodNotAllowed("POST"),
+                _ => Route::NotFound,
+            }
+        }
         (&Method::GET, "/v1/northstar") => Route::NorthStar,
         (&Method::GET, "/v1/billing/status") => Route::BillingStatus,
         (&Method::POST, "/v1/billing/retry") => Route::BillingRetry,
@@ -377,9 +400,12 @@ impl Route {
             | Self::MeterUsage(_)
             | Self::PortalToken
             | Self::PostHogFlagDefinitions => Access::Service,
-            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar | Self::Usage(_) => {
-                Access::ServiceOrRead
-            }
+            Self::Activation
+            | Self::ActivationPicture(_)
+            | Self::NorthStar
+            | Self::Usage(_)
+            | Self::Experiments
+            | Self::Experiment(_) => Access::ServiceOrRead,
             Self::PortalUsage | Self::PortalEntitlement(_) | Self::PortalEvents => Access::Portal,
             Self::Sql
             | Self::BillingStatus
@@ -395,6 +421,8 @@ impl Route {
             | Self::RejectedReplay
             | Self::Anomalies
             | Self::ActivationRecompute
+            | Self::ExperimentStart
+            | Self::ExperimentStop(_)
             | Self::Customer(_)
             | Self::BillingRetry => Access::Admin,
             Self::StripeWebhook => Access::Signed,
@@ -455,9 +483,13 @@ impl Route {
             | Self::BillingStatus
             | Self::BillingRetry => "admin",
             Self::StripeWebhook => "webhooks",
-            Self::Activation | Self::ActivationPicture(_) | Self::NorthStar | Self::User(..) => {
-                "usage"
-            }
+            Self::Activation
+            | Self::ActivationPicture(_)
+            | Self::NorthStar
+            | Self::User(..)
+            | Self::Experiments
+            | Self::Experiment(_) => "usage",
+            Self::ExperimentStart | Self::ExperimentStop(_) => "admin",
             Self::Usage(_) | Self::Entitlement(..) | Self::MeterUsage(_) => "usage",
             Self::PortalToken
             | Self::PortalUsage
@@ -555,6 +587,10 @@ pub(crate) async fn dispatch(
         Route::Activation => activation::get(state).await,
         Route::ActivationPicture(version) => activation::picture(state, *version).await,
         Route::ActivationRecompute => activation::recompute(state).await,
+        Route::ExperimentStart => activation::start_experiment(state, &body),
+        Route::Experiments => activation::experiments(state),
+        Route::Experiment(id) => activation::experiment(state, id).await,
+        Route::ExperimentStop(id) => activation::stop_experiment(state, id),
         Route::NorthStar => activation::northstar(state).await,
         Route::User(user, what) => activation::user(state, user, what).await,
         Route::Dashboard(asset) => super::dashboard::serve(*asset),
@@ -607,6 +643,7 @@ mod tests {
             .replace("{version}", "1")
             .replace("{type}/{key}", "company/acme")
             .replace("{job}", "erase-1")
+            .replace("{experiment}", "exp-1")
     }
 
     /// The access each route declares is what the OpenAPI document says of its operation: a

@@ -475,6 +475,42 @@ impl Drop for Northstar {
     }
 }
 
+/// The dashboard's DOM once its script has loaded `view` (`name` or `name&param=value`) in
+/// headless Chromium (`--dump-dom`), and what the browser wrote to stderr. Fails the test on a
+/// script error, a policy violation or an error the page shows.
+pub fn render_dashboard(base: &str, key: &str, view: &str) -> (String, String) {
+    let out = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=20000",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+        ])
+        .arg(format!("{base}/dashboard#key={key}&view={view}"))
+        .output()
+        .expect("chromium runs (./scripts/install-deps.sh --test installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let loaded = view.split('&').next().unwrap_or(view);
+    assert!(
+        dom.contains(&format!("data-loaded=\"{loaded}\"")),
+        "the {view} view did not finish loading:\n{dom}\n{log}"
+    );
+    assert!(
+        dom.contains("role=\"alert\"></p>"),
+        "the page shows an error:\n{dom}"
+    );
+    assert!(!log.contains("Uncaught"), "a script error:\n{log}");
+    assert!(
+        !log.contains("Content Security Policy"),
+        "a CSP violation:\n{log}"
+    );
+    (dom, log)
+}
+
 /// The value of the metric line starting with `name` (its labels and a space included, as
 /// `northstar_disk_full ` or `northstar_consumer_lag{reader="archive"} `) in a `/metrics` text.
 pub fn metric(text: &str, name: &str) -> Option<u64> {
