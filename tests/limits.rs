@@ -285,6 +285,13 @@ async fn usage_projects_the_period_end_and_when_the_limit_is_reached() {
     let micros = |field: &str| {
         northstar::activation::generate::parse_timestamp(feature[field].as_str().unwrap()).unwrap()
     };
+    // 8 of the free plan's 20: no threshold crossed yet; the upgrade path a 402 would carry.
+    assert_eq!(feature["thresholds_crossed"], json!([]), "{feature}");
+    assert_eq!(
+        feature["upgrade"]["subscription_url"],
+        "https://app.example/upgrade?c=umbrella&f=api_requests",
+        "{feature}"
+    );
     let (start, end) = (micros("period_start"), micros("period_end"));
     let elapsed = (MARCH_10 - start) as f64;
     let day = 86_400_000_000.0;

@@ -233,10 +233,11 @@ async function customer(id) {
       remaining: f.remaining === null || f.remaining === undefined ? "" : f.remaining,
       share: f.limit ? percent(Number(f.used) / Number(f.limit)) : "",
       reached: f.projection && f.projection.limit_reached_at ? f.projection.limit_reached_at : "",
+      crossed: f.thresholds_crossed ? f.thresholds_crossed.map((t) => percent(t)).join(", ") : "",
       offers: f.upgrade ? (f.upgrade.plan ? `plan ${f.upgrade.plan}` : "the upgrade link") : "",
       link: f.upgrade ? f.upgrade.subscription_url : "",
     })),
-    ["feature", "used", "limit", "remaining", "share", "reached", "offers", "link"],
+    ["feature", "used", "limit", "remaining", "share", "crossed", "reached", "offers", "link"],
   );
   $("customer-detail").hidden = false;
 }

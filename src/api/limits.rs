@@ -1,6 +1,8 @@
 //! The limits API for services: check (and consume), usage, entitlements; and the admin
 //! customer routes.
 
+use rust_decimal::prelude::ToPrimitive;
+
 use super::AppState;
 use super::respond::{self, HttpError, HttpResponse};
 use crate::error::{Classify, ErrorKind};
@@ -300,7 +302,11 @@ pub async fn usage(state: &AppState, customer: &str) -> HttpResponse {
         standing: &'a crate::meter::Standing,
         #[serde(skip_serializing_if = "Option::is_none")]
         upgrade: Option<crate::meter::Upgrade>,
+        /// The `metering.thresholds` this period's usage has crossed (limited features).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        thresholds_crossed: Option<Vec<f64>>,
     }
+    let thresholds = &state.config.metering.thresholds;
     let features = standings
         .iter()
         .map(|standing| Feature {
@@ -313,6 +319,13 @@ pub async fn usage(state: &AppState, customer: &str) -> HttpResponse {
                     .and_then(|b| b.upgrade_plan(&customer, &standing.feature));
                 upgrade
             }),
+            thresholds_crossed: standing
+                .limit
+                .filter(|limit| !limit.is_zero())
+                .map(|limit| {
+                    let share = (standing.used / limit).to_f64().unwrap_or(0.0);
+                    thresholds.iter().copied().filter(|t| share >= *t).collect()
+                }),
         })
         .collect();
     let body = Usage {
