@@ -197,10 +197,10 @@ async function billing() {
     status = JSON.parse(await api("/v1/billing/status"));
   } catch (error) {
     setText("billing", error.message);
-    fillTable("billing-totals", [], []);
-    fillTable("billing-dead", [], []);
+    $("billing-detail").hidden = true;
     return;
   }
+  $("billing-detail").hidden = false;
   setText(
     "billing",
     `Provider ${status.provider}: ${status.pending} reports pending, ${status.delivered} delivered, ${status.dead.length} dead.`,
