@@ -67,19 +67,48 @@ impl Classify for BusError {
     }
 }
 
-/// Connects to NATS with the options every northstar connection uses.
+/// Connects to NATS with the options every northstar connection uses. `url` may name several
+/// servers of one cluster, comma separated (`nats://a:4222,nats://b:4222`): the client picks
+/// one and moves to another when it goes away.
 pub async fn connect(url: &str) -> Result<async_nats::Client, BusError> {
+    let servers = server_addrs(url)?;
     async_nats::ConnectOptions::new()
         .name("northstar")
         .connection_timeout(Duration::from_secs(5))
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|source| BusError::Connect {
             url: url.to_string(),
             source,
         })
+}
+
+/// The servers a comma-separated `url` names; an error names the one that does not parse.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if servers.is_empty() {
+        return Err(BusError::Management {
+            action: "connect",
+            message: "--nats-url names no server".into(),
+        });
+    }
+    servers
+        .into_iter()
+        .map(|server| {
+            server
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::Management {
+                    action: "connect",
+                    message: format!("`{server}` is not a NATS server address: {e}"),
+                })
+        })
+        .collect()
 }
 
 /// Connects, waiting up to `wait` for a server that is still starting.
@@ -96,4 +125,19 @@ pub async fn connect_ready(url: &str, wait: Duration) -> Result<async_nats::Clie
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_url_names_each_server_of_a_cluster() {
+        let servers = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,").unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[1].port(), 4223);
+        let error = server_addrs("nats://127.0.0.1:4222,nats://[bad").unwrap_err();
+        assert!(error.to_string().contains("nats://[bad"), "{error}");
+        assert!(server_addrs(" , ").is_err());
+    }
 }

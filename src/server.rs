@@ -218,6 +218,15 @@ pub async fn start(
     let store_dir = data_dir.join("jetstream");
     let (embedded, nats_url, budget) = match nats_url {
         Some(url) => (None, url, None),
+        None if config.stream.replicas > 1 => {
+            return Err(ServeError::Bus(bus::BusError::Management {
+                action: "start the embedded nats-server",
+                message: format!(
+                    "stream.replicas is {}, but the embedded nats-server is one server: pass --nats-url with the URLs of a NATS cluster, or set stream.replicas to 1",
+                    config.stream.replicas
+                ),
+            }));
+        }
         None => {
             let budget = Budget::embedded(&config.stream, &store_dir);
             let server = EmbeddedNats::start(&store_dir, budget.store).await?;

@@ -171,9 +171,26 @@ pub(crate) async fn ensure_streams(
         };
         js.create_or_update_stream(config)
             .await
-            .map_err(management("create or update stream"))?;
+            .map_err(|e| replicas_refused(e.to_string(), settings.replicas))?;
     }
     Ok(in_force)
+}
+
+/// A stream refused: said plainly when it asked for replicas a single server cannot give.
+fn replicas_refused(message: String, replicas: usize) -> BusError {
+    let single = message.contains("non-clustered") || message.contains("insufficient resources");
+    let message = if replicas > 1 && single {
+        format!(
+            "stream.replicas is {replicas}, but the NATS server is not a cluster of at least {replicas} JetStream servers ({message}): \
+             start northstar against such a cluster (--nats-url with each server's URL), or set stream.replicas to 1"
+        )
+    } else {
+        message
+    };
+    BusError::Management {
+        action: "create or update stream",
+        message,
+    }
 }
 
 /// The size bound a stream holding `held` bytes is given when `wanted` (`-1`: none): never

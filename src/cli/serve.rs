@@ -18,7 +18,8 @@ pub(super) struct ServeArgs {
     /// HTTP listen address (loopback by default).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// External NATS server or cluster; without it northstar runs its own nats-server.
+    /// External NATS server, or a cluster's servers comma separated; without it northstar runs
+    /// its own nats-server.
     #[arg(long, env = "NORTHSTAR_NATS_URL")]
     nats_url: Option<String>,
     /// Also serve the Postgres wire here (`sql.pgListen` in the config), for psql, BI tools

@@ -90,6 +90,147 @@ impl Drop for Nats {
     }
 }
 
+/// A cluster of real nats-server processes on loopback: client and route ports picked free,
+/// JetStream on each with its own store, every node routed to every other. Any node can be
+/// killed (SIGKILL) and started again on its store.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    /// Every node's client URL, comma separated (what `--nats-url` takes).
+    pub url: String,
+}
+
+struct ClusterNode {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    name: String,
+    port: u16,
+    route_port: u16,
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered servers and waits until JetStream answers on the cluster.
+    pub async fn start(n: usize) -> Self {
+        let mut nodes: Vec<ClusterNode> = (0..n)
+            .map(|i| ClusterNode {
+                child: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                name: format!("n{}", i + 1),
+                port: free_port(),
+                route_port: free_port(),
+            })
+            .collect();
+        let routes = nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.route_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for node in &mut nodes {
+            node.child = Some(spawn_cluster_node(node, &routes));
+        }
+        let url = nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = Self { nodes, url };
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// Waits until the cluster's JetStream can place a stream on every node (a meta leader is
+    /// elected and every node has joined).
+    pub async fn wait_for_jetstream(&self) {
+        let client = async_nats::connect(self.url.split(',').collect::<Vec<_>>())
+            .await
+            .expect("connect to the cluster");
+        let js = async_nats::jetstream::new(client);
+        let replicas = self.nodes.len();
+        eventually(Duration::from_secs(60), async || {
+            let config = async_nats::jetstream::stream::Config {
+                name: "HARNESS_READY".into(),
+                subjects: vec!["harness.ready".into()],
+                num_replicas: replicas,
+                ..Default::default()
+            };
+            js.create_stream(config).await.map_err(|e| e.to_string())?;
+            js.delete_stream("HARNESS_READY")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+    }
+
+    /// SIGKILL of node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and store.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let routes = self
+            .nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.route_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = spawn_cluster_node(&self.nodes[i], &routes);
+        self.nodes[i].child = Some(child);
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+// The child is handed to `NatsCluster`, which kills and waits for it on drop.
+#[allow(clippy::zombie_processes)]
+fn spawn_cluster_node(node: &ClusterNode, routes: &str) -> Child {
+    let child = Command::new(nats_binary())
+        .args(["-js", "-a", "127.0.0.1", "-p", &node.port.to_string()])
+        .args([
+            "--server_name",
+            &node.name,
+            "--cluster_name",
+            "northstar-test",
+        ])
+        .arg("--cluster")
+        .arg(format!("nats://127.0.0.1:{}", node.route_port))
+        .args(["--routes", routes])
+        .arg("-sd")
+        .arg(node.dir.path().join("store"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nats-server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server {} did not start",
+            node.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 fn nats_binary() -> PathBuf {
     northstar::bus::embedded::find_nats_server()
         .expect("nats-server is not installed: run ./scripts/install-deps.sh")
