@@ -213,6 +213,27 @@ pub(crate) fn events_schema() -> SchemaRef {
     ]))
 }
 
+/// A stream message of a track `report_created` by `user` with `event_id`, for unit tests.
+#[cfg(test)]
+pub(crate) fn track_message(user: &str, event_id: &str) -> Vec<u8> {
+    EventRecord {
+        event_id: event_id.to_string(),
+        kind: EventType::Track,
+        event: Some("report_created".into()),
+        user_id: Some(user.into()),
+        anonymous_id: None,
+        customer_id: None,
+        timestamp: 1_700_000_000_000_000,
+        received_at: 1_700_000_000_000_000,
+        properties: serde_json::Map::new(),
+        context: serde_json::Map::new(),
+        source: "web".into(),
+        schema_version: None,
+        sample_rate: None,
+    }
+    .to_bus_json()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1037,22 +1037,7 @@ mod tests {
     }
 
     fn track(user: &str) -> Vec<u8> {
-        EventRecord {
-            event_id: format!("{user}-1"),
-            kind: EventType::Track,
-            event: Some("report_created".into()),
-            user_id: Some(user.into()),
-            anonymous_id: None,
-            customer_id: None,
-            timestamp: 1_700_000_000_000_000,
-            received_at: 1_700_000_000_000_000,
-            properties: serde_json::Map::new(),
-            context: serde_json::Map::new(),
-            source: "web".into(),
-            schema_version: None,
-            sample_rate: None,
-        }
-        .to_bus_json()
+        crate::event::track_message(user, &format!("{user}-1"))
     }
 
     /// A bug that panics while the state is held poisons its lock. The engine used to return

@@ -63,7 +63,12 @@ fn of_person(column_prefix: &str) -> String {
 
 /// `DELETE /v1/persons/{id}` with the admin key: status and JSON.
 async fn delete_person(server: &Northstar, id: &str) -> (u16, Value) {
-    let bearer = format!("Bearer {ADMIN_KEY}");
+    delete_person_as(server, ADMIN_KEY, id).await
+}
+
+/// `DELETE /v1/persons/{id}` with `key`.
+async fn delete_person_as(server: &Northstar, key: &str, id: &str) -> (u16, Value) {
+    let bearer = format!("Bearer {key}");
     let answer = server
         .client
         .send(
@@ -360,18 +365,8 @@ async fn erasing_needs_the_admin_key_and_a_known_person() {
     let (status, answer) = delete_person(&server, "nobody-here").await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(answer["code"], "person_not_found");
-    let bearer = format!("Bearer {}", harness::SERVICE_KEY);
-    let refused = server
-        .client
-        .send(
-            http::Method::DELETE,
-            &format!("{}/v1/persons/other-1", server.base),
-            &[("authorization", &bearer)],
-            Vec::new(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(refused.status, 403, "{}", refused.text());
+    let (status, refused) = delete_person_as(&server, harness::SERVICE_KEY, "other-1").await;
+    assert_eq!(status, 403, "{refused}");
     let missing = server.get_as(ADMIN_KEY, "/v1/erasures/erase-99").await;
     assert_eq!(missing.status, 404);
     let list = server.get_as(ADMIN_KEY, "/v1/erasures").await;

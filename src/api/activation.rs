@@ -186,21 +186,12 @@ fn with_experiments(state: &AppState, body: &mut serde_json::Value, flags: bool)
 
 /// `POST /v1/activation/experiments` (admin): starts a holdout for the current threshold.
 pub fn start_experiment(state: &AppState, body: &[u8]) -> HttpResponse {
-    let request: crate::experiments::StartRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        Default::default()
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(request) => request,
-            Err(e) => {
-                return respond::error(&HttpError::new(
-                    ErrorKind::InvalidInput,
-                    "invalid_json",
-                    format!(
-                        "body must be {{\"flag\", \"share\", \"times\", \"days\", \"started_at\"}} (each optional): {e}"
-                    ),
-                ));
-            }
-        }
+    let request: crate::experiments::StartRequest = match respond::optional_json(
+        body,
+        "{\"flag\", \"share\", \"times\", \"days\", \"started_at\"} (each optional)",
+    ) {
+        Ok(request) => request,
+        Err(error) => return respond::error(&error),
     };
     match state.experiments.start(
         &request,

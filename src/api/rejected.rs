@@ -4,8 +4,7 @@
 use serde::Deserialize;
 
 use super::AppState;
-use super::respond::{self, HttpError, HttpResponse};
-use crate::error::ErrorKind;
+use super::respond::{self, HttpResponse};
 use crate::resubmit::{self, Selection};
 
 #[derive(Debug, Default, Deserialize)]
@@ -24,20 +23,11 @@ struct ReplayRequest {
 
 /// Handles a replay.
 pub async fn replay(state: &AppState, body: &[u8]) -> HttpResponse {
-    let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ReplayRequest::default()
-    } else {
-        match serde_json::from_slice(body) {
+    let request: ReplayRequest =
+        match respond::optional_json(body, "{\"since\"?, \"source\"?, \"limit\"?}") {
             Ok(request) => request,
-            Err(e) => {
-                return respond::error(&HttpError::new(
-                    ErrorKind::InvalidInput,
-                    "invalid_json",
-                    format!("body must be {{\"since\"?, \"source\"?, \"limit\"?}}: {e}"),
-                ));
-            }
-        }
-    };
+            Err(error) => return respond::error(&error),
+        };
     let selection = Selection {
         since: request.since,
         source: request.source,

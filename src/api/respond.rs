@@ -109,6 +109,24 @@ impl Classify for HttpError {
     }
 }
 
+/// The body of a request whose fields are all optional: an empty body is the default, any
+/// other must parse (`shape` says what it should be, in the error).
+pub(crate) fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, HttpError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        HttpError::new(
+            ErrorKind::InvalidInput,
+            "invalid_json",
+            format!("body must be {shape}: {e}"),
+        )
+    })
+}
+
 /// Lets browsers call the ingest routes from any origin (the browser SDKs do), and read the
 /// errors they meet.
 pub(crate) fn allow_cors(response: &mut HttpResponse) {

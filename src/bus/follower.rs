@@ -559,22 +559,7 @@ mod tests {
     }
 
     fn track(user: &str) -> Vec<u8> {
-        crate::event::EventRecord {
-            event_id: uuid::Uuid::now_v7().to_string(),
-            kind: crate::event::EventType::Track,
-            event: Some("report_created".into()),
-            user_id: Some(user.into()),
-            anonymous_id: None,
-            customer_id: None,
-            timestamp: 1_700_000_000_000_000,
-            received_at: 1_700_000_000_000_000,
-            properties: serde_json::Map::new(),
-            context: serde_json::Map::new(),
-            source: "web".into(),
-            schema_version: None,
-            sample_rate: None,
-        }
-        .to_bus_json()
+        crate::event::track_message(user, &uuid::Uuid::now_v7().to_string())
     }
 
     #[tokio::test]
