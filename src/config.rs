@@ -252,6 +252,20 @@ impl Config {
         }
         let mut feature_ids = HashSet::new();
         for (i, feature) in self.usage_features.iter().enumerate() {
+            if feature.thresholds.contains(&0) {
+                return Err((
+                    format!("usageFeatures[{i}].thresholds"),
+                    "each must be at least 1 unit".into(),
+                ));
+            }
+            if feature.thresholds.len() + self.metering.thresholds.len() > 8 {
+                return Err((
+                    format!("usageFeatures[{i}].thresholds"),
+                    "at most 8 thresholds a feature, metering.thresholds included".into(),
+                ));
+            }
+        }
+        for (i, feature) in self.usage_features.iter().enumerate() {
             if !feature_ids.insert(feature.id.as_str()) {
                 return Err((
                     format!("usageFeatures[{i}].id"),

@@ -663,29 +663,44 @@ impl Meter {
             return;
         }
         let feature = &self.spec.features[feature_index];
-        if let Allowance::Limited { limit, .. } = feature.allowance(&customer.plan) {
-            let limit = Decimal::from(limit);
-            for (bit, fraction) in self.settings.thresholds.iter().enumerate() {
-                let Ok(fraction) = Decimal::try_from(*fraction) else {
-                    continue;
-                };
-                let line = limit.saturating_mul(fraction);
-                let bit = u8::try_from(bit).unwrap_or(7);
-                if applied.before < line
-                    && applied.after >= line
-                    && shard.fire(customer_id, applied.feature, applied.period_start, bit)
-                {
-                    self.notices.send(Notice::Threshold {
-                        customer_id: customer_id.to_string(),
-                        feature: feature.id.clone(),
-                        plan: customer.plan.clone(),
-                        threshold: fraction,
-                        used: applied.after,
-                        limit,
-                        period_start: applied.period_start,
-                        seq,
-                    });
-                }
+        let limit = match feature.allowance(&customer.plan) {
+            Allowance::Limited { limit, .. } => Some(Decimal::from(limit)),
+            _ => None,
+        };
+        // Fractions of the limit (bits 0…), then the feature's own thresholds in units.
+        let fractions = limit.into_iter().flat_map(|limit| {
+            self.settings
+                .thresholds
+                .iter()
+                .enumerate()
+                .filter_map(move |(bit, fraction)| {
+                    let fraction = Decimal::try_from(*fraction).ok()?;
+                    Some((bit, limit.saturating_mul(fraction), Some(fraction), None))
+                })
+        });
+        let offset = self.settings.thresholds.len();
+        let units = feature.thresholds.iter().enumerate().map(|(i, units)| {
+            let line = Decimal::from(*units);
+            let fraction = limit.filter(|l| !l.is_zero()).map(|l| line / l);
+            (offset + i, line, fraction, Some(line))
+        });
+        for (bit, line, fraction, units) in fractions.chain(units) {
+            let bit = u8::try_from(bit).unwrap_or(7);
+            if applied.before < line
+                && applied.after >= line
+                && shard.fire(customer_id, applied.feature, applied.period_start, bit)
+            {
+                self.notices.send(Notice::Threshold {
+                    customer_id: customer_id.to_string(),
+                    feature: feature.id.clone(),
+                    plan: customer.plan.clone(),
+                    threshold: fraction,
+                    units,
+                    used: applied.after,
+                    limit,
+                    period_start: applied.period_start,
+                    seq,
+                });
             }
         }
         if let Some(cap) = feature.hard_caps.get(&customer.plan) {

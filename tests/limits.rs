@@ -477,6 +477,73 @@ async fn bad_quantities_go_to_the_rejected_store_and_cost_no_usage() {
     assert_eq!(usage["remaining"], 6.5);
 }
 
+/// Thresholds in units (`usageFeatures[].thresholds`) fire beside the fractions of the limit,
+/// once a period each, and on a plan without a limit too.
+#[tokio::test(flavor = "multi_thread")]
+async fn thresholds_in_units_fire_beside_fractions_and_without_a_limit() {
+    let nats = Nats::start();
+    let mut config = limits_config();
+    config["usageFeatures"][0]["thresholds"] = json!([3]);
+    config["usageFeatures"][1]["thresholds"] = json!([5, 15]);
+    let server = InProcess::start(&nats, &config, Clock::manual(MARCH_10)).await;
+    let answer = server
+        .put_admin("/v1/customers/wayne", &json!({"plan": "enterprise"}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut thresholds = client.subscribe("northstar.usage.threshold").await.unwrap();
+
+    // stark (free, 10 GB): 7 GB crosses 5 units; 9 more cross 80%, 100% and 15 units.
+    // wayne (enterprise, unlimited calls): the fourth call crosses 3 units.
+    let mut batch = vec![
+        storage("u-1", "stark", json!(7), "2026-03-10T10:00:00Z"),
+        storage("u-2", "stark", json!(9), "2026-03-10T10:01:00Z"),
+        storage("u-3", "stark", json!(9), "2026-03-10T10:02:00Z"),
+    ];
+    batch.extend((0..4).map(|i| call(&format!("w-{i}"), "wayne", "2026-03-10T10:00:00Z")));
+    let r = server.post("/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let message = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::StreamExt::next(&mut thresholds),
+        )
+        .await
+        .expect("a threshold event")
+        .unwrap();
+        let event: Value = serde_json::from_slice(&message.payload).unwrap();
+        seen.push((
+            event["customer_id"].as_str().unwrap().to_string(),
+            event["threshold"].as_f64(),
+            event["units"].as_f64(),
+            event["limit"].as_f64(),
+        ));
+    }
+    seen.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    let stark = |threshold: f64, units: Option<f64>| {
+        ("stark".to_string(), Some(threshold), units, Some(10.0))
+    };
+    let mut want = vec![
+        stark(0.5, Some(5.0)),
+        stark(0.8, None),
+        stark(1.0, None),
+        stark(1.5, Some(15.0)),
+        ("wayne".to_string(), None, Some(3.0), None),
+    ];
+    want.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(seen, want);
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut thresholds)
+        )
+        .await
+        .is_err(),
+        "each fires once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn thresholds_fire_once_and_a_hard_cap_suspends() {
     let nats = Nats::start();

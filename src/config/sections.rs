@@ -163,6 +163,11 @@ pub struct UsageFeature {
     /// Prices; `overage` is the price of one unit past the limit.
     #[serde(default)]
     pub pricing: Option<Pricing>,
+    /// Usage this period (in units) at which a threshold event is also published, on every
+    /// plan (limited or not): "you have used 900 calls". Beside `metering.thresholds`, which
+    /// are fractions of the plan's limit; at most eight of the two together.
+    #[serde(default)]
+    pub thresholds: Vec<u64>,
 }
 
 /// The seed's `pricing` block.

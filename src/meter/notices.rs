@@ -26,7 +26,7 @@ pub(crate) const ANOMALY_SUBJECT: &str = "northstar.usage.anomaly";
 /// Something the meter noticed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// Usage crossed a fraction of the limit.
+    /// Usage crossed a fraction of the limit, or a number of units.
     Threshold {
         /// Id of the customer whose usage it is.
         customer_id: String,
@@ -34,12 +34,15 @@ pub enum Notice {
         feature: String,
         /// The customer's plan.
         plan: String,
-        /// The fraction crossed (0.8, 1.0, …).
-        threshold: Decimal,
+        /// The fraction of the limit crossed (0.8, 1.0, …); for a threshold in units, the
+        /// fraction of the limit it is (none on a plan without a limit).
+        threshold: Option<Decimal>,
+        /// The threshold in units (`usageFeatures[].thresholds`), when it is one.
+        units: Option<Decimal>,
         /// Usage after the crossing event.
         used: Decimal,
-        /// The plan's limit.
-        limit: Decimal,
+        /// The plan's limit (none: unlimited).
+        limit: Option<Decimal>,
         /// Start of the period (UTC µs).
         period_start: i64,
         /// Stream sequence of the crossing event.
@@ -64,7 +67,7 @@ pub enum Notice {
 impl Notice {
     /// Whether this is the crossing of the whole limit (a threshold of 1.0 or more).
     pub fn reaches_limit(&self) -> bool {
-        matches!(self, Self::Threshold { threshold, .. } if *threshold >= Decimal::ONE)
+        matches!(self, Self::Threshold { threshold: Some(t), .. } if *t >= Decimal::ONE)
     }
 
     /// The threshold event's JSON body and its idempotency id.
@@ -74,6 +77,7 @@ impl Notice {
             feature,
             plan,
             threshold,
+            units,
             used,
             limit,
             period_start,
@@ -82,16 +86,25 @@ impl Notice {
         else {
             return None;
         };
-        let id = format!("threshold:{customer_id}:{feature}:{period_start}:{threshold}");
+        let id = match (units, threshold) {
+            (Some(units), _) => {
+                format!("threshold:{customer_id}:{feature}:{period_start}:units:{units}")
+            }
+            (None, Some(fraction)) => {
+                format!("threshold:{customer_id}:{feature}:{period_start}:{fraction}")
+            }
+            (None, None) => return None,
+        };
         let body = json!({
             "id": id,
             "type": "usage.threshold",
             "customer_id": customer_id,
             "feature": feature,
             "plan": plan,
-            "threshold": threshold.to_f64(),
+            "threshold": threshold.and_then(|t| t.to_f64()),
+            "units": units.and_then(|u| u.to_f64()),
             "used": used.to_f64(),
-            "limit": limit.to_f64(),
+            "limit": limit.and_then(|l| l.to_f64()),
             "period_start": format_micros(*period_start),
             "seq": seq,
         });

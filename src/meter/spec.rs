@@ -25,6 +25,8 @@ pub struct Feature {
     pub value_property: Option<String>,
     /// Properties that split usage into series.
     pub group_by: Vec<String>,
+    /// Usage (units this period) at which a threshold event is published, on any plan.
+    pub thresholds: Vec<u64>,
 }
 
 /// The access a plan has to a feature.
@@ -118,6 +120,7 @@ impl MeterSpec {
                         event: event.name.clone(),
                         value_property: metering.value_property.clone(),
                         group_by: metering.group_by.clone(),
+                        thresholds: usage.thresholds.clone(),
                     });
                     spec.features.len() - 1
                 }
