@@ -300,13 +300,17 @@ impl Fanout {
     /// the stream's end when it was asked. Both are recorded before any part forgets the
     /// person, so a crash in between cannot leave an id unerased.
     fn check_erasures(&mut self) {
-        let Some(erasures) = self.erasures.clone() else {
-            return;
+        // Every event passes here: the common case is one atomic load.
+        let generation = match &self.erasures {
+            Some(erasures) => erasures.generation(),
+            None => return,
         };
-        let generation = erasures.generation();
         if generation == self.erasures_seen {
             return;
         }
+        let Some(erasures) = self.erasures.clone() else {
+            return;
+        };
         let mut settled = true;
         for (job, person, stream_last) in erasures.queued() {
             let mut ids: Vec<String> = self
