@@ -82,6 +82,23 @@ async fn delete_person_as(server: &Northstar, key: &str, id: &str) -> (u16, Valu
     (answer.status, answer.json())
 }
 
+/// The temp files in the events table's day directories (a rewrite not yet swapped in).
+fn temp_files(data: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(data.join("events"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|day| {
+            std::fs::read_dir(day.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect()
+}
+
 async fn erasure(server: &Northstar, job: &str) -> Value {
     let answer = server
         .get_as(ADMIN_KEY, &format!("/v1/erasures/{job}"))
@@ -312,17 +329,7 @@ async fn a_kill_9_in_the_middle_of_the_rewrite_resumes_the_erasure() {
     // The first file rewritten and the next one written but not yet swapped in.
     eventually(Duration::from_secs(60), async || {
         let status = erasure(&server, &job).await;
-        let temp = std::fs::read_dir(server.data.join("events"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|day| {
-                std::fs::read_dir(day.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-            })
-            .any(|f| f.file_name().to_string_lossy().ends_with(".tmp"));
+        let temp = !temp_files(&server.data).is_empty();
         match (
             status["phase"].as_str(),
             status["files_done"].as_u64(),
@@ -339,18 +346,7 @@ async fn a_kill_9_in_the_middle_of_the_rewrite_resumes_the_erasure() {
     assert_eq!(done["rows_erased"], 24, "{done}");
     let upto = done["upto_seq"].as_u64().unwrap();
     assert_erased_and_others_once(&server, &sent, upto).await;
-    let leftovers: Vec<String> = std::fs::read_dir(server.data.join("events"))
-        .unwrap()
-        .flatten()
-        .flat_map(|day| {
-            std::fs::read_dir(day.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|f| f.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".tmp"))
-        .collect();
+    let leftovers = temp_files(&server.data);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

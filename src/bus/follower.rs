@@ -489,6 +489,16 @@ mod tests {
         erased: Arc<Mutex<Vec<Vec<String>>>>,
     }
 
+    impl Recorder {
+        /// A recorder that keeps people.
+        fn of_people() -> Self {
+            Self {
+                people: true,
+                ..Self::default()
+            }
+        }
+    }
+
     impl Follow for Recorder {
         fn name(&self) -> &'static str {
             "recorder"
@@ -571,13 +581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let erasures = Arc::new(Erasures::open(dir.path(), 10).unwrap());
         let tick = Duration::from_secs(1);
-        let (people, meter) = (
-            Recorder {
-                people: true,
-                ..Recorder::default()
-            },
-            Recorder::default(),
-        );
+        let (people, meter) = (Recorder::of_people(), Recorder::default());
         let mut fanout = Fanout::new(vec![
             Part::new(people.clone(), 0, tick),
             Part::new(meter.clone(), 0, tick),
@@ -607,13 +611,7 @@ mod tests {
 
         // A restart from a snapshot taken before the erasure: the parts that keep people
         // forget the person again and never see their erased events; the others do.
-        let (people, meter) = (
-            Recorder {
-                people: true,
-                ..Recorder::default()
-            },
-            Recorder::default(),
-        );
+        let (people, meter) = (Recorder::of_people(), Recorder::default());
         let mut fanout = Fanout::new(vec![
             Part::new(people.clone(), 0, tick),
             Part::new(meter.clone(), 0, tick),
@@ -633,10 +631,7 @@ mod tests {
         );
 
         // A part whose snapshot is past the erasure already forgot the person.
-        let ahead = Recorder {
-            people: true,
-            ..Recorder::default()
-        };
+        let ahead = Recorder::of_people();
         let _fanout = Fanout::new(vec![Part::new(ahead.clone(), 3, tick)]).with_erasures(erasures);
         assert!(ahead.erased.lock().unwrap().is_empty());
     }

@@ -3,22 +3,12 @@
 // JSON object (tests/dashboard.rs checks it).
 //
 // Usage: node dashboard.mjs BASE_URL KEY [SCREENSHOT.png]
-import puppeteer from "puppeteer-core";
+import { openPage } from "./page.mjs";
 
 const [base, key, screenshot] = process.argv.slice(2);
-const browser = await puppeteer.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu"],
-});
 const seen = { errors: [] };
+const { browser, page } = await openPage(seen);
 try {
-  const page = await browser.newPage();
-  await page.setViewport({ width: 1280, height: 800 });
-  page.on("console", (message) => {
-    if (message.type() === "error") seen.errors.push(message.text());
-  });
-  page.on("pageerror", (error) => seen.errors.push(error.message));
   await page.goto(`${base}/dashboard`);
   // Signed out: the form asks for the key once.
   await page.waitForSelector("#login:not([hidden])");

@@ -3,22 +3,12 @@
 // checks it).
 //
 // Usage: node retry.mjs BASE_URL KEY
-import puppeteer from "puppeteer-core";
+import { openPage } from "./page.mjs";
 
 const [base, key] = process.argv.slice(2);
-const browser = await puppeteer.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu"],
-});
 const seen = { errors: [] };
+const { browser, page } = await openPage(seen);
 try {
-  const page = await browser.newPage();
-  await page.setViewport({ width: 1280, height: 800 });
-  page.on("console", (message) => {
-    if (message.type() === "error") seen.errors.push(message.text());
-  });
-  page.on("pageerror", (error) => seen.errors.push(error.message));
   await page.goto(`${base}/dashboard#key=${encodeURIComponent(key)}&view=customers`);
   await page.waitForSelector('body[data-loaded="customers"]');
   const dead = () => page.$$eval("#billing-dead tbody tr", (rows) => rows.length);
